@@ -1,0 +1,111 @@
+//! Multi-head attention with diffusers' parameter names (`to_q`, `to_k`, `to_v`, `to_out.0`).
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::nn::softmax_last_dim;
+use crate::observer::{AttentionObserver, AttentionSite};
+
+#[derive(Clone, Debug)]
+pub struct AttentionConfig {
+    pub query_dim: usize,
+    /// Key/value input width; `None` for self-attention.
+    pub context_dim: Option<usize>,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Whether `to_q`/`to_k`/`to_v` carry a bias (the VAE's do, the UNet's don't).
+    pub qkv_bias: bool,
+    /// Compute scores and softmax in f32 whatever the model dtype (SD2.x's `upcast_attention`).
+    pub upcast: bool,
+    /// Report probabilities to the observer (cross-attention layers).
+    pub observed: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    head_dim: usize,
+    scale: f64,
+    upcast: bool,
+    observed: bool,
+    name: String,
+}
+
+fn linear(i: usize, o: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    if bias {
+        candle_nn::linear(i, o, vb)
+    } else {
+        candle_nn::linear_no_bias(i, o, vb)
+    }
+}
+
+impl Attention {
+    pub fn new(cfg: &AttentionConfig, vb: VarBuilder) -> Result<Self> {
+        let inner = cfg.heads * cfg.head_dim;
+        let kv_in = cfg.context_dim.unwrap_or(cfg.query_dim);
+        Ok(Self {
+            to_q: linear(cfg.query_dim, inner, cfg.qkv_bias, vb.pp("to_q"))?,
+            to_k: linear(kv_in, inner, cfg.qkv_bias, vb.pp("to_k"))?,
+            to_v: linear(kv_in, inner, cfg.qkv_bias, vb.pp("to_v"))?,
+            to_out: candle_nn::linear(inner, cfg.query_dim, vb.pp("to_out").pp("0"))?,
+            heads: cfg.heads,
+            head_dim: cfg.head_dim,
+            scale: 1.0 / (cfg.head_dim as f64).sqrt(),
+            upcast: cfg.upcast,
+            observed: cfg.observed,
+            name: vb.prefix(),
+        })
+    }
+
+    /// (batch, len, heads·head_dim) → (batch, heads, len, head_dim)
+    fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = xs.dims3()?;
+        xs.reshape((b, n, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+    }
+
+    /// `xs`: (batch, height·width, query_dim); `context`: (batch, tokens, context_dim) or `None`.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        grid: (usize, usize),
+        observer: &mut dyn AttentionObserver,
+    ) -> Result<Tensor> {
+        let (b, n, _) = xs.dims3()?;
+        let ctx = context.unwrap_or(xs);
+        let q = self.split_heads(&self.to_q.forward(xs)?)?;
+        let k = self.split_heads(&self.to_k.forward(ctx)?)?;
+        let v = self.split_heads(&self.to_v.forward(ctx)?)?;
+        let dtype = q.dtype();
+        let (q, k) = if self.upcast && dtype != DType::F32 {
+            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+        } else {
+            (q, k)
+        };
+        let scores = (q.matmul(&k.t()?)? * self.scale)?;
+        let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        if self.observed {
+            let site = AttentionSite {
+                layer: self.name.clone(),
+                height: grid.0,
+                width: grid.1,
+                heads: self.heads,
+                tokens: k.dim(2)?,
+            };
+            if observer.wants(&site) {
+                observer.observe(&site, &probs)?;
+            }
+        }
+        let out = probs.matmul(&v)?; // (b, heads, n, head_dim)
+        let out = out.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?;
+        self.to_out.forward(&out)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}

@@ -1,0 +1,21 @@
+//! Stable Diffusion 1.x/2.x on candle: CLIP tokenizer and text encoder, UNet2DConditionModel and
+//! AutoencoderKL, built from diffusers configs, loading diffusers folders, with every
+//! cross-attention layer reporting to an [`observer::AttentionObserver`] and every path
+//! differentiable back to the latent.
+
+pub mod attention;
+pub mod clip;
+pub mod config;
+pub mod error;
+pub mod nn;
+pub mod observer;
+pub mod pipeline;
+pub mod resnet;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+pub use error::{ModelError, Result};
+pub use observer::{AttentionObserver, AttentionSite, AttentionStore, NoObserver};
+pub use pipeline::{resolve_model, LoadOptions, StableDiffusion};

@@ -1,0 +1,164 @@
+//! A Stable Diffusion model folder in diffusers' layout, loaded as one value.
+//!
+//! ```text
+//! model_index.json  tokenizer/  text_encoder/  unet/  vae/  scheduler/
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use serde_json::Value;
+
+use crate::clip::{ClipTextConfig, ClipTextModel};
+use crate::config::read_config;
+use crate::error::{ModelError, Result};
+use crate::tokenizer::ClipTokenizer;
+use crate::unet::{UNet2DConditionModel, UNetConfig};
+use crate::vae::{AutoencoderKL, VaeConfig};
+use crate::weights::{var_builder, Variant};
+
+/// How to load weights.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub dtype: DType,
+    pub device: Device,
+    pub variant: Variant,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { dtype: DType::F32, device: Device::Cpu, variant: Variant::Auto }
+    }
+}
+
+pub struct StableDiffusion {
+    pub folder: PathBuf,
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    /// `scheduler/scheduler_config.json`, parsed by the sampler.
+    pub scheduler_config: PathBuf,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+/// Resolves a model argument: an existing folder, or a hub id (`org/name`) found in the local
+/// Hugging Face cache (`$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`).
+pub fn resolve_model(arg: &str) -> Result<PathBuf> {
+    let direct = PathBuf::from(arg);
+    if direct.is_dir() {
+        return Ok(direct);
+    }
+    let looks_like_id = arg.split('/').count() == 2 && !arg.starts_with('.') && !arg.starts_with('/');
+    if !looks_like_id {
+        return Err(ModelError::io(&direct, "no such model folder"));
+    }
+    let hub = std::env::var_os("HF_HUB_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub")))
+        .unwrap_or_else(|| PathBuf::from(".cache/huggingface/hub"));
+    let repo = hub.join(format!("models--{}", arg.replace('/', "--")));
+    let snapshots = repo.join("snapshots");
+    // Prefer the snapshot `refs/main` names; otherwise the only (or newest) one.
+    let by_ref = std::fs::read_to_string(repo.join("refs/main")).ok().map(|r| snapshots.join(r.trim()));
+    if let Some(p) = by_ref.filter(|p| p.is_dir()) {
+        return Ok(p);
+    }
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&snapshots)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.path().is_dir())
+                .map(|e| (e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), e.path()))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found.pop().map(|(_, p)| p).ok_or_else(|| {
+        ModelError::io(
+            &snapshots,
+            format!("`{arg}` is neither a model folder nor a model in the local Hugging Face cache (nothing is downloaded; fetch it elsewhere and pass its folder)"),
+        )
+    })
+}
+
+fn component(folder: &Path, name: &str, expected: &str) -> Result<PathBuf> {
+    let dir = folder.join(name);
+    if dir.is_dir() {
+        Ok(dir)
+    } else {
+        Err(ModelError::MissingComponent {
+            folder: folder.to_path_buf(),
+            component: name.to_string(),
+            expected: expected.to_string(),
+        })
+    }
+}
+
+impl StableDiffusion {
+    pub fn load(folder: &Path, opts: &LoadOptions) -> Result<Self> {
+        let index_path = folder.join("model_index.json");
+        if !index_path.exists() {
+            return Err(ModelError::MissingComponent {
+                folder: folder.to_path_buf(),
+                component: "model_index.json".into(),
+                expected: "a diffusers pipeline folder".into(),
+            });
+        }
+        let index: Value = read_config(&index_path, "a diffusers model_index.json")?;
+        if let Some(class) = index.get("_class_name").and_then(|c| c.as_str()) {
+            if !class.starts_with("StableDiffusion") {
+                return Err(ModelError::Unsupported {
+                    path: index_path,
+                    field: "_class_name".into(),
+                    value: class.into(),
+                    supported: "StableDiffusionPipeline and its variants (SD1.x, SD2.x)".into(),
+                });
+            }
+        }
+        let tok_dir = component(folder, "tokenizer", "a CLIP tokenizer (vocab.json + merges.txt or tokenizer.json)")?;
+        let te_dir = component(folder, "text_encoder", "a CLIPTextModel (config.json + safetensors)")?;
+        let unet_dir = component(folder, "unet", "a UNet2DConditionModel (config.json + safetensors)")?;
+        let vae_dir = component(folder, "vae", "an AutoencoderKL (config.json + safetensors)")?;
+        let sched_dir = component(folder, "scheduler", "scheduler_config.json")?;
+        let scheduler_config = sched_dir.join("scheduler_config.json");
+        if !scheduler_config.exists() {
+            return Err(ModelError::io(&scheduler_config, "missing scheduler config"));
+        }
+
+        let tokenizer = ClipTokenizer::from_folder(&tok_dir)?;
+
+        let te_cfg = ClipTextConfig::from_file(&te_dir.join("config.json"))?;
+        let vb = var_builder(&te_dir, &opts.variant, opts.dtype, &opts.device)?;
+        let text_encoder = ClipTextModel::new(&te_cfg, vb).map_err(|e| ModelError::io(&te_dir, e))?;
+
+        let unet_cfg = UNetConfig::from_file(&unet_dir.join("config.json"))?;
+        let vb = var_builder(&unet_dir, &opts.variant, opts.dtype, &opts.device)?;
+        let unet = UNet2DConditionModel::new(&unet_cfg, vb).map_err(|e| ModelError::io(&unet_dir, e))?;
+
+        let vae_cfg = VaeConfig::from_file(&vae_dir.join("config.json"))?;
+        let vb = var_builder(&vae_dir, &opts.variant, opts.dtype, &opts.device)?;
+        let vae = AutoencoderKL::new(&vae_cfg, vb).map_err(|e| ModelError::io(&vae_dir, e))?;
+
+        let context = unet_cfg.cross_attention_dim.per_block(1).map(|v| v[0]).unwrap_or(0);
+        if context != te_cfg.hidden_size {
+            return Err(ModelError::Unsupported {
+                path: unet_dir.join("config.json"),
+                field: "cross_attention_dim".into(),
+                value: context.to_string(),
+                supported: format!("the text encoder's hidden_size {}", te_cfg.hidden_size),
+            });
+        }
+        Ok(Self {
+            folder: folder.to_path_buf(),
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            dtype: opts.dtype,
+            device: opts.device.clone(),
+        })
+    }
+}

@@ -1,0 +1,168 @@
+//! The CLIP BPE tokenizer as Stable Diffusion uses it: lower-cased, start and end tokens, truncated
+//! and padded to the model length with the folder's own padding token.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::{Lowercase, Replace, Sequence as NormSeq, NFC};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreSeq;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+use crate::error::{ModelError, Result};
+
+/// CLIP's word pattern: contractions, runs of letters, single digits, runs of other symbols.
+const CLIP_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const BOS: &str = "<|startoftext|>";
+const EOS: &str = "<|endoftext|>";
+
+pub struct ClipTokenizer {
+    inner: Tokenizer,
+    bos: u32,
+    eos: u32,
+    pad: u32,
+    max_len: usize,
+    source: PathBuf,
+}
+
+/// A token as a string in `tokenizer_config.json`: plain, or an AddedToken object.
+fn token_string(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        _ => None,
+    }
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    serde_json::from_str(&text).map(Some).map_err(|e| ModelError::Config {
+        path: path.to_path_buf(),
+        expected: "a tokenizer configuration".into(),
+        reason: e.to_string(),
+    })
+}
+
+impl ClipTokenizer {
+    /// Loads a diffusers `tokenizer/` folder: `tokenizer.json` if present, else `vocab.json` +
+    /// `merges.txt`; the padding token and length come from `tokenizer_config.json` /
+    /// `special_tokens_map.json`.
+    pub fn from_folder(dir: &Path) -> Result<Self> {
+        let err = |reason: String| ModelError::Tokenizer { path: dir.to_path_buf(), reason };
+        let json = dir.join("tokenizer.json");
+        let vocab = dir.join("vocab.json");
+        let merges = dir.join("merges.txt");
+        let inner = if json.exists() {
+            Tokenizer::from_file(&json).map_err(|e| err(format!("tokenizer.json: {e}")))?
+        } else if vocab.exists() && merges.exists() {
+            Self::from_vocab_merges(&vocab, &merges)?
+        } else {
+            return Err(err("expected tokenizer.json, or vocab.json and merges.txt".into()));
+        };
+        let config = read_json(&dir.join("tokenizer_config.json"))?;
+        let special = read_json(&dir.join("special_tokens_map.json"))?;
+        let lookup = |key: &str| -> Option<String> {
+            config
+                .as_ref()
+                .and_then(|c| c.get(key))
+                .and_then(token_string)
+                .or_else(|| special.as_ref().and_then(|s| s.get(key)).and_then(token_string))
+        };
+        let id = |token: &str| -> Result<u32> {
+            inner
+                .token_to_id(token)
+                .ok_or_else(|| err(format!("special token `{token}` is not in the vocabulary")))
+        };
+        let specials = [
+            lookup("bos_token").unwrap_or_else(|| BOS.into()),
+            lookup("eos_token").unwrap_or_else(|| EOS.into()),
+            lookup("pad_token").unwrap_or_else(|| EOS.into()),
+        ];
+        let [bos, eos, pad] = [id(&specials[0])?, id(&specials[1])?, id(&specials[2])?];
+        // Like transformers, split special tokens out of the text before BPE. This matters for
+        // SD2, whose padding token is "!": every "!" in a prompt becomes that token.
+        let mut inner = inner;
+        let added: Vec<AddedToken> = specials.iter().map(|s| AddedToken::from(s.clone(), true)).collect();
+        inner.add_special_tokens(&added);
+        // Some configs store a huge sentinel instead of the real length.
+        let max_len = config
+            .as_ref()
+            .and_then(|c| c.get("model_max_length"))
+            .and_then(|v| v.as_f64())
+            .filter(|&n| n >= 2.0 && n <= 4096.0)
+            .map(|n| n as usize)
+            .unwrap_or(77);
+        Ok(Self { inner, bos, eos, pad, max_len, source: dir.to_path_buf() })
+    }
+
+    /// Builds CLIP's pipeline around a BPE vocabulary in Hugging Face's file format.
+    pub fn from_vocab_merges(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
+        let err = |reason: String| ModelError::Tokenizer { path: vocab.to_path_buf(), reason };
+        let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+            .unk_token(EOS.into())
+            .end_of_word_suffix("</w>".into())
+            .build()
+            .map_err(|e| err(format!("vocab.json/merges.txt: {e}")))?;
+        let mut tok = Tokenizer::new(bpe);
+        let whitespace = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ").map_err(|e| err(e.to_string()))?;
+        tok.with_normalizer(Some(NormSeq::new(vec![NFC.into(), whitespace.into(), Lowercase.into()])));
+        let words = Split::new(SplitPattern::Regex(CLIP_PATTERN.into()), SplitDelimiterBehavior::Removed, true)
+            .map_err(|e| err(e.to_string()))?;
+        tok.with_pre_tokenizer(Some(PreSeq::new(vec![words.into(), ByteLevel::new(false, false, false).into()])));
+        Ok(tok)
+    }
+
+    /// Token ids of the text alone, without start/end tokens, untruncated.
+    pub fn encode_words(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text.trim(), false).map_err(|e| ModelError::Tokenizer {
+            path: self.source.clone(),
+            reason: format!("cannot tokenize {text:?}: {e}"),
+        })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The model input: start token, at most `max_len − 2` text tokens, end token, padding.
+    pub fn encode(&self, text: &str) -> Result<Encoded> {
+        let words = self.encode_words(text)?;
+        let keep = words.len().min(self.max_len - 2);
+        let mut ids = Vec::with_capacity(self.max_len);
+        ids.push(self.bos);
+        ids.extend_from_slice(&words[..keep]);
+        ids.push(self.eos);
+        ids.resize(self.max_len, self.pad);
+        Ok(Encoded { ids, text_tokens: keep, truncated: words.len() - keep })
+    }
+
+    /// Token strings of an id sequence (for showing which positions a word occupies).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+    pub fn bos_id(&self) -> u32 {
+        self.bos
+    }
+    pub fn eos_id(&self) -> u32 {
+        self.eos
+    }
+    pub fn pad_id(&self) -> u32 {
+        self.pad
+    }
+}
+
+/// A tokenized prompt, padded to the model length.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    /// Text tokens kept (positions 1..=text_tokens).
+    pub text_tokens: usize,
+    /// Text tokens dropped by truncation.
+    pub truncated: usize,
+}
