@@ -81,7 +81,7 @@ impl Attention {
         let k = self.split_heads(&self.to_k.forward(ctx)?)?;
         let v = self.split_heads(&self.to_v.forward(ctx)?)?;
         let dtype = q.dtype();
-        let (q, k) = if self.upcast && dtype != DType::F32 {
+        let (q, k) = if self.upcast && matches!(dtype, DType::F16 | DType::BF16) {
             (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
         } else {
             (q, k)

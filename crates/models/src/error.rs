@@ -19,6 +19,9 @@ pub enum ModelError {
     #[error("{path}: corrupt or unreadable safetensors file: {reason}")]
     CorruptWeights { path: PathBuf, reason: String },
 
+    #[error("loading {dir}: {reason}")]
+    Build { dir: PathBuf, reason: String },
+
     #[error("tokenizer {path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
 

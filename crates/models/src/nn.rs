@@ -14,7 +14,7 @@ pub fn tracked(tensors: &[&Tensor]) -> bool {
 
 /// Softmax over the last dimension, fused when no gradient is needed.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
-    if tracked(&[xs]) {
+    if tracked(&[xs]) || xs.dtype() == DType::F64 {
         candle_nn::ops::softmax(xs, D::Minus1)
     } else {
         candle_nn::ops::softmax_last_dim(xs)
@@ -39,7 +39,8 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if !tracked(&[xs, &self.weight, &self.bias]) && xs.is_contiguous() {
+        let fused_dtype = matches!(xs.dtype(), DType::F32 | DType::F16 | DType::BF16);
+        if fused_dtype && !tracked(&[xs, &self.weight, &self.bias]) && xs.is_contiguous() {
             return candle_nn::ops::layer_norm(xs, &self.weight, &self.bias, self.eps as f32);
         }
         let dtype = xs.dtype();

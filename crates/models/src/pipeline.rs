@@ -131,15 +131,15 @@ impl StableDiffusion {
 
         let te_cfg = ClipTextConfig::from_file(&te_dir.join("config.json"))?;
         let vb = var_builder(&te_dir, &opts.variant, opts.dtype, &opts.device)?;
-        let text_encoder = ClipTextModel::new(&te_cfg, vb).map_err(|e| ModelError::io(&te_dir, e))?;
+        let text_encoder = ClipTextModel::new(&te_cfg, vb).map_err(|e| ModelError::Build { dir: te_dir.clone(), reason: e.to_string() })?;
 
         let unet_cfg = UNetConfig::from_file(&unet_dir.join("config.json"))?;
         let vb = var_builder(&unet_dir, &opts.variant, opts.dtype, &opts.device)?;
-        let unet = UNet2DConditionModel::new(&unet_cfg, vb).map_err(|e| ModelError::io(&unet_dir, e))?;
+        let unet = UNet2DConditionModel::new(&unet_cfg, vb).map_err(|e| ModelError::Build { dir: unet_dir.clone(), reason: e.to_string() })?;
 
         let vae_cfg = VaeConfig::from_file(&vae_dir.join("config.json"))?;
         let vb = var_builder(&vae_dir, &opts.variant, opts.dtype, &opts.device)?;
-        let vae = AutoencoderKL::new(&vae_cfg, vb).map_err(|e| ModelError::io(&vae_dir, e))?;
+        let vae = AutoencoderKL::new(&vae_cfg, vb).map_err(|e| ModelError::Build { dir: vae_dir.clone(), reason: e.to_string() })?;
 
         let context = unet_cfg.cross_attention_dim.per_block(1).map(|v| v[0]).unwrap_or(0);
         if context != te_cfg.hidden_size {

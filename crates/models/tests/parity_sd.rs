@@ -139,25 +139,6 @@ fn sd2_vae() {
     vae("sd2-tiny");
 }
 
-/// The fixture's loss: Σ_l Σ_q [mean_{b,h} P[b,h,q,ia]·cx(q) − mean_{b,h} P[b,h,q,ib]·cy(q)] + 0.1·mean(out²).
-pub fn fixture_loss(records: &[(l2s_models::AttentionSite, Tensor)], out: &Tensor, ia: usize, ib: usize) -> Tensor {
-    let dev = out.device();
-    let dtype = out.dtype();
-    let mut total = (out.sqr().unwrap().mean_all().unwrap() * 0.1).unwrap();
-    for (site, probs) in records {
-        let (h, w) = (site.height, site.width);
-        let cx: Vec<f64> = (0..h * w).map(|q| ((q % w) as f64 + 0.5) / w as f64).collect();
-        let cy: Vec<f64> = (0..h * w).map(|q| ((q / w) as f64 + 0.5) / h as f64).collect();
-        let cx = Tensor::new(cx, dev).unwrap().to_dtype(dtype).unwrap();
-        let cy = Tensor::new(cy, dev).unwrap().to_dtype(dtype).unwrap();
-        let mean_bh = |k: usize| probs.i((.., .., .., k)).unwrap().mean(0).unwrap().mean(0).unwrap();
-        let term = ((mean_bh(ia) * cx).unwrap().sum_all().unwrap() - (mean_bh(ib) * cy).unwrap().sum_all().unwrap())
-            .unwrap();
-        total = (total + term).unwrap();
-    }
-    total
-}
-
 fn gradient(name: &str) {
     let sd = load(name);
     let exp = expected(name);
@@ -169,7 +150,7 @@ fn gradient(name: &str) {
         .unet
         .forward_observed(latent.as_tensor(), timestep(&exp), &exp["unet.encoder_hidden_states"], &mut store)
         .unwrap();
-    let loss = fixture_loss(store.records(), &out, ia, ib);
+    let loss = common::fixture_loss(store.records(), &out, ia, ib);
     check(&format!("{name} grad.loss"), &loss.reshape(1).unwrap(), &exp["grad.loss"]);
     let grads = loss.backward().unwrap();
     let grad = grads.get(latent.as_tensor()).expect("gradient reaches the latent");

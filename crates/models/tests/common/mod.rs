@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
@@ -37,3 +37,23 @@ pub fn check(what: &str, actual: &Tensor, expected: &Tensor) -> f64 {
     assert!(err <= 1e-4, "{what}: relative max error {err:.3e} > 1e-4");
     err
 }
+
+/// The fixture's loss: Σ_l Σ_q [mean_{b,h} P[b,h,q,ia]·cx(q) − mean_{b,h} P[b,h,q,ib]·cy(q)] + 0.1·mean(out²).
+pub fn fixture_loss(records: &[(l2s_models::AttentionSite, Tensor)], out: &Tensor, ia: usize, ib: usize) -> Tensor {
+    let dev = out.device();
+    let dtype = out.dtype();
+    let mut total = (out.sqr().unwrap().mean_all().unwrap() * 0.1).unwrap();
+    for (site, probs) in records {
+        let (h, w) = (site.height, site.width);
+        let cx: Vec<f64> = (0..h * w).map(|q| ((q % w) as f64 + 0.5) / w as f64).collect();
+        let cy: Vec<f64> = (0..h * w).map(|q| ((q / w) as f64 + 0.5) / h as f64).collect();
+        let cx = Tensor::new(cx, dev).unwrap().to_dtype(dtype).unwrap();
+        let cy = Tensor::new(cy, dev).unwrap().to_dtype(dtype).unwrap();
+        let mean_bh = |k: usize| probs.i((.., .., .., k)).unwrap().mean(0).unwrap().mean(0).unwrap();
+        let term = ((mean_bh(ia) * cx).unwrap().sum_all().unwrap() - (mean_bh(ib) * cy).unwrap().sum_all().unwrap())
+            .unwrap();
+        total = (total + term).unwrap();
+    }
+    total
+}
+

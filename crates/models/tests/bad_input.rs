@@ -1,0 +1,162 @@
+//! Broken model folders give errors that name the file, tensor or field and what was expected.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use l2s_models::{LoadOptions, StableDiffusion};
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        let to = dst.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &to);
+        } else {
+            std::fs::copy(entry.path(), to).unwrap();
+        }
+    }
+}
+
+/// A private copy of the tiny SD1 model to break.
+fn scratch_model() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    copy_dir(&common::fixtures().join("sd1-tiny/model"), &dir);
+    (tmp, dir)
+}
+
+fn load_err(dir: &Path) -> String {
+    match StableDiffusion::load(dir, &LoadOptions::default()) {
+        Ok(_) => panic!("loading {} should fail", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn unet_file(dir: &Path) -> PathBuf {
+    dir.join("unet/diffusion_pytorch_model.safetensors")
+}
+
+fn rewrite_unet(dir: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
+    let path = unet_file(dir);
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    edit(&mut tensors);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+}
+
+#[test]
+fn missing_component_is_named() {
+    let (_tmp, dir) = scratch_model();
+    std::fs::remove_dir_all(dir.join("vae")).unwrap();
+    let msg = load_err(&dir);
+    assert!(msg.contains("missing component `vae`"), "{msg}");
+}
+
+#[test]
+fn missing_model_index_is_named() {
+    let (_tmp, dir) = scratch_model();
+    std::fs::remove_file(dir.join("model_index.json")).unwrap();
+    let msg = load_err(&dir);
+    assert!(msg.contains("model_index.json"), "{msg}");
+}
+
+#[test]
+fn missing_tensor_names_file_and_tensor() {
+    let (_tmp, dir) = scratch_model();
+    rewrite_unet(&dir, |t| {
+        t.remove("conv_in.weight");
+    });
+    let msg = load_err(&dir);
+    assert!(msg.contains("diffusion_pytorch_model.safetensors"), "{msg}");
+    assert!(msg.contains("no tensor `conv_in.weight`"), "{msg}");
+    eprintln!("{msg}");
+}
+
+#[test]
+fn wrong_shape_names_tensor_and_both_shapes() {
+    let (_tmp, dir) = scratch_model();
+    rewrite_unet(&dir, |t| {
+        t.insert("conv_out.bias".into(), Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap());
+    });
+    let msg = load_err(&dir);
+    assert!(msg.contains("diffusion_pytorch_model.safetensors"), "{msg}");
+    assert!(msg.contains("`conv_out.bias` has shape [7], expected [4]"), "{msg}");
+}
+
+#[test]
+fn wrong_dtype_names_tensor() {
+    let (_tmp, dir) = scratch_model();
+    rewrite_unet(&dir, |t| {
+        t.insert("conv_out.bias".into(), Tensor::zeros(4, DType::I64, &Device::Cpu).unwrap());
+    });
+    let msg = load_err(&dir);
+    assert!(msg.contains("`conv_out.bias` has dtype I64, expected a floating-point dtype"), "{msg}");
+}
+
+#[test]
+fn unsupported_block_type_names_config_field() {
+    let (_tmp, dir) = scratch_model();
+    let cfg_path = dir.join("unet/config.json");
+    let text = std::fs::read_to_string(&cfg_path).unwrap().replace("\"DownBlock2D\"", "\"AttnDownBlock2D\"");
+    std::fs::write(&cfg_path, text).unwrap();
+    let msg = load_err(&dir);
+    assert!(msg.contains("unet/config.json"), "{msg}");
+    assert!(msg.contains("unsupported down_block_types `AttnDownBlock2D`"), "{msg}");
+}
+
+#[test]
+fn corrupt_header_names_file() {
+    let (_tmp, dir) = scratch_model();
+    let path = unet_file(&dir);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[8..40].copy_from_slice(&[b'#'; 32]); // garble the JSON header
+    std::fs::write(&path, bytes).unwrap();
+    let msg = load_err(&dir);
+    assert!(msg.contains("corrupt or unreadable safetensors file"), "{msg}");
+    assert!(msg.contains("diffusion_pytorch_model.safetensors"), "{msg}");
+
+    std::fs::write(&path, b"tiny").unwrap(); // truncated below the 8-byte length prefix
+    let msg = load_err(&dir);
+    assert!(msg.contains("corrupt or unreadable safetensors file"), "{msg}");
+}
+
+#[test]
+fn invalid_config_json_names_file() {
+    let (_tmp, dir) = scratch_model();
+    std::fs::write(dir.join("vae/config.json"), "{ not json").unwrap();
+    let msg = load_err(&dir);
+    assert!(msg.contains("vae/config.json: not valid JSON for an AutoencoderKL config"), "{msg}");
+}
+
+#[test]
+fn fp16_variant_is_found_and_loaded_as_f32() {
+    let (_tmp, dir) = scratch_model();
+    // Replace the UNet weights with an fp16 variant file only, as some hub repos ship them.
+    let tensors = candle_core::safetensors::load(unet_file(&dir), &Device::Cpu).unwrap();
+    let half: HashMap<String, Tensor> =
+        tensors.into_iter().map(|(k, v)| (k, v.to_dtype(DType::F16).unwrap())).collect();
+    std::fs::remove_file(unet_file(&dir)).unwrap();
+    candle_core::safetensors::save(&half, dir.join("unet/diffusion_pytorch_model.fp16.safetensors")).unwrap();
+    let sd = StableDiffusion::load(&dir, &LoadOptions::default()).unwrap();
+    assert_eq!(sd.dtype, DType::F32);
+    let exp = common::expected("sd1-tiny");
+    let out = sd.unet.forward(&exp["unet.sample"], 501.0, &exp["unet.encoder_hidden_states"]).unwrap();
+    assert!(common::rel_err(&out, &exp["unet.out"]) < 1e-2);
+}
+
+#[test]
+fn hub_id_outside_cache_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::env::set_var("HF_HUB_CACHE", tmp.path());
+    let msg = l2s_models::resolve_model("stabilityai/stable-diffusion-2-1-base").unwrap_err().to_string();
+    assert!(msg.contains("not") && msg.contains("Hugging Face cache"), "{msg}");
+    // A populated cache snapshot resolves.
+    let snap = tmp.path().join("models--org--tiny/snapshots/abc123");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(tmp.path().join("models--org--tiny/refs")).unwrap();
+    std::fs::write(tmp.path().join("models--org--tiny/refs/main"), "abc123").unwrap();
+    assert_eq!(l2s_models::resolve_model("org/tiny").unwrap(), snap);
+}
