@@ -1,0 +1,73 @@
+//! Detections and the detector contract.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::BBox;
+
+/// One object found in an image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Detection {
+    /// Class name, as listed by [`Detector::classes`].
+    pub class: String,
+    /// Pixel box (xyxy).
+    pub bbox: BBox,
+    /// Confidence in `[0, 1]`.
+    pub score: f32,
+}
+
+/// Anything that finds objects in an RGB image.
+pub trait Detector {
+    /// All detections, in any order; callers apply their own score threshold.
+    fn detect(&self, image: &image::RgbImage) -> anyhow::Result<Vec<Detection>>;
+
+    /// The class names this detector can report.
+    fn classes(&self) -> &[String];
+}
+
+/// GenEval's selection: drop detections with `score <= min_score`, then keep
+/// the highest-scoring detection of each class (ties keep the earlier one).
+pub fn top1_per_class(detections: &[Detection], min_score: f32) -> BTreeMap<String, Detection> {
+    let mut best: BTreeMap<String, Detection> = BTreeMap::new();
+    for d in detections {
+        if d.score.is_nan() || d.score <= min_score {
+            continue;
+        }
+        match best.get(&d.class) {
+            Some(cur) if cur.score >= d.score => {}
+            _ => {
+                best.insert(d.class.clone(), d.clone());
+            }
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn det(class: &str, score: f32, x: f32) -> Detection {
+        Detection {
+            class: class.into(),
+            bbox: BBox::new(x, 0.0, x + 1.0, 1.0),
+            score,
+        }
+    }
+
+    #[test]
+    fn selection() {
+        let ds = vec![
+            det("dog", 0.5, 0.0),
+            det("dog", 0.9, 1.0),
+            det("cat", 0.3, 2.0), // not above the threshold
+            det("cat", 0.31, 3.0),
+            det("cow", f32::NAN, 4.0),
+        ];
+        let top = top1_per_class(&ds, 0.3);
+        assert_eq!(top.len(), 2);
+        assert_eq!(top["dog"].bbox.x0, 1.0);
+        assert_eq!(top["cat"].bbox.x0, 3.0);
+    }
+}

@@ -1,0 +1,390 @@
+//! Dataset folders: PNG images, COCO-style `annotations.json`, `relations.jsonl`.
+//!
+//! Layout of a folder:
+//! ```text
+//! images/000000.png …
+//! annotations.json   COCO: info, images (file_name relative to the folder),
+//!                    annotations (bbox [x, y, w, h] in pixels), categories
+//! relations.jsonl    one line per ordered pair of objects in an image:
+//!                    {"image_id", "a", "b", "a_id", "b_id", "relations": [...]}
+//! ```
+//! Every file is written to a temporary name and renamed into place, and
+//! `annotations.json` is written last, so a reader never sees a half-written file.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+use l2s_eval::{BBox, RelationSet};
+use serde::{Deserialize, Serialize};
+
+use crate::render::{pair_relations, render_scene};
+use crate::{RenderConfig, Scene, SceneObject, ShapeClass, ShapesError};
+
+/// Name of the COCO file in a dataset folder.
+pub const ANNOTATIONS_FILE: &str = "annotations.json";
+/// Name of the relations file in a dataset folder.
+pub const RELATIONS_FILE: &str = "relations.jsonl";
+/// Folder of the images inside a dataset folder.
+pub const IMAGES_DIR: &str = "images";
+
+/// How a folder was made (stored as COCO `info`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetInfo {
+    pub description: String,
+    pub seed: u64,
+    /// First scene index rendered (scenes `first_index .. first_index + count`).
+    pub first_index: u64,
+    pub render: RenderConfig,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CocoFile {
+    info: DatasetInfo,
+    images: Vec<CocoImage>,
+    annotations: Vec<CocoAnnotation>,
+    categories: Vec<CocoCategory>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CocoImage {
+    id: u64,
+    file_name: String,
+    width: u32,
+    height: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CocoAnnotation {
+    id: u64,
+    image_id: u64,
+    category_id: u32,
+    bbox: [f32; 4],
+    area: f32,
+    iscrowd: u8,
+    /// The square the silhouette was drawn into, [x, y, w, h].
+    frame: [f32; 4],
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CocoCategory {
+    id: u32,
+    name: String,
+    supercategory: String,
+    color: [u8; 3],
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RelationLine {
+    image_id: u64,
+    a: ShapeClass,
+    b: ShapeClass,
+    a_id: u64,
+    b_id: u64,
+    relations: RelationSet,
+}
+
+/// One image of a dataset folder, as read back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetImage {
+    /// Scene index (the COCO image id).
+    pub id: u64,
+    /// Path of the PNG.
+    pub path: PathBuf,
+    pub width: u32,
+    pub height: u32,
+    pub objects: Vec<SceneObject>,
+}
+
+impl DatasetImage {
+    /// Loads the PNG as RGB.
+    pub fn load(&self) -> Result<RgbImage, ShapesError> {
+        let img = image::open(&self.path).map_err(|source| ShapesError::Image {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(img.to_rgb8())
+    }
+
+    /// Loads the image and pairs it with its objects.
+    pub fn scene(&self) -> Result<Scene, ShapesError> {
+        Ok(Scene {
+            index: self.id,
+            objects: self.objects.clone(),
+            image: self.load()?,
+        })
+    }
+}
+
+/// A dataset folder read back.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub root: PathBuf,
+    pub info: DatasetInfo,
+    pub images: Vec<DatasetImage>,
+}
+
+/// Renders scenes `0..count` of `config` with `seed` into `dir` (created if
+/// needed; existing files of the same names are replaced).
+pub fn generate(
+    dir: &Path,
+    config: &RenderConfig,
+    count: usize,
+    seed: u64,
+) -> Result<Dataset, ShapesError> {
+    config.validate()?;
+    let info = DatasetInfo {
+        description: format!("shapes world: {count} images of {0}x{0}", config.size),
+        seed,
+        first_index: 0,
+        render: config.clone(),
+    };
+    let scenes = (0..count as u64).map(|i| render_scene(config, seed, i));
+    write_scenes(dir, info, scenes)
+}
+
+/// Writes scenes (produced lazily, so large sets need not be held in memory)
+/// into `dir` and returns what a later [`read_dataset`] would.
+pub fn write_scenes<I>(dir: &Path, info: DatasetInfo, scenes: I) -> Result<Dataset, ShapesError>
+where
+    I: IntoIterator<Item = Result<Scene, ShapesError>>,
+{
+    let images_dir = dir.join(IMAGES_DIR);
+    fs::create_dir_all(&images_dir).map_err(|source| ShapesError::Io {
+        path: images_dir.clone(),
+        source,
+    })?;
+
+    let mut coco = CocoFile {
+        info,
+        images: Vec::new(),
+        annotations: Vec::new(),
+        categories: categories(),
+    };
+    let mut relations = String::new();
+    let mut out = Vec::new();
+    let mut next_ann = 1u64;
+    for scene in scenes {
+        let scene = scene?;
+        let name = format!("{IMAGES_DIR}/{:06}.png", scene.index);
+        let path = dir.join(&name);
+        write_png(&path, &scene.image)?;
+        let (width, height) = scene.image.dimensions();
+        coco.images.push(CocoImage {
+            id: scene.index,
+            file_name: name,
+            width,
+            height,
+        });
+        let first_ann = next_ann;
+        for o in &scene.objects {
+            coco.annotations.push(CocoAnnotation {
+                id: next_ann,
+                image_id: scene.index,
+                category_id: o.class.index() as u32 + 1,
+                bbox: o.bbox.xywh(),
+                area: o.bbox.area(),
+                iscrowd: 0,
+                frame: o.frame.xywh(),
+            });
+            next_ann += 1;
+        }
+        for p in pair_relations(&scene.objects) {
+            let line = RelationLine {
+                image_id: scene.index,
+                a: scene.objects[p.a].class,
+                b: scene.objects[p.b].class,
+                a_id: first_ann + p.a as u64,
+                b_id: first_ann + p.b as u64,
+                relations: p.relations,
+            };
+            relations.push_str(&serde_json::to_string(&line).expect("serialisable"));
+            relations.push('\n');
+        }
+        out.push(DatasetImage {
+            id: scene.index,
+            path,
+            width,
+            height,
+            objects: scene.objects,
+        });
+    }
+    write_atomic(&dir.join(RELATIONS_FILE), relations.as_bytes())?;
+    let json = serde_json::to_vec_pretty(&coco).expect("serialisable");
+    write_atomic(&dir.join(ANNOTATIONS_FILE), &json)?;
+    Ok(Dataset {
+        root: dir.to_path_buf(),
+        info: coco.info,
+        images: out,
+    })
+}
+
+fn categories() -> Vec<CocoCategory> {
+    ShapeClass::ALL
+        .iter()
+        .map(|c| CocoCategory {
+            id: c.index() as u32 + 1,
+            name: c.name().to_string(),
+            supercategory: "shape".to_string(),
+            color: c.color(),
+        })
+        .collect()
+}
+
+/// Reads a folder written by [`generate`] / [`write_scenes`].
+pub fn read_dataset(dir: &Path) -> Result<Dataset, ShapesError> {
+    let path = dir.join(ANNOTATIONS_FILE);
+    let text = fs::read_to_string(&path).map_err(|source| ShapesError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let coco: CocoFile = serde_json::from_str(&text).map_err(|source| ShapesError::Json {
+        path: path.clone(),
+        source,
+    })?;
+    let mut cat_class = std::collections::HashMap::new();
+    for c in &coco.categories {
+        let class = ShapeClass::from_word(&c.name).ok_or_else(|| ShapesError::Format {
+            path: path.clone(),
+            msg: format!("category {} names no shape class: {:?}", c.id, c.name),
+        })?;
+        cat_class.insert(c.id, class);
+    }
+    let mut images: Vec<DatasetImage> = coco
+        .images
+        .iter()
+        .map(|im| DatasetImage {
+            id: im.id,
+            path: dir.join(&im.file_name),
+            width: im.width,
+            height: im.height,
+            objects: Vec::new(),
+        })
+        .collect();
+    let pos: std::collections::HashMap<u64, usize> = images
+        .iter()
+        .enumerate()
+        .map(|(i, im)| (im.id, i))
+        .collect();
+    for a in &coco.annotations {
+        let class = *cat_class
+            .get(&a.category_id)
+            .ok_or_else(|| ShapesError::Format {
+                path: path.clone(),
+                msg: format!("annotation {} has unknown category {}", a.id, a.category_id),
+            })?;
+        let i = *pos.get(&a.image_id).ok_or_else(|| ShapesError::Format {
+            path: path.clone(),
+            msg: format!("annotation {} refers to missing image {}", a.id, a.image_id),
+        })?;
+        let [x, y, w, h] = a.bbox;
+        let [fx, fy, fw, fh] = a.frame;
+        images[i].objects.push(SceneObject {
+            class,
+            frame: BBox::from_xywh(fx, fy, fw, fh),
+            bbox: BBox::from_xywh(x, y, w, h),
+        });
+    }
+    Ok(Dataset {
+        root: dir.to_path_buf(),
+        info: coco.info,
+        images,
+    })
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ShapesError> {
+    let tmp = temp_path(path);
+    let io = |source| ShapesError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(io)
+}
+
+/// Encodes `image` as PNG and writes it atomically.
+pub fn write_png(path: &Path, image: &RgbImage) -> Result<(), ShapesError> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut buf, image::ImageFormat::Png)
+        .map_err(|source| ShapesError::Image {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    write_atomic(path, buf.get_ref())
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp{}", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render;
+
+    #[test]
+    fn round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = RenderConfig::default();
+        let ds = generate(dir.path(), &cfg, 25, 5).unwrap();
+        assert_eq!(ds.images.len(), 25);
+        let back = read_dataset(dir.path()).unwrap();
+        assert_eq!(back.info.seed, 5);
+        assert_eq!(back.images, ds.images);
+        let scenes = render(25, 5);
+        for (im, s) in back.images.iter().zip(&scenes) {
+            assert_eq!(im.objects, s.objects);
+            assert_eq!(im.load().unwrap(), s.image);
+        }
+        // Relations file: one line per ordered pair.
+        let pairs: usize = scenes
+            .iter()
+            .map(|s| s.objects.len() * (s.objects.len().saturating_sub(1)))
+            .sum();
+        let rel = fs::read_to_string(dir.path().join(RELATIONS_FILE)).unwrap();
+        assert_eq!(rel.lines().count(), pairs);
+        let first: serde_json::Value = serde_json::from_str(rel.lines().next().unwrap()).unwrap();
+        assert!(first["relations"].is_array());
+        // COCO file has the usual top-level keys and no temporary files are left.
+        let coco: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(dir.path().join(ANNOTATIONS_FILE)).unwrap())
+                .unwrap();
+        for k in ["images", "annotations", "categories", "info"] {
+            assert!(coco.get(k).is_some(), "{k}");
+        }
+        assert_eq!(coco["categories"].as_array().unwrap().len(), 8);
+        let leftovers = fs::read_dir(dir.path()).unwrap().filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(".tmp")
+        });
+        assert_eq!(leftovers.count(), 0);
+    }
+
+    #[test]
+    fn clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = read_dataset(dir.path()).unwrap_err().to_string();
+        assert!(e.contains(ANNOTATIONS_FILE), "{e}");
+        fs::write(dir.path().join(ANNOTATIONS_FILE), "{").unwrap();
+        let e = read_dataset(dir.path()).unwrap_err().to_string();
+        assert!(e.contains(ANNOTATIONS_FILE), "{e}");
+    }
+}
