@@ -11,6 +11,7 @@ pub mod nn;
 pub mod observer;
 pub mod pipeline;
 pub mod resnet;
+pub mod space_to_depth;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

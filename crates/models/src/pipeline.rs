@@ -14,7 +14,8 @@ use crate::config::read_config;
 use crate::error::{ModelError, Result};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::{UNet2DConditionModel, UNetConfig};
-use crate::vae::{AutoencoderKL, VaeConfig};
+use crate::space_to_depth::{SpaceToDepth, SpaceToDepthConfig};
+use crate::vae::{Autoencoder, AutoencoderKL, VaeConfig};
 use crate::weights::{var_builder, Variant};
 
 /// How to load weights.
@@ -36,7 +37,7 @@ pub struct StableDiffusion {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
     pub unet: UNet2DConditionModel,
-    pub vae: AutoencoderKL,
+    pub vae: Autoencoder,
     /// `scheduler/scheduler_config.json`, parsed by the sampler.
     pub scheduler_config: PathBuf,
     pub dtype: DType,
@@ -96,6 +97,19 @@ fn component(folder: &Path, name: &str, expected: &str) -> Result<PathBuf> {
     }
 }
 
+/// `vae/`: an AutoencoderKL, or (by `_class_name`) the weightless space-to-depth map.
+fn load_autoencoder(dir: &Path, opts: &LoadOptions) -> Result<Autoencoder> {
+    let cfg_path = dir.join("config.json");
+    let raw: Value = read_config(&cfg_path, "an autoencoder config")?;
+    if raw.get("_class_name").and_then(|c| c.as_str()) == Some("SpaceToDepthAutoencoder") {
+        return Ok(Autoencoder::SpaceToDepth(SpaceToDepth::new(SpaceToDepthConfig::from_file(&cfg_path)?)));
+    }
+    let cfg = VaeConfig::from_file(&cfg_path)?;
+    let vb = var_builder(dir, &opts.variant, opts.dtype, &opts.device)?;
+    let vae = AutoencoderKL::new(&cfg, vb).map_err(|e| ModelError::Build { dir: dir.to_path_buf(), reason: e.to_string() })?;
+    Ok(Autoencoder::Kl(vae))
+}
+
 impl StableDiffusion {
     pub fn load(folder: &Path, opts: &LoadOptions) -> Result<Self> {
         let index_path = folder.join("model_index.json");
@@ -137,9 +151,7 @@ impl StableDiffusion {
         let vb = var_builder(&unet_dir, &opts.variant, opts.dtype, &opts.device)?;
         let unet = UNet2DConditionModel::new(&unet_cfg, vb).map_err(|e| ModelError::Build { dir: unet_dir.clone(), reason: e.to_string() })?;
 
-        let vae_cfg = VaeConfig::from_file(&vae_dir.join("config.json"))?;
-        let vb = var_builder(&vae_dir, &opts.variant, opts.dtype, &opts.device)?;
-        let vae = AutoencoderKL::new(&vae_cfg, vb).map_err(|e| ModelError::Build { dir: vae_dir.clone(), reason: e.to_string() })?;
+        let vae = load_autoencoder(&vae_dir, opts)?;
 
         let context = unet_cfg.cross_attention_dim.per_block(1).map(|v| v[0]).unwrap_or(0);
         if context != te_cfg.hidden_size {

@@ -383,3 +383,57 @@ impl AutoencoderKL {
         self.decode(&z)
     }
 }
+
+/// The image ↔ latent map of a pipeline: a learned `AutoencoderKL` or an exact space-to-depth.
+pub enum Autoencoder {
+    Kl(AutoencoderKL),
+    SpaceToDepth(crate::space_to_depth::SpaceToDepth),
+}
+
+impl Autoencoder {
+    /// Image in [-1, 1] → latent at the diffusion model's scale. `draw` only matters for the KL VAE.
+    pub fn encode_latents(&self, images: &Tensor, draw: LatentDraw) -> Result<Tensor> {
+        match self {
+            Self::Kl(v) => v.encode_latents(images, draw),
+            Self::SpaceToDepth(s) => s.encode_latents(images),
+        }
+    }
+
+    /// Latent at the diffusion model's scale → image in roughly [-1, 1].
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Kl(v) => v.decode_latents(latents),
+            Self::SpaceToDepth(s) => s.decode_latents(latents),
+        }
+    }
+
+    /// Pixels per latent cell along each side.
+    pub fn downsample_factor(&self) -> usize {
+        match self {
+            Self::Kl(v) => v.config().downsample_factor(),
+            Self::SpaceToDepth(s) => s.config().factor,
+        }
+    }
+
+    pub fn latent_channels(&self) -> usize {
+        match self {
+            Self::Kl(v) => v.config().latent_channels,
+            Self::SpaceToDepth(s) => s.latent_channels(),
+        }
+    }
+
+    pub fn image_channels(&self) -> usize {
+        match self {
+            Self::Kl(v) => v.config().in_channels,
+            Self::SpaceToDepth(s) => s.config().in_channels,
+        }
+    }
+
+    /// The learned VAE, if this is one.
+    pub fn kl(&self) -> Option<&AutoencoderKL> {
+        match self {
+            Self::Kl(v) => Some(v),
+            Self::SpaceToDepth(_) => None,
+        }
+    }
+}

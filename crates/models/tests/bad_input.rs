@@ -128,7 +128,7 @@ fn invalid_config_json_names_file() {
     let (_tmp, dir) = scratch_model();
     std::fs::write(dir.join("vae/config.json"), "{ not json").unwrap();
     let msg = load_err(&dir);
-    assert!(msg.contains("vae/config.json: not valid JSON for an AutoencoderKL config"), "{msg}");
+    assert!(msg.contains("vae/config.json: not valid JSON for an autoencoder config"), "{msg}");
 }
 
 #[test]
@@ -159,4 +159,21 @@ fn hub_id_outside_cache_is_a_clear_error() {
     std::fs::create_dir_all(tmp.path().join("models--org--tiny/refs")).unwrap();
     std::fs::write(tmp.path().join("models--org--tiny/refs/main"), "abc123").unwrap();
     assert_eq!(l2s_models::resolve_model("org/tiny").unwrap(), snap);
+}
+
+#[test]
+fn space_to_depth_round_trips_exactly() {
+    use l2s_models::space_to_depth::{SpaceToDepth, SpaceToDepthConfig};
+    let s2d = SpaceToDepth::new(SpaceToDepthConfig { factor: 2, in_channels: 3, scaling_factor: 1.0 });
+    let img = Tensor::arange(0f32, 2.0 * 3.0 * 4.0 * 6.0, &Device::Cpu).unwrap().reshape((2, 3, 4, 6)).unwrap();
+    let z = s2d.encode_latents(&img).unwrap();
+    assert_eq!(z.dims(), &[2, 12, 2, 3]);
+    // Channel k = c·4 + dy·2 + dx holds pixel (2y+dy, 2x+dx) of colour c, as torch's pixel_unshuffle.
+    use candle_core::IndexOp;
+    let at = |t: &Tensor, i: (usize, usize, usize, usize)| t.i(i).unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(at(&z, (1, 2 * 4 + 2, 1, 2)), at(&img, (1, 2, 3, 4)));
+    let back = s2d.decode_latents(&z).unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(flat(&back), flat(&img));
+    assert!(s2d.encode_latents(&img.narrow(3, 0, 5).unwrap()).is_err());
 }
