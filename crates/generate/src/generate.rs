@@ -1,0 +1,205 @@
+//! Text → image: seeded noise, DDIM with classifier-free guidance, VAE decoding.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use l2s_models::vae::seeded_normal;
+use l2s_models::StableDiffusion;
+
+use crate::convert::{to_unit_nhwc, unit_nhwc_to_images};
+use crate::error::{GenerateError, Result};
+use crate::sample::{sample_latents, scheduler, Conditioning, Progress, StepObserver};
+
+/// One text-to-image run. Same request and model → byte-identical image.
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    /// The unconditional prompt of classifier-free guidance ("" by default, as in diffusers).
+    pub negative_prompt: String,
+    /// Seeds the initial noise (ignored when `init_latents` is given).
+    pub seed: u64,
+    pub steps: usize,
+    /// Classifier-free guidance scale; guidance is used only above 1.
+    pub guidance: f64,
+    /// Image size in pixels; `None`: the model's native size (see [`native_size`]).
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    /// Start from these latents, shape (1, latent channels, height / f, width / f), instead of
+    /// seeded noise.
+    pub init_latents: Option<Tensor>,
+}
+
+impl GenerateRequest {
+    /// The project's defaults: empty negative prompt, seed 0, 50 steps, guidance 7.5, native size.
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            seed: 0,
+            steps: 50,
+            guidance: 7.5,
+            width: None,
+            height: None,
+            init_latents: None,
+        }
+    }
+}
+
+/// The result of [`generate`].
+#[derive(Clone, Debug)]
+pub struct Generated {
+    pub image: RgbImage,
+    /// (1, H, W, 3) float32 in [0, 1] before quantisation (diffusers' `output_type="np"`).
+    pub pixels: Tensor,
+    /// The latents the loop started from.
+    pub initial_latents: Tensor,
+    /// The latents after the last step, before the VAE.
+    pub latents: Tensor,
+    pub width: usize,
+    pub height: usize,
+    /// Notes for the user (e.g. a truncated prompt).
+    pub warnings: Vec<String>,
+}
+
+/// Pixels per latent cell (the VAE's factor).
+pub fn vae_factor(sd: &StableDiffusion) -> usize {
+    sd.vae.downsample_factor()
+}
+
+/// Image sides must be multiples of this: the VAE's factor times the UNet's.
+pub fn size_multiple(sd: &StableDiffusion) -> usize {
+    vae_factor(sd) * sd.unet.size_multiple()
+}
+
+/// The size the model was trained at: the UNet's `sample_size` × the VAE factor (512 for SD1.x
+/// and SD2.1-base); 512 when the config has no sample size.
+pub fn native_size(sd: &StableDiffusion) -> usize {
+    sd.unet.config().sample_size.map(|s| s * vae_factor(sd)).unwrap_or(512)
+}
+
+/// Checks an image size against the model and returns (width, height).
+pub fn resolve_size(sd: &StableDiffusion, width: Option<usize>, height: Option<usize>) -> Result<(usize, usize)> {
+    let native = native_size(sd);
+    let (w, h) = (width.unwrap_or(native), height.unwrap_or(native));
+    let m = size_multiple(sd);
+    for (name, v) in [("width", w), ("height", h)] {
+        if v == 0 || v % m != 0 {
+            return Err(GenerateError::invalid(
+                name,
+                format!(
+                    "{v} is not a positive multiple of {m} (the VAE's factor {} × the UNet's {}); try {}",
+                    vae_factor(sd),
+                    sd.unet.size_multiple(),
+                    (v / m).max(1) * m
+                ),
+            ));
+        }
+    }
+    Ok((w, h))
+}
+
+/// The latent shape for an image of `width` × `height`.
+pub fn latent_shape(sd: &StableDiffusion, width: usize, height: usize) -> [usize; 4] {
+    let f = vae_factor(sd);
+    [1, sd.unet.config().in_channels, height / f, width / f]
+}
+
+/// Seeded standard-normal latents (the same on every machine for the same seed and shape).
+pub fn seeded_latents(sd: &StableDiffusion, width: usize, height: usize, seed: u64) -> Result<Tensor> {
+    let shape = latent_shape(sd, width, height);
+    Ok(seeded_normal(&shape, seed, &Device::Cpu)?.to_dtype(sd.dtype)?.to_device(&sd.device)?)
+}
+
+/// Generates one image.
+pub fn generate(sd: &StableDiffusion, req: &GenerateRequest, progress: &mut dyn FnMut(Progress)) -> Result<Generated> {
+    generate_observed(sd, req, None, progress)
+}
+
+/// Generates one image while `observer` watches the steps it chooses.
+pub fn generate_observed(
+    sd: &StableDiffusion,
+    req: &GenerateRequest,
+    observer: Option<&mut dyn StepObserver>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Generated> {
+    let (width, height) = resolve_size(sd, req.width, req.height)?;
+    let initial = match &req.init_latents {
+        Some(t) => {
+            let want = latent_shape(sd, width, height);
+            if t.dims() != want {
+                return Err(GenerateError::Shape {
+                    what: "initial latents".into(),
+                    found: format!("{:?}", t.dims()),
+                    expected: format!("{want:?} for a {width}×{height} image"),
+                });
+            }
+            t.to_dtype(sd.dtype)?.to_device(&sd.device)?
+        }
+        None => seeded_latents(sd, width, height, req.seed)?,
+    };
+    let cond = Conditioning::new(sd, &req.prompt, &req.negative_prompt, req.guidance)?;
+    let guidance = cond.guidance()?;
+    let scheduler = scheduler(sd, req.steps)?;
+    // init_noise_sigma is 1 for DDIM.
+    let latents = sample_latents(sd, &scheduler, initial.clone(), &guidance, observer, progress)?;
+    let pixels = to_unit_nhwc(&sd.vae.decode_latents(&latents)?)?;
+    let image = unit_nhwc_to_images(&pixels)?.remove(0);
+    Ok(Generated { image, pixels, initial_latents: initial, latents, width, height, warnings: cond.warnings() })
+}
+
+/// Reads a latent tensor named `name` from a safetensors file, as float32.
+pub fn read_latents(path: &Path, name: &str) -> Result<Tensor> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| GenerateError::file(path, e))?;
+    let t = tensors.get(name).ok_or_else(|| {
+        let mut names: Vec<&str> = tensors.keys().map(String::as_str).collect();
+        names.sort();
+        GenerateError::file(path, format!("no tensor named `{name}` (found: {})", names.join(", ")))
+    })?;
+    Ok(t.to_dtype(DType::F32)?)
+}
+
+/// Writes tensors to a safetensors file atomically, with string metadata in its header. Half
+/// precision tensors are stored as float32.
+pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)], metadata: &[(String, String)]) -> Result<()> {
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let mut t = t.to_device(&Device::Cpu)?.contiguous()?;
+        if matches!(t.dtype(), DType::F16 | DType::BF16) {
+            t = t.to_dtype(DType::F32)?;
+        }
+        let dtype = match t.dtype() {
+            DType::F32 => safetensors::Dtype::F32,
+            DType::F64 => safetensors::Dtype::F64,
+            DType::U32 => safetensors::Dtype::U32,
+            DType::I64 => safetensors::Dtype::I64,
+            DType::U8 => safetensors::Dtype::U8,
+            other => return Err(GenerateError::invalid(format!("tensor `{name}`"), format!("dtype {other:?} cannot be saved"))),
+        };
+        let bytes = tensor_bytes(&t)?;
+        views.push((name.clone(), dtype, t.dims().to_vec(), bytes));
+    }
+    let data: Vec<(String, safetensors::tensor::TensorView<'_>)> = views
+        .iter()
+        .map(|(n, d, s, b)| {
+            safetensors::tensor::TensorView::new(*d, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| GenerateError::invalid(format!("tensor `{n}`"), e.to_string()))
+        })
+        .collect::<Result<_>>()?;
+    let meta: std::collections::HashMap<String, String> = metadata.iter().cloned().collect();
+    let bytes = safetensors::tensor::serialize(data, Some(meta)).map_err(|e| GenerateError::file(path, e))?;
+    crate::png::write_atomic(path, &bytes)
+}
+
+fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let flat = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => flat.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F64 => flat.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::U32 => flat.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::I64 => flat.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::U8 => flat.to_vec1::<u8>()?,
+        other => return Err(GenerateError::invalid("tensor", format!("dtype {other:?} cannot be saved"))),
+    })
+}
