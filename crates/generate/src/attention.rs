@@ -254,26 +254,28 @@ impl AttentionMaps {
     }
 
     /// Writes the maps to a safetensors file: `per_word` (steps, words, S, S), `per_head`
-    /// (steps, words, C, S, S), `steps` (u32), and every raw layer map as
-    /// `layer.{step}.{layer name}` (words, heads, h, w); the header's metadata lists the words,
-    /// their token positions, the steps and the layer order, plus `extra`.
+    /// (steps, words, C, S, S), `map_steps` (u32), and every raw layer map as
+    /// `layer.{step}.{layer name}` (words, heads, h, w). The header's metadata holds `extra`,
+    /// then (taking precedence) `words` and `token_positions` (JSON lists), `map_steps`,
+    /// `map_size` and `layers` (JSON: name, heads, height, width in forward order).
     pub fn save(&self, path: &std::path::Path, extra: &[(String, String)]) -> Result<()> {
         let mut tensors = vec![
             ("per_word".to_string(), self.per_word.clone()),
             ("per_head".to_string(), self.per_head.clone()),
-            ("steps".to_string(), Tensor::new(self.steps.iter().map(|&s| s as u32).collect::<Vec<_>>(), &Device::Cpu)?),
+            ("map_steps".to_string(), Tensor::new(self.steps.iter().map(|&s| s as u32).collect::<Vec<_>>(), &Device::Cpu)?),
         ];
         for l in &self.layers {
             tensors.push((format!("layer.{}.{}", l.step, l.site.layer), l.maps.clone()));
         }
         let json = |v: serde_json::Value| v.to_string();
-        let mut meta = vec![
+        let mut meta = extra.to_vec();
+        meta.extend([
             ("words".to_string(), json(serde_json::json!(self.words.iter().map(|w| &w.word).collect::<Vec<_>>()))),
             (
                 "token_positions".to_string(),
                 json(serde_json::json!(self.words.iter().map(|w| &w.positions).collect::<Vec<_>>())),
             ),
-            ("steps".to_string(), json(serde_json::json!(self.steps))),
+            ("map_steps".to_string(), json(serde_json::json!(self.steps))),
             ("map_size".to_string(), self.size.to_string()),
             (
                 "layers".to_string(),
@@ -284,8 +286,7 @@ impl AttentionMaps {
                     .map(|l| serde_json::json!({"name": l.site.layer, "heads": l.site.heads, "height": l.site.height, "width": l.site.width}))
                     .collect::<Vec<_>>())),
             ),
-        ];
-        meta.extend(extra.iter().cloned());
+        ]);
         crate::generate::write_tensors(path, &tensors, &meta)
     }
 }

@@ -154,7 +154,10 @@ pub fn read_latents(path: &Path, name: &str) -> Result<Tensor> {
     let t = tensors.get(name).ok_or_else(|| {
         let mut names: Vec<&str> = tensors.keys().map(String::as_str).collect();
         names.sort();
-        GenerateError::file(path, format!("no tensor named `{name}` (found: {})", names.join(", ")))
+        let more = names.len().saturating_sub(8);
+        names.truncate(8);
+        let tail = if more > 0 { format!(" and {more} more") } else { String::new() };
+        GenerateError::file(path, format!("no tensor named `{name}` (found: {}{tail})", names.join(", ")))
     })?;
     Ok(t.to_dtype(DType::F32)?)
 }

@@ -85,7 +85,11 @@ pub fn check_image(sd: &StableDiffusion, image: &RgbImage, req: &InvertRequest) 
         return Err(GenerateError::Shape {
             what: "image to invert".into(),
             found: format!("{}×{} pixels", image.width(), image.height()),
-            expected: format!("{w}×{h} (the model's size; pass the size explicitly for another multiple of the model's factor)"),
+            expected: if req.width.is_none() && req.height.is_none() {
+                format!("{w}×{h}, the model's size (ask for another size explicitly to invert at it)")
+            } else {
+                format!("{w}×{h} as requested")
+            },
         });
     }
     Ok(())

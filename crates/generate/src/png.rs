@@ -73,9 +73,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(GenerateError::file(path, format!("folder {} does not exist", dir.display())));
     }
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
+    let prefix = format!(".{name}.");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".tmp");
+    // Temporary files are private by default; the result should get the usual mode (umask applies).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let mut tmp = builder
         .tempfile_in(dir)
         .map_err(|e| GenerateError::file(path, format!("cannot create a temporary file beside it: {e}")))?;
     tmp.write_all(bytes).map_err(|e| GenerateError::file(path, e))?;

@@ -1,0 +1,118 @@
+//! `l2s generate`: prompt → PNG files with their settings in text chunks.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use l2s_generate::{generate, generation_metadata, read_latents, write_png, GenerateRequest};
+
+use crate::common::{load_model, warn_all, Bars, Global, ModelArgs};
+
+#[derive(clap::Args)]
+#[command(after_help = "Image i of --num-images N uses seed + i. With one image, --out is a .png file; with several, \
+a folder (created if needed) that receives 0000.png, 0001.png, …. Each PNG carries the prompt, negative prompt, \
+seed, steps, guidance, model and size as text chunks.")]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt
+    #[arg(long)]
+    pub prompt: String,
+    /// The unconditional prompt of classifier-free guidance
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Seed of the initial noise
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// DDIM steps
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (guidance is off at 1 or below)
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// Image width in pixels (default: the model's native size)
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height in pixels (default: the model's native size)
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Number of images
+    #[arg(long, default_value_t = 1)]
+    pub num_images: usize,
+    /// Start from these latents instead of seeded noise: a safetensors file with a tensor
+    /// `latents` of shape (N, C, height/f, width/f), one row per image
+    #[arg(long, value_name = "FILE")]
+    pub init_latents: Option<PathBuf>,
+    /// Output: a .png file, or a folder for several images
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Where each image goes.
+fn targets(out: &Path, n: usize) -> Result<Vec<PathBuf>> {
+    let is_png = out.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if is_png {
+        if n != 1 {
+            bail!("--out {} names one file but --num-images is {n}: give a folder", out.display());
+        }
+        return Ok(vec![crate::common::png_target(out, "--out")?]);
+    }
+    if out.exists() && !out.is_dir() {
+        bail!("--out {}: exists and is not a folder (or give a name ending in .png)", out.display());
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("--out {}: cannot create the folder", out.display()))?;
+    Ok((0..n).map(|i| out.join(format!("{i:04}.png"))).collect())
+}
+
+/// One latent row per image from `--init-latents`.
+fn init_rows(path: &Path, n: usize) -> Result<Vec<Tensor>> {
+    let t = read_latents(path, "latents").context("--init-latents")?;
+    if t.rank() == 4 && t.dim(0)? == n {
+        return (0..n).map(|i| Ok(t.narrow(0, i, 1)?)).collect();
+    }
+    if n == 1 {
+        // Let the generator name the expected shape.
+        return Ok(vec![t]);
+    }
+    bail!("--init-latents {}: tensor `latents` has shape {:?}; expected {n} rows (one per image)", path.display(), t.dims())
+}
+
+pub fn run(args: Args, global: &Global) -> Result<()> {
+    if args.num_images == 0 {
+        bail!("--num-images 0: expected at least 1");
+    }
+    let (sd, model_name) = load_model(&args.model)?;
+    let paths = targets(&args.out, args.num_images)?;
+    let inits = match &args.init_latents {
+        Some(p) => Some(init_rows(p, args.num_images)?),
+        None => None,
+    };
+    for (i, path) in paths.iter().enumerate() {
+        let req = GenerateRequest {
+            prompt: args.prompt.clone(),
+            negative_prompt: args.negative_prompt.clone(),
+            seed: args.seed.wrapping_add(i as u64),
+            steps: args.steps,
+            guidance: args.guidance,
+            width: args.width,
+            height: args.height,
+            init_latents: inits.as_ref().map(|v| v[i].clone()),
+        };
+        let label = if args.num_images > 1 { format!("image {}/{}", i + 1, args.num_images) } else { "image".into() };
+        let mut bars = Bars::new(global, label);
+        let out = generate(&sd, &req, &mut |p| bars.update(p)).with_context(|| format!("generating {}", path.display()))?;
+        bars.finish();
+        if i == 0 {
+            warn_all(&out.warnings);
+        }
+        let mut extra = Vec::new();
+        if let Some(p) = &args.init_latents {
+            extra.push(("init_latents".to_string(), p.display().to_string()));
+        }
+        let meta = generation_metadata(&req, &model_name, out.width, out.height, &extra);
+        write_png(path, &out.image, &meta).with_context(|| format!("writing {}", path.display()))?;
+        tracing::info!("wrote {}", path.display());
+        println!("{}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! What the subcommands share: global flags, logging, model loading, progress bars, output paths.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use indicatif::{ProgressBar, ProgressStyle};
+use l2s_generate::{Phase, Progress};
+use l2s_models::weights::Variant;
+use l2s_models::{resolve_model, LoadOptions, StableDiffusion};
+
+/// Flags every subcommand takes.
+#[derive(clap::Args)]
+pub struct Global {
+    /// More log output (-v: info, -vv: debug); RUST_LOG overrides
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// No progress bars
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+pub fn init_logging(global: &Global) {
+    let default = match global.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(global.verbose > 1)
+        .without_time()
+        .try_init();
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// Which model to load and how.
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// Model: a diffusers folder, or a hub id (org/name) already in the local Hugging Face cache
+    #[arg(long, env = "L2S_MODEL", value_name = "DIR|HUB_ID")]
+    pub model: Option<String>,
+    /// Weight dtype
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DTypeArg,
+    /// Weight file variant, e.g. fp16 (default: the plain files, else fp16)
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// cpu, cuda or cuda:N (default: the first GPU when built with CUDA and one is present)
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+fn device(arg: Option<&str>) -> Result<Device> {
+    Ok(match arg {
+        None => Device::cuda_if_available(0).context("selecting the default device")?,
+        Some("cpu") => Device::Cpu,
+        Some("cuda") => Device::new_cuda(0).context("--device cuda")?,
+        Some(other) => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => Device::new_cuda(n).with_context(|| format!("--device {other}"))?,
+            None => bail!("--device {other:?}: expected cpu, cuda or cuda:N"),
+        },
+    })
+}
+
+/// Loads the model; returns it with the name to record in metadata (the argument as given).
+pub fn load_model(args: &ModelArgs) -> Result<(StableDiffusion, String)> {
+    let Some(name) = args.model.clone() else {
+        bail!("no model given: pass --model DIR|HUB_ID (a diffusers folder or a hub id in the local Hugging Face cache) or set L2S_MODEL");
+    };
+    let folder = resolve_model(&name).with_context(|| format!("model `{name}`"))?;
+    let opts = LoadOptions {
+        dtype: match args.dtype {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::F16 => DType::F16,
+            DTypeArg::Bf16 => DType::BF16,
+        },
+        device: device(args.device.as_deref())?,
+        variant: match &args.variant {
+            Some(v) => Variant::Named(v.clone()),
+            None => Variant::Auto,
+        },
+    };
+    tracing::info!("loading {} ({:?} on {:?})", folder.display(), opts.dtype, opts.device);
+    let sd = StableDiffusion::load(&folder, &opts).with_context(|| format!("loading model `{name}` from {}", folder.display()))?;
+    Ok((sd, name))
+}
+
+/// A progress bar per phase of a run; hidden with --quiet or when stderr is not a terminal.
+pub struct Bars {
+    quiet: bool,
+    label: String,
+    current: Option<(Phase, ProgressBar)>,
+}
+
+impl Bars {
+    pub fn new(global: &Global, label: impl Into<String>) -> Self {
+        Self { quiet: global.quiet, label: label.into(), current: None }
+    }
+
+    pub fn update(&mut self, p: Progress) {
+        if self.quiet {
+            return;
+        }
+        if self.current.as_ref().map(|(phase, _)| *phase) != Some(p.phase) {
+            self.finish();
+            let bar = ProgressBar::new(p.total as u64);
+            let style = ProgressStyle::with_template("{prefix:>14} [{bar:32}] {pos}/{len} steps {elapsed_precise} (eta {eta})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ");
+            bar.set_style(style);
+            let verb = match p.phase {
+                Phase::Denoise => "",
+                Phase::Invert => " invert",
+            };
+            bar.set_prefix(format!("{}{verb}", self.label));
+            self.current = Some((p.phase, bar));
+        }
+        if let Some((_, bar)) = &self.current {
+            bar.set_length(p.total as u64);
+            bar.set_position(p.done as u64);
+        }
+    }
+
+    pub fn finish(&mut self) {
+        if let Some((_, bar)) = self.current.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Drop for Bars {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// Checks that `path` names a PNG file whose folder exists.
+pub fn png_target(path: &Path, flag: &str) -> Result<PathBuf> {
+    let is_png = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if !is_png {
+        bail!("{flag} {}: expected a file name ending in .png", path.display());
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            bail!("{flag} {}: folder {} does not exist", path.display(), dir.display());
+        }
+    }
+    Ok(path.to_path_buf())
+}
+
+/// Logs a library's warnings.
+pub fn warn_all(warnings: &[String]) {
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+}
