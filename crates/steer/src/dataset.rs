@@ -1,0 +1,942 @@
+//! The relation classifier's training data on disk.
+//!
+//! A dataset is a folder:
+//!
+//! - `info.json` — [`DatasetInfo`]: the model id, C (`num_maps`), the map side, the recorded
+//!   denoising step indices, the relation class names, the attention layers the maps came from,
+//!   and whether dual inversion was used; further fields are kept as they are.
+//! - `manifest.jsonl` — one [`ManifestEntry`] per recorded sample (one image inverted with one
+//!   prompt): ids, the triplet, the class label, the prompt and its relation word, positive or
+//!   negative, the reconstruction PSNR, and where its maps are (`shard`, `row`).
+//! - `shard-NNNNN.safetensors` — tensors `maps` (f16, `(N, S, 2, C, H, W)`, S = number of step
+//!   indices, the subject word's maps first) and `sample` (i64, `(N)`, the sample ids of the rows).
+//!
+//! [`DatasetWriter`] writes shards atomically (temporary file, then rename) and appends the
+//! manifest lines of a shard only once the shard is on disk, so an interrupted build never leaves
+//! manifest lines pointing at missing data; reopening the folder resumes it
+//! ([`DatasetWriter::completed_samples`]). [`owns`] / [`ShardSpec`] split the work of one build over
+//! several processes, each writing its own folder, and [`merge`] joins such folders.
+//! [`Dataset`] reads a folder back; [`Dataset::load`] turns every recorded step of every selected
+//! sample into one training example.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+pub const INFO_FILE: &str = "info.json";
+pub const MANIFEST_FILE: &str = "manifest.jsonl";
+
+/// One attention layer whose heads contribute maps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerInfo {
+    pub name: String,
+    pub heads: usize,
+    /// The layer's own map resolution before resizing.
+    pub height: usize,
+    pub width: usize,
+}
+
+/// `info.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetInfo {
+    /// Model id or fingerprint; a classifier only applies to the model whose maps it saw.
+    pub model: String,
+    /// C: maps per word (sum of the layers' heads).
+    pub num_maps: usize,
+    /// Side of each stored map.
+    pub map_size: usize,
+    /// Denoising step indices at which maps were recorded, ascending.
+    pub step_indices: Vec<usize>,
+    /// Class names; a label is an index into this list.
+    pub relations: Vec<String>,
+    /// The layers, in the order their heads appear along C.
+    pub layers: Vec<LayerInfo>,
+    /// Whether each image was also inverted with a wrong-relation prompt.
+    pub dual_inversion: bool,
+    /// Any other fields, kept as written.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl DatasetInfo {
+    /// Class index of a relation name.
+    pub fn label_of(&self, relation: &str) -> Option<usize> {
+        self.relations.iter().position(|r| r == relation)
+    }
+
+    /// Checks internal consistency; the message names the offending field.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.model.trim().is_empty() {
+            return Err("\"model\" is empty".into());
+        }
+        if self.num_maps == 0 || self.map_size == 0 {
+            return Err("\"num_maps\" and \"map_size\" must be positive".into());
+        }
+        if self.step_indices.is_empty() {
+            return Err("\"step_indices\" is empty".into());
+        }
+        if self.step_indices.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(format!("\"step_indices\" {:?} is not strictly ascending", self.step_indices));
+        }
+        if self.relations.is_empty() {
+            return Err("\"relations\" is empty".into());
+        }
+        let unique: HashSet<&String> = self.relations.iter().collect();
+        if unique.len() != self.relations.len() {
+            return Err(format!("\"relations\" {:?} has duplicates", self.relations));
+        }
+        if !self.layers.is_empty() {
+            let heads: usize = self.layers.iter().map(|l| l.heads).sum();
+            if heads != self.num_maps {
+                return Err(format!(
+                    "\"layers\" have {heads} heads in total but \"num_maps\" is {}",
+                    self.num_maps
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The first field (name, this value, other value) in which two datasets differ, ignoring
+    /// extra fields.
+    pub fn difference(&self, other: &DatasetInfo) -> Option<(&'static str, String, String)> {
+        macro_rules! cmp {
+            ($f:ident) => {
+                if self.$f != other.$f {
+                    return Some((stringify!($f), format!("{:?}", self.$f), format!("{:?}", other.$f)));
+                }
+            };
+        }
+        cmp!(model);
+        cmp!(num_maps);
+        cmp!(map_size);
+        cmp!(step_indices);
+        cmp!(relations);
+        cmp!(layers);
+        cmp!(dual_inversion);
+        None
+    }
+}
+
+/// Whether the prompt carried the true relation or a wrong one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SampleKind {
+    Positive,
+    Negative,
+}
+
+/// What a dataset builder knows about one recorded sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleMeta {
+    /// Unique id within the dataset.
+    pub sample: u64,
+    /// The source image; both prompts of one image share it.
+    pub image_id: String,
+    pub subject: String,
+    pub object: String,
+    /// The true relation (canonical name, one of the info's relations).
+    pub relation: String,
+    /// Class index of `relation`.
+    pub label: usize,
+    pub prompt: String,
+    /// The relation named in the prompt: `relation` for a positive, another one for a negative.
+    pub prompt_relation: String,
+    pub kind: SampleKind,
+    /// Reconstruction PSNR in dB.
+    pub psnr: f64,
+}
+
+/// One line of `manifest.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManifestEntry {
+    #[serde(flatten)]
+    pub meta: SampleMeta,
+    /// File name of the shard holding the maps.
+    pub shard: String,
+    /// Row in that shard.
+    pub row: usize,
+}
+
+/// Something wrong with a dataset folder; every message names the file (and line).
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}{}: {message}", path.display(), line.map(|l| format!(" line {l}")).unwrap_or_default())]
+    Invalid {
+        path: PathBuf,
+        line: Option<usize>,
+        message: String,
+    },
+    #[error("{what}: \"{field}\" differs ({left} vs {right})")]
+    InfoMismatch {
+        what: String,
+        field: &'static str,
+        left: String,
+        right: String,
+    },
+    #[error("{}: {source}", path.display())]
+    Tensor {
+        path: PathBuf,
+        source: candle_core::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DatasetError + '_ {
+    move |source| DatasetError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn invalid(path: &Path, line: Option<usize>, message: impl Into<String>) -> DatasetError {
+    DatasetError::Invalid {
+        path: path.to_path_buf(),
+        line,
+        message: message.into(),
+    }
+}
+
+fn tensor_err(path: &Path) -> impl FnOnce(candle_core::Error) -> DatasetError + '_ {
+    move |source| DatasetError::Tensor {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+type Result<T> = std::result::Result<T, DatasetError>;
+
+/// The file name of shard `index`: `shard-00003.safetensors`.
+pub fn shard_name(index: usize) -> String {
+    format!("shard-{index:05}.safetensors")
+}
+
+/// The index of a shard file name, if it is one.
+pub fn parse_shard_name(name: &str) -> Option<usize> {
+    let digits = name.strip_prefix("shard-")?.strip_suffix(".safetensors")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Whether part `index` of `count` (0-based) owns a sample: `sample_id mod count == index`.
+pub fn owns(sample_id: u64, index: usize, count: usize) -> bool {
+    count > 0 && sample_id % count as u64 == index as u64
+}
+
+/// A part of a partitioned build, written "i/n" with 0 ≤ i < n (0-based).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardSpec {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl ShardSpec {
+    /// The whole build in one part.
+    pub fn all() -> Self {
+        Self { index: 0, count: 1 }
+    }
+
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        let (i, n) = text
+            .split_once('/')
+            .ok_or_else(|| format!("part {text:?}: expected \"i/n\", e.g. \"0/4\""))?;
+        let i: usize = i.trim().parse().map_err(|_| format!("part {text:?}: {i:?} is not a number"))?;
+        let n: usize = n.trim().parse().map_err(|_| format!("part {text:?}: {n:?} is not a number"))?;
+        if n == 0 || i >= n {
+            return Err(format!(
+                "part {text:?}: need 0 <= i < n (parts are numbered from 0, so {n} parts are 0/{n} … {}/{n})",
+                n.saturating_sub(1)
+            ));
+        }
+        Ok(Self { index: i, count: n })
+    }
+
+    pub fn owns(&self, sample_id: u64) -> bool {
+        owns(sample_id, self.index, self.count)
+    }
+}
+
+impl std::fmt::Display for ShardSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, synced, then renamed.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_path(path);
+    {
+        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+        f.write_all(bytes).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+    }
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    sync_dir(path);
+    Ok(())
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp"))
+}
+
+fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
+fn read_info(dir: &Path) -> Result<DatasetInfo> {
+    let path = dir.join(INFO_FILE);
+    let text = fs::read_to_string(&path).map_err(io_err(&path))?;
+    let info: DatasetInfo =
+        serde_json::from_str(&text).map_err(|e| invalid(&path, Some(e.line()), e.to_string()))?;
+    info.validate().map_err(|m| invalid(&path, None, m))?;
+    Ok(info)
+}
+
+/// Checks one manifest entry against the info.
+fn check_entry(info: &DatasetInfo, e: &ManifestEntry) -> std::result::Result<(), String> {
+    let m = &e.meta;
+    match info.relations.get(m.label) {
+        None => {
+            return Err(format!(
+                "sample {}: label {} is out of range ({} relations)",
+                m.sample,
+                m.label,
+                info.relations.len()
+            ))
+        }
+        Some(r) if *r != m.relation => {
+            return Err(format!(
+                "sample {}: label {} is {r:?} but relation is {:?}",
+                m.sample, m.label, m.relation
+            ))
+        }
+        _ => {}
+    }
+    match m.kind {
+        SampleKind::Positive if m.prompt_relation != m.relation => {
+            return Err(format!(
+                "sample {}: a positive sample's prompt relation {:?} differs from its relation {:?}",
+                m.sample, m.prompt_relation, m.relation
+            ))
+        }
+        SampleKind::Negative if m.prompt_relation == m.relation => {
+            return Err(format!(
+                "sample {}: a negative sample's prompt relation equals its relation {:?}",
+                m.sample, m.relation
+            ))
+        }
+        _ => {}
+    }
+    if !m.psnr.is_finite() {
+        return Err(format!("sample {}: psnr {} is not finite", m.sample, m.psnr));
+    }
+    if parse_shard_name(&e.shard).is_none() {
+        return Err(format!(
+            "sample {}: shard {:?} is not a shard file name (shard-NNNNN.safetensors)",
+            m.sample, e.shard
+        ));
+    }
+    Ok(())
+}
+
+/// Parses the manifest. With `repair`, an unterminated, unparsable last line (a write cut short)
+/// is cut off the file; without, it is an error.
+fn read_manifest(dir: &Path, info: &DatasetInfo, repair: bool) -> Result<Vec<(usize, ManifestEntry)>> {
+    let path = dir.join(MANIFEST_FILE);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let mut text = String::new();
+    File::open(&path)
+        .and_then(|mut f| f.read_to_string(&mut text))
+        .map_err(io_err(&path))?;
+    let mut out = Vec::new();
+    let mut seen: HashMap<u64, usize> = HashMap::new();
+    let mut offset = 0usize;
+    for (i, raw) in text.split_inclusive('\n').enumerate() {
+        let line_no = i + 1;
+        let start = offset;
+        offset += raw.len();
+        let line = raw.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let entry: ManifestEntry = match serde_json::from_str(line) {
+            Ok(e) => e,
+            Err(err) => {
+                let last = !raw.ends_with('\n') && offset == text.len();
+                if last && repair {
+                    tracing::warn!("{}: dropping the unfinished last line {line_no}", path.display());
+                    let f = OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
+                    f.set_len(start as u64).map_err(io_err(&path))?;
+                    f.sync_all().map_err(io_err(&path))?;
+                    break;
+                }
+                let hint = if last { " (an unfinished write? reopening the folder with the writer repairs it)" } else { "" };
+                return Err(invalid(&path, Some(line_no), format!("{err}{hint}")));
+            }
+        };
+        check_entry(info, &entry).map_err(|m| invalid(&path, Some(line_no), m))?;
+        if let Some(prev) = seen.insert(entry.meta.sample, line_no) {
+            return Err(invalid(
+                &path,
+                Some(line_no),
+                format!("sample {} already appears on line {prev}", entry.meta.sample),
+            ));
+        }
+        out.push((line_no, entry));
+    }
+    Ok(out)
+}
+
+/// Appends samples to a dataset folder, one shard at a time. See the module documentation.
+///
+/// Samples given to [`append`](Self::append) are buffered; every `shard_size` of them become one
+/// shard. Call [`finish`](Self::finish) to write the last partial shard: samples still buffered
+/// when the writer is dropped are lost, as in a crash, and a resumed build redoes them.
+pub struct DatasetWriter {
+    dir: PathBuf,
+    info: DatasetInfo,
+    shard_size: usize,
+    pending_meta: Vec<SampleMeta>,
+    pending_maps: Vec<Tensor>,
+    pending_ids: HashSet<u64>,
+    done: HashSet<u64>,
+    next_shard: usize,
+    shards_written: usize,
+}
+
+impl DatasetWriter {
+    /// Opens `dir` for writing: creates it with `info`, or resumes it when it already holds a
+    /// dataset with the same settings (an error names the first differing field). On resume a
+    /// cut-short last manifest line is dropped and shard files that no manifest line refers to
+    /// (written just before an interruption) are deleted; their samples are not counted as
+    /// completed.
+    pub fn open(dir: impl AsRef<Path>, info: DatasetInfo, shard_size: usize) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        info.validate().map_err(|m| invalid(&dir.join(INFO_FILE), None, m))?;
+        if shard_size == 0 {
+            return Err(invalid(&dir, None, "shard size must be positive"));
+        }
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let info_path = dir.join(INFO_FILE);
+        let info = if info_path.exists() {
+            let existing = read_info(&dir)?;
+            if let Some((field, left, right)) = existing.difference(&info) {
+                return Err(DatasetError::InfoMismatch {
+                    what: format!("cannot resume {}: the existing dataset and the requested settings differ", dir.display()),
+                    field,
+                    left,
+                    right,
+                });
+            }
+            existing
+        } else {
+            if dir.join(MANIFEST_FILE).exists() {
+                return Err(invalid(&dir, None, "has a manifest.jsonl but no info.json"));
+            }
+            let text = serde_json::to_string_pretty(&info).expect("info serialises");
+            write_atomic(&info_path, text.as_bytes())?;
+            info
+        };
+
+        let entries = read_manifest(&dir, &info, true)?;
+        let mut done = HashSet::new();
+        let mut referenced = HashSet::new();
+        let mut next_shard = 0;
+        for (line, e) in &entries {
+            if referenced.insert(e.shard.clone()) && !dir.join(&e.shard).exists() {
+                return Err(invalid(
+                    &dir.join(MANIFEST_FILE),
+                    Some(*line),
+                    format!("points at the missing shard {}", e.shard),
+                ));
+            }
+            done.insert(e.meta.sample);
+            next_shard = next_shard.max(parse_shard_name(&e.shard).unwrap_or(0) + 1);
+        }
+        for item in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let item = item.map_err(io_err(&dir))?;
+            let name = item.file_name().to_string_lossy().into_owned();
+            let orphan = parse_shard_name(&name).is_some() && !referenced.contains(&name);
+            let temporary = name.starts_with('.') && name.ends_with(".tmp");
+            if orphan || temporary {
+                tracing::warn!("{}: removing {name}, which no manifest line refers to", dir.display());
+                fs::remove_file(item.path()).map_err(io_err(&item.path()))?;
+            }
+        }
+        Ok(Self {
+            dir,
+            info,
+            shard_size,
+            pending_meta: Vec::new(),
+            pending_maps: Vec::new(),
+            pending_ids: HashSet::new(),
+            done,
+            next_shard,
+            shards_written: 0,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn info(&self) -> &DatasetInfo {
+        &self.info
+    }
+
+    /// Samples whose maps and manifest lines are on disk.
+    pub fn completed_samples(&self) -> &HashSet<u64> {
+        &self.done
+    }
+
+    /// True when a sample is on disk or buffered: a build skips it.
+    pub fn contains(&self, sample: u64) -> bool {
+        self.done.contains(&sample) || self.pending_ids.contains(&sample)
+    }
+
+    /// Buffered samples not yet on disk.
+    pub fn pending(&self) -> usize {
+        self.pending_meta.len()
+    }
+
+    /// Shards written by this writer.
+    pub fn shards_written(&self) -> usize {
+        self.shards_written
+    }
+
+    /// The expected shape of one sample's maps: (S, 2, C, H, W).
+    pub fn sample_shape(&self) -> [usize; 5] {
+        let i = &self.info;
+        [i.step_indices.len(), 2, i.num_maps, i.map_size, i.map_size]
+    }
+
+    /// Buffers one sample; `maps` is `(S, 2, C, H, W)` in any float dtype, on any device.
+    /// Writes a shard when `shard_size` samples are buffered.
+    pub fn append(&mut self, meta: SampleMeta, maps: &Tensor) -> Result<()> {
+        let what = format!("sample {}", meta.sample);
+        let manifest = self.dir.join(MANIFEST_FILE);
+        if self.contains(meta.sample) {
+            return Err(invalid(&manifest, None, format!("{what} is already in the dataset")));
+        }
+        let probe = ManifestEntry {
+            meta,
+            shard: shard_name(0),
+            row: 0,
+        };
+        check_entry(&self.info, &probe).map_err(|m| invalid(&manifest, None, m))?;
+        let want = self.sample_shape();
+        if maps.dims() != want {
+            return Err(invalid(
+                &manifest,
+                None,
+                format!("{what}: maps have shape {:?}, expected {:?} (steps, 2, C, H, W)", maps.dims(), want),
+            ));
+        }
+        let maps = maps
+            .to_device(&Device::Cpu)
+            .and_then(|m| m.to_dtype(DType::F32))
+            .map_err(tensor_err(&manifest))?;
+        let sum = maps
+            .sum_all()
+            .and_then(|s| s.to_scalar::<f32>())
+            .map_err(tensor_err(&manifest))?;
+        if !sum.is_finite() {
+            return Err(invalid(&manifest, None, format!("{what}: maps contain NaN or infinite values")));
+        }
+        let maps = maps.to_dtype(DType::F16).map_err(tensor_err(&manifest))?;
+        self.pending_ids.insert(probe.meta.sample);
+        self.pending_meta.push(probe.meta);
+        self.pending_maps.push(maps);
+        if self.pending_meta.len() >= self.shard_size {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the buffered samples as one shard, then their manifest lines.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.pending_meta.is_empty() {
+            return Ok(());
+        }
+        let name = shard_name(self.next_shard);
+        let path = self.dir.join(&name);
+        let maps = Tensor::stack(&self.pending_maps, 0).map_err(tensor_err(&path))?;
+        let ids: Vec<i64> = self.pending_meta.iter().map(|m| m.sample as i64).collect();
+        let n = ids.len();
+        let ids = Tensor::from_vec(ids, n, &Device::Cpu).map_err(tensor_err(&path))?;
+        let tmp = tmp_path(&path);
+        let tensors: HashMap<String, Tensor> =
+            [("maps".to_string(), maps), ("sample".to_string(), ids)].into_iter().collect();
+        candle_core::safetensors::save(&tensors, &tmp).map_err(tensor_err(&tmp))?;
+        File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        sync_dir(&path);
+
+        let mut lines = String::new();
+        for (row, meta) in self.pending_meta.iter().enumerate() {
+            let entry = ManifestEntry {
+                meta: meta.clone(),
+                shard: name.clone(),
+                row,
+            };
+            lines.push_str(&serde_json::to_string(&entry).expect("entry serialises"));
+            lines.push('\n');
+        }
+        let manifest = self.dir.join(MANIFEST_FILE);
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&manifest)
+            .map_err(io_err(&manifest))?;
+        f.write_all(lines.as_bytes()).map_err(io_err(&manifest))?;
+        f.sync_data().map_err(io_err(&manifest))?;
+
+        for meta in self.pending_meta.drain(..) {
+            self.done.insert(meta.sample);
+        }
+        self.pending_maps.clear();
+        self.pending_ids.clear();
+        self.next_shard += 1;
+        self.shards_written += 1;
+        Ok(())
+    }
+
+    /// Writes what is buffered; returns the number of samples in the dataset.
+    pub fn finish(mut self) -> Result<usize> {
+        self.flush()?;
+        Ok(self.done.len())
+    }
+}
+
+/// The examples of a dataset (or of part of it) in memory: one per recorded step of each sample.
+#[derive(Debug, Clone)]
+pub struct Examples {
+    /// `(M, 2, C, H, W)`.
+    pub maps: Tensor,
+    /// `(M)` u32: position in the info's `step_indices`.
+    pub steps: Tensor,
+    /// `(M)` u32 class indices.
+    pub labels: Tensor,
+    /// Per example: the source image.
+    pub image_ids: Vec<String>,
+    /// Per example: the sample id.
+    pub samples: Vec<u64>,
+    /// Per example: the class index (as in `labels`).
+    pub label_list: Vec<u32>,
+}
+
+impl Examples {
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// Gathers a batch `(maps, steps, labels)` by example index, maps converted to `dtype`, all
+    /// moved to `device`.
+    pub fn batch(
+        &self,
+        indices: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let idx: Vec<u32> = indices.iter().map(|&i| i as u32).collect();
+        let idx = Tensor::from_vec(idx, indices.len(), self.maps.device())?;
+        let maps = self.maps.index_select(&idx, 0)?.to_device(device)?.to_dtype(dtype)?;
+        let steps = self.steps.index_select(&idx, 0)?.to_device(device)?;
+        let labels = self.labels.index_select(&idx, 0)?.to_device(device)?;
+        Ok((maps, steps, labels))
+    }
+}
+
+/// A dataset folder opened for reading: info and manifest parsed and checked, maps not loaded.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    dir: PathBuf,
+    info: DatasetInfo,
+    entries: Vec<ManifestEntry>,
+    lines: Vec<usize>,
+}
+
+impl Dataset {
+    /// Reads `info.json` and `manifest.jsonl` and checks that every shard the manifest names exists.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        if !dir.join(INFO_FILE).exists() {
+            return Err(invalid(&dir, None, "is not a dataset folder: info.json is missing"));
+        }
+        let info = read_info(&dir)?;
+        let parsed = read_manifest(&dir, &info, false)?;
+        let mut checked = HashSet::new();
+        for (line, e) in &parsed {
+            if checked.insert(e.shard.as_str()) && !dir.join(&e.shard).is_file() {
+                return Err(invalid(
+                    &dir.join(MANIFEST_FILE),
+                    Some(*line),
+                    format!("sample {} points at the missing shard {}", e.meta.sample, e.shard),
+                ));
+            }
+        }
+        let (lines, entries) = parsed.into_iter().unzip();
+        Ok(Self { dir, info, entries, lines })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn info(&self) -> &DatasetInfo {
+        &self.info
+    }
+
+    /// The manifest, in file order.
+    pub fn entries(&self) -> &[ManifestEntry] {
+        &self.entries
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Loads every sample.
+    pub fn load_all(&self, dtype: DType) -> Result<Examples> {
+        self.load(&(0..self.entries.len()).collect::<Vec<_>>(), dtype)
+    }
+
+    /// Loads the samples at the given manifest positions (in that order), each recorded step
+    /// becoming one example, maps stored in `dtype` on the CPU (f16 halves the memory; batches are
+    /// converted when gathered).
+    pub fn load(&self, entry_indices: &[usize], dtype: DType) -> Result<Examples> {
+        let manifest = self.dir.join(MANIFEST_FILE);
+        let s = self.info.step_indices.len();
+        let (c, h) = (self.info.num_maps, self.info.map_size);
+        // Rows wanted per shard, remembering where each goes in the output.
+        let mut by_shard: BTreeMap<&str, Vec<(usize, usize)>> = BTreeMap::new();
+        for (pos, &i) in entry_indices.iter().enumerate() {
+            let e = self.entries.get(i).ok_or_else(|| {
+                invalid(&manifest, None, format!("entry index {i} out of range ({} entries)", self.entries.len()))
+            })?;
+            by_shard.entry(e.shard.as_str()).or_default().push((pos, i));
+        }
+        let mut pieces: Vec<(Vec<usize>, Tensor)> = Vec::new();
+        for (shard, wanted) in by_shard {
+            let path = self.dir.join(shard);
+            let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
+                .map_err(|e| invalid(&path, None, format!("cannot read the shard: {e}")))?;
+            let maps = tensors
+                .get("maps")
+                .ok_or_else(|| invalid(&path, None, "has no \"maps\" tensor"))?;
+            let ids = tensors
+                .get("sample")
+                .ok_or_else(|| invalid(&path, None, "has no \"sample\" tensor"))?;
+            let ids: Vec<i64> = ids
+                .to_dtype(DType::I64)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1())
+                .map_err(|e| invalid(&path, None, format!("bad \"sample\" tensor: {e}")))?;
+            let dims = maps.dims();
+            if dims.len() != 6 || dims[1..] != [s, 2, c, h, h] || dims[0] != ids.len() {
+                return Err(invalid(
+                    &path,
+                    None,
+                    format!(
+                        "\"maps\" has shape {dims:?}, expected ({}, {s}, 2, {c}, {h}, {h}) for {} sample ids",
+                        ids.len(),
+                        ids.len()
+                    ),
+                ));
+            }
+            if ids.is_empty() {
+                return Err(invalid(&path, None, "is empty"));
+            }
+            let mut rows = Vec::with_capacity(wanted.len());
+            let mut positions = Vec::with_capacity(wanted.len());
+            for (pos, i) in wanted {
+                let e = &self.entries[i];
+                let line = Some(self.lines[i]);
+                match ids.get(e.row) {
+                    None => {
+                        return Err(invalid(
+                            &manifest,
+                            line,
+                            format!("sample {} points at row {} of {shard}, which has {} rows", e.meta.sample, e.row, ids.len()),
+                        ))
+                    }
+                    Some(&id) if id as u64 != e.meta.sample => {
+                        return Err(invalid(
+                            &manifest,
+                            line,
+                            format!("sample {}: row {} of {shard} holds sample {id}", e.meta.sample, e.row),
+                        ))
+                    }
+                    _ => {}
+                }
+                rows.push(e.row as u32);
+                positions.push(pos);
+            }
+            let n = rows.len();
+            let rows = Tensor::from_vec(rows, n, &Device::Cpu).map_err(tensor_err(&path))?;
+            let picked = maps
+                .index_select(&rows, 0)
+                .and_then(|m| m.to_dtype(dtype))
+                .map_err(tensor_err(&path))?;
+            pieces.push((positions, picked));
+        }
+        // Back into the requested order.
+        let total = entry_indices.len();
+        let mut order = vec![(0usize, 0usize); total];
+        for (p, (positions, _)) in pieces.iter().enumerate() {
+            for (k, &pos) in positions.iter().enumerate() {
+                order[pos] = (p, k);
+            }
+        }
+        let maps = if total == 0 {
+            Tensor::zeros((0, 2, c, h, h), dtype, &Device::Cpu).map_err(tensor_err(&self.dir))?
+        } else {
+            let all = Tensor::cat(&pieces.iter().map(|(_, t)| t).collect::<Vec<_>>(), 0)
+                .map_err(tensor_err(&self.dir))?;
+            let offsets: Vec<usize> = pieces
+                .iter()
+                .scan(0, |acc, (pos, _)| {
+                    let o = *acc;
+                    *acc += pos.len();
+                    Some(o)
+                })
+                .collect();
+            let gather: Vec<u32> = order.iter().map(|&(p, k)| (offsets[p] + k) as u32).collect();
+            let gather = Tensor::from_vec(gather, total, &Device::Cpu).map_err(tensor_err(&self.dir))?;
+            all.index_select(&gather, 0)
+                .and_then(|t| t.reshape((total * s, 2, c, h, h)))
+                .map_err(tensor_err(&self.dir))?
+        };
+        let mut steps = Vec::with_capacity(total * s);
+        let mut labels = Vec::with_capacity(total * s);
+        let mut image_ids = Vec::with_capacity(total * s);
+        let mut samples = Vec::with_capacity(total * s);
+        for &i in entry_indices {
+            let e = &self.entries[i];
+            for k in 0..s {
+                steps.push(k as u32);
+                labels.push(e.meta.label as u32);
+                image_ids.push(e.meta.image_id.clone());
+                samples.push(e.meta.sample);
+            }
+        }
+        let m = steps.len();
+        let label_list = labels.clone();
+        let steps = Tensor::from_vec(steps, m, &Device::Cpu).map_err(tensor_err(&self.dir))?;
+        let labels = Tensor::from_vec(labels, m, &Device::Cpu).map_err(tensor_err(&self.dir))?;
+        Ok(Examples {
+            maps,
+            steps,
+            labels,
+            image_ids,
+            samples,
+            label_list,
+        })
+    }
+}
+
+/// Totals of a [`merge`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergeSummary {
+    pub samples: usize,
+    pub shards: usize,
+}
+
+/// Joins several dataset folders (e.g. the parts of a partitioned build) into `out`, which must
+/// not hold a dataset yet. The infos must agree (extra fields are taken from the first); sample
+/// ids must be unique across all inputs. Shards are copied and renumbered; the manifest and then
+/// `info.json` are written last, atomically, so an interrupted merge can simply be rerun.
+pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<MergeSummary> {
+    if inputs.is_empty() {
+        return Err(invalid(out, None, "nothing to merge: no input folders given"));
+    }
+    // info.json is written last, so a folder without one holds no finished merge and may be
+    // overwritten by a rerun.
+    if out.join(INFO_FILE).exists() {
+        return Err(invalid(out, None, "already holds a dataset; merge into a new folder"));
+    }
+    let sets = inputs.iter().map(Dataset::open).collect::<Result<Vec<_>>>()?;
+    let first = &sets[0];
+    let mut owner: HashMap<u64, &Path> = HashMap::new();
+    for set in &sets {
+        if let Some((field, left, right)) = first.info.difference(&set.info) {
+            return Err(DatasetError::InfoMismatch {
+                what: format!("cannot merge {} and {}", first.dir.display(), set.dir.display()),
+                field,
+                left,
+                right,
+            });
+        }
+        for e in &set.entries {
+            if let Some(prev) = owner.insert(e.meta.sample, &set.dir) {
+                return Err(invalid(
+                    &set.dir.join(MANIFEST_FILE),
+                    None,
+                    format!("sample {} is also in {}", e.meta.sample, prev.display()),
+                ));
+            }
+        }
+    }
+    fs::create_dir_all(out).map_err(io_err(out))?;
+    let mut lines = String::new();
+    let mut next = 0usize;
+    for set in &sets {
+        let mut renamed: HashMap<&str, String> = HashMap::new();
+        for e in &set.entries {
+            let new = match renamed.get(e.shard.as_str()) {
+                Some(n) => n.clone(),
+                None => {
+                    let n = shard_name(next);
+                    next += 1;
+                    let src = set.dir.join(&e.shard);
+                    let dst = out.join(&n);
+                    let tmp = tmp_path(&dst);
+                    fs::copy(&src, &tmp).map_err(io_err(&src))?;
+                    File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
+                    fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
+                    renamed.insert(e.shard.as_str(), n.clone());
+                    n
+                }
+            };
+            let entry = ManifestEntry {
+                meta: e.meta.clone(),
+                shard: new,
+                row: e.row,
+            };
+            lines.push_str(&serde_json::to_string(&entry).expect("entry serialises"));
+            lines.push('\n');
+        }
+    }
+    let text = serde_json::to_string_pretty(&first.info).expect("info serialises");
+    write_atomic(&out.join(MANIFEST_FILE), lines.as_bytes())?;
+    write_atomic(&out.join(INFO_FILE), text.as_bytes())?;
+    Ok(MergeSummary {
+        samples: owner.len(),
+        shards: next,
+    })
+}

@@ -1,0 +1,19 @@
+//! Learn-to-Steer: read spatial relations from prompts, classify the relation between two
+//! objects from a diffusion model's cross-attention maps, store the classifier's training data,
+//! and train it.
+
+pub mod classifier;
+pub mod dataset;
+pub mod relations;
+pub mod train;
+
+pub use classifier::{ClassifierConfig, EncoderConfig, Preset, RelationClassifier};
+pub use dataset::{
+    merge, owns, Dataset, DatasetError, DatasetInfo, DatasetWriter, Examples, LayerInfo, ManifestEntry,
+    SampleKind, SampleMeta, ShardSpec,
+};
+pub use relations::{parse_override, parse_prompt, triplets_for, RelationParseError, RelationTriplet};
+pub use train::{
+    load_classifier, split_by_image, train, CheckpointError, CheckpointMeta, EpochReport, Evaluation,
+    SplitFractions, TrainConfig, TrainError, TrainMetrics, TrainReport,
+};
