@@ -90,6 +90,9 @@ pub fn load_model(args: &ModelArgs) -> Result<(StableDiffusion, String)> {
             None => Variant::Auto,
         },
     };
+    if opts.dtype == DType::BF16 && opts.device.is_cpu() {
+        bail!("--dtype bf16 needs a GPU (candle has no bf16 matrix product on the CPU); use f32 or f16 on the CPU");
+    }
     tracing::info!("loading {} ({:?} on {:?})", folder.display(), opts.dtype, opts.device);
     let sd = StableDiffusion::load(&folder, &opts).with_context(|| format!("loading model `{name}` from {}", folder.display()))?;
     Ok((sd, name))

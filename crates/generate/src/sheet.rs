@@ -26,12 +26,13 @@ pub fn attention_sheet(image: &RgbImage, maps: &[(String, Tensor)]) -> Result<Rg
     image::imageops::replace(&mut sheet, &base, 0, 0);
     let scale = (ch / 64).clamp(1, 4);
     for (i, (label, map)) in maps.iter().enumerate() {
-        let (s_h, s_w) = map.dims2().map_err(|_| GenerateError::Shape {
-            what: format!("attention map of `{label}`"),
-            found: format!("{:?}", map.dims()),
-            expected: "(height, width)".into(),
-        })?;
-        let _ = (s_h, s_w);
+        if map.rank() != 2 {
+            return Err(GenerateError::Shape {
+                what: format!("attention map of `{label}`"),
+                found: format!("{:?}", map.dims()),
+                expected: "(height, width)".into(),
+            });
+        }
         let up = resize_maps(&map.to_dtype(candle_core::DType::F32)?, ch as usize, cw as usize)?;
         let values = up.flatten_all()?.to_vec1::<f32>()?;
         let max = values.iter().copied().fold(0f32, f32::max);
@@ -39,8 +40,8 @@ pub fn attention_sheet(image: &RgbImage, maps: &[(String, Tensor)]) -> Result<Rg
         for (p, v) in cell.pixels_mut().zip(&values) {
             let t = if max > 0.0 { (v / max).clamp(0.0, 1.0) } else { 0.0 };
             let c = heat(t);
-            for ch_i in 0..3 {
-                p.0[ch_i] = (0.45 * p.0[ch_i] as f32 + 0.55 * c[ch_i] as f32).round() as u8;
+            for (dst, src) in p.0.iter_mut().zip(c) {
+                *dst = (0.45 * *dst as f32 + 0.55 * src as f32).round() as u8;
             }
         }
         draw_label(&mut cell, label, scale);
