@@ -105,8 +105,18 @@ impl ClassifierConfig {
             num_steps,
             classes,
             d_model: 256,
-            object: EncoderConfig { layers: 2, heads: 2, ff: 128, dropout: 0.3 },
-            head: EncoderConfig { layers: 2, heads: 4, ff: 128, dropout: 0.3 },
+            object: EncoderConfig {
+                layers: 2,
+                heads: 2,
+                ff: 128,
+                dropout: 0.3,
+            },
+            head: EncoderConfig {
+                layers: 2,
+                heads: 4,
+                ff: 128,
+                dropout: 0.3,
+            },
             step_dim: 16,
             mlp_hidden: vec![256, 128],
             mlp_dropout: 0.3,
@@ -117,8 +127,18 @@ impl ClassifierConfig {
     /// FLUX sizes: object encoder 4 layers, 4 heads, FF 512; head 4 layers, 8 heads, FF 512.
     pub fn flux(num_maps: usize, num_steps: usize, classes: usize) -> Self {
         Self {
-            object: EncoderConfig { layers: 4, heads: 4, ff: 512, dropout: 0.3 },
-            head: EncoderConfig { layers: 4, heads: 8, ff: 512, dropout: 0.3 },
+            object: EncoderConfig {
+                layers: 4,
+                heads: 4,
+                ff: 512,
+                dropout: 0.3,
+            },
+            head: EncoderConfig {
+                layers: 4,
+                heads: 8,
+                ff: 512,
+                dropout: 0.3,
+            },
             ..Self::sd(num_maps, num_steps, classes)
         }
     }
@@ -150,7 +170,7 @@ impl ClassifierConfig {
             }
         }
         for (name, enc) in [("object", &self.object), ("head", &self.head)] {
-            if self.d_model % enc.heads != 0 {
+            if !self.d_model.is_multiple_of(enc.heads) {
                 bail!(
                     "classifier config: d_model {} is not divisible by {name}.heads {}",
                     self.d_model,
@@ -158,11 +178,17 @@ impl ClassifierConfig {
                 )
             }
             if !(0.0..1.0).contains(&enc.dropout) {
-                bail!("classifier config: {name}.dropout {} is not in [0, 1)", enc.dropout)
+                bail!(
+                    "classifier config: {name}.dropout {} is not in [0, 1)",
+                    enc.dropout
+                )
             }
         }
         if !(0.0..1.0).contains(&self.mlp_dropout) {
-            bail!("classifier config: mlp_dropout {} is not in [0, 1)", self.mlp_dropout)
+            bail!(
+                "classifier config: mlp_dropout {} is not in [0, 1)",
+                self.mlp_dropout
+            )
         }
         Ok(())
     }
@@ -205,7 +231,11 @@ impl Attention {
         let scale = 1.0 / ((d / self.heads) as f64).sqrt();
         let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
         let probs = softmax_last_dim(&scores)?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, tq, d))?;
+        let ctx = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, tq, d))?;
         self.out.forward(&ctx)
     }
 }
@@ -275,7 +305,12 @@ impl Encoder {
 }
 
 /// Sinusoidal position encoding (positions, d): sin on even, cos on odd features.
-pub fn sinusoidal_encoding(positions: usize, d: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+pub fn sinusoidal_encoding(
+    positions: usize,
+    d: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let mut pe = vec![0f64; positions * d];
     for p in 0..positions {
         for i in 0..d {
@@ -307,7 +342,10 @@ impl ObjectEncoder {
         let step = vb.pp("step_embed").get_with_hints(
             (cfg.num_steps, d),
             "weight",
-            candle_nn::Init::Randn { mean: 0.0, stdev: 1.0 },
+            candle_nn::Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
         )?;
         Ok(Self {
             input: candle_nn::linear(pixels, d, vb.pp("input"))?,
@@ -317,7 +355,10 @@ impl ObjectEncoder {
             query: vb.get_with_hints(
                 (1, 1, d),
                 "pool_query",
-                candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 },
+                candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
             )?,
             pool: Attention::new(d, cfg.object.heads, vb.pp("pool"))?,
             proj: candle_nn::linear(d, d, vb.pp("proj"))?,
@@ -357,7 +398,10 @@ impl RelationHead {
         let step = vb.pp("step_embed").get_with_hints(
             (cfg.num_steps, cfg.step_dim),
             "weight",
-            candle_nn::Init::Randn { mean: 0.0, stdev: 1.0 },
+            candle_nn::Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
         )?;
         let mut mlp = Vec::new();
         let mut width = d + cfg.step_dim;
@@ -467,7 +511,8 @@ impl RelationClassifier {
             )
         }
         let pixels = c.map_size * c.map_size;
-        let x = (maps.to_dtype(self.dtype)? * pixels as f64)?.reshape((b * 2, c.num_maps, pixels))?;
+        let x =
+            (maps.to_dtype(self.dtype)? * pixels as f64)?.reshape((b * 2, c.num_maps, pixels))?;
         let pair_steps = Tensor::stack(&[&steps, &steps], 1)?.flatten_all()?;
         let objects = self.object.forward(&x, &pair_steps, train)?;
         let pair = objects.reshape((b, 2 * c.d_model))?;
@@ -475,7 +520,13 @@ impl RelationClassifier {
     }
 
     /// Mean cross-entropy of the logits against `labels` (B) class indices.
-    pub fn loss(&self, maps: &Tensor, steps: &Tensor, labels: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn loss(
+        &self,
+        maps: &Tensor,
+        steps: &Tensor,
+        labels: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
         let logits = self.forward(maps, steps, train)?;
         cross_entropy(&logits, labels)
     }
@@ -503,8 +554,18 @@ mod tests {
             num_steps: 3,
             classes,
             d_model: 8,
-            object: EncoderConfig { layers: 2, heads: 2, ff: 12, dropout: 0.3 },
-            head: EncoderConfig { layers: 1, heads: 2, ff: 12, dropout: 0.3 },
+            object: EncoderConfig {
+                layers: 2,
+                heads: 2,
+                ff: 12,
+                dropout: 0.3,
+            },
+            head: EncoderConfig {
+                layers: 1,
+                heads: 2,
+                ff: 12,
+                dropout: 0.3,
+            },
             step_dim: 4,
             mlp_hidden: vec![10, 6],
             mlp_dropout: 0.3,
@@ -515,18 +576,28 @@ mod tests {
     #[test]
     fn presets() {
         let sd = ClassifierConfig::sd(195, 6, 4);
-        assert_eq!((sd.object.layers, sd.object.heads, sd.object.ff), (2, 2, 128));
+        assert_eq!(
+            (sd.object.layers, sd.object.heads, sd.object.ff),
+            (2, 2, 128)
+        );
         assert_eq!((sd.head.layers, sd.head.heads, sd.head.ff), (2, 4, 128));
         assert_eq!(sd.d_model + sd.step_dim, 272);
         let fx = ClassifierConfig::flux(1368, 6, 4);
-        assert_eq!((fx.object.layers, fx.object.heads, fx.object.ff), (4, 4, 512));
+        assert_eq!(
+            (fx.object.layers, fx.object.heads, fx.object.ff),
+            (4, 4, 512)
+        );
         assert_eq!((fx.head.layers, fx.head.heads, fx.head.ff), (4, 8, 512));
         assert_eq!(fx.mlp_hidden, vec![256, 128]);
         sd.validate().unwrap();
         fx.validate().unwrap();
         let mut bad = sd.clone();
         bad.object.heads = 3;
-        assert!(bad.validate().unwrap_err().to_string().contains("divisible"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("divisible"));
         assert_eq!(Preset::parse("FLUX"), Some(Preset::Flux));
     }
 
@@ -535,19 +606,35 @@ mod tests {
         let cfg = tiny(3, 4);
         let vm = VarMap::new();
         let dev = Device::Cpu;
-        let m = RelationClassifier::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+        let m =
+            RelationClassifier::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
         let maps = Tensor::rand(0f32, 1f32, (5, 2, 3, 4, 4), &dev).unwrap();
         let steps = Tensor::new(&[0u32, 1, 2, 0, 1], &dev).unwrap();
         let out = m.forward(&maps, &steps, false).unwrap();
         assert_eq!(out.dims(), &[5, 4]);
         // Eval mode is deterministic.
         let again = m.forward(&maps, &steps, false).unwrap();
-        let diff = (out - again).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (out - again)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(diff, 0.0);
         let wrong = Tensor::zeros((5, 2, 4, 4, 4), DType::F32, &dev).unwrap();
-        assert!(m.forward(&wrong, &steps, false).unwrap_err().to_string().contains("expected (batch, 2, 3, 4, 4)"));
+        assert!(m
+            .forward(&wrong, &steps, false)
+            .unwrap_err()
+            .to_string()
+            .contains("expected (batch, 2, 3, 4, 4)"));
         let bad_steps = Tensor::new(&[0u32, 1, 2, 3, 1], &dev).unwrap();
-        assert!(m.forward(&maps, &bad_steps, false).unwrap_err().to_string().contains("out of range"));
+        assert!(m
+            .forward(&maps, &bad_steps, false)
+            .unwrap_err()
+            .to_string()
+            .contains("out of range"));
         let short = Tensor::new(&[0u32, 1], &dev).unwrap();
         assert!(m.forward(&maps, &short, false).is_err());
         // i64 step indices work too.
@@ -559,7 +646,8 @@ mod tests {
     fn weight_names_are_stable() {
         let cfg = tiny(3, 4);
         let vm = VarMap::new();
-        RelationClassifier::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        RelationClassifier::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))
+            .unwrap();
         let data = vm.data().lock().unwrap();
         for name in [
             "object.input.weight",

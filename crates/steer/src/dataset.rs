@@ -80,7 +80,10 @@ impl DatasetInfo {
             return Err("\"step_indices\" is empty".into());
         }
         if self.step_indices.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(format!("\"step_indices\" {:?} is not strictly ascending", self.step_indices));
+            return Err(format!(
+                "\"step_indices\" {:?} is not strictly ascending",
+                self.step_indices
+            ));
         }
         if self.relations.is_empty() {
             return Err("\"relations\" is empty".into());
@@ -107,7 +110,11 @@ impl DatasetInfo {
         macro_rules! cmp {
             ($f:ident) => {
                 if self.$f != other.$f {
-                    return Some((stringify!($f), format!("{:?}", self.$f), format!("{:?}", other.$f)));
+                    return Some((
+                        stringify!($f),
+                        format!("{:?}", self.$f),
+                        format!("{:?}", other.$f),
+                    ));
                 }
             };
         }
@@ -250,8 +257,14 @@ impl ShardSpec {
         let (i, n) = text
             .split_once('/')
             .ok_or_else(|| format!("part {text:?}: expected \"i/n\", e.g. \"0/4\""))?;
-        let i: usize = i.trim().parse().map_err(|_| format!("part {text:?}: {i:?} is not a number"))?;
-        let n: usize = n.trim().parse().map_err(|_| format!("part {text:?}: {n:?} is not a number"))?;
+        let i: usize = i
+            .trim()
+            .parse()
+            .map_err(|_| format!("part {text:?}: {i:?} is not a number"))?;
+        let n: usize = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("part {text:?}: {n:?} is not a number"))?;
         if n == 0 || i >= n {
             return Err(format!(
                 "part {text:?}: need 0 <= i < n (parts are numbered from 0, so {n} parts are 0/{n} … {}/{n})",
@@ -286,7 +299,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp"))
 }
 
@@ -328,12 +344,10 @@ fn check_entry(info: &DatasetInfo, e: &ManifestEntry) -> std::result::Result<(),
         _ => {}
     }
     match m.kind {
-        SampleKind::Positive if m.prompt_relation != m.relation => {
-            return Err(format!(
-                "sample {}: a positive sample's prompt relation {:?} differs from its relation {:?}",
-                m.sample, m.prompt_relation, m.relation
-            ))
-        }
+        SampleKind::Positive if m.prompt_relation != m.relation => return Err(format!(
+            "sample {}: a positive sample's prompt relation {:?} differs from its relation {:?}",
+            m.sample, m.prompt_relation, m.relation
+        )),
         SampleKind::Negative if m.prompt_relation == m.relation => {
             return Err(format!(
                 "sample {}: a negative sample's prompt relation equals its relation {:?}",
@@ -343,7 +357,10 @@ fn check_entry(info: &DatasetInfo, e: &ManifestEntry) -> std::result::Result<(),
         _ => {}
     }
     if !m.psnr.is_finite() {
-        return Err(format!("sample {}: psnr {} is not finite", m.sample, m.psnr));
+        return Err(format!(
+            "sample {}: psnr {} is not finite",
+            m.sample, m.psnr
+        ));
     }
     if parse_shard_name(&e.shard).is_none() {
         return Err(format!(
@@ -356,7 +373,11 @@ fn check_entry(info: &DatasetInfo, e: &ManifestEntry) -> std::result::Result<(),
 
 /// Parses the manifest. With `repair`, an unterminated, unparsable last line (a write cut short)
 /// is cut off the file; without, it is an error.
-fn read_manifest(dir: &Path, info: &DatasetInfo, repair: bool) -> Result<Vec<(usize, ManifestEntry)>> {
+fn read_manifest(
+    dir: &Path,
+    info: &DatasetInfo,
+    repair: bool,
+) -> Result<Vec<(usize, ManifestEntry)>> {
     let path = dir.join(MANIFEST_FILE);
     if !path.exists() {
         return Ok(Vec::new());
@@ -381,13 +402,23 @@ fn read_manifest(dir: &Path, info: &DatasetInfo, repair: bool) -> Result<Vec<(us
             Err(err) => {
                 let last = !raw.ends_with('\n') && offset == text.len();
                 if last && repair {
-                    tracing::warn!("{}: dropping the unfinished last line {line_no}", path.display());
-                    let f = OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
+                    tracing::warn!(
+                        "{}: dropping the unfinished last line {line_no}",
+                        path.display()
+                    );
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .map_err(io_err(&path))?;
                     f.set_len(start as u64).map_err(io_err(&path))?;
                     f.sync_all().map_err(io_err(&path))?;
                     break;
                 }
-                let hint = if last { " (an unfinished write? reopening the folder with the writer repairs it)" } else { "" };
+                let hint = if last {
+                    " (an unfinished write? reopening the folder with the writer repairs it)"
+                } else {
+                    ""
+                };
                 return Err(invalid(&path, Some(line_no), format!("{err}{hint}")));
             }
         };
@@ -396,7 +427,10 @@ fn read_manifest(dir: &Path, info: &DatasetInfo, repair: bool) -> Result<Vec<(us
             return Err(invalid(
                 &path,
                 Some(line_no),
-                format!("sample {} already appears on line {prev}", entry.meta.sample),
+                format!(
+                    "sample {} already appears on line {prev}",
+                    entry.meta.sample
+                ),
             ));
         }
         out.push((line_no, entry));
@@ -429,7 +463,8 @@ impl DatasetWriter {
     /// completed.
     pub fn open(dir: impl AsRef<Path>, info: DatasetInfo, shard_size: usize) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
-        info.validate().map_err(|m| invalid(&dir.join(INFO_FILE), None, m))?;
+        info.validate()
+            .map_err(|m| invalid(&dir.join(INFO_FILE), None, m))?;
         if shard_size == 0 {
             return Err(invalid(&dir, None, "shard size must be positive"));
         }
@@ -439,7 +474,10 @@ impl DatasetWriter {
             let existing = read_info(&dir)?;
             if let Some((field, left, right)) = existing.difference(&info) {
                 return Err(DatasetError::InfoMismatch {
-                    what: format!("cannot resume {}: the existing dataset and the requested settings differ", dir.display()),
+                    what: format!(
+                        "cannot resume {}: the existing dataset and the requested settings differ",
+                        dir.display()
+                    ),
                     field,
                     left,
                     right,
@@ -476,7 +514,10 @@ impl DatasetWriter {
             let orphan = parse_shard_name(&name).is_some() && !referenced.contains(&name);
             let temporary = name.starts_with('.') && name.ends_with(".tmp");
             if orphan || temporary {
-                tracing::warn!("{}: removing {name}, which no manifest line refers to", dir.display());
+                tracing::warn!(
+                    "{}: removing {name}, which no manifest line refers to",
+                    dir.display()
+                );
                 fs::remove_file(item.path()).map_err(io_err(&item.path()))?;
             }
         }
@@ -533,7 +574,11 @@ impl DatasetWriter {
         let what = format!("sample {}", meta.sample);
         let manifest = self.dir.join(MANIFEST_FILE);
         if self.contains(meta.sample) {
-            return Err(invalid(&manifest, None, format!("{what} is already in the dataset")));
+            return Err(invalid(
+                &manifest,
+                None,
+                format!("{what} is already in the dataset"),
+            ));
         }
         let probe = ManifestEntry {
             meta,
@@ -546,7 +591,11 @@ impl DatasetWriter {
             return Err(invalid(
                 &manifest,
                 None,
-                format!("{what}: maps have shape {:?}, expected {:?} (steps, 2, C, H, W)", maps.dims(), want),
+                format!(
+                    "{what}: maps have shape {:?}, expected {:?} (steps, 2, C, H, W)",
+                    maps.dims(),
+                    want
+                ),
             ));
         }
         let maps = maps
@@ -558,7 +607,11 @@ impl DatasetWriter {
             .and_then(|s| s.to_scalar::<f32>())
             .map_err(tensor_err(&manifest))?;
         if !sum.is_finite() {
-            return Err(invalid(&manifest, None, format!("{what}: maps contain NaN or infinite values")));
+            return Err(invalid(
+                &manifest,
+                None,
+                format!("{what}: maps contain NaN or infinite values"),
+            ));
         }
         let maps = maps.to_dtype(DType::F16).map_err(tensor_err(&manifest))?;
         self.pending_ids.insert(probe.meta.sample);
@@ -583,9 +636,13 @@ impl DatasetWriter {
         let ids = Tensor::from_vec(ids, n, &Device::Cpu).map_err(tensor_err(&path))?;
         let tmp = tmp_path(&path);
         let tensors: HashMap<String, Tensor> =
-            [("maps".to_string(), maps), ("sample".to_string(), ids)].into_iter().collect();
+            [("maps".to_string(), maps), ("sample".to_string(), ids)]
+                .into_iter()
+                .collect();
         candle_core::safetensors::save(&tensors, &tmp).map_err(tensor_err(&tmp))?;
-        File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(&tmp))?;
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
         sync_dir(&path);
 
@@ -661,7 +718,11 @@ impl Examples {
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let idx: Vec<u32> = indices.iter().map(|&i| i as u32).collect();
         let idx = Tensor::from_vec(idx, indices.len(), self.maps.device())?;
-        let maps = self.maps.index_select(&idx, 0)?.to_device(device)?.to_dtype(dtype)?;
+        let maps = self
+            .maps
+            .index_select(&idx, 0)?
+            .to_device(device)?
+            .to_dtype(dtype)?;
         let steps = self.steps.index_select(&idx, 0)?.to_device(device)?;
         let labels = self.labels.index_select(&idx, 0)?.to_device(device)?;
         Ok((maps, steps, labels))
@@ -682,7 +743,11 @@ impl Dataset {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         if !dir.join(INFO_FILE).exists() {
-            return Err(invalid(&dir, None, "is not a dataset folder: info.json is missing"));
+            return Err(invalid(
+                &dir,
+                None,
+                "is not a dataset folder: info.json is missing",
+            ));
         }
         let info = read_info(&dir)?;
         let parsed = read_manifest(&dir, &info, false)?;
@@ -692,12 +757,20 @@ impl Dataset {
                 return Err(invalid(
                     &dir.join(MANIFEST_FILE),
                     Some(*line),
-                    format!("sample {} points at the missing shard {}", e.meta.sample, e.shard),
+                    format!(
+                        "sample {} points at the missing shard {}",
+                        e.meta.sample, e.shard
+                    ),
                 ));
             }
         }
         let (lines, entries) = parsed.into_iter().unzip();
-        Ok(Self { dir, info, entries, lines })
+        Ok(Self {
+            dir,
+            info,
+            entries,
+            lines,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -737,7 +810,14 @@ impl Dataset {
         let mut by_shard: BTreeMap<&str, Vec<(usize, usize)>> = BTreeMap::new();
         for (pos, &i) in entry_indices.iter().enumerate() {
             let e = self.entries.get(i).ok_or_else(|| {
-                invalid(&manifest, None, format!("entry index {i} out of range ({} entries)", self.entries.len()))
+                invalid(
+                    &manifest,
+                    None,
+                    format!(
+                        "entry index {i} out of range ({} entries)",
+                        self.entries.len()
+                    ),
+                )
             })?;
             by_shard.entry(e.shard.as_str()).or_default().push((pos, i));
         }
@@ -782,14 +862,22 @@ impl Dataset {
                         return Err(invalid(
                             &manifest,
                             line,
-                            format!("sample {} points at row {} of {shard}, which has {} rows", e.meta.sample, e.row, ids.len()),
+                            format!(
+                                "sample {} points at row {} of {shard}, which has {} rows",
+                                e.meta.sample,
+                                e.row,
+                                ids.len()
+                            ),
                         ))
                     }
                     Some(&id) if id as u64 != e.meta.sample => {
                         return Err(invalid(
                             &manifest,
                             line,
-                            format!("sample {}: row {} of {shard} holds sample {id}", e.meta.sample, e.row),
+                            format!(
+                                "sample {}: row {} of {shard} holds sample {id}",
+                                e.meta.sample, e.row
+                            ),
                         ))
                     }
                     _ => {}
@@ -826,8 +914,12 @@ impl Dataset {
                     Some(o)
                 })
                 .collect();
-            let gather: Vec<u32> = order.iter().map(|&(p, k)| (offsets[p] + k) as u32).collect();
-            let gather = Tensor::from_vec(gather, total, &Device::Cpu).map_err(tensor_err(&self.dir))?;
+            let gather: Vec<u32> = order
+                .iter()
+                .map(|&(p, k)| (offsets[p] + k) as u32)
+                .collect();
+            let gather =
+                Tensor::from_vec(gather, total, &Device::Cpu).map_err(tensor_err(&self.dir))?;
             all.index_select(&gather, 0)
                 .and_then(|t| t.reshape((total * s, 2, c, h, h)))
                 .map_err(tensor_err(&self.dir))?
@@ -873,20 +965,35 @@ pub struct MergeSummary {
 /// `info.json` are written last, atomically, so an interrupted merge can simply be rerun.
 pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<MergeSummary> {
     if inputs.is_empty() {
-        return Err(invalid(out, None, "nothing to merge: no input folders given"));
+        return Err(invalid(
+            out,
+            None,
+            "nothing to merge: no input folders given",
+        ));
     }
     // info.json is written last, so a folder without one holds no finished merge and may be
     // overwritten by a rerun.
     if out.join(INFO_FILE).exists() {
-        return Err(invalid(out, None, "already holds a dataset; merge into a new folder"));
+        return Err(invalid(
+            out,
+            None,
+            "already holds a dataset; merge into a new folder",
+        ));
     }
-    let sets = inputs.iter().map(Dataset::open).collect::<Result<Vec<_>>>()?;
+    let sets = inputs
+        .iter()
+        .map(Dataset::open)
+        .collect::<Result<Vec<_>>>()?;
     let first = &sets[0];
     let mut owner: HashMap<u64, &Path> = HashMap::new();
     for set in &sets {
         if let Some((field, left, right)) = first.info.difference(&set.info) {
             return Err(DatasetError::InfoMismatch {
-                what: format!("cannot merge {} and {}", first.dir.display(), set.dir.display()),
+                what: format!(
+                    "cannot merge {} and {}",
+                    first.dir.display(),
+                    set.dir.display()
+                ),
                 field,
                 left,
                 right,
@@ -917,7 +1024,9 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<MergeSummary> {
                     let dst = out.join(&n);
                     let tmp = tmp_path(&dst);
                     fs::copy(&src, &tmp).map_err(io_err(&src))?;
-                    File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
+                    File::open(&tmp)
+                        .and_then(|f| f.sync_all())
+                        .map_err(io_err(&tmp))?;
                     fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
                     renamed.insert(e.shard.as_str(), n.clone());
                     n

@@ -50,7 +50,13 @@ impl From<&RelationTriplet> for l2s_eval::Triplet {
 impl fmt::Display for RelationTriplet {
     /// The override syntax: "dog,right of,teddy bear".
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{},{},{}", self.subject, self.relation.name(), self.object)
+        write!(
+            f,
+            "{},{},{}",
+            self.subject,
+            self.relation.name(),
+            self.object
+        )
     }
 }
 
@@ -134,8 +140,8 @@ const FILLERS: &[&str] = &[
 
 // Words after which an object phrase stops: "… a teddy bear in a park", "… a sneaker which is …".
 const OBJECT_END: &[&str] = &[
-    "in", "at", "with", "on", "near", "during", "inside", "by", "from", "against", "while", "which",
-    "that", "who", "and",
+    "in", "at", "with", "on", "near", "during", "inside", "by", "from", "against", "while",
+    "which", "that", "who", "and",
 ];
 
 const SEPARATOR: &str = ",";
@@ -175,7 +181,7 @@ fn phrase_table() -> Vec<(Vec<&'static str>, Relation)> {
         .iter()
         .map(|(p, r)| (p.split_whitespace().collect(), *r))
         .collect();
-    t.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+    t.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
     t
 }
 
@@ -327,7 +333,10 @@ pub fn parse_override(spec: &str) -> Result<Vec<RelationTriplet>, RelationParseE
         };
         let (subject, object) = (norm(fields[0]), norm(fields[2]));
         if subject.is_empty() || object.is_empty() {
-            return Err(bad(format!("{:?}: the subject and the object must not be empty", part.trim())));
+            return Err(bad(format!(
+                "{:?}: the subject and the object must not be empty",
+                part.trim()
+            )));
         }
         let relation = Relation::parse(fields[1]).map_err(|e| bad(e.to_string()))?;
         out.push(RelationTriplet {
@@ -337,15 +346,23 @@ pub fn parse_override(spec: &str) -> Result<Vec<RelationTriplet>, RelationParseE
         });
     }
     if out.is_empty() {
-        return Err(bad("no triplet given; expected e.g. \"dog,right of,teddy bear\"".to_string()));
+        return Err(bad(
+            "no triplet given; expected e.g. \"dog,right of,teddy bear\"".to_string(),
+        ));
     }
     Ok(out)
 }
 
 /// True when `phrase`'s words occur consecutively in `prompt` (case-insensitive, whole words).
 pub fn prompt_mentions(prompt: &str, phrase: &str) -> bool {
-    let ws: Vec<String> = words(prompt).into_iter().filter(|w| w != SEPARATOR).collect();
-    let ps: Vec<String> = words(phrase).into_iter().filter(|w| w != SEPARATOR).collect();
+    let ws: Vec<String> = words(prompt)
+        .into_iter()
+        .filter(|w| w != SEPARATOR)
+        .collect();
+    let ps: Vec<String> = words(phrase)
+        .into_iter()
+        .filter(|w| w != SEPARATOR)
+        .collect();
     !ps.is_empty() && ws.windows(ps.len()).any(|win| win == ps.as_slice())
 }
 
@@ -390,17 +407,38 @@ mod tests {
 
     #[test]
     fn geneval_style() {
-        assert_eq!(one("a photo of a dog right of a teddy bear"), trip("dog", RightOf, "teddy bear"));
-        assert_eq!(one("a photo of an apple left of a traffic light"), trip("apple", LeftOf, "traffic light"));
-        assert_eq!(one("a photo of a cup above a book"), trip("cup", Above, "book"));
-        assert_eq!(one("a photo of a bench below an umbrella"), trip("bench", Below, "umbrella"));
+        assert_eq!(
+            one("a photo of a dog right of a teddy bear"),
+            trip("dog", RightOf, "teddy bear")
+        );
+        assert_eq!(
+            one("a photo of an apple left of a traffic light"),
+            trip("apple", LeftOf, "traffic light")
+        );
+        assert_eq!(
+            one("a photo of a cup above a book"),
+            trip("cup", Above, "book")
+        );
+        assert_eq!(
+            one("a photo of a bench below an umbrella"),
+            trip("bench", Below, "umbrella")
+        );
     }
 
     #[test]
     fn longer_phrasings() {
-        assert_eq!(one("A dog to the right of a teddy bear"), trip("dog", RightOf, "teddy bear"));
-        assert_eq!(one("a cat on the left of a car"), trip("cat", LeftOf, "car"));
-        assert_eq!(one("a cat on the left side of a car"), trip("cat", LeftOf, "car"));
+        assert_eq!(
+            one("A dog to the right of a teddy bear"),
+            trip("dog", RightOf, "teddy bear")
+        );
+        assert_eq!(
+            one("a cat on the left of a car"),
+            trip("cat", LeftOf, "car")
+        );
+        assert_eq!(
+            one("a cat on the left side of a car"),
+            trip("cat", LeftOf, "car")
+        );
         assert_eq!(one("a cup on top of a book"), trip("cup", Above, "book"));
         assert_eq!(one("a lamp over a table"), trip("lamp", Above, "table"));
     }
@@ -408,23 +446,42 @@ mod tests {
     #[test]
     fn below_synonyms() {
         for w in ["below", "under", "beneath", "underneath"] {
-            assert_eq!(one(&format!("a cat {w} a table")), trip("cat", Below, "table"), "{w}");
+            assert_eq!(
+                one(&format!("a cat {w} a table")),
+                trip("cat", Below, "table"),
+                "{w}"
+            );
         }
     }
 
     #[test]
     fn determiners_and_case() {
         assert_eq!(one("The Dog left of the Car."), trip("dog", LeftOf, "car"));
-        assert_eq!(one("some apples above some oranges"), trip("apples", Above, "oranges"));
+        assert_eq!(
+            one("some apples above some oranges"),
+            trip("apples", Above, "oranges")
+        );
         assert_eq!(one("an owl below an orange"), trip("owl", Below, "orange"));
-        assert_eq!(one("  a   dog   left   of   a   cat  "), trip("dog", LeftOf, "cat"));
+        assert_eq!(
+            one("  a   dog   left   of   a   cat  "),
+            trip("dog", LeftOf, "cat")
+        );
     }
 
     #[test]
     fn multi_word_objects_and_adjectives() {
-        assert_eq!(one("a fire hydrant left of a parking meter"), trip("fire hydrant", LeftOf, "parking meter"));
-        assert_eq!(one("a red circle above a blue square"), trip("red circle", Above, "blue square"));
-        assert_eq!(one("a hot-dog right of a wine glass"), trip("hot-dog", RightOf, "wine glass"));
+        assert_eq!(
+            one("a fire hydrant left of a parking meter"),
+            trip("fire hydrant", LeftOf, "parking meter")
+        );
+        assert_eq!(
+            one("a red circle above a blue square"),
+            trip("red circle", Above, "blue square")
+        );
+        assert_eq!(
+            one("a hot-dog right of a wine glass"),
+            trip("hot-dog", RightOf, "wine glass")
+        );
     }
 
     #[test]
@@ -437,7 +494,8 @@ mod tests {
                 RelationTriplet::new("sneaker", RightOf, "umbrella"),
             ]
         );
-        let t = parse_prompt("a frog above a sneaker which is to the right of an umbrella").unwrap();
+        let t =
+            parse_prompt("a frog above a sneaker which is to the right of an umbrella").unwrap();
         assert_eq!(t[1], RelationTriplet::new("sneaker", RightOf, "umbrella"));
         assert_eq!(t[0], RelationTriplet::new("frog", Above, "sneaker"));
     }
@@ -447,7 +505,10 @@ mod tests {
         let t = parse_prompt("a dog left of a cat and a cup above a book").unwrap();
         assert_eq!(
             t,
-            vec![RelationTriplet::new("dog", LeftOf, "cat"), RelationTriplet::new("cup", Above, "book")]
+            vec![
+                RelationTriplet::new("dog", LeftOf, "cat"),
+                RelationTriplet::new("cup", Above, "book")
+            ]
         );
         let t = parse_prompt("a dog left of a cat, a cup under a book").unwrap();
         assert_eq!(t[1], RelationTriplet::new("cup", Below, "book"));
@@ -455,10 +516,22 @@ mod tests {
 
     #[test]
     fn filler_and_trailing_context() {
-        assert_eq!(one("a cup is placed above a book"), trip("cup", Above, "book"));
-        assert_eq!(one("there is a dog to the left of a bench in a park"), trip("dog", LeftOf, "bench"));
-        assert_eq!(one("an image of a vase on top of a table, studio lighting"), trip("vase", Above, "table"));
-        assert_eq!(one("a painting of a bird directly above a boat"), trip("bird", Above, "boat"));
+        assert_eq!(
+            one("a cup is placed above a book"),
+            trip("cup", Above, "book")
+        );
+        assert_eq!(
+            one("there is a dog to the left of a bench in a park"),
+            trip("dog", LeftOf, "bench")
+        );
+        assert_eq!(
+            one("an image of a vase on top of a table, studio lighting"),
+            trip("vase", Above, "table")
+        );
+        assert_eq!(
+            one("a painting of a bird directly above a boat"),
+            trip("bird", Above, "boat")
+        );
     }
 
     #[test]
@@ -467,11 +540,17 @@ mod tests {
         assert!(matches!(e, RelationParseError::NoRelation { .. }));
         assert!(e.to_string().contains("a dog and a cat"));
         let e = parse_prompt("left of a cat").unwrap_err();
-        assert!(matches!(e, RelationParseError::MissingSubject { .. }), "{e}");
+        assert!(
+            matches!(e, RelationParseError::MissingSubject { .. }),
+            "{e}"
+        );
         assert!(e.to_string().contains("left of"));
         let e = parse_prompt("a photo of a dog above").unwrap_err();
         assert!(matches!(e, RelationParseError::MissingObject { .. }), "{e}");
-        assert!(matches!(parse_prompt("").unwrap_err(), RelationParseError::NoRelation { .. }));
+        assert!(matches!(
+            parse_prompt("").unwrap_err(),
+            RelationParseError::NoRelation { .. }
+        ));
     }
 
     #[test]
@@ -489,24 +568,39 @@ mod tests {
         assert_eq!(t[0].to_string(), "dog,left of,teddy bear");
         for bad in ["dog,right of", "dog,sideways,cat", ",above,cat", "", " ; "] {
             let e = parse_override(bad).unwrap_err();
-            assert!(matches!(e, RelationParseError::BadOverride { .. }), "{bad}: {e}");
+            assert!(
+                matches!(e, RelationParseError::BadOverride { .. }),
+                "{bad}: {e}"
+            );
         }
-        assert!(parse_override("dog,sideways,cat").unwrap_err().to_string().contains("sideways"));
+        assert!(parse_override("dog,sideways,cat")
+            .unwrap_err()
+            .to_string()
+            .contains("sideways"));
     }
 
     #[test]
     fn override_checked_against_prompt() {
         let p = "a photo of a dog next to a teddy bear";
-        assert!(matches!(triplets_for(p, None), Err(RelationParseError::NoRelation { .. })));
+        assert!(matches!(
+            triplets_for(p, None),
+            Err(RelationParseError::NoRelation { .. })
+        ));
         let t = triplets_for(p, Some("dog,right of,teddy bear")).unwrap();
         assert_eq!(t[0].object, "teddy bear");
         let e = triplets_for(p, Some("dog,right of,bear cub")).unwrap_err();
-        assert!(matches!(&e, RelationParseError::NotInPrompt { word, .. } if word == "bear cub"), "{e}");
+        assert!(
+            matches!(&e, RelationParseError::NotInPrompt { word, .. } if word == "bear cub"),
+            "{e}"
+        );
         assert!(e.to_string().contains("bear cub") && e.to_string().contains(p));
         // Whole words only.
         assert!(triplets_for("a photo of a dogfish next to a cat", Some("dog,above,cat")).is_err());
         // Without an override the parser is used.
-        assert_eq!(triplets_for("a dog above a cat", None).unwrap()[0].relation, Above);
+        assert_eq!(
+            triplets_for("a dog above a cat", None).unwrap()[0].relation,
+            Above
+        );
     }
 
     #[test]
@@ -520,13 +614,20 @@ mod tests {
     fn eval_conversion() {
         let t = RelationTriplet::new("dog", RightOf, "teddy bear");
         let e = t.to_eval();
-        assert_eq!((e.a.as_str(), e.relation, e.b.as_str()), ("dog", RightOf, "teddy bear"));
+        assert_eq!(
+            (e.a.as_str(), e.relation, e.b.as_str()),
+            ("dog", RightOf, "teddy bear")
+        );
     }
 
     #[test]
     fn geneval_reference_prompts_parse() {
         // Every official line has the shape "a photo of {a/an} A {rel} {a/an} B".
-        for (a, rel, b) in [("giraffe", "below", "airplane"), ("bear", "left of", "broccoli"), ("tv remote", "above", "cell phone")] {
+        for (a, rel, b) in [
+            ("giraffe", "below", "airplane"),
+            ("bear", "left of", "broccoli"),
+            ("tv remote", "above", "cell phone"),
+        ] {
             let art = |w: &str| if "aeiou".contains(&w[..1]) { "an" } else { "a" };
             let p = format!("a photo of {} {a} {rel} {} {b}", art(a), art(b));
             assert_eq!(one(&p), trip(a, Relation::parse(rel).unwrap(), b), "{p}");

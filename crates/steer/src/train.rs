@@ -37,7 +37,11 @@ pub struct SplitFractions {
 
 impl Default for SplitFractions {
     fn default() -> Self {
-        Self { train: 0.8, val: 0.1, test: 0.1 }
+        Self {
+            train: 0.8,
+            val: 0.1,
+            test: 0.1,
+        }
     }
 }
 
@@ -124,13 +128,21 @@ impl TrainConfig {
         if self.max_epochs == 0 {
             return bad("the number of epochs must be positive".into());
         }
-        if !(self.lr > 0.0) || !(self.min_lr >= 0.0) {
-            return bad(format!("learning rate {} / minimum {} must be positive", self.lr, self.min_lr));
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        let non_negative = |x: f64| x.is_finite() && x >= 0.0;
+        if !positive(self.lr) || !non_negative(self.min_lr) {
+            return bad(format!(
+                "learning rate {} / minimum {} must be positive",
+                self.lr, self.min_lr
+            ));
         }
-        if !(self.plateau_factor > 0.0 && self.plateau_factor < 1.0) {
-            return bad(format!("plateau factor {} must be in (0, 1)", self.plateau_factor));
+        if !positive(self.plateau_factor) || self.plateau_factor >= 1.0 {
+            return bad(format!(
+                "plateau factor {} must be in (0, 1)",
+                self.plateau_factor
+            ));
         }
-        if [f.train, f.val, f.test].iter().any(|x| !(*x >= 0.0)) || !(f.train > 0.0) || !(f.val > 0.0) {
+        if !positive(f.train) || !positive(f.val) || !non_negative(f.test) {
             return bad(format!(
                 "split fractions {}/{}/{}: train and validation must be positive, test non-negative",
                 f.train, f.val, f.test
@@ -347,7 +359,12 @@ pub fn evaluate(
     Ok(summarise(confusion, loss_sum, data.len(), relations))
 }
 
-fn summarise(confusion: Vec<Vec<usize>>, loss_sum: f64, n: usize, relations: &[String]) -> Evaluation {
+fn summarise(
+    confusion: Vec<Vec<usize>>,
+    loss_sum: f64,
+    n: usize,
+    relations: &[String],
+) -> Evaluation {
     let correct: usize = (0..relations.len()).map(|i| confusion[i][i]).sum();
     let per_relation = relations
         .iter()
@@ -358,14 +375,22 @@ fn summarise(confusion: Vec<Vec<usize>>, loss_sum: f64, n: usize, relations: &[S
                 relation: r.clone(),
                 correct: confusion[i][i],
                 total,
-                accuracy: if total > 0 { confusion[i][i] as f64 / total as f64 } else { 0.0 },
+                accuracy: if total > 0 {
+                    confusion[i][i] as f64 / total as f64
+                } else {
+                    0.0
+                },
             }
         })
         .collect();
     Evaluation {
         examples: n,
         loss: if n > 0 { loss_sum / n as f64 } else { 0.0 },
-        accuracy: if n > 0 { correct as f64 / n as f64 } else { 0.0 },
+        accuracy: if n > 0 {
+            correct as f64 / n as f64
+        } else {
+            0.0
+        },
         per_relation,
         confusion,
     }
@@ -394,8 +419,15 @@ fn weights(varmap: &VarMap, copy: bool) -> candle_core::Result<HashMap<String, T
 }
 
 /// A frozen classifier over the varmap's current weights (no autograd tracking).
-fn frozen(cfg: &ClassifierConfig, varmap: &VarMap, device: &Device) -> candle_core::Result<RelationClassifier> {
-    RelationClassifier::new(cfg, VarBuilder::from_tensors(weights(varmap, false)?, DType::F32, device))
+fn frozen(
+    cfg: &ClassifierConfig,
+    varmap: &VarMap,
+    device: &Device,
+) -> candle_core::Result<RelationClassifier> {
+    RelationClassifier::new(
+        cfg,
+        VarBuilder::from_tensors(weights(varmap, false)?, DType::F32, device),
+    )
 }
 
 /// Trains a fresh classifier on `train`, selecting the epoch by the loss on `val`.
@@ -417,7 +449,10 @@ pub fn fit(
         )));
     }
     let varmap = VarMap::new();
-    let model = RelationClassifier::new(model_cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    let model = RelationClassifier::new(
+        model_cfg,
+        VarBuilder::from_varmap(&varmap, DType::F32, device),
+    )?;
     let params = ParamsAdamW {
         lr: cfg.lr,
         weight_decay: cfg.weight_decay,
@@ -425,7 +460,7 @@ pub fn fit(
     };
     let mut opt = AdamW::new(varmap.all_vars(), params)?;
     let mut plateau = ReduceOnPlateau::new(cfg.plateau_factor, cfg.plateau_patience, cfg.min_lr);
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5eed_0f_ba7c4);
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x05ee_d0fb_a7c4);
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut best: Option<(usize, f64, f64, HashMap<String, Tensor>)> = None;
     let mut since_best = 0usize;
@@ -444,7 +479,9 @@ pub fn fit(
             opt.backward_step(&loss)?;
             let l = loss.to_scalar::<f32>()? as f64;
             if !l.is_finite() {
-                return Err(TrainError::Config(format!("the training loss became {l} in epoch {epoch}")));
+                return Err(TrainError::Config(format!(
+                    "the training loss became {l} in epoch {epoch}"
+                )));
             }
             loss_sum += l * chunk.len() as f64;
             let pred = logits.argmax(1)?.to_vec1::<u32>()?;
@@ -454,8 +491,14 @@ pub fn fit(
                 .filter(|(p, &i)| **p == train.label_list[i])
                 .count();
         }
-        let ev = evaluate(&frozen(model_cfg, &varmap, device)?, val, cfg.batch_size, relations, device)?;
-        let improved = best.as_ref().map_or(true, |b| ev.loss < b.1);
+        let ev = evaluate(
+            &frozen(model_cfg, &varmap, device)?,
+            val,
+            cfg.batch_size,
+            relations,
+            device,
+        )?;
+        let improved = best.as_ref().is_none_or(|b| ev.loss < b.1);
         if improved {
             best = Some((epoch, ev.loss, ev.accuracy, weights(&varmap, true)?));
             since_best = 0;
@@ -482,7 +525,8 @@ pub fn fit(
             break;
         }
     }
-    let (best_epoch, best_val_loss, best_val_accuracy, snapshot) = best.expect("at least one epoch ran");
+    let (best_epoch, best_val_loss, best_val_accuracy, snapshot) =
+        best.expect("at least one epoch ran");
     let mut varmap = varmap;
     varmap.set(snapshot.iter())?;
     Ok(FitOutcome {
@@ -582,10 +626,17 @@ pub fn train(
     let ds = Dataset::open(dataset_dir)?;
     let info = ds.info().clone();
     if ds.is_empty() {
-        return Err(TrainError::Config(format!("{} holds no samples", dataset_dir.display())));
+        return Err(TrainError::Config(format!(
+            "{} holds no samples",
+            dataset_dir.display()
+        )));
     }
     let split = split_by_image(ds.entries(), cfg.split, cfg.seed);
-    let storage = if cfg.half_storage { DType::F16 } else { DType::F32 };
+    let storage = if cfg.half_storage {
+        DType::F16
+    } else {
+        DType::F32
+    };
     let train_ex = ds.load(&split.train, storage)?;
     let val_ex = ds.load(&split.val, storage)?;
     let test_ex = ds.load(&split.test, storage)?;
@@ -596,12 +647,26 @@ pub fn train(
         "examples loaded"
     );
     let model_cfg = cfg.classifier_config(&info);
-    let fitted = fit(&model_cfg, cfg, &train_ex, &val_ex, &info.relations, device, progress)?;
+    let fitted = fit(
+        &model_cfg,
+        cfg,
+        &train_ex,
+        &val_ex,
+        &info.relations,
+        device,
+        progress,
+    )?;
     let best = frozen(&model_cfg, &fitted.varmap, device)?;
     let test = if test_ex.is_empty() {
         None
     } else {
-        Some(evaluate(&best, &test_ex, cfg.batch_size, &info.relations, device)?)
+        Some(evaluate(
+            &best,
+            &test_ex,
+            cfg.batch_size,
+            &info.relations,
+            device,
+        )?)
     };
     let meta = CheckpointMeta {
         config: model_cfg,
@@ -634,8 +699,14 @@ pub fn train(
     })
 }
 
-fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<(), CheckpointError>) -> Result<(), CheckpointError> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<(), CheckpointError>,
+) -> Result<(), CheckpointError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp"));
     write(&tmp)?;
     std::fs::rename(&tmp, path).map_err(|source| CheckpointError::Io {
@@ -646,7 +717,11 @@ fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<(), CheckpointE
 
 /// Writes `classifier.safetensors` then `classifier.json` into `dir` (created if needed), each
 /// atomically.
-pub fn save_checkpoint(dir: &Path, varmap: &VarMap, meta: &CheckpointMeta) -> Result<(), CheckpointError> {
+pub fn save_checkpoint(
+    dir: &Path,
+    varmap: &VarMap,
+    meta: &CheckpointMeta,
+) -> Result<(), CheckpointError> {
     std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io {
         path: dir.to_path_buf(),
         source,
@@ -702,7 +777,9 @@ pub fn read_checkpoint_meta(path: &Path) -> Result<CheckpointMeta, CheckpointErr
     {
         return Err(CheckpointError::Json {
             path: meta_path,
-            message: "the classifier config disagrees with num_maps, map_size, step_indices or relations".into(),
+            message:
+                "the classifier config disagrees with num_maps, map_size, step_indices or relations"
+                    .into(),
         });
     }
     Ok(meta)
@@ -741,7 +818,10 @@ pub fn load_classifier(
     if !weights_path.is_file() {
         return Err(CheckpointError::Io {
             path: weights_path,
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "the classifier weights are missing"),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the classifier weights are missing",
+            ),
         });
     }
     let wrap = |source| CheckpointError::Weights {
@@ -749,6 +829,10 @@ pub fn load_classifier(
         source,
     };
     let tensors = candle_core::safetensors::load(&weights_path, device).map_err(wrap)?;
-    let model = RelationClassifier::new(&meta.config, VarBuilder::from_tensors(tensors, dtype, device)).map_err(wrap)?;
+    let model = RelationClassifier::new(
+        &meta.config,
+        VarBuilder::from_tensors(tensors, dtype, device),
+    )
+    .map_err(wrap)?;
     Ok((model, meta))
 }

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use l2s_steer::dataset::{merge, owns, shard_name, MANIFEST_FILE};
-use l2s_steer::{Dataset, DatasetError, DatasetInfo, DatasetWriter, LayerInfo, SampleKind, SampleMeta, ShardSpec};
+use l2s_steer::{
+    Dataset, DatasetError, DatasetInfo, DatasetWriter, LayerInfo, SampleKind, SampleMeta, ShardSpec,
+};
 
 const RELS: [&str; 4] = ["left of", "right of", "above", "below"];
 
@@ -19,8 +21,18 @@ fn info() -> DatasetInfo {
         step_indices: vec![5, 10],
         relations: RELS.iter().map(|s| s.to_string()).collect(),
         layers: vec![
-            LayerInfo { name: "down.0".into(), heads: 2, height: 8, width: 8 },
-            LayerInfo { name: "up.0".into(), heads: 1, height: 8, width: 8 },
+            LayerInfo {
+                name: "down.0".into(),
+                heads: 2,
+                height: 8,
+                width: 8,
+            },
+            LayerInfo {
+                name: "up.0".into(),
+                heads: 1,
+                height: 8,
+                width: 8,
+            },
         ],
         dual_inversion: true,
         extra: serde_json::Map::from_iter([("source".to_string(), serde_json::json!("unit test"))]),
@@ -30,8 +42,12 @@ fn info() -> DatasetInfo {
 /// Sample `id`: image id/2, positive when even; label id mod 4.
 fn meta(id: u64) -> SampleMeta {
     let label = (id % 4) as usize;
-    let positive = id % 2 == 0;
-    let prompt_rel = if positive { RELS[label] } else { RELS[(label + 1) % 4] };
+    let positive = id.is_multiple_of(2);
+    let prompt_rel = if positive {
+        RELS[label]
+    } else {
+        RELS[(label + 1) % 4]
+    };
     SampleMeta {
         sample: id,
         image_id: format!("img{}", id / 2),
@@ -41,7 +57,11 @@ fn meta(id: u64) -> SampleMeta {
         label,
         prompt: format!("a dog {prompt_rel} a teddy bear"),
         prompt_relation: prompt_rel.into(),
-        kind: if positive { SampleKind::Positive } else { SampleKind::Negative },
+        kind: if positive {
+            SampleKind::Positive
+        } else {
+            SampleKind::Negative
+        },
         psnr: 25.0,
     }
 }
@@ -87,9 +107,22 @@ fn check_examples(ds: &Dataset, expect_ids: &[u64]) {
         assert_eq!(ex.label_list[m], labels[m]);
         assert_eq!(ex.image_ids[m], format!("img{}", id / 2));
         for w in 0..2 {
-            let v: Vec<f32> = ex.maps.get(m).unwrap().get(w).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let v: Vec<f32> = ex
+                .maps
+                .get(m)
+                .unwrap()
+                .get(w)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let want = id as f32 + 0.5 * steps[m] as f32 + 0.25 * w as f32;
-            assert!(v.iter().all(|x| *x == want), "example {m} word {w}: {} vs {want}", v[0]);
+            assert!(
+                v.iter().all(|x| *x == want),
+                "example {m} word {w}: {} vs {want}",
+                v[0]
+            );
         }
     }
 }
@@ -109,7 +142,10 @@ fn write_then_read() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ds");
     assert_eq!(write(&dir, 0..10, 4), 10);
-    assert_eq!(shard_files(&dir), vec![shard_name(0), shard_name(1), shard_name(2)]);
+    assert_eq!(
+        shard_files(&dir),
+        vec![shard_name(0), shard_name(1), shard_name(2)]
+    );
     let ds = Dataset::open(&dir).unwrap();
     assert_eq!(ds.len(), 10);
     assert_eq!(ds.info(), &info());
@@ -122,7 +158,16 @@ fn write_then_read() {
     let ex = ds.load(&[7, 2, 9], DType::F16).unwrap();
     assert_eq!(ex.maps.dtype(), DType::F16);
     assert_eq!(ex.samples, vec![7, 7, 2, 2, 9, 9]);
-    let first: f32 = ex.maps.get(2).unwrap().flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()[0];
+    let first: f32 = ex
+        .maps
+        .get(2)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0];
     assert_eq!(first, 2.0);
     let (maps, steps, labels) = ex.batch(&[1, 4], DType::F32, &Device::Cpu).unwrap();
     assert_eq!(maps.dims(), &[2, 2, 3, 4, 4]);
@@ -132,11 +177,25 @@ fn write_then_read() {
     // The manifest is plain JSON lines with the documented fields.
     let text = fs::read_to_string(dir.join(MANIFEST_FILE)).unwrap();
     let line: serde_json::Value = serde_json::from_str(text.lines().nth(3).unwrap()).unwrap();
-    for key in ["sample", "image_id", "subject", "object", "relation", "label", "prompt", "prompt_relation", "kind", "psnr", "shard", "row"] {
+    for key in [
+        "sample",
+        "image_id",
+        "subject",
+        "object",
+        "relation",
+        "label",
+        "prompt",
+        "prompt_relation",
+        "kind",
+        "psnr",
+        "shard",
+        "row",
+    ] {
         assert!(line.get(key).is_some(), "missing {key}");
     }
     assert_eq!(line["kind"], "negative");
-    let info_json: serde_json::Value = serde_json::from_str(&fs::read_to_string(dir.join("info.json")).unwrap()).unwrap();
+    let info_json: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("info.json")).unwrap()).unwrap();
     assert_eq!(info_json["source"], "unit test");
     assert_eq!(info_json["step_indices"], serde_json::json!([5, 10]));
 }
@@ -157,12 +216,20 @@ fn interrupted_build_resumes_without_duplicates_or_losses() {
     // A crash after the next shard reached the disk but before its manifest lines did, and a
     // manifest line cut short.
     let ids = Tensor::new(&[6i64, 7, 8, 9], &Device::Cpu).unwrap();
-    let maps = Tensor::stack(&(6..10).map(maps_of).collect::<Vec<_>>(), 0).unwrap().to_dtype(DType::F16).unwrap();
-    let orphan: HashMap<String, Tensor> = [("maps".to_string(), maps), ("sample".to_string(), ids)].into();
+    let maps = Tensor::stack(&(6..10).map(maps_of).collect::<Vec<_>>(), 0)
+        .unwrap()
+        .to_dtype(DType::F16)
+        .unwrap();
+    let orphan: HashMap<String, Tensor> =
+        [("maps".to_string(), maps), ("sample".to_string(), ids)].into();
     candle_core::safetensors::save(&orphan, dir.join(shard_name(1))).unwrap();
     fs::write(dir.join(".shard-00002.safetensors.tmp"), b"partial").unwrap();
-    let mut f = fs::OpenOptions::new().append(true).open(dir.join(MANIFEST_FILE)).unwrap();
-    f.write_all(br#"{"sample":6,"image_id":"img3","subj"#).unwrap();
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join(MANIFEST_FILE))
+        .unwrap();
+    f.write_all(br#"{"sample":6,"image_id":"img3","subj"#)
+        .unwrap();
     drop(f);
 
     // The reader refuses the cut line and points at it.
@@ -174,7 +241,11 @@ fn interrupted_build_resumes_without_duplicates_or_losses() {
     let mut done: Vec<u64> = w.completed_samples().iter().copied().collect();
     done.sort();
     assert_eq!(done, vec![0, 1, 2, 3]);
-    assert_eq!(shard_files(&dir), vec![shard_name(0)], "orphan and temporary shards removed");
+    assert_eq!(
+        shard_files(&dir),
+        vec![shard_name(0)],
+        "orphan and temporary shards removed"
+    );
     let mut redone = Vec::new();
     for id in 0..10 {
         if !w.contains(id) {
@@ -201,12 +272,30 @@ fn resume_refuses_other_settings() {
     let mut other = info();
     other.step_indices = vec![5, 10, 15];
     let err = DatasetWriter::open(&dir, other, 2).err().unwrap();
-    assert!(matches!(err, DatasetError::InfoMismatch { field: "step_indices", .. }), "{err}");
-    assert!(err.to_string().contains("step_indices") && err.to_string().contains("[5, 10, 15]"), "{err}");
+    assert!(
+        matches!(
+            err,
+            DatasetError::InfoMismatch {
+                field: "step_indices",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("step_indices") && err.to_string().contains("[5, 10, 15]"),
+        "{err}"
+    );
     let mut other = info();
     other.model = "another-model".into();
-    let err = DatasetWriter::open(&dir, other, 2).err().unwrap().to_string();
-    assert!(err.contains("model") && err.contains("another-model"), "{err}");
+    let err = DatasetWriter::open(&dir, other, 2)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("model") && err.contains("another-model"),
+        "{err}"
+    );
     // Extra fields may differ.
     let mut other = info();
     other.extra.clear();
@@ -224,20 +313,39 @@ fn append_rejects_bad_samples() {
     let e = w.append(meta(1), &wrong).unwrap_err().to_string();
     assert!(e.contains("[2, 2, 3, 4, 4]"), "{e}");
     let nan = (maps_of(1) * f64::NAN).unwrap();
-    assert!(w.append(meta(1), &nan).unwrap_err().to_string().contains("NaN"));
+    assert!(w
+        .append(meta(1), &nan)
+        .unwrap_err()
+        .to_string()
+        .contains("NaN"));
     let mut m = meta(1);
     m.label = 0;
-    assert!(w.append(m, &maps_of(1)).unwrap_err().to_string().contains("label 0"));
+    assert!(w
+        .append(m, &maps_of(1))
+        .unwrap_err()
+        .to_string()
+        .contains("label 0"));
     let mut m = meta(2);
     m.kind = SampleKind::Negative;
-    assert!(w.append(m, &maps_of(2)).unwrap_err().to_string().contains("negative"));
+    assert!(w
+        .append(m, &maps_of(2))
+        .unwrap_err()
+        .to_string()
+        .contains("negative"));
     let mut m = meta(2);
     m.psnr = f64::INFINITY;
-    assert!(w.append(m, &maps_of(2)).unwrap_err().to_string().contains("psnr"));
+    assert!(w
+        .append(m, &maps_of(2))
+        .unwrap_err()
+        .to_string()
+        .contains("psnr"));
     assert_eq!(w.finish().unwrap(), 1);
     let mut bad = info();
     bad.num_maps = 4;
-    let e = DatasetWriter::open(tmp.path().join("other"), bad, 8).err().unwrap().to_string();
+    let e = DatasetWriter::open(tmp.path().join("other"), bad, 8)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("info.json") && e.contains("heads"), "{e}");
 }
 
@@ -260,48 +368,91 @@ fn reader_errors_name_file_and_line() {
     let d = fresh("missing-shard");
     fs::remove_file(d.join(shard_name(1))).unwrap();
     let e = Dataset::open(&d).unwrap_err().to_string();
-    assert!(e.contains("manifest.jsonl line 4") && e.contains("missing shard shard-00001"), "{e}");
+    assert!(
+        e.contains("manifest.jsonl line 4") && e.contains("missing shard shard-00001"),
+        "{e}"
+    );
 
     // Row out of range.
     let d = fresh("bad-row");
     edit_manifest(&d, |t| t.replacen("\"row\":2", "\"row\":7", 1));
     let ds = Dataset::open(&d).unwrap();
     let e = ds.load_all(DType::F32).unwrap_err().to_string();
-    assert!(e.contains("manifest.jsonl line 3") && e.contains("row 7") && e.contains("3 rows"), "{e}");
+    assert!(
+        e.contains("manifest.jsonl line 3") && e.contains("row 7") && e.contains("3 rows"),
+        "{e}"
+    );
 
     // Row holding another sample.
     let d = fresh("swapped-row");
     edit_manifest(&d, |t| t.replacen("\"row\":0", "\"row\":1", 1));
-    let e = Dataset::open(&d).unwrap().load_all(DType::F32).unwrap_err().to_string();
+    let e = Dataset::open(&d)
+        .unwrap()
+        .load_all(DType::F32)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("line 1") && e.contains("holds sample 1"), "{e}");
 
     // Corrupt shard.
     let d = fresh("corrupt");
     fs::write(d.join(shard_name(0)), b"not a safetensors file").unwrap();
-    let e = Dataset::open(&d).unwrap().load_all(DType::F32).unwrap_err().to_string();
-    assert!(e.contains("shard-00000.safetensors") && e.contains("cannot read"), "{e}");
+    let e = Dataset::open(&d)
+        .unwrap()
+        .load_all(DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("shard-00000.safetensors") && e.contains("cannot read"),
+        "{e}"
+    );
 
     // Empty shard.
     let d = fresh("empty");
     let empty: HashMap<String, Tensor> = [
-        ("maps".to_string(), Tensor::zeros((0, 2, 2, 3, 4, 4), DType::F16, &Device::Cpu).unwrap()),
-        ("sample".to_string(), Tensor::zeros(0, DType::I64, &Device::Cpu).unwrap()),
+        (
+            "maps".to_string(),
+            Tensor::zeros((0, 2, 2, 3, 4, 4), DType::F16, &Device::Cpu).unwrap(),
+        ),
+        (
+            "sample".to_string(),
+            Tensor::zeros(0, DType::I64, &Device::Cpu).unwrap(),
+        ),
     ]
     .into();
     candle_core::safetensors::save(&empty, d.join(shard_name(1))).unwrap();
-    let e = Dataset::open(&d).unwrap().load_all(DType::F32).unwrap_err().to_string();
-    assert!(e.contains("shard-00001.safetensors") && e.contains("empty"), "{e}");
+    let e = Dataset::open(&d)
+        .unwrap()
+        .load_all(DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("shard-00001.safetensors") && e.contains("empty"),
+        "{e}"
+    );
 
     // Shard with the wrong map layout.
     let d = fresh("layout");
     let wrong: HashMap<String, Tensor> = [
-        ("maps".to_string(), Tensor::zeros((3, 2, 2, 5, 4, 4), DType::F16, &Device::Cpu).unwrap()),
-        ("sample".to_string(), Tensor::new(&[3i64, 4, 5], &Device::Cpu).unwrap()),
+        (
+            "maps".to_string(),
+            Tensor::zeros((3, 2, 2, 5, 4, 4), DType::F16, &Device::Cpu).unwrap(),
+        ),
+        (
+            "sample".to_string(),
+            Tensor::new(&[3i64, 4, 5], &Device::Cpu).unwrap(),
+        ),
     ]
     .into();
     candle_core::safetensors::save(&wrong, d.join(shard_name(1))).unwrap();
-    let e = Dataset::open(&d).unwrap().load_all(DType::F32).unwrap_err().to_string();
-    assert!(e.contains("shard-00001.safetensors") && e.contains("(3, 2, 2, 3, 4, 4)"), "{e}");
+    let e = Dataset::open(&d)
+        .unwrap()
+        .load_all(DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("shard-00001.safetensors") && e.contains("(3, 2, 2, 3, 4, 4)"),
+        "{e}"
+    );
 
     // Broken JSON in the middle, a label that disagrees with the relation, duplicates.
     let d = fresh("json");
@@ -322,9 +473,14 @@ fn reader_errors_name_file_and_line() {
         format!("{t}{first}\n")
     });
     let e = Dataset::open(&d).unwrap_err().to_string();
-    assert!(e.contains("line 7") && e.contains("already appears on line 1"), "{e}");
+    assert!(
+        e.contains("line 7") && e.contains("already appears on line 1"),
+        "{e}"
+    );
 
-    let e = Dataset::open(tmp.path().join("nowhere")).unwrap_err().to_string();
+    let e = Dataset::open(tmp.path().join("nowhere"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("info.json is missing"), "{e}");
 }
 
@@ -352,8 +508,16 @@ fn partitioned_build_and_merge() {
     assert_eq!(shard_files(&out).len(), summary.shards);
 
     // Merging again into the same folder is refused; overlapping inputs are refused.
-    assert!(merge(&parts, &out).unwrap_err().to_string().contains("already holds a dataset"));
-    let e = merge(&[parts[0].clone(), parts[0].clone()], &tmp.path().join("dup")).unwrap_err().to_string();
+    assert!(merge(&parts, &out)
+        .unwrap_err()
+        .to_string()
+        .contains("already holds a dataset"));
+    let e = merge(
+        &[parts[0].clone(), parts[0].clone()],
+        &tmp.path().join("dup"),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("is also in"), "{e}");
 
     // Folders made with other settings are refused.
@@ -364,13 +528,28 @@ fn partitioned_build_and_merge() {
     w.append(meta(100), &maps_of(100)).unwrap();
     w.finish().unwrap();
     let e = merge(&[parts[0].clone(), odd], &tmp.path().join("mixed")).unwrap_err();
-    assert!(matches!(e, DatasetError::InfoMismatch { field: "dual_inversion", .. }), "{e}");
-    assert!(e.to_string().contains("part0") && e.to_string().contains("odd"), "{e}");
+    assert!(
+        matches!(
+            e,
+            DatasetError::InfoMismatch {
+                field: "dual_inversion",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("part0") && e.to_string().contains("odd"),
+        "{e}"
+    );
 }
 
 #[test]
 fn shard_spec_parsing() {
-    assert_eq!(ShardSpec::parse("2/4").unwrap(), ShardSpec { index: 2, count: 4 });
+    assert_eq!(
+        ShardSpec::parse("2/4").unwrap(),
+        ShardSpec { index: 2, count: 4 }
+    );
     assert_eq!(ShardSpec::parse("0/1").unwrap(), ShardSpec::all());
     assert_eq!(ShardSpec::parse("1/3").unwrap().to_string(), "1/3");
     for bad in ["4/4", "1/0", "x/2", "3", "-1/2"] {

@@ -6,7 +6,8 @@ use l2s_steer::parse_prompt;
 
 #[test]
 fn parses_every_official_position_prompt() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/geneval_position_prompts.jsonl");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/reference/geneval_position_prompts.jsonl");
     if !path.exists() {
         eprintln!("skipping: {} not found", path.display());
         return;

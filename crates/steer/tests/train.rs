@@ -8,11 +8,13 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use l2s_steer::dataset::Examples;
 use l2s_steer::train::{
-    evaluate, fit, save_checkpoint, split_by_image, ReduceOnPlateau, SplitFractions, META_FILE, WEIGHTS_FILE,
+    evaluate, fit, save_checkpoint, split_by_image, ReduceOnPlateau, SplitFractions, META_FILE,
+    WEIGHTS_FILE,
 };
 use l2s_steer::{
-    load_classifier, train, CheckpointError, CheckpointMeta, ClassifierConfig, Dataset, DatasetInfo, DatasetWriter,
-    EncoderConfig, LayerInfo, ManifestEntry, Preset, RelationClassifier, SampleKind, SampleMeta, TrainConfig,
+    load_classifier, train, CheckpointError, CheckpointMeta, ClassifierConfig, Dataset,
+    DatasetInfo, DatasetWriter, EncoderConfig, LayerInfo, ManifestEntry, Preset,
+    RelationClassifier, SampleKind, SampleMeta, TrainConfig,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -28,7 +30,12 @@ fn info() -> DatasetInfo {
         map_size: S,
         step_indices: vec![5, 10],
         relations: RELS.iter().map(|s| s.to_string()).collect(),
-        layers: vec![LayerInfo { name: "mid".into(), heads: C, height: S, width: S }],
+        layers: vec![LayerInfo {
+            name: "mid".into(),
+            heads: C,
+            height: S,
+            width: S,
+        }],
         dual_inversion: true,
         extra: Default::default(),
     }
@@ -37,8 +44,18 @@ fn info() -> DatasetInfo {
 fn small_classifier() -> ClassifierConfig {
     ClassifierConfig {
         d_model: 32,
-        object: EncoderConfig { layers: 1, heads: 2, ff: 64, dropout: 0.1 },
-        head: EncoderConfig { layers: 1, heads: 2, ff: 64, dropout: 0.1 },
+        object: EncoderConfig {
+            layers: 1,
+            heads: 2,
+            ff: 64,
+            dropout: 0.1,
+        },
+        head: EncoderConfig {
+            layers: 1,
+            heads: 2,
+            ff: 64,
+            dropout: 0.1,
+        },
         step_dim: 8,
         mlp_hidden: vec![32, 16],
         mlp_dropout: 0.1,
@@ -52,7 +69,11 @@ fn quick_config() -> TrainConfig {
         max_epochs: 12,
         batch_size: 32,
         lr: 2e-3,
-        split: SplitFractions { train: 0.7, val: 0.15, test: 0.15 },
+        split: SplitFractions {
+            train: 0.7,
+            val: 0.15,
+            test: 0.15,
+        },
         seed: 7,
         ..TrainConfig::sd()
     }
@@ -99,7 +120,11 @@ fn sample_maps(rng: &mut ChaCha8Rng, label: usize) -> Tensor {
 }
 
 fn meta(id: u64, image: usize, label: usize, positive: bool) -> SampleMeta {
-    let prompt_rel = if positive { RELS[label] } else { RELS[(label + 1 + image % 3) % 4] };
+    let prompt_rel = if positive {
+        RELS[label]
+    } else {
+        RELS[(label + 1 + image % 3) % 4]
+    };
     SampleMeta {
         sample: id,
         image_id: format!("image-{image:04}"),
@@ -109,7 +134,11 @@ fn meta(id: u64, image: usize, label: usize, positive: bool) -> SampleMeta {
         label,
         prompt: format!("a red circle {prompt_rel} a blue square"),
         prompt_relation: prompt_rel.into(),
-        kind: if positive { SampleKind::Positive } else { SampleKind::Negative },
+        kind: if positive {
+            SampleKind::Positive
+        } else {
+            SampleKind::Negative
+        },
         psnr: 30.0,
     }
 }
@@ -122,7 +151,8 @@ fn synthetic_dataset(dir: &Path, images: usize, seed: u64) {
         let label = image % 4;
         for (k, positive) in [true, false].into_iter().enumerate() {
             let maps = sample_maps(&mut rng, label);
-            w.append(meta((image * 2 + k) as u64, image, label, positive), &maps).unwrap();
+            w.append(meta((image * 2 + k) as u64, image, label, positive), &maps)
+                .unwrap();
         }
     }
     w.finish().unwrap();
@@ -139,7 +169,12 @@ fn learns_separable_relations_and_round_trips_the_checkpoint() {
         epochs_seen.push(r.epoch);
         eprintln!(
             "epoch {:>2}: train {:.3} ({:.2}) val {:.3} ({:.2}) lr {:.1e}{}",
-            r.epoch, r.train_loss, r.train_accuracy, r.val_loss, r.val_accuracy, r.lr,
+            r.epoch,
+            r.train_loss,
+            r.train_accuracy,
+            r.val_loss,
+            r.val_accuracy,
+            r.lr,
             if r.improved { " *" } else { "" }
         );
     })
@@ -154,31 +189,67 @@ fn learns_separable_relations_and_round_trips_the_checkpoint() {
         metrics.best_epoch,
         metrics.epochs_run,
         metrics.seconds,
-        test.per_relation.iter().map(|r| (r.relation.as_str(), r.accuracy)).collect::<Vec<_>>()
+        test.per_relation
+            .iter()
+            .map(|r| (r.relation.as_str(), r.accuracy))
+            .collect::<Vec<_>>()
     );
     assert!(test.accuracy >= 0.9, "test accuracy {}", test.accuracy);
     assert_eq!(test.per_relation.len(), 4);
-    assert_eq!(test.confusion.iter().flatten().sum::<usize>(), test.examples);
+    assert_eq!(
+        test.confusion.iter().flatten().sum::<usize>(),
+        test.examples
+    );
     assert_eq!(test.examples, metrics.test_split.examples);
     assert_eq!(
         metrics.train_split.images + metrics.val_split.images + metrics.test_split.images,
         160
     );
-    assert_eq!(metrics.train_split.samples * 2, metrics.train_split.examples);
+    assert_eq!(
+        metrics.train_split.samples * 2,
+        metrics.train_split.examples
+    );
     assert!(out.join(WEIGHTS_FILE).is_file() && out.join(META_FILE).is_file());
 
     // The checkpoint describes its data and reloads as the same classifier.
-    let (model, meta) = load_classifier(&out, Some("synthetic-blobs"), Some(C), &Device::Cpu, DType::F32).unwrap();
+    let (model, meta) = load_classifier(
+        &out,
+        Some("synthetic-blobs"),
+        Some(C),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
     // (JSON keeps floats to within an ulp; compare the description exactly and the numbers closely.)
-    assert_eq!(CheckpointMeta { metrics: None, ..meta.clone() }, CheckpointMeta { metrics: None, ..report.meta.clone() });
+    assert_eq!(
+        CheckpointMeta {
+            metrics: None,
+            ..meta.clone()
+        },
+        CheckpointMeta {
+            metrics: None,
+            ..report.meta.clone()
+        }
+    );
     let reread = meta.metrics.as_ref().unwrap().test.as_ref().unwrap();
     assert!((reread.accuracy - test.accuracy).abs() < 1e-12 && reread.confusion == test.confusion);
     assert_eq!(meta.step_indices, vec![5, 10]);
     assert_eq!(meta.relations, RELS.to_vec());
     assert!(meta.dual_inversion);
     assert_eq!(meta.layers[0].name, "mid");
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join(META_FILE)).unwrap()).unwrap();
-    for key in ["config", "relations", "step_indices", "map_size", "num_maps", "layers", "model", "dual_inversion", "metrics"] {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join(META_FILE)).unwrap()).unwrap();
+    for key in [
+        "config",
+        "relations",
+        "step_indices",
+        "map_size",
+        "num_maps",
+        "layers",
+        "model",
+        "dual_inversion",
+        "metrics",
+    ] {
         assert!(json.get(key).is_some(), "classifier.json lacks {key}");
     }
     let ds = Dataset::open(&data).unwrap();
@@ -189,7 +260,14 @@ fn learns_separable_relations_and_round_trips_the_checkpoint() {
     assert!((again.loss - test.loss).abs() < 1e-5);
     // Either file of the pair also names the checkpoint.
     load_classifier(&out.join(META_FILE), None, None, &Device::Cpu, DType::F32).unwrap();
-    load_classifier(&out.join(WEIGHTS_FILE), None, None, &Device::Cpu, DType::F32).unwrap();
+    load_classifier(
+        &out.join(WEIGHTS_FILE),
+        None,
+        None,
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
 }
 
 fn entries(images: usize, per_image: usize) -> Vec<ManifestEntry> {
@@ -205,15 +283,31 @@ fn entries(images: usize, per_image: usize) -> Vec<ManifestEntry> {
 #[test]
 fn split_by_image_has_no_leakage() {
     let es = entries(200, 2);
-    let fr = SplitFractions { train: 0.8, val: 0.1, test: 0.1 };
+    let fr = SplitFractions {
+        train: 0.8,
+        val: 0.1,
+        test: 0.1,
+    };
     let split = split_by_image(&es, fr, 3);
-    let images = |idx: &[usize]| idx.iter().map(|&i| es[i].meta.image_id.clone()).collect::<HashSet<_>>();
-    let (tr, va, te) = (images(&split.train), images(&split.val), images(&split.test));
+    let images = |idx: &[usize]| {
+        idx.iter()
+            .map(|&i| es[i].meta.image_id.clone())
+            .collect::<HashSet<_>>()
+    };
+    let (tr, va, te) = (
+        images(&split.train),
+        images(&split.val),
+        images(&split.test),
+    );
     assert!(tr.is_disjoint(&va) && tr.is_disjoint(&te) && va.is_disjoint(&te));
     assert_eq!((tr.len(), va.len(), te.len()), (160, 20, 20));
     let mut all: Vec<usize> = [split.train.clone(), split.val.clone(), split.test.clone()].concat();
     all.sort();
-    assert_eq!(all, (0..400).collect::<Vec<_>>(), "every entry in exactly one split");
+    assert_eq!(
+        all,
+        (0..400).collect::<Vec<_>>(),
+        "every entry in exactly one split"
+    );
     // Both prompts of an image travel together.
     let side: HashMap<usize, u8> = split
         .train
@@ -229,8 +323,19 @@ fn split_by_image_has_no_leakage() {
     assert_ne!(split_by_image(&es, fr, 4), split);
     // Tiny sets still get a validation and a test image.
     let small = split_by_image(&entries(3, 2), fr, 0);
-    assert_eq!((small.train.len(), small.val.len(), small.test.len()), (2, 2, 2));
-    let no_test = split_by_image(&es, SplitFractions { train: 0.9, val: 0.1, test: 0.0 }, 0);
+    assert_eq!(
+        (small.train.len(), small.val.len(), small.test.len()),
+        (2, 2, 2)
+    );
+    let no_test = split_by_image(
+        &es,
+        SplitFractions {
+            train: 0.9,
+            val: 0.1,
+            test: 0.0,
+        },
+        0,
+    );
     assert!(no_test.test.is_empty());
 }
 
@@ -241,7 +346,11 @@ fn noise_examples(n: usize, seed: u64) -> Examples {
     let label_list: Vec<u32> = (0..n).map(|_| rng.gen_range(0..4)).collect();
     Examples {
         maps,
-        steps: Tensor::new((0..n).map(|i| (i % 2) as u32).collect::<Vec<_>>(), &Device::Cpu).unwrap(),
+        steps: Tensor::new(
+            (0..n).map(|i| (i % 2) as u32).collect::<Vec<_>>(),
+            &Device::Cpu,
+        )
+        .unwrap(),
         labels: Tensor::new(label_list.clone(), &Device::Cpu).unwrap(),
         image_ids: (0..n).map(|i| format!("img{i}")).collect(),
         samples: (0..n as u64).collect(),
@@ -262,8 +371,20 @@ fn early_stopping_triggers_and_keeps_the_best_epoch() {
     let (tr, va) = (noise_examples(96, 1), noise_examples(48, 2));
     let rels: Vec<String> = RELS.iter().map(|s| s.to_string()).collect();
     let mut lrs = Vec::new();
-    let out = fit(&small_classifier(), &cfg, &tr, &va, &rels, &Device::Cpu, &mut |r| lrs.push(r.lr)).unwrap();
-    eprintln!("stopped after {} epochs, best {} ({:.3}); lrs {lrs:?}", out.epochs_run, out.best_epoch, out.best_val_loss);
+    let out = fit(
+        &small_classifier(),
+        &cfg,
+        &tr,
+        &va,
+        &rels,
+        &Device::Cpu,
+        &mut |r| lrs.push(r.lr),
+    )
+    .unwrap();
+    eprintln!(
+        "stopped after {} epochs, best {} ({:.3}); lrs {lrs:?}",
+        out.epochs_run, out.best_epoch, out.best_val_loss
+    );
     assert!(out.stopped_early);
     assert!(out.epochs_run < 200);
     assert_eq!(out.epochs_run, out.best_epoch + 3);
@@ -278,7 +399,12 @@ fn early_stopping_triggers_and_keeps_the_best_epoch() {
     )
     .unwrap();
     let ev = evaluate(&model, &va, 16, &rels, &Device::Cpu).unwrap();
-    assert!((ev.loss - out.best_val_loss).abs() < 1e-5, "{} vs {}", ev.loss, out.best_val_loss);
+    assert!(
+        (ev.loss - out.best_val_loss).abs() < 1e-5,
+        "{} vs {}",
+        ev.loss,
+        out.best_val_loss
+    );
     // With plateau patience 1, two epochs without improvement halve the learning rate.
     if out.epochs_run > out.best_epoch + 2 {
         assert!(lrs.last().unwrap() < &1e-2, "{lrs:?}");
@@ -335,36 +461,83 @@ fn refuses_checkpoints_for_another_model_or_layout() {
     assert_eq!(meta.step_index_for(6), 1);
     assert_eq!(meta.step_index_for(40), 1);
 
-    let (_, m) = load_classifier(&dir, Some("synthetic-blobs"), Some(C), &Device::Cpu, DType::F32).unwrap();
+    let (_, m) = load_classifier(
+        &dir,
+        Some("synthetic-blobs"),
+        Some(C),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
     assert_eq!(m, meta);
 
-    let e = load_classifier(&dir, Some("stable-diffusion-2-1-base"), None, &Device::Cpu, DType::F32).unwrap_err();
+    let e = load_classifier(
+        &dir,
+        Some("stable-diffusion-2-1-base"),
+        None,
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap_err();
     assert!(matches!(e, CheckpointError::WrongModel { .. }));
     let msg = e.to_string();
-    assert!(msg.contains("synthetic-blobs") && msg.contains("stable-diffusion-2-1-base") && msg.contains("classifier.json"), "{msg}");
+    assert!(
+        msg.contains("synthetic-blobs")
+            && msg.contains("stable-diffusion-2-1-base")
+            && msg.contains("classifier.json"),
+        "{msg}"
+    );
 
     let e = load_classifier(&dir, None, Some(195), &Device::Cpu, DType::F32).unwrap_err();
-    assert!(matches!(e, CheckpointError::WrongLayout { trained: 4, expected: 195, .. }));
-    assert!(e.to_string().contains("4 maps") && e.to_string().contains("195"), "{e}");
+    assert!(matches!(
+        e,
+        CheckpointError::WrongLayout {
+            trained: 4,
+            expected: 195,
+            ..
+        }
+    ));
+    assert!(
+        e.to_string().contains("4 maps") && e.to_string().contains("195"),
+        "{e}"
+    );
 
     // Weights that do not fit the description.
     let other = tmp.path().join("other");
     fake_checkpoint(&other);
     let mut bigger = meta.clone();
     bigger.config.d_model = 64;
-    std::fs::write(other.join(META_FILE), serde_json::to_string(&bigger).unwrap()).unwrap();
+    std::fs::write(
+        other.join(META_FILE),
+        serde_json::to_string(&bigger).unwrap(),
+    )
+    .unwrap();
     let e = load_classifier(&other, None, None, &Device::Cpu, DType::F32).unwrap_err();
     assert!(matches!(e, CheckpointError::Weights { .. }), "{e}");
     assert!(e.to_string().contains(WEIGHTS_FILE), "{e}");
 
     // Missing weights, broken description, nothing there.
     std::fs::remove_file(other.join(WEIGHTS_FILE)).unwrap();
-    let e = load_classifier(&other, None, None, &Device::Cpu, DType::F32).unwrap_err().to_string();
+    let e = load_classifier(&other, None, None, &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains(WEIGHTS_FILE) && e.contains("missing"), "{e}");
     std::fs::write(other.join(META_FILE), "{\"config\": 3}").unwrap();
-    let e = load_classifier(&other, None, None, &Device::Cpu, DType::F32).unwrap_err().to_string();
-    assert!(e.contains(META_FILE) && e.contains("not a classifier description"), "{e}");
-    assert!(load_classifier(&tmp.path().join("none"), None, None, &Device::Cpu, DType::F32).is_err());
+    let e = load_classifier(&other, None, None, &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(META_FILE) && e.contains("not a classifier description"),
+        "{e}"
+    );
+    assert!(load_classifier(
+        &tmp.path().join("none"),
+        None,
+        None,
+        &Device::Cpu,
+        DType::F32
+    )
+    .is_err());
 }
 
 #[test]
@@ -372,16 +545,49 @@ fn bad_settings_are_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     synthetic_dataset(&data, 8, 2);
-    let cfg = TrainConfig { batch_size: 0, ..quick_config() };
-    let e = train(&data, &tmp.path().join("o"), &cfg, &Device::Cpu, &mut |_| {}).unwrap_err();
+    let cfg = TrainConfig {
+        batch_size: 0,
+        ..quick_config()
+    };
+    let e = train(
+        &data,
+        &tmp.path().join("o"),
+        &cfg,
+        &Device::Cpu,
+        &mut |_| {},
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("batch size"), "{e}");
-    let cfg = TrainConfig { split: SplitFractions { train: 1.0, val: 0.0, test: 0.0 }, ..quick_config() };
-    assert!(train(&data, &tmp.path().join("o"), &cfg, &Device::Cpu, &mut |_| {}).is_err());
-    let e = train(&tmp.path().join("missing"), &tmp.path().join("o"), &quick_config(), &Device::Cpu, &mut |_| {})
-        .unwrap_err()
-        .to_string();
+    let cfg = TrainConfig {
+        split: SplitFractions {
+            train: 1.0,
+            val: 0.0,
+            test: 0.0,
+        },
+        ..quick_config()
+    };
+    assert!(train(
+        &data,
+        &tmp.path().join("o"),
+        &cfg,
+        &Device::Cpu,
+        &mut |_| {}
+    )
+    .is_err());
+    let e = train(
+        &tmp.path().join("missing"),
+        &tmp.path().join("o"),
+        &quick_config(),
+        &Device::Cpu,
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("info.json"), "{e}");
     assert_eq!(TrainConfig::flux().lr, 5e-5);
     assert_eq!(TrainConfig::for_preset(Preset::Sd).lr, 1e-4);
-    assert_eq!(TrainConfig::flux().classifier_config(&info()).object.layers, 4);
+    assert_eq!(
+        TrainConfig::flux().classifier_config(&info()).object.layers,
+        4
+    );
 }
