@@ -2,9 +2,15 @@
 //! objects from a diffusion model's cross-attention maps, store the classifier's training data,
 //! and train it.
 
+pub mod build;
 pub mod classifier;
 pub mod dataset;
+pub mod experiment;
+pub mod losses;
+pub mod maps;
 pub mod relations;
+pub mod sd;
+pub mod steering;
 pub mod train;
 
 pub use classifier::{ClassifierConfig, EncoderConfig, Preset, RelationClassifier};

@@ -238,18 +238,21 @@ impl UNetConfig {
     }
 }
 
-/// Sinusoidal timestep features as diffusers' `Timesteps` computes them.
-fn timestep_features(t: f64, batch: usize, dim: usize, flip: bool, shift: f64, device: &Device) -> Result<Tensor> {
+/// Sinusoidal timestep features as diffusers' `Timesteps` computes them, one row per timestep.
+fn timestep_features(ts: &[f64], dim: usize, flip: bool, shift: f64, device: &Device) -> Result<Tensor> {
     let half = dim / 2;
-    let mut feats = vec![0f32; dim];
-    for i in 0..half {
-        let freq = (-(10000f64.ln()) * i as f64 / (half as f64 - shift)).exp() as f32;
-        let arg = t as f32 * freq;
-        let (first, second) = if flip { (arg.cos(), arg.sin()) } else { (arg.sin(), arg.cos()) };
-        feats[i] = first;
-        feats[half + i] = second;
+    let mut feats = vec![0f32; dim * ts.len()];
+    for (row, &t) in ts.iter().enumerate() {
+        let out = &mut feats[row * dim..(row + 1) * dim];
+        for i in 0..half {
+            let freq = (-(10000f64.ln()) * i as f64 / (half as f64 - shift)).exp() as f32;
+            let arg = t as f32 * freq;
+            let (first, second) = if flip { (arg.cos(), arg.sin()) } else { (arg.sin(), arg.cos()) };
+            out[i] = first;
+            out[half + i] = second;
+        }
     }
-    Tensor::from_vec(feats, (1, dim), device)?.repeat((batch, 1))
+    Tensor::from_vec(feats, (ts.len(), dim), device)
 }
 
 pub struct UNet2DConditionModel {
@@ -365,7 +368,22 @@ impl UNet2DConditionModel {
         context: &Tensor,
         observer: &mut dyn AttentionObserver,
     ) -> Result<Tensor> {
+        let b = sample.dim(0)?;
+        self.forward_timesteps(sample, &vec![timestep; b], context, observer)
+    }
+
+    /// Like [`Self::forward_observed`] with one timestep per batch row (training).
+    pub fn forward_timesteps(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        context: &Tensor,
+        observer: &mut dyn AttentionObserver,
+    ) -> Result<Tensor> {
         let (b, _, h, w) = sample.dims4()?;
+        if timesteps.len() != b {
+            candle_core::bail!("UNet: {} timesteps for a batch of {b}", timesteps.len());
+        }
         let m = self.size_multiple();
         if h % m != 0 || w % m != 0 {
             candle_core::bail!("UNet: latent size {h}×{w} must be a multiple of {m}");
@@ -375,8 +393,7 @@ impl UNet2DConditionModel {
         }
         let dtype = sample.dtype();
         let feats = timestep_features(
-            timestep,
-            b,
+            timesteps,
             self.config.block_out_channels[0],
             self.config.flip_sin_to_cos,
             self.config.freq_shift,

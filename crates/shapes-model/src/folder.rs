@@ -1,0 +1,72 @@
+//! Writing the shapes model as a diffusers-layout folder that `StableDiffusion::load` reads.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+
+use crate::architecture;
+
+pub const VOCAB_JSON: &str = include_str!("../../shapes/assets/tokenizer/vocab.json");
+pub const MERGES_TXT: &str = include_str!("../../shapes/assets/tokenizer/merges.txt");
+pub const TOKENIZER_CONFIG: &str = include_str!("../../shapes/assets/tokenizer/tokenizer_config.json");
+pub const SPECIAL_TOKENS: &str = include_str!("../../shapes/assets/tokenizer/special_tokens_map.json");
+
+/// Entries of the trimmed CLIP vocabulary.
+pub fn vocab_size() -> usize {
+    serde_json::from_str::<HashMap<String, u32>>(VOCAB_JSON).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so readers never see a
+/// half-written file and an interrupted or failed write leaves the old file intact.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    write_atomic(path, serde_json::to_string_pretty(value)?.as_bytes())
+}
+
+fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let tmp = path.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(tensors, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Writes configs and tokenizer; with `weights` (names prefixed `text_encoder.` / `unet.`) also
+/// the weight files.
+pub fn write_model_folder(dir: &Path, weights: Option<&HashMap<String, Tensor>>) -> Result<()> {
+    let tok = dir.join("tokenizer");
+    write_atomic(&tok.join("vocab.json"), VOCAB_JSON.as_bytes())?;
+    write_atomic(&tok.join("merges.txt"), MERGES_TXT.as_bytes())?;
+    write_atomic(&tok.join("tokenizer_config.json"), TOKENIZER_CONFIG.as_bytes())?;
+    write_atomic(&tok.join("special_tokens_map.json"), SPECIAL_TOKENS.as_bytes())?;
+    write_json(&dir.join("text_encoder/config.json"), &architecture::text_encoder_config(vocab_size()))?;
+    write_json(&dir.join("unet/config.json"), &architecture::unet_config())?;
+    write_json(&dir.join("vae/config.json"), &architecture::vae_config())?;
+    write_json(&dir.join("scheduler/scheduler_config.json"), &architecture::scheduler_config())?;
+    if let Some(weights) = weights {
+        let part = |prefix: &str| -> HashMap<String, Tensor> {
+            weights
+                .iter()
+                .filter_map(|(k, t)| k.strip_prefix(prefix).map(|n| (n.to_string(), t.clone())))
+                .collect()
+        };
+        save_tensors(&dir.join("text_encoder/model.safetensors"), &part("text_encoder."))?;
+        save_tensors(&dir.join("unet/diffusion_pytorch_model.safetensors"), &part("unet."))?;
+    }
+    // Written last: a folder with model_index.json is complete.
+    write_json(&dir.join("model_index.json"), &architecture::model_index())?;
+    Ok(())
+}

@@ -1,0 +1,11 @@
+//! The shapes-world text-to-image model: a Stable-Diffusion-architecture model small enough to
+//! train on a CPU, its trainer, and the folder format it is saved in.
+
+pub mod architecture;
+
+pub mod folder;
+pub mod optim;
+pub mod plot;
+pub mod train;
+
+pub use train::{Progress, TrainOptions, TrainSummary, Trainer};

@@ -1,0 +1,305 @@
+//! Training the shapes model from scratch: rendered scenes with geometry-hiding captions, the
+//! standard noise-prediction objective, AdamW, an EMA of the weights, resumable checkpoints.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use l2s_models::clip::{ClipTextConfig, ClipTextModel};
+use l2s_models::tokenizer::ClipTokenizer;
+use l2s_models::unet::{UNet2DConditionModel, UNetConfig};
+use l2s_models::NoObserver;
+use l2s_shapes::{caption, render_scene, RenderConfig};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::architecture::{self, FACTOR, IMAGE_SIZE};
+use crate::folder::{write_atomic, write_model_folder};
+use crate::optim::{AdamW, Ema};
+use crate::plot::loss_curve_png;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainOptions {
+    pub steps: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub warmup: usize,
+    pub weight_decay: f64,
+    pub ema_decay: f64,
+    /// Fraction of captions replaced by "" so the model also learns the unconditional prediction.
+    pub uncond_prob: f64,
+    pub seed: u64,
+    pub checkpoint_every: usize,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            steps: 6000,
+            batch: 32,
+            lr: 1e-3,
+            warmup: 200,
+            weight_decay: 0.01,
+            ema_decay: 0.995,
+            uncond_prob: 0.1,
+            seed: 0,
+            checkpoint_every: 250,
+        }
+    }
+}
+
+/// What a checkpoint records besides tensors.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct CheckpointState {
+    step: usize,
+    options: TrainOptions,
+    architecture: serde_json::Value,
+    losses: Vec<f32>,
+    seconds: f64,
+}
+
+pub struct Progress {
+    pub step: usize,
+    pub steps: usize,
+    pub loss: f32,
+    pub seconds: f64,
+}
+
+pub struct TrainSummary {
+    pub steps: usize,
+    pub final_loss: f32,
+    pub seconds: f64,
+    pub model_dir: PathBuf,
+}
+
+fn architecture_fingerprint(vocab: usize) -> serde_json::Value {
+    serde_json::json!({
+        "text_encoder": architecture::text_encoder_config(vocab),
+        "unet": architecture::unet_config(),
+        "vae": architecture::vae_config(),
+        "scheduler": architecture::scheduler_config(),
+    })
+}
+
+/// Scenes → (B, 3, H, W) in [-1, 1].
+fn images_tensor(images: &[&image::RgbImage], device: &Device) -> Result<Tensor> {
+    let n = IMAGE_SIZE;
+    let mut data = Vec::with_capacity(images.len() * 3 * n * n);
+    for img in images {
+        for c in 0..3 {
+            for y in 0..n as u32 {
+                for x in 0..n as u32 {
+                    data.push(img.get_pixel(x, y)[c] as f32 / 127.5 - 1.0);
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(data, (images.len(), 3, n, n), device)?)
+}
+
+/// Exact 2× space-to-depth, as the model folder's autoencoder does it.
+fn to_latents(images: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = images.dims4()?;
+    let f = FACTOR;
+    Ok(images.reshape((b, c, h / f, f, w / f, f))?.permute((0, 1, 3, 5, 2, 4))?.reshape((b, c * f * f, h / f, w / f))?)
+}
+
+pub struct Trainer {
+    varmap: VarMap,
+    text_encoder: ClipTextModel,
+    unet: UNet2DConditionModel,
+    tokenizer: ClipTokenizer,
+    named_vars: Vec<(String, Var)>,
+    alphas_cumprod: Vec<f64>,
+    device: Device,
+    run_dir: PathBuf,
+    vocab: usize,
+}
+
+impl Trainer {
+    /// Sets up a run folder (`run_dir/model` is the exported model, `run_dir/checkpoints` the state).
+    pub fn new(run_dir: &Path, device: &Device) -> Result<Self> {
+        std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+        let model_dir = run_dir.join("model");
+        write_model_folder(&model_dir, None)?;
+        let tokenizer = ClipTokenizer::from_folder(&model_dir.join("tokenizer"))?;
+        let vocab = crate::folder::vocab_size();
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let te_cfg: ClipTextConfig = serde_json::from_value(architecture::text_encoder_config(vocab))?;
+        let unet_cfg: UNetConfig = serde_json::from_value(architecture::unet_config())?;
+        let text_encoder = ClipTextModel::new(&te_cfg, vb.pp("text_encoder"))?;
+        let unet = UNet2DConditionModel::new(&unet_cfg, vb.pp("unet"))?;
+        let mut named_vars: Vec<(String, Var)> =
+            varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned var map"))?.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        named_vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let sched: l2s_diffusion::DdimConfig =
+            l2s_diffusion::DdimConfig::from_json_value(&architecture::scheduler_config(), "shapes scheduler")?.config;
+        let alphas_cumprod = l2s_diffusion::schedule::alphas_cumprod(&sched)?;
+        Ok(Self {
+            varmap,
+            text_encoder,
+            unet,
+            tokenizer,
+            named_vars,
+            alphas_cumprod,
+            device: device.clone(),
+            run_dir: run_dir.to_path_buf(),
+            vocab,
+        })
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.named_vars.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    fn checkpoints_dir(&self) -> PathBuf {
+        self.run_dir.join("checkpoints")
+    }
+
+    /// The newest complete checkpoint, named by `checkpoints/latest`.
+    fn latest_checkpoint(&self) -> Option<PathBuf> {
+        let name = std::fs::read_to_string(self.checkpoints_dir().join("latest")).ok()?;
+        let dir = self.checkpoints_dir().join(name.trim());
+        dir.join("state.json").exists().then_some(dir)
+    }
+
+    fn save_checkpoint(&self, state: &CheckpointState, opt: &AdamW, ema: &Ema) -> Result<()> {
+        let root = self.checkpoints_dir();
+        let name = format!("step-{:08}", state.step);
+        let dir = root.join(&name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut tensors: HashMap<String, Tensor> =
+            self.named_vars.iter().map(|(n, v)| (format!("param.{n}"), v.as_tensor().clone())).collect();
+        tensors.extend(opt.state_tensors());
+        tensors.extend(ema.tensors().into_iter().map(|(n, t)| (format!("ema.{n}"), t)));
+        let weights = dir.join("state.safetensors");
+        let tmp = dir.join("state.safetensors.tmp");
+        candle_core::safetensors::save(&tensors, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &weights).with_context(|| format!("writing {}", weights.display()))?;
+        write_atomic(&dir.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
+        // Only now does the new checkpoint become the one to resume from.
+        write_atomic(&root.join("latest"), name.as_bytes())?;
+        for entry in std::fs::read_dir(&root)?.flatten() {
+            let p = entry.path();
+            if p.is_dir() && p.file_name().and_then(|n| n.to_str()) != Some(name.as_str()) {
+                let _ = std::fs::remove_dir_all(p);
+            }
+        }
+        Ok(())
+    }
+
+    /// Exports the averaged weights as a diffusers-layout model folder in `run_dir/model`.
+    pub fn export(&self, ema: &Ema) -> Result<PathBuf> {
+        let model_dir = self.run_dir.join("model");
+        write_model_folder(&model_dir, Some(&ema.tensors()))?;
+        Ok(model_dir)
+    }
+
+    fn batch(&self, opts: &TrainOptions, step: usize) -> Result<(Tensor, Tensor, Vec<f64>, Tensor)> {
+        let cfg = RenderConfig::with_size(IMAGE_SIZE as u32);
+        let mut rng = ChaCha8Rng::seed_from_u64(opts.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step as u64));
+        let mut scenes = Vec::with_capacity(opts.batch);
+        let mut ids = Vec::with_capacity(opts.batch * 77);
+        for i in 0..opts.batch {
+            let scene = render_scene(&cfg, opts.seed, (step * opts.batch + i) as u64)?;
+            let text = if rng.gen::<f64>() < opts.uncond_prob { String::new() } else { caption(&scene, &mut rng) };
+            ids.extend(self.tokenizer.encode(&text)?.ids);
+            scenes.push(scene);
+        }
+        let images: Vec<&image::RgbImage> = scenes.iter().map(|s| &s.image).collect();
+        let x0 = to_latents(&images_tensor(&images, &self.device)?)?;
+        let ids = Tensor::from_vec(ids, (opts.batch, 77), &self.device)?;
+        let ts: Vec<usize> = (0..opts.batch).map(|_| rng.gen_range(0..self.alphas_cumprod.len())).collect();
+        let noise = Tensor::randn(0f32, 1f32, x0.shape(), &self.device)?;
+        let a: Vec<f32> = ts.iter().map(|&t| self.alphas_cumprod[t].sqrt() as f32).collect();
+        let s: Vec<f32> = ts.iter().map(|&t| (1.0 - self.alphas_cumprod[t]).sqrt() as f32).collect();
+        let a = Tensor::from_vec(a, (opts.batch, 1, 1, 1), &self.device)?;
+        let s = Tensor::from_vec(s, (opts.batch, 1, 1, 1), &self.device)?;
+        let xt = (x0.broadcast_mul(&a)? + noise.broadcast_mul(&s)?)?;
+        Ok((xt, ids, ts.iter().map(|&t| t as f64).collect(), noise))
+    }
+
+    /// Trains until `opts.steps` (resuming from the latest checkpoint if there is one) or until
+    /// `deadline_secs` of training time in this call have passed. Returns after saving.
+    pub fn run(
+        &self,
+        opts: &TrainOptions,
+        deadline_secs: Option<f64>,
+        mut on_progress: impl FnMut(&Progress),
+    ) -> Result<TrainSummary> {
+        let mut opt = AdamW::new(&self.named_vars, opts.lr, opts.weight_decay)?;
+        let mut ema = Ema::new(&self.named_vars, opts.ema_decay)?;
+        let arch = architecture_fingerprint(self.vocab);
+        let mut state = CheckpointState { step: 0, options: opts.clone(), architecture: arch.clone(), losses: vec![], seconds: 0.0 };
+        if let Some(dir) = self.latest_checkpoint() {
+            let state_path = dir.join("state.json");
+            let saved: CheckpointState = serde_json::from_str(&std::fs::read_to_string(&state_path)?)
+                .with_context(|| format!("{}: not a training checkpoint", state_path.display()))?;
+            if saved.architecture != arch {
+                bail!("{}: checkpoint of a different model architecture; use another run folder", state_path.display());
+            }
+            let weights = dir.join("state.safetensors");
+            let tensors = candle_core::safetensors::load(&weights, &self.device)
+                .with_context(|| format!("{}: unreadable checkpoint", weights.display()))?;
+            for (n, v) in &self.named_vars {
+                let t = tensors
+                    .get(&format!("param.{n}"))
+                    .with_context(|| format!("{}: no parameter `{n}`", weights.display()))?;
+                v.set(t).with_context(|| format!("{}: parameter `{n}`", weights.display()))?;
+            }
+            opt.load_state(&tensors, saved.step)?;
+            let ema_t: HashMap<String, Tensor> =
+                tensors.iter().filter_map(|(k, t)| k.strip_prefix("ema.").map(|n| (n.to_string(), t.clone()))).collect();
+            ema.load(&ema_t)?;
+            tracing::info!("resuming from {} at step {}", dir.display(), saved.step);
+            state.step = saved.step;
+            state.losses = saved.losses;
+            state.seconds = saved.seconds;
+        }
+        let start = Instant::now();
+        let base_seconds = state.seconds;
+        while state.step < opts.steps {
+            if let Some(limit) = deadline_secs {
+                if start.elapsed().as_secs_f64() >= limit {
+                    break;
+                }
+            }
+            let step = state.step;
+            opt.lr = opts.lr * ((step + 1) as f64 / opts.warmup.max(1) as f64).min(1.0);
+            let (xt, ids, ts, noise) = self.batch(opts, step)?;
+            let context = self.text_encoder.forward(&ids)?.last_hidden_state;
+            let pred = self.unet.forward_timesteps(&xt, &ts, &context, &mut NoObserver)?;
+            let loss = (pred - noise)?.sqr()?.mean_all()?;
+            let loss_value = loss.to_scalar::<f32>()?;
+            if !loss_value.is_finite() {
+                bail!("training diverged at step {step} (loss {loss_value}); lower --lr");
+            }
+            opt.backward_step(&loss)?;
+            ema.update()?;
+            state.step += 1;
+            state.losses.push(loss_value);
+            state.seconds = base_seconds + start.elapsed().as_secs_f64();
+            on_progress(&Progress { step: state.step, steps: opts.steps, loss: loss_value, seconds: state.seconds });
+            if state.step % opts.checkpoint_every == 0 || state.step == opts.steps {
+                self.save_checkpoint(&state, &opt, &ema)?;
+                self.export(&ema)?;
+                write_atomic(&self.run_dir.join("loss.png"), &loss_curve_png(&state.losses)?)?;
+            }
+        }
+        self.save_checkpoint(&state, &opt, &ema)?;
+        let model_dir = self.export(&ema)?;
+        write_atomic(&self.run_dir.join("loss.png"), &loss_curve_png(&state.losses)?)?;
+        let tail = &state.losses[state.losses.len().saturating_sub(100)..];
+        let final_loss = if tail.is_empty() { f32::NAN } else { tail.iter().sum::<f32>() / tail.len() as f32 };
+        Ok(TrainSummary { steps: state.step, final_loss, seconds: state.seconds, model_dir })
+    }
+
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+}

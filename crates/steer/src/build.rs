@@ -1,0 +1,239 @@
+//! Building the classifier's training data by dual inversion (DESIGN §2): each annotated image is
+//! inverted with its true prompt and with a wrong-relation prompt, reconstructed from each
+//! inversion while the relation maps are recorded at the chosen steps, and both samples are
+//! labelled with the TRUE relation, so the classifier cannot learn to read the relation word.
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use l2s_eval::{relations as relation_rule, BBox, Relation};
+use l2s_generate::{invert, reconstruct, word_tokens, InvertRequest, StepObserver};
+use l2s_models::{AttentionObserver, AttentionSite, StableDiffusion};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::dataset::{DatasetWriter, LayerInfo, SampleKind, SampleMeta, ShardSpec};
+use crate::maps::{MapRecorder, WordPair};
+
+/// An image with named boxes (pixel xyxy).
+pub struct AnnotatedImage {
+    pub id: String,
+    pub image: image::RgbImage,
+    pub objects: Vec<(String, BBox)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct BuildConfig {
+    pub steps: usize,
+    pub fixed_point_iterations: usize,
+    /// Denoising steps (0-based) at which maps are recorded.
+    pub step_indices: Vec<usize>,
+    pub psnr_threshold: f64,
+    /// Also invert with a wrong-relation prompt (the method); `false` is the ablation.
+    pub dual_inversion: bool,
+    pub seed: u64,
+    pub shard: ShardSpec,
+}
+
+/// The four relations, in label order.
+pub fn relation_names() -> Vec<String> {
+    Relation::ALL.iter().map(|r| r.name().to_string()).collect()
+}
+
+fn article(word: &str) -> &'static str {
+    match word.chars().next() {
+        Some('a' | 'e' | 'i' | 'o' | 'u') => "an",
+        _ => "a",
+    }
+}
+
+/// "a circle to the left of a square"-style prompt for a triplet.
+pub fn triplet_prompt(subject: &str, relation: Relation, object: &str) -> String {
+    let phrase = match relation {
+        Relation::LeftOf => "to the left of",
+        Relation::RightOf => "to the right of",
+        Relation::Above => "above",
+        Relation::Below => "below",
+    };
+    format!("{} {subject} {phrase} {} {object}", article(subject), article(object))
+}
+
+/// Picks a pair of distinct objects whose relation is exactly one of the four.
+fn pick_pair(img: &AnnotatedImage, rng: &mut ChaCha8Rng) -> Option<(usize, usize, Relation)> {
+    let mut candidates = Vec::new();
+    for (i, (na, a)) in img.objects.iter().enumerate() {
+        for (j, (nb, b)) in img.objects.iter().enumerate() {
+            if i == j || na == nb {
+                continue;
+            }
+            let set: Vec<Relation> = relation_rule(a, b).iter().collect();
+            if set.len() == 1 {
+                candidates.push((i, j, set[0]));
+            }
+        }
+    }
+    candidates.choose(rng).copied()
+}
+
+/// Records the pair's maps at chosen steps of a reconstruction.
+struct StepMaps {
+    recorder: MapRecorder,
+    at_steps: Vec<usize>,
+    current: Option<usize>,
+    per_step: Vec<Tensor>,
+    sites: Vec<AttentionSite>,
+}
+
+impl StepMaps {
+    fn new(pair: WordPair, at_steps: &[usize]) -> Self {
+        let mut recorder = MapRecorder::new(vec![pair], crate::sd::MAP_SIZE, true);
+        recorder.set_active(false);
+        Self { recorder, at_steps: at_steps.to_vec(), current: None, per_step: Vec::new(), sites: Vec::new() }
+    }
+
+    fn harvest(&mut self) -> candle_core::Result<()> {
+        if self.current.take().is_some() {
+            // (1, 1, 2, C, S, S) → (2, C, S, S)
+            self.per_step.push(self.recorder.maps()?.squeeze(0)?.squeeze(0)?);
+            if self.sites.is_empty() {
+                self.sites = self.recorder.sites().to_vec();
+            }
+            self.recorder.clear();
+        }
+        Ok(())
+    }
+
+    /// (S, 2, C, size, size)
+    fn finish(mut self) -> Result<(Tensor, Vec<AttentionSite>)> {
+        self.harvest()?;
+        anyhow::ensure!(self.per_step.len() == self.at_steps.len(), "recorded {} of {} steps", self.per_step.len(), self.at_steps.len());
+        Ok((Tensor::stack(&self.per_step, 0)?, self.sites))
+    }
+}
+
+impl AttentionObserver for StepMaps {
+    fn wants(&self, site: &AttentionSite) -> bool {
+        self.recorder.wants(site)
+    }
+    fn observe(&mut self, site: &AttentionSite, probs: &Tensor) -> candle_core::Result<()> {
+        self.recorder.observe(site, probs)
+    }
+}
+
+impl StepObserver for StepMaps {
+    fn begin_step(&mut self, index: usize, _timestep: usize) -> bool {
+        if self.harvest().is_err() {
+            return false;
+        }
+        let watch = self.at_steps.contains(&index);
+        self.current = watch.then_some(index);
+        self.recorder.set_active(watch);
+        watch
+    }
+}
+
+/// Inverts `image` with `prompt`, reconstructs it while recording the pair's maps.
+/// Returns the maps (S, 2, C, S, S), the layers and the reconstruction PSNR.
+pub fn record_sample(
+    sd: &StableDiffusion,
+    image: &image::RgbImage,
+    prompt: &str,
+    subject: &str,
+    object: &str,
+    cfg: &BuildConfig,
+) -> Result<(Tensor, Vec<AttentionSite>, f64)> {
+    let pair = WordPair {
+        subject: word_tokens(&sd.tokenizer, prompt, subject)?.positions,
+        object: word_tokens(&sd.tokenizer, prompt, object)?.positions,
+    };
+    let mut req = InvertRequest::new(prompt);
+    req.steps = cfg.steps;
+    req.fixed_point_iterations = cfg.fixed_point_iterations;
+    req.width = Some(image.width() as usize);
+    req.height = Some(image.height() as usize);
+    let inversion = invert(sd, image, &req, &mut |_| {})?;
+    let mut observer = StepMaps::new(pair, &cfg.step_indices);
+    let recon = reconstruct(sd, &inversion, Some(&mut observer), &mut |_| {})?;
+    let (maps, sites) = observer.finish()?;
+    Ok((maps, sites, recon.psnr.unwrap_or(f64::NAN)))
+}
+
+/// Layer list of the dataset info from the recorded sites.
+pub fn layer_infos(sites: &[AttentionSite]) -> Vec<LayerInfo> {
+    sites.iter().map(|s| LayerInfo { name: s.layer.clone(), heads: s.heads, height: s.height, width: s.width }).collect()
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct BuildSummary {
+    pub images: usize,
+    pub written: usize,
+    pub skipped_existing: usize,
+    pub dropped_low_psnr: usize,
+    pub no_unambiguous_pair: usize,
+    pub mean_psnr: f64,
+}
+
+/// Builds (or resumes) a dataset in `writer` from `images`. `progress(done, total)` after each image.
+pub fn build(
+    sd: &StableDiffusion,
+    images: &[AnnotatedImage],
+    cfg: &BuildConfig,
+    writer: &mut DatasetWriter,
+    progress: &mut dyn FnMut(usize, usize, &BuildSummary),
+) -> Result<BuildSummary> {
+    let mut summary = BuildSummary::default();
+    let mut psnr_sum = 0.0;
+    for (index, img) in images.iter().enumerate() {
+        summary.images += 1;
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let Some((i, j, relation)) = pick_pair(img, &mut rng) else {
+            summary.no_unambiguous_pair += 1;
+            progress(index + 1, images.len(), &summary);
+            continue;
+        };
+        let (subject, object) = (img.objects[i].0.clone(), img.objects[j].0.clone());
+        let wrong: Vec<Relation> = Relation::ALL.iter().copied().filter(|r| *r != relation).collect();
+        let negative = wrong[rng.gen_range(0..wrong.len())];
+        let mut jobs = vec![(SampleKind::Positive, relation)];
+        if cfg.dual_inversion {
+            jobs.push((SampleKind::Negative, negative));
+        }
+        for (k, (kind, prompt_relation)) in jobs.into_iter().enumerate() {
+            let sample = index as u64 * 2 + k as u64;
+            if !cfg.shard.owns(sample) {
+                continue;
+            }
+            if writer.contains(sample) {
+                summary.skipped_existing += 1;
+                continue;
+            }
+            let prompt = triplet_prompt(&subject, prompt_relation, &object);
+            let (maps, _, psnr) = record_sample(sd, &img.image, &prompt, &subject, &object, cfg)
+                .with_context(|| format!("image {} with prompt {prompt:?}", img.id))?;
+            if !(psnr >= cfg.psnr_threshold) {
+                summary.dropped_low_psnr += 1;
+                continue;
+            }
+            psnr_sum += psnr;
+            let label = writer.info().label_of(relation.name()).context("relation missing from the dataset's classes")?;
+            let meta = SampleMeta {
+                sample,
+                image_id: img.id.clone(),
+                subject: subject.clone(),
+                object: object.clone(),
+                relation: relation.name().to_string(),
+                label,
+                prompt,
+                prompt_relation: prompt_relation.name().to_string(),
+                kind,
+                psnr,
+            };
+            writer.append(meta, &maps)?;
+            summary.written += 1;
+        }
+        summary.mean_psnr = if summary.written > 0 { psnr_sum / summary.written as f64 } else { 0.0 };
+        progress(index + 1, images.len(), &summary);
+    }
+    writer.flush()?;
+    Ok(summary)
+}
