@@ -46,7 +46,8 @@ pub enum DTypeArg {
 /// Which model to load and how.
 #[derive(clap::Args)]
 pub struct ModelArgs {
-    /// Model: a diffusers folder, or a hub id (org/name) already in the local Hugging Face cache
+    /// Model: a diffusers folder, a hub id (org/name) already in the local Hugging Face cache, or
+    /// `shapes` (the built-in shapes-world model, the default)
     #[arg(long, env = "L2S_MODEL", value_name = "DIR|HUB_ID")]
     pub model: Option<String>,
     /// Weight dtype
@@ -74,10 +75,13 @@ fn device(arg: Option<&str>) -> Result<Device> {
 
 /// Loads the model; returns it with the name to record in metadata (the argument as given).
 pub fn load_model(args: &ModelArgs) -> Result<(StableDiffusion, String)> {
-    let Some(name) = args.model.clone() else {
-        bail!("no model given: pass --model DIR|HUB_ID (a diffusers folder or a hub id in the local Hugging Face cache) or set L2S_MODEL");
+    // No --model: the shapes-world model compiled into this binary.
+    let name = args.model.clone().unwrap_or_else(|| l2s_shapes_model::embedded::NAME.to_string());
+    let folder = if name == l2s_shapes_model::embedded::NAME {
+        l2s_shapes_model::embedded::model_dir()?
+    } else {
+        resolve_model(&name).with_context(|| format!("model `{name}`"))?
     };
-    let folder = resolve_model(&name).with_context(|| format!("model `{name}`"))?;
     let opts = LoadOptions {
         dtype: match args.dtype {
             DTypeArg::F32 => DType::F32,

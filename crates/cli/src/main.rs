@@ -39,6 +39,10 @@ subcommands! {
     Generate(generate) "Generate images from a prompt (DDIM, classifier-free guidance)",
     Invert(invert) "Invert an image to noise with DDIM, reconstruct it and report the PSNR",
     Attention(attention) "Generate an image and draw the cross-attention maps of chosen words",
+    Shapes(shapes) "The synthetic shapes world: render datasets, train the shapes model",
+    Data(data) "Build the relation classifier's training data by dual inversion",
+    Train(train) "Train a relation classifier on maps from `l2s data build`",
+    Bench(bench) "Benchmarks: the Learn-to-Steer experiment on the shapes world",
 }
 
 /// learn-to-steer: text-to-image diffusion with spatial steering.

@@ -178,9 +178,21 @@ fn hub_id_missing_from_cache_is_named() {
 }
 
 #[test]
-fn missing_model_says_how_to_give_one() {
-    let err = fails(&["generate", "--prompt", "a", "--out", "x.png"]);
-    assert!(err.contains("--model") && err.contains("L2S_MODEL"), "{err}");
+fn without_model_the_builtin_shapes_model_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("star.png");
+    let cache = dir.path().join("cache");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_l2s"))
+        .args(["-q", "generate", "--prompt", "a star to the left of a heart", "--steps", "4", "--out", s(&out)])
+        .env_remove("L2S_MODEL")
+        .env("L2S_CACHE", &cache)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let meta = l2s_generate::read_png_text(&out).unwrap();
+    assert!(meta.iter().any(|(k, v)| k == "model" && v == "shapes"), "{meta:?}");
+    let img = image::open(&out).unwrap();
+    assert_eq!((img.width(), img.height()), (32, 32));
 }
 
 #[test]

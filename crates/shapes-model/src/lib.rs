@@ -2,6 +2,7 @@
 //! train on a CPU, its trainer, and the folder format it is saved in.
 
 pub mod architecture;
+pub mod embedded;
 
 pub mod folder;
 pub mod optim;

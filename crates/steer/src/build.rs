@@ -173,12 +173,15 @@ pub struct BuildSummary {
     pub mean_psnr: f64,
 }
 
-/// Builds (or resumes) a dataset in `writer` from `images`. `progress(done, total)` after each image.
+/// Builds (or resumes) a dataset in `writer` from `images`. With `positives_only`, the
+/// true-prompt samples also go there: the single-inversion ablation from the same inversions.
+/// `progress(done, total)` after each image.
 pub fn build(
     sd: &StableDiffusion,
     images: &[AnnotatedImage],
     cfg: &BuildConfig,
     writer: &mut DatasetWriter,
+    mut positives_only: Option<&mut DatasetWriter>,
     progress: &mut dyn FnMut(usize, usize, &BuildSummary),
 ) -> Result<BuildSummary> {
     let mut summary = BuildSummary::default();
@@ -203,7 +206,8 @@ pub fn build(
             if !cfg.shard.owns(sample) {
                 continue;
             }
-            if writer.contains(sample) {
+            let single_done = positives_only.as_ref().is_none_or(|w| kind == SampleKind::Negative || w.contains(sample));
+            if writer.contains(sample) && single_done {
                 summary.skipped_existing += 1;
                 continue;
             }
@@ -228,12 +232,24 @@ pub fn build(
                 kind,
                 psnr,
             };
-            writer.append(meta, &maps)?;
+            if kind == SampleKind::Positive {
+                if let Some(single) = positives_only.as_deref_mut() {
+                    if !single.contains(sample) {
+                        single.append(meta.clone(), &maps)?;
+                    }
+                }
+            }
+            if !writer.contains(sample) {
+                writer.append(meta, &maps)?;
+            }
             summary.written += 1;
         }
         summary.mean_psnr = if summary.written > 0 { psnr_sum / summary.written as f64 } else { 0.0 };
         progress(index + 1, images.len(), &summary);
     }
     writer.flush()?;
+    if let Some(single) = positives_only {
+        single.flush()?;
+    }
     Ok(summary)
 }

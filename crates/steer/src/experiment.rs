@@ -103,7 +103,9 @@ pub fn evaluate(
             let wanted = Triplet::new(p.triplet.subject.clone(), p.triplet.relation, p.triplet.object.clone());
             let j = judge(&wanted, &detections);
             if let Some(dir) = settings.save_dir {
-                let path = dir.join(format!("{pi:05}")).join(format!("{seed}.png"));
+                let folder = dir.join(format!("{pi:05}"));
+                std::fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;
+                let path = folder.join(format!("{seed}.png"));
                 let meta = vec![
                     ("prompt".to_string(), p.prompt.clone()),
                     ("seed".to_string(), seed.to_string()),

@@ -8,6 +8,7 @@ pub mod dataset;
 pub mod experiment;
 pub mod losses;
 pub mod maps;
+pub mod method;
 pub mod relations;
 pub mod sd;
 pub mod steering;

@@ -580,6 +580,9 @@ pub struct CheckpointMeta {
     pub model: String,
     pub dual_inversion: bool,
     pub metrics: Option<TrainMetrics>,
+    /// Steps of the sampling runs the maps were recorded in (`step_indices` refer to them).
+    #[serde(default)]
+    pub num_inference_steps: Option<usize>,
 }
 
 impl CheckpointMeta {
@@ -677,6 +680,7 @@ pub fn train(
         layers: info.layers.clone(),
         model: info.model.clone(),
         dual_inversion: info.dual_inversion,
+        num_inference_steps: info.extra.get("num_inference_steps").and_then(|v| v.as_u64()).map(|v| v as usize),
         metrics: Some(TrainMetrics {
             best_epoch: fitted.best_epoch,
             epochs_run: fitted.epochs_run,

@@ -46,6 +46,64 @@ pub struct Args {
     /// Output: a .png file, or a folder for several images
     #[arg(long)]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub steer: SteerArgs,
+}
+
+/// Test-time steering of spatial relations.
+#[derive(clap::Args)]
+pub struct SteerArgs {
+    /// Steering method: none, centroid, attend-excite, or a classifier (folder or classifier.json
+    /// from `l2s train`) — Learn-to-Steer
+    #[arg(long, default_value = "none", value_name = "METHOD|PATH")]
+    pub steer: String,
+    /// Relations to enforce, "subject,relation,object" (several separated by ';'); default: parsed
+    /// from the prompt
+    #[arg(long)]
+    pub relation: Option<String>,
+    /// Steer during the first N denoising steps (default: half of --steps)
+    #[arg(long)]
+    pub steer_steps: Option<usize>,
+    /// Gradient iterations per steered step (default: the method's)
+    #[arg(long)]
+    pub steer_iterations: Option<usize>,
+    /// Step size α (default: the method's)
+    #[arg(long)]
+    pub step_size: Option<f64>,
+    /// Divide each gradient by its RMS before scaling by α
+    #[arg(long)]
+    pub normalized: bool,
+}
+
+/// The method, its settings and the triplets' token positions, or `None` without steering.
+pub fn steering_for(
+    sd: &l2s_models::StableDiffusion,
+    prompt: &str,
+    steps: usize,
+    a: &SteerArgs,
+) -> Result<Option<(l2s_steer::method::Method, Vec<l2s_steer::steering::SteerTriplet>)>> {
+    use l2s_steer::method::{Method, MethodSpec};
+    let spec = MethodSpec::parse(&a.steer);
+    if spec == MethodSpec::None {
+        return Ok(None);
+    }
+    let mut method = Method::load(&spec, sd, steps)?;
+    if let Some(n) = a.steer_steps {
+        method.config.steer_steps = n;
+    }
+    if let Some(n) = a.steer_iterations {
+        method.config.max_iterations = n;
+    }
+    if let Some(x) = a.step_size {
+        method.config.step_size = x;
+    }
+    if a.normalized {
+        method.config.update = l2s_steer::steering::UpdateRule::Normalized;
+    }
+    let triplets = l2s_steer::relations::triplets_for(prompt, a.relation.as_deref())
+        .with_context(|| format!("--steer {} needs a relation in the prompt or --relation", a.steer))?;
+    let steer = l2s_steer::sd::steer_triplets(sd, prompt, &triplets, &|r| method.label(r))?;
+    Ok(Some((method, steer)))
 }
 
 /// Where each image goes.
@@ -87,6 +145,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         Some(p) => Some(init_rows(p, args.num_images)?),
         None => None,
     };
+    let steering = steering_for(&sd, &args.prompt, args.steps, &args.steer)?;
     for (i, path) in paths.iter().enumerate() {
         let req = GenerateRequest {
             prompt: args.prompt.clone(),
@@ -100,17 +159,39 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         };
         let label = if args.num_images > 1 { format!("image {}/{}", i + 1, args.num_images) } else { "image".into() };
         let mut bars = Bars::new(global, label);
-        let out = generate(&sd, &req, &mut |p| bars.update(p)).with_context(|| format!("generating {}", path.display()))?;
+        let mut extra = Vec::new();
+        let (image, width, height, warnings) = match &steering {
+            None => {
+                let g = generate(&sd, &req, &mut |p| bars.update(p)).with_context(|| format!("generating {}", path.display()))?;
+                (g.image, g.width, g.height, g.warnings)
+            }
+            Some((method, triplets)) => {
+                let total = req.steps;
+                let loss = method.loss().context("steering method without a loss")?;
+                let s = l2s_steer::sd::generate_steered(&sd, &req, triplets, loss, &method.config, &mut |done, _| {
+                    bars.update(l2s_generate::Progress { phase: l2s_generate::Phase::Denoise, done, total })
+                })
+                .with_context(|| format!("generating {}", path.display()))?;
+                extra.push(("steer".to_string(), method.name.clone()));
+                extra.push(("steer_config".to_string(), serde_json::to_string(&method.config)?));
+                extra.push(("steer_relations".to_string(), args.steer.relation.clone().unwrap_or_else(|| "from prompt".into())));
+                if let Some(l) = s.report.final_loss() {
+                    extra.push(("steer_final_loss".to_string(), format!("{l:.6}")));
+                }
+                extra.push(("steer_iterations".to_string(), s.report.iterations.to_string()));
+                let (w, h) = (s.image.width() as usize, s.image.height() as usize);
+                (s.image, w, h, Vec::new())
+            }
+        };
         bars.finish();
         if i == 0 {
-            warn_all(&out.warnings);
+            warn_all(&warnings);
         }
-        let mut extra = Vec::new();
         if let Some(p) = &args.init_latents {
             extra.push(("init_latents".to_string(), p.display().to_string()));
         }
-        let meta = generation_metadata(&req, &model_name, out.width, out.height, &extra);
-        write_png(path, &out.image, &meta).with_context(|| format!("writing {}", path.display()))?;
+        let meta = generation_metadata(&req, &model_name, width, height, &extra);
+        write_png(path, &image, &meta).with_context(|| format!("writing {}", path.display()))?;
         tracing::info!("wrote {}", path.display());
         println!("{}", path.display());
     }

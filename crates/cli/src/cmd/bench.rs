@@ -1,0 +1,295 @@
+//! `l2s bench shapes`: the whole experiment on the shapes world, resumable stage by stage —
+//! render annotated images, build dual- and single-inversion data, train both classifiers, then
+//! generate held-out prompts × seeds with every method and score them with the exact detector.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use l2s_models::StableDiffusion;
+use l2s_shapes::{DetectorConfig, RenderConfig, ShapeDetector};
+use l2s_steer::build::{build, BuildConfig};
+use l2s_steer::dataset::{Dataset, ShardSpec};
+use l2s_steer::experiment::{evaluate, summarize, EvalPrompt, EvalRecord, EvalSettings, EvalSummary};
+use l2s_steer::method::{Method, MethodSpec};
+use l2s_steer::relations::RelationTriplet;
+use l2s_steer::train::{evaluate as evaluate_classifier, load_classifier, split_by_image, train, TrainConfig};
+
+use crate::cmd::data::{open_writer, paper_steps, read_annotated};
+use crate::common::{load_model, Global, ModelArgs};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// The Learn-to-Steer experiment on the shapes world (resumable; stages are cached in --work)
+    Shapes(ShapesArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ShapesArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Working folder: images/, data-dual/, data-single/, clf-dual/, clf-single/, eval-*.jsonl, results.*
+    #[arg(long, default_value = "bench-shapes")]
+    work: PathBuf,
+    /// Annotated training images to render (only those with an unambiguous pair are used)
+    #[arg(long, default_value_t = 300)]
+    train_images: usize,
+    /// Sampling steps everywhere (data building and generation)
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 2)]
+    fixed_point: usize,
+    #[arg(long, default_value_t = 20.0)]
+    min_psnr: f64,
+    /// Held-out prompts "a {A} {relation} a {B}"
+    #[arg(long, default_value_t = 100)]
+    prompts: usize,
+    /// Seeds per prompt
+    #[arg(long, default_value_t = 4)]
+    seeds: u64,
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    /// Methods to evaluate (comma-separated): base, centroid, attend-excite, l2s-single, l2s-dual
+    #[arg(long, value_delimiter = ',', default_value = "base,centroid,attend-excite,l2s-single,l2s-dual")]
+    methods: Vec<String>,
+    /// Gradient iterations per steered step (overrides every method's default)
+    #[arg(long)]
+    steer_iterations: Option<usize>,
+    /// Steer during the first N steps (default: half of --steps)
+    #[arg(long)]
+    steer_steps: Option<usize>,
+    /// Step size α of the learned methods
+    #[arg(long)]
+    step_size: Option<f64>,
+    /// Normalise learned-method gradients by their RMS
+    #[arg(long)]
+    normalized: bool,
+    /// Classifier training epochs (early stopping may end sooner)
+    #[arg(long, default_value_t = 80)]
+    epochs: usize,
+}
+
+fn bar(global: &Global, len: usize, what: &str) -> ProgressBar {
+    let b = if global.quiet { ProgressBar::hidden() } else { ProgressBar::new(len as u64) };
+    b.set_style(
+        ProgressStyle::with_template(&format!("{what:>12} [{{bar:32}}] {{pos}}/{{len}} {{elapsed_precise}} (eta {{eta}}) {{msg}}"))
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    b
+}
+
+fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    l2s_generate::write_atomic(path, serde_json::to_string_pretty(value)?.as_bytes())?;
+    Ok(())
+}
+
+/// Stage 1–2: images and both datasets.
+fn build_data(sd: &StableDiffusion, a: &ShapesArgs, global: &Global) -> Result<()> {
+    let images_dir = a.work.join("images");
+    if !images_dir.join("annotations.json").exists() {
+        l2s_shapes::generate(&images_dir, &RenderConfig::with_size(32), a.train_images, 1000)?;
+    }
+    let done = a.work.join("data.done");
+    if done.exists() {
+        return Ok(());
+    }
+    let images = read_annotated(&images_dir, None)?;
+    let cfg = BuildConfig {
+        steps: a.steps,
+        fixed_point_iterations: a.fixed_point,
+        step_indices: paper_steps(a.steps),
+        psnr_threshold: a.min_psnr,
+        dual_inversion: true,
+        seed: 0,
+        shard: ShardSpec::all(),
+    };
+    let mut dual = open_writer(sd, &images, &cfg, &a.work.join("data-dual"), 256)?;
+    let single_cfg = BuildConfig { dual_inversion: false, ..cfg.clone() };
+    let mut single = open_writer(sd, &images, &single_cfg, &a.work.join("data-single"), 256)?;
+    let b = bar(global, images.len(), "data");
+    let summary = build(sd, &images, &cfg, &mut dual, Some(&mut single), &mut |done, _, s| {
+        b.set_position(done as u64);
+        b.set_message(format!("{} samples, {} dropped, PSNR {:.1} dB", s.written, s.dropped_low_psnr, s.mean_psnr));
+    })?;
+    b.finish_and_clear();
+    dual.finish()?;
+    single.finish()?;
+    write_json(&a.work.join("data-summary.json"), &summary)?;
+    eprintln!("data: {}", serde_json::to_string(&summary)?);
+    l2s_generate::write_atomic(&done, b"done")?;
+    Ok(())
+}
+
+/// Stage 3: both classifiers.
+fn train_classifiers(a: &ShapesArgs, global: &Global) -> Result<()> {
+    for kind in ["dual", "single"] {
+        let out = a.work.join(format!("clf-{kind}"));
+        if out.join("classifier.json").exists() {
+            continue;
+        }
+        let mut cfg = TrainConfig::sd();
+        cfg.max_epochs = a.epochs;
+        let b = bar(global, a.epochs, &format!("train {kind}"));
+        let report = train(&a.work.join(format!("data-{kind}")), &out, &cfg, &candle_core::Device::Cpu, &mut |e| {
+            b.inc(1);
+            b.set_message(format!("val acc {:.3}", e.val_accuracy));
+        })?;
+        b.finish_and_clear();
+        eprintln!("classifier {kind}: {}", serde_json::to_string(&report.meta.metrics)?);
+    }
+    Ok(())
+}
+
+/// Each classifier's accuracy on the dual-inversion test maps (the same held-out images).
+fn classifier_accuracies(sd: &StableDiffusion, a: &ShapesArgs) -> Result<serde_json::Value> {
+    let ds = Dataset::open(a.work.join("data-dual"))?;
+    let split = split_by_image(ds.entries(), TrainConfig::sd().split, TrainConfig::sd().seed);
+    let test = ds.load(&split.test, candle_core::DType::F32)?;
+    let mut out = serde_json::Map::new();
+    for kind in ["dual", "single"] {
+        let id = l2s_steer::method::model_id(sd)?;
+        let (clf, meta) = load_classifier(&a.work.join(format!("clf-{kind}")), Some(&id), None, &candle_core::Device::Cpu, candle_core::DType::F32)?;
+        let ev = evaluate_classifier(&clf, &test, 64, &meta.relations, &candle_core::Device::Cpu)?;
+        out.insert(kind.into(), serde_json::json!({"test_examples": ev.examples, "accuracy": ev.accuracy, "loss": ev.loss}));
+    }
+    Ok(out.into())
+}
+
+fn prompts(n: usize) -> Vec<EvalPrompt> {
+    let mut all = l2s_shapes::all_prompts();
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    all.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(7));
+    all.into_iter()
+        .take(n)
+        .map(|p| EvalPrompt {
+            prompt: p.text(),
+            triplet: RelationTriplet::new(p.a.name(), p.relation, p.b.name()),
+        })
+        .collect()
+}
+
+fn method_spec(name: &str, work: &Path) -> Result<MethodSpec> {
+    Ok(match name {
+        "base" => MethodSpec::None,
+        "centroid" => MethodSpec::Centroid,
+        "attend-excite" => MethodSpec::AttendExcite,
+        "l2s-dual" => MethodSpec::Classifier(work.join("clf-dual")),
+        "l2s-single" => MethodSpec::Classifier(work.join("clf-single")),
+        other => anyhow::bail!("--methods: unknown method `{other}` (base, centroid, attend-excite, l2s-single, l2s-dual)"),
+    })
+}
+
+fn run_method(sd: &StableDiffusion, a: &ShapesArgs, name: &str, global: &Global) -> Result<EvalSummary> {
+    let path = a.work.join(format!("eval-{name}.jsonl"));
+    if path.exists() {
+        let records: Vec<EvalRecord> = std::fs::read_to_string(&path)?
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).map(|v| record_from(&v)))
+            .collect::<std::result::Result<_, _>>()
+            .with_context(|| format!("reading {}", path.display()))?;
+        return Ok(summarize(name, &records));
+    }
+    let mut method = Method::load(&method_spec(name, &a.work)?, sd, a.steps)?;
+    if let Some(n) = a.steer_iterations {
+        method.config.max_iterations = n;
+    }
+    if let Some(n) = a.steer_steps {
+        method.config.steer_steps = n;
+    }
+    if name.starts_with("l2s") {
+        if let Some(x) = a.step_size {
+            method.config.step_size = x;
+        }
+        if a.normalized {
+            method.config.update = l2s_steer::steering::UpdateRule::Normalized;
+        }
+    }
+    let detector = ShapeDetector::new(DetectorConfig::for_render(&RenderConfig::with_size(32)));
+    let ps = prompts(a.prompts);
+    let images_dir = a.work.join(format!("images-{name}"));
+    let settings = EvalSettings {
+        steps: a.steps,
+        guidance: a.guidance,
+        seeds: (0..a.seeds).collect(),
+        loss: method.loss(),
+        steer: method.config.clone(),
+        label: &|r| method.label(r),
+        save_dir: Some(&images_dir),
+    };
+    let b = bar(global, ps.len() * a.seeds as usize, name);
+    let records = evaluate(sd, &ps, name, &settings, &detector, &mut |done, _| b.set_position(done as u64))?;
+    b.finish_and_clear();
+    let mut text = String::new();
+    for r in &records {
+        text.push_str(&serde_json::to_string(r)?);
+        text.push('\n');
+    }
+    l2s_generate::write_atomic(&path, text.as_bytes())?;
+    let s = summarize(name, &records);
+    eprintln!("{name}: {}", serde_json::to_string(&s)?);
+    Ok(s)
+}
+
+fn record_from(v: &serde_json::Value) -> EvalRecord {
+    EvalRecord {
+        prompt: v["prompt"].as_str().unwrap_or_default().to_string(),
+        seed: v["seed"].as_u64().unwrap_or(0),
+        method: v["method"].as_str().unwrap_or_default().to_string(),
+        correct: v["correct"].as_bool().unwrap_or(false),
+        both_found: v["both_found"].as_bool().unwrap_or(false),
+        relations: serde_json::from_value(v["relations"].clone()).unwrap_or_default(),
+        seconds: v["seconds"].as_f64().unwrap_or(0.0),
+        final_loss: v["final_loss"].as_f64(),
+        first_loss: v["first_loss"].as_f64(),
+    }
+}
+
+pub fn run(args: Args, global: &Global) -> Result<()> {
+    let Command::Shapes(a) = args.command;
+    std::fs::create_dir_all(&a.work).with_context(|| format!("creating {}", a.work.display()))?;
+    let (sd, model_name) = load_model(&a.model)?;
+    let needs_classifiers = a.methods.iter().any(|m| m.starts_with("l2s"));
+    let mut accuracies = serde_json::Value::Null;
+    if needs_classifiers {
+        build_data(&sd, &a, global)?;
+        train_classifiers(&a, global)?;
+        accuracies = classifier_accuracies(&sd, &a)?;
+        eprintln!("classifier accuracy on dual-inversion test maps: {accuracies}");
+    }
+    let mut summaries = Vec::new();
+    for m in &a.methods {
+        summaries.push(run_method(&sd, &a, m, global)?);
+    }
+    let mut table = String::from("| method | spatial accuracy | object accuracy | s / image | final steering loss |\n|---|---|---|---|---|\n");
+    for s in &summaries {
+        table.push_str(&format!(
+            "| {} | {:.3} | {:.3} | {:.2} | {} |\n",
+            s.method,
+            s.spatial_accuracy,
+            s.object_accuracy,
+            s.seconds_per_image,
+            s.mean_final_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "—".into())
+        ));
+    }
+    let results = serde_json::json!({
+        "model": model_name,
+        "prompts": a.prompts,
+        "seeds": a.seeds,
+        "steps": a.steps,
+        "guidance": a.guidance,
+        "methods": summaries,
+        "classifier_accuracy_on_dual_test_maps": accuracies,
+    });
+    write_json(&a.work.join("results.json"), &results)?;
+    l2s_generate::write_atomic(&a.work.join("results.md"), table.as_bytes())?;
+    println!("{table}");
+    Ok(())
+}

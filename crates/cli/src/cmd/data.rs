@@ -1,0 +1,150 @@
+//! `l2s data build`: the classifier's training data by dual inversion of annotated images.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use l2s_steer::build::{build, layer_infos, record_sample, relation_names, AnnotatedImage, BuildConfig};
+use l2s_steer::dataset::{DatasetInfo, DatasetWriter, ShardSpec};
+use l2s_steer::method::model_id;
+
+use crate::common::{load_model, Global, ModelArgs};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Invert annotated images with true and wrong-relation prompts and record relation maps
+    Build(BuildArgs),
+}
+
+#[derive(clap::Args)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A folder with COCO-style annotations.json and its images (e.g. `l2s shapes render` output)
+    #[arg(long)]
+    images: PathBuf,
+    /// Output dataset folder (resumed if it exists)
+    #[arg(long)]
+    out: PathBuf,
+    /// Sampling steps of inversion and reconstruction
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Fixed-point iterations per inversion step
+    #[arg(long, default_value_t = 5)]
+    fixed_point: usize,
+    /// Steps at which maps are recorded (default: the paper's 5,10,15,20,25,49 scaled to --steps)
+    #[arg(long, value_delimiter = ',')]
+    at_steps: Vec<usize>,
+    /// Drop samples whose reconstruction PSNR is below this (dB)
+    #[arg(long, default_value_t = 19.5)]
+    min_psnr: f64,
+    /// Invert with the true prompt only (the ablation of dual inversion)
+    #[arg(long)]
+    single_inversion: bool,
+    /// Use at most this many images
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Build only this part of the samples: i/n (0-based), for splitting work across machines
+    #[arg(long, default_value = "0/1")]
+    shard: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Samples per shard file
+    #[arg(long, default_value_t = 256)]
+    shard_size: usize,
+}
+
+/// The paper's recording steps {5,10,15,20,25,49} of 50, scaled to `steps`.
+pub fn paper_steps(steps: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = [5usize, 10, 15, 20, 25, 49]
+        .iter()
+        .map(|&s| ((s as f64) * steps as f64 / 50.0).round() as usize)
+        .map(|s| s.min(steps.saturating_sub(1)))
+        .collect();
+    v.dedup();
+    v
+}
+
+/// Reads a COCO-style folder into annotated images.
+pub fn read_annotated(dir: &std::path::Path, limit: Option<usize>) -> Result<Vec<AnnotatedImage>> {
+    let ds = l2s_shapes::read_dataset(dir).with_context(|| format!("reading annotated images from {}", dir.display()))?;
+    ds.images
+        .iter()
+        .take(limit.unwrap_or(usize::MAX))
+        .map(|img| {
+            Ok(AnnotatedImage {
+                id: img.id.to_string(),
+                image: img.load()?,
+                objects: img.objects.iter().map(|o| (o.class.name().to_string(), o.bbox)).collect(),
+            })
+        })
+        .collect()
+}
+
+/// Opens (or resumes) a dataset for `sd`, probing one sample for the map layout.
+pub fn open_writer(
+    sd: &l2s_models::StableDiffusion,
+    images: &[AnnotatedImage],
+    cfg: &BuildConfig,
+    out: &std::path::Path,
+    shard_size: usize,
+) -> Result<DatasetWriter> {
+    let probe = images.iter().find(|i| i.objects.len() >= 2).context("no image with two or more objects")?;
+    let (a, b) = (&probe.objects[0].0, &probe.objects[1].0);
+    let prompt = format!("a {a} and a {b}");
+    let mut probe_cfg = cfg.clone();
+    probe_cfg.fixed_point_iterations = 0;
+    let (maps, sites, _) = record_sample(sd, &probe.image, &prompt, a, b, &probe_cfg)?;
+    let mut extra = serde_json::Map::new();
+    extra.insert("num_inference_steps".into(), cfg.steps.into());
+    extra.insert("fixed_point_iterations".into(), cfg.fixed_point_iterations.into());
+    extra.insert("min_psnr".into(), cfg.psnr_threshold.into());
+    extra.insert("model_folder".into(), sd.folder.display().to_string().into());
+    let info = DatasetInfo {
+        model: model_id(sd)?,
+        num_maps: maps.dim(2)?,
+        map_size: maps.dim(3)?,
+        step_indices: cfg.step_indices.clone(),
+        relations: relation_names(),
+        layers: layer_infos(&sites),
+        dual_inversion: cfg.dual_inversion,
+        extra,
+    };
+    Ok(DatasetWriter::open(out, info, shard_size)?)
+}
+
+pub fn run(args: Args, global: &Global) -> Result<()> {
+    let Command::Build(a) = args.command;
+    let (sd, _) = load_model(&a.model)?;
+    let images = read_annotated(&a.images, a.limit)?;
+    let cfg = BuildConfig {
+        steps: a.steps,
+        fixed_point_iterations: a.fixed_point,
+        step_indices: if a.at_steps.is_empty() { paper_steps(a.steps) } else { a.at_steps.clone() },
+        psnr_threshold: a.min_psnr,
+        dual_inversion: !a.single_inversion,
+        seed: a.seed,
+        shard: ShardSpec::parse(&a.shard).map_err(|e| anyhow::anyhow!("--shard {}: {e}", a.shard))?,
+    };
+    let mut writer = open_writer(&sd, &images, &cfg, &a.out, a.shard_size)?;
+    let bar = if global.quiet { ProgressBar::hidden() } else { ProgressBar::new(images.len() as u64) };
+    bar.set_style(
+        ProgressStyle::with_template("build [{bar:32}] {pos}/{len} images {elapsed_precise} (eta {eta}) {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let summary = build(&sd, &images, &cfg, &mut writer, None, &mut |done, _, s| {
+        bar.set_position(done as u64);
+        bar.set_message(format!("{} samples, {} dropped, PSNR {:.1} dB", s.written, s.dropped_low_psnr, s.mean_psnr));
+    })?;
+    writer.finish()?;
+    bar.finish_and_clear();
+    eprintln!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}

@@ -1,0 +1,53 @@
+//! `l2s train`: train a relation classifier on a dataset from `l2s data build`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use l2s_steer::classifier::Preset;
+use l2s_steer::train::{train, TrainConfig};
+
+use crate::common::Global;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Dataset folder(s) written by `l2s data build` (several are merged first)
+    #[arg(long)]
+    data: PathBuf,
+    /// Output folder: classifier.safetensors + classifier.json
+    #[arg(long)]
+    out: PathBuf,
+    /// Size preset: sd or flux
+    #[arg(long, default_value = "sd")]
+    preset: String,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    batch: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn run(args: Args, global: &Global) -> Result<()> {
+    let preset = Preset::parse(&args.preset).ok_or_else(|| anyhow::anyhow!("--preset {}: expected sd or flux", args.preset))?;
+    let mut cfg = TrainConfig::for_preset(preset);
+    if let Some(e) = args.epochs {
+        cfg.max_epochs = e;
+    }
+    if let Some(lr) = args.lr {
+        cfg.lr = lr;
+    }
+    if let Some(b) = args.batch {
+        cfg.batch_size = b;
+    }
+    cfg.seed = args.seed;
+    let quiet = global.quiet;
+    let report = train(&args.data, &args.out, &cfg, &candle_core::Device::Cpu, &mut |e| {
+        if !quiet {
+            eprintln!("{}", serde_json::to_string(e).unwrap_or_default());
+        }
+    })?;
+    println!("{}", serde_json::to_string_pretty(&report.meta)?);
+    Ok(())
+}
