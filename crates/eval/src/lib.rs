@@ -7,11 +7,23 @@
 //! - [`judge`]: GenEval's per-image decision for the position task, and
 //!   [`Tally`] for the mean score; [`read_position_prompts`] reads GenEval's
 //!   metadata files.
+//! - [`prompts`]: GenEval metadata files (unsupported tags reported, never dropped silently),
+//!   seeded generators of position and multi-relation prompt sets, COCO's class names;
+//! - [`layout`]: GenEval's image folder layout (`NNNNN/metadata.jsonl`, `NNNNN/samples/SSSS.png`);
+//! - [`score`] / [`sources`]: GenEval's check for spatial prompts, per-image results, summaries
+//!   with VISOR's metrics, and scoring a folder (through a [`Detector`]) or a detections file;
+//! - [`report`]: a self-contained HTML report of scored runs.
 
 mod bbox;
 mod detect;
 mod geneval;
+pub mod layout;
+pub mod pngtext;
+pub mod prompts;
 mod relation;
+pub mod report;
+pub mod score;
+pub mod sources;
 
 pub use bbox::BBox;
 pub use detect::{top1_per_class, Detection, Detector};

@@ -421,6 +421,81 @@ mod tests {
         }
     }
 
+    /// Boxes as a detector reports them on real image sizes; the rule reads only the boxes,
+    /// so the image size matters only through them. Each case worked by hand.
+    #[test]
+    fn hand_computed_real_sizes() {
+        // 512×512: dog (50,200)-(150,300), bear (300,180)-(450,330). Centres (100,250) and
+        // (375,255): offset (−275, −5). Shrink x by 0.1·(100+150) = 25 → −250; y by
+        // 0.1·(100+150) = 25 → 0. Norm 275.05 → dx = −0.909, dy = 0: left of only.
+        let dog = BBox::new(50.0, 200.0, 150.0, 300.0);
+        let bear = BBox::new(300.0, 180.0, 450.0, 330.0);
+        assert_eq!(relations(&dog, &bear), set(&[LeftOf]));
+        assert_eq!(relations(&bear, &dog), set(&[RightOf]));
+        // 1024×256 (wide): A (100,20)-(300,120) centre (200,70), B (700,140)-(900,240) centre
+        // (800,190): offset (−600, −120). Shrink x 0.1·400 = 40 → −560; y 0.1·200 = 20 → −100.
+        // Norm 611.88 → dx = −0.915, dy = −0.163: left of only, although A is also higher.
+        let a = BBox::new(100.0, 20.0, 300.0, 120.0);
+        let b = BBox::new(700.0, 140.0, 900.0, 240.0);
+        assert_eq!(relations(&a, &b), set(&[LeftOf]));
+        // 256×1024 (tall), the same layout transposed: above only.
+        let at = BBox::new(20.0, 100.0, 120.0, 300.0);
+        let bt = BBox::new(140.0, 700.0, 240.0, 900.0);
+        assert_eq!(relations(&at, &bt), set(&[Above]));
+        // 32×32 (the shapes world): A (2,2)-(12,12) centre (7,7), B (18,18)-(30,30) centre
+        // (24,24): offset (−17, −17). Shrink 0.1·22 = 2.2 → −14.8 each; norm 24.04 →
+        // dx = dy = −0.616: left of and above.
+        let a = BBox::new(2.0, 2.0, 12.0, 12.0);
+        let b = BBox::new(18.0, 18.0, 30.0, 30.0);
+        assert_eq!(relations(&a, &b), set(&[LeftOf, Above]));
+        // 512×512 diagonal just short of two relations: offset (−200, −110), 100-px boxes.
+        // Shrink 20 → (−180, −90); norm 228.25 → dx = −0.789, dy = −0.394: left of only.
+        let a = sq(100.0, 140.0, 100.0);
+        let b = sq(300.0, 250.0, 100.0);
+        assert_eq!(relations(&a, &b), set(&[LeftOf]));
+        // … and with offset (−200, −140): shrink → (−180, −120); norm 244.13 →
+        // dx = −0.737, dy = −0.492 (still one); with (−200, −150): (−180, −130) / 250 →
+        // dy = −0.52: both.
+        assert_eq!(relations(&sq(100.0, 110.0, 100.0), &b), set(&[LeftOf]));
+        assert_eq!(relations(&sq(100.0, 100.0, 100.0), &b), set(&[LeftOf, Above]));
+    }
+
+    /// Overlapping and nested boxes, worked by hand.
+    #[test]
+    fn hand_computed_overlaps() {
+        // Nested with the same centre: offset 0 → no relation whatever the sizes.
+        let big = BBox::new(0.0, 0.0, 100.0, 100.0);
+        let small = BBox::new(40.0, 40.0, 60.0, 60.0);
+        assert!(relations(&small, &big).is_empty());
+        // Nested, off-centre to the right: small (70,45)-(90,55) centre (80,50); big centre
+        // (50,50): offset (30, 0); shrink 0.1·(20+100) = 12 → 18; /30 = 0.6 → right of.
+        let small = BBox::new(70.0, 45.0, 90.0, 55.0);
+        assert_eq!(relations(&small, &big), set(&[RightOf]));
+        // Same box shifted by 25 on a side of 100: shrink 20 → 5/25 = 0.2: no relation,
+        // although A is plainly further right — the rule asks for a clear offset.
+        let a = BBox::new(25.0, 0.0, 125.0, 100.0);
+        assert!(relations(&a, &big).is_empty());
+        // Shifted by 41: (41−20)/41 = 0.512 → right of; by 40: 20/40 = 0.5 → none.
+        assert_eq!(relations(&BBox::new(41.0, 0.0, 141.0, 100.0), &big), set(&[RightOf]));
+        assert!(relations(&BBox::new(40.0, 0.0, 140.0, 100.0), &big).is_empty());
+    }
+
+    /// Offsets at and just past the shrink margin, worked by hand.
+    #[test]
+    fn hand_computed_near_zero() {
+        let b = sq(50.0, 50.0, 10.0);
+        // Offset equal to the margin (2): shrunk to 0 → none.
+        assert!(relations(&sq(52.0, 50.0, 10.0), &b).is_empty());
+        // 0.0005 past the margin: below the 1e-3 floor → none.
+        assert!(relations(&sq(52.0005, 50.0, 10.0), &b).is_empty());
+        // 0.002 past it: above the floor, but dx = 0.002/2.002 ≈ 0.001 → still none.
+        assert!(relations(&sq(52.002, 50.0, 10.0), &b).is_empty());
+        // Zero-size boxes have no margin: offset (0.01, −0.01) → dx = 0.707, dy = −0.707.
+        let p = BBox::new(5.0, 5.0, 5.0, 5.0);
+        let q = BBox::new(5.01, 4.99, 5.01, 4.99);
+        assert_eq!(relations(&q, &p), set(&[RightOf, Above]));
+    }
+
     #[test]
     fn parse_phrases() {
         for (p, r) in [

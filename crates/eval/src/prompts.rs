@@ -1,0 +1,819 @@
+//! Prompt sets for spatial evaluation, in GenEval's metadata format.
+//!
+//! A GenEval metadata line names the objects an image must show (`include`, in order) and,
+//! for spatial prompts, where one object must stand relative to an earlier one:
+//!
+//! ```text
+//! {"tag": "position", "include": [{"class": "teddy bear", "count": 1},
+//!   {"class": "dog", "count": 1, "position": ["right of", 0]}], "prompt": "a photo of a dog right of a teddy bear"}
+//! ```
+//!
+//! - [`read_prompt_file`] reads such a file; lines of tags other than the spatial ones are kept
+//!   as [`Unsupported`] entries with their line numbers, so callers can report them.
+//! - [`position_prompts`] builds GenEval-style prompts "a photo of {a/an A} {rel} {a/an B}"
+//!   from a class list ([`COCO_CLASSES`] by default, as GenEval does), reproducibly from a seed.
+//! - [`multi_relation_prompts`] builds prompts with several objects and relations
+//!   ("a photo of a cup left of a dog above a kite and a book"), tagged [`MULTI_TAG`]. Their
+//!   lines use GenEval's own `include`/`position` encoding, so GenEval's checker reads them too.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::{Relation, Triplet};
+
+/// GenEval's tag of the two-object spatial task.
+pub const POSITION_TAG: &str = "position";
+/// Tag of prompts with several objects and relations (not one of GenEval's own tags).
+pub const MULTI_TAG: &str = "multi_position";
+
+/// True for the tags this crate scores: [`POSITION_TAG`] and [`MULTI_TAG`].
+pub fn is_supported_tag(tag: &str) -> bool {
+    tag == POSITION_TAG || tag == MULTI_TAG
+}
+
+/// GenEval's 80 COCO class names, in COCO's category order.
+pub const COCO_CLASSES: [&str; 80] = [
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "laptop",
+    "computer mouse",
+    "tv remote",
+    "computer keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
+];
+
+/// The eight classes of the shapes world (the same names the shapes detector reports).
+pub const SHAPES_CLASSES: [&str; 8] = [
+    "circle", "square", "triangle", "star", "heart", "ring", "cross", "diamond",
+];
+
+/// One object an image must show.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Include {
+    /// Detector class name.
+    pub class: String,
+    /// How many instances (spatial prompts use 1).
+    #[serde(default = "one")]
+    pub count: usize,
+    /// Where it must stand: the relation to the object at that earlier `include` index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<(Relation, usize)>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// A spatial prompt: its text, the objects it asks for and the relations between them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpatialPrompt {
+    pub tag: String,
+    pub prompt: String,
+    pub include: Vec<Include>,
+    /// The metadata line as read (other fields kept), or as built by the generators.
+    pub metadata: Value,
+}
+
+impl SpatialPrompt {
+    /// Builds a prompt and its metadata line. `include` must already be valid
+    /// (see [`SpatialPrompt::from_metadata`] for the rules).
+    fn build(tag: &str, prompt: String, include: Vec<Include>) -> Self {
+        let metadata = json!({ "tag": tag, "include": include, "prompt": prompt });
+        Self {
+            tag: tag.to_string(),
+            prompt,
+            include,
+            metadata,
+        }
+    }
+
+    /// The relations asked for, as (subject class, relation, reference class), in `include` order.
+    pub fn triplets(&self) -> Vec<Triplet> {
+        self.include
+            .iter()
+            .filter_map(|inc| {
+                inc.position
+                    .map(|(r, t)| Triplet::new(inc.class.clone(), r, self.include[t].class.clone()))
+            })
+            .collect()
+    }
+
+    /// The metadata as one JSON line (what GenEval writes to `metadata.jsonl`).
+    pub fn metadata_line(&self) -> String {
+        self.metadata.to_string()
+    }
+
+    /// Reads a metadata value. `Ok(None)` for tags other than the spatial ones. Checks that
+    /// every `position` names a known relation and an *earlier* include index (GenEval
+    /// resolves targets in order), that counts are at least 1, and that a spatial line has at
+    /// least one relation.
+    pub fn from_metadata(value: Value) -> Result<Option<Self>, String> {
+        let tag = value
+            .get("tag")
+            .and_then(Value::as_str)
+            .ok_or("no \"tag\" string")?
+            .to_string();
+        if !is_supported_tag(&tag) {
+            return Ok(None);
+        }
+        let prompt = value
+            .get("prompt")
+            .and_then(Value::as_str)
+            .ok_or("no \"prompt\" string")?
+            .to_string();
+        let raw = value.get("include").ok_or("no \"include\" list")?;
+        let include: Vec<Include> = serde_json::from_value(raw.clone())
+            .map_err(|e| format!("\"include\" is not a list of {{class, count, position}}: {e}"))?;
+        for (i, inc) in include.iter().enumerate() {
+            if inc.count == 0 {
+                return Err(format!("include {i} ({}): count must be at least 1", inc.class));
+            }
+            if let Some((rel, t)) = inc.position {
+                if t >= i {
+                    return Err(format!(
+                        "include {i} ({}): position [\"{rel}\", {t}] must refer to an earlier include (0..{i})",
+                        inc.class
+                    ));
+                }
+            }
+        }
+        if include.iter().all(|inc| inc.position.is_none()) {
+            return Err(format!("a {tag:?} line needs at least one \"position\" entry"));
+        }
+        Ok(Some(Self {
+            tag,
+            prompt,
+            include,
+            metadata: value,
+        }))
+    }
+
+    /// [`SpatialPrompt::from_metadata`] on one line of text.
+    pub fn from_line(line: &str) -> Result<Option<Self>, String> {
+        let value: Value =
+            serde_json::from_str(line).map_err(|e| format!("not a JSON object: {e}"))?;
+        if !value.is_object() {
+            return Err("not a JSON object".into());
+        }
+        Self::from_metadata(value)
+    }
+}
+
+/// A line whose tag this crate does not score.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Unsupported {
+    /// 1-based line number.
+    pub line: usize,
+    pub tag: String,
+}
+
+/// The contents of a GenEval metadata file.
+#[derive(Debug, Clone)]
+pub struct PromptFile {
+    pub path: PathBuf,
+    /// Spatial prompts with their 1-based line numbers.
+    pub prompts: Vec<(usize, SpatialPrompt)>,
+    /// Lines of other tags, in file order.
+    pub unsupported: Vec<Unsupported>,
+}
+
+impl PromptFile {
+    /// Unsupported line numbers grouped by tag.
+    pub fn unsupported_by_tag(&self) -> BTreeMap<String, Vec<usize>> {
+        group_unsupported(&self.unsupported)
+    }
+
+    /// One sentence per unsupported tag: "{path}: 80 lines tagged \"counting\" not scored (lines 5, 9, …)".
+    pub fn unsupported_report(&self) -> Vec<String> {
+        describe_unsupported(&self.path.display().to_string(), &self.unsupported)
+    }
+}
+
+/// Unsupported line numbers grouped by tag.
+pub fn group_unsupported(list: &[Unsupported]) -> BTreeMap<String, Vec<usize>> {
+    let mut by: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for u in list {
+        by.entry(u.tag.clone()).or_default().push(u.line);
+    }
+    by
+}
+
+/// Human-readable lines about unsupported tags, each with a count and the line numbers
+/// (the first 20, then "…").
+pub fn describe_unsupported(source: &str, list: &[Unsupported]) -> Vec<String> {
+    group_unsupported(list)
+        .into_iter()
+        .map(|(tag, lines)| {
+            let shown: Vec<String> = lines.iter().take(20).map(|l| l.to_string()).collect();
+            let more = if lines.len() > 20 { ", …" } else { "" };
+            format!(
+                "{source}: {} line{} tagged {tag:?} not supported (only \"{POSITION_TAG}\" and \"{MULTI_TAG}\" are scored): line{} {}{more}",
+                lines.len(),
+                if lines.len() == 1 { "" } else { "s" },
+                if lines.len() == 1 { "" } else { "s" },
+                shown.join(", ")
+            )
+        })
+        .collect()
+}
+
+/// A GenEval metadata file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PromptSetError {
+    #[error("cannot read prompt file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {msg}")]
+    Line {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Reads a GenEval metadata JSONL file: spatial lines become prompts; lines of other tags are
+/// listed in [`PromptFile::unsupported`]; blank lines are skipped; a malformed line is an
+/// error naming its line number.
+pub fn read_prompt_file(path: &Path) -> Result<PromptFile, PromptSetError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PromptSetError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut prompts = Vec::new();
+    let mut unsupported = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let err = |msg: String| PromptSetError::Line {
+            path: path.to_path_buf(),
+            line: i + 1,
+            msg,
+        };
+        let value: Value = serde_json::from_str(line)
+            .map_err(|e| err(format!("not a GenEval metadata line: {e}")))?;
+        match SpatialPrompt::from_metadata(value.clone()).map_err(err)? {
+            Some(p) => prompts.push((i + 1, p)),
+            None => unsupported.push(Unsupported {
+                line: i + 1,
+                tag: value["tag"].as_str().unwrap_or_default().to_string(),
+            }),
+        }
+    }
+    Ok(PromptFile {
+        path: path.to_path_buf(),
+        prompts,
+        unsupported,
+    })
+}
+
+/// "a" or "an" by the first letter, as GenEval's prompts use them.
+pub fn article(word: &str) -> &'static str {
+    match word.chars().next().map(|c| c.to_ascii_lowercase()) {
+        Some('a' | 'e' | 'i' | 'o' | 'u') => "an",
+        _ => "a",
+    }
+}
+
+fn noun(class: &str) -> String {
+    format!("{} {class}", article(class))
+}
+
+/// GenEval's wording: "a photo of {a/an A} {rel} {a/an B}".
+pub fn position_text(a: &str, relation: Relation, b: &str) -> String {
+    format!("a photo of {} {relation} {}", noun(a), noun(b))
+}
+
+/// A GenEval position prompt "A rel B", with B listed first as GenEval does.
+pub fn position_prompt(a: &str, relation: Relation, b: &str) -> SpatialPrompt {
+    SpatialPrompt::build(
+        POSITION_TAG,
+        position_text(a, relation, b),
+        vec![
+            Include {
+                class: b.to_string(),
+                count: 1,
+                position: None,
+            },
+            Include {
+                class: a.to_string(),
+                count: 1,
+                position: Some((relation, 0)),
+            },
+        ],
+    )
+}
+
+/// A small seeded generator (SplitMix64): the same seed gives the same prompts on every
+/// platform and in every version of this crate.
+#[derive(Debug, Clone)]
+pub struct PromptRng(u64);
+
+impl PromptRng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n > 0`), without modulo bias.
+    pub fn below(&mut self, n: usize) -> usize {
+        assert!(n > 0, "PromptRng::below(0)");
+        let n = n as u64;
+        let zone = u64::MAX - (u64::MAX % n);
+        loop {
+            let v = self.next_u64();
+            if v < zone {
+                return (v % n) as usize;
+            }
+        }
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn between(&mut self, lo: usize, hi: usize) -> usize {
+        lo + self.below(hi - lo + 1)
+    }
+
+    /// `k` distinct indices of `0..n`, in random order.
+    pub fn distinct(&mut self, n: usize, k: usize) -> Vec<usize> {
+        let mut pool: Vec<usize> = (0..n).collect();
+        for i in 0..k.min(n) {
+            let j = i + self.below(n - i);
+            pool.swap(i, j);
+        }
+        pool.truncate(k.min(n));
+        pool
+    }
+}
+
+fn check_classes(classes: &[&str], need: usize) -> Result<(), PromptSetError> {
+    let distinct: BTreeSet<&str> = classes.iter().copied().collect();
+    if distinct.len() != classes.len() {
+        return Err(PromptSetError::Invalid(
+            "the class list has repeated names".into(),
+        ));
+    }
+    if classes.iter().any(|c| c.trim().is_empty()) {
+        return Err(PromptSetError::Invalid(
+            "the class list has an empty name".into(),
+        ));
+    }
+    if classes.len() < need {
+        return Err(PromptSetError::Invalid(format!(
+            "need at least {need} classes, got {}",
+            classes.len()
+        )));
+    }
+    Ok(())
+}
+
+/// `n` distinct GenEval-style position prompts over `classes` (two different classes and one
+/// of the four relations each), reproducible from `seed`. Fails when fewer than `n` distinct
+/// prompts exist (`classes · (classes − 1) · 4`).
+pub fn position_prompts(
+    n: usize,
+    classes: &[&str],
+    seed: u64,
+) -> Result<Vec<SpatialPrompt>, PromptSetError> {
+    check_classes(classes, 2)?;
+    let k = classes.len();
+    let possible = k * (k - 1) * 4;
+    if n > possible {
+        return Err(PromptSetError::Invalid(format!(
+            "asked for {n} position prompts but {k} classes give only {possible} distinct ones"
+        )));
+    }
+    let mut rng = PromptRng::new(seed);
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let pick = rng.distinct(k, 2);
+        let rel = Relation::ALL[rng.below(4)];
+        if seen.insert((pick[0], rel, pick[1])) {
+            out.push(position_prompt(classes[pick[0]], rel, classes[pick[1]]));
+        }
+    }
+    Ok(out)
+}
+
+/// Ranges for [`multi_relation_prompts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MultiRelationSpec {
+    pub min_objects: usize,
+    pub max_objects: usize,
+    pub min_relations: usize,
+    pub max_relations: usize,
+}
+
+impl Default for MultiRelationSpec {
+    /// 2–5 objects, 1–3 relations.
+    fn default() -> Self {
+        Self {
+            min_objects: 2,
+            max_objects: 5,
+            min_relations: 1,
+            max_relations: 3,
+        }
+    }
+}
+
+/// `n` distinct prompts with several objects (distinct classes) and relations, reproducible
+/// from `seed`. Relations form chains ("a cup left of a dog above a kite": the reference of
+/// one relation is the subject of the next); separate chains and unrelated objects are joined
+/// with "and". Every object is the subject of at most one relation and no chain loops, so any
+/// drawn combination is satisfiable and encodable in GenEval's format.
+pub fn multi_relation_prompts(
+    n: usize,
+    classes: &[&str],
+    seed: u64,
+    spec: MultiRelationSpec,
+) -> Result<Vec<SpatialPrompt>, PromptSetError> {
+    let bad = |m: String| Err(PromptSetError::Invalid(m));
+    if spec.min_objects < 2 || spec.min_objects > spec.max_objects {
+        return bad(format!(
+            "objects {}..={}: need 2 ≤ min ≤ max",
+            spec.min_objects, spec.max_objects
+        ));
+    }
+    if spec.min_relations < 1 || spec.min_relations > spec.max_relations {
+        return bad(format!(
+            "relations {}..={}: need 1 ≤ min ≤ max",
+            spec.min_relations, spec.max_relations
+        ));
+    }
+    if spec.min_relations > spec.max_objects - 1 {
+        return bad(format!(
+            "{} relations need at least {} objects, but at most {} are allowed",
+            spec.min_relations,
+            spec.min_relations + 1,
+            spec.max_objects
+        ));
+    }
+    check_classes(classes, spec.min_objects.max(spec.min_relations + 1))?;
+    let max_objects = spec.max_objects.min(classes.len());
+    let mut rng = PromptRng::new(seed);
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(n);
+    let mut attempts = 0usize;
+    while out.len() < n {
+        attempts += 1;
+        if attempts > 1000 * (n + 10) {
+            return bad(format!(
+                "could only find {} distinct multi-relation prompts of the {n} asked for",
+                out.len()
+            ));
+        }
+        let lo_obj = spec.min_objects.max(spec.min_relations + 1);
+        let objects = rng.between(lo_obj, max_objects);
+        let relations = rng.between(spec.min_relations, spec.max_relations.min(objects - 1));
+        let p = draw_multi(&mut rng, classes, objects, relations);
+        if seen.insert(p.prompt.clone()) {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+fn draw_multi(rng: &mut PromptRng, classes: &[&str], objects: usize, relations: usize) -> SpatialPrompt {
+    let picked: Vec<&str> = rng
+        .distinct(classes.len(), objects)
+        .into_iter()
+        .map(|i| classes[i])
+        .collect();
+    // Split the relations into chains; a chain of r relations uses r + 1 objects.
+    let max_chains = relations.min(objects - relations);
+    let chains = rng.between(1, max_chains);
+    let mut lengths = vec![1usize; chains];
+    for _ in chains..relations {
+        let c = rng.below(chains);
+        lengths[c] += 1;
+    }
+    // Text and include list. Within a chain the last object is the reference; GenEval needs
+    // targets listed before the objects placed relative to them, so each chain's include
+    // entries are written from its end.
+    let mut clauses = Vec::new();
+    let mut include: Vec<Include> = Vec::new();
+    let mut next = 0usize;
+    for len in lengths {
+        let members = &picked[next..next + len + 1];
+        let rels: Vec<Relation> = (0..len).map(|_| Relation::ALL[rng.below(4)]).collect();
+        next += len + 1;
+        let mut text = noun(members[0]);
+        for (k, r) in rels.iter().enumerate() {
+            text.push_str(&format!(" {r} {}", noun(members[k + 1])));
+        }
+        clauses.push(text);
+        let base = include.len();
+        include.push(Include {
+            class: members[len].to_string(),
+            count: 1,
+            position: None,
+        });
+        for k in (0..len).rev() {
+            // members[k] rel[k] members[k + 1]; members[k + 1] sits at base + (len − 1 − k).
+            include.push(Include {
+                class: members[k].to_string(),
+                count: 1,
+                position: Some((rels[k], base + (len - 1 - k))),
+            });
+        }
+    }
+    for extra in &picked[next..] {
+        clauses.push(noun(extra));
+        include.push(Include {
+            class: extra.to_string(),
+            count: 1,
+            position: None,
+        });
+    }
+    let text = format!("a photo of {}", clauses.join(" and "));
+    SpatialPrompt::build(MULTI_TAG, text, include)
+}
+
+/// Writes prompts as GenEval metadata JSONL text (one line each, trailing newline).
+pub fn to_jsonl(prompts: &[SpatialPrompt]) -> String {
+    let mut s = String::new();
+    for p in prompts {
+        s.push_str(&p.metadata_line());
+        s.push('\n');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Relation::*;
+
+    #[test]
+    fn coco_list() {
+        assert_eq!(COCO_CLASSES.len(), 80);
+        let set: BTreeSet<_> = COCO_CLASSES.iter().collect();
+        assert_eq!(set.len(), 80);
+        for c in ["teddy bear", "computer mouse", "tv remote", "hair drier", "dining table"] {
+            assert!(COCO_CLASSES.contains(&c), "{c}");
+        }
+    }
+
+    #[test]
+    fn wording_and_metadata() {
+        let p = position_prompt("dog", RightOf, "teddy bear");
+        assert_eq!(p.prompt, "a photo of a dog right of a teddy bear");
+        assert_eq!(
+            p.metadata_line(),
+            r#"{"include":[{"class":"teddy bear","count":1},{"class":"dog","count":1,"position":["right of",0]}],"prompt":"a photo of a dog right of a teddy bear","tag":"position"}"#
+        );
+        assert_eq!(p.triplets(), vec![Triplet::new("dog", RightOf, "teddy bear")]);
+        assert_eq!(
+            position_text("elephant", Below, "umbrella"),
+            "a photo of an elephant below an umbrella"
+        );
+        // Round trip through the reader.
+        let back = SpatialPrompt::from_line(&p.metadata_line()).unwrap().unwrap();
+        assert_eq!(back, p);
+    }
+
+    #[test]
+    fn metadata_checks() {
+        let bad_target = r#"{"tag":"position","prompt":"x","include":[{"class":"a","count":1,"position":["above",1]},{"class":"b","count":1}]}"#;
+        assert!(SpatialPrompt::from_line(bad_target).unwrap_err().contains("earlier include"));
+        let bad_rel = r#"{"tag":"position","prompt":"x","include":[{"class":"a"},{"class":"b","position":["near",0]}]}"#;
+        assert!(SpatialPrompt::from_line(bad_rel).unwrap_err().contains("near"));
+        let no_rel = r#"{"tag":"position","prompt":"x","include":[{"class":"a"},{"class":"b"}]}"#;
+        assert!(SpatialPrompt::from_line(no_rel).unwrap_err().contains("position"));
+        let zero = r#"{"tag":"position","prompt":"x","include":[{"class":"a","count":0},{"class":"b","position":["above",0]}]}"#;
+        assert!(SpatialPrompt::from_line(zero).unwrap_err().contains("count"));
+        assert!(SpatialPrompt::from_line("[1]").is_err());
+        assert!(SpatialPrompt::from_line(r#"{"prompt":"x"}"#).unwrap_err().contains("tag"));
+        let other = r#"{"tag":"counting","prompt":"three cats","include":[{"class":"cat","count":3}]}"#;
+        assert_eq!(SpatialPrompt::from_line(other).unwrap(), None);
+        // Count defaults to 1; unknown fields are kept in the metadata.
+        let p = SpatialPrompt::from_line(r#"{"tag":"position","prompt":"x","extra":7,"include":[{"class":"a"},{"class":"b","position":["under",0]}]}"#)
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.include[0].count, 1);
+        assert_eq!(p.include[1].position, Some((Below, 0)));
+        assert_eq!(p.metadata["extra"], 7);
+    }
+
+    #[test]
+    fn reads_file_and_lists_unsupported_tags() {
+        let dir = std::env::temp_dir().join(format!("l2s-eval-prompts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("meta.jsonl");
+        let lines = [
+            r#"{"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"}"#,
+            &position_prompt("cat", Above, "cup").metadata_line(),
+            "",
+            r#"{"tag": "counting", "include": [{"class": "cat", "count": 3}], "prompt": "a photo of three cats"}"#,
+            r#"{"tag": "counting", "include": [{"class": "cup", "count": 2}], "prompt": "a photo of two cups"}"#,
+            &position_prompt("dog", LeftOf, "kite").metadata_line(),
+        ];
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        let f = read_prompt_file(&path).unwrap();
+        assert_eq!(f.prompts.iter().map(|(l, _)| *l).collect::<Vec<_>>(), [2, 6]);
+        assert_eq!(f.prompts[1].1.prompt, "a photo of a dog left of a kite");
+        let by = f.unsupported_by_tag();
+        assert_eq!(by["counting"], [4, 5]);
+        assert_eq!(by["single_object"], [1]);
+        let report = f.unsupported_report();
+        assert_eq!(report.len(), 2);
+        assert!(report[0].contains("2 lines tagged \"counting\"") && report[0].contains("lines 4, 5"), "{report:?}");
+        assert!(report[1].contains("1 line tagged \"single_object\"") && report[1].contains("line 1"), "{report:?}");
+
+        std::fs::write(&path, format!("{}\n{{oops\n", lines[1])).unwrap();
+        let e = read_prompt_file(&path).unwrap_err().to_string();
+        assert!(e.contains("meta.jsonl:2:"), "{e}");
+        assert!(read_prompt_file(&dir.join("absent.jsonl")).unwrap_err().to_string().contains("absent.jsonl"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn position_generator() {
+        let a = position_prompts(100, &COCO_CLASSES, 0).unwrap();
+        assert_eq!(a.len(), 100);
+        assert_eq!(a, position_prompts(100, &COCO_CLASSES, 0).unwrap());
+        assert_ne!(a, position_prompts(100, &COCO_CLASSES, 1).unwrap());
+        let texts: HashSet<_> = a.iter().map(|p| p.prompt.clone()).collect();
+        assert_eq!(texts.len(), 100);
+        let mut rels = BTreeMap::new();
+        for p in &a {
+            assert!(p.prompt.starts_with("a photo of "));
+            let t = &p.triplets()[0];
+            assert_ne!(t.a, t.b);
+            assert_eq!(p.prompt, position_text(&t.a, t.relation, &t.b));
+            *rels.entry(t.relation).or_insert(0) += 1;
+        }
+        assert_eq!(rels.len(), 4, "all four relations drawn: {rels:?}");
+        // A prefix of a longer set is the shorter set: growing N keeps earlier prompts.
+        assert_eq!(position_prompts(10, &COCO_CLASSES, 0).unwrap(), a[..10]);
+        // Every distinct prompt of a small class list, and no more.
+        let all = position_prompts(224, &SHAPES_CLASSES, 5).unwrap();
+        assert_eq!(all.iter().map(|p| &p.prompt).collect::<HashSet<_>>().len(), 224);
+        assert!(position_prompts(225, &SHAPES_CLASSES, 5).is_err());
+        assert!(position_prompts(1, &["dog"], 0).is_err());
+        assert!(position_prompts(1, &["dog", "dog"], 0).is_err());
+    }
+
+    #[test]
+    fn multi_generator() {
+        let ps = multi_relation_prompts(200, &COCO_CLASSES, 3, MultiRelationSpec::default()).unwrap();
+        assert_eq!(ps.len(), 200);
+        let mut objects_seen = BTreeSet::new();
+        let mut relations_seen = BTreeSet::new();
+        for p in &ps {
+            assert_eq!(p.tag, MULTI_TAG);
+            let n_obj = p.include.len();
+            let trips = p.triplets();
+            objects_seen.insert(n_obj);
+            relations_seen.insert(trips.len());
+            assert!((2..=5).contains(&n_obj) && (1..=3).contains(&trips.len()), "{}", p.prompt);
+            let classes: BTreeSet<_> = p.include.iter().map(|i| &i.class).collect();
+            assert_eq!(classes.len(), n_obj, "distinct classes: {}", p.prompt);
+            // Every include is mentioned in the text; every relation phrase reads "A rel B".
+            for inc in &p.include {
+                assert!(p.prompt.contains(&noun(&inc.class)), "{}", p.prompt);
+            }
+            for t in &trips {
+                let phrase = format!("{} {} {}", t.a, t.relation, noun(&t.b));
+                assert!(p.prompt.contains(&phrase), "{phrase:?} in {:?}", p.prompt);
+            }
+            // Valid GenEval metadata that reads back identically.
+            let back = SpatialPrompt::from_line(&p.metadata_line()).unwrap().unwrap();
+            assert_eq!(&back, p);
+        }
+        assert_eq!(objects_seen, (2..=5).collect());
+        assert_eq!(relations_seen, (1..=3).collect());
+        assert_eq!(ps, multi_relation_prompts(200, &COCO_CLASSES, 3, MultiRelationSpec::default()).unwrap());
+    }
+
+    #[test]
+    fn multi_chain_encoding() {
+        // Find a three-relation single chain and check its include order by hand.
+        let spec = MultiRelationSpec { min_objects: 4, max_objects: 4, min_relations: 3, max_relations: 3 };
+        let p = &multi_relation_prompts(1, &["cup", "dog", "kite", "book"], 9, spec).unwrap()[0];
+        // "a photo of a W r0 a X r1 a Y r2 a Z": include = [Z, Y→0, X→1, W→2].
+        let inc = &p.include;
+        assert_eq!(inc.len(), 4);
+        assert_eq!(inc[0].position, None);
+        assert_eq!(inc[1].position.unwrap().1, 0);
+        assert_eq!(inc[2].position.unwrap().1, 1);
+        assert_eq!(inc[3].position.unwrap().1, 2);
+        let order: Vec<usize> = inc.iter().rev().map(|i| p.prompt.find(&noun(&i.class)).unwrap()).collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{}", p.prompt);
+        // Impossible ranges are refused.
+        let bad = MultiRelationSpec { min_objects: 2, max_objects: 3, min_relations: 3, max_relations: 3 };
+        assert!(multi_relation_prompts(1, &COCO_CLASSES, 0, bad).is_err());
+        let bad = MultiRelationSpec { min_objects: 1, ..Default::default() };
+        assert!(multi_relation_prompts(1, &COCO_CLASSES, 0, bad).is_err());
+        assert!(multi_relation_prompts(1, &["a", "b"], 0, MultiRelationSpec { min_objects: 3, ..Default::default() }).is_err());
+    }
+
+    /// The official list, when the shared reference copy is present: every line is read as a
+    /// position prompt, and the generator's wording reproduces every prompt exactly.
+    #[test]
+    fn reference_prompts_if_present() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/reference/geneval_position_prompts.jsonl");
+        if !path.exists() {
+            eprintln!("skipping: {} not found", path.display());
+            return;
+        }
+        let f = read_prompt_file(&path).unwrap();
+        assert_eq!(f.prompts.len(), 100);
+        assert!(f.unsupported.is_empty());
+        for (_, p) in &f.prompts {
+            let t = &p.triplets()[0];
+            assert!(COCO_CLASSES.contains(&t.a.as_str()) && COCO_CLASSES.contains(&t.b.as_str()));
+            assert_eq!(position_text(&t.a, t.relation, &t.b), p.prompt);
+            let rebuilt = position_prompt(&t.a, t.relation, &t.b);
+            assert_eq!(rebuilt.include, p.include);
+        }
+    }
+}

@@ -1,0 +1,1037 @@
+//! Scoring spatial prompts the way GenEval does, with VISOR's metrics beside it.
+//!
+//! [`judge_prompt`] applies GenEval's check to one image: per object of the prompt (in
+//! `include` order) keep the detections of its class scoring above the threshold, best first,
+//! and take as many as the prompt asks for; an object placed relative to an earlier one must
+//! stand in the wanted relation (by [`relations_with_threshold`]) to every kept instance of it.
+//! For the usual two-object prompts this is exactly [`crate::judge`].
+//!
+//! [`ImageResult`] is one line of a results file: GenEval's fields (`filename`, `tag`,
+//! `prompt`, `correct`, `reason`, `metadata`, `details`, so GenEval's own summary script reads
+//! it) and ours (status, per-relation checks, the detections with the ones used marked).
+//! [`summarize`] turns results into a [`Summary`]; [`compare`] lines up two result sets
+//! prompt by prompt.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::prompts::{SpatialPrompt, Unsupported};
+use crate::{relations_with_threshold, BBox, Detection, Relation, RelationSet};
+
+/// Format name written into every summary.
+pub const SUMMARY_FORMAT: &str = "l2s-geneval-summary/1";
+
+/// GenEval's thresholds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScoreOptions {
+    /// Detections must score strictly above this (GenEval: 0.3).
+    pub min_score: f32,
+    /// The relation rule's shrink factor (GenEval: 0.1).
+    pub position_threshold: f32,
+}
+
+impl Default for ScoreOptions {
+    fn default() -> Self {
+        Self {
+            min_score: crate::SCORE_THRESHOLD,
+            position_threshold: crate::POSITION_THRESHOLD,
+        }
+    }
+}
+
+/// One wanted relation, checked on its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelationCheck {
+    pub subject: String,
+    pub relation: Relation,
+    pub object: String,
+    /// Both objects found (as many instances as asked for).
+    pub found: bool,
+    /// Relations of the best subject box to the best object box (empty unless found).
+    pub holds: RelationSet,
+    /// Found, and the wanted relation holds between every kept pair.
+    pub correct: bool,
+}
+
+/// GenEval's decision on one image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub correct: bool,
+    /// GenEval's reasons for a wrong image, one per failed object or relation.
+    pub reason: Vec<String>,
+    /// Every object found as many times as asked for (VISOR's object accuracy).
+    pub all_found: bool,
+    /// Each wanted relation on its own, in `include` order.
+    pub relations: Vec<RelationCheck>,
+    /// Indices (into the detections) of the boxes the decision used.
+    pub used: Vec<usize>,
+}
+
+/// Detections of each class scoring above `min_score`, best first (ties keep input order).
+fn kept_by_class(detections: &[Detection], min_score: f32) -> HashMap<&str, Vec<usize>> {
+    let mut by: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, d) in detections.iter().enumerate() {
+        if d.score.is_finite() && d.score > min_score {
+            by.entry(d.class.as_str()).or_default().push(i);
+        }
+    }
+    for v in by.values_mut() {
+        v.sort_by(|&a, &b| detections[b].score.total_cmp(&detections[a].score));
+    }
+    by
+}
+
+/// Judges one image for a spatial prompt (see the module documentation).
+pub fn judge_prompt(prompt: &SpatialPrompt, detections: &[Detection], opts: &ScoreOptions) -> Verdict {
+    let by = kept_by_class(detections, opts.min_score);
+    let found: Vec<&[usize]> = prompt
+        .include
+        .iter()
+        .map(|inc| {
+            let all = by.get(inc.class.as_str()).map_or(&[][..], |v| v.as_slice());
+            &all[..all.len().min(inc.count)]
+        })
+        .collect();
+    let rel = |a: usize, b: usize| {
+        relations_with_threshold(&detections[a].bbox, &detections[b].bbox, opts.position_threshold)
+    };
+    let mut correct = true;
+    let mut reason = Vec::new();
+    let mut groups: Vec<Option<&[usize]>> = Vec::with_capacity(prompt.include.len());
+    let mut used = Vec::new();
+    for (i, inc) in prompt.include.iter().enumerate() {
+        let objs = found[i];
+        used.extend_from_slice(objs);
+        let mut matched = true;
+        if objs.len() < inc.count {
+            correct = false;
+            matched = false;
+            reason.push(format!("expected {}>={}, found {}", inc.class, inc.count, objs.len()));
+        } else if let Some((wanted, target)) = inc.position {
+            match groups.get(target).copied().flatten() {
+                None => {
+                    correct = false;
+                    matched = false;
+                    reason.push(format!("no target for {} to be {wanted}", inc.class));
+                }
+                Some(targets) => {
+                    'pairs: for &o in objs {
+                        for &t in targets {
+                            let holds = rel(o, t);
+                            if !holds.contains(wanted) {
+                                correct = false;
+                                matched = false;
+                                let names = holds.names().join(" and ");
+                                reason.push(format!("expected {} {wanted} target, found {names} target", inc.class));
+                                break 'pairs;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        groups.push(matched.then_some(objs));
+    }
+    let complete = |i: usize| found[i].len() >= prompt.include[i].count;
+    let relations = prompt
+        .include
+        .iter()
+        .enumerate()
+        .filter_map(|(i, inc)| {
+            let (wanted, t) = inc.position?;
+            let ok = complete(i) && complete(t);
+            let holds = if ok { rel(found[i][0], found[t][0]) } else { RelationSet::empty() };
+            let all_pairs = ok
+                && found[i]
+                    .iter()
+                    .all(|&o| found[t].iter().all(|&b| rel(o, b).contains(wanted)));
+            Some(RelationCheck {
+                subject: inc.class.clone(),
+                relation: wanted,
+                object: prompt.include[t].class.clone(),
+                found: ok,
+                holds,
+                correct: all_pairs,
+            })
+        })
+        .collect();
+    Verdict {
+        correct,
+        reason,
+        all_found: (0..prompt.include.len()).all(complete),
+        relations,
+        used,
+    }
+}
+
+/// What became of an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageStatus {
+    /// Detected and judged.
+    Scored,
+    /// Expected but not on disk (or not in the detections file): counted as wrong.
+    Missing,
+    /// On disk but not a readable image: counted as wrong.
+    Undecodable,
+    /// The detector failed on it: counted as wrong.
+    DetectorFailed,
+}
+
+/// A detection as results files store it: pixel box `[x1, y1, x2, y2]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BoxRecord {
+    pub class: String,
+    pub bbox: [f32; 4],
+    pub score: f32,
+    /// The decision used this box.
+    #[serde(default)]
+    pub used: bool,
+}
+
+/// One line of a results file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageResult {
+    /// Image path relative to the run folder ("00012/samples/0003.png"), or as the detections
+    /// file named it.
+    pub filename: String,
+    pub tag: String,
+    pub prompt: String,
+    pub correct: bool,
+    /// GenEval's reasons, newline-separated ("" when correct).
+    pub reason: String,
+    /// The prompt's metadata line (a JSON string, as GenEval stores it).
+    pub metadata: String,
+    /// Detected boxes above the threshold per class, `{class: [[x1, y1, x2, y2, score], …]}`
+    /// (a JSON string, as GenEval stores it).
+    pub details: String,
+    /// The prompt folder's number, when known.
+    #[serde(default)]
+    pub prompt_index: Option<usize>,
+    /// The sample's number within its prompt, when known.
+    #[serde(default)]
+    pub sample: Option<usize>,
+    pub status: ImageStatus,
+    /// Every object found (VISOR's object accuracy).
+    pub all_found: bool,
+    pub relations: Vec<RelationCheck>,
+    /// Every detection above the threshold.
+    #[serde(default)]
+    pub detections: Vec<BoxRecord>,
+    #[serde(default)]
+    pub width: Option<u32>,
+    #[serde(default)]
+    pub height: Option<u32>,
+    /// From the image's metadata, when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// The steering loss at the last steered iteration, when the image was steered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steer_loss: Option<f64>,
+}
+
+/// Where an image comes from and what it carried.
+#[derive(Debug, Clone, Default)]
+pub struct ImageSource {
+    pub filename: String,
+    pub prompt_index: Option<usize>,
+    pub sample: Option<usize>,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    pub method: Option<String>,
+    pub seed: Option<u64>,
+    pub steer_loss: Option<f64>,
+}
+
+impl ImageResult {
+    /// Judges `detections` (already checked) for `prompt`.
+    pub fn scored(prompt: &SpatialPrompt, source: ImageSource, detections: &[Detection], opts: &ScoreOptions) -> Self {
+        let v = judge_prompt(prompt, detections, opts);
+        let kept = kept_by_class(detections, opts.min_score);
+        let mut boxes = Vec::new();
+        let mut details: BTreeMap<&str, Vec<[f32; 5]>> = BTreeMap::new();
+        for (i, d) in detections.iter().enumerate() {
+            if !kept.get(d.class.as_str()).is_some_and(|k| k.contains(&i)) {
+                continue;
+            }
+            boxes.push(BoxRecord {
+                class: d.class.clone(),
+                bbox: d.bbox.xyxy(),
+                score: d.score,
+                used: v.used.contains(&i),
+            });
+        }
+        for (class, idx) in &kept {
+            details.insert(
+                class,
+                idx.iter()
+                    .map(|&i| {
+                        let b = detections[i].bbox.xyxy();
+                        [b[0], b[1], b[2], b[3], detections[i].score]
+                    })
+                    .collect(),
+            );
+        }
+        Self {
+            filename: source.filename,
+            tag: prompt.tag.clone(),
+            prompt: prompt.prompt.clone(),
+            correct: v.correct,
+            reason: v.reason.join("\n"),
+            metadata: metadata_key(&prompt.metadata),
+            details: serde_json::to_string(&details).unwrap_or_default(),
+            prompt_index: source.prompt_index,
+            sample: source.sample,
+            status: ImageStatus::Scored,
+            all_found: v.all_found,
+            relations: v.relations,
+            detections: boxes,
+            width: source.width,
+            height: source.height,
+            method: source.method,
+            seed: source.seed,
+            steer_loss: source.steer_loss,
+        }
+    }
+
+    /// An image that could not be judged: wrong, nothing found, `why` as the reason.
+    pub fn unjudged(prompt: &SpatialPrompt, source: ImageSource, status: ImageStatus, why: &str) -> Self {
+        let relations = prompt
+            .triplets()
+            .into_iter()
+            .map(|t| RelationCheck {
+                subject: t.a,
+                relation: t.relation,
+                object: t.b,
+                found: false,
+                holds: RelationSet::empty(),
+                correct: false,
+            })
+            .collect();
+        Self {
+            filename: source.filename,
+            tag: prompt.tag.clone(),
+            prompt: prompt.prompt.clone(),
+            correct: false,
+            reason: why.to_string(),
+            metadata: metadata_key(&prompt.metadata),
+            details: "{}".into(),
+            prompt_index: source.prompt_index,
+            sample: source.sample,
+            status,
+            all_found: false,
+            relations,
+            detections: Vec::new(),
+            width: source.width,
+            height: source.height,
+            method: source.method,
+            seed: source.seed,
+            steer_loss: source.steer_loss,
+        }
+    }
+
+    /// The prompt this image belongs to: its folder number when known, else its metadata.
+    pub fn prompt_key(&self) -> String {
+        match self.prompt_index {
+            Some(i) => format!("#{i:05}"),
+            None => self.metadata.clone(),
+        }
+    }
+}
+
+/// The metadata as one canonical JSON string (keys sorted): equal prompts give equal strings.
+pub fn metadata_key(v: &Value) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+/// Kinds of problems found while scoring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IssueKind {
+    /// A line that is not JSON or lacks the metadata fields.
+    BadLine,
+    /// A metadata line whose tag is not scored.
+    UnsupportedTag,
+    /// A prompt folder without (readable) metadata.
+    MissingMetadata,
+    /// A prompt folder whose metadata differs from the run's prompt list.
+    MetadataMismatch,
+    /// A detection entry that is not `{class, bbox: [x1, y1, x2, y2], score}`.
+    BadDetection,
+    /// A detection of a class the prompt does not mention (ignored by the judgement).
+    ClassNotInPrompt,
+    /// A prompt class the detector cannot report (such images can never be correct).
+    ClassUnknownToDetector,
+    /// A box reaching outside the image: clipped to it.
+    BoxOutsideImage,
+    /// A box with non-finite, inverted or fully-outside coordinates: dropped.
+    BadBox,
+    /// A score outside [0, 1] or not a number: dropped.
+    BadScore,
+    /// No image width/height given: boxes not checked against the image.
+    MissingSize,
+    /// An expected image that is not there (counted as wrong).
+    MissingImage,
+    /// An image file that does not decode (counted as wrong).
+    UndecodableImage,
+    /// The detector failed (counted as wrong).
+    DetectorFailed,
+    /// The run's settings file does not parse.
+    BadRunFile,
+    /// The same image appears twice (the later one is ignored).
+    DuplicateImage,
+}
+
+/// One problem, where it was found, and what was done about it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Issue {
+    pub kind: IssueKind,
+    /// A path, or `file:line`.
+    pub location: String,
+    pub message: String,
+}
+
+impl Issue {
+    pub fn new(kind: IssueKind, location: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            location: location.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Counts and accuracy of a group of images or relations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rate {
+    pub total: usize,
+    pub correct: usize,
+    pub accuracy: f64,
+}
+
+impl Rate {
+    fn add(&mut self, ok: bool) {
+        self.total += 1;
+        self.correct += ok as usize;
+        self.accuracy = ratio(self.correct, self.total);
+    }
+}
+
+/// VISOR's metrics (Gokhale et al., "Benchmarking Spatial Relationships in Text-to-Image
+/// Generation").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Visor {
+    /// Object accuracy: images with every object found.
+    pub oa: f64,
+    /// Accuracy among images with every object found.
+    pub cond: f64,
+    /// `cond × oa` (= accuracy over all images).
+    pub uncond: f64,
+    /// Prompts with at least n correct images, n = 1…4.
+    pub visor_1: f64,
+    pub visor_2: f64,
+    pub visor_3: f64,
+    pub visor_4: f64,
+}
+
+/// Lines of one unsupported tag.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UnsupportedTag {
+    pub count: usize,
+    pub locations: Vec<String>,
+}
+
+/// Everything a run's images add up to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub format: String,
+    /// The folder or detections file scored.
+    pub source: String,
+    /// "shapes", or "external" for a detections file.
+    pub detector: String,
+    /// The generation method, when the run recorded it.
+    pub method: Option<String>,
+    /// Judged images, missing and unreadable ones included (they count as wrong).
+    pub images: usize,
+    pub correct_images: usize,
+    pub prompts: usize,
+    pub images_per_prompt: Option<usize>,
+    /// GenEval's score: correct images / images.
+    pub position_accuracy: f64,
+    /// Per wanted relation ("left of", …): each relation of each image checked on its own.
+    pub per_relation: BTreeMap<String, Rate>,
+    /// Per metadata tag ("position", "multi_position").
+    pub per_tag: BTreeMap<String, Rate>,
+    /// Prompts with at least one correct image (GenEval's "% correct prompts").
+    pub correct_prompts: f64,
+    pub visor: Visor,
+    pub missing_images: usize,
+    pub unreadable_images: usize,
+    /// Mean final steering loss over steered images, when recorded.
+    pub mean_steer_loss: Option<f64>,
+    /// Lines of tags that are not scored, by tag.
+    pub unsupported: BTreeMap<String, UnsupportedTag>,
+    /// Number of issues of each kind.
+    pub error_counts: BTreeMap<IssueKind, usize>,
+    /// Every issue, in the order found.
+    pub errors: Vec<Issue>,
+}
+
+/// Context for [`summarize`].
+#[derive(Debug, Clone, Default)]
+pub struct SummaryContext {
+    pub source: String,
+    pub detector: String,
+    pub method: Option<String>,
+    pub images_per_prompt: Option<usize>,
+    /// Unsupported lines with their location strings.
+    pub unsupported: Vec<(String, Unsupported)>,
+    pub issues: Vec<Issue>,
+}
+
+fn ratio(n: usize, d: usize) -> f64 {
+    if d == 0 {
+        0.0
+    } else {
+        n as f64 / d as f64
+    }
+}
+
+/// Per prompt: its key, text, images and correct images, in order of first appearance.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PromptTally {
+    pub key: String,
+    pub prompt: String,
+    pub images: usize,
+    pub correct: usize,
+}
+
+/// Groups results by [`ImageResult::prompt_key`].
+pub fn prompt_tallies(results: &[ImageResult]) -> Vec<PromptTally> {
+    tallies_by(results, ImageResult::prompt_key)
+}
+
+fn tallies_by(results: &[ImageResult], key: impl Fn(&ImageResult) -> String) -> Vec<PromptTally> {
+    let mut order: Vec<PromptTally> = Vec::new();
+    let mut at: HashMap<String, usize> = HashMap::new();
+    for r in results {
+        let k = key(r);
+        let i = *at.entry(k.clone()).or_insert_with(|| {
+            order.push(PromptTally {
+                key: k,
+                prompt: r.prompt.clone(),
+                images: 0,
+                correct: 0,
+            });
+            order.len() - 1
+        });
+        order[i].images += 1;
+        order[i].correct += r.correct as usize;
+    }
+    order
+}
+
+/// Adds up results (see [`Summary`]).
+pub fn summarize(results: &[ImageResult], ctx: SummaryContext) -> Summary {
+    let images = results.len();
+    let correct = results.iter().filter(|r| r.correct).count();
+    let found = results.iter().filter(|r| r.all_found).count();
+    let found_correct = results.iter().filter(|r| r.all_found && r.correct).count();
+    let mut per_relation: BTreeMap<String, Rate> = BTreeMap::new();
+    let mut per_tag: BTreeMap<String, Rate> = BTreeMap::new();
+    for r in results {
+        per_tag.entry(r.tag.clone()).or_default().add(r.correct);
+        for c in &r.relations {
+            per_relation.entry(c.relation.name().to_string()).or_default().add(c.correct);
+        }
+    }
+    let tallies = prompt_tallies(results);
+    let at_least = |n: usize| ratio(tallies.iter().filter(|t| t.correct >= n).count(), tallies.len());
+    let oa = ratio(found, images);
+    let cond = ratio(found_correct, found);
+    let losses: Vec<f64> = results.iter().filter_map(|r| r.steer_loss).filter(|l| l.is_finite()).collect();
+    let mut unsupported: BTreeMap<String, UnsupportedTag> = BTreeMap::new();
+    for (loc, u) in &ctx.unsupported {
+        let e = unsupported.entry(u.tag.clone()).or_default();
+        e.count += 1;
+        e.locations.push(loc.clone());
+    }
+    let mut error_counts = BTreeMap::new();
+    for i in &ctx.issues {
+        *error_counts.entry(i.kind).or_insert(0) += 1;
+    }
+    Summary {
+        format: SUMMARY_FORMAT.to_string(),
+        source: ctx.source,
+        detector: ctx.detector,
+        method: ctx.method,
+        images,
+        correct_images: correct,
+        prompts: tallies.len(),
+        images_per_prompt: ctx.images_per_prompt,
+        position_accuracy: ratio(correct, images),
+        per_relation,
+        per_tag,
+        correct_prompts: at_least(1),
+        visor: Visor {
+            oa,
+            cond,
+            uncond: cond * oa,
+            visor_1: at_least(1),
+            visor_2: at_least(2),
+            visor_3: at_least(3),
+            visor_4: at_least(4),
+        },
+        missing_images: results.iter().filter(|r| r.status == ImageStatus::Missing).count(),
+        unreadable_images: results
+            .iter()
+            .filter(|r| matches!(r.status, ImageStatus::Undecodable | ImageStatus::DetectorFailed))
+            .count(),
+        mean_steer_loss: (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64),
+        unsupported,
+        error_counts,
+        errors: ctx.issues,
+    }
+}
+
+impl Summary {
+    /// A few lines for a terminal.
+    pub fn text(&self) -> String {
+        let pct = |v: f64| format!("{:.1}%", 100.0 * v);
+        let mut s = String::new();
+        let method = self.method.as_deref().map(|m| format!(" ({m})")).unwrap_or_default();
+        s.push_str(&format!(
+            "{}{method}: {} images, {} prompts\n",
+            self.source, self.images, self.prompts
+        ));
+        s.push_str(&format!(
+            "position accuracy {} ({}/{}); prompts with a correct image {}\n",
+            pct(self.position_accuracy),
+            self.correct_images,
+            self.images,
+            pct(self.correct_prompts)
+        ));
+        let rels: Vec<String> = self
+            .per_relation
+            .iter()
+            .map(|(k, r)| format!("{k} {} ({}/{})", pct(r.accuracy), r.correct, r.total))
+            .collect();
+        if !rels.is_empty() {
+            s.push_str(&format!("per relation: {}\n", rels.join(", ")));
+        }
+        let v = &self.visor;
+        s.push_str(&format!(
+            "VISOR: OA {} cond {} uncond {} | VISOR_1 {} _2 {} _3 {} _4 {}\n",
+            pct(v.oa),
+            pct(v.cond),
+            pct(v.uncond),
+            pct(v.visor_1),
+            pct(v.visor_2),
+            pct(v.visor_3),
+            pct(v.visor_4)
+        ));
+        if let Some(l) = self.mean_steer_loss {
+            s.push_str(&format!("mean final steering loss {l:.4}\n"));
+        }
+        if !self.errors.is_empty() {
+            let counts: Vec<String> = self
+                .error_counts
+                .iter()
+                .map(|(k, n)| format!("{} {n}", serde_json::to_value(k).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()))
+                .collect();
+            s.push_str(&format!("{} problems: {}\n", self.errors.len(), counts.join(", ")));
+            for e in self.errors.iter().take(10) {
+                s.push_str(&format!("  {}: {}\n", e.location, e.message));
+            }
+            if self.errors.len() > 10 {
+                s.push_str(&format!("  … {} more in the summary's \"errors\" list\n", self.errors.len() - 10));
+            }
+        }
+        s
+    }
+}
+
+/// Reads a results JSONL file written by [`ImageResult`] serialisation.
+pub fn read_results(path: &Path) -> Result<Vec<ImageResult>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read results file {}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let r: ImageResult = serde_json::from_str(line)
+            .map_err(|e| format!("{}:{}: not a results line: {e}", path.display(), i + 1))?;
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// Results as JSONL text.
+pub fn results_jsonl(results: &[ImageResult]) -> String {
+    let mut s = String::new();
+    for r in results {
+        s.push_str(&serde_json::to_string(r).unwrap_or_default());
+        s.push('\n');
+    }
+    s
+}
+
+/// Two result sets lined up prompt by prompt (prompts matched by their metadata).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Comparison {
+    /// (before, after) for prompts with more correct images in the second set.
+    pub improved: Vec<(PromptTally, PromptTally)>,
+    /// (before, after) for prompts with fewer correct images.
+    pub regressed: Vec<(PromptTally, PromptTally)>,
+    /// Prompts with as many correct images in both.
+    pub unchanged: usize,
+    /// Prompts of only one side.
+    pub only_before: Vec<PromptTally>,
+    pub only_after: Vec<PromptTally>,
+    pub before_correct: usize,
+    pub after_correct: usize,
+    /// Images each side judged.
+    pub before_images: usize,
+    pub after_images: usize,
+}
+
+/// Compares `before` with `after` prompt by prompt.
+pub fn compare(before: &[ImageResult], after: &[ImageResult]) -> Comparison {
+    let a = tallies_by(before, |r| r.metadata.clone());
+    let b = tallies_by(after, |r| r.metadata.clone());
+    let b_at: HashMap<&str, &PromptTally> = b.iter().map(|t| (t.key.as_str(), t)).collect();
+    let a_keys: HashMap<&str, ()> = a.iter().map(|t| (t.key.as_str(), ())).collect();
+    let mut c = Comparison {
+        before_correct: before.iter().filter(|r| r.correct).count(),
+        after_correct: after.iter().filter(|r| r.correct).count(),
+        before_images: before.len(),
+        after_images: after.len(),
+        ..Default::default()
+    };
+    for t in &a {
+        match b_at.get(t.key.as_str()) {
+            None => c.only_before.push(t.clone()),
+            Some(u) => {
+                // Compare rates so sets with different image counts still line up.
+                let (x, y) = (t.correct * u.images, u.correct * t.images);
+                if y > x {
+                    c.improved.push((t.clone(), (*u).clone()));
+                } else if y < x {
+                    c.regressed.push((t.clone(), (*u).clone()));
+                } else {
+                    c.unchanged += 1;
+                }
+            }
+        }
+    }
+    c.only_after = b.iter().filter(|t| !a_keys.contains_key(t.key.as_str())).cloned().collect();
+    c
+}
+
+impl Comparison {
+    /// A listing for a terminal.
+    pub fn text(&self, before: &str, after: &str) -> String {
+        let mut s = format!(
+            "before: {before} ({}/{} correct)\nafter:  {after} ({}/{} correct)\n",
+            self.before_correct, self.before_images, self.after_correct, self.after_images
+        );
+        let line = |(x, y): &(PromptTally, PromptTally)| {
+            format!("  {}/{} -> {}/{}  {}\n", x.correct, x.images, y.correct, y.images, x.prompt)
+        };
+        s.push_str(&format!("improved ({}):\n", self.improved.len()));
+        for p in &self.improved {
+            s.push_str(&line(p));
+        }
+        s.push_str(&format!("regressed ({}):\n", self.regressed.len()));
+        for p in &self.regressed {
+            s.push_str(&line(p));
+        }
+        s.push_str(&format!("unchanged: {}\n", self.unchanged));
+        if !self.only_before.is_empty() || !self.only_after.is_empty() {
+            s.push_str(&format!(
+                "prompts only before: {}, only after: {}\n",
+                self.only_before.len(),
+                self.only_after.len()
+            ));
+        }
+        s
+    }
+}
+
+/// Checks external detections against an image of `size` (when known): drops entries with
+/// bad scores or unusable boxes, clips boxes that reach outside, and reports each problem at
+/// `location`. Boxes may overhang by up to one pixel without a report.
+pub fn check_detections(
+    detections: Vec<Detection>,
+    size: Option<(u32, u32)>,
+    location: &str,
+    issues: &mut Vec<Issue>,
+) -> Vec<Detection> {
+    let mut out = Vec::with_capacity(detections.len());
+    for mut d in detections {
+        let b = d.bbox;
+        if !(d.score.is_finite() && (0.0..=1.0).contains(&d.score)) {
+            issues.push(Issue::new(
+                IssueKind::BadScore,
+                location,
+                format!("{} detection with score {}: expected a number in [0, 1]; dropped", d.class, d.score),
+            ));
+            continue;
+        }
+        if !b.is_finite() || b.x1 < b.x0 || b.y1 < b.y0 {
+            issues.push(Issue::new(
+                IssueKind::BadBox,
+                location,
+                format!("{} box {:?}: expected finite [x1, y1, x2, y2] with x1 <= x2, y1 <= y2; dropped", d.class, b.xyxy()),
+            ));
+            continue;
+        }
+        if let Some((w, h)) = size {
+            let (w, h) = (w as f32, h as f32);
+            let tol = 1.0;
+            if b.x0 < -tol || b.y0 < -tol || b.x1 > w + tol || b.y1 > h + tol {
+                let clipped = BBox::new(b.x0.clamp(0.0, w), b.y0.clamp(0.0, h), b.x1.clamp(0.0, w), b.y1.clamp(0.0, h));
+                if clipped.x1 <= clipped.x0 || clipped.y1 <= clipped.y0 {
+                    issues.push(Issue::new(
+                        IssueKind::BadBox,
+                        location,
+                        format!("{} box {:?} lies outside the {w}x{h} image; dropped", d.class, b.xyxy()),
+                    ));
+                    continue;
+                }
+                issues.push(Issue::new(
+                    IssueKind::BoxOutsideImage,
+                    location,
+                    format!("{} box {:?} reaches outside the {w}x{h} image; clipped to {:?}", d.class, b.xyxy(), clipped.xyxy()),
+                ));
+                d.bbox = clipped;
+            }
+        }
+        out.push(d);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prompts::{position_prompt, SpatialPrompt};
+    use crate::{judge, Triplet};
+    use Relation::*;
+
+    fn det(class: &str, score: f32, b: [f32; 4]) -> Detection {
+        Detection {
+            class: class.into(),
+            bbox: BBox::new(b[0], b[1], b[2], b[3]),
+            score,
+        }
+    }
+
+    /// The general check agrees with the two-object judge on many random layouts.
+    #[test]
+    fn agrees_with_two_object_judge() {
+        let mut rng = crate::prompts::PromptRng::new(11);
+        let mut f = |n: usize| rng.below(n) as f32;
+        let opts = ScoreOptions::default();
+        for _ in 0..2000 {
+            let rel = Relation::ALL[f(4) as usize];
+            let p = position_prompt("dog", rel, "cat");
+            let mut ds = Vec::new();
+            for _ in 0..(f(5) as usize) {
+                let class = ["dog", "cat", "cup"][f(3) as usize];
+                let (x, y) = (f(60), f(60));
+                ds.push(det(class, f(10) / 10.0, [x, y, x + 1.0 + f(30), y + 1.0 + f(30)]));
+            }
+            let want = Triplet::new("dog", rel, "cat");
+            let j = judge(&want, &ds);
+            let v = judge_prompt(&p, &ds, &opts);
+            assert_eq!(v.correct, j.correct, "{ds:?}");
+            assert_eq!(v.all_found, j.both_found());
+            assert_eq!(v.relations[0].holds, j.relations);
+            assert_eq!(v.relations[0].correct, j.correct);
+        }
+    }
+
+    #[test]
+    fn reasons_follow_geneval() {
+        let opts = ScoreOptions::default();
+        let p = position_prompt("dog", LeftOf, "cat");
+        let v = judge_prompt(&p, &[det("dog", 0.9, [0., 0., 10., 10.])], &opts);
+        assert_eq!(v.reason, ["expected cat>=1, found 0", "no target for dog to be left of"]);
+        let v = judge_prompt(
+            &p,
+            &[det("dog", 0.9, [50., 0., 60., 10.]), det("cat", 0.9, [0., 0., 10., 10.])],
+            &opts,
+        );
+        assert_eq!(v.reason, ["expected dog left of target, found right of target"]);
+        assert!(v.all_found && !v.correct);
+        assert_eq!(v.used, [1, 0]);
+    }
+
+    /// A chain: the kite above the dog, the dog left of the cup; include = [cup, dog→0, kite→1].
+    #[test]
+    fn chains_and_counts() {
+        let line = r#"{"tag":"multi_position","prompt":"a photo of a kite above a dog left of a cup","include":[{"class":"cup","count":1},{"class":"dog","count":1,"position":["left of",0]},{"class":"kite","count":1,"position":["above",1]}]}"#;
+        let p = SpatialPrompt::from_line(line).unwrap().unwrap();
+        let opts = ScoreOptions::default();
+        let cup = det("cup", 0.8, [60., 40., 80., 60.]);
+        let dog = det("dog", 0.8, [10., 40., 30., 60.]);
+        let kite_up = det("kite", 0.8, [10., 0., 30., 15.]);
+        let kite_down = det("kite", 0.8, [10., 80., 30., 95.]);
+        let v = judge_prompt(&p, &[cup.clone(), dog.clone(), kite_up], &opts);
+        assert!(v.correct && v.all_found);
+        assert!(v.relations.iter().all(|r| r.correct));
+        let v = judge_prompt(&p, &[cup.clone(), dog.clone(), kite_down], &opts);
+        assert!(!v.correct && v.all_found);
+        assert_eq!((v.relations[0].correct, v.relations[1].correct), (true, false));
+        // The dog right of the cup: the dog's group fails, so GenEval finds no target for the
+        // kite, while the kite-above-dog relation on its own still holds.
+        let dog_right = det("dog", 0.8, [90., 40., 110., 60.]);
+        let kite_up_right = det("kite", 0.8, [90., 0., 110., 15.]);
+        let v = judge_prompt(&p, &[cup, dog_right, kite_up_right], &opts);
+        assert!(!v.correct);
+        assert_eq!(v.reason[1], "no target for kite to be above");
+        assert_eq!((v.relations[0].correct, v.relations[1].correct), (false, true));
+
+        // count 2: both instances must satisfy the relation.
+        let line = r#"{"tag":"position","prompt":"two dogs left of a cat","include":[{"class":"cat","count":1},{"class":"dog","count":2,"position":["left of",0]}]}"#;
+        let p = SpatialPrompt::from_line(line).unwrap().unwrap();
+        let cat = det("cat", 0.9, [50., 0., 60., 10.]);
+        let v = judge_prompt(&p, &[cat.clone(), det("dog", 0.9, [0., 0., 10., 10.])], &opts);
+        assert_eq!(v.reason, ["expected dog>=2, found 1"]);
+        let v = judge_prompt(&p, &[cat.clone(), det("dog", 0.9, [0., 0., 10., 10.]), det("dog", 0.5, [70., 0., 80., 10.])], &opts);
+        assert!(!v.correct && !v.relations[0].correct && v.relations[0].found);
+        let v = judge_prompt(&p, &[cat, det("dog", 0.9, [0., 0., 10., 10.]), det("dog", 0.5, [20., 0., 30., 10.])], &opts);
+        assert!(v.correct);
+    }
+
+    #[test]
+    fn results_record_boxes_and_round_trip() {
+        let p = position_prompt("dog", LeftOf, "cat");
+        let ds = [
+            det("dog", 0.9, [0., 0., 10., 10.]),
+            det("cat", 0.8, [50., 0., 60., 10.]),
+            det("cat", 0.5, [20., 20., 30., 30.]),
+            det("cup", 0.2, [0., 0., 5., 5.]),
+        ];
+        let src = ImageSource { filename: "00003/samples/0001.png".into(), prompt_index: Some(3), sample: Some(1), ..Default::default() };
+        let r = ImageResult::scored(&p, src, &ds, &ScoreOptions::default());
+        assert!(r.correct && r.reason.is_empty());
+        assert_eq!(r.detections.len(), 3, "the cup is below the threshold");
+        assert_eq!(r.detections.iter().map(|b| b.used).collect::<Vec<_>>(), [true, true, false]);
+        let details: Value = serde_json::from_str(&r.details).unwrap();
+        assert_eq!(details["cat"].as_array().unwrap().len(), 2);
+        assert_eq!(details["cat"][0][4].as_f64().unwrap() as f32, 0.8);
+        assert_eq!(r.prompt_key(), "#00003");
+        let line = serde_json::to_string(&r).unwrap();
+        let back: ImageResult = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, r);
+        let v: Value = serde_json::from_str(&line).unwrap();
+        for k in ["filename", "tag", "prompt", "correct", "reason", "metadata", "details"] {
+            assert!(v.get(k).is_some(), "GenEval field {k}");
+        }
+        assert!(v["metadata"].is_string() && v["details"].is_string());
+    }
+
+    /// Hand-computed summary: two prompts × 4 images.
+    #[test]
+    fn summary_numbers() {
+        let p1 = position_prompt("dog", LeftOf, "cat");
+        let p2 = position_prompt("cup", Above, "kite");
+        let opts = ScoreOptions::default();
+        let left = det("dog", 0.9, [0., 0., 10., 10.]);
+        let cat = det("cat", 0.9, [50., 0., 60., 10.]);
+        let dog_right = det("dog", 0.9, [80., 0., 90., 10.]);
+        let src = |i, s| ImageSource { prompt_index: Some(i), sample: Some(s), ..Default::default() };
+        let mut rs = vec![
+            // prompt 0: 3 correct, 1 both-found-but-wrong
+            ImageResult::scored(&p1, src(0, 0), &[left.clone(), cat.clone()], &opts),
+            ImageResult::scored(&p1, src(0, 1), &[left.clone(), cat.clone()], &opts),
+            ImageResult::scored(&p1, src(0, 2), &[left.clone(), cat.clone()], &opts),
+            ImageResult::scored(&p1, src(0, 3), &[dog_right, cat.clone()], &opts),
+        ];
+        let cup = det("cup", 0.9, [0., 0., 10., 10.]);
+        let kite = det("kite", 0.9, [0., 50., 10., 60.]);
+        rs.extend([
+            // prompt 1: 1 correct, 1 kite missing, 1 missing image, 1 undecodable
+            ImageResult::scored(&p2, src(1, 0), &[cup.clone(), kite], &opts),
+            ImageResult::scored(&p2, src(1, 1), &[cup], &opts),
+            ImageResult::unjudged(&p2, src(1, 2), ImageStatus::Missing, "missing image"),
+            ImageResult::unjudged(&p2, src(1, 3), ImageStatus::Undecodable, "undecodable"),
+        ]);
+        let s = summarize(&rs, SummaryContext { images_per_prompt: Some(4), ..Default::default() });
+        assert_eq!((s.images, s.correct_images, s.prompts), (8, 4, 2));
+        assert_eq!(s.position_accuracy, 0.5);
+        assert_eq!(s.per_relation["left of"], Rate { total: 4, correct: 3, accuracy: 0.75 });
+        assert_eq!(s.per_relation["above"], Rate { total: 4, correct: 1, accuracy: 0.25 });
+        assert_eq!(s.correct_prompts, 1.0);
+        // Both found in 5 of 8; correct among those 4 of 5.
+        assert_eq!(s.visor.oa, 5.0 / 8.0);
+        assert_eq!(s.visor.cond, 4.0 / 5.0);
+        assert!((s.visor.uncond - 0.5).abs() < 1e-12);
+        assert_eq!((s.visor.visor_1, s.visor.visor_2, s.visor.visor_3, s.visor.visor_4), (1.0, 0.5, 0.5, 0.0));
+        assert_eq!((s.missing_images, s.unreadable_images), (1, 1));
+        assert_eq!(s.per_tag["position"], Rate { total: 8, correct: 4, accuracy: 0.5 });
+        // Empty input never divides by zero.
+        let e = summarize(&[], SummaryContext::default());
+        assert_eq!((e.images, e.position_accuracy, e.visor.cond), (0, 0.0, 0.0));
+    }
+
+    #[test]
+    fn comparison() {
+        let p1 = position_prompt("dog", LeftOf, "cat");
+        let p2 = position_prompt("cup", Above, "kite");
+        let p3 = position_prompt("bus", Below, "car");
+        let mk = |p: &SpatialPrompt, ok: &[bool]| -> Vec<ImageResult> {
+            ok.iter()
+                .map(|&c| {
+                    let mut r = ImageResult::unjudged(p, ImageSource::default(), ImageStatus::Scored, "");
+                    r.correct = c;
+                    r
+                })
+                .collect()
+        };
+        let before: Vec<_> = [mk(&p1, &[false, false]), mk(&p2, &[true, true]), mk(&p3, &[true, false])].concat();
+        let after: Vec<_> = [mk(&p1, &[true, false]), mk(&p2, &[true, false])].concat();
+        let c = compare(&before, &after);
+        assert_eq!(c.improved.len(), 1);
+        assert_eq!(c.improved[0].0.prompt, p1.prompt);
+        assert_eq!(c.regressed.len(), 1);
+        assert_eq!(c.regressed[0].1.correct, 1);
+        assert_eq!(c.only_before.len(), 1);
+        assert_eq!(c.unchanged, 0);
+        let t = c.text("a.jsonl", "b.jsonl");
+        assert!(t.contains("improved (1):\n  0/2 -> 1/2  a photo of a dog left of a cat"), "{t}");
+    }
+
+    #[test]
+    fn detection_checks() {
+        let mut issues = Vec::new();
+        let ds = vec![
+            det("dog", 0.9, [0., 0., 10., 10.]),
+            det("dog", 0.9, [-0.5, 0., 64.5, 10.]), // within the 1-px tolerance
+            det("dog", 0.9, [-20., 0., 10., 10.]),  // clipped
+            det("dog", 0.9, [70., 0., 90., 10.]),   // fully outside
+            det("dog", 0.9, [10., 0., 5., 10.]),    // inverted
+            det("dog", f32::NAN, [0., 0., 1., 1.]),
+            det("dog", 1.5, [0., 0., 1., 1.]),
+            det("dog", 0.9, [f32::INFINITY, 0., 1., 1.]),
+        ];
+        let kept = check_detections(ds, Some((64, 64)), "x.jsonl:3", &mut issues);
+        assert_eq!(kept.len(), 3);
+        assert_eq!(kept[2].bbox.xyxy(), [0., 0., 10., 10.]);
+        let kinds: Vec<IssueKind> = issues.iter().map(|i| i.kind).collect();
+        use IssueKind::*;
+        assert_eq!(kinds, [BoxOutsideImage, BadBox, BadBox, BadScore, BadScore, BadBox]);
+        assert!(issues.iter().all(|i| i.location == "x.jsonl:3"));
+        // Without a size only the box itself is checked.
+        let mut issues = Vec::new();
+        let kept = check_detections(vec![det("dog", 0.9, [-20., 0., 10., 10.])], None, "y", &mut issues);
+        assert_eq!((kept.len(), issues.len()), (1, 0));
+    }
+}
