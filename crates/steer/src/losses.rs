@@ -163,7 +163,7 @@ impl SteerLoss for AttendExciteLoss {
 
     fn max_iterations(&self, step: usize, default: usize) -> usize {
         if self.refinement(step).is_some() {
-            default.max(20)
+            default
         } else {
             1
         }
