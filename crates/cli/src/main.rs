@@ -43,6 +43,9 @@ subcommands! {
     Data(data) "Build the relation classifier's training data by dual inversion",
     Train(train) "Train a relation classifier on maps from `l2s data build`",
     Bench(bench) "Benchmarks: the Learn-to-Steer experiment on the shapes world",
+    Eval(eval) "Generate a prompt set's images into GenEval's folder layout, plain or steered (resumable, shardable)",
+    Score(score) "Score generated images (or an external detector's detections) by GenEval's rule, with VISOR metrics",
+    Report(report) "Write one self-contained HTML page comparing scored runs image by image",
 }
 
 /// learn-to-steer: text-to-image diffusion with spatial steering.

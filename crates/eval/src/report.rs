@@ -330,7 +330,7 @@ solid boxes: used by the judgement, dashed: other detections</span></div></heade
             let _ = write!(html, "<div class=\"run\" data-run=\"{ri}\"><h3>{} — {}/{}</h3><div class=\"cards\">", escape(&run.name), tallies[ri].0, tallies[ri].1);
             for r in list {
                 let ok = r.correct;
-                let _ = write!(html, "<figure class=\"card {}\" data-correct=\"{}\" data-file=\"{}\"><div class=\"frame\">", if ok { "ok" } else { "bad" }, ok as u8, escape(&r.filename));
+                let _ = write!(html, "<figure class=\"card {}\" data-correct=\"{}\" data-run=\"{ri}\" data-file=\"{}\"><div class=\"frame\">", if ok { "ok" } else { "bad" }, ok as u8, escape(&r.filename));
                 let shown = if r.status == ImageStatus::Missing {
                     None
                 } else {
