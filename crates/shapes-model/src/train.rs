@@ -153,6 +153,26 @@ impl Trainer {
         })
     }
 
+    /// Starts from the weights of an exported shapes-model folder (a warm start, e.g. to continue
+    /// training the built-in model with fresh optimizer state). Only for a run without checkpoints.
+    pub fn init_from_model(&self, model_dir: &Path) -> Result<()> {
+        anyhow::ensure!(
+            self.latest_checkpoint().is_none(),
+            "{} already has checkpoints; it resumes from them (use a new run folder to start from a model)",
+            self.run_dir.display()
+        );
+        for (part, file) in [("text_encoder", "model.safetensors"), ("unet", "diffusion_pytorch_model.safetensors")] {
+            let path = model_dir.join(part).join(file);
+            let tensors = candle_core::safetensors::load(&path, &self.device).with_context(|| format!("reading {}", path.display()))?;
+            for (name, var) in &self.named_vars {
+                let Some(local) = name.strip_prefix(&format!("{part}.")) else { continue };
+                let t = tensors.get(local).with_context(|| format!("{}: no tensor `{local}`", path.display()))?;
+                var.set(t).with_context(|| format!("{}: tensor `{local}`", path.display()))?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn parameter_count(&self) -> usize {
         self.named_vars.iter().map(|(_, v)| v.elem_count()).sum()
     }

@@ -26,7 +26,7 @@ pub struct Args {
     #[arg(long, default_value_t = 256)]
     pub max_side: u32,
     /// Displayed image size in CSS pixels
-    #[arg(long, default_value_t = 160)]
+    #[arg(long, default_value_t = 140)]
     pub image_size: u32,
 }
 

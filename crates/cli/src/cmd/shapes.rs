@@ -49,6 +49,10 @@ enum Command {
         minutes: Option<f64>,
         #[arg(long, default_value_t = 250)]
         checkpoint_every: usize,
+        /// Start from this shapes-model folder's weights (`shapes` = the built-in model) instead of
+        /// from scratch; only for a new run folder
+        #[arg(long)]
+        init_from: Option<String>,
     },
 }
 
@@ -60,9 +64,18 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             eprintln!("rendered {} images into {}", ds.images.len(), out.display());
             Ok(())
         }
-        Command::Train { out, steps, batch, lr, ema, seed, minutes, checkpoint_every } => {
+        Command::Train { out, steps, batch, lr, ema, seed, minutes, checkpoint_every, init_from } => {
             let device = candle_core::Device::Cpu;
             let trainer = Trainer::new(&out, &device)?;
+            if let Some(from) = init_from {
+                let dir = if from == l2s_shapes_model::embedded::NAME {
+                    l2s_shapes_model::embedded::model_dir()?
+                } else {
+                    PathBuf::from(&from)
+                };
+                trainer.init_from_model(&dir)?;
+                eprintln!("starting from the weights in {}", dir.display());
+            }
             eprintln!("shapes model: {} parameters; run folder {}", trainer.parameter_count(), out.display());
             let opts = TrainOptions { steps, batch, lr, ema_decay: ema, seed, checkpoint_every, ..Default::default() };
             let bar = if global.quiet { ProgressBar::hidden() } else { ProgressBar::new(steps as u64) };
