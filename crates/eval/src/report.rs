@@ -68,7 +68,7 @@ pub struct ReportOptions {
 
 impl Default for ReportOptions {
     fn default() -> Self {
-        Self { title: "Spatial evaluation".into(), max_side: 256, display_px: 160 }
+        Self { title: "Spatial evaluation".into(), max_side: 256, display_px: 140 }
     }
 }
 
@@ -128,11 +128,14 @@ const STYLE: &str = r#"
 :root { --ok: #1a9641; --bad: #d7191c; --ink: #222; --muted: #777; }
 * { box-sizing: border-box; }
 body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--ink); margin: 0; background: #fafafa; }
-header { position: sticky; top: 0; z-index: 5; background: #fff; border-bottom: 1px solid #ddd; padding: 10px 18px; }
+header { background: #fff; padding: 10px 18px 4px 18px; }
+.bar { position: sticky; top: 0; z-index: 5; background: #fff; border-bottom: 1px solid #ddd; padding: 6px 18px; }
 h1 { font-size: 18px; margin: 0 0 6px 0; }
 main { padding: 12px 18px; }
-table.summary { border-collapse: collapse; background: #fff; margin-bottom: 14px; font-variant-numeric: tabular-nums; }
-table.summary th, table.summary td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
+table.summary { border-collapse: collapse; background: #fff; margin-bottom: 6px; font-size: 13px; font-variant-numeric: tabular-nums; }
+table.summary small { color: var(--muted); }
+.note { color: var(--muted); font-size: 12px; margin: 0 0 4px 0; }
+table.summary th, table.summary td { border: 1px solid #ddd; padding: 2px 6px; text-align: right; }
 table.summary th:first-child, table.summary td:first-child { text-align: left; }
 table.summary th { background: #f0f0f0; font-weight: 600; }
 .controls { display: flex; gap: 14px; align-items: center; flex-wrap: wrap; }
@@ -143,9 +146,10 @@ section.prompt { background: #fff; border: 1px solid #e2e2e2; border-radius: 6px
 section.prompt h2 { font-size: 15px; margin: 0 0 6px 0; font-weight: 600; }
 section.prompt h2 .idx { color: var(--muted); font-weight: 400; margin-right: 6px; }
 section.prompt h2 .tally { color: var(--muted); font-weight: 400; margin-left: 8px; font-size: 13px; }
-.runs { display: flex; gap: 18px; flex-wrap: wrap; }
+.runs { display: flex; gap: 16px; flex-wrap: wrap; }
+.run + .run { border-left: 1px solid #e6e6e6; padding-left: 16px; }
 .run h3 { font-size: 13px; margin: 0 0 4px 0; color: #444; }
-.cards { display: flex; gap: 8px; }
+.cards { display: grid; gap: 6px; }
 figure.card { margin: 0; width: var(--px); }
 figure.card .frame { position: relative; width: var(--px); height: var(--px); border: 4px solid; border-radius: 3px; background: #eee; }
 figure.card.ok .frame { border-color: var(--ok); }
@@ -188,6 +192,17 @@ const SCRIPT: &str = r#"
     });
     count.textContent = shown + ' of ' + sections.length + ' prompts shown';
   }
+  // Filters can be preset in the address: report.html#show=wrong&q=dog
+  var params = {};
+  location.hash.replace(/^#/, '').split('&').forEach(function (kv) {
+    var i = kv.indexOf('=');
+    if (i > 0) params[kv.slice(0, i)] = decodeURIComponent(kv.slice(i + 1));
+  });
+  if (params.show) {
+    var r = document.querySelector('input[name=show][value="' + params.show + '"]');
+    if (r) r.checked = true;
+  }
+  if (params.q) search.value = params.q;
   document.querySelectorAll('input[name=show]').forEach(function (r) { r.addEventListener('change', apply); });
   search.addEventListener('input', apply);
   apply();
@@ -203,7 +218,7 @@ fn summary_table(runs: &[ReportRun], html: &mut String) {
     for r in crate::Relation::ALL {
         let _ = write!(html, "<th>{}</th>", escape(r.name()));
     }
-    html.push_str("<th>prompts ≥1 right</th><th>OA</th><th>VISOR cond</th><th>VISOR uncond</th><th>VISOR 1</th><th>2</th><th>3</th><th>4</th><th>missing</th><th>problems</th></tr></thead><tbody>");
+    html.push_str("<th>≥1 right</th><th>OA</th><th>cond</th><th>uncond</th><th>V1</th><th>V2</th><th>V3</th><th>V4</th><th>missing</th><th>problems</th></tr></thead><tbody>");
     for run in runs {
         let _ = write!(html, "<tr><td>{}</td>", escape(&run.name));
         match &run.summary {
@@ -231,7 +246,9 @@ fn summary_table(runs: &[ReportRun], html: &mut String) {
             }
         }
     }
-    html.push_str("</tbody></table>");
+    html.push_str("</tbody></table><p class=\"note\">accuracy: GenEval position score (correct images / images); \
+≥1 right: prompts with at least one correct image; OA: images with every object found; cond: accuracy among those; \
+uncond = cond × OA; Vn: prompts with at least n correct images (VISOR); missing images count as wrong.</p>");
 }
 
 fn boxes_svg(r: &ImageResult, w: u32, h: u32, html: &mut String) {
@@ -295,7 +312,7 @@ pub fn render_html(runs: &[ReportRun], opts: &ReportOptions) -> (String, Vec<Str
     summary_table(runs, &mut html);
     let _ = write!(
         html,
-        "<div class=\"controls\" id=\"controls\"><strong>show</strong>\
+        "</header><div class=\"bar\"><div class=\"controls\" id=\"controls\"><strong>show</strong>\
 <label><input type=\"radio\" name=\"show\" value=\"all\" checked> all</label>\
 <label><input type=\"radio\" name=\"show\" value=\"wrong\"> wrong</label>\
 <label><input type=\"radio\" name=\"show\" value=\"right\"> right</label>\
@@ -303,7 +320,7 @@ pub fn render_html(runs: &[ReportRun], opts: &ReportOptions) -> (String, Vec<Str
 <input type=\"search\" id=\"search\" placeholder=\"search prompts…\" aria-label=\"search prompts\">\
 <span id=\"count\">{} prompts, {total_images} images</span>\
 <span class=\"legend\"><span style=\"color:var(--ok)\">■</span> correct <span style=\"color:var(--bad)\">■</span> wrong; \
-solid boxes: used by the judgement, dashed: other detections</span></div></header><main>",
+solid boxes: used by the judgement, dashed: other detections</span></div></div><main>",
         order.len()
     );
     for (i, (_, prompt, index)) in order.iter().enumerate() {
@@ -327,7 +344,15 @@ solid boxes: used by the judgement, dashed: other detections</span></div></heade
         );
         for (ri, run) in runs.iter().enumerate() {
             let Some(list) = cells[i].get(&ri) else { continue };
-            let _ = write!(html, "<div class=\"run\" data-run=\"{ri}\"><h3>{} — {}/{}</h3><div class=\"cards\">", escape(&run.name), tallies[ri].0, tallies[ri].1);
+            // A near-square grid per run (2×2 for GenEval's four images) keeps runs side by side.
+            let cols = (list.len() as f64).sqrt().ceil().max(1.0) as usize;
+            let _ = write!(
+                html,
+                "<div class=\"run\" data-run=\"{ri}\"><h3>{} — {}/{}</h3><div class=\"cards\" style=\"grid-template-columns: repeat({cols}, var(--px))\">",
+                escape(&run.name),
+                tallies[ri].0,
+                tallies[ri].1
+            );
             for r in list {
                 let ok = r.correct;
                 let _ = write!(html, "<figure class=\"card {}\" data-correct=\"{}\" data-run=\"{ri}\" data-file=\"{}\"><div class=\"frame\">", if ok { "ok" } else { "bad" }, ok as u8, escape(&r.filename));
