@@ -134,6 +134,7 @@ h1 { font-size: 18px; margin: 0 0 6px 0; }
 main { padding: 12px 18px; }
 table.summary { border-collapse: collapse; background: #fff; margin-bottom: 6px; font-size: 13px; font-variant-numeric: tabular-nums; }
 table.summary small { color: var(--muted); }
+.tablewrap { overflow-x: auto; }
 .note { color: var(--muted); font-size: 12px; margin: 0 0 4px 0; }
 table.summary th, table.summary td { border: 1px solid #ddd; padding: 2px 6px; text-align: right; }
 table.summary th:first-child, table.summary td:first-child { text-align: left; }
@@ -214,7 +215,7 @@ fn pct(v: f64) -> String {
 }
 
 fn summary_table(runs: &[ReportRun], html: &mut String) {
-    html.push_str("<table class=\"summary\" id=\"summary\"><thead><tr><th>run</th><th>images</th><th>prompts</th><th>accuracy</th>");
+    html.push_str("<div class=\"tablewrap\"><table class=\"summary\" id=\"summary\"><thead><tr><th>run</th><th>images</th><th>prompts</th><th>accuracy</th>");
     for r in crate::Relation::ALL {
         let _ = write!(html, "<th>{}</th>", escape(r.name()));
     }
@@ -246,7 +247,7 @@ fn summary_table(runs: &[ReportRun], html: &mut String) {
             }
         }
     }
-    html.push_str("</tbody></table><p class=\"note\">accuracy: GenEval position score (correct images / images); \
+    html.push_str("</tbody></table></div><p class=\"note\">accuracy: GenEval position score (correct images / images); \
 ≥1 right: prompts with at least one correct image; OA: images with every object found; cond: accuracy among those; \
 uncond = cond × OA; Vn: prompts with at least n correct images (VISOR); missing images count as wrong.</p>");
 }
@@ -405,7 +406,7 @@ solid boxes: used by the judgement, dashed: other detections</span></div></div><
         }
         html.push_str("</div></section>");
     }
-    let _ = write!(html, "</main><script>{SCRIPT}</script></body></html>\n");
+    let _ = writeln!(html, "</main><script>{SCRIPT}</script></body></html>");
     (html, warnings)
 }
 
