@@ -171,3 +171,9 @@ pub fn warn_all(warnings: &[String]) {
         tracing::warn!("{w}");
     }
 }
+
+/// Writes to stdout; a closed pipe (`l2s … | head`) ends the output quietly instead of panicking.
+pub fn say(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}

@@ -197,3 +197,23 @@ fn bad_input_fails_clearly() {
     assert_eq!(l2s(&["eval", "--model", &m, "--prompts", "x", "--generate-prompts", "2", "--out", o]).status.code(), Some(2));
     assert!(!out.exists(), "a refused run leaves nothing behind");
 }
+
+/// The prompt parser behind `l2s generate --steer` reads the generated prompts' texts into the
+/// same triplets their metadata lists, so steering from the text or from the metadata agrees.
+#[test]
+fn generated_prompt_texts_parse_to_their_metadata() {
+    use l2s_eval::prompts::{multi_relation_prompts, position_prompts, MultiRelationSpec, COCO_CLASSES, SHAPES_CLASSES};
+    let mut all = position_prompts(300, &COCO_CLASSES, 1).unwrap();
+    all.extend(position_prompts(50, &SHAPES_CLASSES, 1).unwrap());
+    all.extend(multi_relation_prompts(300, &COCO_CLASSES, 2, MultiRelationSpec::default()).unwrap());
+    for p in &all {
+        let parsed = l2s_steer::relations::parse_prompt(&p.prompt).unwrap_or_else(|e| panic!("{}: {e}", p.prompt));
+        let mut got: Vec<(String, String, String)> =
+            parsed.iter().map(|t| (t.subject.clone(), t.relation.name().to_string(), t.object.clone())).collect();
+        let mut want: Vec<(String, String, String)> =
+            p.triplets().iter().map(|t| (t.a.clone(), t.relation.name().to_string(), t.b.clone())).collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "{}", p.prompt);
+    }
+}

@@ -505,8 +505,8 @@ impl Default for MultiRelationSpec {
 
 /// `n` distinct prompts with several objects (distinct classes) and relations, reproducible
 /// from `seed`. Relations form chains ("a cup left of a dog above a kite": the reference of
-/// one relation is the subject of the next); separate chains and unrelated objects are joined
-/// with "and". Every object is the subject of at most one relation and no chain loops, so any
+/// one relation is the subject of the next); separate chains and unrelated objects follow as a
+/// list ("…, a bowl and a book"). Every object is the subject of at most one relation and no chain loops, so any
 /// drawn combination is satisfiable and encodable in GenEval's format.
 pub fn multi_relation_prompts(
     n: usize,
@@ -612,7 +612,11 @@ fn draw_multi(rng: &mut PromptRng, classes: &[&str], objects: usize, relations: 
             position: None,
         });
     }
-    let text = format!("a photo of {}", clauses.join(" and "));
+    // "A, B and C".
+    let text = match clauses.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("a photo of {} and {last}", rest.join(", ")),
+        _ => format!("a photo of {}", clauses.join("")),
+    };
     SpatialPrompt::build(MULTI_TAG, text, include)
 }
 

@@ -18,7 +18,7 @@ use l2s_steer::method::{Method, MethodSpec};
 use l2s_steer::relations::RelationTriplet;
 use l2s_steer::steering::{SteerTriplet, UpdateRule};
 
-use crate::common::{load_model, warn_all, Global, ModelArgs};
+use crate::common::{load_model, say, warn_all, Global, ModelArgs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ClassesArg {
@@ -326,12 +326,12 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     }
     bar.finish_and_clear();
     let shard_note = if shards > 1 { format!(" (shard {}/{shards}: {} of {} prompts)", shard + 1, mine.len(), prompts.len()) } else { String::new() };
-    println!(
-        "{}: {made} images generated, {present} already present, {} prompts × {ipp}{shard_note}; score with: l2s score {}",
+    say(&format!(
+        "{}: {made} images generated, {present} already present, {} prompts × {ipp}{shard_note}; score with: l2s score {}\n",
         args.out.display(),
         mine.len(),
         args.out.display()
-    );
+    ));
     Ok(())
 }
 

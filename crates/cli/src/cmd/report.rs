@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use l2s_eval::report::{load_run, render_html, ReportOptions};
 use l2s_generate::write_atomic;
 
-use crate::common::Global;
+use crate::common::{say, Global};
 
 #[derive(clap::Args)]
 #[command(after_help = "Each RUN_DIR is an `l2s eval` folder scored by `l2s score RUN_DIR` (it holds results.jsonl \
@@ -64,6 +64,6 @@ pub fn run(args: Args, _global: &Global) -> Result<()> {
     }
     write_atomic(&args.out, html.as_bytes()).with_context(|| format!("writing {}", args.out.display()))?;
     let images: usize = runs.iter().map(|r| r.results.len()).sum();
-    println!("{}: {} runs, {images} images, {:.1} MB", args.out.display(), runs.len(), html.len() as f64 / 1e6);
+    say(&format!("{}: {} runs, {images} images, {:.1} MB\n", args.out.display(), runs.len(), html.len() as f64 / 1e6));
     Ok(())
 }

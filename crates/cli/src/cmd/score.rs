@@ -10,7 +10,7 @@ use l2s_eval::score::{compare, read_results, results_jsonl, ScoreOptions};
 use l2s_eval::sources::{score_detections, score_folder, Scored};
 use l2s_generate::write_atomic;
 
-use crate::common::Global;
+use crate::common::{say, Global};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DetectorArg {
@@ -117,12 +117,11 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     write_atomic(&out, results_jsonl(&results).as_bytes()).with_context(|| format!("writing {}", out.display()))?;
     let text = serde_json::to_string_pretty(&summary)? + "\n";
     write_atomic(&summary_path, text.as_bytes()).with_context(|| format!("writing {}", summary_path.display()))?;
-    print!("{}", summary.text());
-    println!("results: {}\nsummary: {}", out.display(), summary_path.display());
+    say(&summary.text());
+    say(&format!("results: {}\nsummary: {}\n", out.display(), summary_path.display()));
     if let (Some(before), Some(path)) = (before, &args.compare) {
         let c = compare(&before, &results);
-        println!();
-        print!("{}", c.text(&path.display().to_string(), &out.display().to_string()));
+        say(&format!("\n{}", c.text(&path.display().to_string(), &out.display().to_string())));
     }
     Ok(())
 }
