@@ -36,7 +36,9 @@ pub fn prompt_dir(root: &Path, index: usize) -> PathBuf {
 
 /// `DIR/NNNNN/samples/SSSS.png`.
 pub fn sample_path(root: &Path, index: usize, sample: usize) -> PathBuf {
-    prompt_dir(root, index).join(SAMPLES_DIR).join(format!("{sample:04}.png"))
+    prompt_dir(root, index)
+        .join(SAMPLES_DIR)
+        .join(format!("{sample:04}.png"))
 }
 
 /// `NNNNN/samples/SSSS.png`, the name results files use.
@@ -47,13 +49,18 @@ pub fn sample_relpath(index: usize, sample: usize) -> String {
 /// Seed of image `sample` of prompt `index`: every image of a run gets its own seed, the same
 /// for every method and every shard split.
 pub fn image_seed(base: u64, index: usize, sample: usize, images_per_prompt: usize) -> u64 {
-    base.wrapping_add((index as u64).wrapping_mul(images_per_prompt as u64)).wrapping_add(sample as u64)
+    base.wrapping_add((index as u64).wrapping_mul(images_per_prompt as u64))
+        .wrapping_add(sample as u64)
 }
 
 /// Reads `NNNNN/samples/SSSS.png` (or a path ending so) back into (prompt index, sample).
 pub fn parse_relpath(name: &str) -> (Option<usize>, Option<usize>) {
     let parts: Vec<&str> = name.split(['/', '\\']).filter(|p| !p.is_empty()).collect();
-    let digits = |s: &str| (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse::<usize>().ok()).flatten();
+    let digits = |s: &str| {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<usize>().ok())
+            .flatten()
+    };
     let n = parts.len();
     if n >= 3 && parts[n - 2] == SAMPLES_DIR {
         let sample = parts[n - 1].strip_suffix(".png").and_then(digits);
@@ -100,7 +107,13 @@ impl RunInfo {
         };
         a.iter()
             .filter(|(k, v)| b.get(*k) != Some(*v))
-            .map(|(k, v)| format!("{k}: {} here, {} in the folder", b.get(k).cloned().unwrap_or(Value::Null), v))
+            .map(|(k, v)| {
+                format!(
+                    "{k}: {} here, {} in the folder",
+                    b.get(k).cloned().unwrap_or(Value::Null),
+                    v
+                )
+            })
             .collect()
     }
 }
@@ -127,7 +140,9 @@ pub fn scan_folder(root: &Path) -> std::io::Result<Vec<FolderPrompt>> {
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_digit()) || !entry.path().is_dir() {
             continue;
         }
-        let Ok(index) = name.parse::<usize>() else { continue };
+        let Ok(index) = name.parse::<usize>() else {
+            continue;
+        };
         let dir = entry.path();
         let meta_path = dir.join(METADATA_FILE);
         let metadata = meta_path.exists().then(|| read_metadata_file(&meta_path));
@@ -158,7 +173,10 @@ pub fn scan_folder(root: &Path) -> std::io::Result<Vec<FolderPrompt>> {
 
 fn read_metadata_file(path: &Path) -> Result<Value, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
-    let line = text.lines().find(|l| !l.trim().is_empty()).ok_or("empty file")?;
+    let line = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .ok_or("empty file")?;
     let v: Value = serde_json::from_str(line).map_err(|e| format!("not a JSON line: {e}"))?;
     if !v.is_object() {
         return Err("not a JSON object".into());
@@ -187,10 +205,16 @@ mod tests {
     #[test]
     fn names() {
         let root = Path::new("/r");
-        assert_eq!(sample_path(root, 12, 3), Path::new("/r/00012/samples/0003.png"));
+        assert_eq!(
+            sample_path(root, 12, 3),
+            Path::new("/r/00012/samples/0003.png")
+        );
         assert_eq!(sample_relpath(12, 3), "00012/samples/0003.png");
         assert_eq!(parse_relpath("00012/samples/0003.png"), (Some(12), Some(3)));
-        assert_eq!(parse_relpath("/x/y/00012/samples/0003.png"), (Some(12), Some(3)));
+        assert_eq!(
+            parse_relpath("/x/y/00012/samples/0003.png"),
+            (Some(12), Some(3))
+        );
         assert_eq!(parse_relpath("img.png"), (None, None));
         assert_eq!(parse_relpath("a/samples/b.png"), (None, None));
         // Distinct seeds for every image, independent of how the prompts are split.
@@ -221,9 +245,15 @@ mod tests {
             steering: None,
         };
         assert!(a.differences(&a).is_empty());
-        let b = RunInfo { steps: 20, ..a.clone() };
+        let b = RunInfo {
+            steps: 20,
+            ..a.clone()
+        };
         let d = a.differences(&b);
         assert_eq!(d.len(), 1);
-        assert!(d[0].starts_with("steps: 20 here, 10 in the folder"), "{d:?}");
+        assert!(
+            d[0].starts_with("steps: 20 here, 10 in the folder"),
+            "{d:?}"
+        );
     }
 }

@@ -11,7 +11,8 @@ pub fn png_text_chunks(bytes: &[u8]) -> Vec<(String, String)> {
     }
     let mut at = 8usize;
     while at + 8 <= bytes.len() {
-        let len = u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize;
+        let len =
+            u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize;
         let kind = &bytes[at + 4..at + 8];
         let start = at + 8;
         let Some(end) = start.checked_add(len).filter(|&e| e + 4 <= bytes.len()) else {
@@ -74,7 +75,10 @@ mod tests {
         let mut png = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
         png.extend(chunk(b"IHDR", &[0; 13]));
         png.extend(chunk(b"tEXt", b"prompt\0a dog left of a cat"));
-        png.extend(chunk(b"iTXt", "note\0\0\0\0\0caf\u{e9} \u{2192}".as_bytes()));
+        png.extend(chunk(
+            b"iTXt",
+            "note\0\0\0\0\0caf\u{e9} \u{2192}".as_bytes(),
+        ));
         png.extend(chunk(b"iTXt", b"packed\0\x01\0\0\0xyz"));
         png.extend(chunk(b"IEND", &[]));
         png.extend(chunk(b"tEXt", b"after\0end"));

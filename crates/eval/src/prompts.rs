@@ -202,7 +202,10 @@ impl SpatialPrompt {
             .map_err(|e| format!("\"include\" is not a list of {{class, count, position}}: {e}"))?;
         for (i, inc) in include.iter().enumerate() {
             if inc.count == 0 {
-                return Err(format!("include {i} ({}): count must be at least 1", inc.class));
+                return Err(format!(
+                    "include {i} ({}): count must be at least 1",
+                    inc.class
+                ));
             }
             if let Some((rel, t)) = inc.position {
                 if t >= i {
@@ -214,7 +217,9 @@ impl SpatialPrompt {
             }
         }
         if include.iter().all(|inc| inc.position.is_none()) {
-            return Err(format!("a {tag:?} line needs at least one \"position\" entry"));
+            return Err(format!(
+                "a {tag:?} line needs at least one \"position\" entry"
+            ));
         }
         Ok(Some(Self {
             tag,
@@ -560,7 +565,12 @@ pub fn multi_relation_prompts(
     Ok(out)
 }
 
-fn draw_multi(rng: &mut PromptRng, classes: &[&str], objects: usize, relations: usize) -> SpatialPrompt {
+fn draw_multi(
+    rng: &mut PromptRng,
+    classes: &[&str],
+    objects: usize,
+    relations: usize,
+) -> SpatialPrompt {
     let picked: Vec<&str> = rng
         .distinct(classes.len(), objects)
         .into_iter()
@@ -614,7 +624,9 @@ fn draw_multi(rng: &mut PromptRng, classes: &[&str], objects: usize, relations: 
     }
     // "A, B and C".
     let text = match clauses.split_last() {
-        Some((last, rest)) if !rest.is_empty() => format!("a photo of {} and {last}", rest.join(", ")),
+        Some((last, rest)) if !rest.is_empty() => {
+            format!("a photo of {} and {last}", rest.join(", "))
+        }
         _ => format!("a photo of {}", clauses.join("")),
     };
     SpatialPrompt::build(MULTI_TAG, text, include)
@@ -640,7 +652,13 @@ mod tests {
         assert_eq!(COCO_CLASSES.len(), 80);
         let set: BTreeSet<_> = COCO_CLASSES.iter().collect();
         assert_eq!(set.len(), 80);
-        for c in ["teddy bear", "computer mouse", "tv remote", "hair drier", "dining table"] {
+        for c in [
+            "teddy bear",
+            "computer mouse",
+            "tv remote",
+            "hair drier",
+            "dining table",
+        ] {
             assert!(COCO_CLASSES.contains(&c), "{c}");
         }
     }
@@ -653,29 +671,45 @@ mod tests {
             p.metadata_line(),
             r#"{"include":[{"class":"teddy bear","count":1},{"class":"dog","count":1,"position":["right of",0]}],"prompt":"a photo of a dog right of a teddy bear","tag":"position"}"#
         );
-        assert_eq!(p.triplets(), vec![Triplet::new("dog", RightOf, "teddy bear")]);
+        assert_eq!(
+            p.triplets(),
+            vec![Triplet::new("dog", RightOf, "teddy bear")]
+        );
         assert_eq!(
             position_text("elephant", Below, "umbrella"),
             "a photo of an elephant below an umbrella"
         );
         // Round trip through the reader.
-        let back = SpatialPrompt::from_line(&p.metadata_line()).unwrap().unwrap();
+        let back = SpatialPrompt::from_line(&p.metadata_line())
+            .unwrap()
+            .unwrap();
         assert_eq!(back, p);
     }
 
     #[test]
     fn metadata_checks() {
         let bad_target = r#"{"tag":"position","prompt":"x","include":[{"class":"a","count":1,"position":["above",1]},{"class":"b","count":1}]}"#;
-        assert!(SpatialPrompt::from_line(bad_target).unwrap_err().contains("earlier include"));
+        assert!(SpatialPrompt::from_line(bad_target)
+            .unwrap_err()
+            .contains("earlier include"));
         let bad_rel = r#"{"tag":"position","prompt":"x","include":[{"class":"a"},{"class":"b","position":["near",0]}]}"#;
-        assert!(SpatialPrompt::from_line(bad_rel).unwrap_err().contains("near"));
+        assert!(SpatialPrompt::from_line(bad_rel)
+            .unwrap_err()
+            .contains("near"));
         let no_rel = r#"{"tag":"position","prompt":"x","include":[{"class":"a"},{"class":"b"}]}"#;
-        assert!(SpatialPrompt::from_line(no_rel).unwrap_err().contains("position"));
+        assert!(SpatialPrompt::from_line(no_rel)
+            .unwrap_err()
+            .contains("position"));
         let zero = r#"{"tag":"position","prompt":"x","include":[{"class":"a","count":0},{"class":"b","position":["above",0]}]}"#;
-        assert!(SpatialPrompt::from_line(zero).unwrap_err().contains("count"));
+        assert!(SpatialPrompt::from_line(zero)
+            .unwrap_err()
+            .contains("count"));
         assert!(SpatialPrompt::from_line("[1]").is_err());
-        assert!(SpatialPrompt::from_line(r#"{"prompt":"x"}"#).unwrap_err().contains("tag"));
-        let other = r#"{"tag":"counting","prompt":"three cats","include":[{"class":"cat","count":3}]}"#;
+        assert!(SpatialPrompt::from_line(r#"{"prompt":"x"}"#)
+            .unwrap_err()
+            .contains("tag"));
+        let other =
+            r#"{"tag":"counting","prompt":"three cats","include":[{"class":"cat","count":3}]}"#;
         assert_eq!(SpatialPrompt::from_line(other).unwrap(), None);
         // Count defaults to 1; unknown fields are kept in the metadata.
         let p = SpatialPrompt::from_line(r#"{"tag":"position","prompt":"x","extra":7,"include":[{"class":"a"},{"class":"b","position":["under",0]}]}"#)
@@ -701,20 +735,32 @@ mod tests {
         ];
         std::fs::write(&path, lines.join("\n")).unwrap();
         let f = read_prompt_file(&path).unwrap();
-        assert_eq!(f.prompts.iter().map(|(l, _)| *l).collect::<Vec<_>>(), [2, 6]);
+        assert_eq!(
+            f.prompts.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
+            [2, 6]
+        );
         assert_eq!(f.prompts[1].1.prompt, "a photo of a dog left of a kite");
         let by = f.unsupported_by_tag();
         assert_eq!(by["counting"], [4, 5]);
         assert_eq!(by["single_object"], [1]);
         let report = f.unsupported_report();
         assert_eq!(report.len(), 2);
-        assert!(report[0].contains("2 lines tagged \"counting\"") && report[0].contains("lines 4, 5"), "{report:?}");
-        assert!(report[1].contains("1 line tagged \"single_object\"") && report[1].contains("line 1"), "{report:?}");
+        assert!(
+            report[0].contains("2 lines tagged \"counting\"") && report[0].contains("lines 4, 5"),
+            "{report:?}"
+        );
+        assert!(
+            report[1].contains("1 line tagged \"single_object\"") && report[1].contains("line 1"),
+            "{report:?}"
+        );
 
         std::fs::write(&path, format!("{}\n{{oops\n", lines[1])).unwrap();
         let e = read_prompt_file(&path).unwrap_err().to_string();
         assert!(e.contains("meta.jsonl:2:"), "{e}");
-        assert!(read_prompt_file(&dir.join("absent.jsonl")).unwrap_err().to_string().contains("absent.jsonl"));
+        assert!(read_prompt_file(&dir.join("absent.jsonl"))
+            .unwrap_err()
+            .to_string()
+            .contains("absent.jsonl"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -739,7 +785,10 @@ mod tests {
         assert_eq!(position_prompts(10, &COCO_CLASSES, 0).unwrap(), a[..10]);
         // Every distinct prompt of a small class list, and no more.
         let all = position_prompts(224, &SHAPES_CLASSES, 5).unwrap();
-        assert_eq!(all.iter().map(|p| &p.prompt).collect::<HashSet<_>>().len(), 224);
+        assert_eq!(
+            all.iter().map(|p| &p.prompt).collect::<HashSet<_>>().len(),
+            224
+        );
         assert!(position_prompts(225, &SHAPES_CLASSES, 5).is_err());
         assert!(position_prompts(1, &["dog"], 0).is_err());
         assert!(position_prompts(1, &["dog", "dog"], 0).is_err());
@@ -747,7 +796,8 @@ mod tests {
 
     #[test]
     fn multi_generator() {
-        let ps = multi_relation_prompts(200, &COCO_CLASSES, 3, MultiRelationSpec::default()).unwrap();
+        let ps =
+            multi_relation_prompts(200, &COCO_CLASSES, 3, MultiRelationSpec::default()).unwrap();
         assert_eq!(ps.len(), 200);
         let mut objects_seen = BTreeSet::new();
         let mut relations_seen = BTreeSet::new();
@@ -757,7 +807,11 @@ mod tests {
             let trips = p.triplets();
             objects_seen.insert(n_obj);
             relations_seen.insert(trips.len());
-            assert!((2..=5).contains(&n_obj) && (1..=3).contains(&trips.len()), "{}", p.prompt);
+            assert!(
+                (2..=5).contains(&n_obj) && (1..=3).contains(&trips.len()),
+                "{}",
+                p.prompt
+            );
             let classes: BTreeSet<_> = p.include.iter().map(|i| &i.class).collect();
             assert_eq!(classes.len(), n_obj, "distinct classes: {}", p.prompt);
             // Every include is mentioned in the text; every relation phrase reads "A rel B".
@@ -769,18 +823,28 @@ mod tests {
                 assert!(p.prompt.contains(&phrase), "{phrase:?} in {:?}", p.prompt);
             }
             // Valid GenEval metadata that reads back identically.
-            let back = SpatialPrompt::from_line(&p.metadata_line()).unwrap().unwrap();
+            let back = SpatialPrompt::from_line(&p.metadata_line())
+                .unwrap()
+                .unwrap();
             assert_eq!(&back, p);
         }
         assert_eq!(objects_seen, (2..=5).collect());
         assert_eq!(relations_seen, (1..=3).collect());
-        assert_eq!(ps, multi_relation_prompts(200, &COCO_CLASSES, 3, MultiRelationSpec::default()).unwrap());
+        assert_eq!(
+            ps,
+            multi_relation_prompts(200, &COCO_CLASSES, 3, MultiRelationSpec::default()).unwrap()
+        );
     }
 
     #[test]
     fn multi_chain_encoding() {
         // Find a three-relation single chain and check its include order by hand.
-        let spec = MultiRelationSpec { min_objects: 4, max_objects: 4, min_relations: 3, max_relations: 3 };
+        let spec = MultiRelationSpec {
+            min_objects: 4,
+            max_objects: 4,
+            min_relations: 3,
+            max_relations: 3,
+        };
         let p = &multi_relation_prompts(1, &["cup", "dog", "kite", "book"], 9, spec).unwrap()[0];
         // "a photo of a W r0 a X r1 a Y r2 a Z": include = [Z, Y→0, X→1, W→2].
         let inc = &p.include;
@@ -789,14 +853,35 @@ mod tests {
         assert_eq!(inc[1].position.unwrap().1, 0);
         assert_eq!(inc[2].position.unwrap().1, 1);
         assert_eq!(inc[3].position.unwrap().1, 2);
-        let order: Vec<usize> = inc.iter().rev().map(|i| p.prompt.find(&noun(&i.class)).unwrap()).collect();
+        let order: Vec<usize> = inc
+            .iter()
+            .rev()
+            .map(|i| p.prompt.find(&noun(&i.class)).unwrap())
+            .collect();
         assert!(order.windows(2).all(|w| w[0] < w[1]), "{}", p.prompt);
         // Impossible ranges are refused.
-        let bad = MultiRelationSpec { min_objects: 2, max_objects: 3, min_relations: 3, max_relations: 3 };
+        let bad = MultiRelationSpec {
+            min_objects: 2,
+            max_objects: 3,
+            min_relations: 3,
+            max_relations: 3,
+        };
         assert!(multi_relation_prompts(1, &COCO_CLASSES, 0, bad).is_err());
-        let bad = MultiRelationSpec { min_objects: 1, ..Default::default() };
+        let bad = MultiRelationSpec {
+            min_objects: 1,
+            ..Default::default()
+        };
         assert!(multi_relation_prompts(1, &COCO_CLASSES, 0, bad).is_err());
-        assert!(multi_relation_prompts(1, &["a", "b"], 0, MultiRelationSpec { min_objects: 3, ..Default::default() }).is_err());
+        assert!(multi_relation_prompts(
+            1,
+            &["a", "b"],
+            0,
+            MultiRelationSpec {
+                min_objects: 3,
+                ..Default::default()
+            }
+        )
+        .is_err());
     }
 
     /// The official list, when the shared reference copy is present: every line is read as a

@@ -457,7 +457,10 @@ mod tests {
         // dx = −0.737, dy = −0.492 (still one); with (−200, −150): (−180, −130) / 250 →
         // dy = −0.52: both.
         assert_eq!(relations(&sq(100.0, 110.0, 100.0), &b), set(&[LeftOf]));
-        assert_eq!(relations(&sq(100.0, 100.0, 100.0), &b), set(&[LeftOf, Above]));
+        assert_eq!(
+            relations(&sq(100.0, 100.0, 100.0), &b),
+            set(&[LeftOf, Above])
+        );
     }
 
     /// Overlapping and nested boxes, worked by hand.
@@ -476,7 +479,10 @@ mod tests {
         let a = BBox::new(25.0, 0.0, 125.0, 100.0);
         assert!(relations(&a, &big).is_empty());
         // Shifted by 41: (41−20)/41 = 0.512 → right of; by 40: 20/40 = 0.5 → none.
-        assert_eq!(relations(&BBox::new(41.0, 0.0, 141.0, 100.0), &big), set(&[RightOf]));
+        assert_eq!(
+            relations(&BBox::new(41.0, 0.0, 141.0, 100.0), &big),
+            set(&[RightOf])
+        );
         assert!(relations(&BBox::new(40.0, 0.0, 140.0, 100.0), &big).is_empty());
     }
 

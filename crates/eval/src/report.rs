@@ -42,8 +42,12 @@ pub fn load_run(dir: &Path) -> Result<ReportRun, String> {
     let results = read_results(&rpath)?;
     let spath = dir.join(SUMMARY_FILE);
     let summary = if spath.exists() {
-        let text = std::fs::read_to_string(&spath).map_err(|e| format!("{}: {e}", spath.display()))?;
-        Some(serde_json::from_str::<Summary>(&text).map_err(|e| format!("{}: not a summary file: {e}", spath.display()))?)
+        let text =
+            std::fs::read_to_string(&spath).map_err(|e| format!("{}: {e}", spath.display()))?;
+        Some(
+            serde_json::from_str::<Summary>(&text)
+                .map_err(|e| format!("{}: not a summary file: {e}", spath.display()))?,
+        )
     } else {
         None
     };
@@ -52,8 +56,16 @@ pub fn load_run(dir: &Path) -> Result<ReportRun, String> {
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| dir.display().to_string());
-    let name = summary.as_ref().and_then(|s| s.method.clone()).unwrap_or_else(|| folder.clone());
-    Ok(ReportRun { name, root: dir.to_path_buf(), summary, results })
+    let name = summary
+        .as_ref()
+        .and_then(|s| s.method.clone())
+        .unwrap_or_else(|| folder.clone());
+    Ok(ReportRun {
+        name,
+        root: dir.to_path_buf(),
+        summary,
+        results,
+    })
 }
 
 /// Report settings.
@@ -68,7 +80,11 @@ pub struct ReportOptions {
 
 impl Default for ReportOptions {
     fn default() -> Self {
-        Self { title: "Spatial evaluation".into(), max_side: 256, display_px: 140 }
+        Self {
+            title: "Spatial evaluation".into(),
+            max_side: 256,
+            display_px: 140,
+        }
     }
 }
 
@@ -77,11 +93,21 @@ pub fn base64(bytes: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut s = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for c in bytes.chunks(3) {
-        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
         s.push(T[(n >> 18) as usize & 63] as char);
         s.push(T[(n >> 12) as usize & 63] as char);
-        s.push(if c.len() > 1 { T[(n >> 6) as usize & 63] as char } else { '=' });
-        s.push(if c.len() > 2 { T[n as usize & 63] as char } else { '=' });
+        s.push(if c.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        s.push(if c.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
     }
     s
 }
@@ -113,12 +139,19 @@ fn embed_image(path: &Path, max_side: u32) -> Result<(String, u32, u32), String>
     } else {
         let k = max_side as f32 / w.max(h) as f32;
         let small = if k < 1.0 {
-            img.resize(((w as f32 * k).round() as u32).max(1), ((h as f32 * k).round() as u32).max(1), image::imageops::FilterType::Triangle)
+            img.resize(
+                ((w as f32 * k).round() as u32).max(1),
+                ((h as f32 * k).round() as u32).max(1),
+                image::imageops::FilterType::Triangle,
+            )
         } else {
             img
         };
         let mut out = std::io::Cursor::new(Vec::new());
-        small.to_rgb8().write_to(&mut out, image::ImageFormat::Png).map_err(|e| e.to_string())?;
+        small
+            .to_rgb8()
+            .write_to(&mut out, image::ImageFormat::Png)
+            .map_err(|e| e.to_string())?;
         out.into_inner()
     };
     Ok((base64(&png), w, h))
@@ -224,20 +257,46 @@ fn summary_table(runs: &[ReportRun], html: &mut String) {
         let _ = write!(html, "<tr><td>{}</td>", escape(&run.name));
         match &run.summary {
             Some(s) => {
-                let _ = write!(html, "<td>{}</td><td>{}</td><td class=\"pct\">{}</td>", s.images, s.prompts, pct(s.position_accuracy));
+                let _ = write!(
+                    html,
+                    "<td>{}</td><td>{}</td><td class=\"pct\">{}</td>",
+                    s.images,
+                    s.prompts,
+                    pct(s.position_accuracy)
+                );
                 for r in crate::Relation::ALL {
                     match s.per_relation.get(r.name()) {
                         Some(x) => {
-                            let _ = write!(html, "<td>{} <small>({}/{})</small></td>", pct(x.accuracy), x.correct, x.total);
+                            let _ = write!(
+                                html,
+                                "<td>{} <small>({}/{})</small></td>",
+                                pct(x.accuracy),
+                                x.correct,
+                                x.total
+                            );
                         }
                         None => html.push_str("<td>–</td>"),
                     }
                 }
                 let v = &s.visor;
-                for x in [s.correct_prompts, v.oa, v.cond, v.uncond, v.visor_1, v.visor_2, v.visor_3, v.visor_4] {
+                for x in [
+                    s.correct_prompts,
+                    v.oa,
+                    v.cond,
+                    v.uncond,
+                    v.visor_1,
+                    v.visor_2,
+                    v.visor_3,
+                    v.visor_4,
+                ] {
                     let _ = write!(html, "<td>{}</td>", pct(x));
                 }
-                let _ = write!(html, "<td>{}</td><td>{}</td></tr>", s.missing_images, s.errors.len());
+                let _ = write!(
+                    html,
+                    "<td>{}</td><td>{}</td></tr>",
+                    s.missing_images,
+                    s.errors.len()
+                );
             }
             None => {
                 let n = run.results.len();
@@ -253,7 +312,10 @@ uncond = cond × OA; Vn: prompts with at least n correct images (VISOR); missing
 }
 
 fn boxes_svg(r: &ImageResult, w: u32, h: u32, html: &mut String) {
-    let (w, h) = (r.width.unwrap_or(w).max(1) as f32, r.height.unwrap_or(h).max(1) as f32);
+    let (w, h) = (
+        r.width.unwrap_or(w).max(1) as f32,
+        r.height.unwrap_or(h).max(1) as f32,
+    );
     html.push_str("<svg class=\"boxes\">");
     for b in &r.detections {
         let [x0, y0, x1, y1] = b.bbox;
@@ -332,7 +394,9 @@ solid boxes: used by the judgement, dashed: other detections</span></div></div><
             })
             .collect();
         let present: Vec<(usize, usize)> = tallies.iter().copied().filter(|t| t.1 > 0).collect();
-        let differ = present.windows(2).any(|w| w[0].0 * w[1].1 != w[1].0 * w[0].1);
+        let differ = present
+            .windows(2)
+            .any(|w| w[0].0 * w[1].1 != w[1].0 * w[0].1);
         let idx = index.map(|i| format!("#{i:05}")).unwrap_or_default();
         let _ = write!(
             html,
@@ -344,7 +408,9 @@ solid boxes: used by the judgement, dashed: other detections</span></div></div><
             tallies.iter().map(|(c, n)| format!("{c}/{n}")).collect::<Vec<_>>().join(" · ")
         );
         for (ri, run) in runs.iter().enumerate() {
-            let Some(list) = cells[i].get(&ri) else { continue };
+            let Some(list) = cells[i].get(&ri) else {
+                continue;
+            };
             // A near-square grid per run (2×2 for GenEval's four images) keeps runs side by side.
             let cols = (list.len() as f64).sqrt().ceil().max(1.0) as usize;
             let _ = write!(
@@ -371,7 +437,11 @@ solid boxes: used by the judgement, dashed: other detections</span></div></div><
                 };
                 match shown {
                     Some((data, w, h)) => {
-                        let _ = write!(html, "<img alt=\"{}\" src=\"data:image/png;base64,{data}\">", escape(&r.prompt));
+                        let _ = write!(
+                            html,
+                            "<img alt=\"{}\" src=\"data:image/png;base64,{data}\">",
+                            escape(&r.prompt)
+                        );
                         boxes_svg(r, w, h, &mut html);
                     }
                     None => {
@@ -397,10 +467,21 @@ solid boxes: used by the judgement, dashed: other detections</span></div></div><
                         }
                     })
                     .collect();
-                let title = if r.reason.is_empty() { "correct".to_string() } else { r.reason.replace('\n', "; ") };
+                let title = if r.reason.is_empty() {
+                    "correct".to_string()
+                } else {
+                    r.reason.replace('\n', "; ")
+                };
                 let label = r.sample.map(|s| format!("#{s}")).unwrap_or_default();
                 let seed = r.seed.map(|s| format!(" seed {s}")).unwrap_or_default();
-                let _ = write!(html, "</div><figcaption title=\"{}\">{}{} · {}</figcaption></figure>", escape(&title), escape(&label), escape(&seed), escape(&rels.join("; ")));
+                let _ = write!(
+                    html,
+                    "</div><figcaption title=\"{}\">{}{} · {}</figcaption></figure>",
+                    escape(&title),
+                    escape(&label),
+                    escape(&seed),
+                    escape(&rels.join("; "))
+                );
             }
             html.push_str("</div></div>");
         }
@@ -426,6 +507,9 @@ mod tests {
 
     #[test]
     fn escaping() {
-        assert_eq!(escape(r#"<a href="x">'&'</a>"#), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");
+        assert_eq!(
+            escape(r#"<a href="x">'&'</a>"#),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
     }
 }

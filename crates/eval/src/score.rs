@@ -85,7 +85,11 @@ fn kept_by_class(detections: &[Detection], min_score: f32) -> HashMap<&str, Vec<
 }
 
 /// Judges one image for a spatial prompt (see the module documentation).
-pub fn judge_prompt(prompt: &SpatialPrompt, detections: &[Detection], opts: &ScoreOptions) -> Verdict {
+pub fn judge_prompt(
+    prompt: &SpatialPrompt,
+    detections: &[Detection],
+    opts: &ScoreOptions,
+) -> Verdict {
     let by = kept_by_class(detections, opts.min_score);
     let found: Vec<&[usize]> = prompt
         .include
@@ -96,7 +100,11 @@ pub fn judge_prompt(prompt: &SpatialPrompt, detections: &[Detection], opts: &Sco
         })
         .collect();
     let rel = |a: usize, b: usize| {
-        relations_with_threshold(&detections[a].bbox, &detections[b].bbox, opts.position_threshold)
+        relations_with_threshold(
+            &detections[a].bbox,
+            &detections[b].bbox,
+            opts.position_threshold,
+        )
     };
     let mut correct = true;
     let mut reason = Vec::new();
@@ -109,7 +117,12 @@ pub fn judge_prompt(prompt: &SpatialPrompt, detections: &[Detection], opts: &Sco
         if objs.len() < inc.count {
             correct = false;
             matched = false;
-            reason.push(format!("expected {}>={}, found {}", inc.class, inc.count, objs.len()));
+            reason.push(format!(
+                "expected {}>={}, found {}",
+                inc.class,
+                inc.count,
+                objs.len()
+            ));
         } else if let Some((wanted, target)) = inc.position {
             match groups.get(target).copied().flatten() {
                 None => {
@@ -125,7 +138,10 @@ pub fn judge_prompt(prompt: &SpatialPrompt, detections: &[Detection], opts: &Sco
                                 correct = false;
                                 matched = false;
                                 let names = holds.names().join(" and ");
-                                reason.push(format!("expected {} {wanted} target, found {names} target", inc.class));
+                                reason.push(format!(
+                                    "expected {} {wanted} target, found {names} target",
+                                    inc.class
+                                ));
                                 break 'pairs;
                             }
                         }
@@ -143,7 +159,11 @@ pub fn judge_prompt(prompt: &SpatialPrompt, detections: &[Detection], opts: &Sco
         .filter_map(|(i, inc)| {
             let (wanted, t) = inc.position?;
             let ok = complete(i) && complete(t);
-            let holds = if ok { rel(found[i][0], found[t][0]) } else { RelationSet::empty() };
+            let holds = if ok {
+                rel(found[i][0], found[t][0])
+            } else {
+                RelationSet::empty()
+            };
             let all_pairs = ok
                 && found[i]
                     .iter()
@@ -250,7 +270,12 @@ pub struct ImageSource {
 
 impl ImageResult {
     /// Judges `detections` (already checked) for `prompt`.
-    pub fn scored(prompt: &SpatialPrompt, source: ImageSource, detections: &[Detection], opts: &ScoreOptions) -> Self {
+    pub fn scored(
+        prompt: &SpatialPrompt,
+        source: ImageSource,
+        detections: &[Detection],
+        opts: &ScoreOptions,
+    ) -> Self {
         let v = judge_prompt(prompt, detections, opts);
         let kept = kept_by_class(detections, opts.min_score);
         let mut boxes = Vec::new();
@@ -300,7 +325,12 @@ impl ImageResult {
     }
 
     /// An image that could not be judged: wrong, nothing found, `why` as the reason.
-    pub fn unjudged(prompt: &SpatialPrompt, source: ImageSource, status: ImageStatus, why: &str) -> Self {
+    pub fn unjudged(
+        prompt: &SpatialPrompt,
+        source: ImageSource,
+        status: ImageStatus,
+        why: &str,
+    ) -> Self {
         let relations = prompt
             .triplets()
             .into_iter()
@@ -547,14 +577,26 @@ pub fn summarize(results: &[ImageResult], ctx: SummaryContext) -> Summary {
     for r in results {
         per_tag.entry(r.tag.clone()).or_default().add(r.correct);
         for c in &r.relations {
-            per_relation.entry(c.relation.name().to_string()).or_default().add(c.correct);
+            per_relation
+                .entry(c.relation.name().to_string())
+                .or_default()
+                .add(c.correct);
         }
     }
     let tallies = prompt_tallies(results);
-    let at_least = |n: usize| ratio(tallies.iter().filter(|t| t.correct >= n).count(), tallies.len());
+    let at_least = |n: usize| {
+        ratio(
+            tallies.iter().filter(|t| t.correct >= n).count(),
+            tallies.len(),
+        )
+    };
     let oa = ratio(found, images);
     let cond = ratio(found_correct, found);
-    let losses: Vec<f64> = results.iter().filter_map(|r| r.steer_loss).filter(|l| l.is_finite()).collect();
+    let losses: Vec<f64> = results
+        .iter()
+        .filter_map(|r| r.steer_loss)
+        .filter(|l| l.is_finite())
+        .collect();
     let mut unsupported: BTreeMap<String, UnsupportedTag> = BTreeMap::new();
     for (loc, u) in &ctx.unsupported {
         let e = unsupported.entry(u.tag.clone()).or_default();
@@ -587,12 +629,21 @@ pub fn summarize(results: &[ImageResult], ctx: SummaryContext) -> Summary {
             visor_3: at_least(3),
             visor_4: at_least(4),
         },
-        missing_images: results.iter().filter(|r| r.status == ImageStatus::Missing).count(),
+        missing_images: results
+            .iter()
+            .filter(|r| r.status == ImageStatus::Missing)
+            .count(),
         unreadable_images: results
             .iter()
-            .filter(|r| matches!(r.status, ImageStatus::Undecodable | ImageStatus::DetectorFailed))
+            .filter(|r| {
+                matches!(
+                    r.status,
+                    ImageStatus::Undecodable | ImageStatus::DetectorFailed
+                )
+            })
             .count(),
-        mean_steer_loss: (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64),
+        mean_steer_loss: (!losses.is_empty())
+            .then(|| losses.iter().sum::<f64>() / losses.len() as f64),
         unsupported,
         error_counts,
         errors: ctx.issues,
@@ -604,7 +655,11 @@ impl Summary {
     pub fn text(&self) -> String {
         let pct = |v: f64| format!("{:.1}%", 100.0 * v);
         let mut s = String::new();
-        let method = self.method.as_deref().map(|m| format!(" ({m})")).unwrap_or_default();
+        let method = self
+            .method
+            .as_deref()
+            .map(|m| format!(" ({m})"))
+            .unwrap_or_default();
         s.push_str(&format!(
             "{}{method}: {} images, {} prompts\n",
             self.source, self.images, self.prompts
@@ -642,14 +697,29 @@ impl Summary {
             let counts: Vec<String> = self
                 .error_counts
                 .iter()
-                .map(|(k, n)| format!("{} {n}", serde_json::to_value(k).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()))
+                .map(|(k, n)| {
+                    format!(
+                        "{} {n}",
+                        serde_json::to_value(k)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_default()
+                    )
+                })
                 .collect();
-            s.push_str(&format!("{} problems: {}\n", self.errors.len(), counts.join(", ")));
+            s.push_str(&format!(
+                "{} problems: {}\n",
+                self.errors.len(),
+                counts.join(", ")
+            ));
             for e in self.errors.iter().take(10) {
                 s.push_str(&format!("  {}: {}\n", e.location, e.message));
             }
             if self.errors.len() > 10 {
-                s.push_str(&format!("  … {} more in the summary's \"errors\" list\n", self.errors.len() - 10));
+                s.push_str(&format!(
+                    "  … {} more in the summary's \"errors\" list\n",
+                    self.errors.len() - 10
+                ));
             }
         }
         s
@@ -658,7 +728,8 @@ impl Summary {
 
 /// Reads a results JSONL file written by [`ImageResult`] serialisation.
 pub fn read_results(path: &Path) -> Result<Vec<ImageResult>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read results file {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read results file {}: {e}", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -729,7 +800,11 @@ pub fn compare(before: &[ImageResult], after: &[ImageResult]) -> Comparison {
             }
         }
     }
-    c.only_after = b.iter().filter(|t| !a_keys.contains_key(t.key.as_str())).cloned().collect();
+    c.only_after = b
+        .iter()
+        .filter(|t| !a_keys.contains_key(t.key.as_str()))
+        .cloned()
+        .collect();
     c
 }
 
@@ -741,7 +816,10 @@ impl Comparison {
             self.before_correct, self.before_images, self.after_correct, self.after_images
         );
         let line = |(x, y): &(PromptTally, PromptTally)| {
-            format!("  {}/{} -> {}/{}  {}\n", x.correct, x.images, y.correct, y.images, x.prompt)
+            format!(
+                "  {}/{} -> {}/{}  {}\n",
+                x.correct, x.images, y.correct, y.images, x.prompt
+            )
         };
         s.push_str(&format!("improved ({}):\n", self.improved.len()));
         for p in &self.improved {
@@ -779,7 +857,10 @@ pub fn check_detections(
             issues.push(Issue::new(
                 IssueKind::BadScore,
                 location,
-                format!("{} detection with score {}: expected a number in [0, 1]; dropped", d.class, d.score),
+                format!(
+                    "{} detection with score {}: expected a number in [0, 1]; dropped",
+                    d.class, d.score
+                ),
             ));
             continue;
         }
@@ -795,19 +876,33 @@ pub fn check_detections(
             let (w, h) = (w as f32, h as f32);
             let tol = 1.0;
             if b.x0 < -tol || b.y0 < -tol || b.x1 > w + tol || b.y1 > h + tol {
-                let clipped = BBox::new(b.x0.clamp(0.0, w), b.y0.clamp(0.0, h), b.x1.clamp(0.0, w), b.y1.clamp(0.0, h));
+                let clipped = BBox::new(
+                    b.x0.clamp(0.0, w),
+                    b.y0.clamp(0.0, h),
+                    b.x1.clamp(0.0, w),
+                    b.y1.clamp(0.0, h),
+                );
                 if clipped.x1 <= clipped.x0 || clipped.y1 <= clipped.y0 {
                     issues.push(Issue::new(
                         IssueKind::BadBox,
                         location,
-                        format!("{} box {:?} lies outside the {w}x{h} image; dropped", d.class, b.xyxy()),
+                        format!(
+                            "{} box {:?} lies outside the {w}x{h} image; dropped",
+                            d.class,
+                            b.xyxy()
+                        ),
                     ));
                     continue;
                 }
                 issues.push(Issue::new(
                     IssueKind::BoxOutsideImage,
                     location,
-                    format!("{} box {:?} reaches outside the {w}x{h} image; clipped to {:?}", d.class, b.xyxy(), clipped.xyxy()),
+                    format!(
+                        "{} box {:?} reaches outside the {w}x{h} image; clipped to {:?}",
+                        d.class,
+                        b.xyxy(),
+                        clipped.xyxy()
+                    ),
                 ));
                 d.bbox = clipped;
             }
@@ -845,7 +940,11 @@ mod tests {
             for _ in 0..(f(5) as usize) {
                 let class = ["dog", "cat", "cup"][f(3) as usize];
                 let (x, y) = (f(60), f(60));
-                ds.push(det(class, f(10) / 10.0, [x, y, x + 1.0 + f(30), y + 1.0 + f(30)]));
+                ds.push(det(
+                    class,
+                    f(10) / 10.0,
+                    [x, y, x + 1.0 + f(30), y + 1.0 + f(30)],
+                ));
             }
             let want = Triplet::new("dog", rel, "cat");
             let j = judge(&want, &ds);
@@ -862,13 +961,25 @@ mod tests {
         let opts = ScoreOptions::default();
         let p = position_prompt("dog", LeftOf, "cat");
         let v = judge_prompt(&p, &[det("dog", 0.9, [0., 0., 10., 10.])], &opts);
-        assert_eq!(v.reason, ["expected cat>=1, found 0", "no target for dog to be left of"]);
+        assert_eq!(
+            v.reason,
+            [
+                "expected cat>=1, found 0",
+                "no target for dog to be left of"
+            ]
+        );
         let v = judge_prompt(
             &p,
-            &[det("dog", 0.9, [50., 0., 60., 10.]), det("cat", 0.9, [0., 0., 10., 10.])],
+            &[
+                det("dog", 0.9, [50., 0., 60., 10.]),
+                det("cat", 0.9, [0., 0., 10., 10.]),
+            ],
             &opts,
         );
-        assert_eq!(v.reason, ["expected dog left of target, found right of target"]);
+        assert_eq!(
+            v.reason,
+            ["expected dog left of target, found right of target"]
+        );
         assert!(v.all_found && !v.correct);
         assert_eq!(v.used, [1, 0]);
     }
@@ -888,7 +999,10 @@ mod tests {
         assert!(v.relations.iter().all(|r| r.correct));
         let v = judge_prompt(&p, &[cup.clone(), dog.clone(), kite_down], &opts);
         assert!(!v.correct && v.all_found);
-        assert_eq!((v.relations[0].correct, v.relations[1].correct), (true, false));
+        assert_eq!(
+            (v.relations[0].correct, v.relations[1].correct),
+            (true, false)
+        );
         // The dog right of the cup: the dog's group fails, so GenEval finds no target for the
         // kite, while the kite-above-dog relation on its own still holds.
         let dog_right = det("dog", 0.8, [90., 40., 110., 60.]);
@@ -896,17 +1010,40 @@ mod tests {
         let v = judge_prompt(&p, &[cup, dog_right, kite_up_right], &opts);
         assert!(!v.correct);
         assert_eq!(v.reason[1], "no target for kite to be above");
-        assert_eq!((v.relations[0].correct, v.relations[1].correct), (false, true));
+        assert_eq!(
+            (v.relations[0].correct, v.relations[1].correct),
+            (false, true)
+        );
 
         // count 2: both instances must satisfy the relation.
         let line = r#"{"tag":"position","prompt":"two dogs left of a cat","include":[{"class":"cat","count":1},{"class":"dog","count":2,"position":["left of",0]}]}"#;
         let p = SpatialPrompt::from_line(line).unwrap().unwrap();
         let cat = det("cat", 0.9, [50., 0., 60., 10.]);
-        let v = judge_prompt(&p, &[cat.clone(), det("dog", 0.9, [0., 0., 10., 10.])], &opts);
+        let v = judge_prompt(
+            &p,
+            &[cat.clone(), det("dog", 0.9, [0., 0., 10., 10.])],
+            &opts,
+        );
         assert_eq!(v.reason, ["expected dog>=2, found 1"]);
-        let v = judge_prompt(&p, &[cat.clone(), det("dog", 0.9, [0., 0., 10., 10.]), det("dog", 0.5, [70., 0., 80., 10.])], &opts);
+        let v = judge_prompt(
+            &p,
+            &[
+                cat.clone(),
+                det("dog", 0.9, [0., 0., 10., 10.]),
+                det("dog", 0.5, [70., 0., 80., 10.]),
+            ],
+            &opts,
+        );
         assert!(!v.correct && !v.relations[0].correct && v.relations[0].found);
-        let v = judge_prompt(&p, &[cat, det("dog", 0.9, [0., 0., 10., 10.]), det("dog", 0.5, [20., 0., 30., 10.])], &opts);
+        let v = judge_prompt(
+            &p,
+            &[
+                cat,
+                det("dog", 0.9, [0., 0., 10., 10.]),
+                det("dog", 0.5, [20., 0., 30., 10.]),
+            ],
+            &opts,
+        );
         assert!(v.correct);
     }
 
@@ -919,11 +1056,19 @@ mod tests {
             det("cat", 0.5, [20., 20., 30., 30.]),
             det("cup", 0.2, [0., 0., 5., 5.]),
         ];
-        let src = ImageSource { filename: "00003/samples/0001.png".into(), prompt_index: Some(3), sample: Some(1), ..Default::default() };
+        let src = ImageSource {
+            filename: "00003/samples/0001.png".into(),
+            prompt_index: Some(3),
+            sample: Some(1),
+            ..Default::default()
+        };
         let r = ImageResult::scored(&p, src, &ds, &ScoreOptions::default());
         assert!(r.correct && r.reason.is_empty());
         assert_eq!(r.detections.len(), 3, "the cup is below the threshold");
-        assert_eq!(r.detections.iter().map(|b| b.used).collect::<Vec<_>>(), [true, true, false]);
+        assert_eq!(
+            r.detections.iter().map(|b| b.used).collect::<Vec<_>>(),
+            [true, true, false]
+        );
         let details: Value = serde_json::from_str(&r.details).unwrap();
         assert_eq!(details["cat"].as_array().unwrap().len(), 2);
         assert_eq!(details["cat"][0][4].as_f64().unwrap() as f32, 0.8);
@@ -932,7 +1077,9 @@ mod tests {
         let back: ImageResult = serde_json::from_str(&line).unwrap();
         assert_eq!(back, r);
         let v: Value = serde_json::from_str(&line).unwrap();
-        for k in ["filename", "tag", "prompt", "correct", "reason", "metadata", "details"] {
+        for k in [
+            "filename", "tag", "prompt", "correct", "reason", "metadata", "details",
+        ] {
             assert!(v.get(k).is_some(), "GenEval field {k}");
         }
         assert!(v["metadata"].is_string() && v["details"].is_string());
@@ -947,7 +1094,11 @@ mod tests {
         let left = det("dog", 0.9, [0., 0., 10., 10.]);
         let cat = det("cat", 0.9, [50., 0., 60., 10.]);
         let dog_right = det("dog", 0.9, [80., 0., 90., 10.]);
-        let src = |i, s| ImageSource { prompt_index: Some(i), sample: Some(s), ..Default::default() };
+        let src = |i, s| ImageSource {
+            prompt_index: Some(i),
+            sample: Some(s),
+            ..Default::default()
+        };
         let mut rs = vec![
             // prompt 0: 3 correct, 1 both-found-but-wrong
             ImageResult::scored(&p1, src(0, 0), &[left.clone(), cat.clone()], &opts),
@@ -964,19 +1115,54 @@ mod tests {
             ImageResult::unjudged(&p2, src(1, 2), ImageStatus::Missing, "missing image"),
             ImageResult::unjudged(&p2, src(1, 3), ImageStatus::Undecodable, "undecodable"),
         ]);
-        let s = summarize(&rs, SummaryContext { images_per_prompt: Some(4), ..Default::default() });
+        let s = summarize(
+            &rs,
+            SummaryContext {
+                images_per_prompt: Some(4),
+                ..Default::default()
+            },
+        );
         assert_eq!((s.images, s.correct_images, s.prompts), (8, 4, 2));
         assert_eq!(s.position_accuracy, 0.5);
-        assert_eq!(s.per_relation["left of"], Rate { total: 4, correct: 3, accuracy: 0.75 });
-        assert_eq!(s.per_relation["above"], Rate { total: 4, correct: 1, accuracy: 0.25 });
+        assert_eq!(
+            s.per_relation["left of"],
+            Rate {
+                total: 4,
+                correct: 3,
+                accuracy: 0.75
+            }
+        );
+        assert_eq!(
+            s.per_relation["above"],
+            Rate {
+                total: 4,
+                correct: 1,
+                accuracy: 0.25
+            }
+        );
         assert_eq!(s.correct_prompts, 1.0);
         // Both found in 5 of 8; correct among those 4 of 5.
         assert_eq!(s.visor.oa, 5.0 / 8.0);
         assert_eq!(s.visor.cond, 4.0 / 5.0);
         assert!((s.visor.uncond - 0.5).abs() < 1e-12);
-        assert_eq!((s.visor.visor_1, s.visor.visor_2, s.visor.visor_3, s.visor.visor_4), (1.0, 0.5, 0.5, 0.0));
+        assert_eq!(
+            (
+                s.visor.visor_1,
+                s.visor.visor_2,
+                s.visor.visor_3,
+                s.visor.visor_4
+            ),
+            (1.0, 0.5, 0.5, 0.0)
+        );
         assert_eq!((s.missing_images, s.unreadable_images), (1, 1));
-        assert_eq!(s.per_tag["position"], Rate { total: 8, correct: 4, accuracy: 0.5 });
+        assert_eq!(
+            s.per_tag["position"],
+            Rate {
+                total: 8,
+                correct: 4,
+                accuracy: 0.5
+            }
+        );
         // Empty input never divides by zero.
         let e = summarize(&[], SummaryContext::default());
         assert_eq!((e.images, e.position_accuracy, e.visor.cond), (0, 0.0, 0.0));
@@ -990,13 +1176,19 @@ mod tests {
         let mk = |p: &SpatialPrompt, ok: &[bool]| -> Vec<ImageResult> {
             ok.iter()
                 .map(|&c| {
-                    let mut r = ImageResult::unjudged(p, ImageSource::default(), ImageStatus::Scored, "");
+                    let mut r =
+                        ImageResult::unjudged(p, ImageSource::default(), ImageStatus::Scored, "");
                     r.correct = c;
                     r
                 })
                 .collect()
         };
-        let before: Vec<_> = [mk(&p1, &[false, false]), mk(&p2, &[true, true]), mk(&p3, &[true, false])].concat();
+        let before: Vec<_> = [
+            mk(&p1, &[false, false]),
+            mk(&p2, &[true, true]),
+            mk(&p3, &[true, false]),
+        ]
+        .concat();
         let after: Vec<_> = [mk(&p1, &[true, false]), mk(&p2, &[true, false])].concat();
         let c = compare(&before, &after);
         assert_eq!(c.improved.len(), 1);
@@ -1006,7 +1198,10 @@ mod tests {
         assert_eq!(c.only_before.len(), 1);
         assert_eq!(c.unchanged, 0);
         let t = c.text("a.jsonl", "b.jsonl");
-        assert!(t.contains("improved (1):\n  0/2 -> 1/2  a photo of a dog left of a cat"), "{t}");
+        assert!(
+            t.contains("improved (1):\n  0/2 -> 1/2  a photo of a dog left of a cat"),
+            "{t}"
+        );
     }
 
     #[test]
@@ -1027,11 +1222,19 @@ mod tests {
         assert_eq!(kept[2].bbox.xyxy(), [0., 0., 10., 10.]);
         let kinds: Vec<IssueKind> = issues.iter().map(|i| i.kind).collect();
         use IssueKind::*;
-        assert_eq!(kinds, [BoxOutsideImage, BadBox, BadBox, BadScore, BadScore, BadBox]);
+        assert_eq!(
+            kinds,
+            [BoxOutsideImage, BadBox, BadBox, BadScore, BadScore, BadBox]
+        );
         assert!(issues.iter().all(|i| i.location == "x.jsonl:3"));
         // Without a size only the box itself is checked.
         let mut issues = Vec::new();
-        let kept = check_detections(vec![det("dog", 0.9, [-20., 0., 10., 10.])], None, "y", &mut issues);
+        let kept = check_detections(
+            vec![det("dog", 0.9, [-20., 0., 10., 10.])],
+            None,
+            "y",
+            &mut issues,
+        );
         assert_eq!((kept.len(), issues.len()), (1, 0));
     }
 }

@@ -17,14 +17,14 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::layout::{
-    parse_relpath, read_run_info, sample_path, sample_relpath, scan_folder, KEY_METHOD, KEY_SEED, KEY_STEER_LOSS,
-    METADATA_FILE, PROMPTS_FILE,
+    parse_relpath, read_run_info, sample_path, sample_relpath, scan_folder, KEY_METHOD, KEY_SEED,
+    KEY_STEER_LOSS, METADATA_FILE, PROMPTS_FILE,
 };
 use crate::pngtext::png_text_chunks;
 use crate::prompts::{SpatialPrompt, Unsupported};
 use crate::score::{
-    check_detections, metadata_key, summarize, ImageResult, ImageSource, ImageStatus, Issue, IssueKind,
-    ScoreOptions, Summary, SummaryContext,
+    check_detections, metadata_key, summarize, ImageResult, ImageSource, ImageStatus, Issue,
+    IssueKind, ScoreOptions, Summary, SummaryContext,
 };
 use crate::{BBox, Detection, Detector};
 
@@ -75,7 +75,11 @@ pub fn score_folder(
         None => None,
         Some(Ok(r)) => Some(r),
         Some(Err(e)) => {
-            issues.push(Issue::new(IssueKind::BadRunFile, root.join(crate::layout::RUN_FILE).display().to_string(), e));
+            issues.push(Issue::new(
+                IssueKind::BadRunFile,
+                root.join(crate::layout::RUN_FILE).display().to_string(),
+                e,
+            ));
             None
         }
     };
@@ -84,8 +88,13 @@ pub fn score_folder(
     let listed_path = root.join(PROMPTS_FILE);
     let mut listed: BTreeMap<usize, Value> = BTreeMap::new();
     if listed_path.exists() {
-        let text = std::fs::read_to_string(&listed_path).map_err(|e| format!("{}: {e}", listed_path.display()))?;
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let text = std::fs::read_to_string(&listed_path)
+            .map_err(|e| format!("{}: {e}", listed_path.display()))?;
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
             match serde_json::from_str::<Value>(line) {
                 Ok(v) if v.is_object() => {
                     listed.insert(listed.len(), v);
@@ -109,9 +118,21 @@ pub fn score_folder(
     }
     let ipp = images_per_prompt
         .or(run.as_ref().map(|r| r.images_per_prompt))
-        .unwrap_or_else(|| folders.iter().map(|f| f.samples.len()).max().unwrap_or(0).max(1));
-    let by_index: HashMap<usize, &crate::layout::FolderPrompt> = folders.iter().map(|f| (f.index, f)).collect();
-    let indices: BTreeSet<usize> = folders.iter().map(|f| f.index).chain(listed.keys().copied()).collect();
+        .unwrap_or_else(|| {
+            folders
+                .iter()
+                .map(|f| f.samples.len())
+                .max()
+                .unwrap_or(0)
+                .max(1)
+        });
+    let by_index: HashMap<usize, &crate::layout::FolderPrompt> =
+        folders.iter().map(|f| (f.index, f)).collect();
+    let indices: BTreeSet<usize> = folders
+        .iter()
+        .map(|f| f.index)
+        .chain(listed.keys().copied())
+        .collect();
 
     // Resolve each prompt and count the images to judge.
     let mut plan = Vec::new();
@@ -152,8 +173,12 @@ pub fn score_folder(
         };
         match classify(value, &meta_loc, &mut issues) {
             PromptState::Spatial(p) => {
-                let unknown: Vec<&str> =
-                    p.include.iter().map(|i| i.class.as_str()).filter(|c| !known.contains(c)).collect();
+                let unknown: Vec<&str> = p
+                    .include
+                    .iter()
+                    .map(|i| i.class.as_str())
+                    .filter(|c| !known.contains(c))
+                    .collect();
                 if !unknown.is_empty() {
                     issues.push(Issue::new(
                         IssueKind::ClassUnknownToDetector,
@@ -189,13 +214,24 @@ pub fn score_folder(
         let folder = by_index.get(index).copied();
         for &j in samples {
             let rel = sample_relpath(*index, j);
-            let path = folder.and_then(|f| f.samples.get(&j).cloned()).unwrap_or_else(|| sample_path(root, *index, j));
-            let mut src = ImageSource { filename: rel, prompt_index: Some(*index), sample: Some(j), ..Default::default() };
+            let path = folder
+                .and_then(|f| f.samples.get(&j).cloned())
+                .unwrap_or_else(|| sample_path(root, *index, j));
+            let mut src = ImageSource {
+                filename: rel,
+                prompt_index: Some(*index),
+                sample: Some(j),
+                ..Default::default()
+            };
             let loc = path.display().to_string();
             let result = match std::fs::read(&path) {
                 Err(e) => {
                     let msg = if e.kind() == std::io::ErrorKind::NotFound {
-                        format!("image {} of {ipp} for {:?} is missing; counted as wrong", j + 1, prompt.prompt)
+                        format!(
+                            "image {} of {ipp} for {:?} is missing; counted as wrong",
+                            j + 1,
+                            prompt.prompt
+                        )
                     } else {
                         format!("cannot read: {e}; counted as wrong")
                     };
@@ -213,8 +249,17 @@ pub fn score_folder(
                     }
                     match image::load_from_memory(&bytes) {
                         Err(e) => {
-                            issues.push(Issue::new(IssueKind::UndecodableImage, &loc, format!("not a readable image: {e}; counted as wrong")));
-                            ImageResult::unjudged(prompt, src, ImageStatus::Undecodable, "undecodable image")
+                            issues.push(Issue::new(
+                                IssueKind::UndecodableImage,
+                                &loc,
+                                format!("not a readable image: {e}; counted as wrong"),
+                            ));
+                            ImageResult::unjudged(
+                                prompt,
+                                src,
+                                ImageStatus::Undecodable,
+                                "undecodable image",
+                            )
                         }
                         Ok(img) => {
                             let rgb = img.to_rgb8();
@@ -222,11 +267,25 @@ pub fn score_folder(
                             src.height = Some(rgb.height());
                             match detector.detect(&rgb) {
                                 Err(e) => {
-                                    issues.push(Issue::new(IssueKind::DetectorFailed, &loc, format!("{e:#}; counted as wrong")));
-                                    ImageResult::unjudged(prompt, src, ImageStatus::DetectorFailed, "detector failed")
+                                    issues.push(Issue::new(
+                                        IssueKind::DetectorFailed,
+                                        &loc,
+                                        format!("{e:#}; counted as wrong"),
+                                    ));
+                                    ImageResult::unjudged(
+                                        prompt,
+                                        src,
+                                        ImageStatus::DetectorFailed,
+                                        "detector failed",
+                                    )
                                 }
                                 Ok(ds) => {
-                                    let ds = check_detections(ds, Some((rgb.width(), rgb.height())), &loc, &mut issues);
+                                    let ds = check_detections(
+                                        ds,
+                                        Some((rgb.width(), rgb.height())),
+                                        &loc,
+                                        &mut issues,
+                                    );
                                     ImageResult::scored(prompt, src, &ds, opts)
                                 }
                             }
@@ -258,27 +317,56 @@ pub fn score_folder(
 }
 
 /// Fields of a detections line that are not prompt metadata.
-const IMAGE_FIELDS: [&str; 6] = ["filename", "width", "height", "detections", "prompt_index", "sample"];
+const IMAGE_FIELDS: [&str; 6] = [
+    "filename",
+    "width",
+    "height",
+    "detections",
+    "prompt_index",
+    "sample",
+];
 
 fn parse_detection(v: &Value) -> Result<Detection, String> {
-    let class = v.get("class").and_then(Value::as_str).ok_or("no \"class\" string")?;
-    let b = v.get("bbox").and_then(Value::as_array).ok_or("no \"bbox\" list")?;
+    let class = v
+        .get("class")
+        .and_then(Value::as_str)
+        .ok_or("no \"class\" string")?;
+    let b = v
+        .get("bbox")
+        .and_then(Value::as_array)
+        .ok_or("no \"bbox\" list")?;
     let nums: Vec<f64> = b.iter().filter_map(Value::as_f64).collect();
     if b.len() != 4 || nums.len() != 4 {
-        return Err(format!("bbox {}: expected 4 numbers [x1, y1, x2, y2]", Value::Array(b.clone())));
+        return Err(format!(
+            "bbox {}: expected 4 numbers [x1, y1, x2, y2]",
+            Value::Array(b.clone())
+        ));
     }
-    let score = v.get("score").and_then(Value::as_f64).ok_or("no \"score\" number")?;
+    let score = v
+        .get("score")
+        .and_then(Value::as_f64)
+        .ok_or("no \"score\" number")?;
     Ok(Detection {
         class: class.to_string(),
-        bbox: BBox::new(nums[0] as f32, nums[1] as f32, nums[2] as f32, nums[3] as f32),
+        bbox: BBox::new(
+            nums[0] as f32,
+            nums[1] as f32,
+            nums[2] as f32,
+            nums[3] as f32,
+        ),
         score: score as f32,
     })
 }
 
 /// Scores a detections JSONL file (see the module documentation). With `images_per_prompt`,
 /// prompts with fewer lines get the rest as missing images (wrong, listed).
-pub fn score_detections(path: &Path, images_per_prompt: Option<usize>, opts: &ScoreOptions) -> Result<Scored, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read detections file {}: {e}", path.display()))?;
+pub fn score_detections(
+    path: &Path,
+    images_per_prompt: Option<usize>,
+    opts: &ScoreOptions,
+) -> Result<Scored, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read detections file {}: {e}", path.display()))?;
     let name = path.display().to_string();
     let mut issues = Vec::new();
     let mut unsupported = Vec::new();
@@ -294,41 +382,78 @@ pub fn score_detections(path: &Path, images_per_prompt: Option<usize>, opts: &Sc
         let mut obj = match serde_json::from_str::<Value>(line) {
             Ok(Value::Object(o)) => o,
             Ok(_) => {
-                issues.push(Issue::new(IssueKind::BadLine, &loc, "not a JSON object; line not scored"));
+                issues.push(Issue::new(
+                    IssueKind::BadLine,
+                    &loc,
+                    "not a JSON object; line not scored",
+                ));
                 continue;
             }
             Err(e) => {
-                issues.push(Issue::new(IssueKind::BadLine, &loc, format!("not JSON ({e}); line not scored")));
+                issues.push(Issue::new(
+                    IssueKind::BadLine,
+                    &loc,
+                    format!("not JSON ({e}); line not scored"),
+                ));
                 continue;
             }
         };
-        let image: BTreeMap<&str, Value> = IMAGE_FIELDS.iter().filter_map(|k| obj.remove(*k).map(|v| (*k, v))).collect();
+        let image: BTreeMap<&str, Value> = IMAGE_FIELDS
+            .iter()
+            .filter_map(|k| obj.remove(*k).map(|v| (*k, v)))
+            .collect();
         let prompt = match classify(Value::Object(obj), &loc, &mut issues) {
             PromptState::Spatial(p) => p,
             PromptState::Unsupported(tag) => {
-                issues.push(Issue::new(IssueKind::UnsupportedTag, &loc, format!("tag {tag:?} is not scored; line left out")));
+                issues.push(Issue::new(
+                    IssueKind::UnsupportedTag,
+                    &loc,
+                    format!("tag {tag:?} is not scored; line left out"),
+                ));
                 unsupported.push((loc, Unsupported { line: i + 1, tag }));
                 continue;
             }
             PromptState::Unusable => continue,
         };
-        let filename = image.get("filename").and_then(Value::as_str).unwrap_or_default().to_string();
+        let filename = image
+            .get("filename")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         if !filename.is_empty() && !seen_files.insert(filename.clone()) {
-            issues.push(Issue::new(IssueKind::DuplicateImage, &loc, format!("{filename} appears again; this line is ignored")));
+            issues.push(Issue::new(
+                IssueKind::DuplicateImage,
+                &loc,
+                format!("{filename} appears again; this line is ignored"),
+            ));
             continue;
         }
         let (mut pi, mut si) = parse_relpath(&filename);
         let as_usize = |k: &str| image.get(k).and_then(Value::as_u64).map(|v| v as usize);
         pi = as_usize("prompt_index").or(pi);
         si = as_usize("sample").or(si);
-        let as_u32 = |k: &str| image.get(k).and_then(Value::as_u64).and_then(|v| u32::try_from(v).ok()).filter(|&v| v > 0);
+        let as_u32 = |k: &str| {
+            image
+                .get(k)
+                .and_then(Value::as_u64)
+                .and_then(|v| u32::try_from(v).ok())
+                .filter(|&v| v > 0)
+        };
         let (w, h) = (as_u32("width"), as_u32("height"));
         let size = w.zip(h);
         if size.is_none() {
-            issues.push(Issue::new(IssueKind::MissingSize, &loc, "no positive \"width\" and \"height\": boxes not checked against the image"));
+            issues.push(Issue::new(
+                IssueKind::MissingSize,
+                &loc,
+                "no positive \"width\" and \"height\": boxes not checked against the image",
+            ));
         }
         let src = ImageSource {
-            filename: if filename.is_empty() { loc.clone() } else { filename },
+            filename: if filename.is_empty() {
+                loc.clone()
+            } else {
+                filename
+            },
             prompt_index: pi,
             sample: si,
             width: w,
@@ -341,11 +466,20 @@ pub fn score_detections(path: &Path, images_per_prompt: Option<usize>, opts: &Sc
                 for (k, d) in list.iter().enumerate() {
                     match parse_detection(d) {
                         Ok(d) => ds.push(d),
-                        Err(e) => issues.push(Issue::new(IssueKind::BadDetection, &loc, format!("detection {k}: {e}; dropped"))),
+                        Err(e) => issues.push(Issue::new(
+                            IssueKind::BadDetection,
+                            &loc,
+                            format!("detection {k}: {e}; dropped"),
+                        )),
                     }
                 }
-                let wanted: HashSet<&str> = prompt.include.iter().map(|i| i.class.as_str()).collect();
-                let stray: BTreeSet<&str> = ds.iter().map(|d| d.class.as_str()).filter(|c| !wanted.contains(c)).collect();
+                let wanted: HashSet<&str> =
+                    prompt.include.iter().map(|i| i.class.as_str()).collect();
+                let stray: BTreeSet<&str> = ds
+                    .iter()
+                    .map(|d| d.class.as_str())
+                    .filter(|c| !wanted.contains(c))
+                    .collect();
                 if !stray.is_empty() {
                     issues.push(Issue::new(
                         IssueKind::ClassNotInPrompt,
@@ -400,10 +534,23 @@ pub fn score_detections(path: &Path, images_per_prompt: Option<usize>, opts: &Sc
                 issues.push(Issue::new(
                     IssueKind::MissingImage,
                     &filename,
-                    format!("{:?} has {have} of {ipp} images in {name}; counted as wrong", prompt.prompt),
+                    format!(
+                        "{:?} has {have} of {ipp} images in {name}; counted as wrong",
+                        prompt.prompt
+                    ),
                 ));
-                let src = ImageSource { filename, prompt_index: *pi, sample: j, ..Default::default() };
-                results.push(ImageResult::unjudged(prompt, src, ImageStatus::Missing, "missing image"));
+                let src = ImageSource {
+                    filename,
+                    prompt_index: *pi,
+                    sample: j,
+                    ..Default::default()
+                };
+                results.push(ImageResult::unjudged(
+                    prompt,
+                    src,
+                    ImageStatus::Missing,
+                    "missing image",
+                ));
             }
         }
     }
@@ -439,10 +586,18 @@ mod tests {
                 let p = image.get_pixel(x, 0).0;
                 let bbox = BBox::new(x as f32, 10.0, x as f32 + 4.0, 14.0);
                 if p == [255, 0, 0] {
-                    out.push(Detection { class: "dog".into(), bbox, score: 0.9 });
+                    out.push(Detection {
+                        class: "dog".into(),
+                        bbox,
+                        score: 0.9,
+                    });
                 }
                 if p == [0, 0, 255] {
-                    out.push(Detection { class: "cat".into(), bbox, score: 0.9 });
+                    out.push(Detection {
+                        class: "cat".into(),
+                        bbox,
+                        score: 0.9,
+                    });
                 }
             }
             if image.get_pixel(0, 1).0 == [0, 255, 0] {
@@ -469,17 +624,32 @@ mod tests {
         let p0 = position_prompt("dog", LeftOf, "cat");
         let p1 = position_prompt("cup", Above, "dog");
         let p2 = position_prompt("cat", RightOf, "dog");
-        let counting = r#"{"tag":"counting","prompt":"two dogs","include":[{"class":"dog","count":2}]}"#;
+        let counting =
+            r#"{"tag":"counting","prompt":"two dogs","include":[{"class":"dog","count":2}]}"#;
         // prompts.jsonl lists four prompts; folder 00002 is absent.
         std::fs::create_dir_all(&dir).unwrap();
-        let list = [p0.metadata_line(), p1.metadata_line(), p2.metadata_line(), counting.to_string()].join("\n");
+        let list = [
+            p0.metadata_line(),
+            p1.metadata_line(),
+            p2.metadata_line(),
+            counting.to_string(),
+        ]
+        .join("\n");
         std::fs::write(dir.join(PROMPTS_FILE), list).unwrap();
         for (i, p) in [(0, &p0), (1, &p1)] {
             std::fs::create_dir_all(sample_path(&dir, i, 0).parent().unwrap()).unwrap();
-            std::fs::write(crate::layout::prompt_dir(&dir, i).join(METADATA_FILE), p.metadata_line()).unwrap();
+            std::fs::write(
+                crate::layout::prompt_dir(&dir, i).join(METADATA_FILE),
+                p.metadata_line(),
+            )
+            .unwrap();
         }
         std::fs::create_dir_all(sample_path(&dir, 3, 0).parent().unwrap()).unwrap();
-        std::fs::write(crate::layout::prompt_dir(&dir, 3).join(METADATA_FILE), counting).unwrap();
+        std::fs::write(
+            crate::layout::prompt_dir(&dir, 3).join(METADATA_FILE),
+            counting,
+        )
+        .unwrap();
         img(2, 20).save(sample_path(&dir, 3, 0)).unwrap();
         // Prompt 0: right, wrong, undecodable, detector failure.
         img(2, 20).save(sample_path(&dir, 0, 0)).unwrap();
@@ -493,7 +663,15 @@ mod tests {
 
         let det = Fixed(vec!["dog".into(), "cat".into()]);
         let mut calls = 0;
-        let s = score_folder(&dir, &det, "fixed", Some(4), &ScoreOptions::default(), &mut |_, _| calls += 1).unwrap();
+        let s = score_folder(
+            &dir,
+            &det,
+            "fixed",
+            Some(4),
+            &ScoreOptions::default(),
+            &mut |_, _| calls += 1,
+        )
+        .unwrap();
         assert_eq!(calls, 12);
         let sum = &s.summary;
         assert_eq!((sum.images, sum.correct_images, sum.prompts), (12, 1, 3));
@@ -506,8 +684,18 @@ mod tests {
         assert_eq!(c[&IssueKind::DetectorFailed], 1);
         assert_eq!(c[&IssueKind::ClassUnknownToDetector], 1);
         assert_eq!(c[&IssueKind::UnsupportedTag], 1);
-        let missing: Vec<&str> = sum.errors.iter().filter(|e| e.kind == IssueKind::MissingImage).map(|e| e.location.as_str()).collect();
-        assert!(missing.iter().any(|l| l.ends_with("00002/samples/0003.png")), "{missing:?}");
+        let missing: Vec<&str> = sum
+            .errors
+            .iter()
+            .filter(|e| e.kind == IssueKind::MissingImage)
+            .map(|e| e.location.as_str())
+            .collect();
+        assert!(
+            missing
+                .iter()
+                .any(|l| l.ends_with("00002/samples/0003.png")),
+            "{missing:?}"
+        );
         // Results are in prompt, sample order with GenEval's file names.
         assert_eq!(s.results[0].filename, "00000/samples/0000.png");
         assert!(s.results[0].correct && !s.results[1].correct && s.results[1].all_found);
@@ -515,7 +703,16 @@ mod tests {
         assert_eq!(s.results[3].status, ImageStatus::DetectorFailed);
         // Not a GenEval folder at all.
         let empty = dir.join("00000").join("samples");
-        assert!(score_folder(&empty, &det, "fixed", None, &ScoreOptions::default(), &mut |_, _| {}).unwrap_err().contains("not a GenEval image folder"));
+        assert!(score_folder(
+            &empty,
+            &det,
+            "fixed",
+            None,
+            &ScoreOptions::default(),
+            &mut |_, _| {}
+        )
+        .unwrap_err()
+        .contains("not a GenEval image folder"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -527,7 +724,9 @@ mod tests {
         let meta = |p: &SpatialPrompt| {
             let mut v = p.metadata.clone();
             v.as_object_mut().unwrap().insert("width".into(), 64.into());
-            v.as_object_mut().unwrap().insert("height".into(), 64.into());
+            v.as_object_mut()
+                .unwrap()
+                .insert("height".into(), 64.into());
             v
         };
         let p = position_prompt("dog", LeftOf, "cat");
@@ -554,7 +753,10 @@ mod tests {
         let s = score_detections(&path, Some(4), &ScoreOptions::default()).unwrap();
         let sum = &s.summary;
         // Image 0 correct (cat box clipped to 40..64), image 1 missing, images 2 and 3 missing.
-        assert_eq!((sum.images, sum.correct_images, sum.missing_images), (4, 1, 3));
+        assert_eq!(
+            (sum.images, sum.correct_images, sum.missing_images),
+            (4, 1, 3)
+        );
         let c = &sum.error_counts;
         assert_eq!(c[&IssueKind::ClassNotInPrompt], 1);
         assert_eq!(c[&IssueKind::BoxOutsideImage], 1);
@@ -563,10 +765,23 @@ mod tests {
         assert_eq!(c[&IssueKind::DuplicateImage], 1);
         assert_eq!(c[&IssueKind::UnsupportedTag], 1);
         assert_eq!(c[&IssueKind::MissingImage], 3);
-        assert_eq!(sum.unsupported["colors"].locations, [format!("{}:4", path.display())]);
-        let loc = |k: IssueKind| sum.errors.iter().find(|e| e.kind == k).unwrap().location.clone();
+        assert_eq!(
+            sum.unsupported["colors"].locations,
+            [format!("{}:4", path.display())]
+        );
+        let loc = |k: IssueKind| {
+            sum.errors
+                .iter()
+                .find(|e| e.kind == k)
+                .unwrap()
+                .location
+                .clone()
+        };
         assert_eq!(loc(IssueKind::BadLine), format!("{}:2", path.display()));
-        assert_eq!(loc(IssueKind::ClassNotInPrompt), format!("{}:1", path.display()));
+        assert_eq!(
+            loc(IssueKind::ClassNotInPrompt),
+            format!("{}:1", path.display())
+        );
         let filled: Vec<&str> = s.results[2..].iter().map(|r| r.filename.as_str()).collect();
         assert_eq!(filled, ["00000/samples/0002.png", "00000/samples/0003.png"]);
         assert!(score_detections(&dir.join("none.jsonl"), None, &ScoreOptions::default()).is_err());
