@@ -446,6 +446,7 @@ fn fake_checkpoint(dir: &Path) -> CheckpointMeta {
         model: info.model.clone(),
         dual_inversion: true,
         metrics: None,
+        num_inference_steps: None,
     };
     save_checkpoint(dir, &vm, &meta).unwrap();
     meta
