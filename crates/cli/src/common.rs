@@ -177,3 +177,65 @@ pub fn say(text: &str) {
     use std::io::Write;
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
+
+/// Test-time steering of spatial relations (shared by `generate` and `eval`).
+#[derive(clap::Args)]
+pub struct SteerArgs {
+    /// Steering method: none, centroid, attend-excite, or a classifier (folder or classifier.json
+    /// from `l2s train`) — Learn-to-Steer
+    #[arg(long, default_value = "none", value_name = "METHOD|PATH")]
+    pub steer: String,
+    /// Steer during the first N denoising steps (default: half of --steps)
+    #[arg(long)]
+    pub steer_steps: Option<usize>,
+    /// Gradient iterations per steered step (default: the method's)
+    #[arg(long)]
+    pub steer_iterations: Option<usize>,
+    /// Step size α (default: the method's)
+    #[arg(long)]
+    pub step_size: Option<f64>,
+    /// Divide each gradient by its RMS before scaling by α
+    #[arg(long)]
+    pub normalized: bool,
+}
+
+impl SteerArgs {
+    /// The method with the command line's overrides, or `None` for the plain model.
+    pub fn method(&self, sd: &StableDiffusion, steps: usize) -> Result<Option<l2s_steer::method::Method>> {
+        use l2s_steer::method::{Method, MethodSpec};
+        let spec = MethodSpec::parse(&self.steer);
+        if spec == MethodSpec::None {
+            return Ok(None);
+        }
+        if let MethodSpec::Classifier(p) = &spec {
+            if !p.exists() {
+                bail!("--steer {}: not a method (none, centroid, attend-excite) and no such classifier file or folder", p.display());
+            }
+        }
+        let mut m = Method::load(&spec, sd, steps).with_context(|| format!("--steer {}", self.steer))?;
+        if let Some(n) = self.steer_steps {
+            m.config.steer_steps = n;
+        }
+        if let Some(n) = self.steer_iterations {
+            m.config.max_iterations = n;
+        }
+        if let Some(x) = self.step_size {
+            m.config.step_size = x;
+        }
+        if self.normalized {
+            m.config.update = l2s_steer::steering::UpdateRule::Normalized;
+        }
+        Ok(Some(m))
+    }
+}
+
+/// "i/n" (1-based) → (i − 1, n): part i of n, for splitting work across machines.
+pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let bad = || anyhow::anyhow!("--shard {s:?}: expected i/n with 1 ≤ i ≤ n, e.g. 1/4");
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let (i, n): (usize, usize) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+    if n == 0 || i == 0 || i > n {
+        return Err(bad());
+    }
+    Ok((i - 1, n))
+}

@@ -50,9 +50,10 @@ pub struct BuildArgs {
     /// Use at most this many images
     #[arg(long)]
     limit: Option<usize>,
-    /// Build only this part of the samples: i/n (0-based), for splitting work across machines
-    #[arg(long, default_value = "0/1")]
-    shard: String,
+    /// Build only part i of n (1-based, e.g. 2/4), for splitting work across machines; merge the
+    /// parts' folders afterwards
+    #[arg(long, value_name = "I/N")]
+    shard: Option<String>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Samples per shard file
@@ -130,7 +131,13 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         psnr_threshold: a.min_psnr,
         dual_inversion: !a.single_inversion,
         seed: a.seed,
-        shard: ShardSpec::parse(&a.shard).map_err(|e| anyhow::anyhow!("--shard {}: {e}", a.shard))?,
+        shard: match &a.shard {
+            Some(s) => {
+                let (index, count) = crate::common::parse_shard(s)?;
+                ShardSpec { index, count }
+            }
+            None => ShardSpec::all(),
+        },
     };
     let mut writer = open_writer(&sd, &images, &cfg, &a.out, a.shard_size)?;
     let bar = if global.quiet { ProgressBar::hidden() } else { ProgressBar::new(images.len() as u64) };

@@ -14,11 +14,11 @@ use l2s_eval::prompts::{
     SpatialPrompt, COCO_CLASSES, SHAPES_CLASSES,
 };
 use l2s_generate::{generate, generation_metadata, write_atomic, write_png, GenerateRequest};
-use l2s_steer::method::{Method, MethodSpec};
+use l2s_steer::method::Method;
 use l2s_steer::relations::RelationTriplet;
-use l2s_steer::steering::{SteerTriplet, UpdateRule};
+use l2s_steer::steering::SteerTriplet;
 
-use crate::common::{load_model, say, warn_all, Global, ModelArgs};
+use crate::common::{load_model, parse_shard, say, warn_all, Global, ModelArgs, SteerArgs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ClassesArg {
@@ -58,21 +58,8 @@ pub struct Args {
     /// Images per prompt (GenEval: 4)
     #[arg(long, default_value_t = 4)]
     pub images_per_prompt: usize,
-    /// Steering: none, centroid, attend-excite, or a trained classifier (folder or classifier.json)
-    #[arg(long, default_value = "none", value_name = "METHOD|PATH")]
-    pub steer: String,
-    /// Steer during the first N denoising steps (default: the method's, half of --steps)
-    #[arg(long)]
-    pub steer_steps: Option<usize>,
-    /// Gradient iterations per steered step (default: the method's)
-    #[arg(long)]
-    pub steer_iterations: Option<usize>,
-    /// Step size α (default: the method's)
-    #[arg(long)]
-    pub step_size: Option<f64>,
-    /// Divide each gradient by its RMS before scaling by α
-    #[arg(long)]
-    pub normalized: bool,
+    #[command(flatten)]
+    pub steer: SteerArgs,
     /// Output folder (created if needed)
     #[arg(long)]
     pub out: PathBuf,
@@ -94,17 +81,6 @@ pub struct Args {
     /// Image height in pixels (default: the model's native size)
     #[arg(long)]
     pub height: Option<usize>,
-}
-
-/// "i/n" (1-based) → (i − 1, n).
-pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
-    let bad = || anyhow::anyhow!("--shard {s:?}: expected i/n with 1 ≤ i ≤ n, e.g. 1/4");
-    let (i, n) = s.split_once('/').ok_or_else(bad)?;
-    let (i, n): (usize, usize) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
-    if n == 0 || i == 0 || i > n {
-        return Err(bad());
-    }
-    Ok((i - 1, n))
 }
 
 /// The prompts and a description of where they came from.
@@ -140,29 +116,7 @@ fn prompt_set(args: &Args, model_name: &str) -> Result<(Vec<SpatialPrompt>, Stri
 
 /// The steering method with the command line's overrides, or `None` for the plain model.
 fn method_for(args: &Args, sd: &l2s_models::StableDiffusion) -> Result<Option<Method>> {
-    let spec = MethodSpec::parse(&args.steer);
-    if spec == MethodSpec::None {
-        return Ok(None);
-    }
-    if let MethodSpec::Classifier(p) = &spec {
-        if !p.exists() {
-            bail!("--steer {}: not a method (none, centroid, attend-excite) and no such classifier file or folder", p.display());
-        }
-    }
-    let mut m = Method::load(&spec, sd, args.steps).with_context(|| format!("--steer {}", args.steer))?;
-    if let Some(n) = args.steer_steps {
-        m.config.steer_steps = n;
-    }
-    if let Some(n) = args.steer_iterations {
-        m.config.max_iterations = n;
-    }
-    if let Some(x) = args.step_size {
-        m.config.step_size = x;
-    }
-    if args.normalized {
-        m.config.update = UpdateRule::Normalized;
-    }
-    Ok(Some(m))
+    args.steer.method(sd, args.steps)
 }
 
 /// Writes `path` with `text`, or checks that it already holds exactly that.
@@ -221,7 +175,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     let info = RunInfo {
         format: RUN_FORMAT.into(),
         method: method_label.clone(),
-        steer: args.steer.clone(),
+        steer: args.steer.steer.clone(),
         model: model_name.clone(),
         steps: args.steps,
         guidance: args.guidance,
@@ -291,7 +245,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             };
             let mut extra = vec![
                 (KEY_METHOD.to_string(), method_label.clone()),
-                ("steer".to_string(), args.steer.clone()),
+                ("steer".to_string(), args.steer.steer.clone()),
                 ("prompt_index".to_string(), i.to_string()),
                 ("sample".to_string(), j.to_string()),
                 ("geneval_metadata".to_string(), p.metadata_line()),

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use l2s_generate::{generate, generation_metadata, read_latents, write_png, GenerateRequest};
 
-use crate::common::{load_model, warn_all, Bars, Global, ModelArgs};
+use crate::common::{load_model, warn_all, Bars, Global, ModelArgs, SteerArgs};
 
 #[derive(clap::Args)]
 #[command(after_help = "Image i of --num-images N uses seed + i. With one image, --out is a .png file; with several, \
@@ -48,62 +48,10 @@ pub struct Args {
     pub out: PathBuf,
     #[command(flatten)]
     pub steer: SteerArgs,
-}
-
-/// Test-time steering of spatial relations.
-#[derive(clap::Args)]
-pub struct SteerArgs {
-    /// Steering method: none, centroid, attend-excite, or a classifier (folder or classifier.json
-    /// from `l2s train`) — Learn-to-Steer
-    #[arg(long, default_value = "none", value_name = "METHOD|PATH")]
-    pub steer: String,
     /// Relations to enforce, "subject,relation,object" (several separated by ';'); default: parsed
     /// from the prompt
     #[arg(long)]
     pub relation: Option<String>,
-    /// Steer during the first N denoising steps (default: half of --steps)
-    #[arg(long)]
-    pub steer_steps: Option<usize>,
-    /// Gradient iterations per steered step (default: the method's)
-    #[arg(long)]
-    pub steer_iterations: Option<usize>,
-    /// Step size α (default: the method's)
-    #[arg(long)]
-    pub step_size: Option<f64>,
-    /// Divide each gradient by its RMS before scaling by α
-    #[arg(long)]
-    pub normalized: bool,
-}
-
-/// The method, its settings and the triplets' token positions, or `None` without steering.
-pub fn steering_for(
-    sd: &l2s_models::StableDiffusion,
-    prompt: &str,
-    steps: usize,
-    a: &SteerArgs,
-) -> Result<Option<(l2s_steer::method::Method, Vec<l2s_steer::steering::SteerTriplet>)>> {
-    use l2s_steer::method::{Method, MethodSpec};
-    let spec = MethodSpec::parse(&a.steer);
-    if spec == MethodSpec::None {
-        return Ok(None);
-    }
-    let mut method = Method::load(&spec, sd, steps)?;
-    if let Some(n) = a.steer_steps {
-        method.config.steer_steps = n;
-    }
-    if let Some(n) = a.steer_iterations {
-        method.config.max_iterations = n;
-    }
-    if let Some(x) = a.step_size {
-        method.config.step_size = x;
-    }
-    if a.normalized {
-        method.config.update = l2s_steer::steering::UpdateRule::Normalized;
-    }
-    let triplets = l2s_steer::relations::triplets_for(prompt, a.relation.as_deref())
-        .with_context(|| format!("--steer {} needs a relation in the prompt or --relation", a.steer))?;
-    let steer = l2s_steer::sd::steer_triplets(sd, prompt, &triplets, &|r| method.label(r))?;
-    Ok(Some((method, steer)))
 }
 
 /// Where each image goes.
@@ -135,6 +83,21 @@ fn init_rows(path: &Path, n: usize) -> Result<Vec<Tensor>> {
     bail!("--init-latents {}: tensor `latents` has shape {:?}; expected {n} rows (one per image)", path.display(), t.dims())
 }
 
+/// The method, its settings and the triplets' token positions, or `None` without steering.
+pub fn steering_for(
+    sd: &l2s_models::StableDiffusion,
+    prompt: &str,
+    steps: usize,
+    a: &SteerArgs,
+    relation: Option<&str>,
+) -> Result<Option<(l2s_steer::method::Method, Vec<l2s_steer::steering::SteerTriplet>)>> {
+    let Some(method) = a.method(sd, steps)? else { return Ok(None) };
+    let triplets = l2s_steer::relations::triplets_for(prompt, relation)
+        .with_context(|| format!("--steer {} needs a relation in the prompt or --relation", a.steer))?;
+    let steer = l2s_steer::sd::steer_triplets(sd, prompt, &triplets, &|r| method.label(r))?;
+    Ok(Some((method, steer)))
+}
+
 pub fn run(args: Args, global: &Global) -> Result<()> {
     if args.num_images == 0 {
         bail!("--num-images 0: expected at least 1");
@@ -145,7 +108,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         Some(p) => Some(init_rows(p, args.num_images)?),
         None => None,
     };
-    let steering = steering_for(&sd, &args.prompt, args.steps, &args.steer)?;
+    let steering = steering_for(&sd, &args.prompt, args.steps, &args.steer, args.relation.as_deref())?;
     for (i, path) in paths.iter().enumerate() {
         let req = GenerateRequest {
             prompt: args.prompt.clone(),
@@ -174,7 +137,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
                 .with_context(|| format!("generating {}", path.display()))?;
                 extra.push(("steer".to_string(), method.name.clone()));
                 extra.push(("steer_config".to_string(), serde_json::to_string(&method.config)?));
-                extra.push(("steer_relations".to_string(), args.steer.relation.clone().unwrap_or_else(|| "from prompt".into())));
+                extra.push(("steer_relations".to_string(), args.relation.clone().unwrap_or_else(|| "from prompt".into())));
                 if let Some(l) = s.report.final_loss() {
                     extra.push(("steer_final_loss".to_string(), format!("{l:.6}")));
                 }
