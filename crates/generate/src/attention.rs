@@ -134,25 +134,44 @@ pub fn renormalize(maps: &Tensor) -> Result<Tensor> {
     Ok(maps.broadcast_div(&(sums + eps)?)?)
 }
 
+/// Each word's map in one layer's probabilities `probs` (batch, heads, h·w, tokens): the mean of
+/// the word's token columns, as (batch, words, heads, h, w). Differentiable; every consumer of
+/// cross-attention (display, dataset building, steering) reads word maps through this.
+pub fn word_maps(probs: &Tensor, words: &[Vec<usize>], site: &AttentionSite) -> candle_core::Result<Tensor> {
+    let (b, heads, _, _) = probs.dims4()?;
+    let mut per_word = Vec::with_capacity(words.len());
+    for positions in words {
+        let mut acc: Option<Tensor> = None;
+        for &p in positions {
+            let col = probs.narrow(3, p, 1)?.squeeze(3)?;
+            acc = Some(match acc {
+                Some(a) => (a + col)?,
+                None => col,
+            });
+        }
+        let acc = acc.ok_or_else(|| candle_core::Error::Msg("a word with no token positions".into()))?;
+        per_word.push((acc / positions.len() as f64)?.reshape((b, heads, site.height, site.width))?);
+    }
+    Tensor::stack(&per_word, 1)
+}
+
 /// Keeps the words' maps at the chosen steps (an [`StepObserver`] for the sampling loop).
 pub struct AttentionCollector {
     words: Vec<WordTokens>,
-    columns: Tensor,
     at_steps: Vec<usize>,
     current: Option<usize>,
     layers: Vec<LayerMap>,
 }
 
 impl AttentionCollector {
-    pub fn new(words: Vec<WordTokens>, at_steps: &[usize], device: &Device) -> Result<Self> {
+    pub fn new(words: Vec<WordTokens>, at_steps: &[usize]) -> Result<Self> {
         if words.is_empty() {
             return Err(GenerateError::invalid("words", "none given; expected at least one word of the prompt"));
         }
-        let cols: Vec<u32> = words.iter().flat_map(|w| w.positions.iter().map(|&p| p as u32)).collect();
         let mut at_steps = at_steps.to_vec();
         at_steps.sort_unstable();
         at_steps.dedup();
-        Ok(Self { columns: Tensor::new(cols, device)?, words, at_steps, current: None, layers: Vec::new() })
+        Ok(Self { words, at_steps, current: None, layers: Vec::new() })
     }
 
     pub fn layers(&self) -> &[LayerMap] {
@@ -193,17 +212,9 @@ impl AttentionObserver for AttentionCollector {
 
     fn observe(&mut self, site: &AttentionSite, probs: &Tensor) -> candle_core::Result<()> {
         let Some(step) = self.current else { return Ok(()) };
-        // (batch, heads, h·w, tokens) → the words' columns, averaged over the batch rows.
-        let kept = probs.index_select(&self.columns, 3)?.to_dtype(DType::F32)?.mean(0)?;
-        let mut offset = 0;
-        let mut per_word = Vec::with_capacity(self.words.len());
-        for w in &self.words {
-            let n = w.positions.len();
-            let m = kept.narrow(2, offset, n)?.mean(2)?; // (heads, h·w)
-            per_word.push(m.reshape((site.heads, site.height, site.width))?);
-            offset += n;
-        }
-        let maps = Tensor::stack(&per_word, 0)?.detach();
+        let positions: Vec<Vec<usize>> = self.words.iter().map(|w| w.positions.clone()).collect();
+        // (batch, words, heads, h, w), averaged over the batch rows.
+        let maps = word_maps(&probs.detach().to_dtype(DType::F32)?, &positions, site)?.mean(0)?;
         self.layers.push(LayerMap { step, site: site.clone(), maps });
         Ok(())
     }
@@ -241,7 +252,7 @@ pub fn generate_with_attention(
     if att.map_size == 0 {
         return Err(GenerateError::invalid("map size", "0; expected at least 1"));
     }
-    let mut collector = AttentionCollector::new(words, &att.at_steps, &sd.device)?;
+    let mut collector = AttentionCollector::new(words, &att.at_steps)?;
     let generated = generate_observed(sd, req, Some(&mut collector), progress)?;
     let maps = collector.finish(att.map_size)?;
     Ok((generated, maps))

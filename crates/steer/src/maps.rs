@@ -3,7 +3,7 @@
 //! shape (2, C, S, S), C = Σ layers × heads (DESIGN §2). Differentiable to the latent.
 
 use candle_core::{DType, Tensor};
-use l2s_generate::attention::{renormalize, resize_maps};
+use l2s_generate::attention::{renormalize, resize_maps, word_maps};
 use l2s_models::{AttentionObserver, AttentionSite};
 
 /// Token positions of the two words of one relation triplet. A word of several tokens is the
@@ -60,20 +60,6 @@ impl MapRecorder {
     }
 }
 
-fn mean_columns(probs: &Tensor, positions: &[usize]) -> candle_core::Result<Tensor> {
-    // probs: (B, heads, HW, T) → mean over the given token columns → (B, heads, HW)
-    let mut acc: Option<Tensor> = None;
-    for &p in positions {
-        let col = probs.narrow(3, p, 1)?.squeeze(3)?;
-        acc = Some(match acc {
-            Some(a) => (a + col)?,
-            None => col,
-        });
-    }
-    let acc = acc.ok_or_else(|| candle_core::Error::Msg("a word with no token positions".into()))?;
-    acc / positions.len() as f64
-}
-
 impl AttentionObserver for MapRecorder {
     fn wants(&self, _site: &AttentionSite) -> bool {
         self.active
@@ -82,16 +68,12 @@ impl AttentionObserver for MapRecorder {
     fn observe(&mut self, site: &AttentionSite, probs: &Tensor) -> candle_core::Result<()> {
         let probs = if self.detach { probs.detach() } else { probs.clone() };
         let probs = probs.to_dtype(DType::F32)?;
-        let (b, heads, _, _) = probs.dims4()?;
         let mut pairs = Vec::with_capacity(self.pairs.len());
         for pair in &self.pairs {
-            let mut words = Vec::with_capacity(2);
-            for positions in [&pair.subject, &pair.object] {
-                let m = mean_columns(&probs, positions)?.reshape((b, heads, site.height, site.width))?;
-                let m = resize_maps(&m, self.size, self.size).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                words.push(renormalize(&m).map_err(|e| candle_core::Error::Msg(e.to_string()))?);
-            }
-            pairs.push(Tensor::stack(&words, 1)?); // (B, 2, heads, S, S)
+            // (B, 2, heads, h, w) → resized to S×S and renormalised per map.
+            let words = word_maps(&probs, &[pair.subject.clone(), pair.object.clone()], site)?;
+            let m = resize_maps(&words, self.size, self.size).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            pairs.push(renormalize(&m).map_err(|e| candle_core::Error::Msg(e.to_string()))?);
         }
         self.per_layer.push(Tensor::stack(&pairs, 1)?); // (B, P, 2, heads, S, S)
         self.sites.push(site.clone());
