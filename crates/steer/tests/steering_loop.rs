@@ -63,7 +63,7 @@ impl SteerLoss for NanLoss {
     }
     fn loss(&self, maps: &Tensor, _t: &SteerTriplet, _step: usize) -> Result<Tensor> {
         // sqrt at a negative point: NaN value and gradient.
-        Ok(((maps.sum_all()? - 10.0)?.sqrt()?))
+        Ok((maps.sum_all()? - 10.0)?.sqrt()?)
     }
     fn threshold(&self, _step: usize) -> f64 {
         -1.0
