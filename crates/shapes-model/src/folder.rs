@@ -18,18 +18,12 @@ pub fn vocab_size() -> usize {
     serde_json::from_str::<HashMap<String, u32>>(VOCAB_JSON).map(|m| m.len()).unwrap_or(0)
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename, so readers never see a
-/// half-written file and an interrupted or failed write leaves the old file intact.
+/// Writes `bytes` to `path` atomically (temporary file + rename, the shapes crate's writer),
+/// creating the folder first.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    l2s_shapes::dataset::write_atomic(path, bytes)?;
     Ok(())
 }
 

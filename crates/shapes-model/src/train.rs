@@ -11,13 +11,14 @@ use candle_nn::{VarBuilder, VarMap};
 use l2s_models::clip::{ClipTextConfig, ClipTextModel};
 use l2s_models::tokenizer::ClipTokenizer;
 use l2s_models::unet::{UNet2DConditionModel, UNetConfig};
+use l2s_models::space_to_depth::SpaceToDepth;
 use l2s_models::NoObserver;
 use l2s_shapes::{caption, render_scene, RenderConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::architecture::{self, FACTOR, IMAGE_SIZE};
+use crate::architecture::{self, IMAGE_SIZE};
 use crate::folder::{write_atomic, write_model_folder};
 use crate::optim::{AdamW, Ema};
 use crate::plot::loss_curve_png;
@@ -101,13 +102,6 @@ fn images_tensor(images: &[&image::RgbImage], device: &Device) -> Result<Tensor>
     Ok(Tensor::from_vec(data, (images.len(), 3, n, n), device)?)
 }
 
-/// Exact 2× space-to-depth, as the model folder's autoencoder does it.
-fn to_latents(images: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = images.dims4()?;
-    let f = FACTOR;
-    Ok(images.reshape((b, c, h / f, f, w / f, f))?.permute((0, 1, 3, 5, 2, 4))?.reshape((b, c * f * f, h / f, w / f))?)
-}
-
 pub struct Trainer {
     varmap: VarMap,
     text_encoder: ClipTextModel,
@@ -115,6 +109,8 @@ pub struct Trainer {
     tokenizer: ClipTokenizer,
     named_vars: Vec<(String, Var)>,
     alphas_cumprod: Vec<f64>,
+    /// The model folder's exact space-to-depth map, used here to encode training images.
+    latents: SpaceToDepth,
     device: Device,
     run_dir: PathBuf,
     vocab: usize,
@@ -147,6 +143,7 @@ impl Trainer {
             tokenizer,
             named_vars,
             alphas_cumprod,
+            latents: SpaceToDepth::new(serde_json::from_value(architecture::vae_config())?),
             device: device.clone(),
             run_dir: run_dir.to_path_buf(),
             vocab,
@@ -232,7 +229,7 @@ impl Trainer {
             scenes.push(scene);
         }
         let images: Vec<&image::RgbImage> = scenes.iter().map(|s| &s.image).collect();
-        let x0 = to_latents(&images_tensor(&images, &self.device)?)?;
+        let x0 = self.latents.encode_latents(&images_tensor(&images, &self.device)?)?;
         let ids = Tensor::from_vec(ids, (opts.batch, 77), &self.device)?;
         let ts: Vec<usize> = (0..opts.batch).map(|_| rng.gen_range(0..self.alphas_cumprod.len())).collect();
         let noise = Tensor::randn(0f32, 1f32, x0.shape(), &self.device)?;
