@@ -11,6 +11,10 @@
 mod common;
 
 use std::path::PathBuf;
+
+// As in the `l2s` binary: candle allocates a buffer per op, which mimalloc makes cheaper.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
