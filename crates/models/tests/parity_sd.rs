@@ -3,7 +3,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, IndexOp, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use common::{check, expected, fixtures, meta};
 use l2s_models::tokenizer::ClipTokenizer;
 use l2s_models::{AttentionStore, LoadOptions, StableDiffusion};
