@@ -1,6 +1,7 @@
 //! Choosing a steering method by name: the plain model, the handcrafted baselines, or a trained
 //! Learn-to-Steer classifier — each a [`SteerLoss`] for the one steering loop.
 
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -54,12 +55,21 @@ pub fn model_id(sd: &StableDiffusion) -> Result<String> {
     };
     let cfg = unet.join("config.json");
     eat(&std::fs::read(&cfg).with_context(|| format!("reading {}", cfg.display()))?);
+    // Only the first and last MiB of each weight file (plus its length): SD checkpoints are
+    // gigabytes, and a fingerprint must not read them whole.
+    const SPAN: u64 = 1 << 20;
     for file in component_files(&unet, &Variant::Auto)? {
-        let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-        let n = bytes.len();
-        eat(&bytes[..n.min(1 << 20)]);
-        eat(&bytes[n.saturating_sub(1 << 20)..]);
-        eat(&(n as u64).to_le_bytes());
+        let ctx = || format!("reading {}", file.display());
+        let mut f = std::fs::File::open(&file).with_context(ctx)?;
+        let n = f.metadata().with_context(ctx)?.len();
+        let mut head = Vec::new();
+        (&mut f).take(SPAN).read_to_end(&mut head).with_context(ctx)?;
+        eat(&head);
+        f.seek(SeekFrom::Start(n.saturating_sub(SPAN))).with_context(ctx)?;
+        let mut tail = Vec::new();
+        f.read_to_end(&mut tail).with_context(ctx)?;
+        eat(&tail);
+        eat(&n.to_le_bytes());
     }
     Ok(format!("unet-{h:016x}"))
 }

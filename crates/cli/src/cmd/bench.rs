@@ -153,8 +153,8 @@ fn classifier_accuracies(sd: &StableDiffusion, a: &ShapesArgs) -> Result<serde_j
     let split = split_by_image(ds.entries(), TrainConfig::sd().split, TrainConfig::sd().seed);
     let test = ds.load(&split.test, candle_core::DType::F32)?;
     let mut out = serde_json::Map::new();
+    let id = l2s_steer::method::model_id(sd)?;
     for kind in ["dual", "single"] {
-        let id = l2s_steer::method::model_id(sd)?;
         let (clf, meta) = load_classifier(&a.work.join(format!("clf-{kind}")), Some(&id), None, &candle_core::Device::Cpu, candle_core::DType::F32)?;
         let ev = evaluate_classifier(&clf, &test, 64, &meta.relations, &candle_core::Device::Cpu)?;
         out.insert(kind.into(), serde_json::json!({"test_examples": ev.examples, "accuracy": ev.accuracy, "loss": ev.loss}));
