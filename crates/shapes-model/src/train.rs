@@ -19,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::architecture::{self, IMAGE_SIZE};
-use crate::folder::{write_atomic, write_model_folder};
+use crate::folder::{save_tensors, write_atomic, write_model_folder};
 use crate::optim::{AdamW, Ema};
 use crate::plot::loss_curve_png;
 
@@ -194,10 +194,7 @@ impl Trainer {
             self.named_vars.iter().map(|(n, v)| (format!("param.{n}"), v.as_tensor().clone())).collect();
         tensors.extend(opt.state_tensors());
         tensors.extend(ema.tensors().into_iter().map(|(n, t)| (format!("ema.{n}"), t)));
-        let weights = dir.join("state.safetensors");
-        let tmp = dir.join("state.safetensors.tmp");
-        candle_core::safetensors::save(&tensors, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &weights).with_context(|| format!("writing {}", weights.display()))?;
+        save_tensors(&dir.join("state.safetensors"), &tensors)?;
         write_atomic(&dir.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
         // Only now does the new checkpoint become the one to resume from.
         write_atomic(&root.join("latest"), name.as_bytes())?;
