@@ -88,7 +88,11 @@ pub fn generate_steered(
 ) -> Result<Steered> {
     let (w, h) = l2s_generate::resolve_size(sd, req.width, req.height)?;
     let initial = match &req.init_latents {
-        Some(t) => t.clone(),
+        Some(t) => {
+            let want = l2s_generate::generate::latent_shape(sd, w, h);
+            anyhow::ensure!(t.dims() == want, "initial latents of shape {:?}; expected {want:?} for a {w}×{h} image", t.dims());
+            t.to_dtype(sd.dtype)?.to_device(&sd.device)?
+        }
         None => seeded_latents(sd, w, h, req.seed)?,
     };
     let cond = Conditioning::new(sd, &req.prompt, &req.negative_prompt, req.guidance)?;
