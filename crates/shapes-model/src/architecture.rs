@@ -66,18 +66,21 @@ pub fn vae_config() -> Value {
     })
 }
 
+/// Cosine noise levels and v-prediction: at 32×32 the linear schedule spends its last few hundred
+/// steps on near-pure noise, and predicting noise there makes the image estimate explode (x₀ =
+/// (x − σε)/α with α → 0); v keeps every noise level a well-scaled regression target.
 pub fn scheduler_config() -> Value {
     json!({
         "_class_name": "DDIMScheduler",
         "num_train_timesteps": 1000,
         "beta_start": 0.0001,
         "beta_end": 0.02,
-        "beta_schedule": "linear",
+        "beta_schedule": "squaredcos_cap_v2",
         "clip_sample": true,
         "clip_sample_range": 1.0,
         "set_alpha_to_one": false,
         "steps_offset": 0,
-        "prediction_type": "epsilon",
+        "prediction_type": "v_prediction",
         "timestep_spacing": "trailing"
     })
 }

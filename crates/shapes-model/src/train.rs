@@ -33,6 +33,9 @@ pub struct TrainOptions {
     pub ema_decay: f64,
     /// Fraction of captions replaced by "" so the model also learns the unconditional prediction.
     pub uncond_prob: f64,
+    /// Min-SNR-γ loss weighting (Hang et al. 2023): noise levels the model already finds easy
+    /// (SNR above γ) stop dominating the gradient. `None` weighs every timestep equally.
+    pub min_snr_gamma: Option<f64>,
     pub seed: u64,
     pub checkpoint_every: usize,
 }
@@ -47,6 +50,7 @@ impl Default for TrainOptions {
             weight_decay: 0.01,
             ema_decay: 0.995,
             uncond_prob: 0.1,
+            min_snr_gamma: Some(5.0),
             seed: 0,
             checkpoint_every: 250,
         }
@@ -100,6 +104,16 @@ fn images_tensor(images: &[&image::RgbImage], device: &Device) -> Result<Tensor>
         }
     }
     Ok(Tensor::from_vec(data, (images.len(), 3, n, n), device)?)
+}
+
+/// One training batch: noisy latents, token ids, timesteps, the regression target (v) and the
+/// per-sample loss weights.
+struct Batch {
+    noisy: Tensor,
+    ids: Tensor,
+    timesteps: Vec<f64>,
+    target: Tensor,
+    weights: Tensor,
 }
 
 pub struct Trainer {
@@ -214,7 +228,7 @@ impl Trainer {
         Ok(model_dir)
     }
 
-    fn batch(&self, opts: &TrainOptions, step: usize) -> Result<(Tensor, Tensor, Vec<f64>, Tensor)> {
+    fn batch(&self, opts: &TrainOptions, step: usize) -> Result<Batch> {
         let cfg = RenderConfig::with_size(IMAGE_SIZE as u32);
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step as u64));
         let mut scenes = Vec::with_capacity(opts.batch);
@@ -235,7 +249,18 @@ impl Trainer {
         let a = Tensor::from_vec(a, (opts.batch, 1, 1, 1), &self.device)?;
         let s = Tensor::from_vec(s, (opts.batch, 1, 1, 1), &self.device)?;
         let xt = (x0.broadcast_mul(&a)? + noise.broadcast_mul(&s)?)?;
-        Ok((xt, ids, ts.iter().map(|&t| t as f64).collect(), noise))
+        // v = α·ε − σ·x₀, the scheduler's `v_prediction`.
+        let target = (noise.broadcast_mul(&a)? - x0.broadcast_mul(&s)?)?;
+        let weights: Vec<f32> = ts
+            .iter()
+            .map(|&t| {
+                let snr = self.alphas_cumprod[t] / (1.0 - self.alphas_cumprod[t]);
+                // For a v target, min-SNR-γ weighting is min(SNR, γ) / (SNR + 1).
+                opts.min_snr_gamma.map_or(1.0, |g| snr.min(g) / (snr + 1.0)) as f32
+            })
+            .collect();
+        let weights = Tensor::from_vec(weights, (opts.batch, 1, 1, 1), &self.device)?;
+        Ok(Batch { noisy: xt, ids, timesteps: ts.iter().map(|&t| t as f64).collect(), target, weights })
     }
 
     /// Trains until `opts.steps` (resuming from the latest checkpoint if there is one) or until
@@ -285,10 +310,10 @@ impl Trainer {
             }
             let step = state.step;
             opt.lr = opts.lr * ((step + 1) as f64 / opts.warmup.max(1) as f64).min(1.0);
-            let (xt, ids, ts, noise) = self.batch(opts, step)?;
-            let context = self.text_encoder.forward(&ids)?.last_hidden_state;
-            let pred = self.unet.forward_timesteps(&xt, &ts, &context, &mut NoObserver)?;
-            let loss = (pred - noise)?.sqr()?.mean_all()?;
+            let batch = self.batch(opts, step)?;
+            let context = self.text_encoder.forward(&batch.ids)?.last_hidden_state;
+            let pred = self.unet.forward_timesteps(&batch.noisy, &batch.timesteps, &context, &mut NoObserver)?;
+            let loss = (pred - &batch.target)?.sqr()?.broadcast_mul(&batch.weights)?.mean_all()?;
             let loss_value = loss.to_scalar::<f32>()?;
             if !loss_value.is_finite() {
                 bail!("training diverged at step {step} (loss {loss_value}); lower --lr");
