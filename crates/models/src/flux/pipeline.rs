@@ -1,0 +1,272 @@
+//! A FLUX.1 pipeline folder in diffusers' layout, loaded as one value, and its sampling loop.
+//!
+//! ```text
+//! model_index.json  scheduler/  text_encoder/ (CLIP-L)  text_encoder_2/ (T5)  tokenizer/
+//! tokenizer_2/  transformer/  vae/ (16-channel AutoencoderKL with shift_factor)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Result, Tensor};
+use serde_json::Value;
+
+use super::packing::{packed_grid, unpack_latents};
+use super::transformer::{FluxConfig, FluxInputs, FluxTransformer2DModel};
+use crate::clip::{ClipTextConfig, ClipTextModel};
+use crate::config::read_config;
+use crate::error::{ModelError, Result as ModelResult};
+use crate::observer::AttentionObserver;
+use crate::pipeline::LoadOptions;
+use crate::t5::{T5Config, T5EncoderModel, T5Tokenizer};
+use crate::tokenizer::ClipTokenizer;
+use crate::vae::{AutoencoderKL, VaeConfig};
+use crate::weights::var_builder;
+
+/// The text conditioning of one or more prompts.
+#[derive(Clone, Debug)]
+pub struct FluxConditioning {
+    /// T5 last hidden state (batch, max_sequence_length, joint_attention_dim).
+    pub text: Tensor,
+    /// CLIP pooled output (batch, pooled_projection_dim).
+    pub pooled: Tensor,
+    /// T5 ids per prompt (text tokens, end token, padding).
+    pub t5_ids: Vec<Vec<u32>>,
+    /// T5 tokens dropped per prompt by truncation (a warning was emitted for each).
+    pub truncated: Vec<usize>,
+}
+
+pub struct FluxPipeline {
+    pub folder: PathBuf,
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub tokenizer_2: T5Tokenizer,
+    pub text_encoder_2: T5EncoderModel,
+    pub transformer: FluxTransformer2DModel,
+    pub vae: AutoencoderKL,
+    /// `scheduler/scheduler_config.json` (a FlowMatchEulerDiscreteScheduler config).
+    pub scheduler_config: PathBuf,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+fn component(folder: &Path, name: &str, expected: &str) -> ModelResult<PathBuf> {
+    let dir = folder.join(name);
+    if dir.is_dir() {
+        Ok(dir)
+    } else {
+        Err(ModelError::MissingComponent { folder: folder.to_path_buf(), component: name.into(), expected: expected.into() })
+    }
+}
+
+fn build<T>(dir: &Path, r: Result<T>) -> ModelResult<T> {
+    r.map_err(|e| ModelError::Build { dir: dir.to_path_buf(), reason: e.to_string() })
+}
+
+/// FluxPipeline's default `max_sequence_length`: 512, except 256 for schnell-style models.
+pub fn default_max_sequence_length(cfg: &FluxConfig) -> usize {
+    if cfg.guidance_embeds {
+        512
+    } else {
+        256
+    }
+}
+
+impl FluxPipeline {
+    pub fn load(folder: &Path, opts: &LoadOptions) -> ModelResult<Self> {
+        let index_path = folder.join("model_index.json");
+        if !index_path.exists() {
+            return Err(ModelError::MissingComponent {
+                folder: folder.to_path_buf(),
+                component: "model_index.json".into(),
+                expected: "a diffusers FluxPipeline folder".into(),
+            });
+        }
+        let index: Value = read_config(&index_path, "a diffusers model_index.json")?;
+        if let Some(class) = index.get("_class_name").and_then(|c| c.as_str()) {
+            if !class.starts_with("Flux") {
+                return Err(ModelError::Unsupported {
+                    path: index_path,
+                    field: "_class_name".into(),
+                    value: class.into(),
+                    supported: "FluxPipeline (FLUX.1-dev, FLUX.1-schnell)".into(),
+                });
+            }
+        }
+        let tok_dir = component(folder, "tokenizer", "the CLIP tokenizer (vocab.json + merges.txt or tokenizer.json)")?;
+        let te_dir = component(folder, "text_encoder", "the CLIP text encoder (CLIPTextModel: config.json + safetensors)")?;
+        let tok2_dir = component(folder, "tokenizer_2", "the T5 tokenizer (tokenizer.json)")?;
+        let te2_dir = component(folder, "text_encoder_2", "the T5 encoder (T5EncoderModel: config.json + safetensors)")?;
+        let tr_dir = component(folder, "transformer", "a FluxTransformer2DModel (config.json + safetensors)")?;
+        let vae_dir = component(folder, "vae", "an AutoencoderKL (config.json + safetensors)")?;
+        let sched_dir = component(folder, "scheduler", "scheduler_config.json")?;
+        let scheduler_config = sched_dir.join("scheduler_config.json");
+        if !scheduler_config.exists() {
+            return Err(ModelError::io(&scheduler_config, "missing scheduler config"));
+        }
+        let te2_cfg_path = te2_dir.join("config.json");
+        if !te2_cfg_path.exists() {
+            return Err(ModelError::MissingComponent {
+                folder: folder.to_path_buf(),
+                component: "text_encoder_2/config.json".into(),
+                expected: "the T5 encoder's T5Config".into(),
+            });
+        }
+
+        let tr_cfg = FluxConfig::from_file(&tr_dir.join("config.json"))?;
+        let vb = var_builder(&tr_dir, &opts.variant, opts.dtype, &opts.device)?;
+        let transformer = build(&tr_dir, FluxTransformer2DModel::new(&tr_cfg, vb))?;
+
+        let tokenizer = ClipTokenizer::from_folder(&tok_dir)?;
+        let te_cfg = ClipTextConfig::from_file(&te_dir.join("config.json"))?;
+        let vb = var_builder(&te_dir, &opts.variant, opts.dtype, &opts.device)?;
+        let text_encoder = build(&te_dir, ClipTextModel::new(&te_cfg, vb))?;
+
+        let tokenizer_2 = T5Tokenizer::from_folder(&tok2_dir, default_max_sequence_length(&tr_cfg))?;
+        let t5_cfg = T5Config::from_file(&te2_cfg_path)?;
+        let vb = var_builder(&te2_dir, &opts.variant, opts.dtype, &opts.device)?;
+        let text_encoder_2 = build(&te2_dir, T5EncoderModel::new(&t5_cfg, vb))?;
+
+        let vae_cfg = VaeConfig::from_file(&vae_dir.join("config.json"))?;
+        let vb = var_builder(&vae_dir, &opts.variant, opts.dtype, &opts.device)?;
+        let vae = build(&vae_dir, AutoencoderKL::new(&vae_cfg, vb))?;
+
+        let mismatch = |what: &str, value: usize, want: usize, path: &Path| ModelError::Unsupported {
+            path: path.to_path_buf(),
+            field: what.into(),
+            value: value.to_string(),
+            supported: format!("{want}, to match the other components"),
+        };
+        let tr_cfg_path = tr_dir.join("config.json");
+        if tr_cfg.joint_attention_dim != t5_cfg.d_model {
+            return Err(mismatch("joint_attention_dim", tr_cfg.joint_attention_dim, t5_cfg.d_model, &tr_cfg_path));
+        }
+        if tr_cfg.pooled_projection_dim != te_cfg.hidden_size {
+            return Err(mismatch("pooled_projection_dim", tr_cfg.pooled_projection_dim, te_cfg.hidden_size, &tr_cfg_path));
+        }
+        if tr_cfg.in_channels != 4 * vae_cfg.latent_channels {
+            return Err(mismatch("in_channels", tr_cfg.in_channels, 4 * vae_cfg.latent_channels, &tr_cfg_path));
+        }
+        Ok(Self {
+            folder: folder.to_path_buf(),
+            tokenizer,
+            text_encoder,
+            tokenizer_2,
+            text_encoder_2,
+            transformer,
+            vae,
+            scheduler_config,
+            dtype: opts.dtype,
+            device: opts.device.clone(),
+        })
+    }
+
+    /// T5 sequence length used by [`Self::encode_prompts`] (FluxPipeline's `max_sequence_length`).
+    pub fn max_sequence_length(&self) -> usize {
+        self.tokenizer_2.max_len()
+    }
+
+    pub fn set_max_sequence_length(&mut self, len: usize) {
+        self.tokenizer_2.set_max_len(len);
+    }
+
+    pub fn encode_prompt(&self, prompt: &str) -> ModelResult<FluxConditioning> {
+        self.encode_prompts(&[prompt])
+    }
+
+    /// T5 states and CLIP pooled vectors of the prompts, as FluxPipeline's `encode_prompt`.
+    pub fn encode_prompts(&self, prompts: &[&str]) -> ModelResult<FluxConditioning> {
+        let mut t5_ids = Vec::new();
+        let mut truncated = Vec::new();
+        let mut clip_ids = Vec::new();
+        for p in prompts {
+            let t5 = self.tokenizer_2.encode(p)?;
+            truncated.push(t5.truncated);
+            t5_ids.push(t5.ids);
+            clip_ids.push(self.tokenizer.encode(p)?.ids);
+        }
+        let to_tensor = |rows: &[Vec<u32>]| -> Result<Tensor> {
+            let n = rows.first().map_or(0, Vec::len);
+            Tensor::from_vec(rows.concat(), (rows.len(), n), &self.device)
+        };
+        let text = self.text_encoder_2.forward(&to_tensor(&t5_ids)?)?;
+        let pooled = self.text_encoder.forward(&to_tensor(&clip_ids)?)?.pooled;
+        Ok(FluxConditioning { text, pooled, t5_ids, truncated })
+    }
+
+    /// Pixels per latent cell along each side.
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().downsample_factor()
+    }
+
+    /// The packed latent grid for an image of `height`×`width` pixels.
+    pub fn grid_for(&self, height: usize, width: usize) -> (usize, usize) {
+        packed_grid(height, width, self.vae_scale_factor())
+    }
+
+    /// The transformer's velocity at σ for packed `latents` (one guidance value for the batch).
+    pub fn velocity(
+        &self,
+        latents: &Tensor,
+        grid: (usize, usize),
+        cond: &FluxConditioning,
+        sigma: f64,
+        guidance: Option<f64>,
+        observer: &mut dyn AttentionObserver,
+    ) -> Result<Tensor> {
+        let b = latents.dim(0)?;
+        // FluxPipeline passes (σ·1000 in f32) / 1000 in the latents' dtype.
+        let t = (sigma as f32 * 1000.0) / 1000.0;
+        let timestep = Tensor::full(t, b, latents.device())?.to_dtype(latents.dtype())?;
+        let guidance = match guidance {
+            Some(g) if self.transformer.config().guidance_embeds => Some(Tensor::full(g as f32, b, latents.device())?),
+            _ => None,
+        };
+        let inputs = FluxInputs {
+            latents,
+            grid,
+            text: &cond.text,
+            pooled: &cond.pooled,
+            timestep: &timestep,
+            guidance: guidance.as_ref(),
+        };
+        self.transformer.forward(&inputs, observer)
+    }
+
+    /// Runs [`flux_sample`] with this pipeline's transformer. `guidance` is ignored by models
+    /// without a guidance embedding (schnell).
+    pub fn sample(
+        &self,
+        latents: Tensor,
+        grid: (usize, usize),
+        cond: &FluxConditioning,
+        sigmas: &[f64],
+        guidance: Option<f64>,
+        observer: &mut dyn AttentionObserver,
+    ) -> Result<Tensor> {
+        flux_sample(latents, sigmas, |_, x, sigma| self.velocity(x, grid, cond, sigma, guidance, observer))
+    }
+
+    /// Packed latents → image in roughly [-1, 1] (unpacked, unscaled by `scaling_factor`, shifted
+    /// back by `shift_factor`, decoded).
+    pub fn decode_packed(&self, latents: &Tensor, grid: (usize, usize)) -> Result<Tensor> {
+        self.vae.decode_latents(&unpack_latents(latents, grid)?)
+    }
+}
+
+/// Euler integration of the flow over a flow-matching scheduler's sigmas (N steps + the terminal
+/// 0, e.g. `FlowMatchEulerScheduler::sigmas()` of the diffusion crate):
+/// x ← x + (σᵢ₊₁ − σᵢ)·v(x, σᵢ), in f32, the result in the latents' dtype.
+/// `velocity(step, x, σ)` evaluates the model.
+pub fn flux_sample<F>(latents: Tensor, sigmas: &[f64], mut velocity: F) -> Result<Tensor>
+where
+    F: FnMut(usize, &Tensor, f64) -> Result<Tensor>,
+{
+    let dtype = latents.dtype();
+    let mut x = latents;
+    for (i, pair) in sigmas.windows(2).enumerate() {
+        let v = velocity(i, &x, pair[0])?;
+        let dt = (pair[1] as f32 - pair[0] as f32) as f64;
+        x = (x.to_dtype(DType::F32)? + (v.to_dtype(DType::F32)? * dt)?)?.to_dtype(dtype)?;
+    }
+    Ok(x)
+}
