@@ -6,6 +6,7 @@
 pub mod attention;
 pub mod clip;
 pub mod config;
+pub mod conv;
 pub mod error;
 pub mod flux;
 pub mod nn;

@@ -101,7 +101,6 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
     vb: VarBuilder,
-) -> Result<candle_nn::Conv2d> {
-    let cfg = candle_nn::Conv2dConfig { stride, padding, ..Default::default() };
-    candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)
+) -> Result<crate::conv::Conv2d> {
+    crate::conv::Conv2d::new(in_channels, out_channels, kernel, stride, padding, vb)
 }

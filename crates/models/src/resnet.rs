@@ -1,7 +1,9 @@
 //! Convolutional pieces shared by the UNet and the VAE: residual blocks and 2× resampling.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, Linear, VarBuilder};
+
+use crate::conv::Conv2d;
 
 use crate::nn::{conv2d, group_norm};
 

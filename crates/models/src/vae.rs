@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
+
+use crate::conv::Conv2d;
 use rand::SeedableRng;
 use rand_distr::Distribution;
 use serde::Deserialize;

@@ -41,14 +41,22 @@ fn main() -> Result<()> {
         }
     }
     let images = Tensor::from_vec(pixels, (n, 3, size, size), &device)?;
+    eprintln!("DEBUG {:?} {:?}", sd.tokenizer.encode("a star to the left of a heart")?.ids[..12].to_vec(), sd.tokenizer.encode("a photo of a circle and a square")?.ids[..12].to_vec());
+    let c0 = sd.text_encoder.forward(&Tensor::new(sd.tokenizer.encode("a star")?.ids, &device)?.unsqueeze(0)?)?.last_hidden_state; let c1 = sd.text_encoder.forward(&Tensor::new(sd.tokenizer.encode("a ring")?.ids, &device)?.unsqueeze(0)?)?.last_hidden_state; eprintln!("DEBUG ctx meandiff {} meanabs {}", (&c0 - &c1)?.abs()?.mean_all()?.to_scalar::<f32>()?, c0.abs()?.mean_all()?.to_scalar::<f32>()?); for tok in [1usize,2,3,10,40] { let d = (c0.narrow(1,tok,1)? - c1.narrow(1,tok,1)?)?.abs()?.mean_all()?.to_scalar::<f32>()?; eprintln!("DEBUG tok {tok} diff {d}"); }
     let x0 = sd.vae.encode_latents(&images, LatentDraw::Mean)?;
-    let context = sd.text_encoder.forward(&Tensor::from_vec(ids, (n, 77), &device)?)?.last_hidden_state;
+    let ids = Tensor::from_vec(ids, (n, 77), &device)?;
+    let context = sd.text_encoder.forward(&ids)?.last_hidden_state;
+    // The same captions shifted by one scene (wrong objects) and the empty caption: if the model
+    // reads the text, the right captions must recover the scenes better at high noise.
+    let shifted = Tensor::cat(&[context.narrow(0, 1, n - 1)?, context.narrow(0, 0, 1)?], 0)?;
+    let empty_ids = Tensor::from_vec(sd.tokenizer.encode("")?.ids.repeat(n), (n, 77), &device)?;
+    let empty = sd.text_encoder.forward(&empty_ids)?.last_hidden_state;
     let noise = Tensor::randn(0f32, 1f32, x0.shape(), &device)?;
     println!("{} ({:?}), {n} held-out scenes", dir.display(), sched.prediction_type);
-    for t in [5usize, 20, 50, 100, 200, 300, 500, 700, 900, 999] {
+    let psnr = |t: usize, context: &Tensor| -> Result<f32> {
         let (a, s) = (alphas_cumprod[t].sqrt(), (1.0 - alphas_cumprod[t]).sqrt());
         let noisy = ((&x0 * a)? + (&noise * s)?)?;
-        let out = sd.unet.forward(&noisy, t as f64, &context)?;
+        let out = sd.unet.forward(&noisy, t as f64, context)?;
         let x0_hat = match sched.prediction_type {
             PredictionType::Epsilon => ((&noisy - (&out * s)?)? / a)?,
             PredictionType::VPrediction => ((&noisy * a)? - (&out * s)?)?,
@@ -56,7 +64,11 @@ fn main() -> Result<()> {
         }
         .clamp(-1f32, 1f32)?;
         let mse = (&x0_hat - &x0)?.sqr()?.mean_all()?.to_scalar::<f32>()?;
-        println!("t = {t:4}  clean-image PSNR {:5.1} dB", 10.0 * (4.0 / mse).log10());
+        Ok(10.0 * (4.0 / mse).log10())
+    };
+    println!("clean-image PSNR (dB) with the scene's caption / another scene's caption / no caption");
+    for t in [5usize, 20, 50, 100, 200, 300, 500, 700, 900, 999] {
+        println!("t = {t:4}  {:5.1} / {:5.1} / {:5.1}", psnr(t, &context)?, psnr(t, &shifted)?, psnr(t, &empty)?);
     }
     Ok(())
 }

@@ -11,6 +11,11 @@ pub const IMAGE_SIZE: usize = 32;
 /// Space-to-depth factor.
 pub const FACTOR: usize = 2;
 pub const TEXT_HIDDEN: usize = 64;
+/// Token positions of the text encoder (start and end tokens included). Every caption and prompt
+/// of this world fits in 16; SD's 77 would leave the few object words among ~65 padding tokens,
+/// and a text encoder trained from scratch then barely reaches the image (measured: the model
+/// learned to ignore its captions).
+pub const MAX_TOKENS: usize = 16;
 
 pub fn text_encoder_config(vocab_size: usize) -> Value {
     json!({
@@ -22,7 +27,7 @@ pub fn text_encoder_config(vocab_size: usize) -> Value {
         "intermediate_size": 4 * TEXT_HIDDEN,
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
-        "max_position_embeddings": 77,
+        "max_position_embeddings": MAX_TOKENS,
         "hidden_act": "quick_gelu",
         "layer_norm_eps": 1e-5,
         "bos_token_id": vocab_size - 2,

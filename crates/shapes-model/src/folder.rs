@@ -27,6 +27,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The trimmed CLIP tokenizer's config with this model's sequence length.
+fn tokenizer_config() -> Result<serde_json::Value> {
+    let mut config: serde_json::Value = serde_json::from_str(TOKENIZER_CONFIG).context("built-in tokenizer_config.json")?;
+    config["model_max_length"] = architecture::MAX_TOKENS.into();
+    Ok(config)
+}
+
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     write_atomic(path, serde_json::to_string_pretty(value)?.as_bytes())
 }
@@ -45,7 +52,7 @@ pub fn write_model_folder(dir: &Path, weights: Option<&HashMap<String, Tensor>>)
     let tok = dir.join("tokenizer");
     write_atomic(&tok.join("vocab.json"), VOCAB_JSON.as_bytes())?;
     write_atomic(&tok.join("merges.txt"), MERGES_TXT.as_bytes())?;
-    write_atomic(&tok.join("tokenizer_config.json"), TOKENIZER_CONFIG.as_bytes())?;
+    write_json(&tok.join("tokenizer_config.json"), &tokenizer_config()?)?;
     write_atomic(&tok.join("special_tokens_map.json"), SPECIAL_TOKENS.as_bytes())?;
     write_json(&dir.join("text_encoder/config.json"), &architecture::text_encoder_config(vocab_size()))?;
     write_json(&dir.join("unet/config.json"), &architecture::unet_config())?;

@@ -178,7 +178,13 @@ impl Trainer {
             for (name, var) in &self.named_vars {
                 let Some(local) = name.strip_prefix(&format!("{part}.")) else { continue };
                 let t = tensors.get(local).with_context(|| format!("{}: no tensor `{local}`", path.display()))?;
-                var.set(t).with_context(|| format!("{}: tensor `{local}`", path.display()))?;
+                // A model with more token positions: keep the first ones.
+                let t = if local.ends_with("position_embedding.weight") && t.dim(0)? > var.dim(0)? {
+                    t.narrow(0, 0, var.dim(0)?)?
+                } else {
+                    t.clone()
+                };
+                var.set(&t).with_context(|| format!("{}: tensor `{local}`", path.display()))?;
             }
         }
         Ok(())
@@ -232,7 +238,8 @@ impl Trainer {
         let cfg = RenderConfig::with_size(IMAGE_SIZE as u32);
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step as u64));
         let mut scenes = Vec::with_capacity(opts.batch);
-        let mut ids = Vec::with_capacity(opts.batch * 77);
+        let tokens = self.tokenizer.max_len();
+        let mut ids = Vec::with_capacity(opts.batch * tokens);
         for i in 0..opts.batch {
             let scene = render_scene(&cfg, opts.seed, (step * opts.batch + i) as u64)?;
             let text = if rng.gen::<f64>() < opts.uncond_prob { String::new() } else { caption(&scene, &mut rng) };
@@ -241,7 +248,7 @@ impl Trainer {
         }
         let images: Vec<&image::RgbImage> = scenes.iter().map(|s| &s.image).collect();
         let x0 = self.latents.encode_latents(&images_tensor(&images, &self.device)?)?;
-        let ids = Tensor::from_vec(ids, (opts.batch, 77), &self.device)?;
+        let ids = Tensor::from_vec(ids, (opts.batch, tokens), &self.device)?;
         let ts: Vec<usize> = (0..opts.batch).map(|_| rng.gen_range(0..self.alphas_cumprod.len())).collect();
         let noise = Tensor::randn(0f32, 1f32, x0.shape(), &self.device)?;
         let a: Vec<f32> = ts.iter().map(|&t| self.alphas_cumprod[t].sqrt() as f32).collect();

@@ -17,7 +17,8 @@ fn every_parameter_gets_a_gradient() {
     let unet_cfg: UNetConfig = serde_json::from_value(architecture::unet_config()).unwrap();
     let te = ClipTextModel::new(&te_cfg, vb.pp("text_encoder")).unwrap();
     let unet = UNet2DConditionModel::new(&unet_cfg, vb.pp("unet")).unwrap();
-    let ids = Tensor::new(&[[5u32; 77], [7u32; 77]], &dev).unwrap();
+    const N: usize = architecture::MAX_TOKENS;
+    let ids = Tensor::new(&[[5u32; N], [7u32; N]], &dev).unwrap();
     let ctx = te.forward(&ids).unwrap().last_hidden_state;
     let x = Tensor::randn(0f32, 1f32, (2, 12, 16, 16), &dev).unwrap();
     let noise = Tensor::randn(0f32, 1f32, (2, 12, 16, 16), &dev).unwrap();

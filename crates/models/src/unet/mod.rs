@@ -7,7 +7,9 @@ mod transformer;
 use std::path::Path;
 
 use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, Linear, VarBuilder};
+
+use crate::conv::Conv2d;
 use serde::Deserialize;
 
 pub use blocks::CrossAttention;

@@ -2,7 +2,9 @@
 //! image attends to the text.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, Linear, VarBuilder};
+
+use crate::conv::Conv2d;
 
 use crate::attention::{Attention, AttentionConfig};
 use crate::nn::{group_norm, LayerNorm};
