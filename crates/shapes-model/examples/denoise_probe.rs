@@ -41,8 +41,6 @@ fn main() -> Result<()> {
         }
     }
     let images = Tensor::from_vec(pixels, (n, 3, size, size), &device)?;
-    eprintln!("DEBUG {:?} {:?}", sd.tokenizer.encode("a star to the left of a heart")?.ids[..12].to_vec(), sd.tokenizer.encode("a photo of a circle and a square")?.ids[..12].to_vec());
-    let c0 = sd.text_encoder.forward(&Tensor::new(sd.tokenizer.encode("a star")?.ids, &device)?.unsqueeze(0)?)?.last_hidden_state; let c1 = sd.text_encoder.forward(&Tensor::new(sd.tokenizer.encode("a ring")?.ids, &device)?.unsqueeze(0)?)?.last_hidden_state; eprintln!("DEBUG ctx meandiff {} meanabs {}", (&c0 - &c1)?.abs()?.mean_all()?.to_scalar::<f32>()?, c0.abs()?.mean_all()?.to_scalar::<f32>()?); for tok in [1usize,2,3,10,40] { let d = (c0.narrow(1,tok,1)? - c1.narrow(1,tok,1)?)?.abs()?.mean_all()?.to_scalar::<f32>()?; eprintln!("DEBUG tok {tok} diff {d}"); }
     let x0 = sd.vae.encode_latents(&images, LatentDraw::Mean)?;
     let ids = Tensor::from_vec(ids, (n, 77), &device)?;
     let context = sd.text_encoder.forward(&ids)?.last_hidden_state;
