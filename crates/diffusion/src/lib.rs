@@ -1,5 +1,6 @@
 //! Model-agnostic samplers for diffusion models: DDIM sampling and DDIM inversion (plain and
-//! fixed-point), with classifier-free guidance, matching diffusers' schedulers.
+//! fixed-point), flow-matching Euler sampling (FLUX), with classifier-free guidance, matching
+//! diffusers' schedulers.
 //!
 //! Models plug in through the [`Denoiser`] trait and nothing else.
 //!
@@ -14,12 +15,14 @@
 //! Modules, one entry point each: [`config`] (`DdimConfig::from_file`), [`schedule`]
 //! (`alphas_cumprod`), [`timesteps`] (`ddim_timesteps`), [`ddim`] (`DdimScheduler`), [`inverse`]
 //! (`DdimInverseScheduler`), [`denoiser`] (`Denoiser`, `guided_prediction`), [`sample`]
-//! (`ddim_sample`), [`invert`] (`ddim_invert`).
+//! (`ddim_sample`), [`invert`] (`ddim_invert`), [`flow_match`] (`FlowMatchEulerScheduler`,
+//! `flow_match_sample`).
 
 pub mod config;
 pub mod ddim;
 pub mod denoiser;
 pub mod error;
+pub mod flow_match;
 pub mod inverse;
 pub mod invert;
 pub mod sample;
@@ -31,6 +34,7 @@ pub use config::{BetaSchedule, DdimConfig, LoadedConfig, PredictionType, Timeste
 pub use ddim::DdimScheduler;
 pub use denoiser::{classifier_free_guidance, guided_prediction, Denoiser, Guidance};
 pub use error::{DiffusionError, Result};
+pub use flow_match::{flow_match_sample, FlowMatchConfig, FlowMatchEulerScheduler, FlowStepInfo, TimeShift};
 pub use inverse::DdimInverseScheduler;
 pub use invert::{ddim_invert, Inversion, InversionStepInfo};
 pub use sample::{ddim_sample, denoise_step, StepControl, StepInfo};
