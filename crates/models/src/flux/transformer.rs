@@ -118,7 +118,7 @@ impl FluxConfig {
                 format!("even sizes summing to attention_head_dim {}", self.attention_head_dim),
             ));
         }
-        if self.in_channels % 4 != 0 {
+        if !self.in_channels.is_multiple_of(4) {
             return Err(("in_channels", self.in_channels.to_string(), "4 × the VAE's latent channels".into()));
         }
         Ok(())
