@@ -42,12 +42,13 @@ fn main() -> Result<()> {
     }
     let images = Tensor::from_vec(pixels, (n, 3, size, size), &device)?;
     let x0 = sd.vae.encode_latents(&images, LatentDraw::Mean)?;
-    let ids = Tensor::from_vec(ids, (n, 77), &device)?;
+    let tokens = sd.tokenizer.max_len();
+    let ids = Tensor::from_vec(ids, (n, tokens), &device)?;
     let context = sd.text_encoder.forward(&ids)?.last_hidden_state;
     // The same captions shifted by one scene (wrong objects) and the empty caption: if the model
     // reads the text, the right captions must recover the scenes better at high noise.
     let shifted = Tensor::cat(&[context.narrow(0, 1, n - 1)?, context.narrow(0, 0, 1)?], 0)?;
-    let empty_ids = Tensor::from_vec(sd.tokenizer.encode("")?.ids.repeat(n), (n, 77), &device)?;
+    let empty_ids = Tensor::from_vec(sd.tokenizer.encode("")?.ids.repeat(n), (n, tokens), &device)?;
     let empty = sd.text_encoder.forward(&empty_ids)?.last_hidden_state;
     let noise = Tensor::randn(0f32, 1f32, x0.shape(), &device)?;
     println!("{} ({:?}), {n} held-out scenes", dir.display(), sched.prediction_type);

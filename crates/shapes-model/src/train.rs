@@ -33,8 +33,10 @@ pub struct TrainOptions {
     pub ema_decay: f64,
     /// Fraction of captions replaced by "" so the model also learns the unconditional prediction.
     pub uncond_prob: f64,
-    /// Min-SNR-γ loss weighting (Hang et al. 2023): noise levels the model already finds easy
-    /// (SNR above γ) stop dominating the gradient. `None` weighs every timestep equally.
+    /// Min-SNR-γ loss weighting (Hang et al. 2023). `None` (the default) weighs every timestep's
+    /// v-loss equally. Min-SNR all but removes the high-noise steps from the loss, and in this
+    /// world those are the only steps where the caption carries information the noisy image does
+    /// not (objects stay visible until late): trained with γ = 5 the model learned to ignore text.
     pub min_snr_gamma: Option<f64>,
     pub seed: u64,
     pub checkpoint_every: usize,
@@ -50,7 +52,7 @@ impl Default for TrainOptions {
             weight_decay: 0.01,
             ema_decay: 0.995,
             uncond_prob: 0.1,
-            min_snr_gamma: Some(5.0),
+            min_snr_gamma: None,
             seed: 0,
             checkpoint_every: 250,
         }

@@ -44,6 +44,10 @@ enum Command {
         ema: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Min-SNR-γ loss weighting; 0 (the default) weighs every noise level's v-loss equally,
+        /// which keeps the high-noise steps, where only the caption tells what to draw, in the loss
+        #[arg(long, default_value_t = 0.0)]
+        min_snr_gamma: f64,
         /// Stop (after saving) when this many minutes of training have passed in this call
         #[arg(long)]
         minutes: Option<f64>,
@@ -64,7 +68,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             eprintln!("rendered {} images into {}", ds.images.len(), out.display());
             Ok(())
         }
-        Command::Train { out, steps, batch, lr, ema, seed, minutes, checkpoint_every, init_from } => {
+        Command::Train { out, steps, batch, lr, ema, seed, min_snr_gamma, minutes, checkpoint_every, init_from } => {
             let device = candle_core::Device::Cpu;
             let trainer = Trainer::new(&out, &device)?;
             if let Some(from) = init_from {
@@ -77,7 +81,8 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
                 eprintln!("starting from the weights in {}", dir.display());
             }
             eprintln!("shapes model: {} parameters; run folder {}", trainer.parameter_count(), out.display());
-            let opts = TrainOptions { steps, batch, lr, ema_decay: ema, seed, checkpoint_every, ..Default::default() };
+            let min_snr_gamma = (min_snr_gamma > 0.0).then_some(min_snr_gamma);
+            let opts = TrainOptions { steps, batch, lr, ema_decay: ema, seed, checkpoint_every, min_snr_gamma, ..Default::default() };
             let bar = if global.quiet { ProgressBar::hidden() } else { ProgressBar::new(steps as u64) };
             bar.set_style(
                 ProgressStyle::with_template("train [{bar:32}] {pos}/{len} steps {elapsed_precise} (eta {eta}) {msg}")
