@@ -16,7 +16,7 @@
 //! (`alphas_cumprod`), [`timesteps`] (`ddim_timesteps`), [`ddim`] (`DdimScheduler`), [`inverse`]
 //! (`DdimInverseScheduler`), [`denoiser`] (`Denoiser`, `guided_prediction`), [`sample`]
 //! (`ddim_sample`), [`invert`] (`ddim_invert`), [`flow_match`] (`FlowMatchEulerScheduler`,
-//! `flow_match_sample`).
+//! `flow_match_sample`), [`rf_invert`] (RF-inversion: `rf_invert`, `rf_reconstruct`).
 
 pub mod config;
 pub mod ddim;
@@ -25,6 +25,7 @@ pub mod error;
 pub mod flow_match;
 pub mod inverse;
 pub mod invert;
+pub mod rf_invert;
 pub mod sample;
 pub mod schedule;
 pub mod timesteps;
@@ -37,5 +38,6 @@ pub use error::{DiffusionError, Result};
 pub use flow_match::{flow_match_sample, FlowMatchConfig, FlowMatchEulerScheduler, FlowStepInfo, TimeShift};
 pub use inverse::DdimInverseScheduler;
 pub use invert::{ddim_invert, Inversion, InversionStepInfo};
+pub use rf_invert::{rf_invert, rf_reconstruct, RfInversionConfig};
 pub use sample::{ddim_sample, denoise_step, StepControl, StepInfo};
 pub use transfer::StepOutput;
