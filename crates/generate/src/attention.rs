@@ -232,6 +232,23 @@ pub fn words_in_prompt(sd: &StableDiffusion, prompt: &str, words: &[String]) -> 
     words.iter().map(|w| word_tokens(&sd.tokenizer, prompt, w.trim())).collect()
 }
 
+/// Checks that the request's steps exist in a run of `steps` steps and its map size is usable.
+pub fn check_request(att: &AttentionRequest, steps: usize) -> Result<()> {
+    if att.at_steps.is_empty() {
+        return Err(GenerateError::invalid("attention steps", "none given"));
+    }
+    if let Some(&bad) = att.at_steps.iter().find(|&&s| s >= steps) {
+        return Err(GenerateError::invalid(
+            "attention steps",
+            format!("step {bad} does not exist in a {steps}-step run (steps are numbered 0..={})", steps.saturating_sub(1)),
+        ));
+    }
+    if att.map_size == 0 {
+        return Err(GenerateError::invalid("map size", "0; expected at least 1"));
+    }
+    Ok(())
+}
+
 /// Generates an image while recording the requested words' attention maps.
 pub fn generate_with_attention(
     sd: &StableDiffusion,
@@ -240,18 +257,7 @@ pub fn generate_with_attention(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(Generated, AttentionMaps)> {
     let words = words_in_prompt(sd, &req.prompt, &att.words)?;
-    if att.at_steps.is_empty() {
-        return Err(GenerateError::invalid("attention steps", "none given"));
-    }
-    if let Some(&bad) = att.at_steps.iter().find(|&&s| s >= req.steps) {
-        return Err(GenerateError::invalid(
-            "attention steps",
-            format!("step {bad} does not exist in a {}-step run (steps are numbered 0..={})", req.steps, req.steps.saturating_sub(1)),
-        ));
-    }
-    if att.map_size == 0 {
-        return Err(GenerateError::invalid("map size", "0; expected at least 1"));
-    }
+    check_request(att, req.steps)?;
     let mut collector = AttentionCollector::new(words, &att.at_steps)?;
     let generated = generate_observed(sd, req, Some(&mut collector), progress)?;
     let maps = collector.finish(att.map_size)?;

@@ -11,6 +11,7 @@
 //!   PSNR.
 //! - [`generate_with_attention`]: per-word cross-attention maps at chosen steps, averaged over
 //!   layers and heads on a common grid; [`attention_sheet`] draws them.
+//! - [`flux`]: the same for FLUX.1 (flow-matching Euler, RF-inversion, T5 word tokens).
 //! - [`convert`]: tensors ↔ 8-bit images exactly as diffusers converts them; [`png`]: PNG files
 //!   with text metadata, written atomically.
 //!
@@ -26,6 +27,7 @@ pub mod attention;
 pub mod convert;
 pub mod denoiser;
 pub mod error;
+pub mod flux;
 pub mod generate;
 pub mod invert;
 pub mod png;
