@@ -7,6 +7,7 @@ use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use l2s_generate::{Phase, Progress};
 use l2s_models::weights::Variant;
+use l2s_models::flux::FluxPipeline;
 use l2s_models::{resolve_model, LoadOptions, StableDiffusion};
 
 /// Flags every subcommand takes.
@@ -73,8 +74,9 @@ fn device(arg: Option<&str>) -> Result<Device> {
     })
 }
 
-/// Loads the model; returns it with the name to record in metadata (the argument as given).
-pub fn load_model(args: &ModelArgs) -> Result<(StableDiffusion, String)> {
+/// The folder and load options `args` name, with the name to record in metadata (the argument as
+/// given).
+fn resolve(args: &ModelArgs) -> Result<(std::path::PathBuf, LoadOptions, String)> {
     // No --model: the shapes-world model compiled into this binary.
     let name = args.model.clone().unwrap_or_else(|| l2s_shapes_model::embedded::NAME.to_string());
     let folder = if name == l2s_shapes_model::embedded::NAME {
@@ -98,8 +100,76 @@ pub fn load_model(args: &ModelArgs) -> Result<(StableDiffusion, String)> {
         bail!("--dtype bf16 needs a GPU (candle has no bf16 matrix product on the CPU); use f32 or f16 on the CPU");
     }
     tracing::info!("loading {} ({:?} on {:?})", folder.display(), opts.dtype, opts.device);
+    Ok((folder, opts, name))
+}
+
+/// Loads a Stable Diffusion model; returns it with the name to record in metadata.
+pub fn load_model(args: &ModelArgs) -> Result<(StableDiffusion, String)> {
+    let (folder, opts, name) = resolve(args)?;
     let sd = StableDiffusion::load(&folder, &opts).with_context(|| format!("loading model `{name}` from {}", folder.display()))?;
     Ok((sd, name))
+}
+
+/// A loaded model of either family.
+pub enum Model {
+    Sd(StableDiffusion),
+    Flux(Box<FluxPipeline>),
+}
+
+/// Whether a diffusers folder holds a FLUX pipeline (`model_index.json`'s `_class_name`
+/// `FluxPipeline`) rather than a `StableDiffusionPipeline`.
+fn is_flux_folder(folder: &Path) -> bool {
+    std::fs::read_to_string(folder.join("model_index.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| v.get("_class_name").and_then(|c| c.as_str()).map(|c| c.starts_with("Flux")))
+        .unwrap_or(false)
+}
+
+/// Loads the model the folder's `model_index.json` names (FLUX or Stable Diffusion).
+pub fn load_any(args: &ModelArgs) -> Result<(Model, String)> {
+    let (folder, opts, name) = resolve(args)?;
+    let ctx = || format!("loading model `{name}` from {}", folder.display());
+    let model = if is_flux_folder(&folder) {
+        Model::Flux(Box::new(FluxPipeline::load(&folder, &opts).with_context(ctx)?))
+    } else {
+        Model::Sd(StableDiffusion::load(&folder, &opts).with_context(ctx)?)
+    };
+    Ok((model, name))
+}
+
+/// Sampling settings of `generate`, `invert` and `attention`. Steps and guidance default to the
+/// model's own: Stable Diffusion as each command says, FLUX.1-dev 50 steps at guidance 3.5,
+/// FLUX.1-schnell 4 steps without guidance.
+#[derive(clap::Args)]
+pub struct SampleArgs {
+    /// The unconditional prompt of classifier-free guidance (Stable Diffusion only)
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Sampling steps (default: the model's)
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Guidance scale: classifier-free for Stable Diffusion (off at 1 or below), the guidance
+    /// input for FLUX.1-dev (default: the model's)
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// Image width in pixels (default: the model's native size)
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height in pixels (default: the model's native size)
+    #[arg(long)]
+    pub height: Option<usize>,
+}
+
+impl SampleArgs {
+    /// (steps, guidance): the flags, else the model's defaults (`sd` for Stable Diffusion).
+    pub fn resolve(&self, model: &Model, sd: (usize, f64)) -> (usize, f64) {
+        let defaults = match model {
+            Model::Sd(_) => sd,
+            Model::Flux(f) => l2s_generate::flux::flux_defaults(f),
+        };
+        (self.steps.unwrap_or(defaults.0), self.guidance.unwrap_or(defaults.1))
+    }
 }
 
 /// A progress bar per phase of a run; hidden with --quiet or when stderr is not a terminal.
@@ -185,7 +255,7 @@ pub struct SteerArgs {
     /// from `l2s train`) — Learn-to-Steer
     #[arg(long, default_value = "none", value_name = "METHOD|PATH")]
     pub steer: String,
-    /// Steer during the first N denoising steps (default: half of --steps)
+    /// Steer during the first N denoising steps (default: half of the steps; FLUX.1-schnell: 1)
     #[arg(long)]
     pub steer_steps: Option<usize>,
     /// Gradient iterations per steered step (default: the method's)
@@ -202,6 +272,11 @@ pub struct SteerArgs {
 impl SteerArgs {
     /// The method with the command line's overrides, or `None` for the plain model.
     pub fn method(&self, sd: &StableDiffusion, steps: usize) -> Result<Option<l2s_steer::method::Method>> {
+        self.method_for(l2s_steer::method::SteerModel::Sd(sd), steps)
+    }
+
+    /// [`Self::method`] for either model family.
+    pub fn method_for(&self, model: l2s_steer::method::SteerModel<'_>, steps: usize) -> Result<Option<l2s_steer::method::Method>> {
         use l2s_steer::method::{Method, MethodSpec};
         let spec = MethodSpec::parse(&self.steer);
         if spec == MethodSpec::None {
@@ -212,7 +287,7 @@ impl SteerArgs {
                 bail!("--steer {}: not a method (none, centroid, attend-excite) and no such classifier file or folder", p.display());
             }
         }
-        let mut m = Method::load(&spec, sd, steps).with_context(|| format!("--steer {}", self.steer))?;
+        let mut m = Method::load_for(&spec, model, steps).with_context(|| format!("--steer {}", self.steer))?;
         if let Some(n) = self.steer_steps {
             m.config.steer_steps = n;
         }

@@ -6,6 +6,7 @@ pub mod build;
 pub mod classifier;
 pub mod dataset;
 pub mod experiment;
+pub mod flux;
 pub mod losses;
 pub mod maps;
 pub mod method;

@@ -5,14 +5,15 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Device};
 use l2s_eval::Relation;
 use l2s_models::weights::{component_files, Variant};
+use l2s_models::flux::FluxPipeline;
 use l2s_models::StableDiffusion;
 
 use crate::losses::{AttendExciteLoss, CentroidLoss, LearnedLoss};
 use crate::steering::{SteerConfig, SteerLoss, UpdateRule};
-use crate::train::load_classifier;
+use crate::train::{load_classifier, read_checkpoint_meta, CheckpointMeta};
 
 /// What `--steer` names.
 #[derive(Clone, Debug, PartialEq)]
@@ -45,7 +46,15 @@ pub struct Method {
 /// A fingerprint of a model's UNet (config and a sample of its weight bytes): a classifier only
 /// applies to the model whose attention it was trained on.
 pub fn model_id(sd: &StableDiffusion) -> Result<String> {
-    let unet = sd.folder.join("unet");
+    fingerprint(&sd.folder.join("unet"), "unet")
+}
+
+/// The same fingerprint of a FLUX model's transformer (`flux-…`).
+pub fn flux_model_id(flux: &FluxPipeline) -> Result<String> {
+    fingerprint(&flux.folder.join("transformer"), "flux")
+}
+
+fn fingerprint(dir: &Path, prefix: &str) -> Result<String> {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
         for &b in bytes {
@@ -53,12 +62,12 @@ pub fn model_id(sd: &StableDiffusion) -> Result<String> {
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
     };
-    let cfg = unet.join("config.json");
+    let cfg = dir.join("config.json");
     eat(&std::fs::read(&cfg).with_context(|| format!("reading {}", cfg.display()))?);
-    // Only the first and last MiB of each weight file (plus its length): SD checkpoints are
+    // Only the first and last MiB of each weight file (plus its length): checkpoints are
     // gigabytes, and a fingerprint must not read them whole.
     const SPAN: u64 = 1 << 20;
-    for file in component_files(&unet, &Variant::Auto)? {
+    for file in component_files(dir, &Variant::Auto)? {
         let ctx = || format!("reading {}", file.display());
         let mut f = std::fs::File::open(&file).with_context(ctx)?;
         let n = f.metadata().with_context(ctx)?.len();
@@ -71,14 +80,100 @@ pub fn model_id(sd: &StableDiffusion) -> Result<String> {
         eat(&tail);
         eat(&n.to_le_bytes());
     }
-    Ok(format!("unet-{h:016x}"))
+    Ok(format!("{prefix}-{h:016x}"))
+}
+
+/// The model a method steers.
+#[derive(Clone, Copy)]
+pub enum SteerModel<'a> {
+    Sd(&'a StableDiffusion),
+    Flux(&'a FluxPipeline),
+}
+
+impl SteerModel<'_> {
+    pub fn id(&self) -> Result<String> {
+        match self {
+            Self::Sd(sd) => model_id(sd),
+            Self::Flux(flux) => flux_model_id(flux),
+        }
+    }
+
+    fn device(&self) -> &Device {
+        match self {
+            Self::Sd(sd) => &sd.device,
+            Self::Flux(flux) => &flux.device,
+        }
+    }
+
+    fn is_flux(&self) -> bool {
+        matches!(self, Self::Flux(_))
+    }
+
+    /// The model and its map layout, for error messages.
+    fn describe(&self, id: &str) -> String {
+        match self {
+            Self::Sd(_) => format!("a Stable Diffusion UNet ({id}, maps from its cross-attention layers)"),
+            Self::Flux(flux) => {
+                let c = flux.transformer.config();
+                format!(
+                    "a FLUX transformer ({id}, ({} double + {} single blocks) × {} heads = {} maps per word)",
+                    c.num_layers,
+                    c.num_single_layers,
+                    c.num_attention_heads,
+                    (c.num_layers + c.num_single_layers) * c.num_attention_heads
+                )
+            }
+        }
+    }
+
+    /// The paper's schedule for this model.
+    fn paper(&self, steps: usize) -> SteerConfig {
+        match self {
+            Self::Sd(_) => SteerConfig::paper(steps),
+            Self::Flux(flux) => crate::flux::paper_config(flux, steps),
+        }
+    }
+}
+
+/// Whether a classifier read FLUX maps: its model id says so, or else its layers are the
+/// transformer's top-level blocks (SD's UNet layers sit inside down/mid/up blocks).
+fn trained_on_flux(meta: &CheckpointMeta) -> bool {
+    if meta.model.starts_with("flux-") || meta.model.starts_with("unet-") {
+        return meta.model.starts_with("flux-");
+    }
+    let flux_layer = |n: &str| n.starts_with("transformer_blocks.") || n.starts_with("single_transformer_blocks.");
+    meta.layers.first().is_some_and(|l| flux_layer(&l.name))
+}
+
+/// Refuses a classifier trained on the other model family, naming both and their map layouts.
+fn check_family(path: &Path, meta: &CheckpointMeta, model: &SteerModel<'_>, id: &str) -> Result<()> {
+    let flux = trained_on_flux(meta);
+    if flux == model.is_flux() {
+        return Ok(());
+    }
+    let family = if flux { "FLUX" } else { "Stable Diffusion" };
+    let first = meta.layers.first().map(|l| l.name.as_str()).unwrap_or("?");
+    anyhow::bail!(
+        "classifier {} was trained on {family} attention maps (model {}, {} maps per word from {} layers, first {first}) \
+         and cannot steer {}: train a classifier on this model's maps (`l2s data build` + `l2s train` with this --model)",
+        path.display(),
+        meta.model,
+        meta.num_maps,
+        meta.layers.len(),
+        model.describe(id)
+    )
 }
 
 impl Method {
     /// Builds the method for steering `sd` in runs of `steps` steps; the paper's schedule by default.
     pub fn load(spec: &MethodSpec, sd: &StableDiffusion, steps: usize) -> Result<Self> {
+        Self::load_for(spec, SteerModel::Sd(sd), steps)
+    }
+
+    /// [`Self::load`] for either model family; a classifier must come from the same model.
+    pub fn load_for(spec: &MethodSpec, model: SteerModel<'_>, steps: usize) -> Result<Self> {
         let all: Vec<String> = Relation::ALL.iter().map(|r| r.name().to_string()).collect();
-        let paper = SteerConfig::paper(steps);
+        let paper = model.paper(steps);
         Ok(match spec {
             MethodSpec::None => Self { name: "base".into(), loss: None, config: paper, relations: all },
             MethodSpec::Centroid => Self {
@@ -91,14 +186,16 @@ impl Method {
             },
             MethodSpec::AttendExcite => Self {
                 name: "attend-excite".into(),
-                loss: Some(Box::new(AttendExciteLoss::new(steps, &sd.device)?)),
+                loss: Some(Box::new(AttendExciteLoss::new(steps, model.device())?)),
                 // A&E's 20·sqrt(linspace(1, 0.5)) schedule shape, on RMS-normalised gradients.
                 config: SteerConfig { step_size: 0.1, update: UpdateRule::Normalized, ..paper },
                 relations: all,
             },
             MethodSpec::Classifier(path) => {
-                let id = model_id(sd)?;
-                let (classifier, meta) = load_classifier(path, Some(&id), None, &sd.device, DType::F32)
+                let id = model.id()?;
+                let meta = read_checkpoint_meta(path).with_context(|| format!("classifier {}", path.display()))?;
+                check_family(path, &meta, &model, &id)?;
+                let (classifier, meta) = load_classifier(path, Some(&id), None, model.device(), DType::F32)
                     .with_context(|| format!("classifier {}", path.display()))?;
                 let build_steps = meta.num_inference_steps.unwrap_or(steps);
                 let relations = meta.relations.clone();

@@ -39,7 +39,8 @@ impl SteerTarget for SdTarget<'_> {
         self.scheduler.timesteps().to_vec()
     }
 
-    fn relation_maps(&mut self, z: &Tensor, t: usize, pair: &WordPair) -> Result<Tensor> {
+    fn relation_maps(&mut self, z: &Tensor, step: usize, pair: &WordPair) -> Result<Tensor> {
+        let t = self.scheduler.timesteps()[step];
         let mut recorder = MapRecorder::new(vec![pair.clone()], MAP_SIZE, false);
         self.sd.unet.forward_observed(z, t as f64, &self.cond, &mut recorder)?;
         Ok(recorder.maps()?.squeeze(0)?.squeeze(0)?)

@@ -20,11 +20,11 @@ pub struct SteerTriplet {
 
 /// What the steering loop needs from a model.
 pub trait SteerTarget {
-    /// Timesteps of the sampling run, in order.
+    /// Timesteps of the sampling run, in order (one per denoising step; flow models give σ·1000).
     fn timesteps(&self) -> Vec<usize>;
-    /// The (2, C, S, S) maps of `pair` from a conditional-only model pass at (`z`, `t`);
-    /// differentiable with respect to `z`.
-    fn relation_maps(&mut self, z: &Tensor, t: usize, pair: &crate::maps::WordPair) -> anyhow::Result<Tensor>;
+    /// The (2, C, S, S) maps of `pair` from a conditional-only model pass at `z` and denoising
+    /// step `step` (0-based, an index into [`Self::timesteps`]); differentiable with respect to `z`.
+    fn relation_maps(&mut self, z: &Tensor, step: usize, pair: &crate::maps::WordPair) -> anyhow::Result<Tensor>;
     /// One ordinary (guided) denoising step from `z` at step `index`.
     fn denoise(&mut self, z: &Tensor, index: usize) -> anyhow::Result<Tensor>;
 }
@@ -107,7 +107,7 @@ pub fn steered_sample(
     let timesteps = target.timesteps();
     let mut report = SteerReport::default();
     let mut z = latents;
-    for (index, &t) in timesteps.iter().enumerate() {
+    for index in 0..timesteps.len() {
         if index < cfg.steer_steps && !triplets.is_empty() && cfg.max_iterations > 0 {
             let mut first = None;
             let mut last = f64::NAN;
@@ -116,7 +116,7 @@ pub fn steered_sample(
             for it in 0..loss.max_iterations(index, cfg.max_iterations) {
                 let triplet = &triplets[it % triplets.len()];
                 let var = Var::from_tensor(&z.detach())?;
-                let maps = target.relation_maps(var.as_tensor(), t, &triplet.pair)?;
+                let maps = target.relation_maps(var.as_tensor(), index, &triplet.pair)?;
                 let value = loss.loss(&maps, triplet, index)?;
                 let v = value.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
                 first.get_or_insert(v);

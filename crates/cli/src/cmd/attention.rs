@@ -3,12 +3,13 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use l2s_generate::flux::{flux_map_steps, flux_metadata, generate_flux_with_attention};
 use l2s_generate::{
     attention_sheet, default_map_steps, generate_with_attention, generation_metadata, write_png, AttentionRequest,
     GenerateRequest,
 };
 
-use crate::common::{load_model, png_target, warn_all, Bars, Global, ModelArgs};
+use crate::common::{load_any, png_target, warn_all, Bars, Global, Model, ModelArgs, SampleArgs};
 
 #[derive(clap::Args)]
 #[command(after_help = "The sheet shows, left to right, the generated image and then one heat map per word in the \
@@ -25,30 +26,18 @@ pub struct Args {
     /// Comma-separated words or phrases of the prompt, e.g. "dog,teddy bear"
     #[arg(long)]
     pub words: String,
-    /// The unconditional prompt of classifier-free guidance
-    #[arg(long, default_value = "")]
-    pub negative_prompt: String,
     /// Seed of the initial noise
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// DDIM steps
-    #[arg(long, default_value_t = 50)]
-    pub steps: usize,
-    /// Classifier-free guidance scale
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance: f64,
-    /// 0-based steps whose maps are kept, comma-separated (default: 5,10,15,20,25,49 where they exist)
+    #[command(flatten)]
+    pub sampling: SampleArgs,
+    /// 0-based steps whose maps are kept, comma-separated (default: 5,10,15,20,25,49 where they exist;
+    /// FLUX.1-schnell: 1,3)
     #[arg(long, value_delimiter = ',')]
     pub at_steps: Vec<usize>,
     /// Side of the common grid every layer's map is resized to
     #[arg(long, default_value_t = 16)]
     pub map_size: usize,
-    /// Image width in pixels (default: the model's native size)
-    #[arg(long)]
-    pub width: Option<usize>,
-    /// Image height in pixels (default: the model's native size)
-    #[arg(long)]
-    pub height: Option<usize>,
     /// Where to write the sheet (.png)
     #[arg(long)]
     pub out: PathBuf,
@@ -63,21 +52,30 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     if words.is_empty() {
         bail!("--words {:?}: expected one or more comma-separated words of the prompt", args.words);
     }
-    let (sd, model_name) = load_model(&args.model)?;
-    let at_steps = if args.at_steps.is_empty() { default_map_steps(args.steps) } else { args.at_steps.clone() };
+    let (model, model_name) = load_any(&args.model)?;
+    let (steps, guidance) = args.sampling.resolve(&model, (50, 7.5));
+    let at_steps = match &model {
+        _ if !args.at_steps.is_empty() => args.at_steps.clone(),
+        Model::Sd(_) => default_map_steps(steps),
+        Model::Flux(flux) => flux_map_steps(flux, steps),
+    };
     let req = GenerateRequest {
         prompt: args.prompt.clone(),
-        negative_prompt: args.negative_prompt.clone(),
+        negative_prompt: args.sampling.negative_prompt.clone(),
         seed: args.seed,
-        steps: args.steps,
-        guidance: args.guidance,
-        width: args.width,
-        height: args.height,
+        steps,
+        guidance,
+        width: args.sampling.width,
+        height: args.sampling.height,
         init_latents: None,
     };
     let att = AttentionRequest { words: words.clone(), at_steps: at_steps.clone(), map_size: args.map_size };
     let mut bars = Bars::new(global, "image");
-    let (generated, maps) = generate_with_attention(&sd, &req, &att, &mut |p| bars.update(p)).context("generating with attention maps")?;
+    let (generated, maps) = match &model {
+        Model::Sd(sd) => generate_with_attention(sd, &req, &att, &mut |p| bars.update(p)),
+        Model::Flux(flux) => generate_flux_with_attention(flux, &req, &att, &mut |p| bars.update(p)),
+    }
+    .context("generating with attention maps")?;
     bars.finish();
     warn_all(&generated.warnings);
     let averaged = maps.averaged()?;
@@ -90,7 +88,10 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         ("map_size".to_string(), args.map_size.to_string()),
         ("layout".to_string(), "image, then one heat map per word in the order of `words`".to_string()),
     ];
-    let meta = generation_metadata(&req, &model_name, generated.width, generated.height, &extra);
+    let meta = match &model {
+        Model::Sd(_) => generation_metadata(&req, &model_name, generated.width, generated.height, &extra),
+        Model::Flux(_) => flux_metadata(&req, &model_name, generated.width, generated.height, &extra),
+    };
     if let Some(path) = &args.maps {
         maps.save(path, &meta).with_context(|| format!("--maps {}", path.display()))?;
         tracing::info!("wrote {}", path.display());

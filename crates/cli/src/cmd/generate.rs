@@ -4,38 +4,29 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
+use l2s_generate::flux::{flux_metadata, generate_flux};
 use l2s_generate::{generate, generation_metadata, read_latents, write_png, GenerateRequest};
+use l2s_steer::method::{Method, SteerModel};
+use l2s_steer::steering::SteerTriplet;
 
-use crate::common::{load_model, warn_all, Bars, Global, ModelArgs, SteerArgs};
+use crate::common::{load_any, warn_all, Bars, Global, Model, ModelArgs, SampleArgs, SteerArgs};
 
 #[derive(clap::Args)]
 #[command(after_help = "Image i of --num-images N uses seed + i. With one image, --out is a .png file; with several, \
 a folder (created if needed) that receives 0000.png, 0001.png, …. Each PNG carries the prompt, negative prompt, \
-seed, steps, guidance, model and size as text chunks.")]
+seed, steps, guidance, model and size as text chunks. Stable Diffusion defaults to 50 DDIM steps at guidance 7.5; \
+a FLUX folder to its model's own settings (dev: 50 steps, guidance 3.5 as a model input; schnell: 4 steps).")]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
     /// The prompt
     #[arg(long)]
     pub prompt: String,
-    /// The unconditional prompt of classifier-free guidance
-    #[arg(long, default_value = "")]
-    pub negative_prompt: String,
     /// Seed of the initial noise
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// DDIM steps
-    #[arg(long, default_value_t = 50)]
-    pub steps: usize,
-    /// Classifier-free guidance scale (guidance is off at 1 or below)
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance: f64,
-    /// Image width in pixels (default: the model's native size)
-    #[arg(long)]
-    pub width: Option<usize>,
-    /// Image height in pixels (default: the model's native size)
-    #[arg(long)]
-    pub height: Option<usize>,
+    #[command(flatten)]
+    pub sampling: SampleArgs,
     /// Number of images
     #[arg(long, default_value_t = 1)]
     pub num_images: usize,
@@ -85,16 +76,24 @@ fn init_rows(path: &Path, n: usize) -> Result<Vec<Tensor>> {
 
 /// The method, its settings and the triplets' token positions, or `None` without steering.
 pub fn steering_for(
-    sd: &l2s_models::StableDiffusion,
+    model: &Model,
     prompt: &str,
     steps: usize,
     a: &SteerArgs,
     relation: Option<&str>,
-) -> Result<Option<(l2s_steer::method::Method, Vec<l2s_steer::steering::SteerTriplet>)>> {
-    let Some(method) = a.method(sd, steps)? else { return Ok(None) };
+) -> Result<Option<(Method, Vec<SteerTriplet>)>> {
+    let target = match model {
+        Model::Sd(sd) => SteerModel::Sd(sd),
+        Model::Flux(flux) => SteerModel::Flux(flux),
+    };
+    let Some(method) = a.method_for(target, steps)? else { return Ok(None) };
     let triplets = l2s_steer::relations::triplets_for(prompt, relation)
         .with_context(|| format!("--steer {} needs a relation in the prompt or --relation", a.steer))?;
-    let steer = l2s_steer::sd::steer_triplets(sd, prompt, &triplets, &|r| method.label(r))?;
+    let label = |r| method.label(r);
+    let steer = match model {
+        Model::Sd(sd) => l2s_steer::sd::steer_triplets(sd, prompt, &triplets, &label)?,
+        Model::Flux(flux) => l2s_steer::flux::steer_triplets(flux, prompt, &triplets, &label)?,
+    };
     Ok(Some((method, steer)))
 }
 
@@ -102,22 +101,23 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     if args.num_images == 0 {
         bail!("--num-images 0: expected at least 1");
     }
-    let (sd, model_name) = load_model(&args.model)?;
+    let (model, model_name) = load_any(&args.model)?;
+    let (steps, guidance) = args.sampling.resolve(&model, (50, 7.5));
     let paths = targets(&args.out, args.num_images)?;
     let inits = match &args.init_latents {
         Some(p) => Some(init_rows(p, args.num_images)?),
         None => None,
     };
-    let steering = steering_for(&sd, &args.prompt, args.steps, &args.steer, args.relation.as_deref())?;
+    let steering = steering_for(&model, &args.prompt, steps, &args.steer, args.relation.as_deref())?;
     for (i, path) in paths.iter().enumerate() {
         let req = GenerateRequest {
             prompt: args.prompt.clone(),
-            negative_prompt: args.negative_prompt.clone(),
+            negative_prompt: args.sampling.negative_prompt.clone(),
             seed: args.seed.wrapping_add(i as u64),
-            steps: args.steps,
-            guidance: args.guidance,
-            width: args.width,
-            height: args.height,
+            steps,
+            guidance,
+            width: args.sampling.width,
+            height: args.sampling.height,
             init_latents: inits.as_ref().map(|v| v[i].clone()),
         };
         let label = if args.num_images > 1 { format!("image {}/{}", i + 1, args.num_images) } else { "image".into() };
@@ -125,15 +125,21 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         let mut extra = Vec::new();
         let (image, width, height, warnings) = match &steering {
             None => {
-                let g = generate(&sd, &req, &mut |p| bars.update(p)).with_context(|| format!("generating {}", path.display()))?;
+                let g = match &model {
+                    Model::Sd(sd) => generate(sd, &req, &mut |p| bars.update(p)),
+                    Model::Flux(flux) => generate_flux(flux, &req, None, &mut |p| bars.update(p)),
+                }
+                .with_context(|| format!("generating {}", path.display()))?;
                 (g.image, g.width, g.height, g.warnings)
             }
             Some((method, triplets)) => {
                 let total = req.steps;
                 let loss = method.loss().context("steering method without a loss")?;
-                let s = l2s_steer::sd::generate_steered(&sd, &req, triplets, loss, &method.config, &mut |done, _| {
-                    bars.update(l2s_generate::Progress { phase: l2s_generate::Phase::Denoise, done, total })
-                })
+                let mut progress = |done, _| bars.update(l2s_generate::Progress { phase: l2s_generate::Phase::Denoise, done, total });
+                let s = match &model {
+                    Model::Sd(sd) => l2s_steer::sd::generate_steered(sd, &req, triplets, loss, &method.config, &mut progress),
+                    Model::Flux(flux) => l2s_steer::flux::generate_steered(flux, &req, triplets, loss, &method.config, &mut progress),
+                }
                 .with_context(|| format!("generating {}", path.display()))?;
                 extra.push(("steer".to_string(), method.name.clone()));
                 extra.push(("steer_config".to_string(), serde_json::to_string(&method.config)?));
@@ -153,7 +159,10 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         if let Some(p) = &args.init_latents {
             extra.push(("init_latents".to_string(), p.display().to_string()));
         }
-        let meta = generation_metadata(&req, &model_name, width, height, &extra);
+        let meta = match &model {
+            Model::Sd(_) => generation_metadata(&req, &model_name, width, height, &extra),
+            Model::Flux(_) => flux_metadata(&req, &model_name, width, height, &extra),
+        };
         write_png(path, &image, &meta).with_context(|| format!("writing {}", path.display()))?;
         tracing::info!("wrote {}", path.display());
         println!("{}", path.display());

@@ -4,13 +4,16 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use candle_core::Tensor;
+use l2s_diffusion::RfInversionConfig;
+use l2s_generate::flux::{invert_flux, reconstruct_flux};
 use l2s_generate::{invert, read_rgb_image, reconstruct, write_png, write_tensors, InvertRequest};
 
-use crate::common::{load_model, png_target, warn_all, Bars, Global, ModelArgs};
+use crate::common::{load_any, png_target, warn_all, Bars, Global, Model, ModelArgs, SampleArgs};
 
 #[derive(clap::Args)]
 #[command(after_help = "The image must be 8-bit RGB at the model's size (or --width × --height). It is encoded with the \
-VAE mean, inverted under the prompt, and sampled back with the same prompt, guidance and steps. The reconstruction \
+VAE mean, inverted under the prompt (Stable Diffusion: fixed-point DDIM inversion, 50 steps, guidance 1 by default; \
+FLUX: RF-inversion with the model's steps and guidance), and sampled back with the same prompt, guidance and steps. The reconstruction \
 is written to --out and its PSNR against the image printed. --save-latents writes `latents` (the inverted noise, \
 usable as `l2s generate --init-latents`) and `z0` (the encoded image).")]
 pub struct Args {
@@ -22,24 +25,23 @@ pub struct Args {
     /// The prompt to invert under
     #[arg(long)]
     pub prompt: String,
-    /// Negative prompt (used only with guidance above 1)
-    #[arg(long, default_value = "")]
-    pub negative_prompt: String,
-    /// DDIM steps
-    #[arg(long, default_value_t = 50)]
-    pub steps: usize,
-    /// Guidance scale of inversion and reconstruction
-    #[arg(long, default_value_t = 1.0)]
-    pub guidance: f64,
-    /// Fixed-point iterations per inversion step (0: plain DDIM inversion)
+    #[command(flatten)]
+    pub sampling: SampleArgs,
+    /// Fixed-point iterations per inversion step (0: plain DDIM inversion; Stable Diffusion only)
     #[arg(long, default_value_t = 5)]
     pub fixed_point: usize,
-    /// Expected image width (default: the model's native size)
-    #[arg(long)]
-    pub width: Option<usize>,
-    /// Expected image height (default: the model's native size)
-    #[arg(long)]
-    pub height: Option<usize>,
+    /// FLUX RF-inversion: γ, the forward ODE's pull towards the noise sample
+    #[arg(long, default_value_t = RfInversionConfig::default().gamma)]
+    pub rf_gamma: f64,
+    /// FLUX RF-inversion: η, the reverse ODE's pull towards the image
+    #[arg(long, default_value_t = RfInversionConfig::default().eta)]
+    pub rf_eta: f64,
+    /// FLUX RF-inversion: τ, the fraction of reverse steps during which η acts
+    #[arg(long, default_value_t = RfInversionConfig::default().stop)]
+    pub rf_stop: f64,
+    /// FLUX RF-inversion: seed of the noise sample
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Where to write the reconstruction (.png)
     #[arg(long)]
     pub out: PathBuf,
@@ -50,21 +52,35 @@ pub struct Args {
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
     let out = png_target(&args.out, "--out")?;
-    let (sd, model_name) = load_model(&args.model)?;
+    let (model, model_name) = load_any(&args.model)?;
+    let (steps, guidance) = args.sampling.resolve(&model, (50, 1.0));
     let image = read_rgb_image(&args.image).with_context(|| format!("--image {}", args.image.display()))?;
     let req = InvertRequest {
         prompt: args.prompt.clone(),
-        negative_prompt: args.negative_prompt.clone(),
-        guidance: args.guidance,
-        steps: args.steps,
+        negative_prompt: args.sampling.negative_prompt.clone(),
+        guidance,
+        steps,
         fixed_point_iterations: args.fixed_point,
-        width: args.width,
-        height: args.height,
+        width: args.sampling.width,
+        height: args.sampling.height,
     };
+    let rf = RfInversionConfig { gamma: args.rf_gamma, eta: args.rf_eta, start: 0.0, stop: args.rf_stop };
     let mut bars = Bars::new(global, "image");
-    let inv = invert(&sd, &image, &req, &mut |p| bars.update(p)).with_context(|| format!("inverting {}", args.image.display()))?;
-    warn_all(&inv.warnings);
-    let rec = reconstruct(&sd, &inv, None, &mut |p| bars.update(p)).context("reconstructing")?;
+    let inverting = || format!("inverting {}", args.image.display());
+    let (inv, rec, sampler) = match &model {
+        Model::Sd(sd) => {
+            let inv = invert(sd, &image, &req, &mut |p| bars.update(p)).with_context(inverting)?;
+            warn_all(&inv.warnings);
+            let rec = reconstruct(sd, &inv, None, &mut |p| bars.update(p)).context("reconstructing")?;
+            (inv, rec, "ddim-inversion".to_string())
+        }
+        Model::Flux(flux) => {
+            let inv = invert_flux(flux, &image, &req, &rf, args.seed, &mut |p| bars.update(p)).with_context(inverting)?;
+            warn_all(&inv.warnings);
+            let rec = reconstruct_flux(flux, &inv, &rf, None, &mut |p| bars.update(p)).context("reconstructing")?;
+            (inv, rec, format!("rf-inversion gamma={} eta={} stop={} seed={}", rf.gamma, rf.eta, rf.stop, args.seed))
+        }
+    };
     bars.finish();
     let psnr = rec.psnr.unwrap_or(f64::NAN);
     if let Some(path) = &args.save_latents {
@@ -90,7 +106,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         ("size".to_string(), format!("{}x{}", image.width(), image.height())),
         ("source_image".to_string(), args.image.display().to_string()),
         ("psnr".to_string(), format!("{psnr:.4}")),
-        ("sampler".to_string(), "ddim-inversion".to_string()),
+        ("sampler".to_string(), sampler),
     ];
     write_png(&out, &rec.image, &meta).with_context(|| format!("writing {}", out.display()))?;
     println!("PSNR {psnr:.2} dB");

@@ -1,0 +1,176 @@
+//! The `l2s` binary on the tiny FLUX fixtures: the same commands and flags as Stable Diffusion,
+//! the model's own defaults, and clear refusals (missing component, classifier of the other
+//! model family).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use l2s_generate::read_png_text;
+use l2s_steer::dataset::LayerInfo;
+use l2s_steer::train::save_checkpoint;
+use l2s_steer::{CheckpointMeta, ClassifierConfig, EncoderConfig, RelationClassifier};
+
+const PROMPT: &str = "a dog to the right of a teddy bear";
+
+fn model(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name).join("model")
+}
+
+fn l2s(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_l2s")).args(args).env_remove("L2S_MODEL").env_remove("RUST_LOG").output().expect("running l2s")
+}
+
+/// Runs a command that must succeed; returns (stdout, stderr).
+fn ok(args: &[&str]) -> (String, String) {
+    let out = l2s(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "l2s {args:?} failed: {stderr}");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = l2s(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "l2s {args:?} should fail");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn meta(path: &Path) -> std::collections::HashMap<String, String> {
+    read_png_text(path).unwrap().into_iter().collect()
+}
+
+#[test]
+fn generate_uses_the_models_defaults_and_writes_metadata() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = tmp.path().join("dev.png");
+    let m = model("flux-dev-tiny");
+    ok(&["generate", "--model", s(&m), "--prompt", PROMPT, "--seed", "3", "--out", s(&dev), "-q"]);
+    let text = meta(&dev);
+    assert_eq!(text["steps"], "50");
+    assert_eq!(text["guidance"], "3.5");
+    assert_eq!(text["seed"], "3");
+    assert_eq!(text["size"], "64x64");
+    assert_eq!(text["sampler"], "flow-match-euler");
+    assert_eq!(image::open(&dev).unwrap().width(), 64);
+
+    let schnell = tmp.path().join("schnell.png");
+    let m = model("flux-schnell-tiny");
+    ok(&["generate", "--model", s(&m), "--prompt", PROMPT, "--out", s(&schnell), "-q"]);
+    let text = meta(&schnell);
+    assert_eq!((text["steps"].as_str(), text["guidance"].as_str()), ("4", "0"));
+    // Flags still win over the defaults.
+    ok(&["generate", "--model", s(&m), "--prompt", PROMPT, "--steps", "2", "--width", "32", "--out", s(&schnell), "-q"]);
+    let text = meta(&schnell);
+    assert_eq!((text["steps"].as_str(), text["size"].as_str()), ("2", "32x64"));
+}
+
+#[test]
+fn overlong_prompt_warns_about_truncation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("long.png");
+    let long = "a dog to the right of a teddy bear ".repeat(80);
+    let m = model("flux-schnell-tiny");
+    let (_, stderr) = ok(&["generate", "--model", s(&m), "--prompt", &long, "--out", s(&out), "-q"]);
+    assert!(stderr.contains("truncated") || stderr.contains("dropped"), "{stderr}");
+}
+
+#[test]
+fn folder_without_text_encoder_2_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("model");
+    copy_dir(&model("flux-schnell-tiny"), &copy);
+    std::fs::remove_dir_all(copy.join("text_encoder_2")).unwrap();
+    let out = tmp.path().join("x.png");
+    let err = fails(&["generate", "--model", s(&copy), "--prompt", PROMPT, "--out", s(&out), "-q"]);
+    assert!(err.contains("text_encoder_2") && err.contains("T5"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn invert_and_attention_take_a_flux_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model("flux-dev-tiny");
+    let image = tmp.path().join("image.png");
+    ok(&["generate", "--model", s(&m), "--prompt", PROMPT, "--steps", "6", "--out", s(&image), "-q"]);
+    let rec = tmp.path().join("rec.png");
+    let (stdout, _) = ok(&["invert", "--model", s(&m), "--image", s(&image), "--prompt", PROMPT, "--steps", "6", "--out", s(&rec), "-q"]);
+    assert!(stdout.starts_with("PSNR"), "{stdout}");
+    assert!(meta(&rec)["sampler"].starts_with("rf-inversion"));
+
+    let sheet = tmp.path().join("sheet.png");
+    let maps = tmp.path().join("maps.safetensors");
+    let schnell = model("flux-schnell-tiny");
+    ok(&["attention", "--model", s(&schnell), "--prompt", PROMPT, "--words", "dog,teddy bear", "--out", s(&sheet), "--maps", s(&maps), "-q"]);
+    let t = candle_core::safetensors::load(&maps, &Device::Cpu).unwrap();
+    // schnell's map steps {1, 3}; 4 blocks × 2 heads.
+    assert_eq!(t["per_head"].dims(), &[2, 2, 8, 16, 16]);
+}
+
+/// A random classifier checkpoint for `model_id` with `layers`.
+fn fake_classifier(dir: &Path, model_id: &str, layers: Vec<LayerInfo>) {
+    let num_maps = layers.iter().map(|l| l.heads).sum();
+    let small = EncoderConfig { layers: 1, heads: 2, ff: 32, dropout: 0.0 };
+    let cfg = ClassifierConfig { d_model: 16, object: small.clone(), head: small, step_dim: 4, mlp_hidden: vec![16], ..ClassifierConfig::flux(num_maps, 2, 4) };
+    let vm = VarMap::new();
+    RelationClassifier::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    let meta = CheckpointMeta {
+        config: cfg,
+        relations: ["left of", "right of", "above", "below"].iter().map(|s| s.to_string()).collect(),
+        step_indices: vec![1, 3],
+        map_size: 16,
+        num_maps,
+        layers,
+        model: model_id.into(),
+        dual_inversion: true,
+        metrics: None,
+        num_inference_steps: Some(4),
+    };
+    save_checkpoint(dir, &vm, &meta).unwrap();
+}
+
+fn flux_layers() -> Vec<LayerInfo> {
+    let names = ["transformer_blocks.0.attn", "transformer_blocks.1.attn", "single_transformer_blocks.0.attn", "single_transformer_blocks.1.attn"];
+    names.iter().map(|n| LayerInfo { name: n.to_string(), heads: 2, height: 4, width: 4 }).collect()
+}
+
+#[test]
+fn a_flux_classifier_steers_and_a_stable_diffusion_one_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model("flux-schnell-tiny");
+    let flux = l2s_models::flux::FluxPipeline::load(&m, &Default::default()).unwrap();
+    let id = l2s_steer::method::flux_model_id(&flux).unwrap();
+
+    let clf = tmp.path().join("flux-clf");
+    fake_classifier(&clf, &id, flux_layers());
+    let out = tmp.path().join("steered.png");
+    ok(&["generate", "--model", s(&m), "--prompt", PROMPT, "--steer", s(&clf), "--steer-iterations", "2", "--out", s(&out), "-q"]);
+    let text = meta(&out);
+    assert_eq!(text["steer_iterations"], "2");
+    assert!(text["steer_config"].contains("\"steer_steps\":1"), "{}", text["steer_config"]);
+
+    let sd = tmp.path().join("sd-clf");
+    let layers = vec![LayerInfo { name: "down_blocks.0.attentions.0.transformer_blocks.0.attn2".into(), heads: 8, height: 8, width: 8 }];
+    fake_classifier(&sd, "unet-0123456789abcdef", layers);
+    let err = fails(&["generate", "--model", s(&m), "--prompt", PROMPT, "--steer", s(&sd), "--out", s(&out), "-q"]);
+    assert!(err.contains("Stable Diffusion") && err.contains("FLUX") && err.contains("unet-0123456789abcdef"), "{err}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
