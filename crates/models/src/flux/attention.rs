@@ -148,4 +148,8 @@ impl FluxAttention {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
 }

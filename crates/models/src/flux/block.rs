@@ -64,6 +64,10 @@ impl DoubleStreamBlock {
         })
     }
 
+    pub fn attention(&self) -> &FluxAttention {
+        &self.attn
+    }
+
     /// Returns the updated (text, image) streams.
     pub fn forward(
         &self,
@@ -107,6 +111,10 @@ impl SingleStreamBlock {
             proj_out: candle_nn::linear(dim + mlp, dim, vb.pp("proj_out"))?,
             attn: FluxAttention::new(dim, heads, head_dim, false, vb.pp("attn"))?,
         })
+    }
+
+    pub fn attention(&self) -> &FluxAttention {
+        &self.attn
     }
 
     /// `joint`: the [text; image] sequence; returns it updated.

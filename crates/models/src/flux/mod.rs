@@ -1,5 +1,6 @@
 //! FLUX.1 (dev and schnell): the MM-DiT transformer with text-only attention capture, latent
-//! packing, the original (BFL) single-file naming, and the pipeline folder loader.
+//! packing, the original (BFL) single-file naming, the pipeline folder loader, and optional
+//! per-block gradient checkpointing for steering passes.
 //!
 //! ```text
 //! let flux = FluxPipeline::load(folder, &LoadOptions::default())?;
@@ -11,6 +12,7 @@
 pub mod attention;
 pub mod bfl;
 pub mod block;
+mod checkpoint;
 pub mod embeddings;
 pub mod norm;
 pub mod packing;

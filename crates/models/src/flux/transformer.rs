@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::attention::JointLayout;
 use super::block::{DoubleStreamBlock, SingleStreamBlock};
+use super::checkpoint::{self, Block};
 use super::embeddings::TimeTextEmbed;
 use super::norm::AdaLayerNormContinuous;
 use super::rope::{image_ids, text_ids, Rope};
@@ -160,6 +161,7 @@ pub struct FluxTransformer2DModel {
     norm_out: AdaLayerNormContinuous,
     proj_out: Linear,
     config: FluxConfig,
+    checkpointing: bool,
 }
 
 impl FluxTransformer2DModel {
@@ -180,11 +182,23 @@ impl FluxTransformer2DModel {
             norm_out: AdaLayerNormContinuous::new(dim, dim, vb.pp("norm_out"))?,
             proj_out: candle_nn::linear(dim, cfg.patch_size * cfg.patch_size * cfg.out_channels(), vb.pp("proj_out"))?,
             config: cfg.clone(),
+            checkpointing: false,
         })
     }
 
     pub fn config(&self) -> &FluxConfig {
         &self.config
+    }
+
+    /// With checkpointing on, a forward pass on tracked latents keeps no block's intermediates:
+    /// each block is recomputed during the backward pass (see `checkpoint.rs`). Values and
+    /// gradients with respect to the latents are unchanged; weights get no gradients.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
+
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.checkpointing
     }
 
     /// The predicted velocity (batch, h·w, out_channels). Every double block
@@ -214,6 +228,16 @@ impl FluxTransformer2DModel {
         let temb = self.time_text_embed.forward(inputs.timestep, inputs.guidance, inputs.pooled)?;
         let mut image = self.x_embedder.forward(inputs.latents)?;
         let mut text = self.context_embedder.forward(inputs.text)?;
+        if self.checkpointing && crate::nn::tracked(&[inputs.latents]) {
+            // Both block kinds run on the joint [text; image] sequence, one op per block.
+            let mut joint = Tensor::cat(&[text, image], 1)?;
+            let doubles = self.transformer_blocks.iter().map(|b| Block::Double(b.clone()));
+            let singles = self.single_transformer_blocks.iter().map(|b| Block::Single(b.clone()));
+            for block in doubles.chain(singles) {
+                joint = checkpoint::forward(&block, &joint, &temb, &rope, layout, observer)?;
+            }
+            return self.head(&joint, t, n, &temb);
+        }
         for block in &self.transformer_blocks {
             (text, image) = block.forward(&image, &text, &temb, &rope, layout, observer)?;
         }
@@ -221,7 +245,12 @@ impl FluxTransformer2DModel {
         for block in &self.single_transformer_blocks {
             joint = block.forward(&joint, &temb, &rope, layout, observer)?;
         }
+        self.head(&joint, t, n, &temb)
+    }
+
+    /// The image tokens of the final sequence → velocity.
+    fn head(&self, joint: &Tensor, t: usize, n: usize, temb: &Tensor) -> Result<Tensor> {
         let image = joint.narrow(1, t, n)?;
-        self.proj_out.forward(&self.norm_out.forward(&image, &temb)?)
+        self.proj_out.forward(&self.norm_out.forward(&image, temb)?)
     }
 }
