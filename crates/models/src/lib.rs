@@ -23,4 +23,4 @@ pub mod weights;
 pub use error::{ModelError, Result};
 pub use flux::{FluxConditioning, FluxConfig, FluxInputs, FluxPipeline, FluxTransformer2DModel};
 pub use observer::{AttentionObserver, AttentionSite, AttentionStore, NoObserver};
-pub use pipeline::{resolve_model, LoadOptions, StableDiffusion};
+pub use pipeline::{resolve_model, LoadOptions, SamplingDefaults, StableDiffusion};

@@ -32,6 +32,34 @@ impl Default for LoadOptions {
     }
 }
 
+/// The sampling settings a model folder recommends when the user gives none.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Deserialize)]
+pub struct SamplingDefaults {
+    pub steps: usize,
+    pub guidance: f64,
+}
+
+impl SamplingDefaults {
+    /// Stable Diffusion's usual settings (50 DDIM steps, guidance 7.5).
+    pub const STABLE_DIFFUSION: Self = Self { steps: 50, guidance: 7.5 };
+
+    /// Key in `model_index.json` (ours, ignored by diffusers) where a folder may name its own.
+    pub const INDEX_KEY: &'static str = "_l2s_sampling";
+
+    /// A folder's own defaults from its `model_index.json`, or `fallback`.
+    pub fn from_index(index: &Value, index_path: &Path, fallback: Self) -> Result<Self> {
+        match index.get(Self::INDEX_KEY) {
+            None => Ok(fallback),
+            Some(v) => serde_json::from_value(v.clone()).map_err(|e| ModelError::Unsupported {
+                path: index_path.to_path_buf(),
+                field: Self::INDEX_KEY.into(),
+                value: v.to_string(),
+                supported: format!("{{\"steps\": <integer>, \"guidance\": <number>}} ({e})"),
+            }),
+        }
+    }
+}
+
 pub struct StableDiffusion {
     pub folder: PathBuf,
     pub tokenizer: ClipTokenizer,
@@ -40,6 +68,8 @@ pub struct StableDiffusion {
     pub vae: Autoencoder,
     /// `scheduler/scheduler_config.json`, parsed by the sampler.
     pub scheduler_config: PathBuf,
+    /// Steps and guidance to use when the user names none.
+    pub sampling: SamplingDefaults,
     pub dtype: DType,
     pub device: Device,
 }
@@ -131,6 +161,7 @@ impl StableDiffusion {
                 });
             }
         }
+        let sampling = SamplingDefaults::from_index(&index, &index_path, SamplingDefaults::STABLE_DIFFUSION)?;
         let tok_dir = component(folder, "tokenizer", "a CLIP tokenizer (vocab.json + merges.txt or tokenizer.json)")?;
         let te_dir = component(folder, "text_encoder", "a CLIPTextModel (config.json + safetensors)")?;
         let unet_dir = component(folder, "unet", "a UNet2DConditionModel (config.json + safetensors)")?;
@@ -169,6 +200,7 @@ impl StableDiffusion {
             unet,
             vae,
             scheduler_config,
+            sampling,
             dtype: opts.dtype,
             device: opts.device.clone(),
         })

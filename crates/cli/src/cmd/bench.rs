@@ -40,8 +40,11 @@ pub struct ShapesArgs {
     /// Annotated training images to render (only those with an unambiguous pair are used)
     #[arg(long, default_value_t = 300)]
     train_images: usize,
-    /// Sampling steps everywhere (data building and generation)
-    #[arg(long, default_value_t = 20)]
+    /// Sampling steps everywhere (data building and generation) [default: the model's own, 20 for
+    /// the built-in model]
+    #[arg(long = "steps", value_name = "STEPS")]
+    steps_arg: Option<usize>,
+    #[arg(skip)]
     steps: usize,
     #[arg(long, default_value_t = 2)]
     fixed_point: usize,
@@ -53,7 +56,10 @@ pub struct ShapesArgs {
     /// Seeds per prompt
     #[arg(long, default_value_t = 4)]
     seeds: u64,
-    #[arg(long, default_value_t = 7.5)]
+    /// Classifier-free guidance of generation [default: the model's own, 1.5 for the built-in model]
+    #[arg(long = "guidance", value_name = "SCALE")]
+    guidance_arg: Option<f64>,
+    #[arg(skip)]
     guidance: f64,
     /// Methods to evaluate (comma-separated): base, centroid, attend-excite, l2s-single, l2s-dual
     #[arg(long, value_delimiter = ',', default_value = "base,centroid,attend-excite,l2s-single,l2s-dual")]
@@ -238,6 +244,35 @@ fn run_method(sd: &StableDiffusion, a: &ShapesArgs, name: &str, global: &Global)
     Ok(s)
 }
 
+/// Every cached stage in --work belongs to one model and one set of sampling settings; a rerun
+/// with others would silently mix results, so it is refused.
+fn check_work_folder(sd: &StableDiffusion, a: &ShapesArgs) -> Result<()> {
+    let path = a.work.join("settings.json");
+    let settings = serde_json::json!({
+        "model": l2s_steer::method::model_id(sd)?,
+        "steps": a.steps,
+        "guidance": a.guidance,
+        "train_images": a.train_images,
+        "fixed_point": a.fixed_point,
+        "min_psnr": a.min_psnr,
+        "prompts": a.prompts,
+        "seeds": a.seeds,
+    });
+    if path.exists() {
+        let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+            .with_context(|| format!("{}: not a settings file", path.display()))?;
+        if saved != settings {
+            anyhow::bail!(
+                "{} was made with other settings ({saved}); this run asks for {settings}. \
+                 Use another --work folder, or delete this one to start over",
+                a.work.display()
+            );
+        }
+        return Ok(());
+    }
+    write_json(&path, &settings)
+}
+
 fn record_from(v: &serde_json::Value) -> EvalRecord {
     EvalRecord {
         prompt: v["prompt"].as_str().unwrap_or_default().to_string(),
@@ -253,9 +288,12 @@ fn record_from(v: &serde_json::Value) -> EvalRecord {
 }
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
-    let Command::Shapes(a) = args.command;
+    let Command::Shapes(mut a) = args.command;
     std::fs::create_dir_all(&a.work).with_context(|| format!("creating {}", a.work.display()))?;
     let (sd, model_name) = load_model(&a.model)?;
+    a.steps = a.steps_arg.unwrap_or(sd.sampling.steps);
+    a.guidance = a.guidance_arg.unwrap_or(sd.sampling.guidance);
+    check_work_folder(&sd, &a)?;
     let needs_classifiers = a.methods.iter().any(|m| m.starts_with("l2s"));
     let mut accuracies = serde_json::Value::Null;
     if needs_classifiers {
