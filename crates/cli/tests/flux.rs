@@ -174,3 +174,19 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+#[test]
+fn data_build_inverts_a_flux_folder_by_rf_inversion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("shapes");
+    ok(&["shapes", "render", "--count", "3", "--size", "64", "--out", s(&images), "-q"]);
+    let out = tmp.path().join("data");
+    let m = model("flux-schnell-tiny");
+    ok(&["data", "build", "--model", s(&m), "--images", s(&images), "--out", s(&out), "--min-psnr", "0", "-q"]);
+    let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("info.json")).unwrap()).unwrap();
+    assert!(info["model"].as_str().unwrap().starts_with("flux-"), "{info}");
+    assert_eq!(info["num_maps"], 8);
+    assert_eq!(info["step_indices"], serde_json::json!([1, 3]));
+    assert!(info["inversion"].as_str().unwrap().starts_with("rf-inversion"), "{info}");
+    assert_eq!(info["layers"][0]["name"], "transformer_blocks.0.attn");
+}

@@ -2,11 +2,15 @@
 //! inverted with its true prompt and with a wrong-relation prompt, reconstructed from each
 //! inversion while the relation maps are recorded at the chosen steps, and both samples are
 //! labelled with the TRUE relation, so the classifier cannot learn to read the relation word.
+//! Stable Diffusion inverts by fixed-point DDIM, FLUX by RF-inversion ([`BuildModel`]).
 
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use l2s_eval::{relations as relation_rule, BBox, Relation};
 use l2s_generate::{invert, reconstruct, word_tokens, InvertRequest, StepObserver};
+use l2s_diffusion::RfInversionConfig;
+use l2s_generate::flux::{flux_defaults, flux_word_tokens, invert_flux, reconstruct_flux};
+use l2s_models::flux::FluxPipeline;
 use l2s_models::{AttentionObserver, AttentionSite, StableDiffusion};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -132,28 +136,72 @@ impl StepObserver for StepMaps {
     }
 }
 
+/// The model a dataset is built for, with its inversion: fixed-point DDIM for Stable Diffusion,
+/// RF-inversion for FLUX (at the model's guidance).
+#[derive(Clone, Copy)]
+pub enum BuildModel<'a> {
+    Sd(&'a StableDiffusion),
+    Flux(&'a FluxPipeline, RfInversionConfig),
+}
+
+impl<'a> From<&'a StableDiffusion> for BuildModel<'a> {
+    fn from(sd: &'a StableDiffusion) -> Self {
+        BuildModel::Sd(sd)
+    }
+}
+
+impl<'a> From<&'a FluxPipeline> for BuildModel<'a> {
+    fn from(flux: &'a FluxPipeline) -> Self {
+        BuildModel::Flux(flux, RfInversionConfig::default())
+    }
+}
+
+impl BuildModel<'_> {
+    /// The model's fingerprint, recorded in the dataset and checked by classifiers.
+    pub fn id(&self) -> Result<String> {
+        match self {
+            BuildModel::Sd(sd) => crate::method::model_id(sd),
+            BuildModel::Flux(flux, _) => crate::method::flux_model_id(flux),
+        }
+    }
+
+    fn positions(&self, prompt: &str, word: &str) -> Result<Vec<usize>> {
+        Ok(match self {
+            BuildModel::Sd(sd) => word_tokens(&sd.tokenizer, prompt, word)?.positions,
+            BuildModel::Flux(flux, _) => flux_word_tokens(flux, prompt, word)?.positions,
+        })
+    }
+}
+
 /// Inverts `image` with `prompt`, reconstructs it while recording the pair's maps.
 /// Returns the maps (S, 2, C, S, S), the layers and the reconstruction PSNR.
-pub fn record_sample(
-    sd: &StableDiffusion,
+pub fn record_sample<'a>(
+    model: impl Into<BuildModel<'a>>,
     image: &image::RgbImage,
     prompt: &str,
     subject: &str,
     object: &str,
     cfg: &BuildConfig,
 ) -> Result<(Tensor, Vec<AttentionSite>, f64)> {
-    let pair = WordPair {
-        subject: word_tokens(&sd.tokenizer, prompt, subject)?.positions,
-        object: word_tokens(&sd.tokenizer, prompt, object)?.positions,
-    };
+    let model = model.into();
+    let pair = WordPair { subject: model.positions(prompt, subject)?, object: model.positions(prompt, object)? };
     let mut req = InvertRequest::new(prompt);
     req.steps = cfg.steps;
     req.fixed_point_iterations = cfg.fixed_point_iterations;
     req.width = Some(image.width() as usize);
     req.height = Some(image.height() as usize);
-    let inversion = invert(sd, image, &req, &mut |_| {})?;
     let mut observer = StepMaps::new(pair, &cfg.step_indices);
-    let recon = reconstruct(sd, &inversion, Some(&mut observer), &mut |_| {})?;
+    let recon = match model {
+        BuildModel::Sd(sd) => {
+            let inversion = invert(sd, image, &req, &mut |_| {})?;
+            reconstruct(sd, &inversion, Some(&mut observer), &mut |_| {})?
+        }
+        BuildModel::Flux(flux, rf) => {
+            req.guidance = flux_defaults(flux).1;
+            let inversion = invert_flux(flux, image, &req, &rf, cfg.seed, &mut |_| {})?;
+            reconstruct_flux(flux, &inversion, &rf, Some(&mut observer), &mut |_| {})?
+        }
+    };
     let (maps, sites) = observer.finish()?;
     Ok((maps, sites, recon.psnr.unwrap_or(f64::NAN)))
 }
@@ -176,14 +224,15 @@ pub struct BuildSummary {
 /// Builds (or resumes) a dataset in `writer` from `images`. With `positives_only`, the
 /// true-prompt samples also go there: the single-inversion ablation from the same inversions.
 /// `progress(done, total)` after each image.
-pub fn build(
-    sd: &StableDiffusion,
+pub fn build<'a>(
+    model: impl Into<BuildModel<'a>>,
     images: &[AnnotatedImage],
     cfg: &BuildConfig,
     writer: &mut DatasetWriter,
     mut positives_only: Option<&mut DatasetWriter>,
     progress: &mut dyn FnMut(usize, usize, &BuildSummary),
 ) -> Result<BuildSummary> {
+    let model = model.into();
     let mut summary = BuildSummary::default();
     let mut psnr_sum = 0.0;
     for (index, img) in images.iter().enumerate() {
@@ -212,7 +261,7 @@ pub fn build(
                 continue;
             }
             let prompt = triplet_prompt(&subject, prompt_relation, &object);
-            let (maps, _, psnr) = record_sample(sd, &img.image, &prompt, &subject, &object, cfg)
+            let (maps, _, psnr) = record_sample(model, &img.image, &prompt, &subject, &object, cfg)
                 .with_context(|| format!("image {} with prompt {prompt:?}", img.id))?;
             if !(psnr >= cfg.psnr_threshold) {
                 summary.dropped_low_psnr += 1;

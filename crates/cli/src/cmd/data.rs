@@ -4,11 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use l2s_steer::build::{build, layer_infos, record_sample, relation_names, AnnotatedImage, BuildConfig};
+use l2s_generate::flux::{flux_defaults, flux_map_steps};
+use l2s_steer::build::{build, layer_infos, record_sample, relation_names, AnnotatedImage, BuildConfig, BuildModel};
 use l2s_steer::dataset::{DatasetInfo, DatasetWriter, ShardSpec};
-use l2s_steer::method::model_id;
 
-use crate::common::{load_model, Global, ModelArgs};
+use crate::common::{load_any, Global, Model, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -32,18 +32,19 @@ pub struct BuildArgs {
     /// Output dataset folder (resumed if it exists)
     #[arg(long)]
     out: PathBuf,
-    /// Sampling steps of inversion and reconstruction
-    #[arg(long, default_value_t = 50)]
-    steps: usize,
-    /// Fixed-point iterations per inversion step
+    /// Sampling steps of inversion and reconstruction (default: 50; FLUX: the model's)
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Fixed-point iterations per inversion step (Stable Diffusion; FLUX uses RF-inversion)
     #[arg(long, default_value_t = 5)]
     fixed_point: usize,
-    /// Steps at which maps are recorded (default: the paper's 5,10,15,20,25,49 scaled to --steps)
+    /// Steps at which maps are recorded (default: the paper's 5,10,15,20,25,49 scaled to --steps;
+    /// FLUX.1-schnell: 1,3)
     #[arg(long, value_delimiter = ',')]
     at_steps: Vec<usize>,
-    /// Drop samples whose reconstruction PSNR is below this (dB)
-    #[arg(long, default_value_t = 19.5)]
-    min_psnr: f64,
+    /// Drop samples whose reconstruction PSNR is below this (dB; default: 19.5, FLUX 20)
+    #[arg(long)]
+    min_psnr: Option<f64>,
     /// Invert with the true prompt only (the ablation of dual inversion)
     #[arg(long)]
     single_inversion: bool,
@@ -88,27 +89,35 @@ pub fn read_annotated(dir: &std::path::Path, limit: Option<usize>) -> Result<Vec
         .collect()
 }
 
-/// Opens (or resumes) a dataset for `sd`, probing one sample for the map layout.
-pub fn open_writer(
-    sd: &l2s_models::StableDiffusion,
+/// Opens (or resumes) a dataset for `model`, probing one sample for the map layout.
+pub fn open_writer<'a>(
+    model: impl Into<BuildModel<'a>>,
     images: &[AnnotatedImage],
     cfg: &BuildConfig,
     out: &std::path::Path,
     shard_size: usize,
 ) -> Result<DatasetWriter> {
+    let model = model.into();
     let probe = images.iter().find(|i| i.objects.len() >= 2).context("no image with two or more objects")?;
     let (a, b) = (&probe.objects[0].0, &probe.objects[1].0);
     let prompt = format!("a {a} and a {b}");
     let mut probe_cfg = cfg.clone();
     probe_cfg.fixed_point_iterations = 0;
-    let (maps, sites, _) = record_sample(sd, &probe.image, &prompt, a, b, &probe_cfg)?;
+    let (maps, sites, _) = record_sample(model, &probe.image, &prompt, a, b, &probe_cfg)?;
     let mut extra = serde_json::Map::new();
     extra.insert("num_inference_steps".into(), cfg.steps.into());
     extra.insert("fixed_point_iterations".into(), cfg.fixed_point_iterations.into());
     extra.insert("min_psnr".into(), cfg.psnr_threshold.into());
-    extra.insert("model_folder".into(), sd.folder.display().to_string().into());
+    let folder = match model {
+        BuildModel::Sd(sd) => &sd.folder,
+        BuildModel::Flux(flux, rf) => {
+            extra.insert("inversion".into(), format!("rf-inversion gamma={} eta={} stop={}", rf.gamma, rf.eta, rf.stop).into());
+            &flux.folder
+        }
+    };
+    extra.insert("model_folder".into(), folder.display().to_string().into());
     let info = DatasetInfo {
-        model: model_id(sd)?,
+        model: model.id()?,
         num_maps: maps.dim(2)?,
         map_size: maps.dim(3)?,
         step_indices: cfg.step_indices.clone(),
@@ -122,13 +131,27 @@ pub fn open_writer(
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
     let Command::Build(a) = args.command;
-    let (sd, _) = load_model(&a.model)?;
+    let (loaded, _) = load_any(&a.model)?;
+    let model: BuildModel = match &loaded {
+        Model::Sd(sd) => sd.into(),
+        Model::Flux(flux) => flux.as_ref().into(),
+    };
     let images = read_annotated(&a.images, a.limit)?;
+    let (steps, step_indices, min_psnr) = match &loaded {
+        Model::Sd(_) => {
+            let steps = a.steps.unwrap_or(50);
+            (steps, paper_steps(steps), 19.5)
+        }
+        Model::Flux(flux) => {
+            let steps = a.steps.unwrap_or(flux_defaults(flux).0);
+            (steps, flux_map_steps(flux, steps), 20.0)
+        }
+    };
     let cfg = BuildConfig {
-        steps: a.steps,
+        steps,
         fixed_point_iterations: a.fixed_point,
-        step_indices: if a.at_steps.is_empty() { paper_steps(a.steps) } else { a.at_steps.clone() },
-        psnr_threshold: a.min_psnr,
+        step_indices: if a.at_steps.is_empty() { step_indices } else { a.at_steps.clone() },
+        psnr_threshold: a.min_psnr.unwrap_or(min_psnr),
         dual_inversion: !a.single_inversion,
         seed: a.seed,
         shard: match &a.shard {
@@ -139,14 +162,14 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             None => ShardSpec::all(),
         },
     };
-    let mut writer = open_writer(&sd, &images, &cfg, &a.out, a.shard_size)?;
+    let mut writer = open_writer(model, &images, &cfg, &a.out, a.shard_size)?;
     let bar = if global.quiet { ProgressBar::hidden() } else { ProgressBar::new(images.len() as u64) };
     bar.set_style(
         ProgressStyle::with_template("build [{bar:32}] {pos}/{len} images {elapsed_precise} (eta {eta}) {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    let summary = build(&sd, &images, &cfg, &mut writer, None, &mut |done, _, s| {
+    let summary = build(model, &images, &cfg, &mut writer, None, &mut |done, _, s| {
         bar.set_position(done as u64);
         bar.set_message(format!("{} samples, {} dropped, PSNR {:.1} dB", s.written, s.dropped_low_psnr, s.mean_psnr));
     })?;
