@@ -162,10 +162,12 @@ pub struct SampleArgs {
 }
 
 impl SampleArgs {
-    /// (steps, guidance): the flags, else the model's defaults (`sd` for Stable Diffusion).
-    pub fn resolve(&self, model: &Model, sd: (usize, f64)) -> (usize, f64) {
+    /// (steps, guidance): the flags, else the model's defaults. A Stable Diffusion folder names
+    /// its own (the built-in model: 20 steps at guidance 1.5; otherwise 50 at 7.5);
+    /// `sd_guidance` overrides its guidance for commands that want another (inversion: 1).
+    pub fn resolve(&self, model: &Model, sd_guidance: Option<f64>) -> (usize, f64) {
         let defaults = match model {
-            Model::Sd(_) => sd,
+            Model::Sd(sd) => (sd.sampling.steps, sd_guidance.unwrap_or(sd.sampling.guidance)),
             Model::Flux(f) => l2s_generate::flux::flux_defaults(f),
         };
         (self.steps.unwrap_or(defaults.0), self.guidance.unwrap_or(defaults.1))

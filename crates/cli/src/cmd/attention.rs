@@ -53,7 +53,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         bail!("--words {:?}: expected one or more comma-separated words of the prompt", args.words);
     }
     let (model, model_name) = load_any(&args.model)?;
-    let (steps, guidance) = args.sampling.resolve(&model, (50, 7.5));
+    let (steps, guidance) = args.sampling.resolve(&model, None);
     let at_steps = match &model {
         _ if !args.at_steps.is_empty() => args.at_steps.clone(),
         Model::Sd(_) => default_map_steps(steps),

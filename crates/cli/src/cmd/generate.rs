@@ -102,7 +102,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         bail!("--num-images 0: expected at least 1");
     }
     let (model, model_name) = load_any(&args.model)?;
-    let (steps, guidance) = args.sampling.resolve(&model, (50, 7.5));
+    let (steps, guidance) = args.sampling.resolve(&model, None);
     let paths = targets(&args.out, args.num_images)?;
     let inits = match &args.init_latents {
         Some(p) => Some(init_rows(p, args.num_images)?),

@@ -53,7 +53,7 @@ pub struct Args {
 pub fn run(args: Args, global: &Global) -> Result<()> {
     let out = png_target(&args.out, "--out")?;
     let (model, model_name) = load_any(&args.model)?;
-    let (steps, guidance) = args.sampling.resolve(&model, (50, 1.0));
+    let (steps, guidance) = args.sampling.resolve(&model, Some(1.0));
     let image = read_rgb_image(&args.image).with_context(|| format!("--image {}", args.image.display()))?;
     let req = InvertRequest {
         prompt: args.prompt.clone(),
