@@ -60,6 +60,13 @@ pub struct ModelArgs {
     /// cpu, cuda or cuda:N (default: the first GPU when built with CUDA and one is present)
     #[arg(long)]
     pub device: Option<String>,
+    /// FLUX only: load the transformer from this single safetensors file (original BFL naming as
+    /// in flux1-dev.safetensors, or diffusers naming; optionally under model.diffusion_model.)
+    /// instead of the folder's transformer/. Configured by the folder's transformer/config.json if
+    /// present, else by the FLUX.1-dev or schnell preset, whichever the file's guidance embedding
+    /// matches
+    #[arg(long, value_name = "FILE")]
+    pub transformer: Option<PathBuf>,
 }
 
 fn device(arg: Option<&str>) -> Result<Device> {
@@ -103,9 +110,21 @@ fn resolve(args: &ModelArgs) -> Result<(std::path::PathBuf, LoadOptions, String)
     Ok((folder, opts, name))
 }
 
+/// Refuses `--transformer` for a model that is not FLUX.
+fn no_transformer_file(args: &ModelArgs, name: &str) -> Result<()> {
+    if let Some(file) = &args.transformer {
+        bail!(
+            "--transformer {}: model `{name}` is a Stable Diffusion model; --transformer replaces the transformer of a FLUX folder only",
+            file.display()
+        );
+    }
+    Ok(())
+}
+
 /// Loads a Stable Diffusion model; returns it with the name to record in metadata.
 pub fn load_model(args: &ModelArgs) -> Result<(StableDiffusion, String)> {
     let (folder, opts, name) = resolve(args)?;
+    no_transformer_file(args, &name)?;
     let sd = StableDiffusion::load(&folder, &opts).with_context(|| format!("loading model `{name}` from {}", folder.display()))?;
     Ok((sd, name))
 }
@@ -131,8 +150,16 @@ pub fn load_any(args: &ModelArgs) -> Result<(Model, String)> {
     let (folder, opts, name) = resolve(args)?;
     let ctx = || format!("loading model `{name}` from {}", folder.display());
     let model = if is_flux_folder(&folder) {
-        Model::Flux(Box::new(FluxPipeline::load(&folder, &opts).with_context(ctx)?))
+        let file = args.transformer.as_deref();
+        if let Some(f) = file.filter(|f| !f.is_file()) {
+            bail!("--transformer {}: no such file (expected a FLUX transformer .safetensors file)", f.display());
+        }
+        if let Some(f) = file {
+            tracing::info!("transformer from {}", f.display());
+        }
+        Model::Flux(Box::new(FluxPipeline::load_with_transformer(&folder, &opts, file).with_context(ctx)?))
     } else {
+        no_transformer_file(args, &name)?;
         Model::Sd(StableDiffusion::load(&folder, &opts).with_context(ctx)?)
     };
     Ok((model, name))

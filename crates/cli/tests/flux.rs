@@ -190,3 +190,124 @@ fn data_build_inverts_a_flux_folder_by_rf_inversion() {
     assert!(info["inversion"].as_str().unwrap().starts_with("rf-inversion"), "{info}");
     assert_eq!(info["layers"][0]["name"], "transformer_blocks.0.attn");
 }
+
+/// Asserts two PNGs are byte-identical; otherwise says how their pixels and text differ.
+fn assert_same_png(a: &Path, b: &Path) {
+    if std::fs::read(a).unwrap() == std::fs::read(b).unwrap() {
+        return;
+    }
+    let (pa, pb) = (image::open(a).unwrap().to_rgb8(), image::open(b).unwrap().to_rgb8());
+    let diffs: Vec<i32> = pa.as_raw().iter().zip(pb.as_raw()).map(|(x, y)| (*x as i32 - *y as i32).abs()).filter(|d| *d > 0).collect();
+    let (ta, tb) = (meta(a), meta(b));
+    let text: Vec<String> = ta.iter().filter(|(k, v)| tb.get(*k) != Some(v)).map(|(k, v)| format!("{k}: {v:?} vs {:?}", tb.get(k))).collect();
+    panic!(
+        "{} and {} differ: {} of {} channel values (max {}), text {text:?}",
+        a.display(),
+        b.display(),
+        diffs.len(),
+        pa.as_raw().len(),
+        diffs.iter().max().unwrap_or(&0)
+    );
+}
+
+fn bfl_file() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/flux-dev-tiny/transformer-bfl.safetensors")
+}
+
+#[test]
+fn a_single_file_transformer_gives_the_folders_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model("flux-dev-tiny");
+    let bfl = bfl_file();
+    let (folder, file) = (tmp.path().join("folder.png"), tmp.path().join("file.png"));
+    let common = ["generate", "--model", s(&m), "--prompt", PROMPT, "--seed", "5", "--steps", "4", "-q"];
+    ok(&[&common[..], &["--out", s(&folder)]].concat());
+    ok(&[&common[..], &["--transformer", s(&bfl), "--out", s(&file)]].concat());
+    assert_same_png(&folder, &file);
+}
+
+#[test]
+fn a_classifier_is_tied_to_the_transformer_file_actually_loaded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model("flux-dev-tiny");
+    let bfl = bfl_file();
+    let from_folder = l2s_models::flux::FluxPipeline::load(&m, &Default::default()).unwrap();
+    let from_file = l2s_models::flux::FluxPipeline::load_with_transformer(&m, &Default::default(), Some(&bfl)).unwrap();
+    let (folder_id, file_id) =
+        (l2s_steer::method::flux_model_id(&from_folder).unwrap(), l2s_steer::method::flux_model_id(&from_file).unwrap());
+    assert_ne!(folder_id, file_id);
+
+    let out = tmp.path().join("steered.png");
+    let steer = ["--steps", "4", "--steer-steps", "1", "--steer-iterations", "1", "-q"];
+    let clf = tmp.path().join("folder-clf");
+    fake_classifier(&clf, &folder_id, flux_layers());
+    let args = ["generate", "--model", s(&m), "--prompt", PROMPT, "--steer", s(&clf), "--out", s(&out)];
+    ok(&[&args[..], &steer].concat());
+    let err = fails(&[&args[..], &steer, &["--transformer", s(&bfl)]].concat());
+    assert!(err.contains(&folder_id) && err.contains(&file_id), "{err}");
+
+    let clf = tmp.path().join("file-clf");
+    fake_classifier(&clf, &file_id, flux_layers());
+    let args = ["generate", "--model", s(&m), "--prompt", PROMPT, "--steer", s(&clf), "--transformer", s(&bfl), "--out", s(&out)];
+    ok(&[&args[..], &steer].concat());
+}
+
+#[test]
+fn a_transformer_file_of_unknown_naming_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let odd = tmp.path().join("odd.safetensors");
+    let t = candle_core::Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&[("encoder.layer.0.weight", t.clone()), ("decoder.bias", t)].into_iter().collect(), &odd).unwrap();
+    let m = model("flux-dev-tiny");
+    let out = tmp.path().join("x.png");
+    let err = fails(&["generate", "--model", s(&m), "--transformer", s(&odd), "--prompt", PROMPT, "--out", s(&out), "-q"]);
+    assert!(err.contains(s(&odd)) && err.contains("naming") && err.contains("encoder.layer.0.weight"), "{err}");
+    assert!(!out.exists());
+
+    let missing = tmp.path().join("missing.safetensors");
+    let err = fails(&["generate", "--model", s(&m), "--transformer", s(&missing), "--prompt", PROMPT, "--out", s(&out), "-q"]);
+    assert!(err.contains(s(&missing)) && err.contains("no such file"), "{err}");
+}
+
+#[test]
+fn without_a_transformer_config_the_file_picks_the_dev_or_schnell_preset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("model");
+    copy_dir(&model("flux-dev-tiny"), &copy);
+    std::fs::remove_dir_all(copy.join("transformer")).unwrap();
+    let out = tmp.path().join("x.png");
+    // The tiny weights are not FLUX.1's sizes, so the preset is chosen, logged, then refused.
+    let bfl = bfl_file();
+    let err = fails(&["generate", "--model", s(&copy), "--transformer", s(&bfl), "--prompt", PROMPT, "--out", s(&out), "-v", "-q"]);
+    assert!(err.contains("FLUX.1-dev config") && err.contains("has guidance-embedding tensors"), "{err}");
+    assert!(err.contains(s(&bfl)), "{err}");
+}
+
+#[test]
+fn transformer_file_is_refused_for_stable_diffusion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sd = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/sd1-tiny/model");
+    let out = tmp.path().join("x.png");
+    let bfl = bfl_file();
+    let err = fails(&["generate", "--model", s(&sd), "--transformer", s(&bfl), "--prompt", PROMPT, "--out", s(&out), "-q"]);
+    assert!(err.contains("--transformer") && err.contains("Stable Diffusion") && err.contains("FLUX"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn gradient_checkpointing_steers_to_the_same_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model("flux-schnell-tiny");
+    let flux = l2s_models::flux::FluxPipeline::load(&m, &Default::default()).unwrap();
+    let clf = tmp.path().join("flux-clf");
+    fake_classifier(&clf, &l2s_steer::method::flux_model_id(&flux).unwrap(), flux_layers());
+    let (plain, checkpointed) = (tmp.path().join("plain.png"), tmp.path().join("checkpointed.png"));
+    // One iteration: the image carries the gradient step, and the recorded loss is the one before
+    // it. A later iteration's loss is printed to 6 decimals, and the recomputed blocks' f32
+    // gradient may differ from the plain one in the last bits.
+    let args = ["generate", "--model", s(&m), "--prompt", PROMPT, "--steer", s(&clf), "--steer-iterations", "1", "-q"];
+    ok(&[&args[..], &["--out", s(&plain)]].concat());
+    ok(&[&args[..], &["--gradient-checkpointing", "--out", s(&checkpointed)]].concat());
+    assert_eq!(meta(&plain)["steer_iterations"], "1");
+    assert_same_png(&plain, &checkpointed);
+}

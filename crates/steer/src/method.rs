@@ -49,12 +49,23 @@ pub fn model_id(sd: &StableDiffusion) -> Result<String> {
     fingerprint(&sd.folder.join("unet"), "unet")
 }
 
-/// The same fingerprint of a FLUX model's transformer (`flux-…`).
+/// The same fingerprint of a FLUX model's transformer (`flux-…`): of the single file it was
+/// loaded from, if any, else of the folder's `transformer/`.
 pub fn flux_model_id(flux: &FluxPipeline) -> Result<String> {
-    fingerprint(&flux.folder.join("transformer"), "flux")
+    match &flux.transformer_file {
+        // The file holds no config; the one it was built with (the folder's or a preset) counts.
+        Some(file) => fingerprint_files(format!("{:?}", flux.transformer.config()).as_bytes(), std::slice::from_ref(file), "flux"),
+        None => fingerprint(&flux.folder.join("transformer"), "flux"),
+    }
 }
 
 fn fingerprint(dir: &Path, prefix: &str) -> Result<String> {
+    let cfg = dir.join("config.json");
+    let config = std::fs::read(&cfg).with_context(|| format!("reading {}", cfg.display()))?;
+    fingerprint_files(&config, &component_files(dir, &Variant::Auto)?, prefix)
+}
+
+fn fingerprint_files(config: &[u8], files: &[PathBuf], prefix: &str) -> Result<String> {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
         for &b in bytes {
@@ -62,14 +73,13 @@ fn fingerprint(dir: &Path, prefix: &str) -> Result<String> {
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
     };
-    let cfg = dir.join("config.json");
-    eat(&std::fs::read(&cfg).with_context(|| format!("reading {}", cfg.display()))?);
+    eat(config);
     // Only the first and last MiB of each weight file (plus its length): checkpoints are
     // gigabytes, and a fingerprint must not read them whole.
     const SPAN: u64 = 1 << 20;
-    for file in component_files(dir, &Variant::Auto)? {
+    for file in files {
         let ctx = || format!("reading {}", file.display());
-        let mut f = std::fs::File::open(&file).with_context(ctx)?;
+        let mut f = std::fs::File::open(file).with_context(ctx)?;
         let n = f.metadata().with_context(ctx)?.len();
         let mut head = Vec::new();
         (&mut f).take(SPAN).read_to_end(&mut head).with_context(ctx)?;

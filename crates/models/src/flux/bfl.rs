@@ -179,6 +179,19 @@ pub fn detect_naming(path: &Path, names: &[String]) -> Result<Naming> {
     })
 }
 
+/// Whether a single-file checkpoint has a guidance embedding (`guidance_in.*` in BFL naming,
+/// `time_text_embed.guidance_embedder.*` in diffusers naming): FLUX.1-dev has one, schnell not.
+/// A file in neither naming is an error naming it.
+pub fn has_guidance_embedding(path: &Path) -> Result<bool> {
+    let weights = SafetensorsWeights::open(&[path.to_path_buf()])?;
+    let names: Vec<String> = weights.shapes().into_keys().collect();
+    let marker = match detect_naming(path, &names)? {
+        Naming::Bfl { prefix } => format!("{prefix}guidance_in.in_layer.weight"),
+        Naming::Diffusers { prefix } => format!("{prefix}time_text_embed.guidance_embedder.linear_1.weight"),
+    };
+    Ok(names.contains(&marker))
+}
+
 /// Loads a FLUX transformer from one safetensors file in BFL or diffusers naming. The file holds
 /// no config: pass the published one ([`FluxConfig::flux1_dev`], [`FluxConfig::flux1_schnell`])
 /// or the folder's.

@@ -42,6 +42,8 @@ pub struct FluxPipeline {
     pub tokenizer_2: T5Tokenizer,
     pub text_encoder_2: T5EncoderModel,
     pub transformer: FluxTransformer2DModel,
+    /// The single-file checkpoint the transformer came from, when not the folder's `transformer/`.
+    pub transformer_file: Option<PathBuf>,
     pub vae: AutoencoderKL,
     /// `scheduler/scheduler_config.json` (a FlowMatchEulerDiscreteScheduler config).
     pub scheduler_config: PathBuf,
@@ -71,8 +73,33 @@ pub fn default_max_sequence_length(cfg: &FluxConfig) -> usize {
     }
 }
 
+/// The transformer's config: the folder's `transformer/config.json`, else (a single file holds
+/// none) the published FLUX.1-dev or schnell config, told apart by the guidance embedding.
+fn single_file_config(file: &Path, folder_cfg: &Path) -> ModelResult<FluxConfig> {
+    if folder_cfg.exists() {
+        return FluxConfig::from_file(folder_cfg);
+    }
+    let dev = super::bfl::has_guidance_embedding(file)?;
+    let (name, cfg) = if dev { ("FLUX.1-dev", FluxConfig::flux1_dev()) } else { ("FLUX.1-schnell", FluxConfig::flux1_schnell()) };
+    tracing::info!(
+        "{}: no {} to read, so using the {name} config (the file {} guidance-embedding tensors)",
+        file.display(),
+        folder_cfg.display(),
+        if dev { "has" } else { "has no" }
+    );
+    Ok(cfg)
+}
+
 impl FluxPipeline {
     pub fn load(folder: &Path, opts: &LoadOptions) -> ModelResult<Self> {
+        Self::load_with_transformer(folder, opts, None)
+    }
+
+    /// [`Self::load`], with the transformer read from `transformer_file` when given: one
+    /// safetensors file in BFL or diffusers naming (see [`super::bfl`]), configured by the folder's
+    /// `transformer/config.json` if it has one, else by the FLUX.1-dev or schnell preset. The
+    /// folder then needs no `transformer/` weights.
+    pub fn load_with_transformer(folder: &Path, opts: &LoadOptions, transformer_file: Option<&Path>) -> ModelResult<Self> {
         let index_path = folder.join("model_index.json");
         if !index_path.exists() {
             return Err(ModelError::MissingComponent {
@@ -96,7 +123,10 @@ impl FluxPipeline {
         let te_dir = component(folder, "text_encoder", "the CLIP text encoder (CLIPTextModel: config.json + safetensors)")?;
         let tok2_dir = component(folder, "tokenizer_2", "the T5 tokenizer (tokenizer.json)")?;
         let te2_dir = component(folder, "text_encoder_2", "the T5 encoder (T5EncoderModel: config.json + safetensors)")?;
-        let tr_dir = component(folder, "transformer", "a FluxTransformer2DModel (config.json + safetensors)")?;
+        let tr_dir = match transformer_file {
+            Some(_) => folder.join("transformer"),
+            None => component(folder, "transformer", "a FluxTransformer2DModel (config.json + safetensors)")?,
+        };
         let vae_dir = component(folder, "vae", "an AutoencoderKL (config.json + safetensors)")?;
         let sched_dir = component(folder, "scheduler", "scheduler_config.json")?;
         let scheduler_config = sched_dir.join("scheduler_config.json");
@@ -112,9 +142,20 @@ impl FluxPipeline {
             });
         }
 
-        let tr_cfg = FluxConfig::from_file(&tr_dir.join("config.json"))?;
-        let vb = var_builder(&tr_dir, &opts.variant, opts.dtype, &opts.device)?;
-        let transformer = build(&tr_dir, FluxTransformer2DModel::new(&tr_cfg, vb))?;
+        let tr_cfg_path = tr_dir.join("config.json");
+        let (tr_cfg, transformer) = match transformer_file {
+            Some(file) => {
+                let cfg = single_file_config(file, &tr_cfg_path)?;
+                let model = super::bfl::load_single_file(file, &cfg, opts.dtype, &opts.device)?;
+                (cfg, model)
+            }
+            None => {
+                let cfg = FluxConfig::from_file(&tr_cfg_path)?;
+                let vb = var_builder(&tr_dir, &opts.variant, opts.dtype, &opts.device)?;
+                let model = build(&tr_dir, FluxTransformer2DModel::new(&cfg, vb))?;
+                (cfg, model)
+            }
+        };
 
         let tokenizer = ClipTokenizer::from_folder(&tok_dir)?;
         let te_cfg = ClipTextConfig::from_file(&te_dir.join("config.json"))?;
@@ -136,7 +177,11 @@ impl FluxPipeline {
             value: value.to_string(),
             supported: format!("{want}, to match the other components"),
         };
-        let tr_cfg_path = tr_dir.join("config.json");
+        // Size mismatches point at the config that set the size.
+        let tr_cfg_path = match transformer_file {
+            Some(file) if !tr_cfg_path.exists() => file.to_path_buf(),
+            _ => tr_cfg_path,
+        };
         if tr_cfg.joint_attention_dim != t5_cfg.d_model {
             return Err(mismatch("joint_attention_dim", tr_cfg.joint_attention_dim, t5_cfg.d_model, &tr_cfg_path));
         }
@@ -153,6 +198,7 @@ impl FluxPipeline {
             tokenizer_2,
             text_encoder_2,
             transformer,
+            transformer_file: transformer_file.map(Path::to_path_buf),
             vae,
             scheduler_config,
             dtype: opts.dtype,
