@@ -35,6 +35,8 @@ pub struct BuildConfig {
     pub psnr_threshold: f64,
     /// Also invert with a wrong-relation prompt (the method); `false` is the ablation.
     pub dual_inversion: bool,
+    /// Picks each image's pair and wrong relation; on FLUX, mixed with the sample's number
+    /// ([`crate::flux::inversion_seed`]), seeds its RF-inversion noise.
     pub seed: u64,
     pub shard: ShardSpec,
 }
@@ -261,7 +263,9 @@ pub fn build<'a>(
                 continue;
             }
             let prompt = triplet_prompt(&subject, prompt_relation, &object);
-            let (maps, _, psnr) = record_sample(model, &img.image, &prompt, &subject, &object, cfg)
+            // RF-inversion (FLUX) draws noise, each sample its own; DDIM inversion draws none.
+            let sample_cfg = BuildConfig { seed: crate::flux::inversion_seed(cfg.seed, sample), ..cfg.clone() };
+            let (maps, _, psnr) = record_sample(model, &img.image, &prompt, &subject, &object, &sample_cfg)
                 .with_context(|| format!("image {} with prompt {prompt:?}", img.id))?;
             if !(psnr >= cfg.psnr_threshold) {
                 summary.dropped_low_psnr += 1;

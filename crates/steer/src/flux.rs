@@ -64,6 +64,17 @@ pub fn paper_config(flux: &FluxPipeline, steps: usize) -> SteerConfig {
     cfg
 }
 
+/// The RF-inversion noise seed of dataset sample `sample` (`l2s data build` numbers image i's
+/// true-prompt sample 2i and its wrong-prompt sample 2i + 1): `seed` and the number mixed by
+/// SplitMix64's finaliser, so every sample draws its own noise, the same in any shard or resumed
+/// run, and nearby seeds share none.
+pub fn inversion_seed(seed: u64, sample: u64) -> u64 {
+    let mut z = seed ^ sample.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// T5 token positions of each triplet's words in `prompt`, with the loss's labels.
 pub fn steer_triplets(
     flux: &FluxPipeline,
@@ -106,4 +117,16 @@ pub fn generate_steered(
     let latents = unpack_latents(&packed, grid)?;
     let image = decoded_to_images(&flux.vae.decode_latents(&latents)?)?.into_iter().next().context("no image decoded")?;
     Ok(Steered { image, latents, report })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::inversion_seed;
+
+    #[test]
+    fn every_sample_and_seed_draws_its_own_noise() {
+        let seeds: std::collections::HashSet<u64> = (0..4).flat_map(|s| (0..64).map(move |n| inversion_seed(s, n))).collect();
+        assert_eq!(seeds.len(), 4 * 64);
+        assert_eq!(inversion_seed(7, 3), inversion_seed(7, 3));
+    }
 }

@@ -55,6 +55,9 @@ pub struct BuildArgs {
     /// parts' folders afterwards
     #[arg(long, value_name = "I/N")]
     shard: Option<String>,
+    /// Seed of each image's object pair and wrong relation; on FLUX also of the RF-inversion
+    /// noise, drawn per sample from a seed mixed from this and the sample's number (2i for image
+    /// i's true prompt, 2i + 1 for its wrong one), so no two samples share noise
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Samples per shard file
@@ -112,6 +115,9 @@ pub fn open_writer<'a>(
         BuildModel::Sd(sd) => &sd.folder,
         BuildModel::Flux(flux, rf) => {
             extra.insert("inversion".into(), format!("rf-inversion gamma={} eta={} stop={}", rf.gamma, rf.eta, rf.stop).into());
+            if let Some(file) = &flux.transformer_file {
+                extra.insert("transformer_file".into(), file.display().to_string().into());
+            }
             &flux.folder
         }
     };
