@@ -206,3 +206,27 @@ impl StableDiffusion {
         })
     }
 }
+
+#[cfg(test)]
+mod sampling_defaults_tests {
+    use super::*;
+
+    #[test]
+    fn a_folder_names_its_own_defaults_or_gets_the_fallback() {
+        let path = Path::new("m/model_index.json");
+        let own = serde_json::json!({"_class_name": "StableDiffusionPipeline", "_l2s_sampling": {"steps": 20, "guidance": 1.5}});
+        let got = SamplingDefaults::from_index(&own, path, SamplingDefaults::STABLE_DIFFUSION).unwrap();
+        assert_eq!(got, SamplingDefaults { steps: 20, guidance: 1.5 });
+        let plain = serde_json::json!({"_class_name": "StableDiffusionPipeline"});
+        let got = SamplingDefaults::from_index(&plain, path, SamplingDefaults::STABLE_DIFFUSION).unwrap();
+        assert_eq!(got, SamplingDefaults::STABLE_DIFFUSION);
+    }
+
+    #[test]
+    fn malformed_defaults_name_the_file_and_key() {
+        let path = Path::new("m/model_index.json");
+        let bad = serde_json::json!({"_l2s_sampling": {"steps": "many"}});
+        let err = SamplingDefaults::from_index(&bad, path, SamplingDefaults::STABLE_DIFFUSION).unwrap_err().to_string();
+        assert!(err.contains("model_index.json") && err.contains("_l2s_sampling"), "{err}");
+    }
+}
