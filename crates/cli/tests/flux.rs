@@ -302,12 +302,17 @@ fn gradient_checkpointing_steers_to_the_same_image() {
     let clf = tmp.path().join("flux-clf");
     fake_classifier(&clf, &l2s_steer::method::flux_model_id(&flux).unwrap(), flux_layers());
     let (plain, checkpointed) = (tmp.path().join("plain.png"), tmp.path().join("checkpointed.png"));
-    // One iteration: the image carries the gradient step, and the recorded loss is the one before
-    // it. A later iteration's loss is printed to 6 decimals, and the recomputed blocks' f32
-    // gradient may differ from the plain one in the last bits.
-    let args = ["generate", "--model", s(&m), "--prompt", PROMPT, "--steer", s(&clf), "--steer-iterations", "1", "-q"];
+    // The recomputed blocks run the same f32 operations in another grouping, so the two runs may
+    // differ in the last bits (exact equality of the gradients is checked in f64 by the models
+    // crate's checkpoint test): the images must agree to one 8-bit level, the losses to 1e-5.
+    let args = ["generate", "--model", s(&m), "--prompt", PROMPT, "--steer", s(&clf), "--steer-iterations", "2", "-q"];
     ok(&[&args[..], &["--out", s(&plain)]].concat());
     ok(&[&args[..], &["--gradient-checkpointing", "--out", s(&checkpointed)]].concat());
-    assert_eq!(meta(&plain)["steer_iterations"], "1");
-    assert_same_png(&plain, &checkpointed);
+    assert_eq!(meta(&plain)["steer_iterations"], "2");
+    let (pa, pb) = (image::open(&plain).unwrap().to_rgb8(), image::open(&checkpointed).unwrap().to_rgb8());
+    let worst = pa.as_raw().iter().zip(pb.as_raw()).map(|(x, y)| (*x as i32 - *y as i32).abs()).max().unwrap();
+    assert!(worst <= 1, "pixels differ by up to {worst} levels");
+    let loss = |p: &Path| meta(p)["steer_final_loss"].parse::<f64>().unwrap();
+    let (la, lb) = (loss(&plain), loss(&checkpointed));
+    assert!((la - lb).abs() <= 1e-5 * la.abs().max(1.0), "final losses {la} vs {lb}");
 }
