@@ -82,14 +82,7 @@ pub fn steer_triplets(
     triplets: &[RelationTriplet],
     label: &dyn Fn(l2s_eval::Relation) -> Result<usize>,
 ) -> Result<Vec<SteerTriplet>> {
-    triplets
-        .iter()
-        .map(|t| {
-            let subject = flux_word_tokens(flux, prompt, &t.subject)?.positions;
-            let object = flux_word_tokens(flux, prompt, &t.object)?.positions;
-            Ok(SteerTriplet { pair: WordPair { subject, object }, label: label(t.relation)?, relation: t.relation })
-        })
-        .collect()
+    SteerTriplet::for_prompt(triplets, &|word| Ok(flux_word_tokens(flux, prompt, word)?.positions), label)
 }
 
 /// Generates `req` on FLUX while steering `triplets` with `loss`. The returned latents are

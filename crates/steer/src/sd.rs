@@ -61,14 +61,7 @@ pub fn steer_triplets(
     triplets: &[RelationTriplet],
     label: &dyn Fn(l2s_eval::Relation) -> Result<usize>,
 ) -> Result<Vec<SteerTriplet>> {
-    triplets
-        .iter()
-        .map(|t| {
-            let subject = word_tokens(&sd.tokenizer, prompt, &t.subject)?.positions;
-            let object = word_tokens(&sd.tokenizer, prompt, &t.object)?.positions;
-            Ok(SteerTriplet { pair: WordPair { subject, object }, label: label(t.relation)?, relation: t.relation })
-        })
-        .collect()
+    SteerTriplet::for_prompt(triplets, &|word| Ok(word_tokens(&sd.tokenizer, prompt, word)?.positions), label)
 }
 
 /// A steered image.

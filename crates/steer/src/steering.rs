@@ -18,6 +18,24 @@ pub struct SteerTriplet {
     pub relation: l2s_eval::Relation,
 }
 
+impl SteerTriplet {
+    /// The triplets of a prompt for any model: `positions` maps a word of the prompt to its token
+    /// positions in that model's tokenizer; `label` maps a relation to the loss's class index.
+    pub fn for_prompt(
+        triplets: &[crate::relations::RelationTriplet],
+        positions: &dyn Fn(&str) -> anyhow::Result<Vec<usize>>,
+        label: &dyn Fn(l2s_eval::Relation) -> anyhow::Result<usize>,
+    ) -> anyhow::Result<Vec<Self>> {
+        triplets
+            .iter()
+            .map(|t| {
+                let pair = crate::maps::WordPair { subject: positions(&t.subject)?, object: positions(&t.object)? };
+                Ok(Self { pair, label: label(t.relation)?, relation: t.relation })
+            })
+            .collect()
+    }
+}
+
 /// What the steering loop needs from a model.
 pub trait SteerTarget {
     /// Timesteps of the sampling run, in order (one per denoising step; flow models give σ·1000).
