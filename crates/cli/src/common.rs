@@ -6,8 +6,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use l2s_generate::{Phase, Progress};
-use l2s_models::weights::Variant;
 use l2s_models::flux::FluxPipeline;
+use l2s_models::weights::Variant;
 use l2s_models::{resolve_model, LoadOptions, StableDiffusion};
 
 /// Flags every subcommand takes.
@@ -74,7 +74,10 @@ fn device(arg: Option<&str>) -> Result<Device> {
         None => Device::cuda_if_available(0).context("selecting the default device")?,
         Some("cpu") => Device::Cpu,
         Some("cuda") => Device::new_cuda(0).context("--device cuda")?,
-        Some(other) => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+        Some(other) => match other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
             Some(n) => Device::new_cuda(n).with_context(|| format!("--device {other}"))?,
             None => bail!("--device {other:?}: expected cpu, cuda or cuda:N"),
         },
@@ -85,7 +88,10 @@ fn device(arg: Option<&str>) -> Result<Device> {
 /// given).
 fn resolve(args: &ModelArgs) -> Result<(std::path::PathBuf, LoadOptions, String)> {
     // No --model: the shapes-world model compiled into this binary.
-    let name = args.model.clone().unwrap_or_else(|| l2s_shapes_model::embedded::NAME.to_string());
+    let name = args
+        .model
+        .clone()
+        .unwrap_or_else(|| l2s_shapes_model::embedded::NAME.to_string());
     let folder = if name == l2s_shapes_model::embedded::NAME {
         l2s_shapes_model::embedded::model_dir()?
     } else {
@@ -106,7 +112,12 @@ fn resolve(args: &ModelArgs) -> Result<(std::path::PathBuf, LoadOptions, String)
     if opts.dtype == DType::BF16 && opts.device.is_cpu() {
         bail!("--dtype bf16 needs a GPU (candle has no bf16 matrix product on the CPU); use f32 or f16 on the CPU");
     }
-    tracing::info!("loading {} ({:?} on {:?})", folder.display(), opts.dtype, opts.device);
+    tracing::info!(
+        "loading {} ({:?} on {:?})",
+        folder.display(),
+        opts.dtype,
+        opts.device
+    );
     Ok((folder, opts, name))
 }
 
@@ -125,7 +136,8 @@ fn no_transformer_file(args: &ModelArgs, name: &str) -> Result<()> {
 pub fn load_model(args: &ModelArgs) -> Result<(StableDiffusion, String)> {
     let (folder, opts, name) = resolve(args)?;
     no_transformer_file(args, &name)?;
-    let sd = StableDiffusion::load(&folder, &opts).with_context(|| format!("loading model `{name}` from {}", folder.display()))?;
+    let sd = StableDiffusion::load(&folder, &opts)
+        .with_context(|| format!("loading model `{name}` from {}", folder.display()))?;
     Ok((sd, name))
 }
 
@@ -141,7 +153,11 @@ fn is_flux_folder(folder: &Path) -> bool {
     std::fs::read_to_string(folder.join("model_index.json"))
         .ok()
         .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-        .and_then(|v| v.get("_class_name").and_then(|c| c.as_str()).map(|c| c.starts_with("Flux")))
+        .and_then(|v| {
+            v.get("_class_name")
+                .and_then(|c| c.as_str())
+                .map(|c| c.starts_with("Flux"))
+        })
         .unwrap_or(false)
 }
 
@@ -152,12 +168,17 @@ pub fn load_any(args: &ModelArgs) -> Result<(Model, String)> {
     let model = if is_flux_folder(&folder) {
         let file = args.transformer.as_deref();
         if let Some(f) = file.filter(|f| !f.is_file()) {
-            bail!("--transformer {}: no such file (expected a FLUX transformer .safetensors file)", f.display());
+            bail!(
+                "--transformer {}: no such file (expected a FLUX transformer .safetensors file)",
+                f.display()
+            );
         }
         if let Some(f) = file {
             tracing::info!("transformer from {}", f.display());
         }
-        Model::Flux(Box::new(FluxPipeline::load_with_transformer(&folder, &opts, file).with_context(ctx)?))
+        Model::Flux(Box::new(
+            FluxPipeline::load_with_transformer(&folder, &opts, file).with_context(ctx)?,
+        ))
     } else {
         no_transformer_file(args, &name)?;
         Model::Sd(StableDiffusion::load(&folder, &opts).with_context(ctx)?)
@@ -194,10 +215,16 @@ impl SampleArgs {
     /// `sd_guidance` overrides its guidance for commands that want another (inversion: 1).
     pub fn resolve(&self, model: &Model, sd_guidance: Option<f64>) -> (usize, f64) {
         let defaults = match model {
-            Model::Sd(sd) => (sd.sampling.steps, sd_guidance.unwrap_or(sd.sampling.guidance)),
+            Model::Sd(sd) => (
+                sd.sampling.steps,
+                sd_guidance.unwrap_or(sd.sampling.guidance),
+            ),
             Model::Flux(f) => l2s_generate::flux::flux_defaults(f),
         };
-        (self.steps.unwrap_or(defaults.0), self.guidance.unwrap_or(defaults.1))
+        (
+            self.steps.unwrap_or(defaults.0),
+            self.guidance.unwrap_or(defaults.1),
+        )
     }
 }
 
@@ -210,7 +237,11 @@ pub struct Bars {
 
 impl Bars {
     pub fn new(global: &Global, label: impl Into<String>) -> Self {
-        Self { quiet: global.quiet, label: label.into(), current: None }
+        Self {
+            quiet: global.quiet,
+            label: label.into(),
+            current: None,
+        }
     }
 
     pub fn update(&mut self, p: Progress) {
@@ -220,9 +251,11 @@ impl Bars {
         if self.current.as_ref().map(|(phase, _)| *phase) != Some(p.phase) {
             self.finish();
             let bar = ProgressBar::new(p.total as u64);
-            let style = ProgressStyle::with_template("{prefix:>14} [{bar:32}] {pos}/{len} steps {elapsed_precise} (eta {eta})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> ");
+            let style = ProgressStyle::with_template(
+                "{prefix:>14} [{bar:32}] {pos}/{len} steps {elapsed_precise} (eta {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
             bar.set_style(style);
             let verb = match p.phase {
                 Phase::Denoise => "",
@@ -252,13 +285,23 @@ impl Drop for Bars {
 
 /// Checks that `path` names a PNG file whose folder exists.
 pub fn png_target(path: &Path, flag: &str) -> Result<PathBuf> {
-    let is_png = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    let is_png = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
     if !is_png {
-        bail!("{flag} {}: expected a file name ending in .png", path.display());
+        bail!(
+            "{flag} {}: expected a file name ending in .png",
+            path.display()
+        );
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
-            bail!("{flag} {}: folder {} does not exist", path.display(), dir.display());
+            bail!(
+                "{flag} {}: folder {} does not exist",
+                path.display(),
+                dir.display()
+            );
         }
     }
     Ok(path.to_path_buf())
@@ -300,12 +343,20 @@ pub struct SteerArgs {
 
 impl SteerArgs {
     /// The method with the command line's overrides, or `None` for the plain model.
-    pub fn method(&self, sd: &StableDiffusion, steps: usize) -> Result<Option<l2s_steer::method::Method>> {
+    pub fn method(
+        &self,
+        sd: &StableDiffusion,
+        steps: usize,
+    ) -> Result<Option<l2s_steer::method::Method>> {
         self.method_for(l2s_steer::method::SteerModel::Sd(sd), steps)
     }
 
     /// [`Self::method`] for either model family.
-    pub fn method_for(&self, model: l2s_steer::method::SteerModel<'_>, steps: usize) -> Result<Option<l2s_steer::method::Method>> {
+    pub fn method_for(
+        &self,
+        model: l2s_steer::method::SteerModel<'_>,
+        steps: usize,
+    ) -> Result<Option<l2s_steer::method::Method>> {
         use l2s_steer::method::{Method, MethodSpec};
         let spec = MethodSpec::parse(&self.steer);
         if spec == MethodSpec::None {
@@ -316,7 +367,8 @@ impl SteerArgs {
                 bail!("--steer {}: not a method (none, centroid, attend-excite) and no such classifier file or folder", p.display());
             }
         }
-        let mut m = Method::load_for(&spec, model, steps).with_context(|| format!("--steer {}", self.steer))?;
+        let mut m = Method::load_for(&spec, model, steps)
+            .with_context(|| format!("--steer {}", self.steer))?;
         if let Some(n) = self.steer_steps {
             m.config.steer_steps = n;
         }
@@ -337,9 +389,17 @@ impl SteerArgs {
 pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
     let bad = || anyhow::anyhow!("--shard {s:?}: expected i/n with 1 ≤ i ≤ n, e.g. 1/4");
     let (i, n) = s.split_once('/').ok_or_else(bad)?;
-    let (i, n): (usize, usize) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+    let (i, n): (usize, usize) = (
+        i.trim().parse().map_err(|_| bad())?,
+        n.trim().parse().map_err(|_| bad())?,
+    );
     if n == 0 || i == 0 || i > n {
         return Err(bad());
     }
     Ok((i - 1, n))
+}
+
+/// Images processed at once by commands that take `--workers`: one per core.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }

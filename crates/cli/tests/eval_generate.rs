@@ -17,7 +17,10 @@ fn snapshot(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
             if p.is_dir() {
                 walk(root, &p, out);
             } else {
-                out.insert(p.strip_prefix(root).unwrap().to_path_buf(), std::fs::read(&p).unwrap());
+                out.insert(
+                    p.strip_prefix(root).unwrap().to_path_buf(),
+                    std::fs::read(&p).unwrap(),
+                );
             }
         }
     }
@@ -27,11 +30,29 @@ fn snapshot(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 }
 
 fn text_chunks(path: &Path) -> BTreeMap<String, String> {
-    l2s_generate::read_png_text(path).unwrap().into_iter().collect()
+    l2s_generate::read_png_text(path)
+        .unwrap()
+        .into_iter()
+        .collect()
 }
 
 fn eval_args<'a>(model: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec!["eval", "--model", model, "--generate-prompts", "3", "--images-per-prompt", "2", "--steps", "2", "--seed", "10", "--out", out, "-q"];
+    let mut v = vec![
+        "eval",
+        "--model",
+        model,
+        "--generate-prompts",
+        "3",
+        "--images-per-prompt",
+        "2",
+        "--steps",
+        "2",
+        "--seed",
+        "10",
+        "--out",
+        out,
+        "-q",
+    ];
     v.extend_from_slice(extra);
     v
 }
@@ -42,7 +63,10 @@ fn layout_metadata_and_resume() {
     let out = dir.path().join("run");
     let m = fixture_model();
     let stdout = ok(&eval_args(&m, s(&out), &[]));
-    assert!(stdout.contains("6 images generated, 0 already present"), "{stdout}");
+    assert!(
+        stdout.contains("6 images generated, 0 already present"),
+        "{stdout}"
+    );
     let full = snapshot(&out);
     // GenEval's layout plus the run's settings and prompt list.
     let names: Vec<String> = full.keys().map(|p| p.display().to_string()).collect();
@@ -62,14 +86,23 @@ fn layout_metadata_and_resume() {
             "run.json",
         ]
     );
-    let prompts: Vec<String> = std::fs::read_to_string(out.join("prompts.jsonl")).unwrap().lines().map(String::from).collect();
+    let prompts: Vec<String> = std::fs::read_to_string(out.join("prompts.jsonl"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
     assert_eq!(prompts.len(), 3);
     for (i, line) in prompts.iter().enumerate() {
         let meta = std::fs::read_to_string(out.join(format!("{i:05}/metadata.jsonl"))).unwrap();
         assert_eq!(meta.trim_end(), line);
-        let p = l2s_eval::prompts::SpatialPrompt::from_line(line).unwrap().unwrap();
+        let p = l2s_eval::prompts::SpatialPrompt::from_line(line)
+            .unwrap()
+            .unwrap();
         assert_eq!(p.tag, "position");
-        assert!(l2s_eval::prompts::COCO_CLASSES.contains(&p.include[0].class.as_str()), "{line}");
+        assert!(
+            l2s_eval::prompts::COCO_CLASSES.contains(&p.include[0].class.as_str()),
+            "{line}"
+        );
         for j in 0..2 {
             let t = text_chunks(&sample_path(&out, i, j));
             assert_eq!(t["prompt"], p.prompt);
@@ -93,9 +126,15 @@ fn layout_metadata_and_resume() {
     let kept = sample_path(&out, 0, 0);
     let before = std::fs::metadata(&kept).unwrap().modified().unwrap();
     let stdout = ok(&eval_args(&m, s(&out), &[]));
-    assert!(stdout.contains("3 images generated, 3 already present"), "{stdout}");
+    assert!(
+        stdout.contains("3 images generated, 3 already present"),
+        "{stdout}"
+    );
     assert_eq!(snapshot(&out), full);
-    assert_eq!(std::fs::metadata(&kept).unwrap().modified().unwrap(), before);
+    assert_eq!(
+        std::fs::metadata(&kept).unwrap().modified().unwrap(),
+        before
+    );
     // Nothing left to do.
     assert!(ok(&eval_args(&m, s(&out), &[])).contains("0 images generated, 6 already present"));
 
@@ -108,7 +147,21 @@ fn layout_metadata_and_resume() {
     assert_eq!(snapshot(&sharded), full);
 
     // The same folder with other settings is refused.
-    let e = fails(&["eval", "--model", &m, "--generate-prompts", "3", "--images-per-prompt", "2", "--steps", "3", "--seed", "10", "--out", s(&out)]);
+    let e = fails(&[
+        "eval",
+        "--model",
+        &m,
+        "--generate-prompts",
+        "3",
+        "--images-per-prompt",
+        "2",
+        "--steps",
+        "3",
+        "--seed",
+        "10",
+        "--out",
+        s(&out),
+    ]);
     assert!(e.contains("other settings") && e.contains("steps"), "{e}");
     let e = fails(&eval_args(&m, s(&out), &["--prompt-seed", "1"]));
     assert!(e.contains("prompt_source"), "{e}");
@@ -116,7 +169,8 @@ fn layout_metadata_and_resume() {
     // Scoring the noise images: every image judged (all wrong), and the COCO classes the
     // shapes detector cannot see are reported once per prompt.
     ok(&["score", s(&out)]);
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(v["images"], 6);
     assert_eq!(v["method"], "base");
     assert_eq!(v["error_counts"]["class_unknown_to_detector"], 3);
@@ -127,7 +181,22 @@ fn steered_run_records_the_loss_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("steered");
     let m = fixture_model();
-    let args = ["eval", "--model", &m, "--generate-prompts", "2", "--images-per-prompt", "2", "--steps", "3", "--steer", "centroid", "--out", s(&out), "-q"];
+    let args = [
+        "eval",
+        "--model",
+        &m,
+        "--generate-prompts",
+        "2",
+        "--images-per-prompt",
+        "2",
+        "--steps",
+        "3",
+        "--steer",
+        "centroid",
+        "--out",
+        s(&out),
+        "-q",
+    ];
     ok(&args);
     let full = snapshot(&out);
     let t = text_chunks(&sample_path(&out, 1, 1));
@@ -151,11 +220,32 @@ fn steered_run_records_the_loss_and_resumes() {
     )
     .unwrap();
     let from_file = dir.path().join("from-file");
-    let o = l2s(&["eval", "--model", &m, "--prompts", s(&file), "--images-per-prompt", "1", "--steps", "2", "--steer", "centroid", "--out", s(&from_file), "-q"]);
+    let o = l2s(&[
+        "eval",
+        "--model",
+        &m,
+        "--prompts",
+        s(&file),
+        "--images-per-prompt",
+        "1",
+        "--steps",
+        "2",
+        "--steer",
+        "centroid",
+        "--out",
+        s(&from_file),
+        "-q",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(stderr.contains("1 line tagged \"counting\"") && stderr.contains("line 3"), "{stderr}");
-    assert!(stderr.contains("1 line tagged \"single_object\"") && stderr.contains("line 1"), "{stderr}");
+    assert!(
+        stderr.contains("1 line tagged \"counting\"") && stderr.contains("line 3"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("1 line tagged \"single_object\"") && stderr.contains("line 1"),
+        "{stderr}"
+    );
     assert!(from_file.join("00000/samples/0000.png").exists());
     assert!(!from_file.join("00001").exists());
 }
@@ -166,35 +256,117 @@ fn bad_input_fails_clearly() {
     let m = fixture_model();
     let out = dir.path().join("o");
     let o = s(&out);
-    let e = fails(&["eval", "--model", &m, "--generate-prompts", "2", "--images-per-prompt", "0", "--out", o]);
+    let e = fails(&[
+        "eval",
+        "--model",
+        &m,
+        "--generate-prompts",
+        "2",
+        "--images-per-prompt",
+        "0",
+        "--out",
+        o,
+    ]);
     assert!(e.contains("--images-per-prompt 0"), "{e}");
     for shard in ["0/2", "3/2", "x"] {
-        let e = fails(&["eval", "--model", &m, "--generate-prompts", "2", "--shard", shard, "--out", o]);
+        let e = fails(&[
+            "eval",
+            "--model",
+            &m,
+            "--generate-prompts",
+            "2",
+            "--shard",
+            shard,
+            "--out",
+            o,
+        ]);
         assert!(e.contains("--shard") && e.contains("1/4"), "{e}");
     }
     let e = fails(&["eval", "--model", &m, "--generate-prompts", "0", "--out", o]);
     assert!(e.contains("--generate-prompts 0"), "{e}");
-    let e = fails(&["eval", "--model", &m, "--generate-prompts", "300", "--classes", "shapes", "--out", o]);
+    let e = fails(&[
+        "eval",
+        "--model",
+        &m,
+        "--generate-prompts",
+        "300",
+        "--classes",
+        "shapes",
+        "--out",
+        o,
+    ]);
     assert!(e.contains("224"), "{e}");
-    let e = fails(&["eval", "--model", &m, "--prompts", s(&dir.path().join("absent.jsonl")), "--out", o]);
+    let e = fails(&[
+        "eval",
+        "--model",
+        &m,
+        "--prompts",
+        s(&dir.path().join("absent.jsonl")),
+        "--out",
+        o,
+    ]);
     assert!(e.contains("absent.jsonl"), "{e}");
     let only_other = dir.path().join("other.jsonl");
     std::fs::write(&only_other, r#"{"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a photo of a red car"}"#).unwrap();
-    let e = fails(&["eval", "--model", &m, "--prompts", s(&only_other), "--out", o]);
+    let e = fails(&[
+        "eval",
+        "--model",
+        &m,
+        "--prompts",
+        s(&only_other),
+        "--out",
+        o,
+    ]);
     assert!(e.contains("no spatial") && e.contains("colors"), "{e}");
     let broken = dir.path().join("broken.jsonl");
     std::fs::write(&broken, "{\"tag\": \"position\", \"prompt\": \"x\", \"include\": [{\"class\": \"a\"}, {\"class\": \"b\", \"position\": [\"near\", 0]}]}\n").unwrap();
     let e = fails(&["eval", "--model", &m, "--prompts", s(&broken), "--out", o]);
     assert!(e.contains("broken.jsonl:1") && e.contains("near"), "{e}");
-    let e = fails(&["eval", "--model", &m, "--generate-prompts", "2", "--steer", s(&dir.path().join("no-classifier")), "--out", o]);
+    let e = fails(&[
+        "eval",
+        "--model",
+        &m,
+        "--generate-prompts",
+        "2",
+        "--steer",
+        s(&dir.path().join("no-classifier")),
+        "--out",
+        o,
+    ]);
     assert!(e.contains("no-classifier"), "{e}");
     let file = dir.path().join("file");
     std::fs::write(&file, "x").unwrap();
-    let e = fails(&["eval", "--model", &m, "--generate-prompts", "2", "--out", s(&file)]);
+    let e = fails(&[
+        "eval",
+        "--model",
+        &m,
+        "--generate-prompts",
+        "2",
+        "--out",
+        s(&file),
+    ]);
     assert!(e.contains("not a folder"), "{e}");
     // Neither --prompts nor --generate-prompts, or both: usage errors.
-    assert_eq!(l2s(&["eval", "--model", &m, "--out", o]).status.code(), Some(2));
-    assert_eq!(l2s(&["eval", "--model", &m, "--prompts", "x", "--generate-prompts", "2", "--out", o]).status.code(), Some(2));
+    assert_eq!(
+        l2s(&["eval", "--model", &m, "--out", o]).status.code(),
+        Some(2)
+    );
+    assert_eq!(
+        l2s(&[
+            "eval",
+            "--model",
+            &m,
+            "--prompts",
+            "x",
+            "--generate-prompts",
+            "2",
+            "--out",
+            o
+        ])
+        .status
+        .code(),
+        Some(2)
+    );
     assert!(!out.exists(), "a refused run leaves nothing behind");
 }
 
@@ -202,16 +374,32 @@ fn bad_input_fails_clearly() {
 /// same triplets their metadata lists, so steering from the text or from the metadata agrees.
 #[test]
 fn generated_prompt_texts_parse_to_their_metadata() {
-    use l2s_eval::prompts::{multi_relation_prompts, position_prompts, MultiRelationSpec, COCO_CLASSES, SHAPES_CLASSES};
+    use l2s_eval::prompts::{
+        multi_relation_prompts, position_prompts, MultiRelationSpec, COCO_CLASSES, SHAPES_CLASSES,
+    };
     let mut all = position_prompts(300, &COCO_CLASSES, 1).unwrap();
     all.extend(position_prompts(50, &SHAPES_CLASSES, 1).unwrap());
-    all.extend(multi_relation_prompts(300, &COCO_CLASSES, 2, MultiRelationSpec::default()).unwrap());
+    all.extend(
+        multi_relation_prompts(300, &COCO_CLASSES, 2, MultiRelationSpec::default()).unwrap(),
+    );
     for p in &all {
-        let parsed = l2s_steer::relations::parse_prompt(&p.prompt).unwrap_or_else(|e| panic!("{}: {e}", p.prompt));
-        let mut got: Vec<(String, String, String)> =
-            parsed.iter().map(|t| (t.subject.clone(), t.relation.name().to_string(), t.object.clone())).collect();
-        let mut want: Vec<(String, String, String)> =
-            p.triplets().iter().map(|t| (t.a.clone(), t.relation.name().to_string(), t.b.clone())).collect();
+        let parsed = l2s_steer::relations::parse_prompt(&p.prompt)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.prompt));
+        let mut got: Vec<(String, String, String)> = parsed
+            .iter()
+            .map(|t| {
+                (
+                    t.subject.clone(),
+                    t.relation.name().to_string(),
+                    t.object.clone(),
+                )
+            })
+            .collect();
+        let mut want: Vec<(String, String, String)> = p
+            .triplets()
+            .iter()
+            .map(|t| (t.a.clone(), t.relation.name().to_string(), t.b.clone()))
+            .collect();
         got.sort();
         want.sort();
         assert_eq!(got, want, "{}", p.prompt);

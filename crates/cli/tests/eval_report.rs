@@ -19,12 +19,18 @@ use l2s_shapes::ShapeClass;
 
 /// Splits the page into its image cards.
 fn cards(html: &str) -> Vec<&str> {
-    html.split("<figure class=\"card ").skip(1).map(|c| &c[..c.find("</figure>").unwrap()]).collect()
+    html.split("<figure class=\"card ")
+        .skip(1)
+        .map(|c| &c[..c.find("</figure>").unwrap()])
+        .collect()
 }
 
 fn attr<'a>(card: &'a str, name: &str) -> &'a str {
     let key = format!("{name}=\"");
-    let at = card.find(&key).unwrap_or_else(|| panic!("no {name} in {card}")) + key.len();
+    let at = card
+        .find(&key)
+        .unwrap_or_else(|| panic!("no {name} in {card}"))
+        + key.len();
     &card[at..at + card[at..].find('"').unwrap()]
 }
 
@@ -36,7 +42,12 @@ fn check_page(html: &str, runs: &[(&Path, Vec<ImageResult>)]) {
     // Every card's frame matches its verdict, and every result has its card.
     for c in &cs {
         let ok = attr(c, "data-correct") == "1";
-        assert_eq!(c.starts_with("ok\""), ok, "frame colour vs data-correct: {}", &c[..80.min(c.len())]);
+        assert_eq!(
+            c.starts_with("ok\""),
+            ok,
+            "frame colour vs data-correct: {}",
+            &c[..80.min(c.len())]
+        );
     }
     for (ri, (root, results)) in runs.iter().enumerate() {
         for r in results {
@@ -45,9 +56,17 @@ fn check_page(html: &str, runs: &[(&Path, Vec<ImageResult>)]) {
                 .iter()
                 .find(|c| attr(c, "data-file") == file && attr(c, "data-run") == ri.to_string())
                 .unwrap_or_else(|| panic!("no card for {} in {}", r.filename, root.display()));
-            assert_eq!(attr(card, "data-correct"), if r.correct { "1" } else { "0" });
+            assert_eq!(
+                attr(card, "data-correct"),
+                if r.correct { "1" } else { "0" }
+            );
             let drawn = card.matches("<rect class=\"used\"").count();
-            assert_eq!(drawn, r.detections.iter().filter(|b| b.used).count(), "{}", r.filename);
+            assert_eq!(
+                drawn,
+                r.detections.iter().filter(|b| b.used).count(),
+                "{}",
+                r.filename
+            );
             assert_eq!(card.matches("<rect ").count(), r.detections.len());
             for b in &r.detections {
                 assert!(card.contains(&format!("data-class=\"{}\"", escape(&b.class))));
@@ -81,17 +100,40 @@ fn check_page(html: &str, runs: &[(&Path, Vec<ImageResult>)]) {
         assert!(html.contains(needle), "missing {needle}");
     }
     // Self-contained: no link, script or image from elsewhere.
-    for bad in ["http://", "https://", "src=\"/", "src=\"file", "<link", "@import", "url("] {
-        assert!(!html.contains(bad), "page refers to something outside: {bad}");
+    for bad in [
+        "http://",
+        "https://",
+        "src=\"/",
+        "src=\"file",
+        "<link",
+        "@import",
+        "url(",
+    ] {
+        assert!(
+            !html.contains(bad),
+            "page refers to something outside: {bad}"
+        );
     }
     assert!(html.starts_with("<!DOCTYPE html>") && html.trim_end().ends_with("</html>"));
 }
 
 /// Objects at random places (a model that ignores the relation) or placed as asked.
-fn scene(rng: &mut PromptRng, a: ShapeClass, rel: Relation, b: ShapeClass, obey: bool, size: u32) -> Vec<Placed> {
+fn scene(
+    rng: &mut PromptRng,
+    a: ShapeClass,
+    rel: Relation,
+    b: ShapeClass,
+    obey: bool,
+    size: u32,
+) -> Vec<Placed> {
     let side = size * 5 / 16 + rng.below((size / 8) as usize) as u32;
     let free = size - side;
-    let mut pos = || (rng.below(free as usize + 1) as u32, rng.below(free as usize + 1) as u32);
+    let mut pos = || {
+        (
+            rng.below(free as usize + 1) as u32,
+            rng.below(free as usize + 1) as u32,
+        )
+    };
     if !obey {
         loop {
             let (p, q) = (pos(), pos());
@@ -116,7 +158,8 @@ fn scene(rng: &mut PromptRng, a: ShapeClass, rel: Relation, b: ShapeClass, obey:
 /// few objects left out and one missing image).
 fn demo_runs(root: &Path, prompts: usize, size: u32) -> (std::path::PathBuf, std::path::PathBuf) {
     let mut rng = PromptRng::new(7);
-    let set = l2s_eval::prompts::position_prompts(prompts, &l2s_eval::prompts::SHAPES_CLASSES, 3).unwrap();
+    let set = l2s_eval::prompts::position_prompts(prompts, &l2s_eval::prompts::SHAPES_CLASSES, 3)
+        .unwrap();
     let mut base = Vec::new();
     let mut placed = Vec::new();
     for (i, p) in set.iter().enumerate() {
@@ -135,7 +178,11 @@ fn demo_runs(root: &Path, prompts: usize, size: u32) -> (std::path::PathBuf, std
             if (i + j) % 9 == 4 {
                 s.remove(0);
             }
-            ps.push(if i == 1 && j == 2 { Sample::Missing } else { Sample::Image(s) });
+            ps.push(if i == 1 && j == 2 {
+                Sample::Missing
+            } else {
+                Sample::Image(s)
+            });
         }
         base.push((p.clone(), bs));
         placed.push((p.clone(), ps));
@@ -155,7 +202,15 @@ fn report_structure() {
     ok(&["score", s(&a), "-q"]);
     ok(&["score", s(&b), "-q"]);
     let out = dir.path().join("report.html");
-    let stdout = ok(&["report", s(&a), s(&b), "--out", s(&out), "--title", "Demo <runs>"]);
+    let stdout = ok(&[
+        "report",
+        s(&a),
+        s(&b),
+        "--out",
+        s(&out),
+        "--title",
+        "Demo <runs>",
+    ]);
     assert!(stdout.contains("2 runs, 48 images"), "{stdout}");
     let html = std::fs::read_to_string(&out).unwrap();
     let ra = read_results(&a.join("results.jsonl")).unwrap();
@@ -174,13 +229,25 @@ fn report_structure() {
     let differ = ra
         .chunks(4)
         .zip(rb.chunks(4))
-        .filter(|(x, y)| x.iter().filter(|r| r.correct).count() != y.iter().filter(|r| r.correct).count())
+        .filter(|(x, y)| {
+            x.iter().filter(|r| r.correct).count() != y.iter().filter(|r| r.correct).count()
+        })
         .count();
     assert_eq!(html.matches("data-differ=\"1\"").count(), differ);
 
     // Large images are scaled down to --max-side.
     let big = dir.path().join("big");
-    write_folder(&big, 64, &[(shapes_prompt(ShapeClass::Circle, Relation::LeftOf, ShapeClass::Square), vec![Sample::Image(vec![(ShapeClass::Circle, 4, 20, 20), (ShapeClass::Square, 40, 20, 20)])])]);
+    write_folder(
+        &big,
+        64,
+        &[(
+            shapes_prompt(ShapeClass::Circle, Relation::LeftOf, ShapeClass::Square),
+            vec![Sample::Image(vec![
+                (ShapeClass::Circle, 4, 20, 20),
+                (ShapeClass::Square, 40, 20, 20),
+            ])],
+        )],
+    );
     ok(&["score", s(&big), "-q"]);
     let small = dir.path().join("small.html");
     ok(&["report", s(&big), "--out", s(&small), "--max-side", "32"]);
@@ -194,14 +261,37 @@ fn report_structure() {
 #[test]
 fn report_bad_input() {
     let dir = tempfile::tempdir().unwrap();
-    let e = fails(&["report", s(&dir.path().join("absent")), "--out", s(&dir.path().join("r.html"))]);
+    let e = fails(&[
+        "report",
+        s(&dir.path().join("absent")),
+        "--out",
+        s(&dir.path().join("r.html")),
+    ]);
     assert!(e.contains("absent") && e.contains("not a folder"), "{e}");
-    let e = fails(&["report", s(dir.path()), "--out", s(&dir.path().join("r.html"))]);
-    assert!(e.contains("results.jsonl") && e.contains("l2s score"), "{e}");
+    let e = fails(&[
+        "report",
+        s(dir.path()),
+        "--out",
+        s(&dir.path().join("r.html")),
+    ]);
+    assert!(
+        e.contains("results.jsonl") && e.contains("l2s score"),
+        "{e}"
+    );
     std::fs::write(dir.path().join("results.jsonl"), "{\"x\": 1}\n").unwrap();
-    let e = fails(&["report", s(dir.path()), "--out", s(&dir.path().join("r.html"))]);
+    let e = fails(&[
+        "report",
+        s(dir.path()),
+        "--out",
+        s(&dir.path().join("r.html")),
+    ]);
     assert!(e.contains("results.jsonl:1"), "{e}");
-    let e = fails(&["report", s(dir.path()), "--out", s(&dir.path().join("no/r.html"))]);
+    let e = fails(&[
+        "report",
+        s(dir.path()),
+        "--out",
+        s(&dir.path().join("no/r.html")),
+    ]);
     assert!(e.contains("does not exist"), "{e}");
     assert_eq!(l2s(&["report", "--out", "x.html"]).status.code(), Some(2));
     assert!(!dir.path().join("r.html").exists());
@@ -211,14 +301,30 @@ fn report_bad_input() {
 /// otherwise.
 #[test]
 fn demo_report() {
-    let Some(root) = std::env::var_os("L2S_REPORT_DEMO_DIR") else { return };
+    let Some(root) = std::env::var_os("L2S_REPORT_DEMO_DIR") else {
+        return;
+    };
     let root = std::path::PathBuf::from(root);
     let _ = std::fs::remove_dir_all(&root);
     let (a, b) = demo_runs(&root, 12, 64);
     ok(&["score", s(&a), "-q"]);
     ok(&["score", s(&b), "-q"]);
     let out = root.join("report.html");
-    ok(&["report", s(&a), s(&b), "--out", s(&out), "--title", "Shapes world: drawn scenes, random vs placed as asked"]);
+    ok(&[
+        "report",
+        s(&a),
+        s(&b),
+        "--out",
+        s(&out),
+        "--title",
+        "Shapes world: drawn scenes, random vs placed as asked",
+    ]);
     let html = std::fs::read_to_string(&out).unwrap();
-    check_page(&html, &[(&a, read_results(&a.join("results.jsonl")).unwrap()), (&b, read_results(&b.join("results.jsonl")).unwrap())]);
+    check_page(
+        &html,
+        &[
+            (&a, read_results(&a.join("results.jsonl")).unwrap()),
+            (&b, read_results(&b.join("results.jsonl")).unwrap()),
+        ],
+    );
 }

@@ -78,9 +78,25 @@ fn hand_made_detections_give_hand_computed_summary() {
     ];
     let dets = dir.path().join("dets.jsonl");
     std::fs::write(&dets, lines.join("\n") + "\n").unwrap();
-    let (out, sum) = (dir.path().join("results.jsonl"), dir.path().join("summary.json"));
-    let stdout = ok(&["score", "--detections", s(&dets), "--images-per-prompt", "4", "--out", s(&out), "--summary", s(&sum)]);
-    assert!(stdout.contains("position accuracy 41.7% (5/12)"), "{stdout}");
+    let (out, sum) = (
+        dir.path().join("results.jsonl"),
+        dir.path().join("summary.json"),
+    );
+    let stdout = ok(&[
+        "score",
+        "--detections",
+        s(&dets),
+        "--images-per-prompt",
+        "4",
+        "--out",
+        s(&out),
+        "--summary",
+        s(&sum),
+    ]);
+    assert!(
+        stdout.contains("position accuracy 41.7% (5/12)"),
+        "{stdout}"
+    );
     let v = summary(&sum);
     // 12 images: correct P0 s0, s3; P1 s0, s2; P2 s0 = 5.
     assert_eq!(v["images"], 12);
@@ -88,9 +104,18 @@ fn hand_made_detections_give_hand_computed_summary() {
     assert_eq!(v["prompts"], 3);
     assert!(close(v["position_accuracy"].as_f64().unwrap(), 5.0 / 12.0));
     // Per relation: left of 2/4, above 2/4, below 1/4.
-    assert_eq!(v["per_relation"]["left of"], json!({"total": 4, "correct": 2, "accuracy": 0.5}));
-    assert_eq!(v["per_relation"]["above"], json!({"total": 4, "correct": 2, "accuracy": 0.5}));
-    assert_eq!(v["per_relation"]["below"], json!({"total": 4, "correct": 1, "accuracy": 0.25}));
+    assert_eq!(
+        v["per_relation"]["left of"],
+        json!({"total": 4, "correct": 2, "accuracy": 0.5})
+    );
+    assert_eq!(
+        v["per_relation"]["above"],
+        json!({"total": 4, "correct": 2, "accuracy": 0.5})
+    );
+    assert_eq!(
+        v["per_relation"]["below"],
+        json!({"total": 4, "correct": 1, "accuracy": 0.25})
+    );
     // Every prompt has a correct image.
     assert!(close(v["correct_prompts"].as_f64().unwrap(), 1.0));
     // Both found: P0 s0, s2, s3; P1 s0, s1, s2; P2 s0 = 7 of 12; correct among them 5 of 7.
@@ -113,7 +138,15 @@ fn hand_made_detections_give_hand_computed_summary() {
     assert_eq!(counts["missing_image"], 1);
     assert_eq!(v["errors"].as_array().unwrap().len(), 5);
     let at = |kind: &str| -> String {
-        v["errors"].as_array().unwrap().iter().find(|e| e["kind"] == kind).unwrap()["location"].as_str().unwrap().to_string()
+        v["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["kind"] == kind)
+            .unwrap()["location"]
+            .as_str()
+            .unwrap()
+            .to_string()
     };
     assert_eq!(at("unsupported_tag"), format!("{}:8", dets.display()));
     assert_eq!(at("bad_line"), format!("{}:9", dets.display()));
@@ -125,15 +158,27 @@ fn hand_made_detections_give_hand_computed_summary() {
     // Results: one line per image, GenEval's fields included.
     let rs = read_results(&out).unwrap();
     assert_eq!(rs.len(), 12);
-    let missing: Vec<_> = rs.iter().filter(|r| r.status == ImageStatus::Missing).collect();
+    let missing: Vec<_> = rs
+        .iter()
+        .filter(|r| r.status == ImageStatus::Missing)
+        .collect();
     assert_eq!(missing.len(), 1);
     assert_eq!(missing[0].filename, "00001/samples/0003.png");
     assert!(!missing[0].correct);
-    let s0 = rs.iter().find(|r| r.filename == "00000/samples/0003.png").unwrap();
+    let s0 = rs
+        .iter()
+        .find(|r| r.filename == "00000/samples/0003.png")
+        .unwrap();
     assert!(s0.correct);
     assert_eq!(s0.relations[0].holds.names(), ["left of", "above"]);
-    let wrong = rs.iter().find(|r| r.filename == "00000/samples/0002.png").unwrap();
-    assert_eq!(wrong.reason, "expected dog left of target, found right of target");
+    let wrong = rs
+        .iter()
+        .find(|r| r.filename == "00000/samples/0002.png")
+        .unwrap();
+    assert_eq!(
+        wrong.reason,
+        "expected dog left of target, found right of target"
+    );
 }
 
 /// Two prompts of drawn scenes judged by the shapes detector, including a missing and a corrupt
@@ -150,10 +195,23 @@ fn folder_of_drawn_scenes_and_comparison() {
         &a,
         32,
         &[
-            (shapes_prompt(Circle, LeftOf, Square), vec![Sample::Image(left.clone()), Sample::Image(right.clone()), Sample::Missing, Sample::Corrupt]),
+            (
+                shapes_prompt(Circle, LeftOf, Square),
+                vec![
+                    Sample::Image(left.clone()),
+                    Sample::Image(right.clone()),
+                    Sample::Missing,
+                    Sample::Corrupt,
+                ],
+            ),
             (
                 shapes_prompt(Star, Above, Heart),
-                vec![Sample::Image(above.clone()), Sample::Image(above.clone()), Sample::Image(star_only), Sample::Image(above.clone())],
+                vec![
+                    Sample::Image(above.clone()),
+                    Sample::Image(above.clone()),
+                    Sample::Image(star_only),
+                    Sample::Image(above.clone()),
+                ],
             ),
         ],
     );
@@ -174,12 +232,23 @@ fn folder_of_drawn_scenes_and_comparison() {
     assert_eq!(v["error_counts"]["missing_image"], 1);
     assert_eq!(v["error_counts"]["undecodable_image"], 1);
     let errs = v["errors"].as_array().unwrap();
-    assert!(errs.iter().any(|e| e["location"].as_str().unwrap().ends_with("00000/samples/0002.png")));
-    assert!(errs.iter().any(|e| e["location"].as_str().unwrap().ends_with("00000/samples/0003.png")));
+    assert!(errs.iter().any(|e| e["location"]
+        .as_str()
+        .unwrap()
+        .ends_with("00000/samples/0002.png")));
+    assert!(errs.iter().any(|e| e["location"]
+        .as_str()
+        .unwrap()
+        .ends_with("00000/samples/0003.png")));
     let rs = read_results(&a.join("results.jsonl")).unwrap();
     let first = &rs[0];
     assert!(first.correct);
-    let classes: Vec<&str> = first.detections.iter().filter(|b| b.used).map(|b| b.class.as_str()).collect();
+    let classes: Vec<&str> = first
+        .detections
+        .iter()
+        .filter(|b| b.used)
+        .map(|b| b.class.as_str())
+        .collect();
     assert_eq!(classes.len(), 2, "{:?}", first.detections);
 
     // Run B: P0 all right (improved 1/4 → 4/4), P1 worse (3/4 → 0/4).
@@ -188,13 +257,27 @@ fn folder_of_drawn_scenes_and_comparison() {
         &b,
         32,
         &[
-            (shapes_prompt(Circle, LeftOf, Square), (0..4).map(|_| Sample::Image(left.clone())).collect()),
-            (shapes_prompt(Star, Above, Heart), (0..4).map(|_| Sample::Image(vec![(Star, 10, 19, 11), (Heart, 10, 2, 11)])).collect()),
+            (
+                shapes_prompt(Circle, LeftOf, Square),
+                (0..4).map(|_| Sample::Image(left.clone())).collect(),
+            ),
+            (
+                shapes_prompt(Star, Above, Heart),
+                (0..4)
+                    .map(|_| Sample::Image(vec![(Star, 10, 19, 11), (Heart, 10, 2, 11)]))
+                    .collect(),
+            ),
         ],
     );
     let stdout = ok(&["score", s(&b), "--compare", s(&a.join("results.jsonl"))]);
-    assert!(stdout.contains("improved (1):\n  1/4 -> 4/4  a photo of a circle left of a square"), "{stdout}");
-    assert!(stdout.contains("regressed (1):\n  3/4 -> 0/4  a photo of a star above a heart"), "{stdout}");
+    assert!(
+        stdout.contains("improved (1):\n  1/4 -> 4/4  a photo of a circle left of a square"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("regressed (1):\n  3/4 -> 0/4  a photo of a star above a heart"),
+        "{stdout}"
+    );
     // Without a run.json the images per prompt default to the most any prompt has (4 here).
     let v = summary(&b.join("summary.json"));
     assert_eq!(v["images_per_prompt"], 4);
@@ -216,27 +299,98 @@ fn bad_input_fails_clearly() {
     std::fs::write(&dets, "").unwrap();
     let e = fails(&["score", "--detections", s(&dets)]);
     assert!(e.contains("--out FILE is required"), "{e}");
-    let e = fails(&["score", "--detections", s(&dets), "--out", s(&p.join("r.jsonl")), "--summary", s(&p.join("s.json"))]);
+    let e = fails(&[
+        "score",
+        "--detections",
+        s(&dets),
+        "--out",
+        s(&p.join("r.jsonl")),
+        "--summary",
+        s(&p.join("s.json")),
+    ]);
     assert!(e.contains("no detections lines"), "{e}");
-    let e = fails(&["score", "--detections", s(&p.join("none.jsonl")), "--out", s(&p.join("r.jsonl")), "--summary", s(&p.join("s.json"))]);
+    let e = fails(&[
+        "score",
+        "--detections",
+        s(&p.join("none.jsonl")),
+        "--out",
+        s(&p.join("r.jsonl")),
+        "--summary",
+        s(&p.join("s.json")),
+    ]);
     assert!(e.contains("none.jsonl"), "{e}");
     // Outputs in a folder that does not exist; same file twice.
-    std::fs::write(&dets, line(&l2s_eval::prompts::position_prompt("dog", LeftOf, "cat").metadata, 0, json!([]))).unwrap();
-    let e = fails(&["score", "--detections", s(&dets), "--out", s(&p.join("no/r.jsonl")), "--summary", s(&p.join("s.json"))]);
+    std::fs::write(
+        &dets,
+        line(
+            &l2s_eval::prompts::position_prompt("dog", LeftOf, "cat").metadata,
+            0,
+            json!([]),
+        ),
+    )
+    .unwrap();
+    let e = fails(&[
+        "score",
+        "--detections",
+        s(&dets),
+        "--out",
+        s(&p.join("no/r.jsonl")),
+        "--summary",
+        s(&p.join("s.json")),
+    ]);
     assert!(e.contains("does not exist"), "{e}");
-    let e = fails(&["score", "--detections", s(&dets), "--out", s(&p.join("x")), "--summary", s(&p.join("x"))]);
+    let e = fails(&[
+        "score",
+        "--detections",
+        s(&dets),
+        "--out",
+        s(&p.join("x")),
+        "--summary",
+        s(&p.join("x")),
+    ]);
     assert!(e.contains("same file"), "{e}");
     // Bad thresholds and comparison files.
-    let e = fails(&["score", "--detections", s(&dets), "--out", s(&p.join("r.jsonl")), "--summary", s(&p.join("s.json")), "--min-score", "1.5"]);
+    let e = fails(&[
+        "score",
+        "--detections",
+        s(&dets),
+        "--out",
+        s(&p.join("r.jsonl")),
+        "--summary",
+        s(&p.join("s.json")),
+        "--min-score",
+        "1.5",
+    ]);
     assert!(e.contains("--min-score"), "{e}");
-    let e = fails(&["score", "--detections", s(&dets), "--out", s(&p.join("r.jsonl")), "--summary", s(&p.join("s.json")), "--compare", s(&dets)]);
-    assert!(e.contains("--compare") && e.contains("not a results line"), "{e}");
+    let e = fails(&[
+        "score",
+        "--detections",
+        s(&dets),
+        "--out",
+        s(&p.join("r.jsonl")),
+        "--summary",
+        s(&p.join("s.json")),
+        "--compare",
+        s(&dets),
+    ]);
+    assert!(
+        e.contains("--compare") && e.contains("not a results line"),
+        "{e}"
+    );
     // Neither a folder nor a detections file: a usage error.
     let out = l2s(&["score"]);
     assert_eq!(out.status.code(), Some(2));
     // A file that is all problems still scores (nothing to divide) and lists them.
     std::fs::write(&dets, "{oops\n[1,2]\n").unwrap();
-    ok(&["score", "--detections", s(&dets), "--out", s(&p.join("r.jsonl")), "--summary", s(&p.join("s.json"))]);
+    ok(&[
+        "score",
+        "--detections",
+        s(&dets),
+        "--out",
+        s(&p.join("r.jsonl")),
+        "--summary",
+        s(&p.join("s.json")),
+    ]);
     let v = summary(&p.join("s.json"));
     assert_eq!(v["images"], 0);
     assert_eq!(v["error_counts"]["bad_line"], 2);

@@ -57,13 +57,22 @@ impl Default for FlowMatchConfig {
 
 /// Options of diffusers' scheduler that change the sigmas in ways this crate does not implement;
 /// a config that turns one on is refused rather than silently sampled differently.
-const UNSUPPORTED_FLAGS: &[&str] =
-    &["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas", "stochastic_sampling"];
+const UNSUPPORTED_FLAGS: &[&str] = &[
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "invert_sigmas",
+    "stochastic_sampling",
+];
 
 impl FlowMatchConfig {
     /// FLUX.1-dev's published scheduler config.
     pub fn flux1_dev() -> Self {
-        Self { shift: 3.0, use_dynamic_shifting: true, ..Self::default() }
+        Self {
+            shift: 3.0,
+            use_dynamic_shifting: true,
+            ..Self::default()
+        }
     }
 
     /// FLUX.1-schnell's published scheduler config.
@@ -73,19 +82,25 @@ impl FlowMatchConfig {
 
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| DiffusionError::ConfigIo { path: path.to_path_buf(), reason: e.to_string() })?;
-        let value: Value = serde_json::from_str(&text)
-            .map_err(|e| DiffusionError::ConfigJson { origin: path.display().to_string(), reason: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| DiffusionError::ConfigIo {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| DiffusionError::ConfigJson {
+            origin: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
         Self::from_json_value(&value, &path.display().to_string())
     }
 
     /// Reads a config from parsed JSON; `origin` names it in errors.
     pub fn from_json_value(value: &Value, origin: &str) -> Result<Self> {
-        let obj = value.as_object().ok_or_else(|| DiffusionError::ConfigJson {
-            origin: origin.into(),
-            reason: "expected a JSON object".into(),
-        })?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| DiffusionError::ConfigJson {
+                origin: origin.into(),
+                reason: "expected a JSON object".into(),
+            })?;
         let bad = |field: &str, v: &Value, expected: &str| DiffusionError::ConfigValue {
             origin: origin.into(),
             field: field.into(),
@@ -96,13 +111,20 @@ impl FlowMatchConfig {
         let num = |obj: &Map<String, Value>, k: &str, default: f64| -> Result<f64> {
             match obj.get(k).filter(|v| !v.is_null()) {
                 None => Ok(default),
-                Some(v) => v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| bad(k, v, "a number")),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|x| x.is_finite())
+                    .ok_or_else(|| bad(k, v, "a number")),
             }
         };
         let count = |k: &str, default: usize| -> Result<usize> {
             match present(k) {
                 None => Ok(default),
-                Some(v) => v.as_u64().filter(|&n| n > 0).map(|n| n as usize).ok_or_else(|| bad(k, v, "a positive integer")),
+                Some(v) => v
+                    .as_u64()
+                    .filter(|&n| n > 0)
+                    .map(|n| n as usize)
+                    .ok_or_else(|| bad(k, v, "a positive integer")),
             }
         };
         if let Some(class) = present("_class_name").and_then(|c| c.as_str()) {
@@ -136,7 +158,9 @@ impl FlowMatchConfig {
         };
         let use_dynamic_shifting = match present("use_dynamic_shifting") {
             None => false,
-            Some(v) => v.as_bool().ok_or_else(|| bad("use_dynamic_shifting", v, "true or false"))?,
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| bad("use_dynamic_shifting", v, "true or false"))?,
         };
         let cfg = Self {
             num_train_timesteps: count("num_train_timesteps", d.num_train_timesteps)?,
@@ -152,7 +176,11 @@ impl FlowMatchConfig {
             return Err(bad("shift", &Value::from(cfg.shift), "a positive number"));
         }
         if cfg.base_image_seq_len == cfg.max_image_seq_len {
-            return Err(bad("max_image_seq_len", &Value::from(cfg.max_image_seq_len), "different from base_image_seq_len"));
+            return Err(bad(
+                "max_image_seq_len",
+                &Value::from(cfg.max_image_seq_len),
+                "different from base_image_seq_len",
+            ));
         }
         Ok(cfg)
     }
@@ -160,7 +188,8 @@ impl FlowMatchConfig {
     /// FluxPipeline's μ: linear in the image token count, base_shift at base_image_seq_len and
     /// max_shift at max_image_seq_len.
     pub fn mu(&self, image_seq_len: usize) -> f64 {
-        let m = (self.max_shift - self.base_shift) / (self.max_image_seq_len as f64 - self.base_image_seq_len as f64);
+        let m = (self.max_shift - self.base_shift)
+            / (self.max_image_seq_len as f64 - self.base_image_seq_len as f64);
         let b = self.base_shift - m * self.base_image_seq_len as f64;
         image_seq_len as f64 * m + b
     }
@@ -177,7 +206,11 @@ pub struct FlowMatchEulerScheduler {
 
 impl FlowMatchEulerScheduler {
     pub fn new(config: FlowMatchConfig) -> Self {
-        Self { config, sigmas: Vec::new(), timesteps: Vec::new() }
+        Self {
+            config,
+            sigmas: Vec::new(),
+            timesteps: Vec::new(),
+        }
     }
 
     pub fn config(&self) -> &FlowMatchConfig {
@@ -188,11 +221,20 @@ impl FlowMatchEulerScheduler {
     /// ((height/16)·(width/16) for FLUX): σ = linspace(1, 1/N, N), shifted.
     pub fn set_timesteps(&mut self, steps: usize, image_seq_len: usize) -> Result<()> {
         if steps == 0 {
-            return Err(DiffusionError::InvalidArgument { what: "number of flow-matching steps".into(), reason: "must be at least 1".into() });
+            return Err(DiffusionError::InvalidArgument {
+                what: "number of flow-matching steps".into(),
+                reason: "must be at least 1".into(),
+            });
         }
         let n = steps as f64;
         let base: Vec<f64> = (0..steps)
-            .map(|i| if steps == 1 { 1.0 } else { 1.0 + (1.0 / n - 1.0) * i as f64 / (n - 1.0) })
+            .map(|i| {
+                if steps == 1 {
+                    1.0
+                } else {
+                    1.0 + (1.0 / n - 1.0) * i as f64 / (n - 1.0)
+                }
+            })
             .collect();
         self.set_sigmas(&base, Some(self.config.mu(image_seq_len)))
     }
@@ -215,10 +257,16 @@ impl FlowMatchEulerScheduler {
                 TimeShift::Exponential => mu.exp(),
                 TimeShift::Linear => mu,
             };
-            sigmas.iter().map(|&s| scale / (scale + (1.0 / s - 1.0))).collect()
+            sigmas
+                .iter()
+                .map(|&s| scale / (scale + (1.0 / s - 1.0)))
+                .collect()
         } else {
             let k = self.config.shift;
-            sigmas.iter().map(|&s| k * s / (1.0 + (k - 1.0) * s)).collect()
+            sigmas
+                .iter()
+                .map(|&s| k * s / (1.0 + (k - 1.0) * s))
+                .collect()
         };
         // diffusers holds the schedule in f32; keep its values exactly.
         let shifted: Vec<f64> = shifted.iter().map(|&s| s as f32 as f64).collect();
@@ -247,7 +295,9 @@ impl FlowMatchEulerScheduler {
     /// returned in the model output's dtype.
     pub fn step(&self, model_output: &Tensor, index: usize, sample: &Tensor) -> Result<Tensor> {
         if self.timesteps.is_empty() {
-            return Err(DiffusionError::TimestepsNotSet { scheduler: "FlowMatchEulerScheduler" });
+            return Err(DiffusionError::TimestepsNotSet {
+                scheduler: "FlowMatchEulerScheduler",
+            });
         }
         if index >= self.timesteps.len() {
             return Err(DiffusionError::InvalidArgument {
@@ -290,7 +340,11 @@ where
     D: Denoiser + ?Sized,
     F: FnMut(&FlowStepInfo<'_>) -> Result<StepControl>,
 {
-    let steps = scheduler.num_inference_steps().ok_or(DiffusionError::TimestepsNotSet { scheduler: "FlowMatchEulerScheduler" })?;
+    let steps = scheduler
+        .num_inference_steps()
+        .ok_or(DiffusionError::TimestepsNotSet {
+            scheduler: "FlowMatchEulerScheduler",
+        })?;
     let mut z = latents;
     for index in 0..steps {
         let t = scheduler.timesteps()[index];

@@ -35,7 +35,9 @@ pub use config::{BetaSchedule, DdimConfig, LoadedConfig, PredictionType, Timeste
 pub use ddim::DdimScheduler;
 pub use denoiser::{classifier_free_guidance, guided_prediction, Denoiser, Guidance};
 pub use error::{DiffusionError, Result};
-pub use flow_match::{flow_match_sample, FlowMatchConfig, FlowMatchEulerScheduler, FlowStepInfo, TimeShift};
+pub use flow_match::{
+    flow_match_sample, FlowMatchConfig, FlowMatchEulerScheduler, FlowStepInfo, TimeShift,
+};
 pub use inverse::DdimInverseScheduler;
 pub use invert::{ddim_invert, Inversion, InversionStepInfo};
 pub use rf_invert::{rf_invert, rf_reconstruct, RfInversionConfig};

@@ -36,26 +36,42 @@ impl Default for RfInversionConfig {
     /// γ = 0.5, η = 0.9 over the first quarter of the reverse steps: faithful reconstructions
     /// whose late steps are left to the model (the paper's reconstruction/editing regime).
     fn default() -> Self {
-        Self { gamma: 0.5, eta: 0.9, start: 0.0, stop: 0.25 }
+        Self {
+            gamma: 0.5,
+            eta: 0.9,
+            start: 0.0,
+            stop: 0.25,
+        }
     }
 }
 
 impl RfInversionConfig {
     /// No control: plain Euler inversion and sampling.
     pub fn plain() -> Self {
-        Self { gamma: 0.0, eta: 0.0, start: 0.0, stop: 0.0 }
+        Self {
+            gamma: 0.0,
+            eta: 0.0,
+            start: 0.0,
+            stop: 0.0,
+        }
     }
 
     fn check(&self) -> Result<()> {
         for (what, v) in [("gamma", self.gamma), ("eta", self.eta)] {
             if !(0.0..=1.0).contains(&v) {
-                return Err(DiffusionError::InvalidArgument { what: format!("RF-inversion {what}"), reason: format!("{v}; expected 0..=1") });
+                return Err(DiffusionError::InvalidArgument {
+                    what: format!("RF-inversion {what}"),
+                    reason: format!("{v}; expected 0..=1"),
+                });
             }
         }
         if !(0.0 <= self.start && self.start <= self.stop && self.stop <= 1.0) {
             return Err(DiffusionError::InvalidArgument {
                 what: "RF-inversion start/stop".into(),
-                reason: format!("{}..{}; expected 0 ≤ start ≤ stop ≤ 1", self.start, self.stop),
+                reason: format!(
+                    "{}..{}; expected 0 ≤ start ≤ stop ≤ 1",
+                    self.start, self.stop
+                ),
             });
         }
         Ok(())
@@ -63,7 +79,10 @@ impl RfInversionConfig {
 
     /// The η of reverse step `index` of `steps`.
     pub fn eta_at(&self, index: usize, steps: usize) -> f64 {
-        let (lo, hi) = ((self.start * steps as f64) as usize, ((self.stop * steps as f64) as usize).min(steps));
+        let (lo, hi) = (
+            (self.start * steps as f64) as usize,
+            ((self.stop * steps as f64) as usize).min(steps),
+        );
         if (lo..hi).contains(&index) {
             self.eta
         } else {
@@ -105,7 +124,13 @@ fn controlled(v: &Tensor, field: &Tensor, k: f64) -> Result<Tensor> {
 /// Inverts the clean latent `y0` to noise over the reversed `sigmas` with controller γ towards
 /// `noise` (same shape). `velocity(step, x, σ)` evaluates the model, `step` counting the forward
 /// steps from 0. Returns the latent at σ = σ₀ (1 for a full schedule).
-pub fn rf_invert<F>(y0: &Tensor, noise: &Tensor, sigmas: &[f64], cfg: &RfInversionConfig, mut velocity: F) -> Result<Tensor>
+pub fn rf_invert<F>(
+    y0: &Tensor,
+    noise: &Tensor,
+    sigmas: &[f64],
+    cfg: &RfInversionConfig,
+    mut velocity: F,
+) -> Result<Tensor>
 where
     F: FnMut(usize, &Tensor, f64) -> Result<Tensor>,
 {
@@ -119,7 +144,11 @@ where
         let (sigma, next) = (sigmas[k], sigmas[k - 1]);
         let v = velocity(step, &x, sigma)?;
         // The field that carries x straight to y₁ by σ = 1.
-        let field = if cfg.gamma > 0.0 { ((&noise - x.to_dtype(DType::F32)?)? / (1.0 - sigma))? } else { v.clone() };
+        let field = if cfg.gamma > 0.0 {
+            ((&noise - x.to_dtype(DType::F32)?)? / (1.0 - sigma))?
+        } else {
+            v.clone()
+        };
         let u = controlled(&v, &field, cfg.gamma)?;
         x = euler(&x, &u, (next as f32 - sigma as f32) as f64)?;
     }
@@ -128,7 +157,13 @@ where
 
 /// Samples from the inverted latent `x1` over `sigmas` with controller η towards the clean
 /// latent `y0` (see [`RfInversionConfig::eta_at`]). `velocity(step, x, σ)` evaluates the model.
-pub fn rf_reconstruct<F>(x1: &Tensor, y0: &Tensor, sigmas: &[f64], cfg: &RfInversionConfig, mut velocity: F) -> Result<Tensor>
+pub fn rf_reconstruct<F>(
+    x1: &Tensor,
+    y0: &Tensor,
+    sigmas: &[f64],
+    cfg: &RfInversionConfig,
+    mut velocity: F,
+) -> Result<Tensor>
 where
     F: FnMut(usize, &Tensor, f64) -> Result<Tensor>,
 {
@@ -143,7 +178,11 @@ where
         let v = velocity(index, &x, sigma)?;
         let eta = cfg.eta_at(index, steps);
         // The field that carries x straight to y₀ by σ = 0 (σ > 0 at every evaluated step).
-        let field = if eta > 0.0 { ((x.to_dtype(DType::F32)? - &y0)? / sigma)? } else { v.clone() };
+        let field = if eta > 0.0 {
+            ((x.to_dtype(DType::F32)? - &y0)? / sigma)?
+        } else {
+            v.clone()
+        };
         let u = controlled(&v, &field, eta)?;
         x = euler(&x, &u, (next as f32 - sigma as f32) as f64)?;
     }
@@ -174,12 +213,22 @@ mod tests {
     fn plain_inversion_is_euler_backwards() {
         let y0 = t(&[0.5, -1.0]);
         let noise = t(&[9.0, 9.0]);
-        let got = rf_invert(&y0, &noise, &SIGMAS, &RfInversionConfig::plain(), |_, x, s| field(x, s)).unwrap();
+        let got = rf_invert(
+            &y0,
+            &noise,
+            &SIGMAS,
+            &RfInversionConfig::plain(),
+            |_, x, s| field(x, s),
+        )
+        .unwrap();
         // Direct: x ← x + (σ_{k−1} − σ_k)·v(x, σ_k) for k = N..1.
         let mut x = vec![0.5f64, -1.0];
         for k in (1..SIGMAS.len()).rev() {
             let (s, next) = (SIGMAS[k], SIGMAS[k - 1]);
-            x = x.iter().map(|&xi| xi + (next - s) * (xi * (0.3 + s) + 0.1)).collect();
+            x = x
+                .iter()
+                .map(|&xi| xi + (next - s) * (xi * (0.3 + s) + 0.1))
+                .collect();
         }
         for (g, w) in vals(&got).iter().zip(&x) {
             assert!((*g as f64 - w).abs() < 1e-5, "{g} vs {w}");
@@ -190,10 +239,16 @@ mod tests {
     fn plain_reconstruction_is_euler_sampling() {
         let x1 = t(&[0.3, 0.7]);
         let y0 = t(&[5.0, 5.0]);
-        let got = rf_reconstruct(&x1, &y0, &SIGMAS, &RfInversionConfig::plain(), |_, x, s| field(x, s)).unwrap();
+        let got = rf_reconstruct(&x1, &y0, &SIGMAS, &RfInversionConfig::plain(), |_, x, s| {
+            field(x, s)
+        })
+        .unwrap();
         let mut x = vec![0.3f64, 0.7];
         for w in SIGMAS.windows(2) {
-            x = x.iter().map(|&xi| xi + (w[1] - w[0]) * (xi * (0.3 + w[0]) + 0.1)).collect();
+            x = x
+                .iter()
+                .map(|&xi| xi + (w[1] - w[0]) * (xi * (0.3 + w[0]) + 0.1))
+                .collect();
         }
         for (g, w) in vals(&got).iter().zip(&x) {
             assert!((*g as f64 - w).abs() < 1e-5, "{g} vs {w}");
@@ -205,7 +260,12 @@ mod tests {
         // γ = 1: the forward ODE follows the straight line to the noise sample exactly.
         let y0 = t(&[0.5, -1.0]);
         let noise = t(&[2.0, 3.0]);
-        let cfg = RfInversionConfig { gamma: 1.0, eta: 1.0, start: 0.0, stop: 1.0 };
+        let cfg = RfInversionConfig {
+            gamma: 1.0,
+            eta: 1.0,
+            start: 0.0,
+            stop: 1.0,
+        };
         let x1 = rf_invert(&y0, &noise, &SIGMAS, &cfg, |_, x, s| field(x, s)).unwrap();
         for (g, w) in vals(&x1).iter().zip([2.0f32, 3.0]) {
             assert!((g - w).abs() < 1e-5, "{g} vs {w}");
@@ -219,7 +279,12 @@ mod tests {
 
     #[test]
     fn eta_window() {
-        let cfg = RfInversionConfig { gamma: 0.5, eta: 0.9, start: 0.0, stop: 0.25 };
+        let cfg = RfInversionConfig {
+            gamma: 0.5,
+            eta: 0.9,
+            start: 0.0,
+            stop: 0.25,
+        };
         let on: Vec<usize> = (0..28).filter(|&i| cfg.eta_at(i, 28) > 0.0).collect();
         assert_eq!(on, (0..7).collect::<Vec<_>>());
         assert!(RfInversionConfig { gamma: 2.0, ..cfg }.check().is_err());

@@ -27,7 +27,11 @@ pub const METHOD_STEPS: [usize; 6] = [5, 10, 15, 20, 25, 49];
 
 /// The method's steps that exist in a schedule of `steps` steps, or the last step if none does.
 pub fn default_map_steps(steps: usize) -> Vec<usize> {
-    let v: Vec<usize> = METHOD_STEPS.iter().copied().filter(|&s| s < steps).collect();
+    let v: Vec<usize> = METHOD_STEPS
+        .iter()
+        .copied()
+        .filter(|&s| s < steps)
+        .collect();
     if v.is_empty() {
         vec![steps.saturating_sub(1)]
     } else {
@@ -119,7 +123,9 @@ pub fn resize_maps(maps: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> 
     let lead: usize = dims[..dims.len() - 2].iter().product();
     let dev = maps.device();
     let rh = Tensor::from_vec(resize_matrix(h, out_h), (out_h, h), dev)?.to_dtype(maps.dtype())?;
-    let rw = Tensor::from_vec(resize_matrix(w, out_w), (out_w, w), dev)?.to_dtype(maps.dtype())?.t()?;
+    let rw = Tensor::from_vec(resize_matrix(w, out_w), (out_w, w), dev)?
+        .to_dtype(maps.dtype())?
+        .t()?;
     let flat = maps.reshape((lead, h, w))?;
     let out = rh.broadcast_matmul(&flat)?.broadcast_matmul(&rw)?;
     let mut shape = dims[..dims.len() - 2].to_vec();
@@ -129,15 +135,25 @@ pub fn resize_maps(maps: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> 
 
 /// Divides every map (last two dims) by its sum.
 pub fn renormalize(maps: &Tensor) -> Result<Tensor> {
-    let sums = maps.sum_keepdim(maps.rank() - 1)?.sum_keepdim(maps.rank() - 2)?;
-    let eps = if maps.dtype() == DType::F64 { 1e-30 } else { 1e-20 };
+    let sums = maps
+        .sum_keepdim(maps.rank() - 1)?
+        .sum_keepdim(maps.rank() - 2)?;
+    let eps = if maps.dtype() == DType::F64 {
+        1e-30
+    } else {
+        1e-20
+    };
     Ok(maps.broadcast_div(&(sums + eps)?)?)
 }
 
 /// Each word's map in one layer's probabilities `probs` (batch, heads, h·w, tokens): the mean of
 /// the word's token columns, as (batch, words, heads, h, w). Differentiable; every consumer of
 /// cross-attention (display, dataset building, steering) reads word maps through this.
-pub fn word_maps(probs: &Tensor, words: &[Vec<usize>], site: &AttentionSite) -> candle_core::Result<Tensor> {
+pub fn word_maps(
+    probs: &Tensor,
+    words: &[Vec<usize>],
+    site: &AttentionSite,
+) -> candle_core::Result<Tensor> {
     let (b, heads, _, _) = probs.dims4()?;
     let mut per_word = Vec::with_capacity(words.len());
     for positions in words {
@@ -149,8 +165,14 @@ pub fn word_maps(probs: &Tensor, words: &[Vec<usize>], site: &AttentionSite) -> 
                 None => col,
             });
         }
-        let acc = acc.ok_or_else(|| candle_core::Error::Msg("a word with no token positions".into()))?;
-        per_word.push((acc / positions.len() as f64)?.reshape((b, heads, site.height, site.width))?);
+        let acc =
+            acc.ok_or_else(|| candle_core::Error::Msg("a word with no token positions".into()))?;
+        per_word.push((acc / positions.len() as f64)?.reshape((
+            b,
+            heads,
+            site.height,
+            site.width,
+        ))?);
     }
     Tensor::stack(&per_word, 1)
 }
@@ -166,12 +188,20 @@ pub struct AttentionCollector {
 impl AttentionCollector {
     pub fn new(words: Vec<WordTokens>, at_steps: &[usize]) -> Result<Self> {
         if words.is_empty() {
-            return Err(GenerateError::invalid("words", "none given; expected at least one word of the prompt"));
+            return Err(GenerateError::invalid(
+                "words",
+                "none given; expected at least one word of the prompt",
+            ));
         }
         let mut at_steps = at_steps.to_vec();
         at_steps.sort_unstable();
         at_steps.dedup();
-        Ok(Self { words, at_steps, current: None, layers: Vec::new() })
+        Ok(Self {
+            words,
+            at_steps,
+            current: None,
+            layers: Vec::new(),
+        })
     }
 
     pub fn layers(&self) -> &[LayerMap] {
@@ -201,7 +231,14 @@ impl AttentionCollector {
         }
         let per_head = Tensor::stack(&per_step, 0)?;
         let per_word = per_head.mean(2)?;
-        Ok(AttentionMaps { words: self.words, steps: self.at_steps, size, per_head, per_word, layers: self.layers })
+        Ok(AttentionMaps {
+            words: self.words,
+            steps: self.at_steps,
+            size,
+            per_head,
+            per_word,
+            layers: self.layers,
+        })
     }
 }
 
@@ -211,11 +248,17 @@ impl AttentionObserver for AttentionCollector {
     }
 
     fn observe(&mut self, site: &AttentionSite, probs: &Tensor) -> candle_core::Result<()> {
-        let Some(step) = self.current else { return Ok(()) };
+        let Some(step) = self.current else {
+            return Ok(());
+        };
         let positions: Vec<Vec<usize>> = self.words.iter().map(|w| w.positions.clone()).collect();
         // (batch, words, heads, h, w), averaged over the batch rows.
         let maps = word_maps(&probs.detach().to_dtype(DType::F32)?, &positions, site)?.mean(0)?;
-        self.layers.push(LayerMap { step, site: site.clone(), maps });
+        self.layers.push(LayerMap {
+            step,
+            site: site.clone(),
+            maps,
+        });
         Ok(())
     }
 }
@@ -228,8 +271,15 @@ impl StepObserver for AttentionCollector {
 }
 
 /// Finds every word of `words` in the prompt (see [`word_tokens`]).
-pub fn words_in_prompt(sd: &StableDiffusion, prompt: &str, words: &[String]) -> Result<Vec<WordTokens>> {
-    words.iter().map(|w| word_tokens(&sd.tokenizer, prompt, w.trim())).collect()
+pub fn words_in_prompt(
+    sd: &StableDiffusion,
+    prompt: &str,
+    words: &[String],
+) -> Result<Vec<WordTokens>> {
+    words
+        .iter()
+        .map(|w| word_tokens(&sd.tokenizer, prompt, w.trim()))
+        .collect()
 }
 
 /// Checks that the request's steps exist in a run of `steps` steps and its map size is usable.
@@ -240,7 +290,10 @@ pub fn check_request(att: &AttentionRequest, steps: usize) -> Result<()> {
     if let Some(&bad) = att.at_steps.iter().find(|&&s| s >= steps) {
         return Err(GenerateError::invalid(
             "attention steps",
-            format!("step {bad} does not exist in a {steps}-step run (steps are numbered 0..={})", steps.saturating_sub(1)),
+            format!(
+                "step {bad} does not exist in a {steps}-step run (steps are numbered 0..={})",
+                steps.saturating_sub(1)
+            ),
         ));
     }
     if att.map_size == 0 {
@@ -279,7 +332,13 @@ impl AttentionMaps {
         let mut tensors = vec![
             ("per_word".to_string(), self.per_word.clone()),
             ("per_head".to_string(), self.per_head.clone()),
-            ("map_steps".to_string(), Tensor::new(self.steps.iter().map(|&s| s as u32).collect::<Vec<_>>(), &Device::Cpu)?),
+            (
+                "map_steps".to_string(),
+                Tensor::new(
+                    self.steps.iter().map(|&s| s as u32).collect::<Vec<_>>(),
+                    &Device::Cpu,
+                )?,
+            ),
         ];
         for l in &self.layers {
             tensors.push((format!("layer.{}.{}", l.step, l.site.layer), l.maps.clone()));
@@ -333,14 +392,22 @@ mod tests {
 
     #[test]
     fn resized_maps_keep_mass_after_renormalising() {
-        let x = Tensor::arange(0f32, 64.0, &Device::Cpu).unwrap().reshape((1, 8, 8)).unwrap();
+        let x = Tensor::arange(0f32, 64.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 8, 8))
+            .unwrap();
         for s in [2, 4, 8, 16, 5] {
             let r = renormalize(&resize_maps(&x, s, s).unwrap()).unwrap();
             assert_eq!(r.dims(), &[1, s, s]);
             let sum = r.sum_all().unwrap().to_scalar::<f32>().unwrap();
             assert!((sum - 1.0).abs() < 1e-5, "{s}: {sum}");
         }
-        let pooled = resize_maps(&x, 4, 4).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let pooled = resize_maps(&x, 4, 4)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(pooled[0], (0.0 + 1.0 + 8.0 + 9.0) / 4.0);
     }
 

@@ -21,7 +21,10 @@ pub fn to_unit_nhwc(decoded: &Tensor) -> Result<Tensor> {
         });
     }
     let unit = decoded.affine(0.5, 0.5)?.clamp(0f32, 1f32)?;
-    Ok(unit.to_dtype(DType::F32)?.permute((0, 2, 3, 1))?.contiguous()?)
+    Ok(unit
+        .to_dtype(DType::F32)?
+        .permute((0, 2, 3, 1))?
+        .contiguous()?)
 }
 
 /// (batch, H, W, 3) float in [0, 1] → one 8-bit image per batch entry, `round(x · 255)`.
@@ -34,13 +37,20 @@ pub fn unit_nhwc_to_images(pixels: &Tensor) -> Result<Vec<RgbImage>> {
             expected: "(batch, height, width, 3)".into(),
         });
     }
-    let data = pixels.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let data = pixels
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     let per = h * w * 3;
     (0..b)
         .map(|i| {
-            let bytes: Vec<u8> = data[i * per..(i + 1) * per].iter().map(|&v| quantize(v)).collect();
-            RgbImage::from_raw(w as u32, h as u32, bytes)
-                .ok_or_else(|| GenerateError::invalid("image buffer", "size does not match its dimensions"))
+            let bytes: Vec<u8> = data[i * per..(i + 1) * per]
+                .iter()
+                .map(|&v| quantize(v))
+                .collect();
+            RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| {
+                GenerateError::invalid("image buffer", "size does not match its dimensions")
+            })
         })
         .collect()
 }
@@ -63,8 +73,15 @@ pub fn decoded_to_images(decoded: &Tensor) -> Result<Vec<RgbImage>> {
 /// An 8-bit image → (1, 3, H, W) in [-1, 1], the VAE encoder's input.
 pub fn image_to_tensor(image: &RgbImage, dtype: DType, device: &Device) -> Result<Tensor> {
     let (w, h) = (image.width() as usize, image.height() as usize);
-    let data: Vec<f32> = image.as_raw().iter().map(|&v| v as f32 / 255.0).map(|x| 2.0 * x - 1.0).collect();
-    let t = Tensor::from_vec(data, (1, h, w, 3), &Device::Cpu)?.permute((0, 3, 1, 2))?.contiguous()?;
+    let data: Vec<f32> = image
+        .as_raw()
+        .iter()
+        .map(|&v| v as f32 / 255.0)
+        .map(|x| 2.0 * x - 1.0)
+        .collect();
+    let t = Tensor::from_vec(data, (1, h, w, 3), &Device::Cpu)?
+        .permute((0, 3, 1, 2))?
+        .contiguous()?;
     Ok(t.to_dtype(dtype)?.to_device(device)?)
 }
 
@@ -88,7 +105,11 @@ pub fn psnr(a: &RgbImage, b: &RgbImage) -> Result<f64> {
         })
         .sum();
     let mse = sse / n;
-    Ok(if mse == 0.0 { f64::INFINITY } else { 10.0 * (255.0f64 * 255.0 / mse).log10() })
+    Ok(if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64 * 255.0 / mse).log10()
+    })
 }
 
 #[cfg(test)]
@@ -107,7 +128,9 @@ mod tests {
 
     #[test]
     fn image_round_trip() {
-        let img = RgbImage::from_fn(4, 3, |x, y| image::Rgb([(x * 60) as u8, (y * 80) as u8, 255]));
+        let img = RgbImage::from_fn(4, 3, |x, y| {
+            image::Rgb([(x * 60) as u8, (y * 80) as u8, 255])
+        });
         let t = image_to_tensor(&img, DType::F32, &Device::Cpu).unwrap();
         assert_eq!(t.dims(), &[1, 3, 3, 4]);
         let back = decoded_to_images(&t).unwrap();

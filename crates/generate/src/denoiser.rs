@@ -67,12 +67,24 @@ pub struct SdDenoiser<'a> {
 impl<'a> SdDenoiser<'a> {
     /// Plain inference: no observer.
     pub fn new(unet: &'a UNet2DConditionModel) -> Self {
-        Self { unet, observer: None, calls: 0 }
+        Self {
+            unet,
+            observer: None,
+            calls: 0,
+        }
     }
 
     /// Reports the given rows' cross-attention to `observer`.
-    pub fn observed(unet: &'a UNet2DConditionModel, observer: &'a mut dyn AttentionObserver, rows: ObservedRows) -> Self {
-        Self { unet, observer: Some((observer, rows)), calls: 0 }
+    pub fn observed(
+        unet: &'a UNet2DConditionModel,
+        observer: &'a mut dyn AttentionObserver,
+        rows: ObservedRows,
+    ) -> Self {
+        Self {
+            unet,
+            observer: Some((observer, rows)),
+            calls: 0,
+        }
     }
 
     /// Reports exactly the text-conditioned rows under `guidance` to `observer`.
@@ -97,19 +109,30 @@ impl<'a> SdDenoiser<'a> {
 impl Denoiser for SdDenoiser<'_> {
     type Cond = Tensor;
 
-    fn predict(&mut self, latents: &Tensor, t: f64, cond: &Tensor) -> l2s_diffusion::Result<Tensor> {
+    fn predict(
+        &mut self,
+        latents: &Tensor,
+        t: f64,
+        cond: &Tensor,
+    ) -> l2s_diffusion::Result<Tensor> {
         let call = self.calls;
         self.calls += 1;
         let out = match &mut self.observer {
             None => self.unet.forward(latents, t, cond)?,
             Some((observer, rows)) => match rows {
-                ObservedRows::All => self.unet.forward_observed(latents, t, cond, &mut **observer)?,
+                ObservedRows::All => {
+                    self.unet
+                        .forward_observed(latents, t, cond, &mut **observer)?
+                }
                 ObservedRows::SecondHalf => {
-                    let mut half = SecondHalf { inner: &mut **observer };
+                    let mut half = SecondHalf {
+                        inner: &mut **observer,
+                    };
                     self.unet.forward_observed(latents, t, cond, &mut half)?
                 }
                 ObservedRows::SecondOfEachPair if call % 2 == 1 => {
-                    self.unet.forward_observed(latents, t, cond, &mut **observer)?
+                    self.unet
+                        .forward_observed(latents, t, cond, &mut **observer)?
                 }
                 ObservedRows::SecondOfEachPair => self.unet.forward(latents, t, cond)?,
             },

@@ -14,11 +14,19 @@ pub enum GenerateError {
 
     /// A tensor or image has the wrong shape.
     #[error("{what}: found {found}, expected {expected}")]
-    Shape { what: String, found: String, expected: String },
+    Shape {
+        what: String,
+        found: String,
+        expected: String,
+    },
 
     /// A word asked for is not among the prompt's tokens.
     #[error("word `{word}` is not in the prompt {prompt:?} (the prompt's words: {words})")]
-    WordNotInPrompt { word: String, prompt: String, words: String },
+    WordNotInPrompt {
+        word: String,
+        prompt: String,
+        words: String,
+    },
 
     /// Reading or writing a file failed, or its content is not what was expected.
     #[error("{path}: {reason}")]
@@ -38,10 +46,16 @@ pub type Result<T> = std::result::Result<T, GenerateError>;
 
 impl GenerateError {
     pub(crate) fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
-        GenerateError::InvalidArgument { what: what.into(), reason: reason.into() }
+        GenerateError::InvalidArgument {
+            what: what.into(),
+            reason: reason.into(),
+        }
     }
 
     pub(crate) fn file(path: impl Into<PathBuf>, reason: impl std::fmt::Display) -> Self {
-        GenerateError::File { path: path.into(), reason: reason.to_string() }
+        GenerateError::File {
+            path: path.into(),
+            reason: reason.to_string(),
+        }
     }
 }

@@ -15,7 +15,9 @@
 
 use candle_core::{Device, Tensor};
 use image::RgbImage;
-use l2s_diffusion::{rf_invert, rf_reconstruct, FlowMatchConfig, FlowMatchEulerScheduler, RfInversionConfig};
+use l2s_diffusion::{
+    rf_invert, rf_reconstruct, FlowMatchConfig, FlowMatchEulerScheduler, RfInversionConfig,
+};
 use l2s_models::flux::{pack_latents, unpack_latents, FluxConditioning, FluxPipeline};
 use l2s_models::vae::{seeded_normal, LatentDraw};
 use l2s_models::{AttentionObserver, NoObserver};
@@ -24,7 +26,7 @@ use crate::attention::{AttentionCollector, AttentionMaps, AttentionRequest};
 use crate::convert::{image_to_tensor, psnr, to_unit_nhwc, unit_nhwc_to_images};
 use crate::error::{GenerateError, Result};
 use crate::generate::{GenerateRequest, Generated};
-use crate::invert::{InvertRequest, Inversion, Reconstruction};
+use crate::invert::{Inversion, InvertRequest, Reconstruction};
 use crate::prompt::{prompt_words, WordTokens};
 use crate::sample::{Phase, Progress, StepObserver};
 
@@ -72,7 +74,11 @@ pub fn flux_size_multiple(flux: &FluxPipeline) -> usize {
 }
 
 /// Checks an image size against the model and returns (width, height).
-pub fn flux_resolve_size(flux: &FluxPipeline, width: Option<usize>, height: Option<usize>) -> Result<(usize, usize)> {
+pub fn flux_resolve_size(
+    flux: &FluxPipeline,
+    width: Option<usize>,
+    height: Option<usize>,
+) -> Result<(usize, usize)> {
     let native = flux_native_size(flux);
     let (w, h) = (width.unwrap_or(native), height.unwrap_or(native));
     let m = flux_size_multiple(flux);
@@ -94,16 +100,26 @@ pub fn flux_latent_shape(flux: &FluxPipeline, width: usize, height: usize) -> [u
 }
 
 /// Seeded standard-normal latents, unpacked (the same on every machine for the same seed).
-pub fn flux_seeded_latents(flux: &FluxPipeline, width: usize, height: usize, seed: u64) -> Result<Tensor> {
+pub fn flux_seeded_latents(
+    flux: &FluxPipeline,
+    width: usize,
+    height: usize,
+    seed: u64,
+) -> Result<Tensor> {
     let shape = flux_latent_shape(flux, width, height);
-    Ok(seeded_normal(&shape, seed, &Device::Cpu)?.to_dtype(flux.dtype)?.to_device(&flux.device)?)
+    Ok(seeded_normal(&shape, seed, &Device::Cpu)?
+        .to_dtype(flux.dtype)?
+        .to_device(&flux.device)?)
 }
 
 /// The model's flow-matching schedule for `steps` steps at this packed grid: N sigmas and the
 /// terminal 0.
 pub fn flux_sigmas(flux: &FluxPipeline, steps: usize, grid: (usize, usize)) -> Result<Vec<f64>> {
     if steps == 0 {
-        return Err(GenerateError::invalid("number of steps", "0; expected at least 1"));
+        return Err(GenerateError::invalid(
+            "number of steps",
+            "0; expected at least 1",
+        ));
     }
     let mut s = FlowMatchEulerScheduler::new(FlowMatchConfig::from_file(&flux.scheduler_config)?);
     s.set_timesteps(steps, grid.0 * grid.1)?;
@@ -139,14 +155,23 @@ pub fn flux_word_tokens(flux: &FluxPipeline, prompt: &str, word: &str) -> Result
     }
     let enc = flux.tokenizer_2.encode(prompt)?;
     let text = &enc.ids[..enc.text_tokens];
-    let start = text.windows(needle.len()).position(|w| w == needle.as_slice()).ok_or_else(not_found)?;
-    Ok(WordTokens { word: word.to_string(), positions: (start..start + needle.len()).collect() })
+    let start = text
+        .windows(needle.len())
+        .position(|w| w == needle.as_slice())
+        .ok_or_else(not_found)?;
+    Ok(WordTokens {
+        word: word.to_string(),
+        positions: (start..start + needle.len()).collect(),
+    })
 }
 
 /// The guidance input of a request: dev reads it, schnell has none.
 fn guidance_input(flux: &FluxPipeline, guidance: f64) -> Result<Option<f64>> {
     if !guidance.is_finite() {
-        return Err(GenerateError::invalid("guidance scale", format!("{guidance} is not a finite number")));
+        return Err(GenerateError::invalid(
+            "guidance scale",
+            format!("{guidance} is not a finite number"),
+        ));
     }
     Ok((!is_schnell(flux)).then_some(guidance))
 }
@@ -165,8 +190,21 @@ pub fn flux_sample_latents(
 ) -> Result<Tensor> {
     let total = sigmas.len() - 1;
     let out = l2s_models::flux::pipeline::flux_sample(packed, sigmas, |index, x, sigma| {
-        let v = velocity_observed(flux, x, grid, cond, sigma, guidance, index, observer.as_deref_mut())?;
-        progress(Progress { phase: Phase::Denoise, done: index + 1, total });
+        let v = velocity_observed(
+            flux,
+            x,
+            grid,
+            cond,
+            sigma,
+            guidance,
+            index,
+            observer.as_deref_mut(),
+        )?;
+        progress(Progress {
+            phase: Phase::Denoise,
+            done: index + 1,
+            total,
+        });
         Ok(v)
     })?;
     Ok(out)
@@ -186,7 +224,14 @@ fn velocity_observed(
 ) -> candle_core::Result<Tensor> {
     if let Some(o) = observer {
         if o.begin_step(index, (sigma * 1000.0).round() as usize) {
-            return flux.velocity(x, grid, cond, sigma, guidance, o as &mut dyn AttentionObserver);
+            return flux.velocity(
+                x,
+                grid,
+                cond,
+                sigma,
+                guidance,
+                o as &mut dyn AttentionObserver,
+            );
         }
     }
     flux.velocity(x, grid, cond, sigma, guidance, &mut NoObserver)
@@ -217,15 +262,33 @@ pub fn generate_flux(
     let guidance = guidance_input(flux, req.guidance)?;
     let (cond, mut warnings) = flux_encode(flux, &req.prompt)?;
     if !req.negative_prompt.is_empty() {
-        warnings.push("FLUX has no classifier-free guidance: the negative prompt is not used".into());
+        warnings
+            .push("FLUX has no classifier-free guidance: the negative prompt is not used".into());
     }
     let grid = flux.grid_for(height, width);
     let sigmas = flux_sigmas(flux, req.steps, grid)?;
-    let packed = flux_sample_latents(flux, &sigmas, pack_latents(&initial)?, grid, &cond, guidance, observer, progress)?;
+    let packed = flux_sample_latents(
+        flux,
+        &sigmas,
+        pack_latents(&initial)?,
+        grid,
+        &cond,
+        guidance,
+        observer,
+        progress,
+    )?;
     let latents = unpack_latents(&packed, grid)?;
     let pixels = to_unit_nhwc(&flux.vae.decode_latents(&latents)?)?;
     let image = unit_nhwc_to_images(&pixels)?.remove(0);
-    Ok(Generated { image, pixels, initial_latents: initial, latents, width, height, warnings })
+    Ok(Generated {
+        image,
+        pixels,
+        initial_latents: initial,
+        latents,
+        width,
+        height,
+        warnings,
+    })
 }
 
 /// Generates an image while recording the requested words' attention maps.
@@ -235,7 +298,11 @@ pub fn generate_flux_with_attention(
     att: &AttentionRequest,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(Generated, AttentionMaps)> {
-    let words = att.words.iter().map(|w| flux_word_tokens(flux, &req.prompt, w.trim())).collect::<Result<Vec<_>>>()?;
+    let words = att
+        .words
+        .iter()
+        .map(|w| flux_word_tokens(flux, &req.prompt, w.trim()))
+        .collect::<Result<Vec<_>>>()?;
     crate::attention::check_request(att, req.steps)?;
     let mut collector = AttentionCollector::new(words, &att.at_steps)?;
     let generated = generate_flux(flux, req, Some(&mut collector), progress)?;
@@ -244,7 +311,13 @@ pub fn generate_flux_with_attention(
 }
 
 /// Metadata for a FLUX image: [`crate::generation_metadata`] with the flow-matching sampler.
-pub fn flux_metadata(req: &GenerateRequest, model: &str, width: usize, height: usize, extra: &[(String, String)]) -> Vec<(String, String)> {
+pub fn flux_metadata(
+    req: &GenerateRequest,
+    model: &str,
+    width: usize,
+    height: usize,
+    extra: &[(String, String)],
+) -> Vec<(String, String)> {
     let mut m = crate::png::generation_metadata(req, model, width, height, extra);
     for (k, v) in m.iter_mut() {
         if k == "sampler" {
@@ -282,8 +355,14 @@ pub fn invert_flux(
     let noise = pack_latents(&flux_seeded_latents(flux, w, h, seed)?)?;
     let total = req.steps;
     let x1 = rf_invert(&y0, &noise, &sigmas, rf, |step, x, sigma| {
-        let v = flux.velocity(x, grid, &cond, sigma, guidance, &mut NoObserver).map_err(l2s_diffusion::DiffusionError::from)?;
-        progress(Progress { phase: Phase::Invert, done: step + 1, total });
+        let v = flux
+            .velocity(x, grid, &cond, sigma, guidance, &mut NoObserver)
+            .map_err(l2s_diffusion::DiffusionError::from)?;
+        progress(Progress {
+            phase: Phase::Invert,
+            done: step + 1,
+            total,
+        });
         Ok(v)
     })?;
     let latents = unpack_latents(&x1, grid)?;
@@ -315,15 +394,43 @@ pub fn reconstruct_flux(
     let (cond, _) = flux_encode(flux, &req.prompt)?;
     let sigmas = flux_sigmas(flux, req.steps, grid)?;
     let total = req.steps;
-    let packed = rf_reconstruct(&pack_latents(&inversion.latents)?, &pack_latents(&inversion.z0)?, &sigmas, rf, |index, x, sigma| {
-        let v = velocity_observed(flux, x, grid, &cond, sigma, guidance, index, observer.as_deref_mut())
+    let packed = rf_reconstruct(
+        &pack_latents(&inversion.latents)?,
+        &pack_latents(&inversion.z0)?,
+        &sigmas,
+        rf,
+        |index, x, sigma| {
+            let v = velocity_observed(
+                flux,
+                x,
+                grid,
+                &cond,
+                sigma,
+                guidance,
+                index,
+                observer.as_deref_mut(),
+            )
             .map_err(l2s_diffusion::DiffusionError::from)?;
-        progress(Progress { phase: Phase::Denoise, done: index + 1, total });
-        Ok(v)
-    })?;
+            progress(Progress {
+                phase: Phase::Denoise,
+                done: index + 1,
+                total,
+            });
+            Ok(v)
+        },
+    )?;
     let latents = unpack_latents(&packed, grid)?;
     let pixels = to_unit_nhwc(&flux.vae.decode_latents(&latents)?)?;
     let image = unit_nhwc_to_images(&pixels)?.remove(0);
-    let psnr = inversion.image.as_ref().map(|orig| psnr(orig, &image)).transpose()?;
-    Ok(Reconstruction { image, pixels, latents, psnr })
+    let psnr = inversion
+        .image
+        .as_ref()
+        .map(|orig| psnr(orig, &image))
+        .transpose()?;
+    Ok(Reconstruction {
+        image,
+        pixels,
+        latents,
+        psnr,
+    })
 }

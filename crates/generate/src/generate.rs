@@ -75,11 +75,19 @@ pub fn size_multiple(sd: &StableDiffusion) -> usize {
 /// The size the model was trained at: the UNet's `sample_size` × the VAE factor (512 for SD1.x
 /// and SD2.1-base); 512 when the config has no sample size.
 pub fn native_size(sd: &StableDiffusion) -> usize {
-    sd.unet.config().sample_size.map(|s| s * vae_factor(sd)).unwrap_or(512)
+    sd.unet
+        .config()
+        .sample_size
+        .map(|s| s * vae_factor(sd))
+        .unwrap_or(512)
 }
 
 /// Checks an image size against the model and returns (width, height).
-pub fn resolve_size(sd: &StableDiffusion, width: Option<usize>, height: Option<usize>) -> Result<(usize, usize)> {
+pub fn resolve_size(
+    sd: &StableDiffusion,
+    width: Option<usize>,
+    height: Option<usize>,
+) -> Result<(usize, usize)> {
     let native = native_size(sd);
     let (w, h) = (width.unwrap_or(native), height.unwrap_or(native));
     let m = size_multiple(sd);
@@ -106,13 +114,24 @@ pub fn latent_shape(sd: &StableDiffusion, width: usize, height: usize) -> [usize
 }
 
 /// Seeded standard-normal latents (the same on every machine for the same seed and shape).
-pub fn seeded_latents(sd: &StableDiffusion, width: usize, height: usize, seed: u64) -> Result<Tensor> {
+pub fn seeded_latents(
+    sd: &StableDiffusion,
+    width: usize,
+    height: usize,
+    seed: u64,
+) -> Result<Tensor> {
     let shape = latent_shape(sd, width, height);
-    Ok(seeded_normal(&shape, seed, &Device::Cpu)?.to_dtype(sd.dtype)?.to_device(&sd.device)?)
+    Ok(seeded_normal(&shape, seed, &Device::Cpu)?
+        .to_dtype(sd.dtype)?
+        .to_device(&sd.device)?)
 }
 
 /// Generates one image.
-pub fn generate(sd: &StableDiffusion, req: &GenerateRequest, progress: &mut dyn FnMut(Progress)) -> Result<Generated> {
+pub fn generate(
+    sd: &StableDiffusion,
+    req: &GenerateRequest,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Generated> {
     generate_observed(sd, req, None, progress)
 }
 
@@ -142,29 +161,59 @@ pub fn generate_observed(
     let guidance = cond.guidance()?;
     let scheduler = scheduler(sd, req.steps)?;
     // init_noise_sigma is 1 for DDIM.
-    let latents = sample_latents(sd, &scheduler, initial.clone(), &guidance, observer, progress)?;
+    let latents = sample_latents(
+        sd,
+        &scheduler,
+        initial.clone(),
+        &guidance,
+        observer,
+        progress,
+    )?;
     let pixels = to_unit_nhwc(&sd.vae.decode_latents(&latents)?)?;
     let image = unit_nhwc_to_images(&pixels)?.remove(0);
-    Ok(Generated { image, pixels, initial_latents: initial, latents, width, height, warnings: cond.warnings() })
+    Ok(Generated {
+        image,
+        pixels,
+        initial_latents: initial,
+        latents,
+        width,
+        height,
+        warnings: cond.warnings(),
+    })
 }
 
 /// Reads a latent tensor named `name` from a safetensors file, as float32.
 pub fn read_latents(path: &Path, name: &str) -> Result<Tensor> {
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| GenerateError::file(path, e))?;
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| GenerateError::file(path, e))?;
     let t = tensors.get(name).ok_or_else(|| {
         let mut names: Vec<&str> = tensors.keys().map(String::as_str).collect();
         names.sort();
         let more = names.len().saturating_sub(8);
         names.truncate(8);
-        let tail = if more > 0 { format!(" and {more} more") } else { String::new() };
-        GenerateError::file(path, format!("no tensor named `{name}` (found: {}{tail})", names.join(", ")))
+        let tail = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        GenerateError::file(
+            path,
+            format!(
+                "no tensor named `{name}` (found: {}{tail})",
+                names.join(", ")
+            ),
+        )
     })?;
     Ok(t.to_dtype(DType::F32)?)
 }
 
 /// Writes tensors to a safetensors file atomically, with string metadata in its header. Half
 /// precision tensors are stored as float32.
-pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)], metadata: &[(String, String)]) -> Result<()> {
+pub fn write_tensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: &[(String, String)],
+) -> Result<()> {
     let mut views = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let mut t = t.to_device(&Device::Cpu)?.contiguous()?;
@@ -177,7 +226,12 @@ pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)], metadata: &[(Str
             DType::U32 => safetensors::Dtype::U32,
             DType::I64 => safetensors::Dtype::I64,
             DType::U8 => safetensors::Dtype::U8,
-            other => return Err(GenerateError::invalid(format!("tensor `{name}`"), format!("dtype {other:?} cannot be saved"))),
+            other => {
+                return Err(GenerateError::invalid(
+                    format!("tensor `{name}`"),
+                    format!("dtype {other:?} cannot be saved"),
+                ))
+            }
         };
         let bytes = tensor_bytes(&t)?;
         views.push((name.clone(), dtype, t.dims().to_vec(), bytes));
@@ -191,18 +245,40 @@ pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)], metadata: &[(Str
         })
         .collect::<Result<_>>()?;
     let meta: std::collections::HashMap<String, String> = metadata.iter().cloned().collect();
-    let bytes = safetensors::tensor::serialize(data, Some(meta)).map_err(|e| GenerateError::file(path, e))?;
+    let bytes = safetensors::tensor::serialize(data, Some(meta))
+        .map_err(|e| GenerateError::file(path, e))?;
     crate::png::write_atomic(path, &bytes)
 }
 
 fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
     let flat = t.flatten_all()?;
     Ok(match t.dtype() {
-        DType::F32 => flat.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::F64 => flat.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::U32 => flat.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::I64 => flat.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F32 => flat
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F64 => flat
+            .to_vec1::<f64>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::U32 => flat
+            .to_vec1::<u32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::I64 => flat
+            .to_vec1::<i64>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
         DType::U8 => flat.to_vec1::<u8>()?,
-        other => return Err(GenerateError::invalid("tensor", format!("dtype {other:?} cannot be saved"))),
+        other => {
+            return Err(GenerateError::invalid(
+                "tensor",
+                format!("dtype {other:?} cannot be saved"),
+            ))
+        }
     })
 }

@@ -16,7 +16,9 @@ use crate::convert::{image_to_tensor, psnr, to_unit_nhwc, unit_nhwc_to_images};
 use crate::denoiser::SdDenoiser;
 use crate::error::{GenerateError, Result};
 use crate::generate::{latent_shape, resolve_size};
-use crate::sample::{inverse_scheduler, sample_latents, scheduler, Conditioning, Phase, Progress, StepObserver};
+use crate::sample::{
+    inverse_scheduler, sample_latents, scheduler, Conditioning, Phase, Progress, StepObserver,
+};
 
 /// How to invert.
 #[derive(Clone, Debug)]
@@ -86,7 +88,9 @@ pub fn check_image(sd: &StableDiffusion, image: &RgbImage, req: &InvertRequest) 
             what: "image to invert".into(),
             found: format!("{}×{} pixels", image.width(), image.height()),
             expected: if req.width.is_none() && req.height.is_none() {
-                format!("{w}×{h}, the model's size (ask for another size explicitly to invert at it)")
+                format!(
+                    "{w}×{h}, the model's size (ask for another size explicitly to invert at it)"
+                )
             } else {
                 format!("{w}×{h} as requested")
             },
@@ -108,7 +112,10 @@ pub fn read_rgb_image(path: &Path) -> Result<RgbImage> {
         image::DynamicImage::ImageRgb8(rgb) => Ok(rgb),
         other => Err(GenerateError::file(
             path,
-            format!("colour type {:?}; expected 8-bit RGB without alpha", other.color()),
+            format!(
+                "colour type {:?}; expected 8-bit RGB without alpha",
+                other.color()
+            ),
         )),
     }
 }
@@ -150,10 +157,21 @@ pub fn invert_latents(
     let mut denoiser = SdDenoiser::new(&sd.unet);
     let total = scheduler.timesteps().len();
     let z0 = z0.to_dtype(sd.dtype)?.to_device(&sd.device)?;
-    let inv = ddim_invert(&mut denoiser, &scheduler, z0.clone(), &guidance, req.fixed_point_iterations, |info| {
-        progress(Progress { phase: Phase::Invert, done: info.index + 1, total });
-        Ok(())
-    })?;
+    let inv = ddim_invert(
+        &mut denoiser,
+        &scheduler,
+        z0.clone(),
+        &guidance,
+        req.fixed_point_iterations,
+        |info| {
+            progress(Progress {
+                phase: Phase::Invert,
+                done: info.index + 1,
+                total,
+            });
+            Ok(())
+        },
+    )?;
     Ok(Inversion {
         z0,
         latents: inv.latents().clone(),
@@ -177,9 +195,25 @@ pub fn reconstruct(
     let cond = Conditioning::new(sd, &req.prompt, &req.negative_prompt, req.guidance)?;
     let guidance = cond.guidance()?;
     let scheduler = scheduler(sd, req.steps)?;
-    let latents = sample_latents(sd, &scheduler, inversion.latents.clone(), &guidance, observer, progress)?;
+    let latents = sample_latents(
+        sd,
+        &scheduler,
+        inversion.latents.clone(),
+        &guidance,
+        observer,
+        progress,
+    )?;
     let pixels = to_unit_nhwc(&sd.vae.decode_latents(&latents)?)?;
     let image = unit_nhwc_to_images(&pixels)?.remove(0);
-    let psnr = inversion.image.as_ref().map(|orig| psnr(orig, &image)).transpose()?;
-    Ok(Reconstruction { image, pixels, latents, psnr })
+    let psnr = inversion
+        .image
+        .as_ref()
+        .map(|orig| psnr(orig, &image))
+        .transpose()?;
+    Ok(Reconstruction {
+        image,
+        pixels,
+        latents,
+        psnr,
+    })
 }

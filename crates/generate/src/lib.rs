@@ -36,16 +36,19 @@ pub mod sample;
 pub mod sheet;
 
 pub use attention::{
-    default_map_steps, generate_with_attention, resize_maps, AttentionCollector, AttentionMaps, AttentionRequest, LayerMap,
+    default_map_steps, generate_with_attention, resize_maps, AttentionCollector, AttentionMaps,
+    AttentionRequest, LayerMap,
 };
 pub use convert::{decoded_to_images, image_to_tensor, psnr, to_unit_nhwc};
 pub use denoiser::{ObservedRows, SdDenoiser};
 pub use error::{GenerateError, Result};
 pub use generate::{
-    generate, generate_observed, native_size, read_latents, resolve_size, size_multiple, write_tensors, GenerateRequest,
-    Generated,
+    generate, generate_observed, native_size, read_latents, resolve_size, size_multiple,
+    write_tensors, GenerateRequest, Generated,
 };
-pub use invert::{invert, invert_latents, read_rgb_image, reconstruct, InvertRequest, Inversion, Reconstruction};
+pub use invert::{
+    invert, invert_latents, read_rgb_image, reconstruct, Inversion, InvertRequest, Reconstruction,
+};
 pub use png::{generation_metadata, read_png_text, write_atomic, write_png};
 pub use prompt::{encode_prompt, prompt_words, word_tokens, PromptEmbedding, WordTokens};
 pub use sample::{sample_latents, Conditioning, Phase, Progress, StepObserver};

@@ -28,13 +28,19 @@ pub fn encode_png(image: &RgbImage, metadata: &[(String, String)]) -> Result<Vec
             } else {
                 enc.add_itxt_chunk(key.clone(), value.clone())
             };
-            added.map_err(|e| GenerateError::invalid(format!("PNG text chunk `{key}`"), e.to_string()))?;
+            added.map_err(|e| {
+                GenerateError::invalid(format!("PNG text chunk `{key}`"), e.to_string())
+            })?;
         }
-        let mut writer = enc.write_header().map_err(|e| GenerateError::invalid("PNG header", e.to_string()))?;
+        let mut writer = enc
+            .write_header()
+            .map_err(|e| GenerateError::invalid("PNG header", e.to_string()))?;
         writer
             .write_image_data(image.as_raw())
             .map_err(|e| GenerateError::invalid("PNG image data", e.to_string()))?;
-        writer.finish().map_err(|e| GenerateError::invalid("PNG image data", e.to_string()))?;
+        writer
+            .finish()
+            .map_err(|e| GenerateError::invalid("PNG image data", e.to_string()))?;
     }
     Ok(out)
 }
@@ -43,7 +49,9 @@ pub fn encode_png(image: &RgbImage, metadata: &[(String, String)]) -> Result<Vec
 fn check_keyword(key: &str) -> Result<()> {
     let ok = !key.is_empty()
         && key.chars().count() <= 79
-        && key.chars().all(|c| (' '..='~').contains(&c) || ('\u{a1}'..='\u{ff}').contains(&c))
+        && key
+            .chars()
+            .all(|c| (' '..='~').contains(&c) || ('\u{a1}'..='\u{ff}').contains(&c))
         && !key.starts_with(' ')
         && !key.ends_with(' ')
         && !key.contains("  ");
@@ -70,9 +78,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         _ => Path::new("."),
     };
     if !dir.is_dir() {
-        return Err(GenerateError::file(path, format!("folder {} does not exist", dir.display())));
+        return Err(GenerateError::file(
+            path,
+            format!("folder {} does not exist", dir.display()),
+        ));
     }
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let prefix = format!(".{name}.");
     let mut builder = tempfile::Builder::new();
     builder.prefix(&prefix).suffix(".tmp");
@@ -82,12 +96,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
         builder.permissions(std::fs::Permissions::from_mode(0o666));
     }
-    let mut tmp = builder
-        .tempfile_in(dir)
-        .map_err(|e| GenerateError::file(path, format!("cannot create a temporary file beside it: {e}")))?;
-    tmp.write_all(bytes).map_err(|e| GenerateError::file(path, e))?;
-    tmp.as_file().sync_all().map_err(|e| GenerateError::file(path, e))?;
-    tmp.persist(path).map_err(|e| GenerateError::file(path, e.error))?;
+    let mut tmp = builder.tempfile_in(dir).map_err(|e| {
+        GenerateError::file(
+            path,
+            format!("cannot create a temporary file beside it: {e}"),
+        )
+    })?;
+    tmp.write_all(bytes)
+        .map_err(|e| GenerateError::file(path, e))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| GenerateError::file(path, e))?;
+    tmp.persist(path)
+        .map_err(|e| GenerateError::file(path, e.error))?;
     Ok(())
 }
 
@@ -95,22 +116,32 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
     let file = std::fs::File::open(path).map_err(|e| GenerateError::file(path, e))?;
     let decoder = png::Decoder::new(std::io::BufReader::new(file));
-    let mut reader = decoder.read_info().map_err(|e| GenerateError::file(path, format!("not a PNG file: {e}")))?;
+    let mut reader = decoder
+        .read_info()
+        .map_err(|e| GenerateError::file(path, format!("not a PNG file: {e}")))?;
     // Chunks after the image data are known only once it has been read.
     let mut buf = vec![0; reader.output_buffer_size().unwrap_or(0)];
-    reader.next_frame(&mut buf).map_err(|e| GenerateError::file(path, format!("corrupt PNG: {e}")))?;
-    reader.finish().map_err(|e| GenerateError::file(path, format!("corrupt PNG: {e}")))?;
+    reader
+        .next_frame(&mut buf)
+        .map_err(|e| GenerateError::file(path, format!("corrupt PNG: {e}")))?;
+    reader
+        .finish()
+        .map_err(|e| GenerateError::file(path, format!("corrupt PNG: {e}")))?;
     let info = reader.info();
     let mut out = Vec::new();
     for c in &info.uncompressed_latin1_text {
         out.push((c.keyword.clone(), c.text.clone()));
     }
     for c in &info.compressed_latin1_text {
-        let text = c.get_text().map_err(|e| GenerateError::file(path, format!("zTXt `{}`: {e}", c.keyword)))?;
+        let text = c
+            .get_text()
+            .map_err(|e| GenerateError::file(path, format!("zTXt `{}`: {e}", c.keyword)))?;
         out.push((c.keyword.clone(), text));
     }
     for c in &info.utf8_text {
-        let text = c.get_text().map_err(|e| GenerateError::file(path, format!("iTXt `{}`: {e}", c.keyword)))?;
+        let text = c
+            .get_text()
+            .map_err(|e| GenerateError::file(path, format!("iTXt `{}`: {e}", c.keyword)))?;
         out.push((c.keyword.clone(), text));
     }
     Ok(out)
@@ -134,7 +165,10 @@ pub fn generation_metadata(
         ("model".into(), model.to_string()),
         ("size".into(), format!("{width}x{height}")),
         ("sampler".into(), "ddim".into()),
-        ("Software".into(), concat!("learn-to-steer ", env!("CARGO_PKG_VERSION")).into()),
+        (
+            "Software".into(),
+            concat!("learn-to-steer ", env!("CARGO_PKG_VERSION")).into(),
+        ),
     ];
     m.extend(extra.iter().cloned());
     m
@@ -150,7 +184,10 @@ mod tests {
         let path = dir.path().join("x.png");
         let img = RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 50, 7]));
         let meta = vec![
-            ("prompt".to_string(), "a dog right of a teddy bear".to_string()),
+            (
+                "prompt".to_string(),
+                "a dog right of a teddy bear".to_string(),
+            ),
             ("negative_prompt".to_string(), "café, 日本の猫".to_string()),
             ("empty".to_string(), String::new()),
         ];
@@ -163,17 +200,27 @@ mod tests {
         let decoded = image::open(&path).unwrap().to_rgb8();
         assert_eq!(decoded, img);
         // Only the target file is left behind.
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("x.png")]);
-        assert_eq!(encode_png(&img, &meta).unwrap(), std::fs::read(&path).unwrap());
+        assert_eq!(
+            encode_png(&img, &meta).unwrap(),
+            std::fs::read(&path).unwrap()
+        );
     }
 
     #[test]
     fn bad_keyword_and_missing_folder_are_errors() {
         let img = RgbImage::new(2, 2);
-        let err = encode_png(&img, &[(" bad".into(), "x".into())]).unwrap_err().to_string();
+        let err = encode_png(&img, &[(" bad".into(), "x".into())])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("\" bad\""), "{err}");
-        let err = write_png(Path::new("/nonexistent-folder/x.png"), &img, &[]).unwrap_err().to_string();
+        let err = write_png(Path::new("/nonexistent-folder/x.png"), &img, &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/nonexistent-folder"), "{err}");
     }
 }

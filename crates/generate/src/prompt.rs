@@ -34,7 +34,12 @@ pub fn encode_prompt(sd: &StableDiffusion, text: &str) -> Result<PromptEmbedding
     }
     let ids = Tensor::new(enc.ids.as_slice(), &sd.device)?.unsqueeze(0)?;
     let embedding = sd.text_encoder.forward(&ids)?.last_hidden_state;
-    Ok(PromptEmbedding { embedding, ids: enc.ids, text_tokens: enc.text_tokens, warnings })
+    Ok(PromptEmbedding {
+        embedding,
+        ids: enc.ids,
+        text_tokens: enc.text_tokens,
+        warnings,
+    })
 }
 
 /// The words of a prompt, as a person would list them: split on white space, surrounding
@@ -42,7 +47,9 @@ pub fn encode_prompt(sd: &StableDiffusion, text: &str) -> Result<PromptEmbedding
 pub fn prompt_words(prompt: &str) -> Vec<String> {
     let mut words: Vec<String> = Vec::new();
     for raw in prompt.split_whitespace() {
-        let w = raw.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase();
+        let w = raw
+            .trim_matches(|c: char| !c.is_alphanumeric())
+            .to_lowercase();
         if !w.is_empty() && !words.contains(&w) {
             words.push(w);
         }
@@ -73,8 +80,14 @@ pub fn word_tokens(tokenizer: &ClipTokenizer, prompt: &str, word: &str) -> Resul
     }
     let enc = tokenizer.encode(prompt)?;
     let text = &enc.ids[1..1 + enc.text_tokens];
-    let start = text.windows(needle.len()).position(|w| w == needle.as_slice()).ok_or_else(not_found)?;
-    Ok(WordTokens { word: word.to_string(), positions: (1 + start..1 + start + needle.len()).collect() })
+    let start = text
+        .windows(needle.len())
+        .position(|w| w == needle.as_slice())
+        .ok_or_else(not_found)?;
+    Ok(WordTokens {
+        word: word.to_string(),
+        positions: (1 + start..1 + start + needle.len()).collect(),
+    })
 }
 
 #[cfg(test)]
@@ -83,7 +96,10 @@ mod tests {
 
     #[test]
     fn words_of_a_prompt() {
-        assert_eq!(prompt_words("A dog, right of a (teddy) bear!"), ["a", "dog", "right", "of", "teddy", "bear"]);
+        assert_eq!(
+            prompt_words("A dog, right of a (teddy) bear!"),
+            ["a", "dog", "right", "of", "teddy", "bear"]
+        );
         assert!(prompt_words("  ").is_empty());
     }
 }

@@ -45,13 +45,29 @@ pub struct Conditioning {
 impl Conditioning {
     /// Encodes the prompts. As in diffusers, classifier-free guidance is used only when
     /// `scale > 1`; otherwise the model sees the prompt alone and the negative prompt is unused.
-    pub fn new(sd: &StableDiffusion, prompt: &str, negative_prompt: &str, scale: f64) -> Result<Self> {
+    pub fn new(
+        sd: &StableDiffusion,
+        prompt: &str,
+        negative_prompt: &str,
+        scale: f64,
+    ) -> Result<Self> {
         if !scale.is_finite() {
-            return Err(GenerateError::invalid("guidance scale", format!("{scale} is not a finite number")));
+            return Err(GenerateError::invalid(
+                "guidance scale",
+                format!("{scale} is not a finite number"),
+            ));
         }
         let cond = encode_prompt(sd, prompt)?;
-        let uncond = if scale > 1.0 { Some(encode_prompt(sd, negative_prompt)?) } else { None };
-        Ok(Self { cond, uncond, scale })
+        let uncond = if scale > 1.0 {
+            Some(encode_prompt(sd, negative_prompt)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            cond,
+            uncond,
+            scale,
+        })
     }
 
     /// The guidance for the samplers: `Batched` ([uncond; cond]) with a negative prompt,
@@ -84,7 +100,10 @@ pub fn ddim_config(sd: &StableDiffusion) -> Result<DdimConfig> {
 
 fn check_steps(steps: usize) -> Result<()> {
     if steps == 0 {
-        return Err(GenerateError::invalid("number of steps", "0; expected at least 1"));
+        return Err(GenerateError::invalid(
+            "number of steps",
+            "0; expected at least 1",
+        ));
     }
     Ok(())
 }
@@ -125,12 +144,18 @@ pub fn sample_latents(
             None => false,
         };
         let mut denoiser = match observer.as_deref_mut() {
-            Some(o) if watch => SdDenoiser::for_guidance(&sd.unet, o as &mut dyn AttentionObserver, guidance),
+            Some(o) if watch => {
+                SdDenoiser::for_guidance(&sd.unet, o as &mut dyn AttentionObserver, guidance)
+            }
             _ => SdDenoiser::new(&sd.unet),
         };
         let (_, out) = denoise_step(&mut denoiser, scheduler, &z, t, guidance)?;
         z = out.prev_sample;
-        progress(Progress { phase: Phase::Denoise, done: index + 1, total });
+        progress(Progress {
+            phase: Phase::Denoise,
+            done: index + 1,
+            total,
+        });
     }
     Ok(z)
 }

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use candle_core::{DType, Tensor};
 use l2s_diffusion::{rf_invert, rf_reconstruct, RfInversionConfig};
 use l2s_generate::flux::{
-    flux_defaults, flux_encode, flux_map_steps, flux_native_size, flux_seeded_latents, flux_sigmas, flux_word_tokens,
-    generate_flux, generate_flux_with_attention, invert_flux, reconstruct_flux,
+    flux_defaults, flux_encode, flux_map_steps, flux_native_size, flux_seeded_latents, flux_sigmas,
+    flux_word_tokens, generate_flux, generate_flux_with_attention, invert_flux, reconstruct_flux,
 };
 use l2s_generate::{AttentionRequest, GenerateRequest, InvertRequest};
 use l2s_models::flux::{pack_latents, unpack_latents, FluxConditioning, FluxPipeline};
@@ -17,13 +17,22 @@ use l2s_models::{LoadOptions, NoObserver};
 const PROMPT: &str = "a dog to the right of a teddy bear";
 
 fn load(name: &str) -> FluxPipeline {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name).join("model");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(name)
+        .join("model");
     FluxPipeline::load(&dir, &LoadOptions::default()).unwrap()
 }
 
 fn rms(a: &Tensor, b: &Tensor) -> f64 {
     let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-    d.sqr().unwrap().mean_all().unwrap().to_scalar::<f64>().unwrap().sqrt()
+    d.sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .sqrt()
 }
 
 #[test]
@@ -52,7 +61,9 @@ fn generation_is_seeded_and_sized() {
     let c = generate_flux(&flux, &req, None, &mut |_| {}).unwrap();
     assert_ne!(a.image.as_raw(), c.image.as_raw());
     req.width = Some(40);
-    let err = generate_flux(&flux, &req, None, &mut |_| {}).unwrap_err().to_string();
+    let err = generate_flux(&flux, &req, None, &mut |_| {})
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("multiple of 16"), "{err}");
 }
 
@@ -62,7 +73,10 @@ fn words_map_to_t5_positions() {
     let ids = flux.tokenizer_2.encode(PROMPT).unwrap().ids;
     let dog = flux_word_tokens(&flux, PROMPT, "dog").unwrap();
     let bear = flux_word_tokens(&flux, PROMPT, "teddy bear").unwrap();
-    assert_eq!(ids[dog.positions[0]], flux.tokenizer_2.encode_words("dog").unwrap()[0]);
+    assert_eq!(
+        ids[dog.positions[0]],
+        flux.tokenizer_2.encode_words("dog").unwrap()[0]
+    );
     assert!(bear.positions.len() >= 2, "{bear:?}");
     assert!(bear.positions[0] > dog.positions[0]);
     assert!(flux_word_tokens(&flux, PROMPT, "zebra").is_err());
@@ -73,14 +87,30 @@ fn attention_maps_have_one_channel_per_block_and_head() {
     let flux = load("flux-dev-tiny");
     let mut req = GenerateRequest::new(PROMPT);
     req.steps = 6;
-    let att = AttentionRequest { words: vec!["dog".into(), "teddy bear".into()], at_steps: vec![1, 5], map_size: 16 };
+    let att = AttentionRequest {
+        words: vec!["dog".into(), "teddy bear".into()],
+        at_steps: vec![1, 5],
+        map_size: 16,
+    };
     let (_, maps) = generate_flux_with_attention(&flux, &req, &att, &mut |_| {}).unwrap();
     let cfg = flux.transformer.config();
     let c = (cfg.num_layers + cfg.num_single_layers) * cfg.num_attention_heads;
     assert_eq!(maps.per_head.dims(), &[2, 2, c, 16, 16]);
-    let sums = maps.per_head.sum(4).unwrap().sum(3).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let sums = maps
+        .per_head
+        .sum(4)
+        .unwrap()
+        .sum(3)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-4), "{sums:?}");
-    assert!(maps.layers.iter().any(|l| l.site.layer == "single_transformer_blocks.1.attn"));
+    assert!(maps
+        .layers
+        .iter()
+        .any(|l| l.site.layer == "single_transformer_blocks.1.attn"));
 }
 
 #[test]
@@ -101,11 +131,17 @@ fn plain_rf_inversion_is_euler_inversion_and_control_improves_reconstruction() {
     let sigmas = flux_sigmas(&flux, 8, grid).unwrap();
     let mut x = pack_latents(&inv.z0).unwrap();
     for k in (1..sigmas.len()).rev() {
-        let v = flux.velocity(&x, grid, &cond, sigmas[k], Some(3.5), &mut NoObserver).unwrap();
+        let v = flux
+            .velocity(&x, grid, &cond, sigmas[k], Some(3.5), &mut NoObserver)
+            .unwrap();
         x = (x + (v * (sigmas[k - 1] as f32 - sigmas[k] as f32) as f64).unwrap()).unwrap();
     }
     let direct = unpack_latents(&x, grid).unwrap();
-    assert!(rms(&inv.latents, &direct) < 1e-5, "{}", rms(&inv.latents, &direct));
+    assert!(
+        rms(&inv.latents, &direct) < 1e-5,
+        "{}",
+        rms(&inv.latents, &direct)
+    );
 
     // Reconstruction: both inversions land closer to the clean latent than sampling from fresh
     // noise; the controlled pair gives the best image.
@@ -117,29 +153,52 @@ fn plain_rf_inversion_is_euler_inversion_and_control_improves_reconstruction() {
     let mut naive = inv.clone();
     naive.latents = flux_seeded_latents(&flux, 64, 64, 99).unwrap();
     let naive_rec = reconstruct_flux(&flux, &naive, &plain, None, &mut |_| {}).unwrap();
-    let (e_naive, e_plain, e_rf) = (err(&naive_rec.latents), err(&plain_rec.latents), err(&rf_rec.latents));
+    let (e_naive, e_plain, e_rf) = (
+        err(&naive_rec.latents),
+        err(&plain_rec.latents),
+        err(&rf_rec.latents),
+    );
     eprintln!(
         "latent RMS error: naive noise {e_naive:.4}, Euler inversion {e_plain:.4}, RF-inversion {e_rf:.4}; PSNR {:.2} / {:.2} / {:.2} dB",
         naive_rec.psnr.unwrap(),
         plain_rec.psnr.unwrap(),
         rf_rec.psnr.unwrap()
     );
-    assert!(e_plain < e_naive && e_rf < e_naive, "{e_naive} {e_plain} {e_rf}");
-    assert!(rf_rec.psnr.unwrap() > plain_rec.psnr.unwrap() && rf_rec.psnr.unwrap() > naive_rec.psnr.unwrap());
+    assert!(
+        e_plain < e_naive && e_rf < e_naive,
+        "{e_naive} {e_plain} {e_rf}"
+    );
+    assert!(
+        rf_rec.psnr.unwrap() > plain_rec.psnr.unwrap()
+            && rf_rec.psnr.unwrap() > naive_rec.psnr.unwrap()
+    );
 }
 
 /// max |a − b| / max |b|.
 fn rel_max_err(actual: &Tensor, expected: &Tensor) -> f64 {
     assert_eq!(actual.dims(), expected.dims());
-    let (a, e) = (actual.to_dtype(DType::F64).unwrap(), expected.to_dtype(DType::F64).unwrap());
-    let max = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+    let (a, e) = (
+        actual.to_dtype(DType::F64).unwrap(),
+        expected.to_dtype(DType::F64).unwrap(),
+    );
+    let max = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
     max(&(a - &e).unwrap()) / max(&e).max(1e-12)
 }
 
 #[test]
 fn rf_inversion_matches_the_pytorch_reference() {
     let flux = load("flux-dev-tiny");
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/flux-dev-tiny/rf_inversion.safetensors");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/flux-dev-tiny/rf_inversion.safetensors");
     let fx = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
     let cond = FluxConditioning {
         text: fx["prompt_embeds"].clone(),
@@ -150,25 +209,51 @@ fn rf_inversion_matches_the_pytorch_reference() {
     let (y0, y1) = (&fx["y0"], &fx["y1"]);
     let grid = flux.grid_for(64, 64);
     let velocity = |_: usize, x: &Tensor, sigma: f64| {
-        flux.velocity(x, grid, &cond, sigma, Some(3.5), &mut NoObserver).map_err(l2s_diffusion::DiffusionError::from)
+        flux.velocity(x, grid, &cond, sigma, Some(3.5), &mut NoObserver)
+            .map_err(l2s_diffusion::DiffusionError::from)
     };
     for name in ["default", "gamma_only"] {
         let c = fx[&format!("{name}.config")].to_vec1::<f64>().unwrap();
-        let cfg = RfInversionConfig { gamma: c[0], eta: c[1], start: c[2], stop: c[3] };
+        let cfg = RfInversionConfig {
+            gamma: c[0],
+            eta: c[1],
+            start: c[2],
+            stop: c[3],
+        };
         let steps = c[4] as usize;
         assert_eq!(c[5], 3.5);
         if name == "default" {
-            assert_eq!((cfg, steps, c[5]), (RfInversionConfig::default(), flux_defaults(&flux).0, flux_defaults(&flux).1));
+            assert_eq!(
+                (cfg, steps, c[5]),
+                (
+                    RfInversionConfig::default(),
+                    flux_defaults(&flux).0,
+                    flux_defaults(&flux).1
+                )
+            );
         }
         let sigmas = flux_sigmas(&flux, steps, grid).unwrap();
         let want: Vec<f32> = fx[&format!("{name}.sigmas")].to_vec1().unwrap();
         assert_eq!(sigmas.len(), want.len());
-        assert!(sigmas.iter().zip(&want).all(|(a, b)| (*a as f32 - b).abs() <= 1e-6), "{sigmas:?} vs {want:?}");
+        assert!(
+            sigmas
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| (*a as f32 - b).abs() <= 1e-6),
+            "{sigmas:?} vs {want:?}"
+        );
 
         let inverted = rf_invert(y0, y1, &sigmas, &cfg, velocity).unwrap();
         let e_inv = rel_max_err(&inverted, &fx[&format!("{name}.inverted")]);
         // Reverse from the reference's inverted latent, so each half is checked on its own.
-        let rec = rf_reconstruct(&fx[&format!("{name}.inverted")], y0, &sigmas, &cfg, velocity).unwrap();
+        let rec = rf_reconstruct(
+            &fx[&format!("{name}.inverted")],
+            y0,
+            &sigmas,
+            &cfg,
+            velocity,
+        )
+        .unwrap();
         let e_rec = rel_max_err(&rec, &fx[&format!("{name}.reconstructed")]);
         // And the whole round trip from our own inversion.
         let chain = rf_reconstruct(&inverted, y0, &sigmas, &cfg, velocity).unwrap();
@@ -177,8 +262,15 @@ fn rf_inversion_matches_the_pytorch_reference() {
             "RF-inversion parity {name} ({cfg:?}, {steps} steps): rel. max err inverted {e_inv:.2e}, \
              reconstructed {e_rec:.2e}, round trip {e_chain:.2e}"
         );
-        for (what, e) in [("inverted", e_inv), ("reconstructed", e_rec), ("round trip", e_chain)] {
-            assert!(e <= 1e-4, "{name} {what}: relative max error {e:.3e} > 1e-4");
+        for (what, e) in [
+            ("inverted", e_inv),
+            ("reconstructed", e_rec),
+            ("round trip", e_chain),
+        ] {
+            assert!(
+                e <= 1e-4,
+                "{name} {what}: relative max error {e:.3e} > 1e-4"
+            );
         }
     }
 }

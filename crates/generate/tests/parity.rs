@@ -9,31 +9,49 @@ use candle_core::{DType, Device, Tensor};
 use l2s_generate::convert::{decoded_to_images, quantize};
 use l2s_generate::png::encode_png;
 use l2s_generate::{
-    generate, generation_metadata, invert, invert_latents, psnr, reconstruct, GenerateRequest, InvertRequest,
+    generate, generation_metadata, invert, invert_latents, psnr, reconstruct, GenerateRequest,
+    InvertRequest,
 };
 use l2s_models::{LoadOptions, StableDiffusion};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(name)
 }
 
 fn load(name: &str) -> (StableDiffusion, HashMap<String, Tensor>, serde_json::Value) {
     let dir = fixture(name);
     let sd = StableDiffusion::load(&dir.join("model"), &LoadOptions::default()).unwrap();
-    let expected = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
-    let meta = serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
+    let expected =
+        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let meta =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
     (sd, expected, meta)
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());
     let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-    d.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+    d.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 /// max |a − b| / max |b|.
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let scale = b.to_dtype(DType::F64).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    let scale = b
+        .to_dtype(DType::F64)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     max_abs(a, b) / scale.max(1e-12)
 }
 
@@ -62,18 +80,44 @@ fn sampling(name: &str) {
     let lat = rel_err(&out.latents, &exp["sample.final_latents"]);
     let px = max_abs(&out.pixels, &exp["sample.image"]);
     // The 8-bit image diffusers' numpy_to_pil would write from its float image.
-    let want: Vec<u8> = exp["sample.image"].flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(quantize).collect();
-    let levels = out.image.as_raw().iter().zip(&want).map(|(&a, &b)| (a as i32 - b as i32).abs()).max().unwrap();
-    let differing = out.image.as_raw().iter().zip(&want).filter(|(a, b)| a != b).count();
+    let want: Vec<u8> = exp["sample.image"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(quantize)
+        .collect();
+    let levels = out
+        .image
+        .as_raw()
+        .iter()
+        .zip(&want)
+        .map(|(&a, &b)| (a as i32 - b as i32).abs())
+        .max()
+        .unwrap();
+    let differing = out
+        .image
+        .as_raw()
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| a != b)
+        .count();
     eprintln!(
         "{name} sampling: final latents rel. err {lat:.2e}; float image max abs err {px:.2e} (= {:.4}/255); \
          8-bit image: {differing} of {} values differ, by at most {levels} level(s)",
         px * 255.0,
         want.len()
     );
-    assert!(lat <= 1e-4, "{name}: final latents relative error {lat:.3e} > 1e-4");
+    assert!(
+        lat <= 1e-4,
+        "{name}: final latents relative error {lat:.3e} > 1e-4"
+    );
     assert!(px <= 1.0 / 255.0, "{name}: pixel error {px:.3e} > 1/255");
-    assert!(levels <= 1, "{name}: 8-bit image differs by {levels} levels");
+    assert!(
+        levels <= 1,
+        "{name}: 8-bit image differs by {levels} levels"
+    );
 }
 
 #[test]
@@ -102,9 +146,16 @@ fn inversion(name: &str) {
     let out = invert_latents(&sd, &exp["invert.z0"], &req, &mut |_| {}).unwrap();
     let err = rel_err(&out.latents, &exp["invert.latents"]);
     let steps = &exp["invert.step_latents"];
-    let worst_step = (0..10).map(|i| rel_err(&out.trajectory[i + 1], &steps.get(i).unwrap())).fold(0.0, f64::max);
-    eprintln!("{name} DDIM inversion: inverted latents rel. err {err:.2e}; worst step {worst_step:.2e}");
-    assert!(err <= 1e-4, "{name}: inversion relative error {err:.3e} > 1e-4");
+    let worst_step = (0..10)
+        .map(|i| rel_err(&out.trajectory[i + 1], &steps.get(i).unwrap()))
+        .fold(0.0, f64::max);
+    eprintln!(
+        "{name} DDIM inversion: inverted latents rel. err {err:.2e}; worst step {worst_step:.2e}"
+    );
+    assert!(
+        err <= 1e-4,
+        "{name}: inversion relative error {err:.3e} > 1e-4"
+    );
     assert!(worst_step <= 1e-4);
 }
 
@@ -120,7 +171,18 @@ fn sd2_inversion_matches_diffusers() {
 
 /// ‖a − b‖ / ‖b‖.
 fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
-    let norm = |t: &Tensor| t.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f64>().unwrap();
+    let norm = |t: &Tensor| {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
     norm(&(a - b).unwrap()) / norm(b)
 }
 
@@ -139,15 +201,25 @@ fn fixed_point(name: &str) {
     for steps in [10usize, 50] {
         let mut results = Vec::new();
         for n in [0usize, 5] {
-            let req = InvertRequest { fixed_point_iterations: n, steps, ..InvertRequest::new(prompt) };
+            let req = InvertRequest {
+                fixed_point_iterations: n,
+                steps,
+                ..InvertRequest::new(prompt)
+            };
             let inv = invert(&sd, &image, &req, &mut |_| {}).unwrap();
             let rec = reconstruct(&sd, &inv, None, &mut |_| {}).unwrap();
-            let round_trip = decoded_to_images(&sd.vae.decode_latents(&inv.z0).unwrap()).unwrap().remove(0);
+            let round_trip = decoded_to_images(&sd.vae.decode_latents(&inv.z0).unwrap())
+                .unwrap()
+                .remove(0);
             let lat_err = rel_l2(&rec.latents, &inv.z0);
             let p_input = rec.psnr.unwrap();
             assert_eq!(p_input, psnr(&image, &rec.image).unwrap());
             let p_vae = psnr(&round_trip, &rec.image).unwrap();
-            let worst = inv.fixed_point_residuals.iter().copied().fold(0.0, f64::max);
+            let worst = inv
+                .fixed_point_residuals
+                .iter()
+                .copied()
+                .fold(0.0, f64::max);
             eprintln!(
                 "{name} inversion, {steps} steps, guidance 1, {n} fixed-point iterations: reconstructed latent \
                  rel. L2 err {lat_err:.3e}; PSNR vs VAE round trip {p_vae:.2} dB (vs input {p_input:.2} dB; \
@@ -157,8 +229,14 @@ fn fixed_point(name: &str) {
             results.push((p_vae, lat_err));
         }
         let ((p0, e0), (p5, e5)) = (results[0], results[1]);
-        assert!(p5 > p0, "{name}, {steps} steps: fixed-point PSNR {p5:.2} dB not above plain {p0:.2} dB");
-        assert!(e5 < e0, "{name}, {steps} steps: fixed-point latent error {e5:.3e} not below plain {e0:.3e}");
+        assert!(
+            p5 > p0,
+            "{name}, {steps} steps: fixed-point PSNR {p5:.2} dB not above plain {p0:.2} dB"
+        );
+        assert!(
+            e5 < e0,
+            "{name}, {steps} steps: fixed-point latent error {e5:.3e} not below plain {e0:.3e}"
+        );
     }
 }
 
@@ -180,7 +258,11 @@ fn same_request_gives_identical_png_bytes() {
     req.seed = 42;
     let png = |req: &GenerateRequest| {
         let out = generate(&sd, req, &mut |_| {}).unwrap();
-        encode_png(&out.image, &generation_metadata(req, "sd1-tiny", out.width, out.height, &[])).unwrap()
+        encode_png(
+            &out.image,
+            &generation_metadata(req, "sd1-tiny", out.width, out.height, &[]),
+        )
+        .unwrap()
     };
     let a = png(&req);
     let b = png(&req);

@@ -51,13 +51,17 @@ fn peak_rss_mib() -> Option<f64> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let dir = PathBuf::from(args.get(1).context("usage: bench_unet DIR [RUNS] [WARMUP]")?);
+    let dir = PathBuf::from(
+        args.get(1)
+            .context("usage: bench_unet DIR [RUNS] [WARMUP]")?,
+    );
     let runs: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(5);
     let warmup: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(2);
     let dev = Device::Cpu;
 
     let cfg = UNetConfig::from_file(&dir.join("config.json"))?;
-    let unet = UNet2DConditionModel::new(&cfg, var_builder(&dir, &Variant::Auto, DType::F32, &dev)?)?;
+    let unet =
+        UNet2DConditionModel::new(&cfg, var_builder(&dir, &Variant::Auto, DType::F32, &dev)?)?;
     let io = candle_core::safetensors::load(dir.join("bench_io.safetensors"), &dev)?;
     let t = io["cfg.timestep"].to_vec1::<f32>()?[0] as f64;
 
@@ -72,10 +76,17 @@ fn main() -> Result<()> {
     let (t_bwd, bwd_runs) = timed(warmup, runs, || {
         let latent = Var::from_tensor(&io["steer.sample"])?;
         let mut store = AttentionStore::new();
-        let out = unet.forward_observed(latent.as_tensor(), t, &io["steer.encoder_hidden_states"], &mut store)?;
+        let out = unet.forward_observed(
+            latent.as_tensor(),
+            t,
+            &io["steer.encoder_hidden_states"],
+            &mut store,
+        )?;
         let loss = common::fixture_loss(store.records(), &out, 2, 8);
         let grads = loss.backward()?;
-        let grad = grads.get(latent.as_tensor()).context("no gradient reached the latent")?;
+        let grad = grads
+            .get(latent.as_tensor())
+            .context("no gradient reached the latent")?;
         grad_err = common::rel_err(grad, &io["steer.grad"]);
         Ok(())
     })?;

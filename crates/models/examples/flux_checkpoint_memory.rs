@@ -26,13 +26,25 @@ use l2s_models::AttentionStore;
 struct RandomWeights;
 
 impl SimpleBackend for RandomWeights {
-    fn get(&self, s: Shape, _name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        _name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         match h {
             Init::Const(v) => Tensor::full(v as f32, s, dev)?.to_dtype(dtype),
             _ => Tensor::randn(0f32, 0.02, s, dev)?.to_dtype(dtype),
         }
     }
-    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         candle_core::bail!("random weights have no shape for `{name}`")
     }
     fn contains_tensor(&self, _name: &str) -> bool {
@@ -42,9 +54,17 @@ impl SimpleBackend for RandomWeights {
 
 /// The process's peak resident set size in MiB.
 fn vm_hwm_mib() -> Result<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM line in /proc/self/status")?;
-    let kb: f64 = line.split_whitespace().nth(1).context("VmHWM without a value")?.parse()?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM line in /proc/self/status")?;
+    let kb: f64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("VmHWM without a value")?
+        .parse()?;
     Ok(kb / 1024.0)
 }
 
@@ -57,9 +77,14 @@ fn main() -> Result<()> {
     let dev = Device::Cpu;
     let (cfg, vb, grid) = match which {
         "tiny" => {
-            let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/flux-dev-tiny/model/transformer");
+            let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../fixtures/flux-dev-tiny/model/transformer");
             let cfg = FluxConfig::from_file(&dir.join("config.json"))?;
-            (cfg, var_builder(&dir, &Variant::Auto, DType::F32, &dev)?, (4, 4))
+            (
+                cfg,
+                var_builder(&dir, &Variant::Auto, DType::F32, &dev)?,
+                (4, 4),
+            )
         }
         "mid" => {
             let cfg = FluxConfig {
@@ -70,7 +95,11 @@ fn main() -> Result<()> {
                 axes_dims_rope: vec![8, 28, 28],
                 ..FluxConfig::flux1_dev()
             };
-            (cfg, VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, dev.clone()), (16, 16))
+            (
+                cfg,
+                VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, dev.clone()),
+                (16, 16),
+            )
         }
         other => bail!("unknown setting {other:?}: expected tiny or mid"),
     };
@@ -79,7 +108,12 @@ fn main() -> Result<()> {
     let tokens = 512;
     let text = Tensor::randn(0f32, 1.0, (1, tokens, cfg.joint_attention_dim), &dev)?;
     let pooled = Tensor::randn(0f32, 1.0, (1, cfg.pooled_projection_dim), &dev)?;
-    let latent = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, grid.0 * grid.1, cfg.in_channels), &dev)?)?;
+    let latent = Var::from_tensor(&Tensor::randn(
+        0f32,
+        1.0,
+        (1, grid.0 * grid.1, cfg.in_channels),
+        &dev,
+    )?)?;
     let timestep = Tensor::new(&[0.7f32], &dev)?;
     let guidance = Tensor::new(&[3.5f32], &dev)?;
     let before = vm_hwm_mib()?;
@@ -100,7 +134,9 @@ fn main() -> Result<()> {
         loss = (loss + maps.sqr()?.sum_all()?)?;
     }
     let grads = loss.backward()?;
-    let g = grads.get(latent.as_tensor()).context("no gradient reached the latent")?;
+    let g = grads
+        .get(latent.as_tensor())
+        .context("no gradient reached the latent")?;
     let grad_rms = g.sqr()?.mean_all()?.to_scalar::<f32>()?.sqrt();
     let seconds = start.elapsed().as_secs_f64();
     let peak = vm_hwm_mib()?;

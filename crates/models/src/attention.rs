@@ -64,7 +64,9 @@ impl Attention {
     /// (batch, len, heads·head_dim) → (batch, heads, len, head_dim)
     fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, n, _) = xs.dims3()?;
-        xs.reshape((b, n, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+        xs.reshape((b, n, self.heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
     }
 
     /// `xs`: (batch, height·width, query_dim); `context`: (batch, tokens, context_dim) or `None`.
@@ -101,7 +103,9 @@ impl Attention {
             }
         }
         let out = probs.matmul(&v)?; // (b, heads, n, head_dim)
-        let out = out.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, n, self.heads * self.head_dim))?;
         self.to_out.forward(&out)
     }
 

@@ -84,7 +84,9 @@ impl SelfAttention {
     fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
         let (b, n, c) = xs.dims3()?;
         let split = |t: Tensor| -> Result<Tensor> {
-            t.reshape((b, n, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+            t.reshape((b, n, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let q = split((self.q_proj.forward(xs)? * scale)?)?;
@@ -108,21 +110,37 @@ struct EncoderLayer {
 
 impl EncoderLayer {
     fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
-        let act = Activation::parse(&cfg.hidden_act)
-            .ok_or_else(|| candle_core::Error::Msg(format!("unsupported hidden_act {}", cfg.hidden_act)))?;
+        let act = Activation::parse(&cfg.hidden_act).ok_or_else(|| {
+            candle_core::Error::Msg(format!("unsupported hidden_act {}", cfg.hidden_act))
+        })?;
         Ok(Self {
             layer_norm1: LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
             self_attn: SelfAttention::new(cfg, vb.pp("self_attn"))?,
             layer_norm2: LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("mlp").pp("fc1"))?,
-            fc2: candle_nn::linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("mlp").pp("fc2"))?,
+            fc1: candle_nn::linear(
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                vb.pp("mlp").pp("fc1"),
+            )?,
+            fc2: candle_nn::linear(
+                cfg.intermediate_size,
+                cfg.hidden_size,
+                vb.pp("mlp").pp("fc2"),
+            )?,
             act,
         })
     }
 
     fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let h = (xs + self.self_attn.forward(&self.layer_norm1.forward(xs)?, mask)?)?;
-        let mlp = self.fc2.forward(&self.act.forward(&self.fc1.forward(&self.layer_norm2.forward(&h)?)?)?)?;
+        let h = (xs
+            + self
+                .self_attn
+                .forward(&self.layer_norm1.forward(xs)?, mask)?)?;
+        let mlp = self.fc2.forward(
+            &self
+                .act
+                .forward(&self.fc1.forward(&self.layer_norm2.forward(&h)?)?)?,
+        )?;
         h + mlp
     }
 }
@@ -148,15 +166,26 @@ impl ClipTextModel {
     pub fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
         let vb = vb.pp("text_model");
         let emb = vb.pp("embeddings");
-        let token_embedding = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, emb.pp("token_embedding"))?;
+        let token_embedding =
+            candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, emb.pp("token_embedding"))?;
         let position_embedding = emb
             .pp("position_embedding")
             .get((cfg.max_position_embeddings, cfg.hidden_size), "weight")?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| EncoderLayer::new(cfg, vb.pp("encoder").pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
-        let final_layer_norm = LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("final_layer_norm"))?;
-        Ok(Self { token_embedding, position_embedding, layers, final_layer_norm, config: cfg.clone() })
+        let final_layer_norm = LayerNorm::new(
+            cfg.hidden_size,
+            cfg.layer_norm_eps,
+            vb.pp("final_layer_norm"),
+        )?;
+        Ok(Self {
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+            config: cfg.clone(),
+        })
     }
 
     pub fn config(&self) -> &ClipTextConfig {
@@ -180,7 +209,10 @@ impl ClipTextModel {
             );
         }
         let positions = self.position_embedding.i(..n)?;
-        let mut xs = self.token_embedding.forward(ids)?.broadcast_add(&positions)?;
+        let mut xs = self
+            .token_embedding
+            .forward(ids)?
+            .broadcast_add(&positions)?;
         let mask = Self::causal_mask(n, xs.dtype(), xs.device())?;
         for layer in &self.layers {
             xs = layer.forward(&xs, &mask)?;
@@ -195,6 +227,9 @@ impl ClipTextModel {
             })
             .collect::<Result<Vec<_>>>()?;
         let pooled = Tensor::stack(&pooled, 0)?;
-        Ok(TextEncoding { last_hidden_state, pooled })
+        Ok(TextEncoding {
+            last_hidden_state,
+            pooled,
+        })
     }
 }

@@ -20,13 +20,36 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    pub fn new(in_channels: usize, out_channels: usize, kernel: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         // Fresh weights (training from scratch) start as in PyTorch: Kaiming-normal kernel, bias
         // uniform in ±1/√fan_in.
-        let weight = vb.get_with_hints((out_channels, in_channels, kernel, kernel), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+        let weight = vb.get_with_hints(
+            (out_channels, in_channels, kernel, kernel),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
         let bound = 1. / ((in_channels * kernel * kernel) as f64).sqrt();
-        let bias = vb.get_with_hints(out_channels, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?;
-        Ok(Self { weight, bias, stride, padding })
+        let bias = vb.get_with_hints(
+            out_channels,
+            "bias",
+            candle_nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            padding,
+        })
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -42,9 +65,17 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let cpu_float = matches!(xs.device(), Device::Cpu) && matches!(xs.dtype(), DType::F32 | DType::F64);
+        let cpu_float =
+            matches!(xs.device(), Device::Cpu) && matches!(xs.dtype(), DType::F32 | DType::F64);
         if cpu_float && crate::nn::tracked(&[xs, &self.weight, &self.bias]) {
-            xs.apply_op3(&self.weight, &self.bias, ConvWithBias { stride: self.stride, padding: self.padding })
+            xs.apply_op3(
+                &self.weight,
+                &self.bias,
+                ConvWithBias {
+                    stride: self.stride,
+                    padding: self.padding,
+                },
+            )
         } else {
             self.forward_plain(xs)
         }
@@ -61,14 +92,19 @@ struct ConvWithBias {
 fn cpu_tensor(storage: &CpuStorage, layout: &Layout) -> Result<Tensor> {
     fn gather<T: candle_core::WithDType>(data: &[T], layout: &Layout) -> Result<Tensor> {
         match layout.contiguous_offsets() {
-            Some((start, end)) => Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu),
+            Some((start, end)) => {
+                Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)
+            }
             None => {
                 // Walk the logical elements in row-major order, following the strides.
                 let (dims, strides) = (layout.dims(), layout.stride());
                 let mut index = vec![0usize; dims.len()];
                 let mut values = Vec::with_capacity(layout.shape().elem_count());
                 for _ in 0..layout.shape().elem_count() {
-                    values.push(data[layout.start_offset() + index.iter().zip(strides).map(|(i, s)| i * s).sum::<usize>()]);
+                    values.push(
+                        data[layout.start_offset()
+                            + index.iter().zip(strides).map(|(i, s)| i * s).sum::<usize>()],
+                    );
                     for d in (0..dims.len()).rev() {
                         index[d] += 1;
                         if index[d] < dims[d] {
@@ -101,7 +137,8 @@ fn into_cpu_storage(t: &Tensor) -> Result<CpuStorage> {
 fn flip(t: &Tensor, dim: usize) -> Result<Tensor> {
     let n = t.dim(dim)?;
     let reversed: Vec<u32> = (0..n as u32).rev().collect();
-    t.contiguous()?.index_select(&Tensor::new(reversed, t.device())?, dim)
+    t.contiguous()?
+        .index_select(&Tensor::new(reversed, t.device())?, dim)
 }
 
 impl candle_core::CustomOp3 for ConvWithBias {
@@ -118,8 +155,14 @@ impl candle_core::CustomOp3 for ConvWithBias {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (xs, weight, bias) = (cpu_tensor(s1, l1)?, cpu_tensor(s2, l2)?, cpu_tensor(s3, l3)?);
-        let out = xs.conv2d(&weight, self.padding, self.stride, 1, 1)?.broadcast_add(&bias.reshape((1, (), 1, 1))?)?;
+        let (xs, weight, bias) = (
+            cpu_tensor(s1, l1)?,
+            cpu_tensor(s2, l2)?,
+            cpu_tensor(s3, l3)?,
+        );
+        let out = xs
+            .conv2d(&weight, self.padding, self.stride, 1, 1)?
+            .broadcast_add(&bias.reshape((1, (), 1, 1))?)?;
         Ok((into_cpu_storage(&out)?, out.shape().clone()))
     }
 
@@ -142,7 +185,10 @@ impl candle_core::CustomOp3 for ConvWithBias {
         };
         let grad_weight = if weight.track_op() {
             // Batch and channels swap roles and the output gradient becomes the kernel.
-            let g = xs.transpose(0, 1)?.conv2d(&grad.transpose(0, 1)?, p, 1, s, 1)?.transpose(0, 1)?;
+            let g = xs
+                .transpose(0, 1)?
+                .conv2d(&grad.transpose(0, 1)?, p, 1, s, 1)?
+                .transpose(0, 1)?;
             Some(g.narrow(2, 0, k_h)?.narrow(3, 0, k_w)?)
         } else {
             None
@@ -172,25 +218,40 @@ mod tests {
     #[test]
     fn gradients_match_candle() -> Result<()> {
         let dev = Device::Cpu;
-        for (cin, cout, k, stride, padding, size) in
-            [(3, 5, 3, 1, 1, 8), (4, 6, 1, 1, 0, 7), (5, 5, 3, 2, 1, 8), (5, 5, 3, 2, 0, 9), (2, 3, 3, 1, 0, 6)]
-        {
+        for (cin, cout, k, stride, padding, size) in [
+            (3, 5, 3, 1, 1, 8),
+            (4, 6, 1, 1, 0, 7),
+            (5, 5, 3, 2, 1, 8),
+            (5, 5, 3, 2, 0, 9),
+            (2, 3, 3, 1, 0, 6),
+        ] {
             let xs = Var::from_tensor(&Tensor::randn(0f64, 1., (2, cin, size, size), &dev)?)?;
             let weight = Var::from_tensor(&Tensor::randn(0f64, 1., (cout, cin, k, k), &dev)?)?;
             let bias = Var::from_tensor(&Tensor::randn(0f64, 1., cout, &dev)?)?;
-            let conv = Conv2d { weight: weight.as_tensor().clone(), bias: bias.as_tensor().clone(), stride, padding };
+            let conv = Conv2d {
+                weight: weight.as_tensor().clone(),
+                bias: bias.as_tensor().clone(),
+                stride,
+                padding,
+            };
             let probe = Tensor::randn(0f64, 1., conv.forward_plain(xs.as_tensor())?.shape(), &dev)?;
             let fast = conv.forward(xs.as_tensor())?;
             let plain = conv.forward_plain(xs.as_tensor())?;
             let diff = (&fast - &plain)?.abs()?.max_all()?.to_scalar::<f64>()?;
-            assert!(diff < 1e-12, "forward differs by {diff} for k={k} s={stride} p={padding}");
+            assert!(
+                diff < 1e-12,
+                "forward differs by {diff} for k={k} s={stride} p={padding}"
+            );
             let g_fast = (fast * &probe)?.sum_all()?.backward()?;
             let g_plain = (plain * &probe)?.sum_all()?.backward()?;
             for (name, v) in [("input", &xs), ("weight", &weight), ("bias", &bias)] {
                 let a = g_fast.get(v).expect("fast gradient");
                 let b = g_plain.get(v).expect("candle gradient");
                 let err = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
-                assert!(err < 1e-10, "{name} gradient differs by {err} for k={k} s={stride} p={padding}");
+                assert!(
+                    err < 1e-10,
+                    "{name} gradient differs by {err} for k={k} s={stride} p={padding}"
+                );
             }
         }
         Ok(())

@@ -8,13 +8,26 @@ pub enum ModelError {
     Io { path: PathBuf, what: String },
 
     #[error("{path}: not valid JSON for {expected}: {reason}")]
-    Config { path: PathBuf, expected: String, reason: String },
+    Config {
+        path: PathBuf,
+        expected: String,
+        reason: String,
+    },
 
     #[error("{path}: unsupported {field} `{value}` (supported: {supported})")]
-    Unsupported { path: PathBuf, field: String, value: String, supported: String },
+    Unsupported {
+        path: PathBuf,
+        field: String,
+        value: String,
+        supported: String,
+    },
 
     #[error("model folder {folder}: missing component `{component}` ({expected})")]
-    MissingComponent { folder: PathBuf, component: String, expected: String },
+    MissingComponent {
+        folder: PathBuf,
+        component: String,
+        expected: String,
+    },
 
     #[error("{path}: corrupt or unreadable safetensors file: {reason}")]
     CorruptWeights { path: PathBuf, reason: String },
@@ -33,6 +46,9 @@ pub type Result<T> = std::result::Result<T, ModelError>;
 
 impl ModelError {
     pub(crate) fn io(path: impl Into<PathBuf>, err: impl std::fmt::Display) -> Self {
-        ModelError::Io { path: path.into(), what: err.to_string() }
+        ModelError::Io {
+            path: path.into(),
+            what: err.to_string(),
+        }
     }
 }

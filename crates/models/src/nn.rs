@@ -53,7 +53,10 @@ impl Module for LayerNorm {
         let centred = x.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        normed
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
     }
 }
 
@@ -89,7 +92,12 @@ impl Module for Activation {
 }
 
 /// GroupNorm as in PyTorch (statistics in f32 for half-precision inputs).
-pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<candle_nn::GroupNorm> {
+pub fn group_norm(
+    groups: usize,
+    channels: usize,
+    eps: f64,
+    vb: VarBuilder,
+) -> Result<candle_nn::GroupNorm> {
     candle_nn::group_norm(groups, channels, eps, vb)
 }
 

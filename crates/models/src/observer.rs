@@ -57,7 +57,10 @@ impl AttentionStore {
     /// Keeps only the given token positions, in the given order.
     pub fn with_tokens(tokens: &[usize], device: &candle_core::Device) -> Result<Self> {
         let idx: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
-        Ok(Self { token_columns: Some(Tensor::new(idx, device)?), records: Vec::new() })
+        Ok(Self {
+            token_columns: Some(Tensor::new(idx, device)?),
+            records: Vec::new(),
+        })
     }
 
     pub fn records(&self) -> &[(AttentionSite, Tensor)] {

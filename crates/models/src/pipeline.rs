@@ -12,9 +12,9 @@ use serde_json::Value;
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::config::read_config;
 use crate::error::{ModelError, Result};
+use crate::space_to_depth::{SpaceToDepth, SpaceToDepthConfig};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::{UNet2DConditionModel, UNetConfig};
-use crate::space_to_depth::{SpaceToDepth, SpaceToDepthConfig};
 use crate::vae::{Autoencoder, AutoencoderKL, VaeConfig};
 use crate::weights::{var_builder, Variant};
 
@@ -28,7 +28,11 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, device: Device::Cpu, variant: Variant::Auto }
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            variant: Variant::Auto,
+        }
     }
 }
 
@@ -41,7 +45,10 @@ pub struct SamplingDefaults {
 
 impl SamplingDefaults {
     /// Stable Diffusion's usual settings (50 DDIM steps, guidance 7.5).
-    pub const STABLE_DIFFUSION: Self = Self { steps: 50, guidance: 7.5 };
+    pub const STABLE_DIFFUSION: Self = Self {
+        steps: 50,
+        guidance: 7.5,
+    };
 
     /// Key in `model_index.json` (ours, ignored by diffusers) where a folder may name its own.
     pub const INDEX_KEY: &'static str = "_l2s_sampling";
@@ -81,19 +88,24 @@ pub fn resolve_model(arg: &str) -> Result<PathBuf> {
     if direct.is_dir() {
         return Ok(direct);
     }
-    let looks_like_id = arg.split('/').count() == 2 && !arg.starts_with('.') && !arg.starts_with('/');
+    let looks_like_id =
+        arg.split('/').count() == 2 && !arg.starts_with('.') && !arg.starts_with('/');
     if !looks_like_id {
         return Err(ModelError::io(&direct, "no such model folder"));
     }
     let hub = std::env::var_os("HF_HUB_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub")))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
+        })
         .unwrap_or_else(|| PathBuf::from(".cache/huggingface/hub"));
     let repo = hub.join(format!("models--{}", arg.replace('/', "--")));
     let snapshots = repo.join("snapshots");
     // Prefer the snapshot `refs/main` names; otherwise the only (or newest) one.
-    let by_ref = std::fs::read_to_string(repo.join("refs/main")).ok().map(|r| snapshots.join(r.trim()));
+    let by_ref = std::fs::read_to_string(repo.join("refs/main"))
+        .ok()
+        .map(|r| snapshots.join(r.trim()));
     if let Some(p) = by_ref.filter(|p| p.is_dir()) {
         return Ok(p);
     }
@@ -101,7 +113,14 @@ pub fn resolve_model(arg: &str) -> Result<PathBuf> {
         .map(|rd| {
             rd.filter_map(|e| e.ok())
                 .filter(|e| e.path().is_dir())
-                .map(|e| (e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), e.path()))
+                .map(|e| {
+                    (
+                        e.metadata()
+                            .and_then(|m| m.modified())
+                            .unwrap_or(std::time::UNIX_EPOCH),
+                        e.path(),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -132,11 +151,16 @@ fn load_autoencoder(dir: &Path, opts: &LoadOptions) -> Result<Autoencoder> {
     let cfg_path = dir.join("config.json");
     let raw: Value = read_config(&cfg_path, "an autoencoder config")?;
     if raw.get("_class_name").and_then(|c| c.as_str()) == Some("SpaceToDepthAutoencoder") {
-        return Ok(Autoencoder::SpaceToDepth(SpaceToDepth::new(SpaceToDepthConfig::from_file(&cfg_path)?)));
+        return Ok(Autoencoder::SpaceToDepth(SpaceToDepth::new(
+            SpaceToDepthConfig::from_file(&cfg_path)?,
+        )));
     }
     let cfg = VaeConfig::from_file(&cfg_path)?;
     let vb = var_builder(dir, &opts.variant, opts.dtype, &opts.device)?;
-    let vae = AutoencoderKL::new(&cfg, vb).map_err(|e| ModelError::Build { dir: dir.to_path_buf(), reason: e.to_string() })?;
+    let vae = AutoencoderKL::new(&cfg, vb).map_err(|e| ModelError::Build {
+        dir: dir.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     Ok(Autoencoder::Kl(vae))
 }
 
@@ -161,30 +185,60 @@ impl StableDiffusion {
                 });
             }
         }
-        let sampling = SamplingDefaults::from_index(&index, &index_path, SamplingDefaults::STABLE_DIFFUSION)?;
-        let tok_dir = component(folder, "tokenizer", "a CLIP tokenizer (vocab.json + merges.txt or tokenizer.json)")?;
-        let te_dir = component(folder, "text_encoder", "a CLIPTextModel (config.json + safetensors)")?;
-        let unet_dir = component(folder, "unet", "a UNet2DConditionModel (config.json + safetensors)")?;
-        let vae_dir = component(folder, "vae", "an AutoencoderKL (config.json + safetensors)")?;
+        let sampling =
+            SamplingDefaults::from_index(&index, &index_path, SamplingDefaults::STABLE_DIFFUSION)?;
+        let tok_dir = component(
+            folder,
+            "tokenizer",
+            "a CLIP tokenizer (vocab.json + merges.txt or tokenizer.json)",
+        )?;
+        let te_dir = component(
+            folder,
+            "text_encoder",
+            "a CLIPTextModel (config.json + safetensors)",
+        )?;
+        let unet_dir = component(
+            folder,
+            "unet",
+            "a UNet2DConditionModel (config.json + safetensors)",
+        )?;
+        let vae_dir = component(
+            folder,
+            "vae",
+            "an AutoencoderKL (config.json + safetensors)",
+        )?;
         let sched_dir = component(folder, "scheduler", "scheduler_config.json")?;
         let scheduler_config = sched_dir.join("scheduler_config.json");
         if !scheduler_config.exists() {
-            return Err(ModelError::io(&scheduler_config, "missing scheduler config"));
+            return Err(ModelError::io(
+                &scheduler_config,
+                "missing scheduler config",
+            ));
         }
 
         let tokenizer = ClipTokenizer::from_folder(&tok_dir)?;
 
         let te_cfg = ClipTextConfig::from_file(&te_dir.join("config.json"))?;
         let vb = var_builder(&te_dir, &opts.variant, opts.dtype, &opts.device)?;
-        let text_encoder = ClipTextModel::new(&te_cfg, vb).map_err(|e| ModelError::Build { dir: te_dir.clone(), reason: e.to_string() })?;
+        let text_encoder = ClipTextModel::new(&te_cfg, vb).map_err(|e| ModelError::Build {
+            dir: te_dir.clone(),
+            reason: e.to_string(),
+        })?;
 
         let unet_cfg = UNetConfig::from_file(&unet_dir.join("config.json"))?;
         let vb = var_builder(&unet_dir, &opts.variant, opts.dtype, &opts.device)?;
-        let unet = UNet2DConditionModel::new(&unet_cfg, vb).map_err(|e| ModelError::Build { dir: unet_dir.clone(), reason: e.to_string() })?;
+        let unet = UNet2DConditionModel::new(&unet_cfg, vb).map_err(|e| ModelError::Build {
+            dir: unet_dir.clone(),
+            reason: e.to_string(),
+        })?;
 
         let vae = load_autoencoder(&vae_dir, opts)?;
 
-        let context = unet_cfg.cross_attention_dim.per_block(1).map(|v| v[0]).unwrap_or(0);
+        let context = unet_cfg
+            .cross_attention_dim
+            .per_block(1)
+            .map(|v| v[0])
+            .unwrap_or(0);
         if context != te_cfg.hidden_size {
             return Err(ModelError::Unsupported {
                 path: unet_dir.join("config.json"),
@@ -215,10 +269,18 @@ mod sampling_defaults_tests {
     fn a_folder_names_its_own_defaults_or_gets_the_fallback() {
         let path = Path::new("m/model_index.json");
         let own = serde_json::json!({"_class_name": "StableDiffusionPipeline", "_l2s_sampling": {"steps": 20, "guidance": 1.5}});
-        let got = SamplingDefaults::from_index(&own, path, SamplingDefaults::STABLE_DIFFUSION).unwrap();
-        assert_eq!(got, SamplingDefaults { steps: 20, guidance: 1.5 });
+        let got =
+            SamplingDefaults::from_index(&own, path, SamplingDefaults::STABLE_DIFFUSION).unwrap();
+        assert_eq!(
+            got,
+            SamplingDefaults {
+                steps: 20,
+                guidance: 1.5
+            }
+        );
         let plain = serde_json::json!({"_class_name": "StableDiffusionPipeline"});
-        let got = SamplingDefaults::from_index(&plain, path, SamplingDefaults::STABLE_DIFFUSION).unwrap();
+        let got =
+            SamplingDefaults::from_index(&plain, path, SamplingDefaults::STABLE_DIFFUSION).unwrap();
         assert_eq!(got, SamplingDefaults::STABLE_DIFFUSION);
     }
 
@@ -226,7 +288,12 @@ mod sampling_defaults_tests {
     fn malformed_defaults_name_the_file_and_key() {
         let path = Path::new("m/model_index.json");
         let bad = serde_json::json!({"_l2s_sampling": {"steps": "many"}});
-        let err = SamplingDefaults::from_index(&bad, path, SamplingDefaults::STABLE_DIFFUSION).unwrap_err().to_string();
-        assert!(err.contains("model_index.json") && err.contains("_l2s_sampling"), "{err}");
+        let err = SamplingDefaults::from_index(&bad, path, SamplingDefaults::STABLE_DIFFUSION)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model_index.json") && err.contains("_l2s_sampling"),
+            "{err}"
+        );
     }
 }

@@ -39,7 +39,11 @@ impl ResnetBlock {
                 .transpose()?,
             norm2: group_norm(cfg.groups, o, cfg.eps, vb.pp("norm2"))?,
             conv2: conv2d(o, o, 3, 1, 1, vb.pp("conv2"))?,
-            conv_shortcut: if i != o { Some(conv2d(i, o, 1, 1, 0, vb.pp("conv_shortcut"))?) } else { None },
+            conv_shortcut: if i != o {
+                Some(conv2d(i, o, 1, 1, 0, vb.pp("conv_shortcut"))?)
+            } else {
+                None
+            },
         })
     }
 
@@ -65,7 +69,10 @@ pub struct Downsample {
 
 impl Downsample {
     pub fn new(channels: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { conv: conv2d(channels, channels, 3, 2, padding, vb.pp("conv"))?, asymmetric: padding == 0 })
+        Ok(Self {
+            conv: conv2d(channels, channels, 3, 2, padding, vb.pp("conv"))?,
+            asymmetric: padding == 0,
+        })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -85,7 +92,9 @@ pub struct Upsample {
 
 impl Upsample {
     pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { conv: conv2d(channels, channels, 3, 1, 1, vb.pp("conv"))? })
+        Ok(Self {
+            conv: conv2d(channels, channels, 3, 1, 1, vb.pp("conv"))?,
+        })
     }
 
     pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {

@@ -88,10 +88,15 @@ impl SpaceToDepth {
         let (b, cl, h, w) = latents.dims4()?;
         let f = self.config.factor;
         if cl != self.latent_channels() {
-            candle_core::bail!("space-to-depth decode: {cl} latent channels, expected {}", self.latent_channels());
+            candle_core::bail!(
+                "space-to-depth decode: {cl} latent channels, expected {}",
+                self.latent_channels()
+            );
         }
         let c = cl / (f * f);
         let z = (latents / self.config.scaling_factor)?;
-        z.reshape((b, c, f, f, h, w))?.permute((0, 1, 4, 2, 5, 3))?.reshape((b, c, h * f, w * f))
+        z.reshape((b, c, f, f, h, w))?
+            .permute((0, 1, 4, 2, 5, 3))?
+            .reshape((b, c, h * f, w * f))
     }
 }

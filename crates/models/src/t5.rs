@@ -72,7 +72,8 @@ fn relative_bucket(relative: i64, num_buckets: usize, max_distance: usize) -> u3
     if distance < max_exact {
         bucket += distance;
     } else {
-        let ratio = (distance as f32 / max_exact as f32).ln() / ((max_distance as f64 / max_exact as f64).ln() as f32);
+        let ratio = (distance as f32 / max_exact as f32).ln()
+            / ((max_distance as f64 / max_exact as f64).ln() as f32);
         let large = max_exact + (ratio * (half - max_exact) as f32) as i64;
         bucket += large.min(half - 1);
     }
@@ -95,7 +96,11 @@ impl SelfAttention {
     fn new(cfg: &T5Config, has_bias: bool, vb: VarBuilder) -> Result<Self> {
         let inner = cfg.num_heads * cfg.d_kv;
         let relative_attention_bias = if has_bias {
-            Some(candle_nn::embedding(cfg.relative_attention_num_buckets, cfg.num_heads, vb.pp("relative_attention_bias"))?)
+            Some(candle_nn::embedding(
+                cfg.relative_attention_num_buckets,
+                cfg.num_heads,
+                vb.pp("relative_attention_bias"),
+            )?)
         } else {
             None
         };
@@ -114,25 +119,42 @@ impl SelfAttention {
 
     /// (1, heads, n, n) bias from this layer's bucket embedding.
     fn position_bias(&self, n: usize, device: &Device) -> Result<Option<Tensor>> {
-        let Some(emb) = &self.relative_attention_bias else { return Ok(None) };
+        let Some(emb) = &self.relative_attention_bias else {
+            return Ok(None);
+        };
         let buckets: Vec<u32> = (0..n as i64)
-            .flat_map(|q| (0..n as i64).map(move |k| relative_bucket(k - q, self.num_buckets, self.max_distance)))
+            .flat_map(|q| {
+                (0..n as i64)
+                    .map(move |k| relative_bucket(k - q, self.num_buckets, self.max_distance))
+            })
             .collect();
         let buckets = Tensor::from_vec(buckets, (n, n), device)?;
-        Ok(Some(emb.forward(&buckets)?.permute((2, 0, 1))?.unsqueeze(0)?))
+        Ok(Some(
+            emb.forward(&buckets)?.permute((2, 0, 1))?.unsqueeze(0)?,
+        ))
     }
 
     fn forward(&self, xs: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let (b, n, _) = xs.dims3()?;
-        let split = |t: Tensor| t.reshape((b, n, self.heads, self.d_kv))?.transpose(1, 2)?.contiguous();
+        let split = |t: Tensor| {
+            t.reshape((b, n, self.heads, self.d_kv))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
         let q = split(self.q.forward(xs)?)?;
         let k = split(self.k.forward(xs)?)?;
         let v = split(self.v.forward(xs)?)?;
         let dtype = q.dtype();
         // No 1/√d scaling in T5; softmax in f32 as transformers does.
-        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?.broadcast_add(&bias.to_dtype(DType::F32)?)?;
+        let scores = q
+            .matmul(&k.t()?)?
+            .to_dtype(DType::F32)?
+            .broadcast_add(&bias.to_dtype(DType::F32)?)?;
         let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, self.heads * self.d_kv))?;
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, n, self.heads * self.d_kv))?;
         self.o.forward(&out)
     }
 }
@@ -174,7 +196,11 @@ impl Block {
         let h = clamp_f16((xs + self.attn.forward(&self.attn_norm.forward(xs)?, bias)?)?)?;
         let x = self.ff_norm.forward(&h)?;
         // gelu_new: the tanh approximation.
-        let gated = self.wi_0.forward(&x)?.gelu()?.mul(&self.wi_1.forward(&x)?)?;
+        let gated = self
+            .wi_0
+            .forward(&x)?
+            .gelu()?
+            .mul(&self.wi_1.forward(&x)?)?;
         clamp_f16((&h + self.wo.forward(&gated)?)?)
     }
 }
@@ -190,16 +216,29 @@ impl T5EncoderModel {
     /// `vb` points at the component root (`shared.weight`, `encoder.block.{i}…`).
     pub fn new(cfg: &T5Config, vb: VarBuilder) -> Result<Self> {
         // Some exports keep only the tied copy `encoder.embed_tokens.weight`.
-        let emb_vb = if vb.contains_tensor("shared.weight") || !vb.contains_tensor("encoder.embed_tokens.weight") {
+        let emb_vb = if vb.contains_tensor("shared.weight")
+            || !vb.contains_tensor("encoder.embed_tokens.weight")
+        {
             vb.pp("shared")
         } else {
             vb.pp("encoder").pp("embed_tokens")
         };
         let shared = candle_nn::embedding(cfg.vocab_size, cfg.d_model, emb_vb)?;
         let enc = vb.pp("encoder");
-        let blocks = (0..cfg.num_layers).map(|i| Block::new(cfg, i, enc.pp("block").pp(i))).collect::<Result<_>>()?;
-        let final_layer_norm = RmsNorm::new(cfg.d_model, cfg.layer_norm_epsilon, enc.pp("final_layer_norm"))?;
-        Ok(Self { shared, blocks, final_layer_norm, config: cfg.clone() })
+        let blocks = (0..cfg.num_layers)
+            .map(|i| Block::new(cfg, i, enc.pp("block").pp(i)))
+            .collect::<Result<_>>()?;
+        let final_layer_norm = RmsNorm::new(
+            cfg.d_model,
+            cfg.layer_norm_epsilon,
+            enc.pp("final_layer_norm"),
+        )?;
+        Ok(Self {
+            shared,
+            blocks,
+            final_layer_norm,
+            config: cfg.clone(),
+        })
     }
 
     pub fn config(&self) -> &T5Config {
@@ -214,7 +253,9 @@ impl T5EncoderModel {
         let bias = self.blocks[0]
             .attn
             .position_bias(n, xs.device())?
-            .ok_or_else(|| candle_core::Error::Msg("T5: block 0 has no relative_attention_bias".into()))?;
+            .ok_or_else(|| {
+                candle_core::Error::Msg("T5: block 0 has no relative_attention_bias".into())
+            })?;
         for block in &self.blocks {
             xs = block.forward(&xs, &bias)?;
         }
@@ -245,27 +286,45 @@ pub struct T5Encoded {
 impl T5Tokenizer {
     /// `max_len`: FluxPipeline's `max_sequence_length` (512 for dev, 256 for schnell).
     pub fn from_folder(dir: &Path, max_len: usize) -> ModelResult<Self> {
-        let err = |reason: String| ModelError::Tokenizer { path: dir.to_path_buf(), reason };
+        let err = |reason: String| ModelError::Tokenizer {
+            path: dir.to_path_buf(),
+            reason,
+        };
         let json = dir.join("tokenizer.json");
         if !json.exists() {
             return Err(err("expected tokenizer.json (a sentencepiece-only folder with spiece.model is not supported: convert it with transformers)".into()));
         }
         let inner = Tokenizer::from_file(&json).map_err(|e| err(format!("tokenizer.json: {e}")))?;
-        let id = |t: &str| inner.token_to_id(t).ok_or_else(|| err(format!("special token `{t}` is not in the vocabulary")));
+        let id = |t: &str| {
+            inner
+                .token_to_id(t)
+                .ok_or_else(|| err(format!("special token `{t}` is not in the vocabulary")))
+        };
         let (eos, pad) = (id("</s>")?, id("<pad>")?);
         if max_len < 2 {
-            return Err(err(format!("max_sequence_length {max_len}: at least 2 expected")));
+            return Err(err(format!(
+                "max_sequence_length {max_len}: at least 2 expected"
+            )));
         }
-        Ok(Self { inner, eos, pad, max_len, source: dir.to_path_buf() })
+        Ok(Self {
+            inner,
+            eos,
+            pad,
+            max_len,
+            source: dir.to_path_buf(),
+        })
     }
 
     /// Text tokens, end token, padding to `max_len`. A prompt longer than `max_len − 1` tokens is
     /// cut, with a warning saying how much was dropped.
     pub fn encode(&self, text: &str) -> ModelResult<T5Encoded> {
-        let enc = self.inner.encode(text, false).map_err(|e| ModelError::Tokenizer {
-            path: self.source.clone(),
-            reason: format!("cannot tokenize {text:?}: {e}"),
-        })?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| ModelError::Tokenizer {
+                path: self.source.clone(),
+                reason: format!("cannot tokenize {text:?}: {e}"),
+            })?;
         let words = enc.get_ids();
         let keep = words.len().min(self.max_len - 1);
         let truncated = words.len() - keep;
@@ -280,15 +339,22 @@ impl T5Tokenizer {
         ids.extend_from_slice(&words[..keep]);
         ids.push(self.eos);
         ids.resize(self.max_len, self.pad);
-        Ok(T5Encoded { ids, text_tokens: keep, truncated })
+        Ok(T5Encoded {
+            ids,
+            text_tokens: keep,
+            truncated,
+        })
     }
 
     /// Token ids of the text alone, without end token, untruncated.
     pub fn encode_words(&self, text: &str) -> ModelResult<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| ModelError::Tokenizer {
-            path: self.source.clone(),
-            reason: format!("cannot tokenize {text:?}: {e}"),
-        })?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| ModelError::Tokenizer {
+                path: self.source.clone(),
+                reason: format!("cannot tokenize {text:?}: {e}"),
+            })?;
         Ok(enc.get_ids().to_vec())
     }
 

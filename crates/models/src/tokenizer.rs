@@ -31,7 +31,10 @@ pub struct ClipTokenizer {
 fn token_string(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
         _ => None,
     }
 }
@@ -41,11 +44,13 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-    serde_json::from_str(&text).map(Some).map_err(|e| ModelError::Config {
-        path: path.to_path_buf(),
-        expected: "a tokenizer configuration".into(),
-        reason: e.to_string(),
-    })
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| ModelError::Config {
+            path: path.to_path_buf(),
+            expected: "a tokenizer configuration".into(),
+            reason: e.to_string(),
+        })
 }
 
 impl ClipTokenizer {
@@ -53,7 +58,10 @@ impl ClipTokenizer {
     /// `merges.txt`; the padding token and length come from `tokenizer_config.json` /
     /// `special_tokens_map.json`.
     pub fn from_folder(dir: &Path) -> Result<Self> {
-        let err = |reason: String| ModelError::Tokenizer { path: dir.to_path_buf(), reason };
+        let err = |reason: String| ModelError::Tokenizer {
+            path: dir.to_path_buf(),
+            reason,
+        };
         let json = dir.join("tokenizer.json");
         let vocab = dir.join("vocab.json");
         let merges = dir.join("merges.txt");
@@ -62,7 +70,9 @@ impl ClipTokenizer {
         } else if vocab.exists() && merges.exists() {
             Self::from_vocab_merges(&vocab, &merges)?
         } else {
-            return Err(err("expected tokenizer.json, or vocab.json and merges.txt".into()));
+            return Err(err(
+                "expected tokenizer.json, or vocab.json and merges.txt".into()
+            ));
         };
         let config = read_json(&dir.join("tokenizer_config.json"))?;
         let special = read_json(&dir.join("special_tokens_map.json"))?;
@@ -71,7 +81,12 @@ impl ClipTokenizer {
                 .as_ref()
                 .and_then(|c| c.get(key))
                 .and_then(token_string)
-                .or_else(|| special.as_ref().and_then(|s| s.get(key)).and_then(token_string))
+                .or_else(|| {
+                    special
+                        .as_ref()
+                        .and_then(|s| s.get(key))
+                        .and_then(token_string)
+                })
         };
         let id = |token: &str| -> Result<u32> {
             inner
@@ -87,7 +102,10 @@ impl ClipTokenizer {
         // Like transformers, split special tokens out of the text before BPE. This matters for
         // SD2, whose padding token is "!": every "!" in a prompt becomes that token.
         let mut inner = inner;
-        let added: Vec<AddedToken> = specials.iter().map(|s| AddedToken::from(s.clone(), true)).collect();
+        let added: Vec<AddedToken> = specials
+            .iter()
+            .map(|s| AddedToken::from(s.clone(), true))
+            .collect();
         inner.add_special_tokens(&added);
         // Some configs store a huge sentinel instead of the real length.
         let max_len = config
@@ -97,32 +115,60 @@ impl ClipTokenizer {
             .filter(|&n| n >= 2.0 && n <= 4096.0)
             .map(|n| n as usize)
             .unwrap_or(77);
-        Ok(Self { inner, bos, eos, pad, max_len, source: dir.to_path_buf() })
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            pad,
+            max_len,
+            source: dir.to_path_buf(),
+        })
     }
 
     /// Builds CLIP's pipeline around a BPE vocabulary in Hugging Face's file format.
     pub fn from_vocab_merges(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
-        let err = |reason: String| ModelError::Tokenizer { path: vocab.to_path_buf(), reason };
+        let err = |reason: String| ModelError::Tokenizer {
+            path: vocab.to_path_buf(),
+            reason,
+        };
         let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
             .unk_token(EOS.into())
             .end_of_word_suffix("</w>".into())
             .build()
             .map_err(|e| err(format!("vocab.json/merges.txt: {e}")))?;
         let mut tok = Tokenizer::new(bpe);
-        let whitespace = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ").map_err(|e| err(e.to_string()))?;
-        tok.with_normalizer(Some(NormSeq::new(vec![NFC.into(), whitespace.into(), Lowercase.into()])));
-        let words = Split::new(SplitPattern::Regex(CLIP_PATTERN.into()), SplitDelimiterBehavior::Removed, true)
-            .map_err(|e| err(e.to_string()))?;
-        tok.with_pre_tokenizer(Some(PreSeq::new(vec![words.into(), ByteLevel::new(false, false, false).into()])));
+        let whitespace = Replace::new(
+            tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+            " ",
+        )
+        .map_err(|e| err(e.to_string()))?;
+        tok.with_normalizer(Some(NormSeq::new(vec![
+            NFC.into(),
+            whitespace.into(),
+            Lowercase.into(),
+        ])));
+        let words = Split::new(
+            SplitPattern::Regex(CLIP_PATTERN.into()),
+            SplitDelimiterBehavior::Removed,
+            true,
+        )
+        .map_err(|e| err(e.to_string()))?;
+        tok.with_pre_tokenizer(Some(PreSeq::new(vec![
+            words.into(),
+            ByteLevel::new(false, false, false).into(),
+        ])));
         Ok(tok)
     }
 
     /// Token ids of the text alone, without start/end tokens, untruncated.
     pub fn encode_words(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text.trim(), false).map_err(|e| ModelError::Tokenizer {
-            path: self.source.clone(),
-            reason: format!("cannot tokenize {text:?}: {e}"),
-        })?;
+        let enc = self
+            .inner
+            .encode(text.trim(), false)
+            .map_err(|e| ModelError::Tokenizer {
+                path: self.source.clone(),
+                reason: format!("cannot tokenize {text:?}: {e}"),
+            })?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -135,7 +181,11 @@ impl ClipTokenizer {
         ids.extend_from_slice(&words[..keep]);
         ids.push(self.eos);
         ids.resize(self.max_len, self.pad);
-        Ok(Encoded { ids, text_tokens: keep, truncated: words.len() - keep })
+        Ok(Encoded {
+            ids,
+            text_tokens: keep,
+            truncated: words.len() - keep,
+        })
     }
 
     /// Token strings of an id sequence (for showing which positions a word occupies).

@@ -86,11 +86,19 @@ impl VaeConfig {
         };
         let n = cfg.block_out_channels.len();
         if n == 0 {
-            return Err(unsupported("block_out_channels", "[]".into(), "at least one block"));
+            return Err(unsupported(
+                "block_out_channels",
+                "[]".into(),
+                "at least one block",
+            ));
         }
         for t in &cfg.down_block_types {
             if t != "DownEncoderBlock2D" {
-                return Err(unsupported("down_block_types", t.clone(), "DownEncoderBlock2D"));
+                return Err(unsupported(
+                    "down_block_types",
+                    t.clone(),
+                    "DownEncoderBlock2D",
+                ));
             }
         }
         for t in &cfg.up_block_types {
@@ -101,13 +109,25 @@ impl VaeConfig {
         if (!cfg.down_block_types.is_empty() && cfg.down_block_types.len() != n)
             || (!cfg.up_block_types.is_empty() && cfg.up_block_types.len() != n)
         {
-            return Err(unsupported("down_block_types/up_block_types", "wrong length".into(), "one per block_out_channels"));
+            return Err(unsupported(
+                "down_block_types/up_block_types",
+                "wrong length".into(),
+                "one per block_out_channels",
+            ));
         }
         if cfg.act_fn != "silu" {
             return Err(unsupported("act_fn", cfg.act_fn.clone(), "silu"));
         }
-        if let Some(c) = cfg.block_out_channels.iter().find(|c| *c % cfg.norm_num_groups != 0) {
-            return Err(unsupported("norm_num_groups", cfg.norm_num_groups.to_string(), &format!("a divisor of {c}")));
+        if let Some(c) = cfg
+            .block_out_channels
+            .iter()
+            .find(|c| *c % cfg.norm_num_groups != 0)
+        {
+            return Err(unsupported(
+                "norm_num_groups",
+                cfg.norm_num_groups.to_string(),
+                &format!("a divisor of {c}"),
+            ));
         }
         Ok(cfg)
     }
@@ -127,7 +147,13 @@ struct MidBlock {
 
 impl MidBlock {
     fn new(channels: usize, groups: usize, add_attention: bool, vb: VarBuilder) -> Result<Self> {
-        let rc = ResnetConfig { in_channels: channels, out_channels: channels, temb_channels: None, groups, eps: 1e-6 };
+        let rc = ResnetConfig {
+            in_channels: channels,
+            out_channels: channels,
+            temb_channels: None,
+            groups,
+            eps: 1e-6,
+        };
         let attention = if add_attention {
             let avb = vb.pp("attentions").pp(0);
             let cfg = AttentionConfig {
@@ -139,7 +165,10 @@ impl MidBlock {
                 upcast: true,
                 observed: false,
             };
-            Some((group_norm(groups, channels, 1e-6, avb.pp("group_norm"))?, Attention::new(&cfg, avb)?))
+            Some((
+                group_norm(groups, channels, 1e-6, avb.pp("group_norm"))?,
+                Attention::new(&cfg, avb)?,
+            ))
         } else {
             None
         };
@@ -154,7 +183,10 @@ impl MidBlock {
         let mut h = self.resnet_in.forward(xs, None)?;
         if let Some((norm, attn)) = &self.attention {
             let (b, c, hh, ww) = h.dims4()?;
-            let tokens = norm.forward(&h)?.reshape((b, c, hh * ww))?.transpose(1, 2)?;
+            let tokens = norm
+                .forward(&h)?
+                .reshape((b, c, hh * ww))?
+                .transpose(1, 2)?;
             let out = attn.forward(&tokens, None, (hh, ww), &mut NoObserver)?;
             let out = out.transpose(1, 2)?.reshape((b, c, hh, ww))?;
             h = (out + h)?;
@@ -185,7 +217,13 @@ impl Stage {
     }
 }
 
-fn resnets(n: usize, cin: usize, cout: usize, groups: usize, vb: VarBuilder) -> Result<Vec<ResnetBlock>> {
+fn resnets(
+    n: usize,
+    cin: usize,
+    cout: usize,
+    groups: usize,
+    vb: VarBuilder,
+) -> Result<Vec<ResnetBlock>> {
     (0..n)
         .map(|i| {
             let rc = ResnetConfig {
@@ -216,8 +254,16 @@ impl Encoder {
         let mut prev = ch[0];
         for (i, &c) in ch.iter().enumerate() {
             let bvb = vb.pp("down_blocks").pp(i);
-            let down = if i + 1 < ch.len() { Some(Downsample::new(c, 0, bvb.pp("downsamplers").pp(0))?) } else { None };
-            stages.push(Stage { resnets: resnets(cfg.layers_per_block, prev, c, g, bvb)?, down, up: None });
+            let down = if i + 1 < ch.len() {
+                Some(Downsample::new(c, 0, bvb.pp("downsamplers").pp(0))?)
+            } else {
+                None
+            };
+            stages.push(Stage {
+                resnets: resnets(cfg.layers_per_block, prev, c, g, bvb)?,
+                down,
+                up: None,
+            });
             prev = c;
         }
         let last = *ch.last().unwrap_or(&ch[0]);
@@ -256,8 +302,16 @@ impl Decoder {
         let mut prev = rev[0];
         for (i, &c) in rev.iter().enumerate() {
             let bvb = vb.pp("up_blocks").pp(i);
-            let up = if i + 1 < rev.len() { Some(Upsample::new(c, bvb.pp("upsamplers").pp(0))?) } else { None };
-            stages.push(Stage { resnets: resnets(cfg.layers_per_block + 1, prev, c, g, bvb)?, down: None, up });
+            let up = if i + 1 < rev.len() {
+                Some(Upsample::new(c, bvb.pp("upsamplers").pp(0))?)
+            } else {
+                None
+            };
+            stages.push(Stage {
+                resnets: resnets(cfg.layers_per_block + 1, prev, c, g, bvb)?,
+                down: None,
+                up,
+            });
             prev = c;
         }
         let first = cfg.block_out_channels[0];
@@ -288,7 +342,8 @@ pub struct DiagonalGaussian {
 impl DiagonalGaussian {
     /// mean + σ·ε with ε drawn from a seeded generator (reproducible across runs and machines).
     pub fn sample(&self, seed: u64) -> Result<Tensor> {
-        let noise = seeded_normal(self.mean.dims(), seed, self.mean.device())?.to_dtype(self.mean.dtype())?;
+        let noise = seeded_normal(self.mean.dims(), seed, self.mean.device())?
+            .to_dtype(self.mean.dtype())?;
         let std = (&self.logvar * 0.5)?.exp()?;
         self.mean.add(&std.mul(&noise)?)
     }
@@ -324,7 +379,11 @@ impl AutoencoderKL {
         Ok(Self {
             encoder: Encoder::new(cfg, vb.pp("encoder"))?,
             decoder: Decoder::new(cfg, vb.pp("decoder"))?,
-            quant_conv: if cfg.use_quant_conv { Some(conv2d(2 * l, 2 * l, 1, 1, 0, vb.pp("quant_conv"))?) } else { None },
+            quant_conv: if cfg.use_quant_conv {
+                Some(conv2d(2 * l, 2 * l, 1, 1, 0, vb.pp("quant_conv"))?)
+            } else {
+                None
+            },
             post_quant_conv: if cfg.use_post_quant_conv {
                 Some(conv2d(l, l, 1, 1, 0, vb.pp("post_quant_conv"))?)
             } else {

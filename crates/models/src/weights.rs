@@ -62,7 +62,9 @@ pub fn component_files(dir: &Path, variant: &Variant) -> Result<Vec<PathBuf>> {
         Variant::Named(v) => pick(Some(v)),
     };
     if chosen.is_empty() {
-        let has_bin = names.iter().any(|n| n.ends_with(".bin") || n.ends_with(".ckpt"));
+        let has_bin = names
+            .iter()
+            .any(|n| n.ends_with(".bin") || n.ends_with(".ckpt"));
         let hint = if has_bin {
             "; only pickle (.bin/.ckpt) weights are present, which are not loaded for safety: convert them to safetensors"
         } else {
@@ -72,7 +74,10 @@ pub fn component_files(dir: &Path, variant: &Variant) -> Result<Vec<PathBuf>> {
             Variant::Auto => "*.safetensors".to_string(),
             Variant::Named(v) => format!("*.{v}.safetensors"),
         };
-        return Err(ModelError::io(dir, format!("no weight files matching {wanted}{hint}")));
+        return Err(ModelError::io(
+            dir,
+            format!("no weight files matching {wanted}{hint}"),
+        ));
     }
     Ok(chosen.into_iter().map(|n| dir.join(n)).collect())
 }
@@ -104,9 +109,13 @@ impl SafetensorsWeights {
             // SAFETY: the file is opened read-only; like every mmap-based loader we assume it is not
             // truncated by another process while we hold it.
             let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-            let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
-                ModelError::CorruptWeights { path: path.clone(), reason: e.to_string() }
-            })?;
+            let (header_len, metadata) =
+                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+                    ModelError::CorruptWeights {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
             let data_start = 8 + header_len;
             for (name, info) in metadata.tensors() {
                 let (start, end) = info.data_offsets;
@@ -128,18 +137,28 @@ impl SafetensorsWeights {
                 ) {
                     return Err(ModelError::CorruptWeights {
                         path: path.clone(),
-                        reason: format!("tensor `{name}` also appears in {}", paths[prev.file].display()),
+                        reason: format!(
+                            "tensor `{name}` also appears in {}",
+                            paths[prev.file].display()
+                        ),
                     });
                 }
             }
             files.push((path.clone(), mmap));
         }
-        Ok(Self { files, index, aliases: DEFAULT_ALIASES.to_vec() })
+        Ok(Self {
+            files,
+            index,
+            aliases: DEFAULT_ALIASES.to_vec(),
+        })
     }
 
     /// Tensor names with their shapes, sorted.
     pub fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
-        self.index.iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect()
+        self.index
+            .iter()
+            .map(|(k, v)| (k.clone(), v.shape.clone()))
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -151,7 +170,11 @@ impl SafetensorsWeights {
     }
 
     fn describe_files(&self) -> String {
-        self.files.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        self.files
+            .iter()
+            .map(|(p, _)| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     fn resolve(&self, name: &str) -> Option<(&str, &TensorEntry)> {
@@ -192,7 +215,9 @@ impl SafetensorsWeights {
         };
         let bytes = &self.files[entry.file].1[entry.start..entry.end];
         let tensor = Tensor::from_raw_buffer(bytes, src_dtype, &entry.shape, &Device::Cpu)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: tensor `{name}`: {e}", path.display())))?;
+            .map_err(|e| {
+                candle_core::Error::Msg(format!("{}: tensor `{name}`: {e}", path.display()))
+            })?;
         tensor.to_dtype(dtype)?.to_device(dev)
     }
 }
@@ -207,7 +232,14 @@ const DEFAULT_ALIASES: &[(&str, &str)] = &[
 ];
 
 impl SimpleBackend for SafetensorsWeights {
-    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let mut tensor = self.load(name, dtype, dev)?;
         if tensor.shape() != &s {
             // Old checkpoints store attention projections as 1×1 convolutions.
@@ -218,7 +250,9 @@ impl SimpleBackend for SafetensorsWeights {
             if squeezable {
                 tensor = tensor.reshape(s.clone())?;
             } else {
-                let path = self.resolve(name).map(|(_, e)| self.files[e.file].0.display().to_string());
+                let path = self
+                    .resolve(name)
+                    .map(|(_, e)| self.files[e.file].0.display().to_string());
                 return Err(candle_core::Error::Msg(format!(
                     "{}: tensor `{name}` has shape {:?}, expected {:?}",
                     path.unwrap_or_default(),
@@ -240,10 +274,19 @@ impl SimpleBackend for SafetensorsWeights {
 }
 
 /// Opens a component folder's weights as a `VarBuilder` in `dtype` on `device`.
-pub fn var_builder(dir: &Path, variant: &Variant, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+pub fn var_builder(
+    dir: &Path,
+    variant: &Variant,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
     let files = component_files(dir, variant)?;
     let weights = SafetensorsWeights::open(&files)?;
-    Ok(VarBuilder::from_backend(Box::new(weights), dtype, device.clone()))
+    Ok(VarBuilder::from_backend(
+        Box::new(weights),
+        dtype,
+        device.clone(),
+    ))
 }
 
 /// A backend that hands out zero-cost placeholder tensors and records every name and shape asked
@@ -269,7 +312,14 @@ impl ParameterRecorder {
 }
 
 impl SimpleBackend for ParameterRecorder {
-    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         if let Ok(mut seen) = self.seen.lock() {
             seen.insert(name.to_string(), s.dims().to_vec());
         }
@@ -278,7 +328,9 @@ impl SimpleBackend for ParameterRecorder {
     }
 
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        Err(candle_core::Error::Msg(format!("parameter recorder: shape of `{name}` is unknown")))
+        Err(candle_core::Error::Msg(format!(
+            "parameter recorder: shape of `{name}` is unknown"
+        )))
     }
 
     fn contains_tensor(&self, _: &str) -> bool {

@@ -79,32 +79,49 @@ fn missing_tensor_names_file_and_tensor() {
 fn wrong_shape_names_tensor_and_both_shapes() {
     let (_tmp, dir) = scratch_model();
     rewrite_unet(&dir, |t| {
-        t.insert("conv_out.bias".into(), Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap());
+        t.insert(
+            "conv_out.bias".into(),
+            Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     let msg = load_err(&dir);
     assert!(msg.contains("diffusion_pytorch_model.safetensors"), "{msg}");
-    assert!(msg.contains("`conv_out.bias` has shape [7], expected [4]"), "{msg}");
+    assert!(
+        msg.contains("`conv_out.bias` has shape [7], expected [4]"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn wrong_dtype_names_tensor() {
     let (_tmp, dir) = scratch_model();
     rewrite_unet(&dir, |t| {
-        t.insert("conv_out.bias".into(), Tensor::zeros(4, DType::I64, &Device::Cpu).unwrap());
+        t.insert(
+            "conv_out.bias".into(),
+            Tensor::zeros(4, DType::I64, &Device::Cpu).unwrap(),
+        );
     });
     let msg = load_err(&dir);
-    assert!(msg.contains("`conv_out.bias` has dtype I64, expected a floating-point dtype"), "{msg}");
+    assert!(
+        msg.contains("`conv_out.bias` has dtype I64, expected a floating-point dtype"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn unsupported_block_type_names_config_field() {
     let (_tmp, dir) = scratch_model();
     let cfg_path = dir.join("unet/config.json");
-    let text = std::fs::read_to_string(&cfg_path).unwrap().replace("\"DownBlock2D\"", "\"AttnDownBlock2D\"");
+    let text = std::fs::read_to_string(&cfg_path)
+        .unwrap()
+        .replace("\"DownBlock2D\"", "\"AttnDownBlock2D\"");
     std::fs::write(&cfg_path, text).unwrap();
     let msg = load_err(&dir);
     assert!(msg.contains("unet/config.json"), "{msg}");
-    assert!(msg.contains("unsupported down_block_types `AttnDownBlock2D`"), "{msg}");
+    assert!(
+        msg.contains("unsupported down_block_types `AttnDownBlock2D`"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -115,12 +132,18 @@ fn corrupt_header_names_file() {
     bytes[8..40].copy_from_slice(&[b'#'; 32]); // garble the JSON header
     std::fs::write(&path, bytes).unwrap();
     let msg = load_err(&dir);
-    assert!(msg.contains("corrupt or unreadable safetensors file"), "{msg}");
+    assert!(
+        msg.contains("corrupt or unreadable safetensors file"),
+        "{msg}"
+    );
     assert!(msg.contains("diffusion_pytorch_model.safetensors"), "{msg}");
 
     std::fs::write(&path, b"tiny").unwrap(); // truncated below the 8-byte length prefix
     let msg = load_err(&dir);
-    assert!(msg.contains("corrupt or unreadable safetensors file"), "{msg}");
+    assert!(
+        msg.contains("corrupt or unreadable safetensors file"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -128,7 +151,10 @@ fn invalid_config_json_names_file() {
     let (_tmp, dir) = scratch_model();
     std::fs::write(dir.join("vae/config.json"), "{ not json").unwrap();
     let msg = load_err(&dir);
-    assert!(msg.contains("vae/config.json: not valid JSON for an autoencoder config"), "{msg}");
+    assert!(
+        msg.contains("vae/config.json: not valid JSON for an autoencoder config"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -136,14 +162,27 @@ fn fp16_variant_is_found_and_loaded_as_f32() {
     let (_tmp, dir) = scratch_model();
     // Replace the UNet weights with an fp16 variant file only, as some hub repos ship them.
     let tensors = candle_core::safetensors::load(unet_file(&dir), &Device::Cpu).unwrap();
-    let half: HashMap<String, Tensor> =
-        tensors.into_iter().map(|(k, v)| (k, v.to_dtype(DType::F16).unwrap())).collect();
+    let half: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(DType::F16).unwrap()))
+        .collect();
     std::fs::remove_file(unet_file(&dir)).unwrap();
-    candle_core::safetensors::save(&half, dir.join("unet/diffusion_pytorch_model.fp16.safetensors")).unwrap();
+    candle_core::safetensors::save(
+        &half,
+        dir.join("unet/diffusion_pytorch_model.fp16.safetensors"),
+    )
+    .unwrap();
     let sd = StableDiffusion::load(&dir, &LoadOptions::default()).unwrap();
     assert_eq!(sd.dtype, DType::F32);
     let exp = common::expected("sd1-tiny");
-    let out = sd.unet.forward(&exp["unet.sample"], 501.0, &exp["unet.encoder_hidden_states"]).unwrap();
+    let out = sd
+        .unet
+        .forward(
+            &exp["unet.sample"],
+            501.0,
+            &exp["unet.encoder_hidden_states"],
+        )
+        .unwrap();
     assert!(common::rel_err(&out, &exp["unet.out"]) < 1e-2);
 }
 
@@ -151,8 +190,13 @@ fn fp16_variant_is_found_and_loaded_as_f32() {
 fn hub_id_outside_cache_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     std::env::set_var("HF_HUB_CACHE", tmp.path());
-    let msg = l2s_models::resolve_model("stabilityai/stable-diffusion-2-1-base").unwrap_err().to_string();
-    assert!(msg.contains("not") && msg.contains("Hugging Face cache"), "{msg}");
+    let msg = l2s_models::resolve_model("stabilityai/stable-diffusion-2-1-base")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("not") && msg.contains("Hugging Face cache"),
+        "{msg}"
+    );
     // A populated cache snapshot resolves.
     let snap = tmp.path().join("models--org--tiny/snapshots/abc123");
     std::fs::create_dir_all(&snap).unwrap();
@@ -164,13 +208,21 @@ fn hub_id_outside_cache_is_a_clear_error() {
 #[test]
 fn space_to_depth_round_trips_exactly() {
     use l2s_models::space_to_depth::{SpaceToDepth, SpaceToDepthConfig};
-    let s2d = SpaceToDepth::new(SpaceToDepthConfig { factor: 2, in_channels: 3, scaling_factor: 1.0 });
-    let img = Tensor::arange(0f32, 2.0 * 3.0 * 4.0 * 6.0, &Device::Cpu).unwrap().reshape((2, 3, 4, 6)).unwrap();
+    let s2d = SpaceToDepth::new(SpaceToDepthConfig {
+        factor: 2,
+        in_channels: 3,
+        scaling_factor: 1.0,
+    });
+    let img = Tensor::arange(0f32, 2.0 * 3.0 * 4.0 * 6.0, &Device::Cpu)
+        .unwrap()
+        .reshape((2, 3, 4, 6))
+        .unwrap();
     let z = s2d.encode_latents(&img).unwrap();
     assert_eq!(z.dims(), &[2, 12, 2, 3]);
     // Channel k = c·4 + dy·2 + dx holds pixel (2y+dy, 2x+dx) of colour c, as torch's pixel_unshuffle.
     use candle_core::IndexOp;
-    let at = |t: &Tensor, i: (usize, usize, usize, usize)| t.i(i).unwrap().to_scalar::<f32>().unwrap();
+    let at =
+        |t: &Tensor, i: (usize, usize, usize, usize)| t.i(i).unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(at(&z, (1, 2 * 4 + 2, 1, 2)), at(&img, (1, 2, 3, 4)));
     let back = s2d.decode_latents(&z).unwrap();
     let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -8,21 +8,35 @@ use l2s_models::{AttentionStore, LoadOptions, StableDiffusion};
 
 fn loss_at(sd: &StableDiffusion, latent: &Tensor, ctx: &Tensor, t: f64) -> (Tensor, Tensor) {
     let mut store = AttentionStore::new();
-    let out = sd.unet.forward_observed(latent, t, ctx, &mut store).unwrap();
+    let out = sd
+        .unet
+        .forward_observed(latent, t, ctx, &mut store)
+        .unwrap();
     (common::fixture_loss(store.records(), &out, 2, 8), out)
 }
 
 fn check(name: &str) {
-    let opts = LoadOptions { dtype: DType::F64, device: Device::Cpu, ..Default::default() };
+    let opts = LoadOptions {
+        dtype: DType::F64,
+        device: Device::Cpu,
+        ..Default::default()
+    };
     let sd = StableDiffusion::load(&common::fixtures().join(name).join("model"), &opts).unwrap();
     let exp = common::expected(name);
     let latent0 = exp["unet.sample"].to_dtype(DType::F64).unwrap();
-    let ctx = exp["unet.encoder_hidden_states"].to_dtype(DType::F64).unwrap();
+    let ctx = exp["unet.encoder_hidden_states"]
+        .to_dtype(DType::F64)
+        .unwrap();
     let t = 501.0;
 
     let var = Var::from_tensor(&latent0).unwrap();
     let (loss, _) = loss_at(&sd, var.as_tensor(), &ctx, t);
-    let grad = loss.backward().unwrap().get(var.as_tensor()).unwrap().clone();
+    let grad = loss
+        .backward()
+        .unwrap()
+        .get(var.as_tensor())
+        .unwrap()
+        .clone();
     let g: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
     let x: Vec<f64> = latent0.flatten_all().unwrap().to_vec1().unwrap();
 
@@ -45,7 +59,11 @@ fn check(name: &str) {
         let fd = (eval(eps) - eval(-eps)) / (2.0 * eps);
         let err = (fd - g[i]).abs() / scale;
         worst = worst.max(err);
-        assert!(err < 1e-6, "{name}: d loss / d z[{i}]: autograd {} vs finite difference {fd}", g[i]);
+        assert!(
+            err < 1e-6,
+            "{name}: d loss / d z[{i}]: autograd {} vs finite difference {fd}",
+            g[i]
+        );
     }
     eprintln!("{name}: finite differences agree with autograd, worst error {worst:.1e} of max |grad| {scale:.3e}");
 }

@@ -13,19 +13,27 @@ use common::{expected, fixtures, meta, rel_err};
 use l2s_models::flux::bfl::load_single_file;
 use l2s_models::flux::pipeline::flux_sample;
 use l2s_models::flux::{pack_latents, unpack_latents};
-use l2s_models::{AttentionSite, AttentionStore, FluxInputs, FluxPipeline, LoadOptions, ModelError, NoObserver};
+use l2s_models::{
+    AttentionSite, AttentionStore, FluxInputs, FluxPipeline, LoadOptions, ModelError, NoObserver,
+};
 
 const TOL: f64 = 1e-5;
 
 fn check(what: &str, actual: &Tensor, expected: &Tensor, tol: f64) -> f64 {
     let err = rel_err(actual, expected);
     eprintln!("parity {what:<60} rel. max err {err:.2e}");
-    assert!(err <= tol, "{what}: relative max error {err:.3e} > {tol:.0e}");
+    assert!(
+        err <= tol,
+        "{what}: relative max error {err:.3e} > {tol:.0e}"
+    );
     err
 }
 
 fn load(name: &str, dtype: DType) -> FluxPipeline {
-    let opts = LoadOptions { dtype, ..LoadOptions::default() };
+    let opts = LoadOptions {
+        dtype,
+        ..LoadOptions::default()
+    };
     let mut p = FluxPipeline::load(&fixtures().join(name).join("model"), &opts).unwrap();
     p.set_max_sequence_length(meta(name)["t5_len"].as_u64().unwrap() as usize);
     p
@@ -33,10 +41,17 @@ fn load(name: &str, dtype: DType) -> FluxPipeline {
 
 fn grid(name: &str) -> (usize, usize) {
     let g = meta(name)["grid"].as_array().unwrap().clone();
-    (g[0].as_u64().unwrap() as usize, g[1].as_u64().unwrap() as usize)
+    (
+        g[0].as_u64().unwrap() as usize,
+        g[1].as_u64().unwrap() as usize,
+    )
 }
 
-fn inputs<'a>(exp: &'a HashMap<String, Tensor>, latents: &'a Tensor, grid: (usize, usize)) -> FluxInputs<'a> {
+fn inputs<'a>(
+    exp: &'a HashMap<String, Tensor>,
+    latents: &'a Tensor,
+    grid: (usize, usize),
+) -> FluxInputs<'a> {
     FluxInputs {
         latents,
         grid,
@@ -54,22 +69,74 @@ fn tokens_and_embeddings(name: &str) {
     let prompts: Vec<String> = serde_json::from_value(m["t5_prompts"].clone()).unwrap();
     let ids = exp["t5.prompt_ids"].to_vec2::<i64>().unwrap();
     for (p, want) in prompts.iter().zip(&ids) {
-        let got: Vec<i64> = flux.tokenizer_2.encode(p).unwrap().ids.iter().map(|&i| i as i64).collect();
+        let got: Vec<i64> = flux
+            .tokenizer_2
+            .encode(p)
+            .unwrap()
+            .ids
+            .iter()
+            .map(|&i| i as i64)
+            .collect();
         assert_eq!(&got, want, "{name}: T5 ids of {p:?}");
     }
     let clip_ids = exp["clip.input_ids"].to_vec2::<i64>().unwrap();
     for (p, want) in m["prompts"].as_array().unwrap().iter().zip(&clip_ids) {
-        let got: Vec<i64> = flux.tokenizer.encode(p.as_str().unwrap()).unwrap().ids.iter().map(|&i| i as i64).collect();
+        let got: Vec<i64> = flux
+            .tokenizer
+            .encode(p.as_str().unwrap())
+            .unwrap()
+            .ids
+            .iter()
+            .map(|&i| i as i64)
+            .collect();
         assert_eq!(&got, want, "{name}: CLIP ids of {p}");
     }
-    let t5 = flux.text_encoder_2.forward(&exp["t5.prompt_ids"].i(..2).unwrap().to_dtype(DType::U32).unwrap()).unwrap();
-    check(&format!("{name} t5.last_hidden_state"), &t5, &exp["t5.last_hidden_state"], TOL);
-    let pooled = flux.text_encoder.forward(&exp["clip.input_ids"].to_dtype(DType::U32).unwrap()).unwrap().pooled;
-    check(&format!("{name} clip.pooled"), &pooled, &exp["clip.pooled"], TOL);
-    let prompts: Vec<&str> = m["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    let t5 = flux
+        .text_encoder_2
+        .forward(
+            &exp["t5.prompt_ids"]
+                .i(..2)
+                .unwrap()
+                .to_dtype(DType::U32)
+                .unwrap(),
+        )
+        .unwrap();
+    check(
+        &format!("{name} t5.last_hidden_state"),
+        &t5,
+        &exp["t5.last_hidden_state"],
+        TOL,
+    );
+    let pooled = flux
+        .text_encoder
+        .forward(&exp["clip.input_ids"].to_dtype(DType::U32).unwrap())
+        .unwrap()
+        .pooled;
+    check(
+        &format!("{name} clip.pooled"),
+        &pooled,
+        &exp["clip.pooled"],
+        TOL,
+    );
+    let prompts: Vec<&str> = m["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
     let cond = flux.encode_prompts(&prompts).unwrap();
-    check(&format!("{name} encode_prompts text"), &cond.text, &exp["t5.last_hidden_state"], TOL);
-    check(&format!("{name} encode_prompts pooled"), &cond.pooled, &exp["clip.pooled"], TOL);
+    check(
+        &format!("{name} encode_prompts text"),
+        &cond.text,
+        &exp["t5.last_hidden_state"],
+        TOL,
+    );
+    check(
+        &format!("{name} encode_prompts pooled"),
+        &cond.pooled,
+        &exp["clip.pooled"],
+        TOL,
+    );
 }
 
 #[test]
@@ -87,21 +154,51 @@ fn transformer_and_maps(name: &str) {
     let exp = expected(name);
     let g = grid(name);
     let ids = l2s_models::flux::rope::image_ids(g.0, g.1, &Device::Cpu).unwrap();
-    assert_eq!(ids.to_vec2::<f32>().unwrap(), exp["transformer.img_ids"].to_vec2::<f32>().unwrap());
+    assert_eq!(
+        ids.to_vec2::<f32>().unwrap(),
+        exp["transformer.img_ids"].to_vec2::<f32>().unwrap()
+    );
 
     let latents = &exp["transformer.hidden_states"];
-    let plain = flux.transformer.forward(&inputs(&exp, latents, g), &mut NoObserver).unwrap();
-    check(&format!("{name} transformer.out"), &plain, &exp["transformer.out"], TOL);
+    let plain = flux
+        .transformer
+        .forward(&inputs(&exp, latents, g), &mut NoObserver)
+        .unwrap();
+    check(
+        &format!("{name} transformer.out"),
+        &plain,
+        &exp["transformer.out"],
+        TOL,
+    );
 
     let mut store = AttentionStore::new();
-    let observed = flux.transformer.forward(&inputs(&exp, latents, g), &mut store).unwrap();
-    assert_eq!(rel_err(&observed, &plain), 0.0, "observing must not change the output");
+    let observed = flux
+        .transformer
+        .forward(&inputs(&exp, latents, g), &mut store)
+        .unwrap();
+    assert_eq!(
+        rel_err(&observed, &plain),
+        0.0,
+        "observing must not change the output"
+    );
     let layers = meta(name)["attention_layers"].as_array().unwrap().clone();
-    assert_eq!(store.records().len(), layers.len(), "one report per double and single block");
+    assert_eq!(
+        store.records().len(),
+        layers.len(),
+        "one report per double and single block"
+    );
     for ((site, probs), layer) in store.records().iter().zip(&layers) {
         assert_eq!(site.layer, layer["name"].as_str().unwrap());
-        assert_eq!((site.height, site.width, site.heads, site.tokens), (g.0, g.1, 2, 32));
-        check(&format!("{name} attn.{}", site.layer), probs, &exp[&format!("attn.{}", site.layer)], TOL);
+        assert_eq!(
+            (site.height, site.width, site.heads, site.tokens),
+            (g.0, g.1, 2, 32)
+        );
+        check(
+            &format!("{name} attn.{}", site.layer),
+            probs,
+            &exp[&format!("attn.{}", site.layer)],
+            TOL,
+        );
     }
 }
 
@@ -116,15 +213,33 @@ fn schnell_transformer_and_text_only_maps() {
 }
 
 /// Σ_blocks Σ_{b,h,q} (P[..,ia]²·cx(q) + P[..,ib]²·cy(q)) + 0.1·mean(out²), as the fixture script.
-fn attention_loss(records: &[(AttentionSite, Tensor)], out: &Tensor, ia: usize, ib: usize) -> Tensor {
+fn attention_loss(
+    records: &[(AttentionSite, Tensor)],
+    out: &Tensor,
+    ia: usize,
+    ib: usize,
+) -> Tensor {
     let mut total = (out.sqr().unwrap().mean_all().unwrap() * 0.1).unwrap();
     for (site, p) in records {
         let (h, w) = (site.height, site.width);
-        let cx: Vec<f32> = (0..h * w).map(|q| ((q % w) as f32 + 0.5) / w as f32).collect();
-        let cy: Vec<f32> = (0..h * w).map(|q| ((q / w) as f32 + 0.5) / h as f32).collect();
+        let cx: Vec<f32> = (0..h * w)
+            .map(|q| ((q % w) as f32 + 0.5) / w as f32)
+            .collect();
+        let cy: Vec<f32> = (0..h * w)
+            .map(|q| ((q / w) as f32 + 0.5) / h as f32)
+            .collect();
         let cx = Tensor::new(cx, out.device()).unwrap();
         let cy = Tensor::new(cy, out.device()).unwrap();
-        let term = |k: usize, c: &Tensor| p.i((.., .., .., k)).unwrap().sqr().unwrap().broadcast_mul(c).unwrap().sum_all().unwrap();
+        let term = |k: usize, c: &Tensor| {
+            p.i((.., .., .., k))
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .broadcast_mul(c)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
         total = (total + term(ia, &cx) + term(ib, &cy)).unwrap();
     }
     total
@@ -134,14 +249,27 @@ fn gradient(name: &str) {
     let flux = load(name, DType::F32);
     let exp = expected(name);
     let m = meta(name);
-    let (ia, ib) = (m["ia"].as_u64().unwrap() as usize, m["ib"].as_u64().unwrap() as usize);
+    let (ia, ib) = (
+        m["ia"].as_u64().unwrap() as usize,
+        m["ib"].as_u64().unwrap() as usize,
+    );
     let x = Var::from_tensor(&exp["transformer.hidden_states"]).unwrap();
     let mut store = AttentionStore::new();
-    let out = flux.transformer.forward(&inputs(&exp, x.as_tensor(), grid(name)), &mut store).unwrap();
+    let out = flux
+        .transformer
+        .forward(&inputs(&exp, x.as_tensor(), grid(name)), &mut store)
+        .unwrap();
     let loss = attention_loss(store.records(), &out, ia, ib);
-    check(&format!("{name} grad.loss"), &loss.reshape(1).unwrap(), &exp["grad.loss"], TOL);
+    check(
+        &format!("{name} grad.loss"),
+        &loss.reshape(1).unwrap(),
+        &exp["grad.loss"],
+        TOL,
+    );
     let grads = loss.backward().unwrap();
-    let g = grads.get(x.as_tensor()).expect("gradient reaches the latent");
+    let g = grads
+        .get(x.as_tensor())
+        .expect("gradient reaches the latent");
     check(&format!("{name} grad.latent"), g, &exp["grad.latent"], TOL);
 }
 
@@ -160,9 +288,23 @@ fn sampling(name: &str) {
     let exp = expected(name);
     let m = &meta(name)["sample"];
     let cond = flux.encode_prompt(m["prompt"].as_str().unwrap()).unwrap();
-    check(&format!("{name} sample.prompt_embeds"), &cond.text, &exp["sample.prompt_embeds"], TOL);
-    check(&format!("{name} sample.pooled"), &cond.pooled, &exp["sample.pooled_prompt_embeds"], TOL);
-    let sigmas: Vec<f64> = exp["sample.sigmas"].to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+    check(
+        &format!("{name} sample.prompt_embeds"),
+        &cond.text,
+        &exp["sample.prompt_embeds"],
+        TOL,
+    );
+    check(
+        &format!("{name} sample.pooled"),
+        &cond.pooled,
+        &exp["sample.pooled_prompt_embeds"],
+        TOL,
+    );
+    let sigmas: Vec<f64> = exp["sample.sigmas"]
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let size = m["height"].as_u64().unwrap() as usize;
     let grid = flux.grid_for(size, size);
     let guidance = m["guidance_scale"].as_f64();
@@ -172,20 +314,45 @@ fn sampling(name: &str) {
     // The pipeline's loop, checked step by step.
     let final_latents = flux_sample(latents.clone(), &sigmas, |step, x, sigma| {
         if step > 0 {
-            check(&format!("{name} sample.step_latents[{}]", step - 1), x, &steps.i(step - 1).unwrap(), TOL);
+            check(
+                &format!("{name} sample.step_latents[{}]", step - 1),
+                x,
+                &steps.i(step - 1).unwrap(),
+                TOL,
+            );
         }
         i += 1;
         flux.velocity(x, grid, &cond, sigma, guidance, &mut NoObserver)
     })
     .unwrap();
     assert_eq!(i, sigmas.len() - 1);
-    check(&format!("{name} sample.final_latents"), &final_latents, &exp["sample.final_latents"], TOL);
-    let again = flux.sample(latents, grid, &cond, &sigmas, guidance, &mut NoObserver).unwrap();
+    check(
+        &format!("{name} sample.final_latents"),
+        &final_latents,
+        &exp["sample.final_latents"],
+        TOL,
+    );
+    let again = flux
+        .sample(latents, grid, &cond, &sigmas, guidance, &mut NoObserver)
+        .unwrap();
     assert_eq!(rel_err(&again, &final_latents), 0.0);
     let decoded = flux.decode_packed(&final_latents, grid).unwrap();
-    check(&format!("{name} sample.decoded"), &decoded, &exp["sample.decoded"], TOL);
-    let image = ((decoded / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap();
-    check(&format!("{name} sample.image"), &image, &exp["sample.image"], TOL);
+    check(
+        &format!("{name} sample.decoded"),
+        &decoded,
+        &exp["sample.decoded"],
+        TOL,
+    );
+    let image = ((decoded / 2.0).unwrap() + 0.5)
+        .unwrap()
+        .clamp(0f32, 1f32)
+        .unwrap();
+    check(
+        &format!("{name} sample.image"),
+        &image,
+        &exp["sample.image"],
+        TOL,
+    );
 }
 
 #[test]
@@ -200,12 +367,22 @@ fn schnell_full_sampling() {
 
 #[test]
 fn packing_round_trips() {
-    let x = Tensor::arange(0f32, 2.0 * 16.0 * 8.0 * 12.0, &Device::Cpu).unwrap().reshape((2, 16, 8, 12)).unwrap();
+    let x = Tensor::arange(0f32, 2.0 * 16.0 * 8.0 * 12.0, &Device::Cpu)
+        .unwrap()
+        .reshape((2, 16, 8, 12))
+        .unwrap();
     let packed = pack_latents(&x).unwrap();
     assert_eq!(packed.dims(), &[2, 24, 64]);
     // Patch (row 1, col 2), channel 3, offset (dy 1, dx 0) = latent pixel (3, 4).
     let want = x.i((0, 3, 3, 4)).unwrap().to_scalar::<f32>().unwrap();
-    assert_eq!(packed.i((0, 6 + 2, 3 * 4 + 2)).unwrap().to_scalar::<f32>().unwrap(), want);
+    assert_eq!(
+        packed
+            .i((0, 6 + 2, 3 * 4 + 2))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        want
+    );
     assert_eq!(rel_err(&unpack_latents(&packed, (4, 6)).unwrap(), &x), 0.0);
 }
 
@@ -217,17 +394,29 @@ fn bfl_single_file_matches_diffusers_folder() {
     let path = fixtures().join(name).join("transformer-bfl.safetensors");
     let bfl = load_single_file(&path, flux.transformer.config(), DType::F32, &Device::Cpu).unwrap();
     let latents = &exp["transformer.hidden_states"];
-    let a = bfl.forward(&inputs(&exp, latents, grid(name)), &mut NoObserver).unwrap();
-    let b = flux.transformer.forward(&inputs(&exp, latents, grid(name)), &mut NoObserver).unwrap();
+    let a = bfl
+        .forward(&inputs(&exp, latents, grid(name)), &mut NoObserver)
+        .unwrap();
+    let b = flux
+        .transformer
+        .forward(&inputs(&exp, latents, grid(name)), &mut NoObserver)
+        .unwrap();
     let err = rel_err(&a, &b);
     eprintln!("parity BFL single file vs diffusers folder: rel. max err {err:.2e}");
     assert_eq!(err, 0.0, "the same weights must give the same output");
-    check("flux-dev-tiny BFL transformer.out", &a, &exp["transformer.out"], TOL);
+    check(
+        "flux-dev-tiny BFL transformer.out",
+        &a,
+        &exp["transformer.out"],
+        TOL,
+    );
 
     // The schnell config (no guidance embedder) does not fit a dev file.
     let mut schnell = flux.transformer.config().clone();
     schnell.guidance_embeds = false;
-    let err = load_single_file(&path, &schnell, DType::F32, &Device::Cpu).err().expect("must fail");
+    let err = load_single_file(&path, &schnell, DType::F32, &Device::Cpu)
+        .err()
+        .expect("must fail");
     assert!(err.to_string().contains("guidance_in"), "{err}");
 }
 
@@ -236,14 +425,25 @@ fn unknown_single_file_naming_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("odd.safetensors");
     let t = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();
-    let tensors: HashMap<String, Tensor> =
-        [("encoder.foo.weight".to_string(), t.clone()), ("decoder.bar.weight".to_string(), t)].into_iter().collect();
+    let tensors: HashMap<String, Tensor> = [
+        ("encoder.foo.weight".to_string(), t.clone()),
+        ("decoder.bar.weight".to_string(), t),
+    ]
+    .into_iter()
+    .collect();
     candle_core::safetensors::save(&tensors, &path).unwrap();
     let cfg = l2s_models::FluxConfig::flux1_dev();
-    let err = load_single_file(&path, &cfg, DType::F32, &Device::Cpu).err().expect("must fail");
+    let err = load_single_file(&path, &cfg, DType::F32, &Device::Cpu)
+        .err()
+        .expect("must fail");
     let msg = err.to_string();
     assert!(matches!(err, ModelError::Unsupported { .. }), "{msg}");
-    assert!(msg.contains("odd.safetensors") && msg.contains("tensor naming") && msg.contains("foo.weight"), "{msg}");
+    assert!(
+        msg.contains("odd.safetensors")
+            && msg.contains("tensor naming")
+            && msg.contains("foo.weight"),
+        "{msg}"
+    );
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path, skip: &str) {
@@ -264,15 +464,30 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path, skip: &str) {
 #[test]
 fn missing_t5_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    copy_dir(&fixtures().join("flux-schnell-tiny/model"), dir.path(), "text_encoder_2");
-    let err = FluxPipeline::load(dir.path(), &LoadOptions::default()).err().expect("must fail");
+    copy_dir(
+        &fixtures().join("flux-schnell-tiny/model"),
+        dir.path(),
+        "text_encoder_2",
+    );
+    let err = FluxPipeline::load(dir.path(), &LoadOptions::default())
+        .err()
+        .expect("must fail");
     let msg = err.to_string();
     assert!(matches!(err, ModelError::MissingComponent { .. }), "{msg}");
-    assert!(msg.contains("text_encoder_2") && msg.contains("T5"), "{msg}");
+    assert!(
+        msg.contains("text_encoder_2") && msg.contains("T5"),
+        "{msg}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
-    copy_dir(&fixtures().join("flux-schnell-tiny/model"), dir.path(), "tokenizer.json");
-    let err = FluxPipeline::load(dir.path(), &LoadOptions::default()).err().expect("must fail");
+    copy_dir(
+        &fixtures().join("flux-schnell-tiny/model"),
+        dir.path(),
+        "tokenizer.json",
+    );
+    let err = FluxPipeline::load(dir.path(), &LoadOptions::default())
+        .err()
+        .expect("must fail");
     assert!(err.to_string().contains("tokenizer.json"), "{err}");
 }
 
@@ -314,7 +529,9 @@ fn over_long_prompt_is_truncated_with_a_warning() {
     let exp = expected("flux-schnell-tiny");
     let long = ["a dog"; 20].join(" ");
     let warnings = Warnings::default();
-    let enc = tracing::subscriber::with_default(warnings.clone(), || flux.tokenizer_2.encode(&long).unwrap());
+    let enc = tracing::subscriber::with_default(warnings.clone(), || {
+        flux.tokenizer_2.encode(&long).unwrap()
+    });
     assert_eq!(enc.ids.len(), 32);
     assert_eq!((enc.text_tokens, enc.truncated), (31, 40 - 31));
     assert_eq!(enc.ids[31], flux.tokenizer_2.eos_id());
@@ -322,11 +539,21 @@ fn over_long_prompt_is_truncated_with_a_warning() {
     let want = exp["t5.prompt_ids"].i(5).unwrap().to_vec1::<i64>().unwrap();
     assert_eq!(enc.ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), want);
     let seen = warnings.0.lock().unwrap().clone();
-    assert!(seen.iter().any(|w| w.contains("truncated") && w.contains("9 of 40")), "{seen:?}");
+    assert!(
+        seen.iter()
+            .any(|w| w.contains("truncated") && w.contains("9 of 40")),
+        "{seen:?}"
+    );
 
-    let short = tracing::subscriber::with_default(warnings.clone(), || flux.tokenizer_2.encode("a dog").unwrap());
+    let short = tracing::subscriber::with_default(warnings.clone(), || {
+        flux.tokenizer_2.encode("a dog").unwrap()
+    });
     assert_eq!(short.truncated, 0);
-    assert_eq!(warnings.0.lock().unwrap().len(), seen.len(), "no warning for a prompt that fits");
+    assert_eq!(
+        warnings.0.lock().unwrap().len(),
+        seen.len(),
+        "no warning for a prompt that fits"
+    );
 }
 
 #[test]
@@ -335,24 +562,74 @@ fn half_precision_runs_close_to_f32() {
     // diffusers), so pick values that bf16 and f16 hold exactly and compare with our f32 run.
     let name = "flux-dev-tiny";
     let mut exp = expected(name);
-    exp.insert("transformer.timestep".into(), Tensor::new(&[0.5f32, 0.5], &Device::Cpu).unwrap());
-    exp.insert("transformer.guidance".into(), Tensor::new(&[4.0f32, 4.0], &Device::Cpu).unwrap());
+    exp.insert(
+        "transformer.timestep".into(),
+        Tensor::new(&[0.5f32, 0.5], &Device::Cpu).unwrap(),
+    );
+    exp.insert(
+        "transformer.guidance".into(),
+        Tensor::new(&[4.0f32, 4.0], &Device::Cpu).unwrap(),
+    );
     let f32_model = load(name, DType::F32);
     let mut f32_store = AttentionStore::new();
-    let reference = f32_model.transformer.forward(&inputs(&exp, &exp["transformer.hidden_states"], grid(name)), &mut f32_store).unwrap();
+    let reference = f32_model
+        .transformer
+        .forward(
+            &inputs(&exp, &exp["transformer.hidden_states"], grid(name)),
+            &mut f32_store,
+        )
+        .unwrap();
     let (_, reference_map) = &f32_store.records()[3];
     for (dtype, tol) in [(DType::F16, 1e-2), (DType::BF16, 5e-2)] {
         let flux = load(name, dtype);
-        let cast: HashMap<String, Tensor> =
-            exp.iter().map(|(k, v)| (k.clone(), if v.dtype() == DType::F32 { v.to_dtype(dtype).unwrap() } else { v.clone() })).collect();
+        let cast: HashMap<String, Tensor> = exp
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    if v.dtype() == DType::F32 {
+                        v.to_dtype(dtype).unwrap()
+                    } else {
+                        v.clone()
+                    },
+                )
+            })
+            .collect();
         let latents = &cast["transformer.hidden_states"];
         let mut store = AttentionStore::new();
-        let out = flux.transformer.forward(&inputs(&cast, latents, grid(name)), &mut store).unwrap();
+        let out = flux
+            .transformer
+            .forward(&inputs(&cast, latents, grid(name)), &mut store)
+            .unwrap();
         assert_eq!(out.dtype(), dtype);
-        check(&format!("{name} {dtype:?} transformer.out vs f32"), &out, &reference, tol);
+        check(
+            &format!("{name} {dtype:?} transformer.out vs f32"),
+            &out,
+            &reference,
+            tol,
+        );
         let (site, probs) = &store.records()[3];
-        check(&format!("{name} {dtype:?} attn.{} vs f32", site.layer), probs, reference_map, tol);
-        let t5 = flux.text_encoder_2.forward(&exp["t5.prompt_ids"].i(..2).unwrap().to_dtype(DType::U32).unwrap()).unwrap();
-        check(&format!("{name} {dtype:?} t5"), &t5, &exp["t5.last_hidden_state"], tol);
+        check(
+            &format!("{name} {dtype:?} attn.{} vs f32", site.layer),
+            probs,
+            reference_map,
+            tol,
+        );
+        let t5 = flux
+            .text_encoder_2
+            .forward(
+                &exp["t5.prompt_ids"]
+                    .i(..2)
+                    .unwrap()
+                    .to_dtype(DType::U32)
+                    .unwrap(),
+            )
+            .unwrap();
+        check(
+            &format!("{name} {dtype:?} t5"),
+            &t5,
+            &exp["t5.last_hidden_state"],
+            tol,
+        );
     }
 }

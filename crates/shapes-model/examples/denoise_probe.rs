@@ -20,7 +20,14 @@ fn main() -> Result<()> {
         None => l2s_shapes_model::embedded::model_dir()?,
     };
     let device = Device::Cpu;
-    let sd = StableDiffusion::load(&dir, &LoadOptions { dtype: DType::F32, device: device.clone(), ..Default::default() })?;
+    let sd = StableDiffusion::load(
+        &dir,
+        &LoadOptions {
+            dtype: DType::F32,
+            device: device.clone(),
+            ..Default::default()
+        },
+    )?;
     let sched = DdimConfig::from_file(&sd.scheduler_config)?.config;
     let alphas_cumprod = l2s_diffusion::schedule::alphas_cumprod(&sched)?;
     let size = l2s_shapes_model::architecture::IMAGE_SIZE;
@@ -51,7 +58,11 @@ fn main() -> Result<()> {
     let empty_ids = Tensor::from_vec(sd.tokenizer.encode("")?.ids.repeat(n), (n, tokens), &device)?;
     let empty = sd.text_encoder.forward(&empty_ids)?.last_hidden_state;
     let noise = Tensor::randn(0f32, 1f32, x0.shape(), &device)?;
-    println!("{} ({:?}), {n} held-out scenes", dir.display(), sched.prediction_type);
+    println!(
+        "{} ({:?}), {n} held-out scenes",
+        dir.display(),
+        sched.prediction_type
+    );
     let psnr = |t: usize, context: &Tensor| -> Result<f32> {
         let (a, s) = (alphas_cumprod[t].sqrt(), (1.0 - alphas_cumprod[t]).sqrt());
         let noisy = ((&x0 * a)? + (&noise * s)?)?;
@@ -65,9 +76,16 @@ fn main() -> Result<()> {
         let mse = (&x0_hat - &x0)?.sqr()?.mean_all()?.to_scalar::<f32>()?;
         Ok(10.0 * (4.0 / mse).log10())
     };
-    println!("clean-image PSNR (dB) with the scene's caption / another scene's caption / no caption");
+    println!(
+        "clean-image PSNR (dB) with the scene's caption / another scene's caption / no caption"
+    );
     for t in [5usize, 20, 50, 100, 200, 300, 500, 700, 900, 999] {
-        println!("t = {t:4}  {:5.1} / {:5.1} / {:5.1}", psnr(t, &context)?, psnr(t, &shifted)?, psnr(t, &empty)?);
+        println!(
+            "t = {t:4}  {:5.1} / {:5.1} / {:5.1}",
+            psnr(t, &context)?,
+            psnr(t, &shifted)?,
+            psnr(t, &empty)?
+        );
     }
     Ok(())
 }

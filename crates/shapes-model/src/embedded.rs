@@ -10,7 +10,10 @@ use crate::folder::write_atomic;
 
 macro_rules! asset {
     ($rel:literal) => {
-        ($rel, include_bytes!(concat!("../weights/shapes/", $rel)).as_slice())
+        (
+            $rel,
+            include_bytes!(concat!("../weights/shapes/", $rel)).as_slice(),
+        )
     };
 }
 
@@ -71,9 +74,13 @@ pub fn model_dir() -> Result<PathBuf> {
 /// folder is complete.
 pub fn unpack_to(dir: &Path) -> Result<()> {
     for (name, bytes) in FILES.iter().filter(|(n, _)| *n != "model_index.json") {
-        write_atomic(&dir.join(name), bytes).with_context(|| format!("unpacking the embedded model into {}", dir.display()))?;
+        write_atomic(&dir.join(name), bytes)
+            .with_context(|| format!("unpacking the embedded model into {}", dir.display()))?;
     }
-    let (name, bytes) = FILES.iter().find(|(n, _)| *n == "model_index.json").expect("listed above");
+    let (name, bytes) = FILES
+        .iter()
+        .find(|(n, _)| *n == "model_index.json")
+        .expect("listed above");
     write_atomic(&dir.join(name), bytes)?;
     Ok(())
 }

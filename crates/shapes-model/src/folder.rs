@@ -10,12 +10,16 @@ use crate::architecture;
 
 pub const VOCAB_JSON: &str = include_str!("../../shapes/assets/tokenizer/vocab.json");
 pub const MERGES_TXT: &str = include_str!("../../shapes/assets/tokenizer/merges.txt");
-pub const TOKENIZER_CONFIG: &str = include_str!("../../shapes/assets/tokenizer/tokenizer_config.json");
-pub const SPECIAL_TOKENS: &str = include_str!("../../shapes/assets/tokenizer/special_tokens_map.json");
+pub const TOKENIZER_CONFIG: &str =
+    include_str!("../../shapes/assets/tokenizer/tokenizer_config.json");
+pub const SPECIAL_TOKENS: &str =
+    include_str!("../../shapes/assets/tokenizer/special_tokens_map.json");
 
 /// Entries of the trimmed CLIP vocabulary.
 pub fn vocab_size() -> usize {
-    serde_json::from_str::<HashMap<String, u32>>(VOCAB_JSON).map(|m| m.len()).unwrap_or(0)
+    serde_json::from_str::<HashMap<String, u32>>(VOCAB_JSON)
+        .map(|m| m.len())
+        .unwrap_or(0)
 }
 
 /// Writes `bytes` to `path` atomically (temporary file + rename, the shapes crate's writer),
@@ -29,7 +33,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// The trimmed CLIP tokenizer's config with this model's sequence length.
 fn tokenizer_config() -> Result<serde_json::Value> {
-    let mut config: serde_json::Value = serde_json::from_str(TOKENIZER_CONFIG).context("built-in tokenizer_config.json")?;
+    let mut config: serde_json::Value =
+        serde_json::from_str(TOKENIZER_CONFIG).context("built-in tokenizer_config.json")?;
     config["model_max_length"] = architecture::MAX_TOKENS.into();
     Ok(config)
 }
@@ -41,7 +46,8 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 /// Writes a safetensors file atomically (temporary file, then rename).
 pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
     let tmp = path.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(tensors, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    candle_core::safetensors::save(tensors, &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
@@ -53,11 +59,20 @@ pub fn write_model_folder(dir: &Path, weights: Option<&HashMap<String, Tensor>>)
     write_atomic(&tok.join("vocab.json"), VOCAB_JSON.as_bytes())?;
     write_atomic(&tok.join("merges.txt"), MERGES_TXT.as_bytes())?;
     write_json(&tok.join("tokenizer_config.json"), &tokenizer_config()?)?;
-    write_atomic(&tok.join("special_tokens_map.json"), SPECIAL_TOKENS.as_bytes())?;
-    write_json(&dir.join("text_encoder/config.json"), &architecture::text_encoder_config(vocab_size()))?;
+    write_atomic(
+        &tok.join("special_tokens_map.json"),
+        SPECIAL_TOKENS.as_bytes(),
+    )?;
+    write_json(
+        &dir.join("text_encoder/config.json"),
+        &architecture::text_encoder_config(vocab_size()),
+    )?;
     write_json(&dir.join("unet/config.json"), &architecture::unet_config())?;
     write_json(&dir.join("vae/config.json"), &architecture::vae_config())?;
-    write_json(&dir.join("scheduler/scheduler_config.json"), &architecture::scheduler_config())?;
+    write_json(
+        &dir.join("scheduler/scheduler_config.json"),
+        &architecture::scheduler_config(),
+    )?;
     if let Some(weights) = weights {
         let part = |prefix: &str| -> HashMap<String, Tensor> {
             weights
@@ -65,8 +80,14 @@ pub fn write_model_folder(dir: &Path, weights: Option<&HashMap<String, Tensor>>)
                 .filter_map(|(k, t)| k.strip_prefix(prefix).map(|n| (n.to_string(), t.clone())))
                 .collect()
         };
-        save_tensors(&dir.join("text_encoder/model.safetensors"), &part("text_encoder."))?;
-        save_tensors(&dir.join("unet/diffusion_pytorch_model.safetensors"), &part("unet."))?;
+        save_tensors(
+            &dir.join("text_encoder/model.safetensors"),
+            &part("text_encoder."),
+        )?;
+        save_tensors(
+            &dir.join("unet/diffusion_pytorch_model.safetensors"),
+            &part("unet."),
+        )?;
     }
     // Written last: a folder with model_index.json is complete.
     write_json(&dir.join("model_index.json"), &architecture::model_index())?;

@@ -22,7 +22,15 @@ impl AdamW {
             .iter()
             .map(|(n, v)| Ok((n.clone(), v.clone(), v.zeros_like()?, v.zeros_like()?)))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, step: 0, state })
+        Ok(Self {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            step: 0,
+            state,
+        })
     }
 
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
@@ -34,7 +42,9 @@ impl AdamW {
         for (_, var, m, v) in self.state.iter_mut() {
             // Detached: a gradient carries the step's autograd graph, which the moments must not
             // keep alive from one step to the next.
-            let Some(g) = grads.get(var.as_tensor()).map(|g| g.detach()) else { continue };
+            let Some(g) = grads.get(var.as_tensor()).map(|g| g.detach()) else {
+                continue;
+            };
             *m = ((&*m * b1)? + (&g * (1.0 - b1))?)?;
             *v = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let update = ((&*m / c1)? / ((&*v / c2)?.sqrt()? + self.eps)?)?;
@@ -56,7 +66,10 @@ impl AdamW {
 
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: usize) -> Result<()> {
         for (n, _, m, v) in self.state.iter_mut() {
-            if let (Some(tm), Some(tv)) = (tensors.get(&format!("adam.m.{n}")), tensors.get(&format!("adam.v.{n}"))) {
+            if let (Some(tm), Some(tv)) = (
+                tensors.get(&format!("adam.m.{n}")),
+                tensors.get(&format!("adam.v.{n}")),
+            ) {
                 *m = tm.clone();
                 *v = tv.clone();
             } else {
@@ -76,7 +89,10 @@ pub struct Ema {
 
 impl Ema {
     pub fn new(vars: &[(String, Var)], decay: f64) -> Result<Self> {
-        let shadow = vars.iter().map(|(n, v)| Ok((n.clone(), v.clone(), v.as_tensor().detach().copy()?))).collect::<Result<_>>()?;
+        let shadow = vars
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), v.clone(), v.as_tensor().detach().copy()?)))
+            .collect::<Result<_>>()?;
         Ok(Self { decay, shadow })
     }
 
@@ -88,14 +104,19 @@ impl Ema {
     }
 
     pub fn tensors(&self) -> HashMap<String, Tensor> {
-        self.shadow.iter().map(|(n, _, s)| (n.clone(), s.clone())).collect()
+        self.shadow
+            .iter()
+            .map(|(n, _, s)| (n.clone(), s.clone()))
+            .collect()
     }
 
     pub fn load(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
         for (n, _, s) in self.shadow.iter_mut() {
             *s = tensors
                 .get(n)
-                .ok_or_else(|| candle_core::Error::Msg(format!("checkpoint has no averaged weight `{n}`")))?
+                .ok_or_else(|| {
+                    candle_core::Error::Msg(format!("checkpoint has no averaged weight `{n}`"))
+                })?
                 .clone();
         }
         Ok(())

@@ -22,20 +22,44 @@ fn line(img: &mut RgbImage, (x0, y0): (f32, f32), (x1, y1): (f32, f32), colour: 
 /// gridlines at each power of ten.
 pub fn loss_curve_png(losses: &[f32]) -> Result<Vec<u8>> {
     let mut img = RgbImage::from_pixel(W, H, Rgb([255, 255, 255]));
-    let finite: Vec<f32> = losses.iter().copied().filter(|l| l.is_finite() && *l > 0.0).collect();
+    let finite: Vec<f32> = losses
+        .iter()
+        .copied()
+        .filter(|l| l.is_finite() && *l > 0.0)
+        .collect();
     if finite.len() >= 2 {
-        let lo = finite.iter().fold(f32::MAX, |a, &b| a.min(b)).log10().floor();
-        let hi = finite.iter().fold(f32::MIN, |a, &b| a.max(b)).log10().ceil().max(lo + 1.0);
-        let px = |i: usize| PAD as f32 + i as f32 / (finite.len() - 1) as f32 * (W - 2 * PAD) as f32;
+        let lo = finite
+            .iter()
+            .fold(f32::MAX, |a, &b| a.min(b))
+            .log10()
+            .floor();
+        let hi = finite
+            .iter()
+            .fold(f32::MIN, |a, &b| a.max(b))
+            .log10()
+            .ceil()
+            .max(lo + 1.0);
+        let px =
+            |i: usize| PAD as f32 + i as f32 / (finite.len() - 1) as f32 * (W - 2 * PAD) as f32;
         let py = |l: f32| (H - PAD) as f32 - (l.log10() - lo) / (hi - lo) * (H - 2 * PAD) as f32;
         let mut decade = lo;
         while decade <= hi {
             let y = py(10f32.powf(decade));
-            line(&mut img, (PAD as f32, y), ((W - PAD) as f32, y), Rgb([220, 220, 220]));
+            line(
+                &mut img,
+                (PAD as f32, y),
+                ((W - PAD) as f32, y),
+                Rgb([220, 220, 220]),
+            );
             decade += 1.0;
         }
         for i in 1..finite.len() {
-            line(&mut img, (px(i - 1), py(finite[i - 1])), (px(i), py(finite[i])), Rgb([170, 200, 240]));
+            line(
+                &mut img,
+                (px(i - 1), py(finite[i - 1])),
+                (px(i), py(finite[i])),
+                Rgb([170, 200, 240]),
+            );
         }
         let mut avg = finite[0];
         let mut prev = (px(0), py(avg));
@@ -46,9 +70,20 @@ pub fn loss_curve_png(losses: &[f32]) -> Result<Vec<u8>> {
             prev = p;
         }
     }
-    line(&mut img, (PAD as f32, PAD as f32), (PAD as f32, (H - PAD) as f32), Rgb([0, 0, 0]));
-    line(&mut img, (PAD as f32, (H - PAD) as f32), ((W - PAD) as f32, (H - PAD) as f32), Rgb([0, 0, 0]));
+    line(
+        &mut img,
+        (PAD as f32, PAD as f32),
+        (PAD as f32, (H - PAD) as f32),
+        Rgb([0, 0, 0]),
+    );
+    line(
+        &mut img,
+        (PAD as f32, (H - PAD) as f32),
+        ((W - PAD) as f32, (H - PAD) as f32),
+        Rgb([0, 0, 0]),
+    );
     let mut out = Vec::new();
-    image::DynamicImage::ImageRgb8(img).write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)?;
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)?;
     Ok(out)
 }

@@ -9,9 +9,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use l2s_models::clip::{ClipTextConfig, ClipTextModel};
+use l2s_models::space_to_depth::SpaceToDepth;
 use l2s_models::tokenizer::ClipTokenizer;
 use l2s_models::unet::{UNet2DConditionModel, UNetConfig};
-use l2s_models::space_to_depth::SpaceToDepth;
 use l2s_models::NoObserver;
 use l2s_shapes::{caption, render_scene, RenderConfig};
 use rand::{Rng, SeedableRng};
@@ -135,22 +135,32 @@ pub struct Trainer {
 impl Trainer {
     /// Sets up a run folder (`run_dir/model` is the exported model, `run_dir/checkpoints` the state).
     pub fn new(run_dir: &Path, device: &Device) -> Result<Self> {
-        std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+        std::fs::create_dir_all(run_dir)
+            .with_context(|| format!("creating {}", run_dir.display()))?;
         let model_dir = run_dir.join("model");
         write_model_folder(&model_dir, None)?;
         let tokenizer = ClipTokenizer::from_folder(&model_dir.join("tokenizer"))?;
         let vocab = crate::folder::vocab_size();
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let te_cfg: ClipTextConfig = serde_json::from_value(architecture::text_encoder_config(vocab))?;
+        let te_cfg: ClipTextConfig =
+            serde_json::from_value(architecture::text_encoder_config(vocab))?;
         let unet_cfg: UNetConfig = serde_json::from_value(architecture::unet_config())?;
         let text_encoder = ClipTextModel::new(&te_cfg, vb.pp("text_encoder"))?;
         let unet = UNet2DConditionModel::new(&unet_cfg, vb.pp("unet"))?;
-        let mut named_vars: Vec<(String, Var)> =
-            varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned var map"))?.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut named_vars: Vec<(String, Var)> = varmap
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned var map"))?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         named_vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let sched: l2s_diffusion::DdimConfig =
-            l2s_diffusion::DdimConfig::from_json_value(&architecture::scheduler_config(), "shapes scheduler")?.config;
+        let sched: l2s_diffusion::DdimConfig = l2s_diffusion::DdimConfig::from_json_value(
+            &architecture::scheduler_config(),
+            "shapes scheduler",
+        )?
+        .config;
         let alphas_cumprod = l2s_diffusion::schedule::alphas_cumprod(&sched)?;
         Ok(Self {
             varmap,
@@ -174,19 +184,28 @@ impl Trainer {
             "{} already has checkpoints; it resumes from them (use a new run folder to start from a model)",
             self.run_dir.display()
         );
-        for (part, file) in [("text_encoder", "model.safetensors"), ("unet", "diffusion_pytorch_model.safetensors")] {
+        for (part, file) in [
+            ("text_encoder", "model.safetensors"),
+            ("unet", "diffusion_pytorch_model.safetensors"),
+        ] {
             let path = model_dir.join(part).join(file);
-            let tensors = candle_core::safetensors::load(&path, &self.device).with_context(|| format!("reading {}", path.display()))?;
+            let tensors = candle_core::safetensors::load(&path, &self.device)
+                .with_context(|| format!("reading {}", path.display()))?;
             for (name, var) in &self.named_vars {
-                let Some(local) = name.strip_prefix(&format!("{part}.")) else { continue };
-                let t = tensors.get(local).with_context(|| format!("{}: no tensor `{local}`", path.display()))?;
+                let Some(local) = name.strip_prefix(&format!("{part}.")) else {
+                    continue;
+                };
+                let t = tensors
+                    .get(local)
+                    .with_context(|| format!("{}: no tensor `{local}`", path.display()))?;
                 // A model with more token positions: keep the first ones.
                 let t = if local.ends_with("position_embedding.weight") && t.dim(0)? > var.dim(0)? {
                     t.narrow(0, 0, var.dim(0)?)?
                 } else {
                     t.clone()
                 };
-                var.set(&t).with_context(|| format!("{}: tensor `{local}`", path.display()))?;
+                var.set(&t)
+                    .with_context(|| format!("{}: tensor `{local}`", path.display()))?;
             }
         }
         Ok(())
@@ -212,12 +231,22 @@ impl Trainer {
         let name = format!("step-{:08}", state.step);
         let dir = root.join(&name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut tensors: HashMap<String, Tensor> =
-            self.named_vars.iter().map(|(n, v)| (format!("param.{n}"), v.as_tensor().clone())).collect();
+        let mut tensors: HashMap<String, Tensor> = self
+            .named_vars
+            .iter()
+            .map(|(n, v)| (format!("param.{n}"), v.as_tensor().clone()))
+            .collect();
         tensors.extend(opt.state_tensors());
-        tensors.extend(ema.tensors().into_iter().map(|(n, t)| (format!("ema.{n}"), t)));
+        tensors.extend(
+            ema.tensors()
+                .into_iter()
+                .map(|(n, t)| (format!("ema.{n}"), t)),
+        );
         save_tensors(&dir.join("state.safetensors"), &tensors)?;
-        write_atomic(&dir.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
+        write_atomic(
+            &dir.join("state.json"),
+            serde_json::to_string_pretty(state)?.as_bytes(),
+        )?;
         // Only now does the new checkpoint become the one to resume from.
         write_atomic(&root.join("latest"), name.as_bytes())?;
         for entry in std::fs::read_dir(&root)?.flatten() {
@@ -238,23 +267,41 @@ impl Trainer {
 
     fn batch(&self, opts: &TrainOptions, step: usize) -> Result<Batch> {
         let cfg = RenderConfig::with_size(IMAGE_SIZE as u32);
-        let mut rng = ChaCha8Rng::seed_from_u64(opts.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step as u64));
+        let mut rng = ChaCha8Rng::seed_from_u64(
+            opts.seed
+                .wrapping_mul(0x9E37_79B9)
+                .wrapping_add(step as u64),
+        );
         let mut scenes = Vec::with_capacity(opts.batch);
         let tokens = self.tokenizer.max_len();
         let mut ids = Vec::with_capacity(opts.batch * tokens);
         for i in 0..opts.batch {
             let scene = render_scene(&cfg, opts.seed, (step * opts.batch + i) as u64)?;
-            let text = if rng.gen::<f64>() < opts.uncond_prob { String::new() } else { caption(&scene, &mut rng) };
+            let text = if rng.gen::<f64>() < opts.uncond_prob {
+                String::new()
+            } else {
+                caption(&scene, &mut rng)
+            };
             ids.extend(self.tokenizer.encode(&text)?.ids);
             scenes.push(scene);
         }
         let images: Vec<&image::RgbImage> = scenes.iter().map(|s| &s.image).collect();
-        let x0 = self.latents.encode_latents(&images_tensor(&images, &self.device)?)?;
+        let x0 = self
+            .latents
+            .encode_latents(&images_tensor(&images, &self.device)?)?;
         let ids = Tensor::from_vec(ids, (opts.batch, tokens), &self.device)?;
-        let ts: Vec<usize> = (0..opts.batch).map(|_| rng.gen_range(0..self.alphas_cumprod.len())).collect();
+        let ts: Vec<usize> = (0..opts.batch)
+            .map(|_| rng.gen_range(0..self.alphas_cumprod.len()))
+            .collect();
         let noise = Tensor::randn(0f32, 1f32, x0.shape(), &self.device)?;
-        let a: Vec<f32> = ts.iter().map(|&t| self.alphas_cumprod[t].sqrt() as f32).collect();
-        let s: Vec<f32> = ts.iter().map(|&t| (1.0 - self.alphas_cumprod[t]).sqrt() as f32).collect();
+        let a: Vec<f32> = ts
+            .iter()
+            .map(|&t| self.alphas_cumprod[t].sqrt() as f32)
+            .collect();
+        let s: Vec<f32> = ts
+            .iter()
+            .map(|&t| (1.0 - self.alphas_cumprod[t]).sqrt() as f32)
+            .collect();
         let a = Tensor::from_vec(a, (opts.batch, 1, 1, 1), &self.device)?;
         let s = Tensor::from_vec(s, (opts.batch, 1, 1, 1), &self.device)?;
         let xt = (x0.broadcast_mul(&a)? + noise.broadcast_mul(&s)?)?;
@@ -269,7 +316,13 @@ impl Trainer {
             })
             .collect();
         let weights = Tensor::from_vec(weights, (opts.batch, 1, 1, 1), &self.device)?;
-        Ok(Batch { noisy: xt, ids, timesteps: ts.iter().map(|&t| t as f64).collect(), target, weights })
+        Ok(Batch {
+            noisy: xt,
+            ids,
+            timesteps: ts.iter().map(|&t| t as f64).collect(),
+            target,
+            weights,
+        })
     }
 
     /// Trains until `opts.steps` (resuming from the latest checkpoint if there is one) or until
@@ -283,13 +336,24 @@ impl Trainer {
         let mut opt = AdamW::new(&self.named_vars, opts.lr, opts.weight_decay)?;
         let mut ema = Ema::new(&self.named_vars, opts.ema_decay)?;
         let arch = architecture_fingerprint(self.vocab);
-        let mut state = CheckpointState { step: 0, options: opts.clone(), architecture: arch.clone(), losses: vec![], seconds: 0.0 };
+        let mut state = CheckpointState {
+            step: 0,
+            options: opts.clone(),
+            architecture: arch.clone(),
+            losses: vec![],
+            seconds: 0.0,
+        };
         if let Some(dir) = self.latest_checkpoint() {
             let state_path = dir.join("state.json");
-            let saved: CheckpointState = serde_json::from_str(&std::fs::read_to_string(&state_path)?)
-                .with_context(|| format!("{}: not a training checkpoint", state_path.display()))?;
+            let saved: CheckpointState = serde_json::from_str(&std::fs::read_to_string(
+                &state_path,
+            )?)
+            .with_context(|| format!("{}: not a training checkpoint", state_path.display()))?;
             if saved.architecture != arch {
-                bail!("{}: checkpoint of a different model architecture; use another run folder", state_path.display());
+                bail!(
+                    "{}: checkpoint of a different model architecture; use another run folder",
+                    state_path.display()
+                );
             }
             let weights = dir.join("state.safetensors");
             let tensors = candle_core::safetensors::load(&weights, &self.device)
@@ -298,11 +362,14 @@ impl Trainer {
                 let t = tensors
                     .get(&format!("param.{n}"))
                     .with_context(|| format!("{}: no parameter `{n}`", weights.display()))?;
-                v.set(t).with_context(|| format!("{}: parameter `{n}`", weights.display()))?;
+                v.set(t)
+                    .with_context(|| format!("{}: parameter `{n}`", weights.display()))?;
             }
             opt.load_state(&tensors, saved.step)?;
-            let ema_t: HashMap<String, Tensor> =
-                tensors.iter().filter_map(|(k, t)| k.strip_prefix("ema.").map(|n| (n.to_string(), t.clone()))).collect();
+            let ema_t: HashMap<String, Tensor> = tensors
+                .iter()
+                .filter_map(|(k, t)| k.strip_prefix("ema.").map(|n| (n.to_string(), t.clone())))
+                .collect();
             ema.load(&ema_t)?;
             tracing::info!("resuming from {} at step {}", dir.display(), saved.step);
             state.step = saved.step;
@@ -321,8 +388,16 @@ impl Trainer {
             opt.lr = opts.lr * ((step + 1) as f64 / opts.warmup.max(1) as f64).min(1.0);
             let batch = self.batch(opts, step)?;
             let context = self.text_encoder.forward(&batch.ids)?.last_hidden_state;
-            let pred = self.unet.forward_timesteps(&batch.noisy, &batch.timesteps, &context, &mut NoObserver)?;
-            let loss = (pred - &batch.target)?.sqr()?.broadcast_mul(&batch.weights)?.mean_all()?;
+            let pred = self.unet.forward_timesteps(
+                &batch.noisy,
+                &batch.timesteps,
+                &context,
+                &mut NoObserver,
+            )?;
+            let loss = (pred - &batch.target)?
+                .sqr()?
+                .broadcast_mul(&batch.weights)?
+                .mean_all()?;
             let loss_value = loss.to_scalar::<f32>()?;
             if !loss_value.is_finite() {
                 bail!("training diverged at step {step} (loss {loss_value}); lower --lr");
@@ -332,19 +407,39 @@ impl Trainer {
             state.step += 1;
             state.losses.push(loss_value);
             state.seconds = base_seconds + start.elapsed().as_secs_f64();
-            on_progress(&Progress { step: state.step, steps: opts.steps, loss: loss_value, seconds: state.seconds });
+            on_progress(&Progress {
+                step: state.step,
+                steps: opts.steps,
+                loss: loss_value,
+                seconds: state.seconds,
+            });
             if state.step % opts.checkpoint_every == 0 || state.step == opts.steps {
                 self.save_checkpoint(&state, &opt, &ema)?;
                 self.export(&ema)?;
-                write_atomic(&self.run_dir.join("loss.png"), &loss_curve_png(&state.losses)?)?;
+                write_atomic(
+                    &self.run_dir.join("loss.png"),
+                    &loss_curve_png(&state.losses)?,
+                )?;
             }
         }
         self.save_checkpoint(&state, &opt, &ema)?;
         let model_dir = self.export(&ema)?;
-        write_atomic(&self.run_dir.join("loss.png"), &loss_curve_png(&state.losses)?)?;
+        write_atomic(
+            &self.run_dir.join("loss.png"),
+            &loss_curve_png(&state.losses)?,
+        )?;
         let tail = &state.losses[state.losses.len().saturating_sub(100)..];
-        let final_loss = if tail.is_empty() { f32::NAN } else { tail.iter().sum::<f32>() / tail.len() as f32 };
-        Ok(TrainSummary { steps: state.step, final_loss, seconds: state.seconds, model_dir })
+        let final_loss = if tail.is_empty() {
+            f32::NAN
+        } else {
+            tail.iter().sum::<f32>() / tail.len() as f32
+        };
+        Ok(TrainSummary {
+            steps: state.step,
+            final_loss,
+            seconds: state.seconds,
+            model_dir,
+        })
     }
 
     pub fn varmap(&self) -> &VarMap {

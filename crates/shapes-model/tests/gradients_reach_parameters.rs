@@ -13,7 +13,8 @@ fn every_parameter_gets_a_gradient() {
     let dev = Device::Cpu;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-    let te_cfg: ClipTextConfig = serde_json::from_value(architecture::text_encoder_config(folder::vocab_size())).unwrap();
+    let te_cfg: ClipTextConfig =
+        serde_json::from_value(architecture::text_encoder_config(folder::vocab_size())).unwrap();
     let unet_cfg: UNetConfig = serde_json::from_value(architecture::unet_config()).unwrap();
     let te = ClipTextModel::new(&te_cfg, vb.pp("text_encoder")).unwrap();
     let unet = UNet2DConditionModel::new(&unet_cfg, vb.pp("unet")).unwrap();
@@ -22,7 +23,9 @@ fn every_parameter_gets_a_gradient() {
     let ctx = te.forward(&ids).unwrap().last_hidden_state;
     let x = Tensor::randn(0f32, 1f32, (2, 12, 16, 16), &dev).unwrap();
     let noise = Tensor::randn(0f32, 1f32, (2, 12, 16, 16), &dev).unwrap();
-    let out = unet.forward_timesteps(&x, &[10.0, 900.0], &ctx, &mut NoObserver).unwrap();
+    let out = unet
+        .forward_timesteps(&x, &[10.0, 900.0], &ctx, &mut NoObserver)
+        .unwrap();
     let loss = (out - noise).unwrap().sqr().unwrap().mean_all().unwrap();
     let grads = loss.backward().unwrap();
     let data = varmap.data().lock().unwrap();
@@ -32,7 +35,13 @@ fn every_parameter_gets_a_gradient() {
         match grads.get(var.as_tensor()) {
             None => missing.push(name.clone()),
             Some(g) => {
-                let n = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                let n = g
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 if n == 0.0 {
                     zero.push(name.clone());
                 }
@@ -43,6 +52,16 @@ fn every_parameter_gets_a_gradient() {
     zero.sort();
     // Token embeddings of ids not in the batch legitimately get zero rows, but the tensor as a whole
     // does get a gradient.
-    assert!(missing.is_empty(), "{} parameters without gradient: {:?}", missing.len(), &missing[..missing.len().min(10)]);
-    assert!(zero.is_empty(), "{} parameters with an all-zero gradient: {:?}", zero.len(), &zero[..zero.len().min(10)]);
+    assert!(
+        missing.is_empty(),
+        "{} parameters without gradient: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert!(
+        zero.is_empty(),
+        "{} parameters with an all-zero gradient: {:?}",
+        zero.len(),
+        &zero[..zero.len().min(10)]
+    );
 }

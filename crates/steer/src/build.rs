@@ -6,10 +6,10 @@
 
 use anyhow::{Context, Result};
 use candle_core::Tensor;
-use l2s_eval::{relations as relation_rule, BBox, Relation};
-use l2s_generate::{invert, reconstruct, word_tokens, InvertRequest, StepObserver};
 use l2s_diffusion::RfInversionConfig;
+use l2s_eval::{relations as relation_rule, top1_per_class, BBox, Detector, Relation};
 use l2s_generate::flux::{flux_defaults, flux_word_tokens, invert_flux, reconstruct_flux};
+use l2s_generate::{invert, reconstruct, word_tokens, InvertRequest, StepObserver};
 use l2s_models::flux::FluxPipeline;
 use l2s_models::{AttentionObserver, AttentionSite, StableDiffusion};
 use rand::seq::SliceRandom;
@@ -61,7 +61,11 @@ pub fn triplet_prompt(subject: &str, relation: Relation, object: &str) -> String
         Relation::Above => "above",
         Relation::Below => "below",
     };
-    format!("{} {subject} {phrase} {} {object}", article(subject), article(object))
+    format!(
+        "{} {subject} {phrase} {} {object}",
+        article(subject),
+        article(object)
+    )
 }
 
 /// Picks a pair of distinct objects whose relation is exactly one of the four.
@@ -94,13 +98,20 @@ impl StepMaps {
     fn new(pair: WordPair, at_steps: &[usize]) -> Self {
         let mut recorder = MapRecorder::new(vec![pair], crate::sd::MAP_SIZE, true);
         recorder.set_active(false);
-        Self { recorder, at_steps: at_steps.to_vec(), current: None, per_step: Vec::new(), sites: Vec::new() }
+        Self {
+            recorder,
+            at_steps: at_steps.to_vec(),
+            current: None,
+            per_step: Vec::new(),
+            sites: Vec::new(),
+        }
     }
 
     fn harvest(&mut self) -> candle_core::Result<()> {
         if self.current.take().is_some() {
             // (1, 1, 2, C, S, S) → (2, C, S, S)
-            self.per_step.push(self.recorder.maps()?.squeeze(0)?.squeeze(0)?);
+            self.per_step
+                .push(self.recorder.maps()?.squeeze(0)?.squeeze(0)?);
             if self.sites.is_empty() {
                 self.sites = self.recorder.sites().to_vec();
             }
@@ -112,7 +123,12 @@ impl StepMaps {
     /// (S, 2, C, size, size)
     fn finish(mut self) -> Result<(Tensor, Vec<AttentionSite>)> {
         self.harvest()?;
-        anyhow::ensure!(self.per_step.len() == self.at_steps.len(), "recorded {} of {} steps", self.per_step.len(), self.at_steps.len());
+        anyhow::ensure!(
+            self.per_step.len() == self.at_steps.len(),
+            "recorded {} of {} steps",
+            self.per_step.len(),
+            self.at_steps.len()
+        );
         Ok((Tensor::stack(&self.per_step, 0)?, self.sites))
     }
 }
@@ -175,8 +191,17 @@ impl BuildModel<'_> {
     }
 }
 
+/// One inverted-and-reconstructed sample.
+pub struct RecordedSample {
+    /// (S, 2, C, size, size)
+    pub maps: Tensor,
+    pub sites: Vec<AttentionSite>,
+    /// Reconstruction PSNR against the image in dB.
+    pub psnr: f64,
+    pub reconstruction: image::RgbImage,
+}
+
 /// Inverts `image` with `prompt`, reconstructs it while recording the pair's maps.
-/// Returns the maps (S, 2, C, S, S), the layers and the reconstruction PSNR.
 pub fn record_sample<'a>(
     model: impl Into<BuildModel<'a>>,
     image: &image::RgbImage,
@@ -184,9 +209,12 @@ pub fn record_sample<'a>(
     subject: &str,
     object: &str,
     cfg: &BuildConfig,
-) -> Result<(Tensor, Vec<AttentionSite>, f64)> {
+) -> Result<RecordedSample> {
     let model = model.into();
-    let pair = WordPair { subject: model.positions(prompt, subject)?, object: model.positions(prompt, object)? };
+    let pair = WordPair {
+        subject: model.positions(prompt, subject)?,
+        object: model.positions(prompt, object)?,
+    };
     let mut req = InvertRequest::new(prompt);
     req.steps = cfg.steps;
     req.fixed_point_iterations = cfg.fixed_point_iterations;
@@ -205,12 +233,52 @@ pub fn record_sample<'a>(
         }
     };
     let (maps, sites) = observer.finish()?;
-    Ok((maps, sites, recon.psnr.unwrap_or(f64::NAN)))
+    Ok(RecordedSample {
+        maps,
+        sites,
+        psnr: recon.psnr.unwrap_or(f64::NAN),
+        reconstruction: recon.image,
+    })
+}
+
+/// Keeps a sample only when a detector finds both objects in the reconstruction with the true
+/// relation between them. PSNR says how close the reconstruction is in pixels; this says whether
+/// the maps recorded while drawing it show the layout the label names — a reconstruction that
+/// moved an object would teach the classifier a wrong label.
+pub struct RelationCheck<'d> {
+    pub detector: &'d (dyn Detector + Sync),
+    /// Detections at or below this score are ignored (GenEval's rule).
+    pub min_score: f32,
+}
+
+impl RelationCheck<'_> {
+    /// Whether the reconstruction still shows `subject relation object`.
+    pub fn holds(
+        &self,
+        reconstruction: &image::RgbImage,
+        subject: &str,
+        relation: Relation,
+        object: &str,
+    ) -> Result<bool> {
+        let found = top1_per_class(&self.detector.detect(reconstruction)?, self.min_score);
+        Ok(match (found.get(subject), found.get(object)) {
+            (Some(a), Some(b)) => relation_rule(&a.bbox, &b.bbox).contains(relation),
+            _ => false,
+        })
+    }
 }
 
 /// Layer list of the dataset info from the recorded sites.
 pub fn layer_infos(sites: &[AttentionSite]) -> Vec<LayerInfo> {
-    sites.iter().map(|s| LayerInfo { name: s.layer.clone(), heads: s.heads, height: s.height, width: s.width }).collect()
+    sites
+        .iter()
+        .map(|s| LayerInfo {
+            name: s.layer.clone(),
+            heads: s.heads,
+            height: s.height,
+            width: s.width,
+        })
+        .collect()
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -219,90 +287,230 @@ pub struct BuildSummary {
     pub written: usize,
     pub skipped_existing: usize,
     pub dropped_low_psnr: usize,
+    /// Dropped by the [`RelationCheck`]: the reconstruction lost an object or the relation.
+    pub dropped_relation_lost: usize,
     pub no_unambiguous_pair: usize,
     pub mean_psnr: f64,
 }
 
+/// One inversion to run: an image's true-prompt or wrong-prompt sample.
+struct Job {
+    image: usize,
+    sample: u64,
+    kind: SampleKind,
+    subject: String,
+    object: String,
+    relation: Relation,
+    prompt_relation: Relation,
+}
+
 /// Builds (or resumes) a dataset in `writer` from `images`. With `positives_only`, the
 /// true-prompt samples also go there: the single-inversion ablation from the same inversions.
-/// `progress(done, total)` after each image.
+/// With a `check`, samples whose reconstruction no longer shows the relation are dropped too.
+/// `workers` threads invert at once (the model is shared); samples are written in the same order
+/// as with one. `progress(done, total)` after each image.
+#[allow(clippy::too_many_arguments)]
 pub fn build<'a>(
     model: impl Into<BuildModel<'a>>,
     images: &[AnnotatedImage],
     cfg: &BuildConfig,
+    check: Option<&RelationCheck>,
+    workers: usize,
     writer: &mut DatasetWriter,
     mut positives_only: Option<&mut DatasetWriter>,
     progress: &mut dyn FnMut(usize, usize, &BuildSummary),
 ) -> Result<BuildSummary> {
     let model = model.into();
-    let mut summary = BuildSummary::default();
-    let mut psnr_sum = 0.0;
+    let mut summary = BuildSummary {
+        images: images.len(),
+        ..BuildSummary::default()
+    };
+    let mut jobs = Vec::new();
     for (index, img) in images.iter().enumerate() {
-        summary.images += 1;
-        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng = ChaCha8Rng::seed_from_u64(
+            cfg.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
         let Some((i, j, relation)) = pick_pair(img, &mut rng) else {
             summary.no_unambiguous_pair += 1;
-            progress(index + 1, images.len(), &summary);
             continue;
         };
-        let (subject, object) = (img.objects[i].0.clone(), img.objects[j].0.clone());
-        let wrong: Vec<Relation> = Relation::ALL.iter().copied().filter(|r| *r != relation).collect();
+        let wrong: Vec<Relation> = Relation::ALL
+            .iter()
+            .copied()
+            .filter(|r| *r != relation)
+            .collect();
         let negative = wrong[rng.gen_range(0..wrong.len())];
-        let mut jobs = vec![(SampleKind::Positive, relation)];
+        let mut kinds = vec![(SampleKind::Positive, relation)];
         if cfg.dual_inversion {
-            jobs.push((SampleKind::Negative, negative));
+            kinds.push((SampleKind::Negative, negative));
         }
-        for (k, (kind, prompt_relation)) in jobs.into_iter().enumerate() {
+        for (k, (kind, prompt_relation)) in kinds.into_iter().enumerate() {
             let sample = index as u64 * 2 + k as u64;
             if !cfg.shard.owns(sample) {
                 continue;
             }
-            let single_done = positives_only.as_ref().is_none_or(|w| kind == SampleKind::Negative || w.contains(sample));
+            let single_done = positives_only
+                .as_ref()
+                .is_none_or(|w| kind == SampleKind::Negative || w.contains(sample));
             if writer.contains(sample) && single_done {
                 summary.skipped_existing += 1;
                 continue;
             }
-            let prompt = triplet_prompt(&subject, prompt_relation, &object);
-            // RF-inversion (FLUX) draws noise, each sample its own; DDIM inversion draws none.
-            let sample_cfg = BuildConfig { seed: crate::flux::inversion_seed(cfg.seed, sample), ..cfg.clone() };
-            let (maps, _, psnr) = record_sample(model, &img.image, &prompt, &subject, &object, &sample_cfg)
-                .with_context(|| format!("image {} with prompt {prompt:?}", img.id))?;
-            if !(psnr >= cfg.psnr_threshold) {
-                summary.dropped_low_psnr += 1;
-                continue;
-            }
-            psnr_sum += psnr;
-            let label = writer.info().label_of(relation.name()).context("relation missing from the dataset's classes")?;
-            let meta = SampleMeta {
+            let (subject, object) = (img.objects[i].0.clone(), img.objects[j].0.clone());
+            jobs.push(Job {
+                image: index,
                 sample,
-                image_id: img.id.clone(),
-                subject: subject.clone(),
-                object: object.clone(),
-                relation: relation.name().to_string(),
-                label,
-                prompt,
-                prompt_relation: prompt_relation.name().to_string(),
                 kind,
+                subject,
+                object,
+                relation,
+                prompt_relation,
+            });
+        }
+    }
+    // Inversion, reconstruction and the detector's check run on the workers.
+    let run = |job: &Job| -> Result<(RecordedSample, bool)> {
+        let img = &images[job.image];
+        let prompt = triplet_prompt(&job.subject, job.prompt_relation, &job.object);
+        // RF-inversion (FLUX) draws noise, each sample its own; DDIM inversion draws none.
+        let sample_cfg = BuildConfig {
+            seed: crate::flux::inversion_seed(cfg.seed, job.sample),
+            ..cfg.clone()
+        };
+        let recorded = record_sample(
+            model,
+            &img.image,
+            &prompt,
+            &job.subject,
+            &job.object,
+            &sample_cfg,
+        )
+        .with_context(|| format!("image {} with prompt {prompt:?}", img.id))?;
+        let holds = match check {
+            Some(check) if recorded.psnr >= cfg.psnr_threshold => check
+                .holds(
+                    &recorded.reconstruction,
+                    &job.subject,
+                    job.relation,
+                    &job.object,
+                )
+                .with_context(|| {
+                    format!(
+                        "detecting objects in the reconstruction of image {}",
+                        img.id
+                    )
+                })?,
+            _ => true,
+        };
+        Ok((recorded, holds))
+    };
+    let mut psnr_sum = 0.0;
+    let total = images.len();
+    crate::workers::run_ordered(&jobs, workers, run, |k, (recorded, holds)| {
+        let job = &jobs[k];
+        let psnr = recorded.psnr;
+        if !(psnr >= cfg.psnr_threshold) {
+            summary.dropped_low_psnr += 1;
+        } else if !holds {
+            summary.dropped_relation_lost += 1;
+        } else {
+            psnr_sum += psnr;
+            let label = writer
+                .info()
+                .label_of(job.relation.name())
+                .context("relation missing from the dataset's classes")?;
+            let meta = SampleMeta {
+                sample: job.sample,
+                image_id: images[job.image].id.clone(),
+                subject: job.subject.clone(),
+                object: job.object.clone(),
+                relation: job.relation.name().to_string(),
+                label,
+                prompt: triplet_prompt(&job.subject, job.prompt_relation, &job.object),
+                prompt_relation: job.prompt_relation.name().to_string(),
+                kind: job.kind,
                 psnr,
             };
-            if kind == SampleKind::Positive {
+            if job.kind == SampleKind::Positive {
                 if let Some(single) = positives_only.as_deref_mut() {
-                    if !single.contains(sample) {
-                        single.append(meta.clone(), &maps)?;
+                    if !single.contains(job.sample) {
+                        single.append(meta.clone(), &recorded.maps)?;
                     }
                 }
             }
-            if !writer.contains(sample) {
-                writer.append(meta, &maps)?;
+            if !writer.contains(job.sample) {
+                writer.append(meta, &recorded.maps)?;
             }
             summary.written += 1;
+            summary.mean_psnr = psnr_sum / summary.written as f64;
         }
-        summary.mean_psnr = if summary.written > 0 { psnr_sum / summary.written as f64 } else { 0.0 };
-        progress(index + 1, images.len(), &summary);
-    }
+        progress(job.image + 1, total, &summary);
+        Ok(())
+    })?;
+    progress(total, total, &summary);
     writer.flush()?;
     if let Some(single) = positives_only {
         single.flush()?;
     }
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use l2s_eval::Detection;
+
+    /// Reports fixed boxes, whatever the image.
+    struct Fixed(Vec<Detection>, Vec<String>);
+
+    impl Detector for Fixed {
+        fn detect(&self, _: &image::RgbImage) -> anyhow::Result<Vec<Detection>> {
+            Ok(self.0.clone())
+        }
+        fn classes(&self) -> &[String] {
+            &self.1
+        }
+    }
+
+    fn det(class: &str, x: f32, y: f32, score: f32) -> Detection {
+        Detection {
+            class: class.into(),
+            bbox: BBox::new(x, y, x + 6.0, y + 6.0),
+            score,
+        }
+    }
+
+    #[test]
+    fn relation_check_keeps_only_reconstructions_that_show_the_relation() {
+        let image = image::RgbImage::new(32, 32);
+        let check = |dets: Vec<Detection>, relation: Relation| {
+            let d = Fixed(dets, vec!["star".into(), "heart".into()]);
+            RelationCheck {
+                detector: &d,
+                min_score: 0.3,
+            }
+            .holds(&image, "star", relation, "heart")
+            .unwrap()
+        };
+        let layout = || vec![det("star", 2.0, 12.0, 0.9), det("heart", 22.0, 12.0, 0.9)];
+        assert!(check(layout(), Relation::LeftOf));
+        assert!(
+            !check(layout(), Relation::RightOf),
+            "the reconstruction swapped the objects"
+        );
+        assert!(!check(layout(), Relation::Above));
+        // A lost object, or one found only under the score threshold, fails the check.
+        assert!(!check(vec![det("star", 2.0, 12.0, 0.9)], Relation::LeftOf));
+        assert!(!check(
+            vec![det("star", 2.0, 12.0, 0.9), det("heart", 22.0, 12.0, 0.2)],
+            Relation::LeftOf
+        ));
+        // The best-scoring detection of a class decides (GenEval's rule).
+        let dets = vec![
+            det("star", 2.0, 12.0, 0.5),
+            det("star", 26.0, 12.0, 0.95),
+            det("heart", 14.0, 12.0, 0.9),
+        ];
+        assert!(check(dets, Relation::RightOf));
+    }
 }

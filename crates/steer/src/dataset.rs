@@ -344,10 +344,12 @@ fn check_entry(info: &DatasetInfo, e: &ManifestEntry) -> std::result::Result<(),
         _ => {}
     }
     match m.kind {
-        SampleKind::Positive if m.prompt_relation != m.relation => return Err(format!(
+        SampleKind::Positive if m.prompt_relation != m.relation => {
+            return Err(format!(
             "sample {}: a positive sample's prompt relation {:?} differs from its relation {:?}",
             m.sample, m.prompt_relation, m.relation
-        )),
+        ))
+        }
         SampleKind::Negative if m.prompt_relation == m.relation => {
             return Err(format!(
                 "sample {}: a negative sample's prompt relation equals its relation {:?}",

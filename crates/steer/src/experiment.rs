@@ -12,6 +12,7 @@ use l2s_models::StableDiffusion;
 use crate::relations::RelationTriplet;
 use crate::sd::{generate_steered, steer_triplets};
 use crate::steering::{SteerConfig, SteerLoss};
+use crate::workers::run_ordered;
 
 /// One prompt with the triplet it asks for.
 #[derive(Clone, Debug)]
@@ -46,14 +47,19 @@ pub struct EvalSummary {
 
 pub fn summarize(method: &str, records: &[EvalRecord]) -> EvalSummary {
     let n = records.len().max(1) as f64;
-    let losses: Vec<f64> = records.iter().filter_map(|r| r.final_loss).filter(|l| l.is_finite()).collect();
+    let losses: Vec<f64> = records
+        .iter()
+        .filter_map(|r| r.final_loss)
+        .filter(|l| l.is_finite())
+        .collect();
     EvalSummary {
         method: method.to_string(),
         images: records.len(),
         spatial_accuracy: records.iter().filter(|r| r.correct).count() as f64 / n,
         object_accuracy: records.iter().filter(|r| r.both_found).count() as f64 / n,
         seconds_per_image: records.iter().map(|r| r.seconds).sum::<f64>() / n,
-        mean_final_loss: (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64),
+        mean_final_loss: (!losses.is_empty())
+            .then(|| losses.iter().sum::<f64>() / losses.len() as f64),
     }
 }
 
@@ -66,67 +72,113 @@ pub struct EvalSettings<'a> {
     pub loss: Option<&'a dyn SteerLoss>,
     pub steer: SteerConfig,
     /// Label of a relation in the loss's class space.
-    pub label: &'a dyn Fn(l2s_eval::Relation) -> Result<usize>,
+    pub label: &'a (dyn Fn(l2s_eval::Relation) -> Result<usize> + Sync),
     /// Where to save the images (`{prompt index:05}/{seed}.png`), if anywhere.
     pub save_dir: Option<&'a Path>,
+    /// Images generated at once, each on its own thread (the model is shared, read-only).
+    pub workers: usize,
 }
 
-/// Generates every prompt × seed with `method`, detects, and judges.
+/// Generates every prompt × seed with `method`, detects, and judges. Records come back in
+/// prompt-then-seed order whatever the number of workers; the first error stops the rest.
 pub fn evaluate(
     sd: &StableDiffusion,
     prompts: &[EvalPrompt],
     method: &str,
     settings: &EvalSettings,
-    detector: &dyn Detector,
+    detector: &(dyn Detector + Sync),
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<EvalRecord>> {
-    let total = prompts.len() * settings.seeds.len();
-    let mut records = Vec::with_capacity(total);
-    for (pi, p) in prompts.iter().enumerate() {
-        let triplets = steer_triplets(sd, &p.prompt, std::slice::from_ref(&p.triplet), settings.label)
-            .with_context(|| format!("prompt {:?}", p.prompt))?;
-        for &seed in &settings.seeds {
-            let mut req = GenerateRequest::new(p.prompt.clone());
-            req.seed = seed;
-            req.steps = settings.steps;
-            req.guidance = settings.guidance;
-            let start = Instant::now();
-            let (image, first, last) = match settings.loss {
-                Some(loss) => {
-                    let s = generate_steered(sd, &req, &triplets, loss, &settings.steer, &mut |_, _| {})?;
-                    (s.image, s.report.first_losses.first().copied(), s.report.final_loss())
-                }
-                None => (l2s_generate::generate(sd, &req, &mut |_| {})?.image, None, None),
-            };
-            let seconds = start.elapsed().as_secs_f64();
-            let detections = detector.detect(&image)?;
-            let wanted = Triplet::new(p.triplet.subject.clone(), p.triplet.relation, p.triplet.object.clone());
-            let j = judge(&wanted, &detections);
-            if let Some(dir) = settings.save_dir {
-                let folder = dir.join(format!("{pi:05}"));
-                std::fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;
-                let path = folder.join(format!("{seed}.png"));
-                let meta = vec![
-                    ("prompt".to_string(), p.prompt.clone()),
-                    ("seed".to_string(), seed.to_string()),
-                    ("method".to_string(), method.to_string()),
-                    ("correct".to_string(), j.correct.to_string()),
-                ];
-                l2s_generate::write_png(&path, &image, &meta)?;
+    let triplets = prompts
+        .iter()
+        .map(|p| {
+            steer_triplets(
+                sd,
+                &p.prompt,
+                std::slice::from_ref(&p.triplet),
+                settings.label,
+            )
+            .with_context(|| format!("prompt {:?}", p.prompt))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let jobs: Vec<(usize, u64)> = (0..prompts.len())
+        .flat_map(|pi| settings.seeds.iter().map(move |&s| (pi, s)))
+        .collect();
+    let one = |(pi, seed): (usize, u64)| -> Result<EvalRecord> {
+        let p = &prompts[pi];
+        let mut req = GenerateRequest::new(p.prompt.clone());
+        req.seed = seed;
+        req.steps = settings.steps;
+        req.guidance = settings.guidance;
+        let start = Instant::now();
+        let (image, first, last) = match settings.loss {
+            Some(loss) => {
+                let s = generate_steered(
+                    sd,
+                    &req,
+                    &triplets[pi],
+                    loss,
+                    &settings.steer,
+                    &mut |_, _| {},
+                )?;
+                (
+                    s.image,
+                    s.report.first_losses.first().copied(),
+                    s.report.final_loss(),
+                )
             }
-            records.push(EvalRecord {
-                prompt: p.prompt.clone(),
-                seed,
-                method: method.to_string(),
-                correct: j.correct,
-                both_found: j.a.is_some() && j.b.is_some(),
-                relations: j.relations.iter().map(|r| r.name().to_string()).collect(),
-                seconds,
-                final_loss: last,
-                first_loss: first,
-            });
-            progress(records.len(), total);
+            None => (
+                l2s_generate::generate(sd, &req, &mut |_| {})?.image,
+                None,
+                None,
+            ),
+        };
+        let seconds = start.elapsed().as_secs_f64();
+        let detections = detector.detect(&image)?;
+        let wanted = Triplet::new(
+            p.triplet.subject.clone(),
+            p.triplet.relation,
+            p.triplet.object.clone(),
+        );
+        let j = judge(&wanted, &detections);
+        if let Some(dir) = settings.save_dir {
+            let folder = dir.join(format!("{pi:05}"));
+            std::fs::create_dir_all(&folder)
+                .with_context(|| format!("creating {}", folder.display()))?;
+            let path = folder.join(format!("{seed}.png"));
+            let meta = vec![
+                ("prompt".to_string(), p.prompt.clone()),
+                ("seed".to_string(), seed.to_string()),
+                ("method".to_string(), method.to_string()),
+                ("correct".to_string(), j.correct.to_string()),
+            ];
+            l2s_generate::write_png(&path, &image, &meta)?;
         }
-    }
+        Ok(EvalRecord {
+            prompt: p.prompt.clone(),
+            seed,
+            method: method.to_string(),
+            correct: j.correct,
+            both_found: j.a.is_some() && j.b.is_some(),
+            relations: j.relations.iter().map(|r| r.name().to_string()).collect(),
+            seconds,
+            final_loss: last,
+            first_loss: first,
+        })
+    };
+    let total = jobs.len();
+    let mut records = Vec::with_capacity(total);
+    run_ordered(
+        &jobs,
+        settings.workers,
+        |&(pi, seed)| {
+            one((pi, seed)).with_context(|| format!("prompt {:?}, seed {seed}", prompts[pi].prompt))
+        },
+        |_, r| {
+            records.push(r);
+            progress(records.len(), total);
+            Ok(())
+        },
+    )?;
     Ok(records)
 }

@@ -6,7 +6,8 @@
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use l2s_generate::flux::{
-    flux_encode, flux_latent_shape, flux_resolve_size, flux_seeded_latents, flux_sigmas, flux_word_tokens, is_schnell,
+    flux_encode, flux_latent_shape, flux_resolve_size, flux_seeded_latents, flux_sigmas,
+    flux_word_tokens, is_schnell,
 };
 use l2s_generate::{decoded_to_images, GenerateRequest};
 use l2s_models::flux::{pack_latents, unpack_latents, FluxConditioning, FluxPipeline};
@@ -28,29 +29,61 @@ pub struct FluxTarget<'a> {
 
 impl<'a> FluxTarget<'a> {
     /// `guidance`: the guidance input (dev); ignored by schnell.
-    pub fn new(flux: &'a FluxPipeline, prompt: &str, guidance: f64, steps: usize, grid: (usize, usize)) -> Result<Self> {
+    pub fn new(
+        flux: &'a FluxPipeline,
+        prompt: &str,
+        guidance: f64,
+        steps: usize,
+        grid: (usize, usize),
+    ) -> Result<Self> {
         let (cond, _) = flux_encode(flux, prompt)?;
         let guidance = (!is_schnell(flux)).then_some(guidance);
-        Ok(Self { flux, cond, guidance, sigmas: flux_sigmas(flux, steps, grid)?, grid })
+        Ok(Self {
+            flux,
+            cond,
+            guidance,
+            sigmas: flux_sigmas(flux, steps, grid)?,
+            grid,
+        })
     }
 }
 
 impl SteerTarget for FluxTarget<'_> {
     fn timesteps(&self) -> Vec<usize> {
-        self.sigmas[..self.sigmas.len() - 1].iter().map(|s| (s * 1000.0).round() as usize).collect()
+        self.sigmas[..self.sigmas.len() - 1]
+            .iter()
+            .map(|s| (s * 1000.0).round() as usize)
+            .collect()
     }
 
     fn relation_maps(&mut self, z: &Tensor, step: usize, pair: &WordPair) -> Result<Tensor> {
         let mut recorder = MapRecorder::new(vec![pair.clone()], MAP_SIZE, false);
-        self.flux.velocity(z, self.grid, &self.cond, self.sigmas[step], self.guidance, &mut recorder)?;
+        self.flux.velocity(
+            z,
+            self.grid,
+            &self.cond,
+            self.sigmas[step],
+            self.guidance,
+            &mut recorder,
+        )?;
         Ok(recorder.maps()?.squeeze(0)?.squeeze(0)?)
     }
 
     fn denoise(&mut self, z: &Tensor, index: usize) -> Result<Tensor> {
         let (sigma, next) = (self.sigmas[index], self.sigmas[index + 1]);
-        let v = self.flux.velocity(z, self.grid, &self.cond, sigma, self.guidance, &mut NoObserver)?;
+        let v = self.flux.velocity(
+            z,
+            self.grid,
+            &self.cond,
+            sigma,
+            self.guidance,
+            &mut NoObserver,
+        )?;
         let dt = (next as f32 - sigma as f32) as f64;
-        Ok((z.to_dtype(candle_core::DType::F32)? + (v.to_dtype(candle_core::DType::F32)? * dt)?)?.to_dtype(z.dtype())?)
+        Ok(
+            (z.to_dtype(candle_core::DType::F32)? + (v.to_dtype(candle_core::DType::F32)? * dt)?)?
+                .to_dtype(z.dtype())?,
+        )
     }
 }
 
@@ -82,7 +115,11 @@ pub fn steer_triplets(
     triplets: &[RelationTriplet],
     label: &dyn Fn(l2s_eval::Relation) -> Result<usize>,
 ) -> Result<Vec<SteerTriplet>> {
-    SteerTriplet::for_prompt(triplets, &|word| Ok(flux_word_tokens(flux, prompt, word)?.positions), label)
+    SteerTriplet::for_prompt(
+        triplets,
+        &|word| Ok(flux_word_tokens(flux, prompt, word)?.positions),
+        label,
+    )
 }
 
 /// Generates `req` on FLUX while steering `triplets` with `loss`. The returned latents are
@@ -99,17 +136,35 @@ pub fn generate_steered(
     let initial = match &req.init_latents {
         Some(t) => {
             let want = flux_latent_shape(flux, w, h);
-            anyhow::ensure!(t.dims() == want, "initial latents of shape {:?}; expected {want:?} for a {w}×{h} image", t.dims());
+            anyhow::ensure!(
+                t.dims() == want,
+                "initial latents of shape {:?}; expected {want:?} for a {w}×{h} image",
+                t.dims()
+            );
             t.to_dtype(flux.dtype)?.to_device(&flux.device)?
         }
         None => flux_seeded_latents(flux, w, h, req.seed)?,
     };
     let grid = flux.grid_for(h, w);
     let mut target = FluxTarget::new(flux, &req.prompt, req.guidance, req.steps, grid)?;
-    let (packed, report) = steered_sample(&mut target, loss, triplets, cfg, pack_latents(&initial)?, progress)?;
+    let (packed, report) = steered_sample(
+        &mut target,
+        loss,
+        triplets,
+        cfg,
+        pack_latents(&initial)?,
+        progress,
+    )?;
     let latents = unpack_latents(&packed, grid)?;
-    let image = decoded_to_images(&flux.vae.decode_latents(&latents)?)?.into_iter().next().context("no image decoded")?;
-    Ok(Steered { image, latents, report })
+    let image = decoded_to_images(&flux.vae.decode_latents(&latents)?)?
+        .into_iter()
+        .next()
+        .context("no image decoded")?;
+    Ok(Steered {
+        image,
+        latents,
+        report,
+    })
 }
 
 #[cfg(test)]
@@ -118,7 +173,9 @@ mod tests {
 
     #[test]
     fn every_sample_and_seed_draws_its_own_noise() {
-        let seeds: std::collections::HashSet<u64> = (0..4).flat_map(|s| (0..64).map(move |n| inversion_seed(s, n))).collect();
+        let seeds: std::collections::HashSet<u64> = (0..4)
+            .flat_map(|s| (0..64).map(move |n| inversion_seed(s, n)))
+            .collect();
         assert_eq!(seeds.len(), 4 * 64);
         assert_eq!(inversion_seed(7, 3), inversion_seed(7, 3));
     }

@@ -2,6 +2,7 @@
 //! objects from a diffusion model's cross-attention maps, store the classifier's training data,
 //! and train it.
 
+pub mod augment;
 pub mod build;
 pub mod classifier;
 pub mod dataset;
@@ -14,14 +15,18 @@ pub mod relations;
 pub mod sd;
 pub mod steering;
 pub mod train;
+pub mod workers;
 
+pub use augment::Augment;
 pub use classifier::{ClassifierConfig, EncoderConfig, Preset, RelationClassifier};
 pub use dataset::{
-    merge, owns, Dataset, DatasetError, DatasetInfo, DatasetWriter, Examples, LayerInfo, ManifestEntry,
-    SampleKind, SampleMeta, ShardSpec,
+    merge, owns, Dataset, DatasetError, DatasetInfo, DatasetWriter, Examples, LayerInfo,
+    ManifestEntry, SampleKind, SampleMeta, ShardSpec,
 };
-pub use relations::{parse_override, parse_prompt, triplets_for, RelationParseError, RelationTriplet};
+pub use relations::{
+    parse_override, parse_prompt, triplets_for, RelationParseError, RelationTriplet,
+};
 pub use train::{
-    load_classifier, split_by_image, train, CheckpointError, CheckpointMeta, EpochReport, Evaluation,
-    SplitFractions, TrainConfig, TrainError, TrainMetrics, TrainReport,
+    load_classifier, split_by_image, train, CheckpointError, CheckpointMeta, EpochReport,
+    Evaluation, SplitFractions, TrainConfig, TrainError, TrainMetrics, TrainReport,
 };

@@ -26,7 +26,13 @@ impl LearnedLoss {
         self.relations
             .iter()
             .position(|r| r == relation.name())
-            .with_context(|| format!("the classifier was not trained on the relation `{}` (it knows {:?})", relation.name(), self.relations))
+            .with_context(|| {
+                format!(
+                    "the classifier was not trained on the relation `{}` (it knows {:?})",
+                    relation.name(),
+                    self.relations
+                )
+            })
     }
 
     /// The classifier's step input: the first training step at or after the current one
@@ -37,7 +43,10 @@ impl LearnedLoss {
         } else {
             ((step as f64) * self.build_steps as f64 / self.run_steps as f64).round() as usize
         };
-        self.step_indices.iter().position(|&s| s >= scaled).unwrap_or(self.step_indices.len().saturating_sub(1))
+        self.step_indices
+            .iter()
+            .position(|&s| s >= scaled)
+            .unwrap_or(self.step_indices.len().saturating_sub(1))
     }
 }
 
@@ -116,7 +125,10 @@ pub struct AttendExciteLoss {
 impl AttendExciteLoss {
     pub fn new(run_steps: usize, device: &Device) -> Result<Self> {
         // 3×3 Gaussian, σ = 0.5, normalised.
-        let g: Vec<f32> = [-1f32, 0.0, 1.0].iter().map(|x| (-x * x / (2.0 * 0.25)).exp()).collect();
+        let g: Vec<f32> = [-1f32, 0.0, 1.0]
+            .iter()
+            .map(|x| (-x * x / (2.0 * 0.25)).exp())
+            .collect();
         let mut k = Vec::with_capacity(9);
         for a in &g {
             for b in &g {
@@ -125,13 +137,19 @@ impl AttendExciteLoss {
         }
         let sum: f32 = k.iter().sum();
         let k: Vec<f32> = k.iter().map(|v| v / sum).collect();
-        Ok(Self { run_steps, kernel: Tensor::from_vec(k, (1, 1, 3, 3), device)? })
+        Ok(Self {
+            run_steps,
+            kernel: Tensor::from_vec(k, (1, 1, 3, 3), device)?,
+        })
     }
 
     /// Refinement points at 0 %, 20 % and 40 % of the run (steps 0, 10, 20 of 50) and their targets.
     fn refinement(&self, step: usize) -> Option<f64> {
         let at = |frac: f64| (frac * self.run_steps as f64).round() as usize;
-        [(0.0, 0.05), (0.2, 0.5), (0.4, 0.8)].iter().find(|(f, _)| at(*f) == step).map(|(_, thr)| 1.0 - thr)
+        [(0.0, 0.05), (0.2, 0.5), (0.4, 0.8)]
+            .iter()
+            .find(|(f, _)| at(*f) == step)
+            .map(|(_, thr)| 1.0 - thr)
     }
 }
 
@@ -157,7 +175,11 @@ impl SteerLoss for AttendExciteLoss {
 
     /// 20·sqrt(linspace(1, 0.5)) over the run.
     fn step_size(&self, step: usize, base: f64) -> f64 {
-        let frac = if self.run_steps > 1 { step as f64 / (self.run_steps - 1) as f64 } else { 0.0 };
+        let frac = if self.run_steps > 1 {
+            step as f64 / (self.run_steps - 1) as f64
+        } else {
+            0.0
+        };
         base * (1.0 - 0.5 * frac).sqrt()
     }
 

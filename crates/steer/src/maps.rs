@@ -28,7 +28,14 @@ pub struct MapRecorder {
 impl MapRecorder {
     /// `detach`: keep no autograd graph (dataset building); otherwise the maps stay differentiable.
     pub fn new(pairs: Vec<WordPair>, size: usize, detach: bool) -> Self {
-        Self { pairs, size, detach, active: true, per_layer: Vec::new(), sites: Vec::new() }
+        Self {
+            pairs,
+            size,
+            detach,
+            active: true,
+            per_layer: Vec::new(),
+            sites: Vec::new(),
+        }
     }
 
     /// Turns recording on or off (off: layers are not even asked for).
@@ -66,13 +73,18 @@ impl AttentionObserver for MapRecorder {
     }
 
     fn observe(&mut self, site: &AttentionSite, probs: &Tensor) -> candle_core::Result<()> {
-        let probs = if self.detach { probs.detach() } else { probs.clone() };
+        let probs = if self.detach {
+            probs.detach()
+        } else {
+            probs.clone()
+        };
         let probs = probs.to_dtype(DType::F32)?;
         let mut pairs = Vec::with_capacity(self.pairs.len());
         for pair in &self.pairs {
             // (B, 2, heads, h, w) → resized to S×S and renormalised per map.
             let words = word_maps(&probs, &[pair.subject.clone(), pair.object.clone()], site)?;
-            let m = resize_maps(&words, self.size, self.size).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let m = resize_maps(&words, self.size, self.size)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             pairs.push(renormalize(&m).map_err(|e| candle_core::Error::Msg(e.to_string()))?);
         }
         self.per_layer.push(Tensor::stack(&pairs, 1)?); // (B, P, 2, heads, S, S)

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use l2s_eval::Relation;
-use l2s_models::weights::{component_files, Variant};
 use l2s_models::flux::FluxPipeline;
+use l2s_models::weights::{component_files, Variant};
 use l2s_models::StableDiffusion;
 
 use crate::losses::{AttendExciteLoss, CentroidLoss, LearnedLoss};
@@ -54,7 +54,11 @@ pub fn model_id(sd: &StableDiffusion) -> Result<String> {
 pub fn flux_model_id(flux: &FluxPipeline) -> Result<String> {
     match &flux.transformer_file {
         // The file holds no config; the one it was built with (the folder's or a preset) counts.
-        Some(file) => fingerprint_files(format!("{:?}", flux.transformer.config()).as_bytes(), std::slice::from_ref(file), "flux"),
+        Some(file) => fingerprint_files(
+            format!("{:?}", flux.transformer.config()).as_bytes(),
+            std::slice::from_ref(file),
+            "flux",
+        ),
         None => fingerprint(&flux.folder.join("transformer"), "flux"),
     }
 }
@@ -82,9 +86,13 @@ fn fingerprint_files(config: &[u8], files: &[PathBuf], prefix: &str) -> Result<S
         let mut f = std::fs::File::open(file).with_context(ctx)?;
         let n = f.metadata().with_context(ctx)?.len();
         let mut head = Vec::new();
-        (&mut f).take(SPAN).read_to_end(&mut head).with_context(ctx)?;
+        (&mut f)
+            .take(SPAN)
+            .read_to_end(&mut head)
+            .with_context(ctx)?;
         eat(&head);
-        f.seek(SeekFrom::Start(n.saturating_sub(SPAN))).with_context(ctx)?;
+        f.seek(SeekFrom::Start(n.saturating_sub(SPAN)))
+            .with_context(ctx)?;
         let mut tail = Vec::new();
         f.read_to_end(&mut tail).with_context(ctx)?;
         eat(&tail);
@@ -122,7 +130,9 @@ impl SteerModel<'_> {
     /// The model and its map layout, for error messages.
     fn describe(&self, id: &str) -> String {
         match self {
-            Self::Sd(_) => format!("a Stable Diffusion UNet ({id}, maps from its cross-attention layers)"),
+            Self::Sd(_) => {
+                format!("a Stable Diffusion UNet ({id}, maps from its cross-attention layers)")
+            }
             Self::Flux(flux) => {
                 let c = flux.transformer.config();
                 format!(
@@ -151,12 +161,19 @@ fn trained_on_flux(meta: &CheckpointMeta) -> bool {
     if meta.model.starts_with("flux-") || meta.model.starts_with("unet-") {
         return meta.model.starts_with("flux-");
     }
-    let flux_layer = |n: &str| n.starts_with("transformer_blocks.") || n.starts_with("single_transformer_blocks.");
+    let flux_layer = |n: &str| {
+        n.starts_with("transformer_blocks.") || n.starts_with("single_transformer_blocks.")
+    };
     meta.layers.first().is_some_and(|l| flux_layer(&l.name))
 }
 
 /// Refuses a classifier trained on the other model family, naming both and their map layouts.
-fn check_family(path: &Path, meta: &CheckpointMeta, model: &SteerModel<'_>, id: &str) -> Result<()> {
+fn check_family(
+    path: &Path,
+    meta: &CheckpointMeta,
+    model: &SteerModel<'_>,
+    id: &str,
+) -> Result<()> {
     let flux = trained_on_flux(meta);
     if flux == model.is_flux() {
         return Ok(());
@@ -185,28 +202,44 @@ impl Method {
         let all: Vec<String> = Relation::ALL.iter().map(|r| r.name().to_string()).collect();
         let paper = model.paper(steps);
         Ok(match spec {
-            MethodSpec::None => Self { name: "base".into(), loss: None, config: paper, relations: all },
+            MethodSpec::None => Self {
+                name: "base".into(),
+                loss: None,
+                config: paper,
+                relations: all,
+            },
             MethodSpec::Centroid => Self {
                 name: "centroid".into(),
                 loss: Some(Box::new(CentroidLoss { margin: 0.1 })),
                 // Per-element RMS step of 0.1, two iterations per steered step: the calibration that
                 // moved a small model's spatial accuracy without breaking its objects.
-                config: SteerConfig { step_size: 0.1, update: UpdateRule::Normalized, max_iterations: 2, ..paper },
+                config: SteerConfig {
+                    step_size: 0.1,
+                    update: UpdateRule::Normalized,
+                    max_iterations: 2,
+                    ..paper
+                },
                 relations: all,
             },
             MethodSpec::AttendExcite => Self {
                 name: "attend-excite".into(),
                 loss: Some(Box::new(AttendExciteLoss::new(steps, model.device())?)),
                 // A&E's 20·sqrt(linspace(1, 0.5)) schedule shape, on RMS-normalised gradients.
-                config: SteerConfig { step_size: 0.1, update: UpdateRule::Normalized, ..paper },
+                config: SteerConfig {
+                    step_size: 0.1,
+                    update: UpdateRule::Normalized,
+                    ..paper
+                },
                 relations: all,
             },
             MethodSpec::Classifier(path) => {
                 let id = model.id()?;
-                let meta = read_checkpoint_meta(path).with_context(|| format!("classifier {}", path.display()))?;
-                check_family(path, &meta, &model, &id)?;
-                let (classifier, meta) = load_classifier(path, Some(&id), None, model.device(), DType::F32)
+                let meta = read_checkpoint_meta(path)
                     .with_context(|| format!("classifier {}", path.display()))?;
+                check_family(path, &meta, &model, &id)?;
+                let (classifier, meta) =
+                    load_classifier(path, Some(&id), None, model.device(), DType::F32)
+                        .with_context(|| format!("classifier {}", path.display()))?;
                 let build_steps = meta.num_inference_steps.unwrap_or(steps);
                 let relations = meta.relations.clone();
                 let loss = LearnedLoss {
@@ -216,7 +249,12 @@ impl Method {
                     run_steps: steps,
                     relations: relations.clone(),
                 };
-                Self { name: classifier_name(path), loss: Some(Box::new(loss)), config: paper, relations }
+                Self {
+                    name: classifier_name(path),
+                    loss: Some(Box::new(loss)),
+                    config: paper,
+                    relations,
+                }
             }
         })
     }
@@ -226,7 +264,13 @@ impl Method {
         self.relations
             .iter()
             .position(|r| r == relation.name())
-            .with_context(|| format!("method {} does not know the relation `{}`", self.name, relation.name()))
+            .with_context(|| {
+                format!(
+                    "method {} does not know the relation `{}`",
+                    self.name,
+                    relation.name()
+                )
+            })
     }
 
     pub fn loss(&self) -> Option<&dyn SteerLoss> {
@@ -235,6 +279,9 @@ impl Method {
 }
 
 fn classifier_name(path: &Path) -> String {
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("classifier");
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("classifier");
     format!("l2s:{stem}")
 }

@@ -3,14 +3,16 @@
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use l2s_diffusion::{denoise_step, DdimScheduler, Guidance};
-use l2s_generate::sample::{scheduler, Conditioning};
 use l2s_generate::generate::seeded_latents;
+use l2s_generate::sample::{scheduler, Conditioning};
 use l2s_generate::{decoded_to_images, word_tokens, GenerateRequest, SdDenoiser};
 use l2s_models::StableDiffusion;
 
 use crate::maps::{MapRecorder, WordPair};
 use crate::relations::RelationTriplet;
-use crate::steering::{steered_sample, SteerConfig, SteerLoss, SteerReport, SteerTarget, SteerTriplet};
+use crate::steering::{
+    steered_sample, SteerConfig, SteerLoss, SteerReport, SteerTarget, SteerTriplet,
+};
 
 /// Map side the classifier reads.
 pub const MAP_SIZE: usize = 16;
@@ -42,7 +44,9 @@ impl SteerTarget for SdTarget<'_> {
     fn relation_maps(&mut self, z: &Tensor, step: usize, pair: &WordPair) -> Result<Tensor> {
         let t = self.scheduler.timesteps()[step];
         let mut recorder = MapRecorder::new(vec![pair.clone()], MAP_SIZE, false);
-        self.sd.unet.forward_observed(z, t as f64, &self.cond, &mut recorder)?;
+        self.sd
+            .unet
+            .forward_observed(z, t as f64, &self.cond, &mut recorder)?;
         Ok(recorder.maps()?.squeeze(0)?.squeeze(0)?)
     }
 
@@ -61,7 +65,11 @@ pub fn steer_triplets(
     triplets: &[RelationTriplet],
     label: &dyn Fn(l2s_eval::Relation) -> Result<usize>,
 ) -> Result<Vec<SteerTriplet>> {
-    SteerTriplet::for_prompt(triplets, &|word| Ok(word_tokens(&sd.tokenizer, prompt, word)?.positions), label)
+    SteerTriplet::for_prompt(
+        triplets,
+        &|word| Ok(word_tokens(&sd.tokenizer, prompt, word)?.positions),
+        label,
+    )
 }
 
 /// A steered image.
@@ -84,7 +92,11 @@ pub fn generate_steered(
     let initial = match &req.init_latents {
         Some(t) => {
             let want = l2s_generate::generate::latent_shape(sd, w, h);
-            anyhow::ensure!(t.dims() == want, "initial latents of shape {:?}; expected {want:?} for a {w}×{h} image", t.dims());
+            anyhow::ensure!(
+                t.dims() == want,
+                "initial latents of shape {:?}; expected {want:?} for a {w}×{h} image",
+                t.dims()
+            );
             t.to_dtype(sd.dtype)?.to_device(&sd.device)?
         }
         None => seeded_latents(sd, w, h, req.seed)?,
@@ -92,6 +104,13 @@ pub fn generate_steered(
     let cond = Conditioning::new(sd, &req.prompt, &req.negative_prompt, req.guidance)?;
     let mut target = SdTarget::new(sd, &cond, req.steps)?;
     let (latents, report) = steered_sample(&mut target, loss, triplets, cfg, initial, progress)?;
-    let image = decoded_to_images(&sd.vae.decode_latents(&latents)?)?.into_iter().next().context("no image decoded")?;
-    Ok(Steered { image, latents, report })
+    let image = decoded_to_images(&sd.vae.decode_latents(&latents)?)?
+        .into_iter()
+        .next()
+        .context("no image decoded")?;
+    Ok(Steered {
+        image,
+        latents,
+        report,
+    })
 }

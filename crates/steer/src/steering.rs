@@ -29,8 +29,15 @@ impl SteerTriplet {
         triplets
             .iter()
             .map(|t| {
-                let pair = crate::maps::WordPair { subject: positions(&t.subject)?, object: positions(&t.object)? };
-                Ok(Self { pair, label: label(t.relation)?, relation: t.relation })
+                let pair = crate::maps::WordPair {
+                    subject: positions(&t.subject)?,
+                    object: positions(&t.object)?,
+                };
+                Ok(Self {
+                    pair,
+                    label: label(t.relation)?,
+                    relation: t.relation,
+                })
             })
             .collect()
     }
@@ -42,13 +49,19 @@ pub trait SteerTarget {
     fn timesteps(&self) -> Vec<usize>;
     /// The (2, C, S, S) maps of `pair` from a conditional-only model pass at `z` and denoising
     /// step `step` (0-based, an index into [`Self::timesteps`]); differentiable with respect to `z`.
-    fn relation_maps(&mut self, z: &Tensor, step: usize, pair: &crate::maps::WordPair) -> anyhow::Result<Tensor>;
+    fn relation_maps(
+        &mut self,
+        z: &Tensor,
+        step: usize,
+        pair: &crate::maps::WordPair,
+    ) -> anyhow::Result<Tensor>;
     /// One ordinary (guided) denoising step from `z` at step `index`.
     fn denoise(&mut self, z: &Tensor, index: usize) -> anyhow::Result<Tensor>;
 }
 
 /// A differentiable loss on one triplet's maps.
-pub trait SteerLoss {
+/// `Send + Sync` so evaluation can run one method on several images at once.
+pub trait SteerLoss: Send + Sync {
     /// Short name for metadata ("l2s", "centroid", "attend-excite").
     fn name(&self) -> &str;
     /// `maps`: (2, C, S, S); `step`: the denoising step index (0-based) of the run.
@@ -91,7 +104,12 @@ pub struct SteerConfig {
 impl SteerConfig {
     /// The paper's schedule for a run of `steps` steps: the first half, 16 iterations, α = 5.
     pub fn paper(steps: usize) -> Self {
-        Self { steer_steps: steps / 2, max_iterations: 16, step_size: 5.0, update: UpdateRule::Raw }
+        Self {
+            steer_steps: steps / 2,
+            max_iterations: 16,
+            step_size: 5.0,
+            update: UpdateRule::Raw,
+        }
     }
 }
 
@@ -136,7 +154,9 @@ pub fn steered_sample(
                 let var = Var::from_tensor(&z.detach())?;
                 let maps = target.relation_maps(var.as_tensor(), index, &triplet.pair)?;
                 let value = loss.loss(&maps, triplet, index)?;
-                let v = value.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                let v = value
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?;
                 first.get_or_insert(v);
                 last = v;
                 if v < loss.threshold(index) {
@@ -144,12 +164,21 @@ pub fn steered_sample(
                 }
                 let grads = value.backward()?;
                 let Some(g) = grads.get(var.as_tensor()) else {
-                    anyhow::bail!("the steering loss does not depend on the latent (no gradient reached it)");
+                    anyhow::bail!(
+                        "the steering loss does not depend on the latent (no gradient reached it)"
+                    );
                 };
                 let g = g.detach();
-                let rms = g.sqr()?.mean_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?.sqrt();
+                let rms = g
+                    .sqr()?
+                    .mean_all()?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?
+                    .sqrt();
                 if !rms.is_finite() {
-                    tracing::warn!("step {index}, iteration {it}: non-finite gradient, update skipped");
+                    tracing::warn!(
+                        "step {index}, iteration {it}: non-finite gradient, update skipped"
+                    );
                     report.skipped_nonfinite += 1;
                     continue;
                 }
@@ -166,7 +195,11 @@ pub fn steered_sample(
             }
             report.first_losses.push(first.unwrap_or(f64::NAN));
             report.last_losses.push(last);
-            report.grad_rms.push(if rms_n > 0 { rms_sum / rms_n as f64 } else { 0.0 });
+            report.grad_rms.push(if rms_n > 0 {
+                rms_sum / rms_n as f64
+            } else {
+                0.0
+            });
         }
         z = target.denoise(&z, index)?;
         progress(index + 1, timesteps.len());

@@ -21,6 +21,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::augment::{Augment, Augmenter};
 use crate::classifier::{ClassifierConfig, Preset, RelationClassifier};
 use crate::dataset::{Dataset, DatasetError, DatasetInfo, Examples, LayerInfo, ManifestEntry};
 
@@ -68,6 +69,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Keep the loaded maps in f16 (half the memory); batches are computed in f32.
     pub half_storage: bool,
+    /// Label-preserving symmetries drawn per training example (none in the paper).
+    #[serde(default)]
+    pub augment: Augment,
 }
 
 impl TrainConfig {
@@ -87,6 +91,7 @@ impl TrainConfig {
             split: SplitFractions::default(),
             seed: 0,
             half_storage: false,
+            augment: Augment::None,
         }
     }
 
@@ -461,6 +466,9 @@ pub fn fit(
     let mut opt = AdamW::new(varmap.all_vars(), params)?;
     let mut plateau = ReduceOnPlateau::new(cfg.plateau_factor, cfg.plateau_patience, cfg.min_lr);
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x05ee_d0fb_a7c4);
+    let (_, _, _, map_h, map_w) = train.maps.dims5()?;
+    let augmenter =
+        Augmenter::new(cfg.augment, relations, (map_h, map_w)).map_err(TrainError::Config)?;
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut best: Option<(usize, f64, f64, HashMap<String, Tensor>)> = None;
     let mut since_best = 0usize;
@@ -473,7 +481,9 @@ pub fn fit(
         order.shuffle(&mut rng);
         let (mut loss_sum, mut correct) = (0.0, 0usize);
         for chunk in order.chunks(cfg.batch_size) {
-            let (maps, steps, labels) = train.batch(chunk, DType::F32, device)?;
+            let (maps, steps, _) = train.batch(chunk, DType::F32, device)?;
+            let stored: Vec<u32> = chunk.iter().map(|&i| train.label_list[i]).collect();
+            let (maps, labels) = augmenter.apply(&maps, &stored, &mut rng)?;
             let logits = model.forward(&maps, &steps, true)?;
             let loss = crate::classifier::cross_entropy(&logits, &labels)?;
             opt.backward_step(&loss)?;
@@ -485,11 +495,8 @@ pub fn fit(
             }
             loss_sum += l * chunk.len() as f64;
             let pred = logits.argmax(1)?.to_vec1::<u32>()?;
-            correct += pred
-                .iter()
-                .zip(chunk)
-                .filter(|(p, &i)| **p == train.label_list[i])
-                .count();
+            let labels = labels.to_vec1::<u32>()?;
+            correct += pred.iter().zip(&labels).filter(|(p, l)| p == l).count();
         }
         let ev = evaluate(
             &frozen(model_cfg, &varmap, device)?,
@@ -680,7 +687,11 @@ pub fn train(
         layers: info.layers.clone(),
         model: info.model.clone(),
         dual_inversion: info.dual_inversion,
-        num_inference_steps: info.extra.get("num_inference_steps").and_then(|v| v.as_u64()).map(|v| v as usize),
+        num_inference_steps: info
+            .extra
+            .get("num_inference_steps")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize),
         metrics: Some(TrainMetrics {
             best_epoch: fitted.best_epoch,
             epochs_run: fitted.epochs_run,

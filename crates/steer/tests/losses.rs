@@ -18,7 +18,14 @@ fn hot(subject: (usize, usize), object: (usize, usize)) -> Tensor {
 }
 
 fn triplet(relation: Relation) -> SteerTriplet {
-    SteerTriplet { pair: WordPair { subject: vec![1], object: vec![2] }, label: 0, relation }
+    SteerTriplet {
+        pair: WordPair {
+            subject: vec![1],
+            object: vec![2],
+        },
+        label: 0,
+        relation,
+    }
 }
 
 fn value(t: Tensor) -> f32 {
@@ -45,10 +52,16 @@ fn centroid_hinge_by_hand() {
 #[test]
 fn attend_excite_prefers_concentrated_maps() {
     let ae = AttendExciteLoss::new(50, &Device::Cpu).unwrap();
-    let peaked = value(ae.loss(&hot((4, 4), (10, 10)), &triplet(Relation::LeftOf), 0).unwrap());
+    let peaked = value(
+        ae.loss(&hot((4, 4), (10, 10)), &triplet(Relation::LeftOf), 0)
+            .unwrap(),
+    );
     let flat = Tensor::full(1.0 / (S * S) as f32, (2, 1, S, S), &Device::Cpu).unwrap();
     let spread = value(ae.loss(&flat, &triplet(Relation::LeftOf), 0).unwrap());
-    assert!(peaked < spread, "peaked {peaked} should be below flat {spread}");
+    assert!(
+        peaked < spread,
+        "peaked {peaked} should be below flat {spread}"
+    );
     // Refinement at steps 0, 10, 20 of 50 (targets 0.95, 0.5, 0.2); one update elsewhere.
     assert!((ae.threshold(0) - 0.95).abs() < 1e-9 && (ae.threshold(10) - 0.5).abs() < 1e-9);
     assert!((ae.threshold(20) - 0.2).abs() < 1e-9 && ae.threshold(5) == 0.0);
@@ -71,7 +84,10 @@ fn learned_loss_maps_steps_like_the_paper() {
         relations,
     };
     // 0–5 → 5 (slot 0), 6–10 → 10, …, past 25 → the last slot.
-    let slots: Vec<usize> = [0, 5, 6, 10, 11, 24, 25, 26, 49].iter().map(|&s| loss.step_slot(s)).collect();
+    let slots: Vec<usize> = [0, 5, 6, 10, 11, 24, 25, 26, 49]
+        .iter()
+        .map(|&s| loss.step_slot(s))
+        .collect();
     assert_eq!(slots, vec![0, 0, 1, 1, 2, 4, 4, 5, 5]);
     // A 20-step run maps onto the 50-step training run: step 4 ≈ 10 → slot 1.
     loss.run_steps = 20;
@@ -80,6 +96,9 @@ fn learned_loss_maps_steps_like_the_paper() {
     assert_eq!(loss.threshold(0), 1e-5);
     assert_eq!(loss.threshold(7), 7e-5);
     // The loss is a finite cross-entropy on (2, C, S, S) maps.
-    let v = value(loss.loss(&hot((1, 1), (2, 2)), &triplet(Relation::LeftOf), 3).unwrap());
+    let v = value(
+        loss.loss(&hot((1, 1), (2, 2)), &triplet(Relation::LeftOf), 3)
+            .unwrap(),
+    );
     assert!(v.is_finite() && v > 0.0);
 }

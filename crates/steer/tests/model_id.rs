@@ -7,7 +7,10 @@ use l2s_models::{LoadOptions, StableDiffusion};
 use l2s_steer::method::model_id;
 
 fn load(name: &str) -> StableDiffusion {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name).join("model");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(name)
+        .join("model");
     StableDiffusion::load(&dir, &LoadOptions::default()).unwrap()
 }
 

@@ -7,7 +7,9 @@ use candle_core::{Device, Tensor, D};
 use l2s_eval::Relation;
 use l2s_steer::losses::CentroidLoss;
 use l2s_steer::maps::WordPair;
-use l2s_steer::steering::{steered_sample, SteerConfig, SteerLoss, SteerTarget, SteerTriplet, UpdateRule};
+use l2s_steer::steering::{
+    steered_sample, SteerConfig, SteerLoss, SteerTarget, SteerTriplet, UpdateRule,
+};
 
 const S: usize = 16;
 
@@ -21,7 +23,9 @@ impl SteerTarget for Blobs {
         (0..self.steps).rev().collect()
     }
     fn relation_maps(&mut self, z: &Tensor, _t: usize, _pair: &WordPair) -> Result<Tensor> {
-        let cols: Vec<f32> = (0..S * S).map(|q| ((q % S) as f32 + 0.5) / S as f32).collect();
+        let cols: Vec<f32> = (0..S * S)
+            .map(|q| ((q % S) as f32 + 0.5) / S as f32)
+            .collect();
         let cols = Tensor::from_vec(cols, (1, S * S), z.device())?;
         let centres = z.reshape((2, 1))?;
         let d = cols.broadcast_sub(&centres)?.sqr()?; // (2, S·S)
@@ -35,20 +39,48 @@ impl SteerTarget for Blobs {
 }
 
 fn triplet(relation: Relation) -> SteerTriplet {
-    SteerTriplet { pair: WordPair { subject: vec![1], object: vec![2] }, label: 0, relation }
+    SteerTriplet {
+        pair: WordPair {
+            subject: vec![1],
+            object: vec![2],
+        },
+        label: 0,
+        relation,
+    }
 }
 
 #[test]
 fn centroid_steering_moves_the_subject_left() {
     let z0 = Tensor::new(&[[0.7f32, 0.3]], &Device::Cpu).unwrap();
-    let cfg = SteerConfig { steer_steps: 10, max_iterations: 5, step_size: 0.02, update: UpdateRule::Normalized };
+    let cfg = SteerConfig {
+        steer_steps: 10,
+        max_iterations: 5,
+        step_size: 0.02,
+        update: UpdateRule::Normalized,
+    };
     let loss = CentroidLoss { margin: 0.1 };
-    let (z, report) =
-        steered_sample(&mut Blobs { steps: 20 }, &loss, &[triplet(Relation::LeftOf)], &cfg, z0, &mut |_, _| {}).unwrap();
+    let (z, report) = steered_sample(
+        &mut Blobs { steps: 20 },
+        &loss,
+        &[triplet(Relation::LeftOf)],
+        &cfg,
+        z0,
+        &mut |_, _| {},
+    )
+    .unwrap();
     let v = z.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert!(v[0] + 0.05 < v[1], "subject {} should now be left of object {}", v[0], v[1]);
+    assert!(
+        v[0] + 0.05 < v[1],
+        "subject {} should now be left of object {}",
+        v[0],
+        v[1]
+    );
     assert!(report.first_losses[0] > 0.4, "{:?}", report.first_losses);
-    assert!(report.final_loss().unwrap() < 1e-3, "{:?}", report.last_losses);
+    assert!(
+        report.final_loss().unwrap() < 1e-3,
+        "{:?}",
+        report.last_losses
+    );
     assert!(report.iterations > 0 && report.skipped_nonfinite == 0);
     // Once satisfied, steps stop at the threshold without further updates.
     assert_eq!(report.last_losses.len(), 10);
@@ -73,11 +105,25 @@ impl SteerLoss for NanLoss {
 #[test]
 fn nonfinite_gradients_are_skipped() {
     let z0 = Tensor::new(&[[0.7f32, 0.3]], &Device::Cpu).unwrap();
-    let cfg = SteerConfig { steer_steps: 2, max_iterations: 3, step_size: 1.0, update: UpdateRule::Raw };
-    let (z, report) =
-        steered_sample(&mut Blobs { steps: 4 }, &NanLoss, &[triplet(Relation::LeftOf)], &cfg, z0.clone(), &mut |_, _| {})
-            .unwrap();
+    let cfg = SteerConfig {
+        steer_steps: 2,
+        max_iterations: 3,
+        step_size: 1.0,
+        update: UpdateRule::Raw,
+    };
+    let (z, report) = steered_sample(
+        &mut Blobs { steps: 4 },
+        &NanLoss,
+        &[triplet(Relation::LeftOf)],
+        &cfg,
+        z0.clone(),
+        &mut |_, _| {},
+    )
+    .unwrap();
     assert_eq!(report.skipped_nonfinite, 6);
     assert_eq!(report.iterations, 0);
-    assert_eq!(z.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![0.7, 0.3]);
+    assert_eq!(
+        z.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        vec![0.7, 0.3]
+    );
 }

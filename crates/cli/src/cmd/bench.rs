@@ -8,15 +8,17 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use l2s_models::StableDiffusion;
 use l2s_shapes::{DetectorConfig, RenderConfig, ShapeDetector};
-use l2s_steer::build::{build, BuildConfig};
+use l2s_steer::build::{build, BuildConfig, RelationCheck};
+use l2s_steer::Augment;
 use l2s_steer::dataset::{Dataset, ShardSpec};
 use l2s_steer::experiment::{evaluate, summarize, EvalPrompt, EvalRecord, EvalSettings, EvalSummary};
 use l2s_steer::method::{Method, MethodSpec};
 use l2s_steer::relations::RelationTriplet;
 use l2s_steer::train::{evaluate as evaluate_classifier, load_classifier, split_by_image, train, TrainConfig};
 
-use crate::cmd::data::{open_writer, paper_steps, read_annotated};
-use crate::common::{load_model, Global, ModelArgs};
+use crate::cmd::data::{open_writer, paper_steps, progress_message, read_annotated, shapes_detector};
+use crate::cmd::score::DetectorArg;
+use crate::common::{default_workers, load_model, Global, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -37,9 +39,14 @@ pub struct ShapesArgs {
     /// Working folder: images/, data-dual/, data-single/, clf-dual/, clf-single/, eval-*.jsonl, results.*
     #[arg(long, default_value = "bench-shapes")]
     work: PathBuf,
-    /// Annotated training images to render (only those with an unambiguous pair are used)
+    /// Annotated training images to render, two objects each (only those whose pair has one
+    /// unambiguous relation are used)
     #[arg(long, default_value_t = 200)]
     train_images: usize,
+    /// Keep a training sample only when the exact detector still finds both objects in the true
+    /// relation in its reconstruction (`false`: the PSNR threshold alone, as in the paper)
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    check_relation: bool,
     /// Sampling steps everywhere (data building and generation) [default: the model's own, 20 for
     /// the built-in model]
     #[arg(long = "steps", value_name = "STEPS")]
@@ -83,9 +90,22 @@ pub struct ShapesArgs {
     /// Learned methods step along the raw gradient (the paper's rule) instead of the RMS-normalised one
     #[arg(long)]
     raw_gradient: bool,
+    /// Images generated or inverted at once, each on its own thread [default: one per core]
+    #[arg(long)]
+    workers: Option<usize>,
     /// Classifier training epochs (early stopping may end sooner)
     #[arg(long, default_value_t = 80)]
     epochs: usize,
+    /// Classifier learning rate (the paper's 1e-4 is made for thousands of samples)
+    #[arg(long, default_value_t = 1e-3)]
+    classifier_lr: f64,
+    /// Classifier early-stopping patience in epochs
+    #[arg(long, default_value_t = 20)]
+    patience: usize,
+    /// Label-preserving symmetries of the classifier's training maps: none, mirror or dihedral
+    /// (the shapes world has no preferred up, so all 16 apply)
+    #[arg(long, default_value = "dihedral")]
+    augment: String,
 }
 
 fn bar(global: &Global, len: usize, what: &str) -> ProgressBar {
@@ -107,7 +127,10 @@ fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
 fn build_data(sd: &StableDiffusion, a: &ShapesArgs, global: &Global) -> Result<()> {
     let images_dir = a.work.join("images");
     if !images_dir.join("annotations.json").exists() {
-        l2s_shapes::generate(&images_dir, &RenderConfig::with_size(32), a.train_images, 1000)?;
+        // Two objects per image: the pair is the whole scene, so the two-object prompt describes
+        // everything the reconstruction has to redraw.
+        let render = RenderConfig { min_objects: 2, max_objects: 2, ..RenderConfig::with_size(32) };
+        l2s_shapes::generate(&images_dir, &render, a.train_images, 1000)?;
     }
     let done = a.work.join("data.done");
     if done.exists() {
@@ -123,13 +146,16 @@ fn build_data(sd: &StableDiffusion, a: &ShapesArgs, global: &Global) -> Result<(
         seed: 0,
         shard: ShardSpec::all(),
     };
-    let mut dual = open_writer(sd, &images, &cfg, &a.work.join("data-dual"), 256)?;
+    let detector = shapes_detector(DetectorArg::Shapes, &images);
+    let check = a.check_relation.then(|| RelationCheck { detector: &detector, min_score: l2s_eval::SCORE_THRESHOLD });
+    let check_name = a.check_relation.then_some("shapes");
+    let mut dual = open_writer(sd, &images, &cfg, check_name, &a.work.join("data-dual"), 256)?;
     let single_cfg = BuildConfig { dual_inversion: false, ..cfg.clone() };
-    let mut single = open_writer(sd, &images, &single_cfg, &a.work.join("data-single"), 256)?;
+    let mut single = open_writer(sd, &images, &single_cfg, check_name, &a.work.join("data-single"), 256)?;
     let b = bar(global, images.len(), "data");
-    let summary = build(sd, &images, &cfg, &mut dual, Some(&mut single), &mut |done, _, s| {
+    let summary = build(sd, &images, &cfg, check.as_ref(), a.workers.unwrap_or_else(default_workers), &mut dual, Some(&mut single), &mut |done, _, s| {
         b.set_position(done as u64);
-        b.set_message(format!("{} samples, {} dropped, PSNR {:.1} dB", s.written, s.dropped_low_psnr, s.mean_psnr));
+        b.set_message(progress_message(s));
     })?;
     b.finish_and_clear();
     dual.finish()?;
@@ -149,6 +175,10 @@ fn train_classifiers(a: &ShapesArgs, global: &Global) -> Result<()> {
         }
         let mut cfg = TrainConfig::sd();
         cfg.max_epochs = a.epochs;
+        cfg.lr = a.classifier_lr;
+        cfg.early_stop_patience = a.patience;
+        cfg.augment = Augment::parse(&a.augment)
+            .ok_or_else(|| anyhow::anyhow!("--augment {}: expected none, mirror or dihedral", a.augment))?;
         let b = bar(global, a.epochs, &format!("train {kind}"));
         let report = train(&a.work.join(format!("data-{kind}")), &out, &cfg, &candle_core::Device::Cpu, &mut |e| {
             b.inc(1);
@@ -248,6 +278,7 @@ fn run_method(sd: &StableDiffusion, a: &ShapesArgs, name: &str, global: &Global)
         steer: method.config.clone(),
         label: &|r| method.label(r),
         save_dir: Some(&images_dir),
+        workers: a.workers.unwrap_or_else(default_workers),
     };
     let b = bar(global, ps.len() * a.seeds as usize, name);
     let records = evaluate(sd, &ps, name, &settings, &detector, &mut |done, _| b.set_position(done as u64))?;
@@ -275,7 +306,12 @@ fn check_work_folder(sd: &StableDiffusion, a: &ShapesArgs) -> Result<()> {
         "train_images": a.train_images,
         "fixed_point": a.fixed_point,
         "min_psnr": a.min_psnr,
+        "objects_per_image": 2,
+        "check_relation": a.check_relation,
         "epochs": a.epochs,
+        "classifier_lr": a.classifier_lr,
+        "patience": a.patience,
+        "augment": a.augment,
     });
     if path.exists() {
         let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)

@@ -5,10 +5,14 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use l2s_generate::flux::{flux_defaults, flux_map_steps};
-use l2s_steer::build::{build, layer_infos, record_sample, relation_names, AnnotatedImage, BuildConfig, BuildModel};
+use l2s_steer::build::{
+    build, layer_infos, record_sample, relation_names, AnnotatedImage, BuildConfig, BuildModel, BuildSummary, RelationCheck,
+};
+
+use crate::cmd::score::DetectorArg;
 use l2s_steer::dataset::{DatasetInfo, DatasetWriter, ShardSpec};
 
-use crate::common::{load_any, Global, Model, ModelArgs};
+use crate::common::{default_workers, load_any, Global, Model, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -45,6 +49,10 @@ pub struct BuildArgs {
     /// Drop samples whose reconstruction PSNR is below this (dB; default: 19.5, FLUX 20)
     #[arg(long)]
     min_psnr: Option<f64>,
+    /// Also drop samples whose reconstruction, read by this detector, no longer shows both
+    /// objects in the true relation (the maps would otherwise carry a wrong label)
+    #[arg(long, value_enum, value_name = "DETECTOR")]
+    check_relation: Option<DetectorArg>,
     /// Invert with the true prompt only (the ablation of dual inversion)
     #[arg(long)]
     single_inversion: bool,
@@ -63,6 +71,27 @@ pub struct BuildArgs {
     /// Samples per shard file
     #[arg(long, default_value_t = 256)]
     shard_size: usize,
+    /// Images inverted at once, each on its own thread [default: one per core]
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+/// The progress line of a build: samples kept and why others were dropped.
+pub fn progress_message(s: &BuildSummary) -> String {
+    format!(
+        "{} samples, dropped {} under the PSNR threshold, {} relation lost; PSNR {:.1} dB",
+        s.written, s.dropped_low_psnr, s.dropped_relation_lost, s.mean_psnr
+    )
+}
+
+/// The detector that checks reconstructions, sized for the images' resolution.
+pub fn shapes_detector(which: DetectorArg, images: &[AnnotatedImage]) -> l2s_shapes::ShapeDetector {
+    match which {
+        DetectorArg::Shapes => {
+            let size = images.first().map_or(32, |i| i.image.width());
+            l2s_shapes::ShapeDetector::new(l2s_shapes::DetectorConfig::for_render(&l2s_shapes::RenderConfig::with_size(size)))
+        }
+    }
 }
 
 /// The paper's recording steps {5,10,15,20,25,49} of 50, scaled to `steps`.
@@ -97,6 +126,7 @@ pub fn open_writer<'a>(
     model: impl Into<BuildModel<'a>>,
     images: &[AnnotatedImage],
     cfg: &BuildConfig,
+    relation_check: Option<&str>,
     out: &std::path::Path,
     shard_size: usize,
 ) -> Result<DatasetWriter> {
@@ -106,8 +136,12 @@ pub fn open_writer<'a>(
     let prompt = format!("a {a} and a {b}");
     let mut probe_cfg = cfg.clone();
     probe_cfg.fixed_point_iterations = 0;
-    let (maps, sites, _) = record_sample(model, &probe.image, &prompt, a, b, &probe_cfg)?;
+    let probe = record_sample(model, &probe.image, &prompt, a, b, &probe_cfg)?;
+    let (maps, sites) = (probe.maps, probe.sites);
     let mut extra = serde_json::Map::new();
+    if let Some(check) = relation_check {
+        extra.insert("relation_check".into(), check.into());
+    }
     extra.insert("num_inference_steps".into(), cfg.steps.into());
     extra.insert("fixed_point_iterations".into(), cfg.fixed_point_iterations.into());
     extra.insert("min_psnr".into(), cfg.psnr_threshold.into());
@@ -168,16 +202,19 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             None => ShardSpec::all(),
         },
     };
-    let mut writer = open_writer(model, &images, &cfg, &a.out, a.shard_size)?;
+    let detector = a.check_relation.map(|d| shapes_detector(d, &images));
+    let check = detector.as_ref().map(|d| RelationCheck { detector: d, min_score: l2s_eval::SCORE_THRESHOLD });
+    let check_name = a.check_relation.map(|_| "shapes");
+    let mut writer = open_writer(model, &images, &cfg, check_name, &a.out, a.shard_size)?;
     let bar = if global.quiet { ProgressBar::hidden() } else { ProgressBar::new(images.len() as u64) };
     bar.set_style(
         ProgressStyle::with_template("build [{bar:32}] {pos}/{len} images {elapsed_precise} (eta {eta}) {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    let summary = build(model, &images, &cfg, &mut writer, None, &mut |done, _, s| {
+    let summary = build(model, &images, &cfg, check.as_ref(), a.workers.unwrap_or_else(default_workers), &mut writer, None, &mut |done, _, s| {
         bar.set_position(done as u64);
-        bar.set_message(format!("{} samples, {} dropped, PSNR {:.1} dB", s.written, s.dropped_low_psnr, s.mean_psnr));
+        bar.set_message(progress_message(s));
     })?;
     writer.finish()?;
     bar.finish_and_clear();

@@ -26,6 +26,12 @@ enum Command {
         /// Image side in pixels
         #[arg(long, default_value_t = 32)]
         size: u32,
+        /// Fewest objects per image
+        #[arg(long, default_value_t = 1)]
+        min_objects: usize,
+        /// Most objects per image (classes never repeat within an image)
+        #[arg(long, default_value_t = 3)]
+        max_objects: usize,
         #[arg(long)]
         out: PathBuf,
     },
@@ -62,8 +68,8 @@ enum Command {
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
     match args.command {
-        Command::Render { count, seed, size, out } => {
-            let cfg = RenderConfig::with_size(size);
+        Command::Render { count, seed, size, min_objects, max_objects, out } => {
+            let cfg = RenderConfig { min_objects, max_objects, ..RenderConfig::with_size(size) };
             let ds = l2s_shapes::generate(&out, &cfg, count, seed).with_context(|| format!("rendering into {}", out.display()))?;
             eprintln!("rendered {} images into {}", ds.images.len(), out.display());
             Ok(())

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use l2s_steer::classifier::Preset;
 use l2s_steer::train::{train, TrainConfig};
+use l2s_steer::Augment;
 
 use crate::common::Global;
 
@@ -25,6 +26,13 @@ pub struct Args {
     lr: Option<f64>,
     #[arg(long)]
     batch: Option<usize>,
+    /// Stop after this many epochs without a better validation loss
+    #[arg(long)]
+    patience: Option<usize>,
+    /// Label-preserving symmetries drawn per example: none (the paper), mirror (left–right
+    /// mirror and subject/object swap) or dihedral (also vertical mirror and transpose)
+    #[arg(long, default_value = "none")]
+    augment: String,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -41,6 +49,11 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     if let Some(b) = args.batch {
         cfg.batch_size = b;
     }
+    if let Some(p) = args.patience {
+        cfg.early_stop_patience = p;
+    }
+    cfg.augment = Augment::parse(&args.augment)
+        .ok_or_else(|| anyhow::anyhow!("--augment {}: expected none, mirror or dihedral", args.augment))?;
     cfg.seed = args.seed;
     let quiet = global.quiet;
     let report = train(&args.data, &args.out, &cfg, &candle_core::Device::Cpu, &mut |e| {

@@ -12,7 +12,10 @@ use l2s_shapes::render::draw_shape;
 use l2s_shapes::{RenderConfig, ShapeClass};
 
 pub fn fixture_model() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/sd1-tiny/model").display().to_string()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/sd1-tiny/model")
+        .display()
+        .to_string()
 }
 
 pub fn l2s(args: &[&str]) -> Output {
@@ -27,7 +30,11 @@ pub fn l2s(args: &[&str]) -> Output {
 /// Runs a command that must succeed; returns its stdout.
 pub fn ok(args: &[&str]) -> String {
     let out = l2s(args);
-    assert!(out.status.success(), "l2s {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "l2s {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -36,7 +43,11 @@ pub fn fails(args: &[&str]) -> String {
     let out = l2s(args);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "l2s {args:?} should fail");
-    assert_ne!(out.status.code(), Some(101), "l2s {args:?} panicked: {stderr}");
+    assert_ne!(
+        out.status.code(),
+        Some(101),
+        "l2s {args:?} panicked: {stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
     stderr
 }
@@ -53,7 +64,16 @@ pub fn draw(size: u32, objects: &[Placed]) -> image::RgbImage {
     let cfg = RenderConfig::with_size(size);
     let mut img = image::RgbImage::from_pixel(size, size, image::Rgb(cfg.background));
     for &(class, x, y, side) in objects {
-        draw_shape(&mut img, class, class.color(), x, y, side, side, cfg.antialias);
+        draw_shape(
+            &mut img,
+            class,
+            class.color(),
+            x,
+            y,
+            side,
+            side,
+            cfg.antialias,
+        );
     }
     img
 }
@@ -72,7 +92,11 @@ pub fn write_folder(root: &Path, size: u32, prompts: &[(SpatialPrompt, Vec<Sampl
     std::fs::write(root.join(PROMPTS_FILE), to_jsonl(&all)).unwrap();
     for (i, (p, samples)) in prompts.iter().enumerate() {
         std::fs::create_dir_all(prompt_dir(root, i).join("samples")).unwrap();
-        std::fs::write(prompt_dir(root, i).join(METADATA_FILE), p.metadata_line() + "\n").unwrap();
+        std::fs::write(
+            prompt_dir(root, i).join(METADATA_FILE),
+            p.metadata_line() + "\n",
+        )
+        .unwrap();
         for (j, smp) in samples.iter().enumerate() {
             let path = sample_path(root, i, j);
             match smp {

@@ -45,7 +45,13 @@ pub struct JointLayout {
 
 impl FluxAttention {
     /// `double`: a double-stream block's attention (separate text projections and outputs).
-    pub fn new(dim: usize, heads: usize, head_dim: usize, double: bool, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        double: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let inner = heads * head_dim;
         let added = if double {
             Some(Added {
@@ -65,7 +71,11 @@ impl FluxAttention {
             to_v: candle_nn::linear(dim, inner, vb.pp("to_v"))?,
             norm_q: RmsNorm::new(head_dim, 1e-6, vb.pp("norm_q"))?,
             norm_k: RmsNorm::new(head_dim, 1e-6, vb.pp("norm_k"))?,
-            to_out: if double { Some(candle_nn::linear(inner, dim, vb.pp("to_out").pp("0"))?) } else { None },
+            to_out: if double {
+                Some(candle_nn::linear(inner, dim, vb.pp("to_out").pp("0"))?)
+            } else {
+                None
+            },
             added,
             heads,
             head_dim,
@@ -115,7 +125,13 @@ impl FluxAttention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let dtype = q.dtype();
         // Scores and softmax in f32 for half-precision models, as PyTorch's fused attention does.
-        let upcast = |x: &Tensor| if matches!(dtype, DType::F16 | DType::BF16) { x.to_dtype(DType::F32) } else { Ok(x.clone()) };
+        let upcast = |x: &Tensor| {
+            if matches!(dtype, DType::F16 | DType::BF16) {
+                x.to_dtype(DType::F32)
+            } else {
+                Ok(x.clone())
+            }
+        };
 
         let site = AttentionSite {
             layer: self.name.clone(),
@@ -134,7 +150,11 @@ impl FluxAttention {
 
         let scores = (upcast(&q)?.matmul(&upcast(&k)?.t()?)? * scale)?;
         let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, seq, self.heads * self.head_dim))?;
+        let out =
+            probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b, seq, self.heads * self.head_dim))?;
         match (&self.added, &self.to_out) {
             (Some(a), Some(to_out)) => {
                 let text = a.to_add_out.forward(&out.narrow(1, 0, t)?)?;

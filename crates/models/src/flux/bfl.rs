@@ -42,7 +42,10 @@ fn bfl_source(name: &str) -> Option<(String, Part)> {
         "context_embedder" => whole("txt_in"),
         "x_embedder" => whole("img_in"),
         "proj_out" => whole("final_layer.linear"),
-        "norm_out.linear" => Some((format!("final_layer.adaLN_modulation.1.{param}"), Part::SwapHalves)),
+        "norm_out.linear" => Some((
+            format!("final_layer.adaLN_modulation.1.{param}"),
+            Part::SwapHalves,
+        )),
         _ => None,
     };
     if top.is_some() {
@@ -102,9 +105,19 @@ struct BflWeights {
 }
 
 impl SimpleBackend for BflWeights {
-    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let (src, part) = bfl_source(name).ok_or_else(|| {
-            candle_core::Error::Msg(format!("{}: no original (BFL) name is known for `{name}`", self.path))
+            candle_core::Error::Msg(format!(
+                "{}: no original (BFL) name is known for `{name}`",
+                self.path
+            ))
         })?;
         let full = format!("{}{src}", self.prefix);
         let t = self.inner.get_unchecked(&full, dtype, dev)?;
@@ -114,9 +127,10 @@ impl SimpleBackend for BflWeights {
             Part::Whole => t,
             Part::Chunk(i) if (i + 1) * len <= rows => t.narrow(0, i * len, len)?,
             Part::Tail if len <= rows => t.narrow(0, rows - len, len)?,
-            Part::SwapHalves if rows % 2 == 0 => {
-                Tensor::cat(&[t.narrow(0, rows / 2, rows / 2)?, t.narrow(0, 0, rows / 2)?], 0)?
-            }
+            Part::SwapHalves if rows % 2 == 0 => Tensor::cat(
+                &[t.narrow(0, rows / 2, rows / 2)?, t.narrow(0, 0, rows / 2)?],
+                0,
+            )?,
             _ => {
                 return Err(candle_core::Error::Msg(format!(
                     "{}: tensor `{full}` has {rows} rows, too few to hold `{name}` of shape {:?}",
@@ -137,13 +151,19 @@ impl SimpleBackend for BflWeights {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let (src, _) = bfl_source(name)
-            .ok_or_else(|| candle_core::Error::Msg(format!("{}: no original (BFL) name is known for `{name}`", self.path)))?;
-        self.inner.get_unchecked(&format!("{}{src}", self.prefix), dtype, dev)
+        let (src, _) = bfl_source(name).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "{}: no original (BFL) name is known for `{name}`",
+                self.path
+            ))
+        })?;
+        self.inner
+            .get_unchecked(&format!("{}{src}", self.prefix), dtype, dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        bfl_source(name).is_some_and(|(src, _)| self.inner.contains_tensor(&format!("{}{src}", self.prefix)))
+        bfl_source(name)
+            .is_some_and(|(src, _)| self.inner.contains_tensor(&format!("{}{src}", self.prefix)))
     }
 }
 
@@ -161,10 +181,14 @@ pub fn detect_naming(path: &Path, names: &[String]) -> Result<Naming> {
     for prefix in ["", FULL_PREFIX] {
         let has = |n: &str| names.iter().any(|k| k == &format!("{prefix}{n}"));
         if has("img_in.weight") && has("double_blocks.0.img_attn.qkv.weight") {
-            return Ok(Naming::Bfl { prefix: prefix.into() });
+            return Ok(Naming::Bfl {
+                prefix: prefix.into(),
+            });
         }
         if has("x_embedder.weight") && has("transformer_blocks.0.attn.to_q.weight") {
-            return Ok(Naming::Diffusers { prefix: prefix.into() });
+            return Ok(Naming::Diffusers {
+                prefix: prefix.into(),
+            });
         }
     }
     let mut sample: Vec<&str> = names.iter().map(String::as_str).take(5).collect();
@@ -187,7 +211,9 @@ pub fn has_guidance_embedding(path: &Path) -> Result<bool> {
     let names: Vec<String> = weights.shapes().into_keys().collect();
     let marker = match detect_naming(path, &names)? {
         Naming::Bfl { prefix } => format!("{prefix}guidance_in.in_layer.weight"),
-        Naming::Diffusers { prefix } => format!("{prefix}time_text_embed.guidance_embedder.linear_1.weight"),
+        Naming::Diffusers { prefix } => {
+            format!("{prefix}time_text_embed.guidance_embedder.linear_1.weight")
+        }
     };
     Ok(names.contains(&marker))
 }
@@ -195,14 +221,24 @@ pub fn has_guidance_embedding(path: &Path) -> Result<bool> {
 /// Loads a FLUX transformer from one safetensors file in BFL or diffusers naming. The file holds
 /// no config: pass the published one ([`FluxConfig::flux1_dev`], [`FluxConfig::flux1_schnell`])
 /// or the folder's.
-pub fn load_single_file(path: &Path, cfg: &FluxConfig, dtype: DType, device: &Device) -> Result<FluxTransformer2DModel> {
+pub fn load_single_file(
+    path: &Path,
+    cfg: &FluxConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<FluxTransformer2DModel> {
     let weights = SafetensorsWeights::open(&[path.to_path_buf()])?;
     let names: Vec<String> = weights.shapes().into_keys().collect();
     let naming = detect_naming(path, &names)?;
-    let build_err = |e: candle_core::Error| ModelError::Build { dir: path.to_path_buf(), reason: e.to_string() };
+    let build_err = |e: candle_core::Error| ModelError::Build {
+        dir: path.to_path_buf(),
+        reason: e.to_string(),
+    };
     match naming {
         Naming::Bfl { prefix } => {
-            let has_guidance = names.iter().any(|n| n == &format!("{prefix}guidance_in.in_layer.weight"));
+            let has_guidance = names
+                .iter()
+                .any(|n| n == &format!("{prefix}guidance_in.in_layer.weight"));
             if has_guidance != cfg.guidance_embeds {
                 return Err(ModelError::Unsupported {
                     path: path.to_path_buf(),
@@ -214,13 +250,21 @@ pub fn load_single_file(path: &Path, cfg: &FluxConfig, dtype: DType, device: &De
                     ),
                 });
             }
-            let backend = BflWeights { inner: weights, prefix, path: path.display().to_string() };
+            let backend = BflWeights {
+                inner: weights,
+                prefix,
+                path: path.display().to_string(),
+            };
             let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
             FluxTransformer2DModel::new(cfg, vb).map_err(build_err)
         }
         Naming::Diffusers { prefix } => {
             let vb = VarBuilder::from_backend(Box::new(weights), dtype, device.clone());
-            let vb = if prefix.is_empty() { vb } else { vb.pp(prefix.trim_end_matches('.')) };
+            let vb = if prefix.is_empty() {
+                vb
+            } else {
+                vb.pp(prefix.trim_end_matches('.'))
+            };
             FluxTransformer2DModel::new(cfg, vb).map_err(build_err)
         }
     }

@@ -29,7 +29,10 @@ struct FeedForward {
 impl FeedForward {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let net = vb.pp("net");
-        Ok(Self { proj: candle_nn::linear(dim, 4 * dim, net.pp("0").pp("proj"))?, out: candle_nn::linear(4 * dim, dim, net.pp("2"))? })
+        Ok(Self {
+            proj: candle_nn::linear(dim, 4 * dim, net.pp("0").pp("proj"))?,
+            out: candle_nn::linear(4 * dim, dim, net.pp("2"))?,
+        })
     }
 }
 
@@ -81,14 +84,18 @@ impl DoubleStreamBlock {
         let (x, m) = self.norm1.forward(image, temb)?;
         let (c, cm) = self.norm1_context.forward(text, temb)?;
         let (attn_img, attn_txt) = self.attn.forward(&x, Some(&c), rope, layout, observer)?;
-        let attn_txt = attn_txt.ok_or_else(|| candle_core::Error::Msg("double-stream attention without text output".into()))?;
+        let attn_txt = attn_txt.ok_or_else(|| {
+            candle_core::Error::Msg("double-stream attention without text output".into())
+        })?;
 
         let image = (image + gated(&m.gate_msa, &attn_img)?)?;
         let ff = self.ff.forward(&self.norm1.modulate_mlp(&image, &m)?)?;
         let image = (&image + gated(&m.gate_mlp, &ff)?)?;
 
         let text = (text + gated(&cm.gate_msa, &attn_txt)?)?;
-        let ff = self.ff_context.forward(&self.norm1_context.modulate_mlp(&text, &cm)?)?;
+        let ff = self
+            .ff_context
+            .forward(&self.norm1_context.modulate_mlp(&text, &cm)?)?;
         let text = (&text + gated(&cm.gate_mlp, &ff)?)?;
         Ok((clip_f16(text)?, image))
     }

@@ -14,7 +14,9 @@
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, Var};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, Var,
+};
 
 use super::attention::JointLayout;
 use super::block::{DoubleStreamBlock, SingleStreamBlock};
@@ -75,16 +77,28 @@ impl Checkpointed {
     /// joint (b, t + n, dim) → flat [joint'; maps (b, heads, n, t) if wanted].
     fn run(&self, joint: &Tensor) -> Result<Tensor> {
         let t = self.layout.text_tokens;
-        let mut capture = Capture { wanted: self.maps, probs: None };
+        let mut capture = Capture {
+            wanted: self.maps,
+            probs: None,
+        };
         let out = match &self.block {
             Block::Double(b) => {
                 let n = joint.dim(1)? - t;
                 let text = joint.narrow(1, 0, t)?.contiguous()?;
                 let image = joint.narrow(1, t, n)?.contiguous()?;
-                let (text, image) = b.forward(&image, &text, &self.temb, &self.rope, self.layout, &mut capture)?;
+                let (text, image) = b.forward(
+                    &image,
+                    &text,
+                    &self.temb,
+                    &self.rope,
+                    self.layout,
+                    &mut capture,
+                )?;
                 Tensor::cat(&[text, image], 1)?
             }
-            Block::Single(b) => b.forward(joint, &self.temb, &self.rope, self.layout, &mut capture)?,
+            Block::Single(b) => {
+                b.forward(joint, &self.temb, &self.rope, self.layout, &mut capture)?
+            }
         };
         let mut parts = vec![out.flatten_all()?];
         if let Some(p) = capture.probs {
@@ -95,8 +109,14 @@ impl Checkpointed {
     }
 
     fn take(&self) -> Result<Tensor> {
-        let taken = self.result.lock().map_err(|_| candle_core::Error::Msg("checkpoint lock poisoned".into()))?.take();
-        taken.ok_or_else(|| candle_core::Error::Msg("checkpointed FLUX block: forward result already used".into()))
+        let taken = self
+            .result
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("checkpoint lock poisoned".into()))?
+            .take();
+        taken.ok_or_else(|| {
+            candle_core::Error::Msg("checkpointed FLUX block: forward result already used".into())
+        })
     }
 }
 
@@ -110,7 +130,9 @@ impl CustomOp1 for Checkpointed {
         let (storage, layout) = r.storage_and_layout();
         match &*storage {
             Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("checkpointed FLUX block: result on another device than its input"),
+            _ => candle_core::bail!(
+                "checkpointed FLUX block: result on another device than its input"
+            ),
         }
     }
 
@@ -119,7 +141,9 @@ impl CustomOp1 for Checkpointed {
         let (storage, layout) = r.storage_and_layout();
         match &*storage {
             Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("checkpointed FLUX block: result on another device than its input"),
+            _ => candle_core::bail!(
+                "checkpointed FLUX block: result on another device than its input"
+            ),
         }
     }
 
@@ -157,14 +181,21 @@ pub(crate) fn forward(
     let result = op.run(copy.as_tensor())?.detach();
     drop(copy);
     let wants = op.maps;
-    *op.result.lock().map_err(|_| candle_core::Error::Msg("checkpoint lock poisoned".into()))? = Some(result);
+    *op.result
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("checkpoint lock poisoned".into()))? = Some(result);
     let flat = joint.apply_op1(op)?;
     let numel = joint.elem_count();
     let out = flat.narrow(0, 0, numel)?.reshape(joint.shape())?;
     if wants {
         let (b, _, _) = joint.dims3()?;
         let n = layout.grid.0 * layout.grid.1;
-        let probs = flat.narrow(0, numel, flat.dim(0)? - numel)?.reshape((b, site.heads, n, layout.text_tokens))?;
+        let probs = flat.narrow(0, numel, flat.dim(0)? - numel)?.reshape((
+            b,
+            site.heads,
+            n,
+            layout.text_tokens,
+        ))?;
         observer.observe(&site, &probs)?;
     }
     Ok(out)

@@ -14,9 +14,14 @@ pub fn timestep_sinusoid(t: &Tensor, dim: usize) -> Result<Tensor> {
     // In f32 step by step like diffusers: guidance·1000 reaches thousands, where a last-bit
     // difference in a frequency moves the angle visibly.
     let log_max = -(10000f32.ln());
-    let freqs: Vec<f32> = (0..half).map(|i| (log_max * i as f32 / half as f32).exp()).collect();
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (log_max * i as f32 / half as f32).exp())
+        .collect();
     let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
-    let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
+    let args = t
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
     Tensor::cat(&[args.cos()?, args.sin()?], 1)
 }
 
@@ -29,7 +34,10 @@ pub struct MlpEmbedder {
 
 impl MlpEmbedder {
     pub fn new(in_dim: usize, dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { linear_1: candle_nn::linear(in_dim, dim, vb.pp("linear_1"))?, linear_2: candle_nn::linear(dim, dim, vb.pp("linear_2"))? })
+        Ok(Self {
+            linear_1: candle_nn::linear(in_dim, dim, vb.pp("linear_1"))?,
+            linear_2: candle_nn::linear(dim, dim, vb.pp("linear_2"))?,
+        })
     }
 }
 
@@ -51,7 +59,15 @@ impl TimeTextEmbed {
     pub fn new(dim: usize, pooled_dim: usize, guidance: bool, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             timestep_embedder: MlpEmbedder::new(SINUSOID_DIM, dim, vb.pp("timestep_embedder"))?,
-            guidance_embedder: if guidance { Some(MlpEmbedder::new(SINUSOID_DIM, dim, vb.pp("guidance_embedder"))?) } else { None },
+            guidance_embedder: if guidance {
+                Some(MlpEmbedder::new(
+                    SINUSOID_DIM,
+                    dim,
+                    vb.pp("guidance_embedder"),
+                )?)
+            } else {
+                None
+            },
             text_embedder: MlpEmbedder::new(pooled_dim, dim, vb.pp("text_embedder"))?,
         })
     }
@@ -62,7 +78,12 @@ impl TimeTextEmbed {
 
     /// `timestep` and `guidance` as the pipeline passes them (σ in [0, 1], guidance scale), shape
     /// (batch,); they are scaled by 1000 in the model dtype, as diffusers does.
-    pub fn forward(&self, timestep: &Tensor, guidance: Option<&Tensor>, pooled: &Tensor) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        timestep: &Tensor,
+        guidance: Option<&Tensor>,
+        pooled: &Tensor,
+    ) -> Result<Tensor> {
         let dtype = pooled.dtype();
         let embed = |mlp: &MlpEmbedder, v: &Tensor| -> Result<Tensor> {
             let scaled = (v.to_dtype(dtype)? * 1000.0)?;

@@ -54,7 +54,11 @@ pub struct PlainLayerNorm {
 impl PlainLayerNorm {
     pub fn new(dim: usize, eps: f64, vb: &VarBuilder) -> Result<Self> {
         let ones = Tensor::ones(dim, vb.dtype(), vb.device())?;
-        Ok(Self { zeros: ones.zeros_like()?, ones, eps })
+        Ok(Self {
+            zeros: ones.zeros_like()?,
+            ones,
+            eps,
+        })
     }
 }
 
@@ -68,13 +72,17 @@ impl Module for PlainLayerNorm {
         let x = xs.to_dtype(internal_dtype(dtype))?;
         let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        centred.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)
+        centred
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)
     }
 }
 
 /// norm(x)·(1 + scale) + shift with per-sample (batch, dim) modulation vectors.
 fn modulate(normed: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    normed.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)
+    normed
+        .broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
+        .broadcast_add(&shift.unsqueeze(1)?)
 }
 
 /// `linear(silu(emb))` cut into `n` equal chunks along the feature dimension.
@@ -102,13 +110,21 @@ pub struct ZeroMod {
 
 impl AdaLayerNormZero {
     pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { norm: PlainLayerNorm::new(dim, 1e-6, &vb)?, linear: candle_nn::linear(dim, 6 * dim, vb.pp("linear"))? })
+        Ok(Self {
+            norm: PlainLayerNorm::new(dim, 1e-6, &vb)?,
+            linear: candle_nn::linear(dim, 6 * dim, vb.pp("linear"))?,
+        })
     }
 
     pub fn forward(&self, xs: &Tensor, emb: &Tensor) -> Result<(Tensor, ZeroMod)> {
         let c = chunks(&self.linear, emb, 6)?;
         let x = modulate(&self.norm.forward(xs)?, &c[0], &c[1])?;
-        let m = ZeroMod { gate_msa: c[2].clone(), shift_mlp: c[3].clone(), scale_mlp: c[4].clone(), gate_mlp: c[5].clone() };
+        let m = ZeroMod {
+            gate_msa: c[2].clone(),
+            shift_mlp: c[3].clone(),
+            scale_mlp: c[4].clone(),
+            gate_mlp: c[5].clone(),
+        };
         Ok((x, m))
     }
 
@@ -127,13 +143,19 @@ pub struct AdaLayerNormZeroSingle {
 
 impl AdaLayerNormZeroSingle {
     pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { norm: PlainLayerNorm::new(dim, 1e-6, &vb)?, linear: candle_nn::linear(dim, 3 * dim, vb.pp("linear"))? })
+        Ok(Self {
+            norm: PlainLayerNorm::new(dim, 1e-6, &vb)?,
+            linear: candle_nn::linear(dim, 3 * dim, vb.pp("linear"))?,
+        })
     }
 
     /// Returns the modulated input and the gate.
     pub fn forward(&self, xs: &Tensor, emb: &Tensor) -> Result<(Tensor, Tensor)> {
         let c = chunks(&self.linear, emb, 3)?;
-        Ok((modulate(&self.norm.forward(xs)?, &c[0], &c[1])?, c[2].clone()))
+        Ok((
+            modulate(&self.norm.forward(xs)?, &c[0], &c[1])?,
+            c[2].clone(),
+        ))
     }
 }
 
@@ -147,7 +169,10 @@ pub struct AdaLayerNormContinuous {
 
 impl AdaLayerNormContinuous {
     pub fn new(dim: usize, cond_dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { norm: PlainLayerNorm::new(dim, 1e-6, &vb)?, linear: candle_nn::linear(cond_dim, 2 * dim, vb.pp("linear"))? })
+        Ok(Self {
+            norm: PlainLayerNorm::new(dim, 1e-6, &vb)?,
+            linear: candle_nn::linear(cond_dim, 2 * dim, vb.pp("linear"))?,
+        })
     }
 
     pub fn forward(&self, xs: &Tensor, emb: &Tensor) -> Result<Tensor> {

@@ -56,12 +56,19 @@ fn component(folder: &Path, name: &str, expected: &str) -> ModelResult<PathBuf> 
     if dir.is_dir() {
         Ok(dir)
     } else {
-        Err(ModelError::MissingComponent { folder: folder.to_path_buf(), component: name.into(), expected: expected.into() })
+        Err(ModelError::MissingComponent {
+            folder: folder.to_path_buf(),
+            component: name.into(),
+            expected: expected.into(),
+        })
     }
 }
 
 fn build<T>(dir: &Path, r: Result<T>) -> ModelResult<T> {
-    r.map_err(|e| ModelError::Build { dir: dir.to_path_buf(), reason: e.to_string() })
+    r.map_err(|e| ModelError::Build {
+        dir: dir.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 /// FluxPipeline's default `max_sequence_length`: 512, except 256 for schnell-style models.
@@ -80,7 +87,11 @@ fn single_file_config(file: &Path, folder_cfg: &Path) -> ModelResult<FluxConfig>
         return FluxConfig::from_file(folder_cfg);
     }
     let dev = super::bfl::has_guidance_embedding(file)?;
-    let (name, cfg) = if dev { ("FLUX.1-dev", FluxConfig::flux1_dev()) } else { ("FLUX.1-schnell", FluxConfig::flux1_schnell()) };
+    let (name, cfg) = if dev {
+        ("FLUX.1-dev", FluxConfig::flux1_dev())
+    } else {
+        ("FLUX.1-schnell", FluxConfig::flux1_schnell())
+    };
     tracing::info!(
         "{}: no {} to read, so using the {name} config (the file {} guidance-embedding tensors)",
         file.display(),
@@ -99,7 +110,11 @@ impl FluxPipeline {
     /// safetensors file in BFL or diffusers naming (see [`super::bfl`]), configured by the folder's
     /// `transformer/config.json` if it has one, else by the FLUX.1-dev or schnell preset. The
     /// folder then needs no `transformer/` weights.
-    pub fn load_with_transformer(folder: &Path, opts: &LoadOptions, transformer_file: Option<&Path>) -> ModelResult<Self> {
+    pub fn load_with_transformer(
+        folder: &Path,
+        opts: &LoadOptions,
+        transformer_file: Option<&Path>,
+    ) -> ModelResult<Self> {
         let index_path = folder.join("model_index.json");
         if !index_path.exists() {
             return Err(ModelError::MissingComponent {
@@ -119,19 +134,42 @@ impl FluxPipeline {
                 });
             }
         }
-        let tok_dir = component(folder, "tokenizer", "the CLIP tokenizer (vocab.json + merges.txt or tokenizer.json)")?;
-        let te_dir = component(folder, "text_encoder", "the CLIP text encoder (CLIPTextModel: config.json + safetensors)")?;
+        let tok_dir = component(
+            folder,
+            "tokenizer",
+            "the CLIP tokenizer (vocab.json + merges.txt or tokenizer.json)",
+        )?;
+        let te_dir = component(
+            folder,
+            "text_encoder",
+            "the CLIP text encoder (CLIPTextModel: config.json + safetensors)",
+        )?;
         let tok2_dir = component(folder, "tokenizer_2", "the T5 tokenizer (tokenizer.json)")?;
-        let te2_dir = component(folder, "text_encoder_2", "the T5 encoder (T5EncoderModel: config.json + safetensors)")?;
+        let te2_dir = component(
+            folder,
+            "text_encoder_2",
+            "the T5 encoder (T5EncoderModel: config.json + safetensors)",
+        )?;
         let tr_dir = match transformer_file {
             Some(_) => folder.join("transformer"),
-            None => component(folder, "transformer", "a FluxTransformer2DModel (config.json + safetensors)")?,
+            None => component(
+                folder,
+                "transformer",
+                "a FluxTransformer2DModel (config.json + safetensors)",
+            )?,
         };
-        let vae_dir = component(folder, "vae", "an AutoencoderKL (config.json + safetensors)")?;
+        let vae_dir = component(
+            folder,
+            "vae",
+            "an AutoencoderKL (config.json + safetensors)",
+        )?;
         let sched_dir = component(folder, "scheduler", "scheduler_config.json")?;
         let scheduler_config = sched_dir.join("scheduler_config.json");
         if !scheduler_config.exists() {
-            return Err(ModelError::io(&scheduler_config, "missing scheduler config"));
+            return Err(ModelError::io(
+                &scheduler_config,
+                "missing scheduler config",
+            ));
         }
         let te2_cfg_path = te2_dir.join("config.json");
         if !te2_cfg_path.exists() {
@@ -162,7 +200,8 @@ impl FluxPipeline {
         let vb = var_builder(&te_dir, &opts.variant, opts.dtype, &opts.device)?;
         let text_encoder = build(&te_dir, ClipTextModel::new(&te_cfg, vb))?;
 
-        let tokenizer_2 = T5Tokenizer::from_folder(&tok2_dir, default_max_sequence_length(&tr_cfg))?;
+        let tokenizer_2 =
+            T5Tokenizer::from_folder(&tok2_dir, default_max_sequence_length(&tr_cfg))?;
         let t5_cfg = T5Config::from_file(&te2_cfg_path)?;
         let vb = var_builder(&te2_dir, &opts.variant, opts.dtype, &opts.device)?;
         let text_encoder_2 = build(&te2_dir, T5EncoderModel::new(&t5_cfg, vb))?;
@@ -171,25 +210,41 @@ impl FluxPipeline {
         let vb = var_builder(&vae_dir, &opts.variant, opts.dtype, &opts.device)?;
         let vae = build(&vae_dir, AutoencoderKL::new(&vae_cfg, vb))?;
 
-        let mismatch = |what: &str, value: usize, want: usize, path: &Path| ModelError::Unsupported {
-            path: path.to_path_buf(),
-            field: what.into(),
-            value: value.to_string(),
-            supported: format!("{want}, to match the other components"),
-        };
+        let mismatch =
+            |what: &str, value: usize, want: usize, path: &Path| ModelError::Unsupported {
+                path: path.to_path_buf(),
+                field: what.into(),
+                value: value.to_string(),
+                supported: format!("{want}, to match the other components"),
+            };
         // Size mismatches point at the config that set the size.
         let tr_cfg_path = match transformer_file {
             Some(file) if !tr_cfg_path.exists() => file.to_path_buf(),
             _ => tr_cfg_path,
         };
         if tr_cfg.joint_attention_dim != t5_cfg.d_model {
-            return Err(mismatch("joint_attention_dim", tr_cfg.joint_attention_dim, t5_cfg.d_model, &tr_cfg_path));
+            return Err(mismatch(
+                "joint_attention_dim",
+                tr_cfg.joint_attention_dim,
+                t5_cfg.d_model,
+                &tr_cfg_path,
+            ));
         }
         if tr_cfg.pooled_projection_dim != te_cfg.hidden_size {
-            return Err(mismatch("pooled_projection_dim", tr_cfg.pooled_projection_dim, te_cfg.hidden_size, &tr_cfg_path));
+            return Err(mismatch(
+                "pooled_projection_dim",
+                tr_cfg.pooled_projection_dim,
+                te_cfg.hidden_size,
+                &tr_cfg_path,
+            ));
         }
         if tr_cfg.in_channels != 4 * vae_cfg.latent_channels {
-            return Err(mismatch("in_channels", tr_cfg.in_channels, 4 * vae_cfg.latent_channels, &tr_cfg_path));
+            return Err(mismatch(
+                "in_channels",
+                tr_cfg.in_channels,
+                4 * vae_cfg.latent_channels,
+                &tr_cfg_path,
+            ));
         }
         Ok(Self {
             folder: folder.to_path_buf(),
@@ -236,7 +291,12 @@ impl FluxPipeline {
         };
         let text = self.text_encoder_2.forward(&to_tensor(&t5_ids)?)?;
         let pooled = self.text_encoder.forward(&to_tensor(&clip_ids)?)?.pooled;
-        Ok(FluxConditioning { text, pooled, t5_ids, truncated })
+        Ok(FluxConditioning {
+            text,
+            pooled,
+            t5_ids,
+            truncated,
+        })
     }
 
     /// Pixels per latent cell along each side.
@@ -264,7 +324,9 @@ impl FluxPipeline {
         let t = (sigma as f32 * 1000.0) / 1000.0;
         let timestep = Tensor::full(t, b, latents.device())?.to_dtype(latents.dtype())?;
         let guidance = match guidance {
-            Some(g) if self.transformer.config().guidance_embeds => Some(Tensor::full(g as f32, b, latents.device())?),
+            Some(g) if self.transformer.config().guidance_embeds => {
+                Some(Tensor::full(g as f32, b, latents.device())?)
+            }
             _ => None,
         };
         let inputs = FluxInputs {
@@ -289,7 +351,9 @@ impl FluxPipeline {
         guidance: Option<f64>,
         observer: &mut dyn AttentionObserver,
     ) -> Result<Tensor> {
-        flux_sample(latents, sigmas, |_, x, sigma| self.velocity(x, grid, cond, sigma, guidance, observer))
+        flux_sample(latents, sigmas, |_, x, sigma| {
+            self.velocity(x, grid, cond, sigma, guidance, observer)
+        })
     }
 
     /// Packed latents → image in roughly [-1, 1] (unpacked, unscaled by `scaling_factor`, shifted

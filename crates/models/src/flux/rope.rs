@@ -6,7 +6,9 @@ use candle_core::{DType, Device, Result, Tensor};
 
 /// Position ids of a packed latent grid: (h·w, 3) rows of (0, row, col), row-major.
 pub fn image_ids(height: usize, width: usize, device: &Device) -> Result<Tensor> {
-    let ids: Vec<f32> = (0..height * width).flat_map(|q| [0.0, (q / width) as f32, (q % width) as f32]).collect();
+    let ids: Vec<f32> = (0..height * width)
+        .flat_map(|q| [0.0, (q / width) as f32, (q % width) as f32])
+        .collect();
     Tensor::from_vec(ids, (height * width, 3), device)
 }
 
@@ -27,9 +29,15 @@ impl Rope {
     pub fn new(ids: &Tensor, axes_dims: &[usize], theta: f64) -> Result<Self> {
         let (seq, axes) = ids.dims2()?;
         if axes != axes_dims.len() {
-            candle_core::bail!("rope: ids have {axes} axes, axes_dims_rope has {}", axes_dims.len());
+            candle_core::bail!(
+                "rope: ids have {axes} axes, axes_dims_rope has {}",
+                axes_dims.len()
+            );
         }
-        let pos = ids.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.to_vec2::<f64>()?;
+        let pos = ids
+            .to_dtype(DType::F64)?
+            .to_device(&Device::Cpu)?
+            .to_vec2::<f64>()?;
         let half: usize = axes_dims.iter().map(|d| d / 2).sum();
         let mut cos = Vec::with_capacity(seq * half);
         let mut sin = Vec::with_capacity(seq * half);
@@ -45,7 +53,10 @@ impl Rope {
         }
         let dev = ids.device();
         let shape = (1, 1, seq, half, 1);
-        Ok(Self { cos: Tensor::from_vec(cos, shape, dev)?, sin: Tensor::from_vec(sin, shape, dev)? })
+        Ok(Self {
+            cos: Tensor::from_vec(cos, shape, dev)?,
+            sin: Tensor::from_vec(sin, shape, dev)?,
+        })
     }
 
     /// Rotates consecutive pairs (x₂ᵢ, x₂ᵢ₊₁) of `xs` (batch, heads, seq, head_dim), in f32.
@@ -57,6 +68,8 @@ impl Rope {
         let im = pairs.narrow(4, 1, 1)?;
         let out_re = (re.broadcast_mul(&self.cos)? - im.broadcast_mul(&self.sin)?)?;
         let out_im = (im.broadcast_mul(&self.cos)? + re.broadcast_mul(&self.sin)?)?;
-        Tensor::cat(&[out_re, out_im], 4)?.reshape((b, h, s, d))?.to_dtype(dtype)
+        Tensor::cat(&[out_re, out_im], 4)?
+            .reshape((b, h, s, d))?
+            .to_dtype(dtype)
     }
 }

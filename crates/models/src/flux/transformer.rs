@@ -92,35 +92,50 @@ impl FluxConfig {
 
     /// The published FLUX.1-schnell transformer (no guidance embedding).
     pub fn flux1_schnell() -> Self {
-        Self { guidance_embeds: false, ..Self::flux1_dev() }
+        Self {
+            guidance_embeds: false,
+            ..Self::flux1_dev()
+        }
     }
 
     pub fn from_file(path: &Path) -> ModelResult<Self> {
         let cfg: Self = read_config(path, "a FluxTransformer2DModel config")?;
-        cfg.validate().map_err(|(field, value, supported)| ModelError::Unsupported {
-            path: path.to_path_buf(),
-            field: field.into(),
-            value,
-            supported,
-        })?;
+        cfg.validate()
+            .map_err(|(field, value, supported)| ModelError::Unsupported {
+                path: path.to_path_buf(),
+                field: field.into(),
+                value,
+                supported,
+            })?;
         Ok(cfg)
     }
 
     /// (field, value, what is supported) of the first unusable setting.
     pub fn validate(&self) -> std::result::Result<(), (&'static str, String, String)> {
         if self.patch_size != 1 {
-            return Err(("patch_size", self.patch_size.to_string(), "1 (latents are packed into 2×2 patches outside the model)".into()));
+            return Err((
+                "patch_size",
+                self.patch_size.to_string(),
+                "1 (latents are packed into 2×2 patches outside the model)".into(),
+            ));
         }
         let rope: usize = self.axes_dims_rope.iter().sum();
         if rope != self.attention_head_dim || self.axes_dims_rope.iter().any(|d| d % 2 != 0) {
             return Err((
                 "axes_dims_rope",
                 format!("{:?}", self.axes_dims_rope),
-                format!("even sizes summing to attention_head_dim {}", self.attention_head_dim),
+                format!(
+                    "even sizes summing to attention_head_dim {}",
+                    self.attention_head_dim
+                ),
             ));
         }
         if !self.in_channels.is_multiple_of(4) {
-            return Err(("in_channels", self.in_channels.to_string(), "4 × the VAE's latent channels".into()));
+            return Err((
+                "in_channels",
+                self.in_channels.to_string(),
+                "4 × the VAE's latent channels".into(),
+            ));
         }
         Ok(())
     }
@@ -166,21 +181,38 @@ pub struct FluxTransformer2DModel {
 
 impl FluxTransformer2DModel {
     pub fn new(cfg: &FluxConfig, vb: VarBuilder) -> Result<Self> {
-        cfg.validate().map_err(|(f, v, s)| candle_core::Error::Msg(format!("FLUX config: {f} = {v}, expected {s}")))?;
+        cfg.validate().map_err(|(f, v, s)| {
+            candle_core::Error::Msg(format!("FLUX config: {f} = {v}, expected {s}"))
+        })?;
         let dim = cfg.inner_dim();
         let (heads, hd) = (cfg.num_attention_heads, cfg.attention_head_dim);
         Ok(Self {
             x_embedder: candle_nn::linear(cfg.in_channels, dim, vb.pp("x_embedder"))?,
-            context_embedder: candle_nn::linear(cfg.joint_attention_dim, dim, vb.pp("context_embedder"))?,
-            time_text_embed: TimeTextEmbed::new(dim, cfg.pooled_projection_dim, cfg.guidance_embeds, vb.pp("time_text_embed"))?,
+            context_embedder: candle_nn::linear(
+                cfg.joint_attention_dim,
+                dim,
+                vb.pp("context_embedder"),
+            )?,
+            time_text_embed: TimeTextEmbed::new(
+                dim,
+                cfg.pooled_projection_dim,
+                cfg.guidance_embeds,
+                vb.pp("time_text_embed"),
+            )?,
             transformer_blocks: (0..cfg.num_layers)
                 .map(|i| DoubleStreamBlock::new(dim, heads, hd, vb.pp("transformer_blocks").pp(i)))
                 .collect::<Result<_>>()?,
             single_transformer_blocks: (0..cfg.num_single_layers)
-                .map(|i| SingleStreamBlock::new(dim, heads, hd, vb.pp("single_transformer_blocks").pp(i)))
+                .map(|i| {
+                    SingleStreamBlock::new(dim, heads, hd, vb.pp("single_transformer_blocks").pp(i))
+                })
                 .collect::<Result<_>>()?,
             norm_out: AdaLayerNormContinuous::new(dim, dim, vb.pp("norm_out"))?,
-            proj_out: candle_nn::linear(dim, cfg.patch_size * cfg.patch_size * cfg.out_channels(), vb.pp("proj_out"))?,
+            proj_out: candle_nn::linear(
+                dim,
+                cfg.patch_size * cfg.patch_size * cfg.out_channels(),
+                vb.pp("proj_out"),
+            )?,
             config: cfg.clone(),
             checkpointing: false,
         })
@@ -204,7 +236,11 @@ impl FluxTransformer2DModel {
     /// The predicted velocity (batch, h·w, out_channels). Every double block
     /// (`transformer_blocks.{i}.attn`) and single block (`single_transformer_blocks.{i}.attn`)
     /// offers the observer its text-only image→text probabilities (batch, heads, h·w, tokens).
-    pub fn forward(&self, inputs: &FluxInputs<'_>, observer: &mut dyn AttentionObserver) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        inputs: &FluxInputs<'_>,
+        observer: &mut dyn AttentionObserver,
+    ) -> Result<Tensor> {
         let (b, n, c) = inputs.latents.dims3()?;
         let (gh, gw) = inputs.grid;
         if n != gh * gw || c != self.config.in_channels {
@@ -223,16 +259,27 @@ impl FluxTransformer2DModel {
         let dev = inputs.latents.device();
         let ids = Tensor::cat(&[text_ids(t, dev)?, image_ids(gh, gw, dev)?], 0)?;
         let rope = Rope::new(&ids, &self.config.axes_dims_rope, 10000.0)?;
-        let layout = JointLayout { text_tokens: t, grid: inputs.grid };
+        let layout = JointLayout {
+            text_tokens: t,
+            grid: inputs.grid,
+        };
 
-        let temb = self.time_text_embed.forward(inputs.timestep, inputs.guidance, inputs.pooled)?;
+        let temb = self
+            .time_text_embed
+            .forward(inputs.timestep, inputs.guidance, inputs.pooled)?;
         let mut image = self.x_embedder.forward(inputs.latents)?;
         let mut text = self.context_embedder.forward(inputs.text)?;
         if self.checkpointing && crate::nn::tracked(&[inputs.latents]) {
             // Both block kinds run on the joint [text; image] sequence, one op per block.
             let mut joint = Tensor::cat(&[text, image], 1)?;
-            let doubles = self.transformer_blocks.iter().map(|b| Block::Double(b.clone()));
-            let singles = self.single_transformer_blocks.iter().map(|b| Block::Single(b.clone()));
+            let doubles = self
+                .transformer_blocks
+                .iter()
+                .map(|b| Block::Double(b.clone()));
+            let singles = self
+                .single_transformer_blocks
+                .iter()
+                .map(|b| Block::Single(b.clone()));
             for block in doubles.chain(singles) {
                 joint = checkpoint::forward(&block, &joint, &temb, &rope, layout, observer)?;
             }

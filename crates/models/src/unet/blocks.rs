@@ -71,18 +71,29 @@ impl DownBlock {
         let mut attentions = Vec::new();
         for i in 0..layers {
             let cin = if i == 0 { in_channels } else { out_channels };
-            resnets.push(ResnetBlock::new(ctx.resnet(cin, out_channels), vb.pp("resnets").pp(i))?);
+            resnets.push(ResnetBlock::new(
+                ctx.resnet(cin, out_channels),
+                vb.pp("resnets").pp(i),
+            )?);
             if let Some(c) = cross {
                 let cfg = ctx.transformer(out_channels, c.heads, c.transformer_layers);
                 attentions.push(SpatialTransformer::new(&cfg, vb.pp("attentions").pp(i))?);
             }
         }
         let downsampler = if add_downsample {
-            Some(Downsample::new(out_channels, ctx.downsample_padding, vb.pp("downsamplers").pp(0))?)
+            Some(Downsample::new(
+                out_channels,
+                ctx.downsample_padding,
+                vb.pp("downsamplers").pp(0),
+            )?)
         } else {
             None
         };
-        Ok(Self { resnets, attentions, downsampler })
+        Ok(Self {
+            resnets,
+            attentions,
+            downsampler,
+        })
     }
 
     /// Returns the output and the skip connections it produced, in order.
@@ -117,7 +128,12 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
-    pub fn new(ctx: &BlockContext, channels: usize, cross: CrossAttention, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        ctx: &BlockContext,
+        channels: usize,
+        cross: CrossAttention,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let cfg = ctx.transformer(channels, cross.heads, cross.transformer_layers);
         Ok(Self {
             resnet_in: ResnetBlock::new(ctx.resnet(channels, channels), vb.pp("resnets").pp(0))?,
@@ -169,14 +185,25 @@ impl UpBlock {
         for i in 0..layers {
             let skip = if i == layers - 1 { ch.skip_in } else { ch.out };
             let cin = if i == 0 { ch.prev_out } else { ch.out };
-            resnets.push(ResnetBlock::new(ctx.resnet(cin + skip, ch.out), vb.pp("resnets").pp(i))?);
+            resnets.push(ResnetBlock::new(
+                ctx.resnet(cin + skip, ch.out),
+                vb.pp("resnets").pp(i),
+            )?);
             if let Some(c) = cross {
                 let cfg = ctx.transformer(ch.out, c.heads, c.transformer_layers);
                 attentions.push(SpatialTransformer::new(&cfg, vb.pp("attentions").pp(i))?);
             }
         }
-        let upsampler = if add_upsample { Some(Upsample::new(ch.out, vb.pp("upsamplers").pp(0))?) } else { None };
-        Ok(Self { resnets, attentions, upsampler })
+        let upsampler = if add_upsample {
+            Some(Upsample::new(ch.out, vb.pp("upsamplers").pp(0))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            resnets,
+            attentions,
+            upsampler,
+        })
     }
 
     pub fn layers(&self) -> usize {
@@ -195,9 +222,9 @@ impl UpBlock {
     ) -> Result<Tensor> {
         let mut h = xs.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
-            let skip = skips
-                .pop()
-                .ok_or_else(|| candle_core::Error::Msg("UNet: ran out of skip connections".into()))?;
+            let skip = skips.pop().ok_or_else(|| {
+                candle_core::Error::Msg("UNet: ran out of skip connections".into())
+            })?;
             h = Tensor::cat(&[&h, &skip], 1)?;
             h = resnet.forward(&h, Some(temb))?;
             if let Some(attn) = self.attentions.get(i) {

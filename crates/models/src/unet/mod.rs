@@ -27,12 +27,24 @@ fn d_blocks() -> Vec<usize> {
     vec![320, 640, 1280, 1280]
 }
 fn d_down() -> Vec<String> {
-    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
-        .map(String::from)
-        .to_vec()
+    [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn d_up() -> Vec<String> {
-    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"].map(String::from).to_vec()
+    [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn d_mid() -> Option<String> {
     Some("UNetMidBlock2DCrossAttn".into())
@@ -156,12 +168,13 @@ struct Layout {
 impl UNetConfig {
     pub fn from_file(path: &Path) -> ModelResult<Self> {
         let cfg: Self = read_config(path, "a UNet2DConditionModel config")?;
-        cfg.layout().map_err(|(field, value, supported)| ModelError::Unsupported {
-            path: path.to_path_buf(),
-            field,
-            value,
-            supported,
-        })?;
+        cfg.layout()
+            .map_err(|(field, value, supported)| ModelError::Unsupported {
+                path: path.to_path_buf(),
+                field,
+                value,
+                supported,
+            })?;
         Ok(cfg)
     }
 
@@ -169,20 +182,30 @@ impl UNetConfig {
     /// Errors are (field, value, what is supported).
     fn layout(&self) -> std::result::Result<Layout, (String, String, String)> {
         let n = self.block_out_channels.len();
-        let bad = |field: &str, value: String, supported: &str| Err((field.to_string(), value, supported.to_string()));
+        let bad = |field: &str, value: String, supported: &str| {
+            Err((field.to_string(), value, supported.to_string()))
+        };
         if n == 0 {
             return bad("block_out_channels", "[]".into(), "at least one block");
         }
         if self.down_block_types.len() != n || self.up_block_types.len() != n {
             return bad(
                 "down_block_types/up_block_types",
-                format!("{} and {} entries", self.down_block_types.len(), self.up_block_types.len()),
+                format!(
+                    "{} and {} entries",
+                    self.down_block_types.len(),
+                    self.up_block_types.len()
+                ),
                 &format!("{n} entries each, one per block_out_channels"),
             );
         }
         for t in &self.down_block_types {
             if t != "CrossAttnDownBlock2D" && t != "DownBlock2D" {
-                return bad("down_block_types", t.clone(), "CrossAttnDownBlock2D, DownBlock2D");
+                return bad(
+                    "down_block_types",
+                    t.clone(),
+                    "CrossAttnDownBlock2D, DownBlock2D",
+                );
             }
         }
         for t in &self.up_block_types {
@@ -192,17 +215,58 @@ impl UNetConfig {
         }
         match self.mid_block_type.as_deref() {
             Some("UNetMidBlock2DCrossAttn") => {}
-            other => return bad("mid_block_type", format!("{other:?}"), "UNetMidBlock2DCrossAttn"),
+            other => {
+                return bad(
+                    "mid_block_type",
+                    format!("{other:?}"),
+                    "UNetMidBlock2DCrossAttn",
+                )
+            }
         }
         let checks: [(&str, bool, String, &str); 9] = [
             ("act_fn", self.act_fn == "silu", self.act_fn.clone(), "silu"),
-            ("time_embedding_type", self.time_embedding_type == "positional", self.time_embedding_type.clone(), "positional"),
-            ("resnet_time_scale_shift", self.resnet_time_scale_shift == "default", self.resnet_time_scale_shift.clone(), "default"),
-            ("dual_cross_attention", !self.dual_cross_attention, "true".into(), "false"),
-            ("class_embed_type", self.class_embed_type.is_none() && self.num_class_embeds.is_none(), format!("{:?}", self.class_embed_type), "none"),
-            ("addition_embed_type", self.addition_embed_type.is_none(), format!("{:?}", self.addition_embed_type), "none"),
-            ("time_cond_proj_dim", self.time_cond_proj_dim.is_none() && self.encoder_hid_dim.is_none(), format!("{:?}", self.time_cond_proj_dim), "none"),
-            ("conv_in_kernel/conv_out_kernel", self.conv_in_kernel == 3 && self.conv_out_kernel == 3, format!("{}/{}", self.conv_in_kernel, self.conv_out_kernel), "3/3"),
+            (
+                "time_embedding_type",
+                self.time_embedding_type == "positional",
+                self.time_embedding_type.clone(),
+                "positional",
+            ),
+            (
+                "resnet_time_scale_shift",
+                self.resnet_time_scale_shift == "default",
+                self.resnet_time_scale_shift.clone(),
+                "default",
+            ),
+            (
+                "dual_cross_attention",
+                !self.dual_cross_attention,
+                "true".into(),
+                "false",
+            ),
+            (
+                "class_embed_type",
+                self.class_embed_type.is_none() && self.num_class_embeds.is_none(),
+                format!("{:?}", self.class_embed_type),
+                "none",
+            ),
+            (
+                "addition_embed_type",
+                self.addition_embed_type.is_none(),
+                format!("{:?}", self.addition_embed_type),
+                "none",
+            ),
+            (
+                "time_cond_proj_dim",
+                self.time_cond_proj_dim.is_none() && self.encoder_hid_dim.is_none(),
+                format!("{:?}", self.time_cond_proj_dim),
+                "none",
+            ),
+            (
+                "conv_in_kernel/conv_out_kernel",
+                self.conv_in_kernel == 3 && self.conv_out_kernel == 3,
+                format!("{}/{}", self.conv_in_kernel, self.conv_out_kernel),
+                "3/3",
+            ),
             (
                 "only_cross_attention",
                 !matches!(&self.only_cross_attention, Some(OneOrMany::One(true)))
@@ -216,32 +280,71 @@ impl UNetConfig {
                 return bad(field, value, supported);
             }
         }
-        let heads_src = self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim);
-        let per = |field: &str, v: &OneOrMany<usize>| -> std::result::Result<Vec<usize>, (String, String, String)> {
-            v.per_block(n).ok_or_else(|| (field.to_string(), format!("{v:?}"), format!("one value or {n} values")))
+        let heads_src = self
+            .num_attention_heads
+            .as_ref()
+            .unwrap_or(&self.attention_head_dim);
+        let per = |field: &str,
+                   v: &OneOrMany<usize>|
+         -> std::result::Result<Vec<usize>, (String, String, String)> {
+            v.per_block(n).ok_or_else(|| {
+                (
+                    field.to_string(),
+                    format!("{v:?}"),
+                    format!("one value or {n} values"),
+                )
+            })
         };
         let heads = per("attention_head_dim", heads_src)?;
         let layers = per("layers_per_block", &self.layers_per_block)?;
-        let transformer_layers = per("transformer_layers_per_block", &self.transformer_layers_per_block)?;
+        let transformer_layers = per(
+            "transformer_layers_per_block",
+            &self.transformer_layers_per_block,
+        )?;
         let context_dim = match &self.cross_attention_dim {
             OneOrMany::One(d) => *d,
             OneOrMany::Many(v) if !v.is_empty() && v.iter().all(|d| *d == v[0]) => v[0],
-            other => return bad("cross_attention_dim", format!("{other:?}"), "one value for all blocks"),
+            other => {
+                return bad(
+                    "cross_attention_dim",
+                    format!("{other:?}"),
+                    "one value for all blocks",
+                )
+            }
         };
         for (i, (&c, &h)) in self.block_out_channels.iter().zip(&heads).enumerate() {
             if h == 0 || c % h != 0 {
-                return bad("attention_head_dim", format!("{h} heads for block {i}"), &format!("a divisor of {c}"));
+                return bad(
+                    "attention_head_dim",
+                    format!("{h} heads for block {i}"),
+                    &format!("a divisor of {c}"),
+                );
             }
             if c % self.norm_num_groups != 0 {
-                return bad("norm_num_groups", self.norm_num_groups.to_string(), &format!("a divisor of {c}"));
+                return bad(
+                    "norm_num_groups",
+                    self.norm_num_groups.to_string(),
+                    &format!("a divisor of {c}"),
+                );
             }
         }
-        Ok(Layout { heads, layers, transformer_layers, context_dim })
+        Ok(Layout {
+            heads,
+            layers,
+            transformer_layers,
+            context_dim,
+        })
     }
 }
 
 /// Sinusoidal timestep features as diffusers' `Timesteps` computes them, one row per timestep.
-fn timestep_features(ts: &[f64], dim: usize, flip: bool, shift: f64, device: &Device) -> Result<Tensor> {
+fn timestep_features(
+    ts: &[f64],
+    dim: usize,
+    flip: bool,
+    shift: f64,
+    device: &Device,
+) -> Result<Tensor> {
     let half = dim / 2;
     let mut feats = vec![0f32; dim * ts.len()];
     for (row, &t) in ts.iter().enumerate() {
@@ -249,7 +352,11 @@ fn timestep_features(ts: &[f64], dim: usize, flip: bool, shift: f64, device: &De
         for i in 0..half {
             let freq = (-(10000f64.ln()) * i as f64 / (half as f64 - shift)).exp() as f32;
             let arg = t as f32 * freq;
-            let (first, second) = if flip { (arg.cos(), arg.sin()) } else { (arg.sin(), arg.cos()) };
+            let (first, second) = if flip {
+                (arg.cos(), arg.sin())
+            } else {
+                (arg.sin(), arg.cos())
+            };
             out[i] = first;
             out[half + i] = second;
         }
@@ -272,7 +379,9 @@ pub struct UNet2DConditionModel {
 impl UNet2DConditionModel {
     pub fn new(config: &UNetConfig, vb: VarBuilder) -> Result<Self> {
         let layout = config.layout().map_err(|(field, value, supported)| {
-            candle_core::Error::Msg(format!("UNet config: unsupported {field} `{value}` (supported: {supported})"))
+            candle_core::Error::Msg(format!(
+                "UNet config: unsupported {field} `{value}` (supported: {supported})"
+            ))
         })?;
         let ch = &config.block_out_channels;
         let n = ch.len();
@@ -287,7 +396,10 @@ impl UNet2DConditionModel {
             downsample_padding: config.downsample_padding,
         };
         let cross = |i: usize, is_cross: bool| {
-            is_cross.then_some(CrossAttention { heads: layout.heads[i], transformer_layers: layout.transformer_layers[i] })
+            is_cross.then_some(CrossAttention {
+                heads: layout.heads[i],
+                transformer_layers: layout.transformer_layers[i],
+            })
         };
 
         let conv_in = conv2d(config.in_channels, ch[0], 3, 1, 1, vb.pp("conv_in"))?;
@@ -311,7 +423,10 @@ impl UNet2DConditionModel {
             prev = ch[i];
         }
 
-        let mid_cross = CrossAttention { heads: layout.heads[n - 1], transformer_layers: layout.transformer_layers[n - 1] };
+        let mid_cross = CrossAttention {
+            heads: layout.heads[n - 1],
+            transformer_layers: layout.transformer_layers[n - 1],
+        };
         let mid_block = MidBlock::new(&ctx, ch[n - 1], mid_cross, vb.pp("mid_block"))?;
 
         let rev_ch: Vec<usize> = ch.iter().rev().copied().collect();
@@ -324,7 +439,11 @@ impl UNet2DConditionModel {
             let skip_in = rev_ch[(i + 1).min(n - 1)];
             let block = UpBlock::new(
                 &ctx,
-                UpChannels { prev_out, skip_in, out },
+                UpChannels {
+                    prev_out,
+                    skip_in,
+                    out,
+                },
                 rev_layers[i] + 1,
                 cross(n - 1 - i, is_cross),
                 i + 1 < n,
@@ -341,7 +460,12 @@ impl UNet2DConditionModel {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: group_norm(config.norm_num_groups, ch[0], config.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_norm_out: group_norm(
+                config.norm_num_groups,
+                ch[0],
+                config.norm_eps,
+                vb.pp("conv_norm_out"),
+            )?,
             conv_out: conv2d(ch[0], config.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
             config: config.clone(),
         })
@@ -391,7 +515,10 @@ impl UNet2DConditionModel {
             candle_core::bail!("UNet: latent size {h}×{w} must be a multiple of {m}");
         }
         if context.dim(0)? != b {
-            candle_core::bail!("UNet: {} conditioning rows for a batch of {b}", context.dim(0)?);
+            candle_core::bail!(
+                "UNet: {} conditioning rows for a batch of {b}",
+                context.dim(0)?
+            );
         }
         let dtype = sample.dtype();
         let feats = timestep_features(
@@ -402,9 +529,15 @@ impl UNet2DConditionModel {
             sample.device(),
         )?
         .to_dtype(dtype)?;
-        let temb = self.time_linear_2.forward(&self.time_linear_1.forward(&feats)?.silu()?)?;
+        let temb = self
+            .time_linear_2
+            .forward(&self.time_linear_1.forward(&feats)?.silu()?)?;
 
-        let sample = if self.config.center_input_sample { ((sample * 2.0)? - 1.0)? } else { sample.clone() };
+        let sample = if self.config.center_input_sample {
+            ((sample * 2.0)? - 1.0)?
+        } else {
+            sample.clone()
+        };
         let mut h = self.conv_in.forward(&sample)?;
         let mut skips = vec![h.clone()];
         for block in &self.down_blocks {
@@ -418,7 +551,8 @@ impl UNet2DConditionModel {
             // Upsample to the spatial size of the skip the next block starts from (odd sizes).
             let upsample_size = if i < last {
                 let next = skips.len().checked_sub(block.layers() + 1);
-                next.and_then(|k| skips.get(k)).map(|s| (s.dim(2).unwrap_or(0), s.dim(3).unwrap_or(0)))
+                next.and_then(|k| skips.get(k))
+                    .map(|s| (s.dim(2).unwrap_or(0), s.dim(3).unwrap_or(0)))
             } else {
                 None
             };

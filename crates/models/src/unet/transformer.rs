@@ -84,8 +84,14 @@ impl BasicTransformerBlock {
         grid: (usize, usize),
         observer: &mut dyn AttentionObserver,
     ) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None, grid, observer)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(context), grid, observer)? + xs)?;
+        let xs = (self
+            .attn1
+            .forward(&self.norm1.forward(xs)?, None, grid, observer)?
+            + xs)?;
+        let xs = (self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, Some(context), grid, observer)?
+            + xs)?;
         self.ff.forward(&self.norm3.forward(&xs)?)? + xs
     }
 }
@@ -109,7 +115,14 @@ impl SpatialTransformer {
             if cfg.linear_projection {
                 Ok(Projection::Linear(candle_nn::linear(c, c, vb.pp(name))?))
             } else {
-                Ok(Projection::Conv(crate::nn::conv2d(c, c, 1, 1, 0, vb.pp(name))?))
+                Ok(Projection::Conv(crate::nn::conv2d(
+                    c,
+                    c,
+                    1,
+                    1,
+                    0,
+                    vb.pp(name),
+                )?))
             }
         };
         let blocks = (0..cfg.layers)
@@ -124,10 +137,16 @@ impl SpatialTransformer {
     }
 
     /// `xs`: (batch, channels, height, width); `context`: (batch, tokens, context_dim).
-    pub fn forward(&self, xs: &Tensor, context: &Tensor, observer: &mut dyn AttentionObserver) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        context: &Tensor,
+        observer: &mut dyn AttentionObserver,
+    ) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let normed = self.norm.forward(xs)?;
-        let to_tokens = |t: &Tensor| -> Result<Tensor> { t.permute((0, 2, 3, 1))?.reshape((b, h * w, c)) };
+        let to_tokens =
+            |t: &Tensor| -> Result<Tensor> { t.permute((0, 2, 3, 1))?.reshape((b, h * w, c)) };
         let mut tokens = match &self.proj_in {
             Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
             Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?)?,
@@ -135,7 +154,9 @@ impl SpatialTransformer {
         for block in &self.blocks {
             tokens = block.forward(&tokens, context, (h, w), observer)?;
         }
-        let to_image = |t: &Tensor| -> Result<Tensor> { t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous() };
+        let to_image = |t: &Tensor| -> Result<Tensor> {
+            t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+        };
         let out = match &self.proj_out {
             Projection::Conv(conv) => conv.forward(&to_image(&tokens)?)?,
             Projection::Linear(lin) => to_image(&lin.forward(&tokens)?)?,

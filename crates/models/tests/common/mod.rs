@@ -12,7 +12,8 @@ pub fn fixtures() -> PathBuf {
 
 pub fn expected(name: &str) -> HashMap<String, Tensor> {
     let path = fixtures().join(name).join("expected.safetensors");
-    candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 pub fn meta(name: &str) -> serde_json::Value {
@@ -25,8 +26,25 @@ pub fn rel_err(actual: &Tensor, expected: &Tensor) -> f64 {
     assert_eq!(actual.dims(), expected.dims(), "shape mismatch");
     let a = actual.to_dtype(DType::F64).unwrap();
     let e = expected.to_dtype(DType::F64).unwrap();
-    let diff = (a - &e).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
-    let scale = e.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+    let diff = (a - &e)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let scale = e
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     diff / scale.max(1e-12)
 }
 
@@ -39,21 +57,38 @@ pub fn check(what: &str, actual: &Tensor, expected: &Tensor) -> f64 {
 }
 
 /// The fixture's loss: Σ_l Σ_q [mean_{b,h} P[b,h,q,ia]·cx(q) − mean_{b,h} P[b,h,q,ib]·cy(q)] + 0.1·mean(out²).
-pub fn fixture_loss(records: &[(l2s_models::AttentionSite, Tensor)], out: &Tensor, ia: usize, ib: usize) -> Tensor {
+pub fn fixture_loss(
+    records: &[(l2s_models::AttentionSite, Tensor)],
+    out: &Tensor,
+    ia: usize,
+    ib: usize,
+) -> Tensor {
     let dev = out.device();
     let dtype = out.dtype();
     let mut total = (out.sqr().unwrap().mean_all().unwrap() * 0.1).unwrap();
     for (site, probs) in records {
         let (h, w) = (site.height, site.width);
-        let cx: Vec<f64> = (0..h * w).map(|q| ((q % w) as f64 + 0.5) / w as f64).collect();
-        let cy: Vec<f64> = (0..h * w).map(|q| ((q / w) as f64 + 0.5) / h as f64).collect();
+        let cx: Vec<f64> = (0..h * w)
+            .map(|q| ((q % w) as f64 + 0.5) / w as f64)
+            .collect();
+        let cy: Vec<f64> = (0..h * w)
+            .map(|q| ((q / w) as f64 + 0.5) / h as f64)
+            .collect();
         let cx = Tensor::new(cx, dev).unwrap().to_dtype(dtype).unwrap();
         let cy = Tensor::new(cy, dev).unwrap().to_dtype(dtype).unwrap();
-        let mean_bh = |k: usize| probs.i((.., .., .., k)).unwrap().mean(0).unwrap().mean(0).unwrap();
-        let term = ((mean_bh(ia) * cx).unwrap().sum_all().unwrap() - (mean_bh(ib) * cy).unwrap().sum_all().unwrap())
-            .unwrap();
+        let mean_bh = |k: usize| {
+            probs
+                .i((.., .., .., k))
+                .unwrap()
+                .mean(0)
+                .unwrap()
+                .mean(0)
+                .unwrap()
+        };
+        let term = ((mean_bh(ia) * cx).unwrap().sum_all().unwrap()
+            - (mean_bh(ib) * cy).unwrap().sum_all().unwrap())
+        .unwrap();
         total = (total + term).unwrap();
     }
     total
 }
-
