@@ -291,8 +291,7 @@ impl FlowMatchEulerScheduler {
         (!self.timesteps.is_empty()).then_some(self.timesteps.len())
     }
 
-    /// One Euler step from step `index`: sample + (σ_{index+1} − σ_index)·v, computed in f32 and
-    /// returned in the model output's dtype.
+    /// One Euler step from step `index` ([`euler_step`] from σ_index to σ_{index+1}).
     pub fn step(&self, model_output: &Tensor, index: usize, sample: &Tensor) -> Result<Tensor> {
         if self.timesteps.is_empty() {
             return Err(DiffusionError::TimestepsNotSet {
@@ -306,10 +305,27 @@ impl FlowMatchEulerScheduler {
             });
         }
         check_same_shape("model output vs sample", model_output, sample)?;
-        let dt = (self.sigmas[index + 1] as f32 - self.sigmas[index] as f32) as f64;
-        let x = (sample.to_dtype(DType::F32)? + (model_output.to_dtype(DType::F32)? * dt)?)?;
-        Ok(x.to_dtype(model_output.dtype())?)
+        euler_step(
+            sample,
+            model_output,
+            self.sigmas[index],
+            self.sigmas[index + 1],
+        )
     }
+}
+
+/// One Euler step of the flow from noise level `sigma` to `sigma_next`:
+/// sample + (σ_next − σ)·v, computed in f32 (the difference of the two levels rounded to f32 first,
+/// as diffusers does) and returned in the sample's dtype. Every flow-matching loop steps here.
+pub fn euler_step(
+    sample: &Tensor,
+    velocity: &Tensor,
+    sigma: f64,
+    sigma_next: f64,
+) -> Result<Tensor> {
+    let dt = (sigma_next as f32 - sigma as f32) as f64;
+    let x = (sample.to_dtype(DType::F32)? + (velocity.to_dtype(DType::F32)? * dt)?)?;
+    Ok(x.to_dtype(sample.dtype())?)
 }
 
 /// What the per-step callback of [`flow_match_sample`] sees, after the step was taken.

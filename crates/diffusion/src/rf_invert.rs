@@ -19,6 +19,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::{DiffusionError, Result};
+use crate::flow_match::euler_step;
 
 /// The controller strengths and where the reverse controller acts.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -106,12 +107,6 @@ fn check_sigmas(sigmas: &[f64]) -> Result<()> {
     }
 }
 
-/// x + dσ·u in f32, returned in x's dtype.
-fn euler(x: &Tensor, u: &Tensor, d_sigma: f64) -> Result<Tensor> {
-    let x32 = x.to_dtype(DType::F32)?;
-    Ok((x32 + (u.to_dtype(DType::F32)? * d_sigma)?)?.to_dtype(x.dtype())?)
-}
-
 /// u = v + k·(target_field − v), in f32.
 fn controlled(v: &Tensor, field: &Tensor, k: f64) -> Result<Tensor> {
     let v = v.to_dtype(DType::F32)?;
@@ -150,7 +145,7 @@ where
             v.clone()
         };
         let u = controlled(&v, &field, cfg.gamma)?;
-        x = euler(&x, &u, (next as f32 - sigma as f32) as f64)?;
+        x = euler_step(&x, &u, sigma, next)?;
     }
     Ok(x)
 }
@@ -184,7 +179,7 @@ where
             v.clone()
         };
         let u = controlled(&v, &field, eta)?;
-        x = euler(&x, &u, (next as f32 - sigma as f32) as f64)?;
+        x = euler_step(&x, &u, sigma, next)?;
     }
     Ok(x)
 }

@@ -189,25 +189,26 @@ pub fn flux_sample_latents(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Tensor> {
     let total = sigmas.len() - 1;
-    let out = l2s_models::flux::pipeline::flux_sample(packed, sigmas, |index, x, sigma| {
+    let mut x = packed;
+    for (index, pair) in sigmas.windows(2).enumerate() {
         let v = velocity_observed(
             flux,
-            x,
+            &x,
             grid,
             cond,
-            sigma,
+            pair[0],
             guidance,
             index,
             observer.as_deref_mut(),
         )?;
+        x = l2s_diffusion::flow_match::euler_step(&x, &v, pair[0], pair[1])?;
         progress(Progress {
             phase: Phase::Denoise,
             done: index + 1,
             total,
         });
-        Ok(v)
-    })?;
-    Ok(out)
+    }
+    Ok(x)
 }
 
 /// One velocity evaluation, reported to `observer` when it watches step `index`.

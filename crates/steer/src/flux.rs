@@ -79,11 +79,7 @@ impl SteerTarget for FluxTarget<'_> {
             self.guidance,
             &mut NoObserver,
         )?;
-        let dt = (next as f32 - sigma as f32) as f64;
-        Ok(
-            (z.to_dtype(candle_core::DType::F32)? + (v.to_dtype(candle_core::DType::F32)? * dt)?)?
-                .to_dtype(z.dtype())?,
-        )
+        Ok(l2s_diffusion::flow_match::euler_step(z, &v, sigma, next)?)
     }
 }
 

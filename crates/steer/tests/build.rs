@@ -4,7 +4,9 @@
 use l2s_eval::{Detection, Detector};
 use l2s_models::{LoadOptions, StableDiffusion};
 use l2s_shapes::{render_scene, DetectorConfig, RenderConfig, ShapeDetector};
-use l2s_steer::build::{build, relation_names, AnnotatedImage, BuildConfig, BuildSummary, RelationCheck};
+use l2s_steer::build::{
+    build, relation_names, AnnotatedImage, BuildConfig, BuildSummary, RelationCheck,
+};
 use l2s_steer::dataset::{DatasetInfo, DatasetWriter, ShardSpec};
 use l2s_steer::Dataset;
 
@@ -14,13 +16,21 @@ fn model() -> StableDiffusion {
 }
 
 fn images(n: u64) -> Vec<AnnotatedImage> {
-    let cfg = RenderConfig { min_objects: 2, max_objects: 2, ..RenderConfig::with_size(32) };
+    let cfg = RenderConfig {
+        min_objects: 2,
+        max_objects: 2,
+        ..RenderConfig::with_size(32)
+    };
     (0..n)
         .map(|i| {
             let scene = render_scene(&cfg, 11, i).unwrap();
             AnnotatedImage {
                 id: i.to_string(),
-                objects: scene.objects.iter().map(|o| (o.class.name().to_string(), o.bbox)).collect(),
+                objects: scene
+                    .objects
+                    .iter()
+                    .map(|o| (o.class.name().to_string(), o.bbox))
+                    .collect(),
                 image: scene.image,
             }
         })
@@ -53,10 +63,26 @@ fn info(num_maps: usize) -> DatasetInfo {
 }
 
 /// Builds into `dir` and returns the summary.
-fn run(sd: &StableDiffusion, imgs: &[AnnotatedImage], dir: &std::path::Path, workers: usize, check: Option<&RelationCheck>) -> BuildSummary {
+fn run(
+    sd: &StableDiffusion,
+    imgs: &[AnnotatedImage],
+    dir: &std::path::Path,
+    workers: usize,
+    check: Option<&RelationCheck>,
+) -> BuildSummary {
     let num_maps = 22;
     let mut w = DatasetWriter::open(dir, info(num_maps), 3).unwrap();
-    let s = build(sd, imgs, &config(), check, workers, &mut w, None, &mut |_, _, _| {}).unwrap();
+    let s = build(
+        sd,
+        imgs,
+        &config(),
+        check,
+        workers,
+        &mut w,
+        None,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
     w.finish().unwrap();
     s
 }
@@ -83,7 +109,11 @@ fn workers_write_what_one_writes_and_the_check_filters() {
     assert!(pairs >= 2, "the test needs images with an unambiguous pair");
     assert_eq!(one.written, 2 * pairs);
     assert_eq!(two.written, one.written);
-    for name in ["manifest.jsonl", "shard-00000.safetensors", "shard-00001.safetensors"] {
+    for name in [
+        "manifest.jsonl",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ] {
         let a = std::fs::read(tmp.path().join("one").join(name)).unwrap();
         let b = std::fs::read(tmp.path().join("two").join(name)).unwrap();
         assert!(a == b, "{name} differs between one and two workers");
@@ -96,13 +126,31 @@ fn workers_write_what_one_writes_and_the_check_filters() {
 
     // A detector that sees nothing drops every sample, and says why.
     let blind = Nothing(Vec::new());
-    let none = run(&sd, &imgs, &tmp.path().join("none"), 2, Some(&RelationCheck { detector: &blind, min_score: 0.3 }));
+    let none = run(
+        &sd,
+        &imgs,
+        &tmp.path().join("none"),
+        2,
+        Some(&RelationCheck {
+            detector: &blind,
+            min_score: 0.3,
+        }),
+    );
     assert_eq!(none.written, 0);
     assert_eq!(none.dropped_relation_lost, 2 * pairs);
 
     // The exact detector keeps some and drops some; each kept sample's reconstruction was judged
     // to show the true relation, so kept + dropped covers every sample.
     let exact = ShapeDetector::new(DetectorConfig::for_render(&RenderConfig::with_size(32)));
-    let checked = run(&sd, &imgs, &tmp.path().join("checked"), 1, Some(&RelationCheck { detector: &exact, min_score: 0.3 }));
+    let checked = run(
+        &sd,
+        &imgs,
+        &tmp.path().join("checked"),
+        1,
+        Some(&RelationCheck {
+            detector: &exact,
+            min_score: 0.3,
+        }),
+    );
     assert_eq!(checked.written + checked.dropped_relation_lost, 2 * pairs);
 }

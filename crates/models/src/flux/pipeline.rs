@@ -340,43 +340,9 @@ impl FluxPipeline {
         self.transformer.forward(&inputs, observer)
     }
 
-    /// Runs [`flux_sample`] with this pipeline's transformer. `guidance` is ignored by models
-    /// without a guidance embedding (schnell).
-    pub fn sample(
-        &self,
-        latents: Tensor,
-        grid: (usize, usize),
-        cond: &FluxConditioning,
-        sigmas: &[f64],
-        guidance: Option<f64>,
-        observer: &mut dyn AttentionObserver,
-    ) -> Result<Tensor> {
-        flux_sample(latents, sigmas, |_, x, sigma| {
-            self.velocity(x, grid, cond, sigma, guidance, observer)
-        })
-    }
-
     /// Packed latents → image in roughly [-1, 1] (unpacked, unscaled by `scaling_factor`, shifted
     /// back by `shift_factor`, decoded).
     pub fn decode_packed(&self, latents: &Tensor, grid: (usize, usize)) -> Result<Tensor> {
         self.vae.decode_latents(&unpack_latents(latents, grid)?)
     }
-}
-
-/// Euler integration of the flow over a flow-matching scheduler's sigmas (N steps + the terminal
-/// 0, e.g. `FlowMatchEulerScheduler::sigmas()` of the diffusion crate):
-/// x ← x + (σᵢ₊₁ − σᵢ)·v(x, σᵢ), in f32, the result in the latents' dtype.
-/// `velocity(step, x, σ)` evaluates the model.
-pub fn flux_sample<F>(latents: Tensor, sigmas: &[f64], mut velocity: F) -> Result<Tensor>
-where
-    F: FnMut(usize, &Tensor, f64) -> Result<Tensor>,
-{
-    let dtype = latents.dtype();
-    let mut x = latents;
-    for (i, pair) in sigmas.windows(2).enumerate() {
-        let v = velocity(i, &x, pair[0])?;
-        let dt = (pair[1] as f32 - pair[0] as f32) as f64;
-        x = (x.to_dtype(DType::F32)? + (v.to_dtype(DType::F32)? * dt)?)?.to_dtype(dtype)?;
-    }
-    Ok(x)
 }
