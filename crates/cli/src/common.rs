@@ -339,6 +339,10 @@ pub struct SteerArgs {
     /// Divide each gradient by its RMS before scaling by α
     #[arg(long)]
     pub normalized: bool,
+    /// Stop a step's gradient iterations once the loss is below this (default: the method's own
+    /// thresholds; Learn-to-Steer's, from the paper, are ~1e-5, so every iteration runs)
+    #[arg(long, value_name = "LOSS")]
+    pub stop_below: Option<f64>,
 }
 
 impl SteerArgs {
@@ -380,6 +384,12 @@ impl SteerArgs {
         }
         if self.normalized {
             m.config.update = l2s_steer::steering::UpdateRule::Normalized;
+        }
+        if let Some(x) = self.stop_below {
+            if !x.is_finite() {
+                bail!("--stop-below {x}: expected a finite loss value");
+            }
+            m.config.stop_below = Some(x);
         }
         Ok(Some(m))
     }

@@ -99,6 +99,11 @@ pub struct SteerConfig {
     /// α.
     pub step_size: f64,
     pub update: UpdateRule,
+    /// Stop a step's iterations once the loss is below this, instead of the loss's own
+    /// thresholds (the paper's are ~1e-5: every iteration runs). Fewer updates once the loss is
+    /// satisfied keep the latent closer to what the model can draw.
+    #[serde(default)]
+    pub stop_below: Option<f64>,
 }
 
 impl SteerConfig {
@@ -109,6 +114,7 @@ impl SteerConfig {
             max_iterations: 16,
             step_size: 5.0,
             update: UpdateRule::Raw,
+            stop_below: None,
         }
     }
 }
@@ -159,7 +165,7 @@ pub fn steered_sample(
                     .to_scalar::<f64>()?;
                 first.get_or_insert(v);
                 last = v;
-                if v < loss.threshold(index) {
+                if v < cfg.stop_below.unwrap_or_else(|| loss.threshold(index)) {
                     break;
                 }
                 let grads = value.backward()?;

@@ -57,6 +57,7 @@ fn centroid_steering_moves_the_subject_left() {
         max_iterations: 5,
         step_size: 0.02,
         update: UpdateRule::Normalized,
+        stop_below: None,
     };
     let loss = CentroidLoss { margin: 0.1 };
     let (z, report) = steered_sample(
@@ -86,6 +87,54 @@ fn centroid_steering_moves_the_subject_left() {
     assert_eq!(report.last_losses.len(), 10);
 }
 
+#[test]
+fn stop_below_ends_each_steps_iterations_once_the_loss_is_met() {
+    let run = |stop_below| {
+        let cfg = SteerConfig {
+            steer_steps: 10,
+            max_iterations: 5,
+            step_size: 0.02,
+            update: UpdateRule::Normalized,
+            stop_below,
+        };
+        let z0 = Tensor::new(&[[0.7f32, 0.3]], &Device::Cpu).unwrap();
+        let loss = CentroidLoss { margin: 0.1 };
+        steered_sample(
+            &mut Blobs { steps: 20 },
+            &loss,
+            &[triplet(Relation::LeftOf)],
+            &cfg,
+            z0,
+            &mut |_, _| {},
+        )
+        .unwrap()
+        .1
+    };
+    let full = run(None);
+    let early = run(Some(0.3));
+    assert!(
+        early.iterations < full.iterations,
+        "{} vs {}",
+        early.iterations,
+        full.iterations
+    );
+    // Once a step starts under the threshold it takes no update, so every later step does too.
+    let first_met = early
+        .first_losses
+        .iter()
+        .position(|&l| l < 0.3)
+        .expect("the loss was met");
+    assert!(
+        early.first_losses[first_met..].iter().all(|&l| l < 0.3),
+        "{:?}",
+        early.first_losses
+    );
+    assert!(early.first_losses[..first_met].iter().all(|&l| l >= 0.3));
+    // Steps before that one ran until the loss was met or their iterations were used up.
+    assert!(early.final_loss().unwrap() < 0.3);
+    assert!(full.final_loss().unwrap() < early.final_loss().unwrap());
+}
+
 /// A loss whose gradient is NaN.
 struct NanLoss;
 
@@ -110,6 +159,7 @@ fn nonfinite_gradients_are_skipped() {
         max_iterations: 3,
         step_size: 1.0,
         update: UpdateRule::Raw,
+        stop_below: None,
     };
     let (z, report) = steered_sample(
         &mut Blobs { steps: 4 },
