@@ -211,7 +211,7 @@ pub struct SampleArgs {
 
 impl SampleArgs {
     /// (steps, guidance): the flags, else the model's defaults. A Stable Diffusion folder names
-    /// its own (the built-in model: 20 steps at guidance 1.5; otherwise 50 at 7.5);
+    /// its own (the built-in model: 50 steps at guidance 1.25; otherwise 50 at 7.5);
     /// `sd_guidance` overrides its guidance for commands that want another (inversion: 1).
     pub fn resolve(&self, model: &Model, sd_guidance: Option<f64>) -> (usize, f64) {
         let defaults = match model {

@@ -67,7 +67,7 @@ pub struct ShapesArgs {
     /// Seeds per prompt
     #[arg(long, default_value_t = 4)]
     seeds: u64,
-    /// Classifier-free guidance of generation [default: the model's own, 1.5 for the built-in model]
+    /// Classifier-free guidance of generation [default: the model's own, 1.25 for the built-in model]
     #[arg(long = "guidance", value_name = "SCALE")]
     guidance_arg: Option<f64>,
     #[arg(skip)]
