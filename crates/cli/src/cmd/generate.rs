@@ -14,7 +14,7 @@ use crate::common::{load_any, warn_all, Bars, Global, Model, ModelArgs, SampleAr
 #[derive(clap::Args)]
 #[command(after_help = "Image i of --num-images N uses seed + i. With one image, --out is a .png file; with several, \
 a folder (created if needed) that receives 0000.png, 0001.png, …. Each PNG carries the prompt, negative prompt, \
-seed, steps, guidance, model and size as text chunks. Stable Diffusion defaults to 50 DDIM steps at guidance 7.5; \
+seed, steps, guidance, model and size as text chunks. Stable Diffusion defaults to 50 DDIM steps at guidance 7.5, unless the folder names its own (the built-in model: 50 steps at guidance 1.25); \
 a FLUX folder to its model's own settings (dev: 50 steps, guidance 3.5 as a model input; schnell: 4 steps).")]
 pub struct Args {
     #[command(flatten)]
