@@ -152,7 +152,7 @@ fn build_data(sd: &StableDiffusion, a: &ShapesArgs, global: &Global) -> Result<(
         seed: 0,
         shard: ShardSpec::all(),
     };
-    let detector = shapes_detector(DetectorArg::Shapes, &images);
+    let detector = shapes_detector(DetectorArg::Shapes, &images)?;
     let check = a.check_relation.then(|| RelationCheck { detector: &detector, min_score: l2s_eval::SCORE_THRESHOLD });
     let check_name = a.check_relation.then_some("shapes");
     let mut dual = open_writer(sd, &images, &cfg, check_name, &a.work.join("data-dual"), 256)?;

@@ -84,12 +84,27 @@ pub fn progress_message(s: &BuildSummary) -> String {
     )
 }
 
-/// The detector that checks reconstructions, sized for the images' resolution.
-pub fn shapes_detector(which: DetectorArg, images: &[AnnotatedImage]) -> l2s_shapes::ShapeDetector {
+/// The detector that checks reconstructions, sized for the images' resolution. Refuses images
+/// whose objects it cannot detect (every sample would be dropped).
+pub fn shapes_detector(which: DetectorArg, images: &[AnnotatedImage]) -> Result<l2s_shapes::ShapeDetector> {
     match which {
         DetectorArg::Shapes => {
             let size = images.first().map_or(32, |i| i.image.width());
-            l2s_shapes::ShapeDetector::new(l2s_shapes::DetectorConfig::for_render(&l2s_shapes::RenderConfig::with_size(size)))
+            let detector = l2s_shapes::ShapeDetector::new(l2s_shapes::DetectorConfig::for_render(
+                &l2s_shapes::RenderConfig::with_size(size),
+            ));
+            let known = l2s_eval::Detector::classes(&detector);
+            for img in images {
+                if let Some((name, _)) = img.objects.iter().find(|(n, _)| !known.contains(n)) {
+                    anyhow::bail!(
+                        "--check-relation shapes: image {} has an object {name:?}, which the shapes detector cannot find \
+                         (it knows {}); use it only on shapes-world images",
+                        img.id,
+                        known.join(", ")
+                    );
+                }
+            }
+            Ok(detector)
         }
     }
 }
@@ -202,7 +217,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             None => ShardSpec::all(),
         },
     };
-    let detector = a.check_relation.map(|d| shapes_detector(d, &images));
+    let detector = a.check_relation.map(|d| shapes_detector(d, &images)).transpose()?;
     let check = detector.as_ref().map(|d| RelationCheck { detector: d, min_score: l2s_eval::SCORE_THRESHOLD });
     let check_name = a.check_relation.map(|_| "shapes");
     let mut writer = open_writer(model, &images, &cfg, check_name, &a.out, a.shard_size)?;
@@ -220,4 +235,23 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     bar.finish_and_clear();
     eprintln!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relation_check_refuses_objects_its_detector_cannot_find() {
+        let image = |names: &[&str]| AnnotatedImage {
+            id: "7".into(),
+            image: image::RgbImage::new(32, 32),
+            objects: names.iter().map(|n| (n.to_string(), l2s_eval::BBox::new(0.0, 0.0, 4.0, 4.0))).collect(),
+        };
+        assert!(shapes_detector(DetectorArg::Shapes, &[image(&["star", "heart"])]).is_ok());
+        let err = shapes_detector(DetectorArg::Shapes, &[image(&["star", "heart"]), image(&["dog", "star"])])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("image 7") && err.contains("\"dog\"") && err.contains("circle"), "{err}");
+    }
 }
