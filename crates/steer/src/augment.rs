@@ -27,16 +27,20 @@ pub enum Augment {
     Dihedral,
 }
 
-impl Augment {
-    pub fn parse(name: &str) -> Option<Self> {
+impl std::str::FromStr for Augment {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
         match name {
-            "none" => Some(Self::None),
-            "mirror" => Some(Self::Mirror),
-            "dihedral" => Some(Self::Dihedral),
-            _ => None,
+            "none" => Ok(Self::None),
+            "mirror" => Ok(Self::Mirror),
+            "dihedral" => Ok(Self::Dihedral),
+            _ => Err(format!("{name:?}: expected none, mirror or dihedral")),
         }
     }
+}
 
+impl Augment {
     /// The symmetries this setting draws from, the identity first.
     pub fn symmetries(self) -> Vec<Symmetry> {
         let mut out = Vec::new();

@@ -302,6 +302,7 @@ struct Job {
     object: String,
     relation: Relation,
     prompt_relation: Relation,
+    prompt: String,
 }
 
 /// Builds (or resumes) a dataset in `writer` from `images`. With `positives_only`, the
@@ -357,6 +358,7 @@ pub fn build<'a>(
                 continue;
             }
             let (subject, object) = (img.objects[i].0.clone(), img.objects[j].0.clone());
+            let prompt = triplet_prompt(&subject, prompt_relation, &object);
             jobs.push(Job {
                 image: index,
                 sample,
@@ -365,13 +367,14 @@ pub fn build<'a>(
                 object,
                 relation,
                 prompt_relation,
+                prompt,
             });
         }
     }
     // Inversion, reconstruction and the detector's check run on the workers.
     let run = |job: &Job| -> Result<(RecordedSample, bool)> {
         let img = &images[job.image];
-        let prompt = triplet_prompt(&job.subject, job.prompt_relation, &job.object);
+        let prompt = &job.prompt;
         // RF-inversion (FLUX) draws noise, each sample its own; DDIM inversion draws none.
         let sample_cfg = BuildConfig {
             seed: crate::flux::inversion_seed(cfg.seed, job.sample),
@@ -380,7 +383,7 @@ pub fn build<'a>(
         let recorded = record_sample(
             model,
             &img.image,
-            &prompt,
+            prompt,
             &job.subject,
             &job.object,
             &sample_cfg,
@@ -426,7 +429,7 @@ pub fn build<'a>(
                 object: job.object.clone(),
                 relation: job.relation.name().to_string(),
                 label,
-                prompt: triplet_prompt(&job.subject, job.prompt_relation, &job.object),
+                prompt: job.prompt.clone(),
                 prompt_relation: job.prompt_relation.name().to_string(),
                 kind: job.kind,
                 psnr,

@@ -111,7 +111,7 @@ pub struct ShapesArgs {
     /// Label-preserving symmetries of the classifier's training maps: none, mirror or dihedral
     /// (the shapes world has no preferred up, so all 16 apply)
     #[arg(long, default_value = "dihedral")]
-    augment: String,
+    augment: Augment,
 }
 
 fn bar(global: &Global, len: usize, what: &str) -> ProgressBar {
@@ -178,8 +178,7 @@ fn train_classifiers(a: &ShapesArgs, global: &Global) -> Result<()> {
     cfg.max_epochs = a.epochs;
     cfg.lr = a.classifier_lr;
     cfg.early_stop_patience = a.patience;
-    cfg.augment = Augment::parse(&a.augment)
-        .ok_or_else(|| anyhow::anyhow!("--augment {}: expected none, mirror or dihedral", a.augment))?;
+    cfg.augment = a.augment;
     let todo: Vec<&str> =
         ["dual", "single"].into_iter().filter(|k| !a.work.join(format!("clf-{k}")).join("classifier.json").exists()).collect();
     let one = |kind: &str, b: ProgressBar| -> Result<()> {

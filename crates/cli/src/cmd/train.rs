@@ -32,7 +32,7 @@ pub struct Args {
     /// Label-preserving symmetries drawn per example: none (the paper), mirror (left–right
     /// mirror and subject/object swap) or dihedral (also vertical mirror and transpose)
     #[arg(long, default_value = "none")]
-    augment: String,
+    augment: Augment,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -52,8 +52,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     if let Some(p) = args.patience {
         cfg.early_stop_patience = p;
     }
-    cfg.augment = Augment::parse(&args.augment)
-        .ok_or_else(|| anyhow::anyhow!("--augment {}: expected none, mirror or dihedral", args.augment))?;
+    cfg.augment = args.augment;
     cfg.seed = args.seed;
     let quiet = global.quiet;
     let report = train(&args.data, &args.out, &cfg, &candle_core::Device::Cpu, &mut |e| {
