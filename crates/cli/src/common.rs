@@ -6,9 +6,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use l2s_generate::{Phase, Progress};
-use l2s_models::flux::FluxPipeline;
 use l2s_models::weights::Variant;
-use l2s_models::{resolve_model, LoadOptions, StableDiffusion};
+use l2s_models::{resolve_model, LoadOptions, Pipeline};
 
 /// Flags every subcommand takes.
 #[derive(clap::Args)]
@@ -121,68 +120,15 @@ fn resolve(args: &ModelArgs) -> Result<(std::path::PathBuf, LoadOptions, String)
     Ok((folder, opts, name))
 }
 
-/// Refuses `--transformer` for a model that is not FLUX.
-fn no_transformer_file(args: &ModelArgs, name: &str) -> Result<()> {
-    if let Some(file) = &args.transformer {
-        bail!(
-            "--transformer {}: model `{name}` is a Stable Diffusion model; --transformer replaces the transformer of a FLUX folder only",
-            file.display()
-        );
+/// Loads the pipeline `args` name, of whatever family its `model_index.json` says; returns it
+/// with the name to record in metadata.
+pub fn load_model(args: &ModelArgs) -> Result<(Pipeline, String)> {
+    let (folder, opts, name) = resolve(args)?;
+    if let Some(f) = &args.transformer {
+        tracing::info!("transformer from {}", f.display());
     }
-    Ok(())
-}
-
-/// Loads a Stable Diffusion model; returns it with the name to record in metadata.
-pub fn load_model(args: &ModelArgs) -> Result<(StableDiffusion, String)> {
-    let (folder, opts, name) = resolve(args)?;
-    no_transformer_file(args, &name)?;
-    let sd = StableDiffusion::load(&folder, &opts)
+    let model = Pipeline::load(&folder, &opts, args.transformer.as_deref())
         .with_context(|| format!("loading model `{name}` from {}", folder.display()))?;
-    Ok((sd, name))
-}
-
-/// A loaded model of either family.
-pub enum Model {
-    Sd(StableDiffusion),
-    Flux(Box<FluxPipeline>),
-}
-
-/// Whether a diffusers folder holds a FLUX pipeline (`model_index.json`'s `_class_name`
-/// `FluxPipeline`) rather than a `StableDiffusionPipeline`.
-fn is_flux_folder(folder: &Path) -> bool {
-    std::fs::read_to_string(folder.join("model_index.json"))
-        .ok()
-        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-        .and_then(|v| {
-            v.get("_class_name")
-                .and_then(|c| c.as_str())
-                .map(|c| c.starts_with("Flux"))
-        })
-        .unwrap_or(false)
-}
-
-/// Loads the model the folder's `model_index.json` names (FLUX or Stable Diffusion).
-pub fn load_any(args: &ModelArgs) -> Result<(Model, String)> {
-    let (folder, opts, name) = resolve(args)?;
-    let ctx = || format!("loading model `{name}` from {}", folder.display());
-    let model = if is_flux_folder(&folder) {
-        let file = args.transformer.as_deref();
-        if let Some(f) = file.filter(|f| !f.is_file()) {
-            bail!(
-                "--transformer {}: no such file (expected a FLUX transformer .safetensors file)",
-                f.display()
-            );
-        }
-        if let Some(f) = file {
-            tracing::info!("transformer from {}", f.display());
-        }
-        Model::Flux(Box::new(
-            FluxPipeline::load_with_transformer(&folder, &opts, file).with_context(ctx)?,
-        ))
-    } else {
-        no_transformer_file(args, &name)?;
-        Model::Sd(StableDiffusion::load(&folder, &opts).with_context(ctx)?)
-    };
     Ok((model, name))
 }
 
@@ -210,20 +156,19 @@ pub struct SampleArgs {
 }
 
 impl SampleArgs {
-    /// (steps, guidance): the flags, else the model's defaults. A Stable Diffusion folder names
-    /// its own (the built-in model: 50 steps at guidance 1.25; otherwise 50 at 7.5);
-    /// `sd_guidance` overrides its guidance for commands that want another (inversion: 1).
-    pub fn resolve(&self, model: &Model, sd_guidance: Option<f64>) -> (usize, f64) {
-        let defaults = match model {
-            Model::Sd(sd) => (
-                sd.sampling.steps,
-                sd_guidance.unwrap_or(sd.sampling.guidance),
-            ),
-            Model::Flux(f) => l2s_generate::flux::flux_defaults(f),
+    /// (steps, guidance): the flags, else the model's defaults (a folder may name its own: the
+    /// built-in model 50 steps at guidance 1.25). `inversion`: the guidance default of an
+    /// inversion instead (1 for classifier-free guidance).
+    pub fn resolve(&self, model: &Pipeline, inversion: bool) -> (usize, f64) {
+        let defaults = model.sampling_defaults();
+        let guidance = if inversion {
+            model.inversion_guidance()
+        } else {
+            defaults.guidance
         };
         (
-            self.steps.unwrap_or(defaults.0),
-            self.guidance.unwrap_or(defaults.1),
+            self.steps.unwrap_or(defaults.steps),
+            self.guidance.unwrap_or(guidance),
         )
     }
 }
@@ -349,16 +294,7 @@ impl SteerArgs {
     /// The method with the command line's overrides, or `None` for the plain model.
     pub fn method(
         &self,
-        sd: &StableDiffusion,
-        steps: usize,
-    ) -> Result<Option<l2s_steer::method::Method>> {
-        self.method_for(l2s_steer::method::SteerModel::Sd(sd), steps)
-    }
-
-    /// [`Self::method`] for either model family.
-    pub fn method_for(
-        &self,
-        model: l2s_steer::method::SteerModel<'_>,
+        model: &Pipeline,
         steps: usize,
     ) -> Result<Option<l2s_steer::method::Method>> {
         use l2s_steer::method::{Method, MethodSpec};
@@ -371,8 +307,8 @@ impl SteerArgs {
                 bail!("--steer {}: not a method (none, centroid, attend-excite) and no such classifier file or folder", p.display());
             }
         }
-        let mut m = Method::load_for(&spec, model, steps)
-            .with_context(|| format!("--steer {}", self.steer))?;
+        let mut m =
+            Method::load(&spec, model, steps).with_context(|| format!("--steer {}", self.steer))?;
         if let Some(n) = self.steer_steps {
             m.config.steer_steps = n;
         }

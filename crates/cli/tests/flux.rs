@@ -280,8 +280,8 @@ fn flux_layers() -> Vec<LayerInfo> {
 fn a_flux_classifier_steers_and_a_stable_diffusion_one_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let m = model("flux-schnell-tiny");
-    let flux = l2s_models::flux::FluxPipeline::load(&m, &Default::default()).unwrap();
-    let id = l2s_steer::method::flux_model_id(&flux).unwrap();
+    let flux = l2s_models::Pipeline::load(&m, &Default::default(), None).unwrap();
+    let id = flux.fingerprint().unwrap();
 
     let clf = tmp.path().join("flux-clf");
     fake_classifier(&clf, &id, flux_layers());
@@ -462,13 +462,11 @@ fn a_classifier_is_tied_to_the_transformer_file_actually_loaded() {
     let tmp = tempfile::tempdir().unwrap();
     let m = model("flux-dev-tiny");
     let bfl = bfl_file();
-    let from_folder = l2s_models::flux::FluxPipeline::load(&m, &Default::default()).unwrap();
-    let from_file =
-        l2s_models::flux::FluxPipeline::load_with_transformer(&m, &Default::default(), Some(&bfl))
-            .unwrap();
+    let from_folder = l2s_models::Pipeline::load(&m, &Default::default(), None).unwrap();
+    let from_file = l2s_models::Pipeline::load(&m, &Default::default(), Some(&bfl)).unwrap();
     let (folder_id, file_id) = (
-        l2s_steer::method::flux_model_id(&from_folder).unwrap(),
-        l2s_steer::method::flux_model_id(&from_file).unwrap(),
+        from_folder.fingerprint().unwrap(),
+        from_file.fingerprint().unwrap(),
     );
     assert_ne!(folder_id, file_id);
 
@@ -626,13 +624,9 @@ fn transformer_file_is_refused_for_stable_diffusion() {
 fn gradient_checkpointing_steers_to_the_same_image() {
     let tmp = tempfile::tempdir().unwrap();
     let m = model("flux-schnell-tiny");
-    let flux = l2s_models::flux::FluxPipeline::load(&m, &Default::default()).unwrap();
+    let flux = l2s_models::Pipeline::load(&m, &Default::default(), None).unwrap();
     let clf = tmp.path().join("flux-clf");
-    fake_classifier(
-        &clf,
-        &l2s_steer::method::flux_model_id(&flux).unwrap(),
-        flux_layers(),
-    );
+    fake_classifier(&clf, &flux.fingerprint().unwrap(), flux_layers());
     let (plain, checkpointed) = (
         tmp.path().join("plain.png"),
         tmp.path().join("checkpointed.png"),

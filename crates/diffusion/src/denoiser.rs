@@ -14,6 +14,7 @@
 use candle_core::Tensor;
 
 use crate::error::Result;
+use crate::observer::{AttentionObserver, AttentionSite};
 use crate::transfer::{check_same_shape, work_dtype};
 
 /// A model that predicts, for latents at a timestep, the quantity the scheduler's
@@ -27,12 +28,34 @@ pub trait Denoiser {
     /// Return model-side errors with [`crate::DiffusionError::denoiser`]; candle errors convert
     /// with `?`.
     fn predict(&mut self, latents: &Tensor, t: f64, cond: &Self::Cond) -> Result<Tensor>;
+
+    /// [`Self::predict`] with every attention layer reporting to `observer`. A model without
+    /// attention to report ignores it.
+    fn predict_observed(
+        &mut self,
+        latents: &Tensor,
+        t: f64,
+        cond: &Self::Cond,
+        observer: &mut dyn AttentionObserver,
+    ) -> Result<Tensor> {
+        let _ = observer;
+        self.predict(latents, t, cond)
+    }
 }
 
 impl<D: Denoiser + ?Sized> Denoiser for &mut D {
     type Cond = D::Cond;
     fn predict(&mut self, latents: &Tensor, t: f64, cond: &Self::Cond) -> Result<Tensor> {
         (**self).predict(latents, t, cond)
+    }
+    fn predict_observed(
+        &mut self,
+        latents: &Tensor,
+        t: f64,
+        cond: &Self::Cond,
+        observer: &mut dyn AttentionObserver,
+    ) -> Result<Tensor> {
+        (**self).predict_observed(latents, t, cond, observer)
     }
 }
 
@@ -43,8 +66,9 @@ pub enum Guidance<C> {
     Unguided(C),
     /// Classifier-free guidance in one model call: `batched` holds the B unconditional entries
     /// followed by the B conditional ones (batch 2B); the latents are duplicated to match, and the
-    /// output's first half is read as unconditional, the second as conditional.
-    Batched { batched: C, scale: f64 },
+    /// output's first half is read as unconditional, the second as conditional. `cond` is the
+    /// conditional half alone, for passes without guidance (steering's gradient pass).
+    Batched { batched: C, cond: C, scale: f64 },
     /// Classifier-free guidance in two model calls of batch B (less peak memory).
     TwoPass { uncond: C, cond: C, scale: f64 },
 }
@@ -56,8 +80,19 @@ impl Guidance<Tensor> {
         check_same_shape("unconditional vs conditional embeddings", uncond, cond)?;
         Ok(Guidance::Batched {
             batched: Tensor::cat(&[uncond, cond], 0)?,
+            cond: cond.clone(),
             scale,
         })
+    }
+}
+
+impl<C> Guidance<C> {
+    /// The prompt's own conditioning, without guidance.
+    pub fn conditional(&self) -> &C {
+        match self {
+            Guidance::Unguided(c) => c,
+            Guidance::Batched { cond, .. } | Guidance::TwoPass { cond, .. } => cond,
+        }
     }
 }
 
@@ -77,12 +112,49 @@ pub fn guided_prediction<D: Denoiser + ?Sized>(
     t: f64,
     guidance: &Guidance<D::Cond>,
 ) -> Result<Tensor> {
+    guided_prediction_observed(denoiser, latents, t, guidance, None)
+}
+
+/// Passes on the second half of every reported batch: the conditional rows of a
+/// [`Guidance::Batched`] call.
+struct SecondHalf<'o> {
+    inner: &'o mut dyn AttentionObserver,
+}
+
+impl AttentionObserver for SecondHalf<'_> {
+    fn wants(&self, site: &AttentionSite) -> bool {
+        self.inner.wants(site)
+    }
+    fn observe(&mut self, site: &AttentionSite, probs: &Tensor) -> candle_core::Result<()> {
+        let b = probs.dim(0)?;
+        self.inner.observe(site, &probs.narrow(0, b / 2, b / 2)?)
+    }
+}
+
+/// [`guided_prediction`] that shows `observer` the text-conditioned rows only (maps of the
+/// negative prompt say nothing about the prompt's words): every row when unguided, the second
+/// half of a batched call, the second call of a two-pass step.
+pub fn guided_prediction_observed<D: Denoiser + ?Sized>(
+    denoiser: &mut D,
+    latents: &Tensor,
+    t: f64,
+    guidance: &Guidance<D::Cond>,
+    observer: Option<&mut dyn AttentionObserver>,
+) -> Result<Tensor> {
     match guidance {
-        Guidance::Unguided(cond) => denoiser.predict(latents, t, cond),
-        Guidance::Batched { batched, scale } => {
+        Guidance::Unguided(cond) => match observer {
+            Some(o) => denoiser.predict_observed(latents, t, cond, o),
+            None => denoiser.predict(latents, t, cond),
+        },
+        Guidance::Batched { batched, scale, .. } => {
             let b = latents.dim(0)?;
             let doubled = Tensor::cat(&[latents, latents], 0)?;
-            let out = denoiser.predict(&doubled, t, batched)?;
+            let out = match observer {
+                Some(inner) => {
+                    denoiser.predict_observed(&doubled, t, batched, &mut SecondHalf { inner })?
+                }
+                None => denoiser.predict(&doubled, t, batched)?,
+            };
             check_same_shape(
                 "batched guidance: model output vs doubled latents",
                 &out,
@@ -97,7 +169,10 @@ pub fn guided_prediction<D: Denoiser + ?Sized>(
             scale,
         } => {
             let u = denoiser.predict(latents, t, uncond)?;
-            let c = denoiser.predict(latents, t, cond)?;
+            let c = match observer {
+                Some(o) => denoiser.predict_observed(latents, t, cond, o)?,
+                None => denoiser.predict(latents, t, cond)?,
+            };
             classifier_free_guidance(&u, &c, *scale)
         }
     }

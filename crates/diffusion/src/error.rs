@@ -72,6 +72,10 @@ pub enum DiffusionError {
     #[error("denoiser failed: {0}")]
     Denoiser(Box<dyn std::error::Error + Send + Sync>),
 
+    /// A step hook (steering, recording) failed; its error is kept whole.
+    #[error("{0}")]
+    Hook(Box<dyn std::error::Error + Send + Sync>),
+
     /// A tensor operation failed.
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
@@ -84,5 +88,10 @@ impl DiffusionError {
     /// Wraps a model-side error so that a [`crate::Denoiser`] implementation can return it.
     pub fn denoiser(err: impl std::error::Error + Send + Sync + 'static) -> Self {
         DiffusionError::Denoiser(Box::new(err))
+    }
+
+    /// Wraps a step hook's error (see [`crate::StepHook`]).
+    pub fn hook(err: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        DiffusionError::Hook(err.into())
     }
 }

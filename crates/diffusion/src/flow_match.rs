@@ -2,17 +2,15 @@
 //! drives it): the latent moves along x ← x + (σᵢ₊₁ − σᵢ)·v from σ = 1 (noise) to σ = 0.
 //!
 //! Entry points: [`FlowMatchConfig::from_file`], [`FlowMatchEulerScheduler::set_timesteps`]
-//! (FluxPipeline's sigmas and resolution-dependent shift), [`FlowMatchEulerScheduler::step`], and
-//! the loop [`flow_match_sample`]. Timesteps are σ·1000; a model that wants σ (FLUX) divides.
+//! (FluxPipeline's sigmas and resolution-dependent shift) and [`FlowMatchEulerScheduler::step`];
+//! the loop is [`crate::sample`]. Timesteps are σ·1000; the loop hands the model σ itself.
 
 use std::path::Path;
 
 use candle_core::{DType, Tensor};
 use serde_json::{Map, Value};
 
-use crate::denoiser::{guided_prediction, Denoiser, Guidance};
 use crate::error::{DiffusionError, Result};
-use crate::sample::StepControl;
 use crate::transfer::check_same_shape;
 
 /// How the resolution-dependent shift μ bends the sigmas.
@@ -328,61 +326,21 @@ pub fn euler_step(
     Ok(x.to_dtype(sample.dtype())?)
 }
 
-/// What the per-step callback of [`flow_match_sample`] sees, after the step was taken.
-pub struct FlowStepInfo<'a> {
-    pub index: usize,
-    pub num_steps: usize,
-    /// σ·1000 of the step.
-    pub timestep: f64,
-    pub sigma: f64,
-    /// The latents the step started from.
-    pub latents: &'a Tensor,
-    /// The (guided) velocity.
-    pub model_output: &'a Tensor,
-    /// The latents after the step.
-    pub next: &'a Tensor,
-}
-
-/// Runs all of the scheduler's steps from `latents` (pure noise at σ = 1). The denoiser is called
-/// with the timestep σ·1000 and must return the velocity. `set_timesteps` must have been called.
-pub fn flow_match_sample<D, F>(
-    denoiser: &mut D,
-    scheduler: &FlowMatchEulerScheduler,
-    latents: Tensor,
-    guidance: &Guidance<D::Cond>,
-    mut on_step: F,
-) -> Result<Tensor>
-where
-    D: Denoiser + ?Sized,
-    F: FnMut(&FlowStepInfo<'_>) -> Result<StepControl>,
-{
-    let steps = scheduler
-        .num_inference_steps()
-        .ok_or(DiffusionError::TimestepsNotSet {
-            scheduler: "FlowMatchEulerScheduler",
-        })?;
-    let mut z = latents;
-    for index in 0..steps {
-        let t = scheduler.timesteps()[index];
-        let v = guided_prediction(denoiser, &z, t, guidance)?;
-        let next = scheduler.step(&v, index, &z)?;
-        let info = FlowStepInfo {
-            index,
-            num_steps: steps,
-            timestep: t,
-            sigma: scheduler.sigmas()[index],
-            latents: &z,
-            model_output: &v,
-            next: &next,
-        };
-        match on_step(&info)? {
-            StepControl::Continue => z = next,
-            StepControl::Replace(new) => {
-                check_same_shape("replacement vs latents", &new, &z)?;
-                z = new;
-            }
-            StepControl::Stop => return Ok(next),
-        }
+impl crate::sample::Scheduler for FlowMatchEulerScheduler {
+    fn name(&self) -> &'static str {
+        "FlowMatchEulerScheduler"
     }
-    Ok(z)
+    fn num_steps(&self) -> usize {
+        self.timesteps.len()
+    }
+    /// σ: what FLUX's transformer takes (it rounds σ·1000 to f32 itself, as FluxPipeline does).
+    fn model_time(&self, index: usize) -> f64 {
+        self.sigmas[index]
+    }
+    fn timestep(&self, index: usize) -> usize {
+        (self.sigmas[index] * 1000.0).round() as usize
+    }
+    fn step_at(&self, index: usize, model_output: &Tensor, sample: &Tensor) -> Result<Tensor> {
+        self.step(model_output, index, sample)
+    }
 }

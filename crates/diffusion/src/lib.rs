@@ -2,21 +2,23 @@
 //! fixed-point), flow-matching Euler sampling (FLUX), with classifier-free guidance, matching
 //! diffusers' schedulers.
 //!
-//! Models plug in through the [`Denoiser`] trait and nothing else.
+//! Models plug in through the [`Denoiser`] trait and nothing else; there is one sampling loop,
+//! [`sample`], for every [`Scheduler`], and whatever happens between steps is a [`StepHook`].
 //!
 //! ```text
 //! let loaded = DdimConfig::from_file("model/scheduler/scheduler_config.json")?;
 //! let mut scheduler = DdimScheduler::new(loaded.config)?;
 //! scheduler.set_timesteps(50)?;
 //! let guidance = Guidance::batched_tensors(&uncond_emb, &cond_emb, 7.5)?;
-//! let z0 = ddim_sample(&mut unet_denoiser, &scheduler, noise, &guidance, |_| Ok(StepControl::Continue))?;
+//! let z0 = sample(&mut unet_denoiser, &scheduler, noise, &guidance, &mut NoHook)?;
 //! ```
 //!
 //! Modules, one entry point each: [`config`] (`DdimConfig::from_file`), [`schedule`]
 //! (`alphas_cumprod`), [`timesteps`] (`ddim_timesteps`), [`ddim`] (`DdimScheduler`), [`inverse`]
-//! (`DdimInverseScheduler`), [`denoiser`] (`Denoiser`, `guided_prediction`), [`sample`]
-//! (`ddim_sample`), [`invert`] (`ddim_invert`), [`flow_match`] (`FlowMatchEulerScheduler`,
-//! `flow_match_sample`), [`rf_invert`] (RF-inversion: `rf_invert`, `rf_reconstruct`).
+//! (`DdimInverseScheduler`), [`denoiser`] (`Denoiser`, `guided_prediction`), [`observer`]
+//! (`AttentionObserver`), [`sample`] (`sample`, `StepHook`), [`invert`] (`ddim_invert`, the
+//! fixed-point DDIM inversion), [`flow_match`] (`FlowMatchEulerScheduler`), [`rf_invert`]
+//! (RF-inversion's two controlled flows).
 
 pub mod config;
 pub mod ddim;
@@ -25,6 +27,7 @@ pub mod error;
 pub mod flow_match;
 pub mod inverse;
 pub mod invert;
+pub mod observer;
 pub mod rf_invert;
 pub mod sample;
 pub mod schedule;
@@ -33,13 +36,14 @@ mod transfer;
 
 pub use config::{BetaSchedule, DdimConfig, LoadedConfig, PredictionType, TimestepSpacing};
 pub use ddim::DdimScheduler;
-pub use denoiser::{classifier_free_guidance, guided_prediction, Denoiser, Guidance};
-pub use error::{DiffusionError, Result};
-pub use flow_match::{
-    flow_match_sample, FlowMatchConfig, FlowMatchEulerScheduler, FlowStepInfo, TimeShift,
+pub use denoiser::{
+    classifier_free_guidance, guided_prediction, guided_prediction_observed, Denoiser, Guidance,
 };
+pub use error::{DiffusionError, Result};
+pub use flow_match::{FlowMatchConfig, FlowMatchEulerScheduler, TimeShift};
 pub use inverse::DdimInverseScheduler;
 pub use invert::{ddim_invert, Inversion, InversionStepInfo};
-pub use rf_invert::{rf_invert, rf_reconstruct, RfInversionConfig};
-pub use sample::{ddim_sample, denoise_step, StepControl, StepInfo};
+pub use observer::{AttentionObserver, AttentionSite, AttentionStore, NoObserver};
+pub use rf_invert::{RfInversionConfig, RfInversionFlow, RfReconstructionFlow};
+pub use sample::{sample, AfterStep, NoHook, Scheduler, StepContext, StepControl, StepHook};
 pub use transfer::StepOutput;

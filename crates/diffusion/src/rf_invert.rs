@@ -14,12 +14,16 @@
 //!   u = v(x, σ) + η·((x − y₀)/σ − v(x, σ)),  x ← x + (σ_next − σ)·u
 //!   (the paper's v_t = −v in its time t = 1 − σ; the same update written in ours).
 //!
-//! γ = 0 is plain Euler inversion and η = 0 plain Euler sampling.
+//! γ = 0 is plain Euler inversion and η = 0 plain Euler sampling. Both flows are
+//! [`Scheduler`]s ([`RfInversionFlow`], [`RfReconstructionFlow`]) run by the one sampling loop,
+//! [`crate::sample`].
 
 use candle_core::{DType, Tensor};
 
 use crate::error::{DiffusionError, Result};
 use crate::flow_match::euler_step;
+use crate::sample::Scheduler;
+use crate::transfer::check_same_shape;
 
 /// The controller strengths and where the reverse controller acts.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -116,78 +120,156 @@ fn controlled(v: &Tensor, field: &Tensor, k: f64) -> Result<Tensor> {
     Ok((&v + ((field.to_dtype(DType::F32)? - &v)? * k)?)?)
 }
 
-/// Inverts the clean latent `y0` to noise over the reversed `sigmas` with controller γ towards
-/// `noise` (same shape). `velocity(step, x, σ)` evaluates the model, `step` counting the forward
-/// steps from 0. Returns the latent at σ = σ₀ (1 for a full schedule).
-pub fn rf_invert<F>(
-    y0: &Tensor,
-    noise: &Tensor,
-    sigmas: &[f64],
-    cfg: &RfInversionConfig,
-    mut velocity: F,
-) -> Result<Tensor>
-where
-    F: FnMut(usize, &Tensor, f64) -> Result<Tensor>,
-{
-    cfg.check()?;
-    check_sigmas(sigmas)?;
-    crate::transfer::check_same_shape("RF-inversion noise vs latent", noise, y0)?;
-    let noise = noise.to_dtype(DType::F32)?;
-    let mut x = y0.clone();
-    let n = sigmas.len() - 1;
-    for (step, k) in (1..=n).rev().enumerate() {
-        let (sigma, next) = (sigmas[k], sigmas[k - 1]);
-        let v = velocity(step, &x, sigma)?;
-        // The field that carries x straight to y₁ by σ = 1.
-        let field = if cfg.gamma > 0.0 {
-            ((&noise - x.to_dtype(DType::F32)?)? / (1.0 - sigma))?
-        } else {
-            v.clone()
-        };
-        let u = controlled(&v, &field, cfg.gamma)?;
-        x = euler_step(&x, &u, sigma, next)?;
-    }
-    Ok(x)
+/// The forward (inverting) flow as a [`Scheduler`]: step s goes from σ_k to σ_{k−1}, k = N − s,
+/// with the drift pulled towards the noise sample by γ. Sampled from the clean latent y₀, it ends
+/// at the latent at σ₀ (1 for a full schedule).
+pub struct RfInversionFlow {
+    sigmas: Vec<f64>,
+    noise: Tensor,
+    gamma: f64,
 }
 
-/// Samples from the inverted latent `x1` over `sigmas` with controller η towards the clean
-/// latent `y0` (see [`RfInversionConfig::eta_at`]). `velocity(step, x, σ)` evaluates the model.
-pub fn rf_reconstruct<F>(
-    x1: &Tensor,
-    y0: &Tensor,
-    sigmas: &[f64],
-    cfg: &RfInversionConfig,
-    mut velocity: F,
-) -> Result<Tensor>
-where
-    F: FnMut(usize, &Tensor, f64) -> Result<Tensor>,
-{
-    cfg.check()?;
-    check_sigmas(sigmas)?;
-    crate::transfer::check_same_shape("RF-inversion clean latent vs latent", y0, x1)?;
-    let y0 = y0.to_dtype(DType::F32)?;
-    let steps = sigmas.len() - 1;
-    let mut x = x1.clone();
-    for (index, pair) in sigmas.windows(2).enumerate() {
-        let (sigma, next) = (pair[0], pair[1]);
-        let v = velocity(index, &x, sigma)?;
-        let eta = cfg.eta_at(index, steps);
-        // The field that carries x straight to y₀ by σ = 0 (σ > 0 at every evaluated step).
-        let field = if eta > 0.0 {
-            ((x.to_dtype(DType::F32)? - &y0)? / sigma)?
+impl RfInversionFlow {
+    /// `sigmas`: a sampler's schedule (N values from 1 down, then 0); `noise`: y₁, shaped as the
+    /// latent.
+    pub fn new(sigmas: &[f64], noise: &Tensor, cfg: &RfInversionConfig) -> Result<Self> {
+        cfg.check()?;
+        check_sigmas(sigmas)?;
+        Ok(Self {
+            sigmas: sigmas.to_vec(),
+            noise: noise.to_dtype(DType::F32)?,
+            gamma: cfg.gamma,
+        })
+    }
+
+    fn levels(&self, index: usize) -> (f64, f64) {
+        let k = self.sigmas.len() - 1 - index;
+        (self.sigmas[k], self.sigmas[k - 1])
+    }
+}
+
+impl Scheduler for RfInversionFlow {
+    fn name(&self) -> &'static str {
+        "RF-inversion"
+    }
+    fn num_steps(&self) -> usize {
+        self.sigmas.len() - 1
+    }
+    fn model_time(&self, index: usize) -> f64 {
+        self.levels(index).0
+    }
+    fn timestep(&self, index: usize) -> usize {
+        (self.levels(index).0 * 1000.0).round() as usize
+    }
+    fn step_at(&self, index: usize, v: &Tensor, x: &Tensor) -> Result<Tensor> {
+        check_same_shape("RF-inversion noise vs latent", &self.noise, x)?;
+        let (sigma, next) = self.levels(index);
+        // The field that carries x straight to y₁ by σ = 1.
+        let field = if self.gamma > 0.0 {
+            ((&self.noise - x.to_dtype(DType::F32)?)? / (1.0 - sigma))?
         } else {
             v.clone()
         };
-        let u = controlled(&v, &field, eta)?;
-        x = euler_step(&x, &u, sigma, next)?;
+        euler_step(x, &controlled(v, &field, self.gamma)?, sigma, next)
     }
-    Ok(x)
+}
+
+/// The reverse (reconstructing) flow as a [`Scheduler`]: Euler steps over `sigmas` with the drift
+/// pulled towards the clean latent y₀ by η during the config's window
+/// ([`RfInversionConfig::eta_at`]).
+pub struct RfReconstructionFlow {
+    sigmas: Vec<f64>,
+    clean: Tensor,
+    cfg: RfInversionConfig,
+}
+
+impl RfReconstructionFlow {
+    pub fn new(sigmas: &[f64], clean: &Tensor, cfg: &RfInversionConfig) -> Result<Self> {
+        cfg.check()?;
+        check_sigmas(sigmas)?;
+        Ok(Self {
+            sigmas: sigmas.to_vec(),
+            clean: clean.to_dtype(DType::F32)?,
+            cfg: *cfg,
+        })
+    }
+}
+
+impl Scheduler for RfReconstructionFlow {
+    fn name(&self) -> &'static str {
+        "RF-inversion reconstruction"
+    }
+    fn num_steps(&self) -> usize {
+        self.sigmas.len() - 1
+    }
+    fn model_time(&self, index: usize) -> f64 {
+        self.sigmas[index]
+    }
+    fn timestep(&self, index: usize) -> usize {
+        (self.sigmas[index] * 1000.0).round() as usize
+    }
+    fn step_at(&self, index: usize, v: &Tensor, x: &Tensor) -> Result<Tensor> {
+        check_same_shape("RF-inversion clean latent vs latent", &self.clean, x)?;
+        let (sigma, next) = (self.sigmas[index], self.sigmas[index + 1]);
+        let eta = self.cfg.eta_at(index, self.num_steps());
+        // The field that carries x straight to y₀ by σ = 0 (σ > 0 at every evaluated step).
+        let field = if eta > 0.0 {
+            ((x.to_dtype(DType::F32)? - &self.clean)? / sigma)?
+        } else {
+            v.clone()
+        };
+        euler_step(x, &controlled(v, &field, eta)?, sigma, next)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::denoiser::{Denoiser, Guidance};
+    use crate::sample::{sample, NoHook};
     use candle_core::Device;
+
+    /// The test field as a denoiser (its time is σ).
+    struct Field;
+
+    impl Denoiser for Field {
+        type Cond = ();
+        fn predict(&mut self, x: &Tensor, sigma: f64, _: &()) -> Result<Tensor> {
+            field(x, sigma)
+        }
+    }
+
+    fn rf_invert(
+        y0: &Tensor,
+        noise: &Tensor,
+        sigmas: &[f64],
+        cfg: &RfInversionConfig,
+    ) -> Result<Tensor> {
+        let flow = RfInversionFlow::new(sigmas, noise, cfg)?;
+        sample(
+            &mut Field,
+            &flow,
+            y0.clone(),
+            &Guidance::Unguided(()),
+            &mut NoHook,
+        )
+    }
+
+    fn rf_reconstruct(
+        x1: &Tensor,
+        y0: &Tensor,
+        sigmas: &[f64],
+        cfg: &RfInversionConfig,
+    ) -> Result<Tensor> {
+        let flow = RfReconstructionFlow::new(sigmas, y0, cfg)?;
+        sample(
+            &mut Field,
+            &flow,
+            x1.clone(),
+            &Guidance::Unguided(()),
+            &mut NoHook,
+        )
+    }
 
     fn t(v: &[f32]) -> Tensor {
         Tensor::new(v, &Device::Cpu).unwrap()
@@ -208,14 +290,7 @@ mod tests {
     fn plain_inversion_is_euler_backwards() {
         let y0 = t(&[0.5, -1.0]);
         let noise = t(&[9.0, 9.0]);
-        let got = rf_invert(
-            &y0,
-            &noise,
-            &SIGMAS,
-            &RfInversionConfig::plain(),
-            |_, x, s| field(x, s),
-        )
-        .unwrap();
+        let got = rf_invert(&y0, &noise, &SIGMAS, &RfInversionConfig::plain()).unwrap();
         // Direct: x ← x + (σ_{k−1} − σ_k)·v(x, σ_k) for k = N..1.
         let mut x = vec![0.5f64, -1.0];
         for k in (1..SIGMAS.len()).rev() {
@@ -234,10 +309,7 @@ mod tests {
     fn plain_reconstruction_is_euler_sampling() {
         let x1 = t(&[0.3, 0.7]);
         let y0 = t(&[5.0, 5.0]);
-        let got = rf_reconstruct(&x1, &y0, &SIGMAS, &RfInversionConfig::plain(), |_, x, s| {
-            field(x, s)
-        })
-        .unwrap();
+        let got = rf_reconstruct(&x1, &y0, &SIGMAS, &RfInversionConfig::plain()).unwrap();
         let mut x = vec![0.3f64, 0.7];
         for w in SIGMAS.windows(2) {
             x = x
@@ -261,12 +333,12 @@ mod tests {
             start: 0.0,
             stop: 1.0,
         };
-        let x1 = rf_invert(&y0, &noise, &SIGMAS, &cfg, |_, x, s| field(x, s)).unwrap();
+        let x1 = rf_invert(&y0, &noise, &SIGMAS, &cfg).unwrap();
         for (g, w) in vals(&x1).iter().zip([2.0f32, 3.0]) {
             assert!((g - w).abs() < 1e-5, "{g} vs {w}");
         }
         // η = 1 throughout: the reverse ODE returns to y0 whatever the model says.
-        let back = rf_reconstruct(&x1, &y0, &SIGMAS, &cfg, |_, x, s| field(x, s)).unwrap();
+        let back = rf_reconstruct(&x1, &y0, &SIGMAS, &cfg).unwrap();
         for (g, w) in vals(&back).iter().zip([0.5f32, -1.0]) {
             assert!((g - w).abs() < 1e-5, "{g} vs {w}");
         }

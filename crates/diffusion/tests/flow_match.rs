@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use l2s_diffusion::{
-    flow_match_sample, Denoiser, DiffusionError, FlowMatchConfig, FlowMatchEulerScheduler,
+    sample, AfterStep, Denoiser, DiffusionError, FlowMatchConfig, FlowMatchEulerScheduler,
     Guidance, StepControl,
 };
 use serde_json::{json, Value};
@@ -122,17 +122,20 @@ fn euler_steps_match_diffusers() -> Result<()> {
         }
         // The same through the sampling loop.
         let mut seen = Vec::new();
-        let looped = flow_match_sample(
+        let looped = sample(
             &mut Constant(v.clone()),
             &s,
             x,
             &Guidance::Unguided(()),
-            |info| {
-                seen.push(info.timestep);
-                Ok(StepControl::Continue)
-            },
+            &mut AfterStep(
+                |step: &l2s_diffusion::StepContext, _: &Tensor, _: &Tensor| {
+                    seen.push(step.model_time);
+                    Ok(StepControl::Continue)
+                },
+            ),
         )?;
-        assert_eq!(seen, s.timesteps());
+        // The loop hands the model σ (what FLUX takes).
+        assert_eq!(seen, &s.sigmas()[..s.sigmas().len() - 1]);
         assert_eq!((looped - &z)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
         eprintln!("flow-match {name:<20} Euler steps rel. err {worst:.1e}");
         assert!(worst <= 1e-6, "{name}: {worst:.2e}");

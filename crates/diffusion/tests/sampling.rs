@@ -2,8 +2,8 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use l2s_diffusion::{
-    ddim_invert, ddim_sample, BetaSchedule, DdimConfig, DdimInverseScheduler, DdimScheduler,
-    Denoiser, Guidance, PredictionType, Result, StepControl,
+    ddim_invert, sample, AfterStep, BetaSchedule, DdimConfig, DdimInverseScheduler, DdimScheduler,
+    Denoiser, Guidance, NoHook, PredictionType, Result, StepContext, StepControl,
 };
 
 fn sd_config(prediction_type: PredictionType, set_alpha_to_one: bool) -> DdimConfig {
@@ -54,10 +54,6 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
 }
 
-fn continue_(_: &l2s_diffusion::StepInfo<'_>) -> Result<StepControl> {
-    Ok(StepControl::Continue)
-}
-
 /// The exact denoiser of a point mass: the data is the conditioning tensor m itself. Then
 /// ε(z, t) = (z − √ᾱ_t·m)/√(1−ᾱ_t), the x₀ estimate is m at every step, and DDIM keeps ε fixed,
 /// so sampling from any z_T ends at √ᾱ_end·m + √(1−ᾱ_end)·ε_T.
@@ -105,12 +101,12 @@ fn point_mass_is_reached_exactly_for_every_prediction_type() {
                 prediction_type: pt,
                 calls: 0,
             };
-            let z0 = ddim_sample(
+            let z0 = sample(
                 &mut d,
                 &s,
                 z_t.clone(),
                 &Guidance::Unguided(m.clone()),
-                continue_,
+                &mut NoHook,
             )
             .unwrap();
             assert_eq!(d.calls, 50);
@@ -156,7 +152,7 @@ fn guidance_moves_the_point_mass_and_batched_equals_two_pass() {
         calls: 0,
     };
     let batched = Guidance::batched_tensors(&mu, &mc, scale).unwrap();
-    let a = ddim_sample(&mut d, &s, z_t.clone(), &batched, continue_).unwrap();
+    let a = sample(&mut d, &s, z_t.clone(), &batched, &mut NoHook).unwrap();
     assert_eq!(d.calls, 20, "one batched call per step");
 
     let mut d2 = PointMass {
@@ -169,7 +165,7 @@ fn guidance_moves_the_point_mass_and_batched_equals_two_pass() {
         cond: mc.clone(),
         scale,
     };
-    let b = ddim_sample(&mut d2, &s, z_t, &two, continue_).unwrap();
+    let b = sample(&mut d2, &s, z_t, &two, &mut NoHook).unwrap();
     assert_eq!(d2.calls, 40, "two calls per step");
 
     let scale_of = want
@@ -229,10 +225,16 @@ fn linear_denoiser_matches_the_hand_computed_product_and_its_gradient() {
     )
     .unwrap();
     let mut seen = Vec::new();
-    let out = ddim_sample(&mut Linear, &s, z.as_tensor().clone(), &guidance, |info| {
-        seen.push((info.index, info.timestep));
-        Ok(StepControl::Continue)
-    })
+    let out = sample(
+        &mut Linear,
+        &s,
+        z.as_tensor().clone(),
+        &guidance,
+        &mut AfterStep(|step: &StepContext, _: &Tensor, _: &Tensor| {
+            seen.push((step.index, step.timestep));
+            Ok(StepControl::Continue)
+        }),
+    )
     .unwrap();
     let want = z.as_tensor().affine(factor, 0.0).unwrap();
     assert!(max_abs_diff(&out, &want) < 1e-9 * factor.abs().max(1.0));
@@ -261,19 +263,19 @@ fn callback_can_replace_latents_and_stop() {
     let z = randn(7, &[1, 1, 2, 2], DType::F32);
     let k = Tensor::new(&[0.5f32], &Device::Cpu).unwrap();
     let mut steps = 0;
-    let out = ddim_sample(
+    let out = sample(
         &mut Linear,
         &s,
         z.clone(),
         &Guidance::Unguided(k.clone()),
-        |info| {
+        &mut AfterStep(|step: &StepContext, latents: &Tensor, _: &Tensor| {
             steps += 1;
-            Ok(match info.index {
-                0 => StepControl::Replace(info.latents.zeros_like()?),
+            Ok(match step.index {
+                0 => StepControl::Replace(latents.zeros_like()?),
                 3 => StepControl::Stop,
                 _ => StepControl::Continue,
             })
-        },
+        }),
     )
     .unwrap();
     assert_eq!(steps, 4);
@@ -317,12 +319,12 @@ fn invert_and_reconstruct(iterations: usize) -> (f64, Vec<f64>, usize) {
     .unwrap();
     let calls = d.calls;
     assert_eq!(inversion.trajectory().len(), 51);
-    let back = ddim_sample(
+    let back = sample(
         &mut d,
         &fwd,
         inversion.latents().clone(),
         &Guidance::Unguided(()),
-        continue_,
+        &mut NoHook,
     )
     .unwrap();
     let err = max_abs_diff(&back, &x0);
@@ -369,12 +371,12 @@ fn plain_inversion_is_exact_for_a_constant_denoiser() {
         Ok(())
     })
     .unwrap();
-    let back = ddim_sample(
+    let back = sample(
         &mut d,
         &fwd,
         z.latents().clone(),
         &Guidance::Unguided(()),
-        continue_,
+        &mut NoHook,
     )
     .unwrap();
     assert!(max_abs_diff(&back, &x0) < 1e-10);
@@ -393,12 +395,12 @@ fn sampling_through_clipping_and_tanh_matches_finite_differences() {
     let z = randn(11, &[1, 1, 2, 3], DType::F64);
     let w = randn(12, &[1, 1, 2, 3], DType::F64);
     let loss = |z: &Tensor| -> Tensor {
-        let out = ddim_sample(
+        let out = sample(
             &mut Nonlinear { calls: 0 },
             &s,
             z.clone(),
             &Guidance::Unguided(()),
-            continue_,
+            &mut NoHook,
         )
         .unwrap();
         (out * &w).unwrap().sum_all().unwrap()

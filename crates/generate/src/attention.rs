@@ -15,29 +15,14 @@
 //! bilinear interpolation with half-pixel centres when enlarging.
 
 use candle_core::{DType, Device, Tensor};
-use l2s_models::{AttentionObserver, AttentionSite, StableDiffusion};
+use l2s_models::{AttentionObserver, AttentionSite, Pipeline};
+
+pub use l2s_models::{default_map_steps, METHOD_STEPS};
 
 use crate::error::{GenerateError, Result};
 use crate::generate::{generate_observed, GenerateRequest, Generated};
 use crate::prompt::{word_tokens, WordTokens};
 use crate::sample::{Progress, StepObserver};
-
-/// The sampling steps (0-based) at which the method records maps for 50-step schedules.
-pub const METHOD_STEPS: [usize; 6] = [5, 10, 15, 20, 25, 49];
-
-/// The method's steps that exist in a schedule of `steps` steps, or the last step if none does.
-pub fn default_map_steps(steps: usize) -> Vec<usize> {
-    let v: Vec<usize> = METHOD_STEPS
-        .iter()
-        .copied()
-        .filter(|&s| s < steps)
-        .collect();
-    if v.is_empty() {
-        vec![steps.saturating_sub(1)]
-    } else {
-        v
-    }
-}
 
 /// Which maps to keep.
 #[derive(Clone, Debug)]
@@ -272,13 +257,13 @@ impl StepObserver for AttentionCollector {
 
 /// Finds every word of `words` in the prompt (see [`word_tokens`]).
 pub fn words_in_prompt(
-    sd: &StableDiffusion,
+    pipeline: &Pipeline,
     prompt: &str,
     words: &[String],
 ) -> Result<Vec<WordTokens>> {
     words
         .iter()
-        .map(|w| word_tokens(&sd.tokenizer, prompt, w.trim()))
+        .map(|w| word_tokens(pipeline, prompt, w.trim()))
         .collect()
 }
 
@@ -304,15 +289,15 @@ pub fn check_request(att: &AttentionRequest, steps: usize) -> Result<()> {
 
 /// Generates an image while recording the requested words' attention maps.
 pub fn generate_with_attention(
-    sd: &StableDiffusion,
+    pipeline: &Pipeline,
     req: &GenerateRequest,
     att: &AttentionRequest,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(Generated, AttentionMaps)> {
-    let words = words_in_prompt(sd, &req.prompt, &att.words)?;
+    let words = words_in_prompt(pipeline, &req.prompt, &att.words)?;
     check_request(att, req.steps)?;
     let mut collector = AttentionCollector::new(words, &att.at_steps)?;
-    let generated = generate_observed(sd, req, Some(&mut collector), progress)?;
+    let generated = generate_observed(pipeline, req, &mut collector, progress)?;
     let maps = collector.finish(att.map_size)?;
     Ok((generated, maps))
 }

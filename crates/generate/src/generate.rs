@@ -4,12 +4,12 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
-use l2s_models::vae::seeded_normal;
-use l2s_models::StableDiffusion;
+use l2s_diffusion::{sample, StepHook};
+use l2s_models::{ModelDenoiser, Pipeline};
 
 use crate::convert::{to_unit_nhwc, unit_nhwc_to_images};
 use crate::error::{GenerateError, Result};
-use crate::sample::{sample_latents, scheduler, Conditioning, Progress, StepObserver};
+use crate::sample::{ObserveSteps, Phase, Progress, StepObserver, WithProgress};
 
 /// One text-to-image run. Same request and model → byte-identical image.
 #[derive(Clone, Debug)]
@@ -62,114 +62,35 @@ pub struct Generated {
     pub warnings: Vec<String>,
 }
 
-/// Pixels per latent cell (the VAE's factor).
-pub fn vae_factor(sd: &StableDiffusion) -> usize {
-    sd.vae.downsample_factor()
-}
-
-/// Image sides must be multiples of this: the VAE's factor times the UNet's.
-pub fn size_multiple(sd: &StableDiffusion) -> usize {
-    vae_factor(sd) * sd.unet.size_multiple()
-}
-
-/// The size the model was trained at: the UNet's `sample_size` × the VAE factor (512 for SD1.x
-/// and SD2.1-base); 512 when the config has no sample size.
-pub fn native_size(sd: &StableDiffusion) -> usize {
-    sd.unet
-        .config()
-        .sample_size
-        .map(|s| s * vae_factor(sd))
-        .unwrap_or(512)
-}
-
-/// Checks an image size against the model and returns (width, height).
-pub fn resolve_size(
-    sd: &StableDiffusion,
-    width: Option<usize>,
-    height: Option<usize>,
-) -> Result<(usize, usize)> {
-    let native = native_size(sd);
-    let (w, h) = (width.unwrap_or(native), height.unwrap_or(native));
-    let m = size_multiple(sd);
-    for (name, v) in [("width", w), ("height", h)] {
-        if v == 0 || v % m != 0 {
-            return Err(GenerateError::invalid(
-                name,
-                format!(
-                    "{v} is not a positive multiple of {m} (the VAE's factor {} × the UNet's {}); try {}",
-                    vae_factor(sd),
-                    sd.unet.size_multiple(),
-                    (v / m).max(1) * m
-                ),
-            ));
-        }
-    }
-    Ok((w, h))
-}
-
-/// The latent shape for an image of `width` × `height`.
-pub fn latent_shape(sd: &StableDiffusion, width: usize, height: usize) -> [usize; 4] {
-    let f = vae_factor(sd);
-    [1, sd.unet.config().in_channels, height / f, width / f]
-}
-
-/// Seeded standard-normal latents (the same on every machine for the same seed and shape).
-pub fn seeded_latents(
-    sd: &StableDiffusion,
-    width: usize,
-    height: usize,
-    seed: u64,
-) -> Result<Tensor> {
-    let shape = latent_shape(sd, width, height);
-    Ok(seeded_normal(&shape, seed, &Device::Cpu)?
-        .to_dtype(sd.dtype)?
-        .to_device(&sd.device)?)
-}
-
-/// Generates one image.
-pub fn generate(
-    sd: &StableDiffusion,
+/// Generates one image: seeded (or given) latents → the model's sampler, with `hook` around
+/// every step (steering, attention recording; [`l2s_diffusion::NoHook`] for neither) → VAE.
+/// The same request gives the same bytes.
+pub fn generate<'p>(
+    pipeline: &'p Pipeline,
     req: &GenerateRequest,
+    hook: &mut dyn StepHook<ModelDenoiser<'p>>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Generated> {
-    generate_observed(sd, req, None, progress)
-}
-
-/// Generates one image while `observer` watches the steps it chooses.
-pub fn generate_observed(
-    sd: &StableDiffusion,
-    req: &GenerateRequest,
-    observer: Option<&mut dyn StepObserver>,
-    progress: &mut dyn FnMut(Progress),
-) -> Result<Generated> {
-    let (width, height) = resolve_size(sd, req.width, req.height)?;
+    let (width, height) = pipeline.resolve_size(req.width, req.height)?;
     let initial = match &req.init_latents {
-        Some(t) => {
-            let want = latent_shape(sd, width, height);
-            if t.dims() != want {
-                return Err(GenerateError::Shape {
-                    what: "initial latents".into(),
-                    found: format!("{:?}", t.dims()),
-                    expected: format!("{want:?} for a {width}×{height} image"),
-                });
-            }
-            t.to_dtype(sd.dtype)?.to_device(&sd.device)?
-        }
-        None => seeded_latents(sd, width, height, req.seed)?,
+        Some(t) => pipeline.check_latents(t, width, height, "initial latents")?,
+        None => pipeline.seeded_latents(width, height, req.seed)?,
     };
-    let cond = Conditioning::new(sd, &req.prompt, &req.negative_prompt, req.guidance)?;
-    let guidance = cond.guidance()?;
-    let scheduler = scheduler(sd, req.steps)?;
-    // init_noise_sigma is 1 for DDIM.
-    let latents = sample_latents(
-        sd,
-        &scheduler,
-        initial.clone(),
-        &guidance,
-        observer,
+    let cond = pipeline.encode(&req.prompt, &req.negative_prompt, req.guidance)?;
+    let scheduler = pipeline.scheduler(req.steps, width, height)?;
+    let mut hook = WithProgress {
+        inner: hook,
+        phase: Phase::Denoise,
         progress,
+    };
+    let latents = sample(
+        &mut pipeline.denoiser(),
+        &*scheduler,
+        initial.clone(),
+        &cond.guidance,
+        &mut hook,
     )?;
-    let pixels = to_unit_nhwc(&sd.vae.decode_latents(&latents)?)?;
+    let pixels = to_unit_nhwc(&pipeline.decode(&latents)?)?;
     let image = unit_nhwc_to_images(&pixels)?.remove(0);
     Ok(Generated {
         image,
@@ -178,8 +99,18 @@ pub fn generate_observed(
         latents,
         width,
         height,
-        warnings: cond.warnings(),
+        warnings: cond.warnings,
     })
+}
+
+/// [`generate`] with `observer` watching the steps it asks for.
+pub fn generate_observed(
+    pipeline: &Pipeline,
+    req: &GenerateRequest,
+    observer: &mut dyn StepObserver,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Generated> {
+    generate(pipeline, req, &mut ObserveSteps(observer), progress)
 }
 
 /// Reads a latent tensor named `name` from a safetensors file, as float32.

@@ -1,4 +1,6 @@
-//! Image → noise by DDIM inversion (plain or fixed-point), and back by DDIM sampling.
+//! Image → noise and back: DDIM inversion (plain or fixed-point) for Stable Diffusion,
+//! RF-inversion for FLUX — whichever the model's sampler calls for — and reconstruction through
+//! the one sampling loop.
 //!
 //! The image is encoded with the VAE's mean (no sampling), inverted under the prompt, and the
 //! reconstruction samples from the inverted latent with the same prompt and guidance, so a good
@@ -8,17 +10,12 @@ use std::path::Path;
 
 use candle_core::Tensor;
 use image::RgbImage;
-use l2s_diffusion::ddim_invert;
-use l2s_models::vae::LatentDraw;
-use l2s_models::StableDiffusion;
+use l2s_diffusion::{sample, NoHook, RfInversionConfig};
+use l2s_models::{InversionSettings, InvertedLatents, Pipeline};
 
 use crate::convert::{image_to_tensor, psnr, to_unit_nhwc, unit_nhwc_to_images};
-use crate::denoiser::SdDenoiser;
 use crate::error::{GenerateError, Result};
-use crate::generate::{latent_shape, resolve_size};
-use crate::sample::{
-    inverse_scheduler, sample_latents, scheduler, Conditioning, Phase, Progress, StepObserver,
-};
+use crate::sample::{ObserveSteps, Phase, Progress, StepObserver, WithProgress};
 
 /// How to invert.
 #[derive(Clone, Debug)]
@@ -31,12 +28,24 @@ pub struct InvertRequest {
     pub steps: usize,
     /// Fixed-point refinements per step (0: plain DDIM inversion).
     pub fixed_point_iterations: usize,
+    /// RF-inversion's controllers (flow-matching models).
+    pub rf: RfInversionConfig,
+    /// Seed of RF-inversion's noise target.
+    pub noise_seed: u64,
     /// The image size expected; `None`: the model's native size.
     pub width: Option<usize>,
     pub height: Option<usize>,
 }
 
 impl InvertRequest {
+    pub fn settings(&self) -> InversionSettings {
+        InversionSettings {
+            fixed_point_iterations: self.fixed_point_iterations,
+            rf: self.rf,
+            noise_seed: self.noise_seed,
+        }
+    }
+
     /// The defaults of the method: guidance 1, 50 steps, 5 fixed-point iterations, native size.
     pub fn new(prompt: impl Into<String>) -> Self {
         Self {
@@ -45,6 +54,8 @@ impl InvertRequest {
             guidance: 1.0,
             steps: 50,
             fixed_point_iterations: 5,
+            rf: RfInversionConfig::default(),
+            noise_seed: 0,
             width: None,
             height: None,
         }
@@ -81,8 +92,8 @@ pub struct Reconstruction {
 }
 
 /// Checks that `image` has the size the request expects.
-pub fn check_image(sd: &StableDiffusion, image: &RgbImage, req: &InvertRequest) -> Result<()> {
-    let (w, h) = resolve_size(sd, req.width, req.height)?;
+pub fn check_image(pipeline: &Pipeline, image: &RgbImage, req: &InvertRequest) -> Result<()> {
+    let (w, h) = pipeline.resolve_size(req.width, req.height)?;
     if (image.width() as usize, image.height() as usize) != (w, h) {
         return Err(GenerateError::Shape {
             what: "image to invert".into(),
@@ -122,88 +133,90 @@ pub fn read_rgb_image(path: &Path) -> Result<RgbImage> {
 
 /// Encodes `image` with the VAE and inverts it.
 pub fn invert(
-    sd: &StableDiffusion,
+    pipeline: &Pipeline,
     image: &RgbImage,
     req: &InvertRequest,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Inversion> {
-    check_image(sd, image, req)?;
-    let x = image_to_tensor(image, sd.dtype, &sd.device)?;
-    let z0 = sd.vae.encode_latents(&x, LatentDraw::Mean)?;
-    let mut inv = invert_latents(sd, &z0, req, progress)?;
+    check_image(pipeline, image, req)?;
+    let x = image_to_tensor(image, pipeline.dtype(), pipeline.device())?;
+    let z0 = pipeline.encode_image(&x)?;
+    let mut inv = invert_latents(pipeline, &z0, req, progress)?;
     inv.image = Some(image.clone());
     Ok(inv)
 }
 
 /// Inverts a clean latent `z0` (1, C, h, w) under the request's prompt and guidance.
 pub fn invert_latents(
-    sd: &StableDiffusion,
+    pipeline: &Pipeline,
     z0: &Tensor,
     req: &InvertRequest,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Inversion> {
-    let (w, h) = resolve_size(sd, req.width, req.height)?;
-    let want = latent_shape(sd, w, h);
-    if z0.dims() != want {
-        return Err(GenerateError::Shape {
-            what: "latents to invert".into(),
-            found: format!("{:?}", z0.dims()),
-            expected: format!("{want:?} for a {w}×{h} image"),
-        });
-    }
-    let cond = Conditioning::new(sd, &req.prompt, &req.negative_prompt, req.guidance)?;
-    let guidance = cond.guidance()?;
-    let scheduler = inverse_scheduler(sd, req.steps)?;
-    let mut denoiser = SdDenoiser::new(&sd.unet);
-    let total = scheduler.timesteps().len();
-    let z0 = z0.to_dtype(sd.dtype)?.to_device(&sd.device)?;
-    let inv = ddim_invert(
-        &mut denoiser,
-        &scheduler,
-        z0.clone(),
-        &guidance,
-        req.fixed_point_iterations,
-        |info| {
-            progress(Progress {
-                phase: Phase::Invert,
-                done: info.index + 1,
-                total,
-            });
-            Ok(())
-        },
-    )?;
+    let (w, h) = pipeline.resolve_size(req.width, req.height)?;
+    let z0 = pipeline.check_latents(z0, w, h, "latents to invert")?;
+    let cond = pipeline.encode(&req.prompt, &req.negative_prompt, req.guidance)?;
+    let mut hook = WithProgress {
+        inner: &mut NoHook,
+        phase: Phase::Invert,
+        progress,
+    };
+    let InvertedLatents {
+        z0,
+        latents,
+        trajectory,
+        fixed_point_residuals,
+    } = pipeline.invert(&z0, &cond, req.steps, &req.settings(), &mut hook)?;
     Ok(Inversion {
         z0,
-        latents: inv.latents().clone(),
-        fixed_point_residuals: inv.fixed_point_residuals().to_vec(),
-        trajectory: inv.into_trajectory(),
+        latents,
+        fixed_point_residuals,
+        trajectory,
         request: req.clone(),
         image: None,
-        warnings: cond.warnings(),
+        warnings: cond.warnings,
     })
 }
 
 /// Samples back from an inversion with its prompt, guidance and step count; `observer` may watch
 /// chosen steps (e.g. to record attention maps of a real image).
 pub fn reconstruct(
-    sd: &StableDiffusion,
+    pipeline: &Pipeline,
     inversion: &Inversion,
     observer: Option<&mut dyn StepObserver>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Reconstruction> {
     let req = &inversion.request;
-    let cond = Conditioning::new(sd, &req.prompt, &req.negative_prompt, req.guidance)?;
-    let guidance = cond.guidance()?;
-    let scheduler = scheduler(sd, req.steps)?;
-    let latents = sample_latents(
-        sd,
-        &scheduler,
-        inversion.latents.clone(),
-        &guidance,
-        observer,
+    let cond = pipeline.encode(&req.prompt, &req.negative_prompt, req.guidance)?;
+    let inverted = InvertedLatents {
+        z0: inversion.z0.clone(),
+        latents: inversion.latents.clone(),
+        trajectory: Vec::new(),
+        fixed_point_residuals: Vec::new(),
+    };
+    let scheduler = pipeline.reconstruction_scheduler(&inverted, req.steps, &req.settings())?;
+    let mut observe;
+    let mut none = NoHook;
+    let inner: &mut dyn l2s_diffusion::StepHook<_> = match observer {
+        Some(o) => {
+            observe = ObserveSteps(o);
+            &mut observe
+        }
+        None => &mut none,
+    };
+    let mut hook = WithProgress {
+        inner,
+        phase: Phase::Denoise,
         progress,
+    };
+    let latents = sample(
+        &mut pipeline.denoiser(),
+        &*scheduler,
+        inversion.latents.clone(),
+        &cond.guidance,
+        &mut hook,
     )?;
-    let pixels = to_unit_nhwc(&sd.vae.decode_latents(&latents)?)?;
+    let pixels = to_unit_nhwc(&pipeline.decode(&latents)?)?;
     let image = unit_nhwc_to_images(&pixels)?.remove(0);
     let psnr = inversion
         .image

@@ -152,6 +152,7 @@ pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
 pub fn generation_metadata(
     req: &GenerateRequest,
     model: &str,
+    sampler: &str,
     width: usize,
     height: usize,
     extra: &[(String, String)],
@@ -164,7 +165,7 @@ pub fn generation_metadata(
         ("guidance".into(), req.guidance.to_string()),
         ("model".into(), model.to_string()),
         ("size".into(), format!("{width}x{height}")),
-        ("sampler".into(), "ddim".into()),
+        ("sampler".into(), sampler.into()),
         (
             "Software".into(),
             concat!("learn-to-steer ", env!("CARGO_PKG_VERSION")).into(),

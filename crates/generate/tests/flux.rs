@@ -5,23 +5,61 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Tensor};
-use l2s_diffusion::{rf_invert, rf_reconstruct, RfInversionConfig};
-use l2s_generate::flux::{
-    flux_defaults, flux_encode, flux_map_steps, flux_native_size, flux_seeded_latents, flux_sigmas,
-    flux_word_tokens, generate_flux, generate_flux_with_attention, invert_flux, reconstruct_flux,
+use l2s_diffusion::{
+    sample, Denoiser, FlowMatchConfig, FlowMatchEulerScheduler, Guidance, NoHook,
+    RfInversionConfig, RfInversionFlow, RfReconstructionFlow,
 };
-use l2s_generate::{AttentionRequest, GenerateRequest, InvertRequest};
+use l2s_generate::{
+    generate, generate_with_attention, invert, reconstruct, word_tokens, AttentionRequest,
+    GenerateRequest, InvertRequest,
+};
 use l2s_models::flux::{pack_latents, unpack_latents, FluxConditioning, FluxPipeline};
-use l2s_models::{LoadOptions, NoObserver};
+use l2s_models::{LoadOptions, NoObserver, Pipeline};
 
 const PROMPT: &str = "a dog to the right of a teddy bear";
 
-fn load(name: &str) -> FluxPipeline {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+fn dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../fixtures")
         .join(name)
-        .join("model");
-    FluxPipeline::load(&dir, &LoadOptions::default()).unwrap()
+        .join("model")
+}
+
+fn load(name: &str) -> Pipeline {
+    Pipeline::load(&dir(name), &LoadOptions::default(), None).unwrap()
+}
+
+fn load_flux(name: &str) -> FluxPipeline {
+    FluxPipeline::load(&dir(name), &LoadOptions::default()).unwrap()
+}
+
+fn defaults(p: &Pipeline) -> (usize, f64) {
+    let d = p.sampling_defaults();
+    (d.steps, d.guidance)
+}
+
+/// The model's flow-matching sigmas for `steps` steps at this packed grid.
+fn flux_sigmas(flux: &FluxPipeline, steps: usize, grid: (usize, usize)) -> Vec<f64> {
+    let mut s =
+        FlowMatchEulerScheduler::new(FlowMatchConfig::from_file(&flux.scheduler_config).unwrap());
+    s.set_timesteps(steps, grid.0 * grid.1).unwrap();
+    s.sigmas().to_vec()
+}
+
+/// FLUX's velocity on packed latents, as a denoiser (its time is σ).
+struct Packed<'a> {
+    flux: &'a FluxPipeline,
+    grid: (usize, usize),
+    cond: &'a FluxConditioning,
+}
+
+impl Denoiser for Packed<'_> {
+    type Cond = ();
+    fn predict(&mut self, x: &Tensor, sigma: f64, _: &()) -> l2s_diffusion::Result<Tensor> {
+        Ok(self
+            .flux
+            .velocity(x, self.grid, self.cond, sigma, Some(3.5), &mut NoObserver)?)
+    }
 }
 
 fn rms(a: &Tensor, b: &Tensor) -> f64 {
@@ -38,30 +76,31 @@ fn rms(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn model_defaults() {
     let dev = load("flux-dev-tiny");
-    assert_eq!(flux_defaults(&dev), (50, 3.5));
-    assert_eq!(flux_map_steps(&dev, 50), vec![5, 10, 15, 20, 25, 49]);
+    assert_eq!(defaults(&dev), (50, 3.5));
+    assert_eq!(dev.map_steps(50), vec![5, 10, 15, 20, 25, 49]);
     // The tiny VAE's sample_size (64) is below the paper's 512.
-    assert_eq!(flux_native_size(&dev), 64);
+    assert_eq!(dev.native_size(), 64);
     let schnell = load("flux-schnell-tiny");
-    assert_eq!(flux_defaults(&schnell), (4, 0.0));
-    assert_eq!(flux_map_steps(&schnell, 4), vec![1, 3]);
+    assert_eq!(defaults(&schnell), (4, 0.0));
+    assert_eq!(schnell.map_steps(4), vec![1, 3]);
+    assert_eq!(schnell.steer_steps(4), 1);
 }
 
 #[test]
 fn generation_is_seeded_and_sized() {
     let flux = load("flux-schnell-tiny");
     let mut req = GenerateRequest::new(PROMPT);
-    (req.steps, req.guidance) = flux_defaults(&flux);
-    let a = generate_flux(&flux, &req, None, &mut |_| {}).unwrap();
-    let b = generate_flux(&flux, &req, None, &mut |_| {}).unwrap();
+    (req.steps, req.guidance) = defaults(&flux);
+    let a = generate(&flux, &req, &mut NoHook, &mut |_| {}).unwrap();
+    let b = generate(&flux, &req, &mut NoHook, &mut |_| {}).unwrap();
     assert_eq!(a.image.as_raw(), b.image.as_raw());
     assert_eq!((a.width, a.height), (64, 64));
     assert_eq!(a.latents.dims(), &[1, 16, 8, 8]);
     req.seed = 1;
-    let c = generate_flux(&flux, &req, None, &mut |_| {}).unwrap();
+    let c = generate(&flux, &req, &mut NoHook, &mut |_| {}).unwrap();
     assert_ne!(a.image.as_raw(), c.image.as_raw());
     req.width = Some(40);
-    let err = generate_flux(&flux, &req, None, &mut |_| {})
+    let err = generate(&flux, &req, &mut NoHook, &mut |_| {})
         .unwrap_err()
         .to_string();
     assert!(err.contains("multiple of 16"), "{err}");
@@ -69,17 +108,18 @@ fn generation_is_seeded_and_sized() {
 
 #[test]
 fn words_map_to_t5_positions() {
-    let flux = load("flux-dev-tiny");
+    let flux = load_flux("flux-dev-tiny");
+    let model = load("flux-dev-tiny");
     let ids = flux.tokenizer_2.encode(PROMPT).unwrap().ids;
-    let dog = flux_word_tokens(&flux, PROMPT, "dog").unwrap();
-    let bear = flux_word_tokens(&flux, PROMPT, "teddy bear").unwrap();
+    let dog = word_tokens(&model, PROMPT, "dog").unwrap();
+    let bear = word_tokens(&model, PROMPT, "teddy bear").unwrap();
     assert_eq!(
         ids[dog.positions[0]],
         flux.tokenizer_2.encode_words("dog").unwrap()[0]
     );
     assert!(bear.positions.len() >= 2, "{bear:?}");
     assert!(bear.positions[0] > dog.positions[0]);
-    assert!(flux_word_tokens(&flux, PROMPT, "zebra").is_err());
+    assert!(word_tokens(&model, PROMPT, "zebra").is_err());
 }
 
 #[test]
@@ -92,8 +132,9 @@ fn attention_maps_have_one_channel_per_block_and_head() {
         at_steps: vec![1, 5],
         map_size: 16,
     };
-    let (_, maps) = generate_flux_with_attention(&flux, &req, &att, &mut |_| {}).unwrap();
-    let cfg = flux.transformer.config();
+    let (_, maps) = generate_with_attention(&flux, &req, &att, &mut |_| {}).unwrap();
+    let raw = load_flux("flux-dev-tiny");
+    let cfg = raw.transformer.config();
     let c = (cfg.num_layers + cfg.num_single_layers) * cfg.num_attention_heads;
     assert_eq!(maps.per_head.dims(), &[2, 2, c, 16, 16]);
     let sums = maps
@@ -115,20 +156,27 @@ fn attention_maps_have_one_channel_per_block_and_head() {
 
 #[test]
 fn plain_rf_inversion_is_euler_inversion_and_control_improves_reconstruction() {
-    let flux = load("flux-dev-tiny");
+    let model = load("flux-dev-tiny");
+    let flux = load_flux("flux-dev-tiny");
     let mut gen = GenerateRequest::new(PROMPT);
     gen.steps = 8;
-    let image = generate_flux(&flux, &gen, None, &mut |_| {}).unwrap().image;
+    let image = generate(&model, &gen, &mut NoHook, &mut |_| {})
+        .unwrap()
+        .image;
     let mut req = InvertRequest::new(PROMPT);
     req.steps = 8;
     req.guidance = 3.5;
 
     // γ = η = 0 against a direct backward Euler run of the same model.
     let plain = RfInversionConfig::plain();
-    let inv = invert_flux(&flux, &image, &req, &plain, 0, &mut |_| {}).unwrap();
+    let plain_req = InvertRequest {
+        rf: plain,
+        ..req.clone()
+    };
+    let inv = invert(&model, &image, &plain_req, &mut |_| {}).unwrap();
     let grid = flux.grid_for(64, 64);
-    let (cond, _) = flux_encode(&flux, PROMPT).unwrap();
-    let sigmas = flux_sigmas(&flux, 8, grid).unwrap();
+    let cond = flux.encode_prompt(PROMPT).unwrap();
+    let sigmas = flux_sigmas(&flux, 8, grid);
     let mut x = pack_latents(&inv.z0).unwrap();
     for k in (1..sigmas.len()).rev() {
         let v = flux
@@ -146,13 +194,16 @@ fn plain_rf_inversion_is_euler_inversion_and_control_improves_reconstruction() {
     // Reconstruction: both inversions land closer to the clean latent than sampling from fresh
     // noise; the controlled pair gives the best image.
     let err = |latents: &Tensor| rms(latents, &inv.z0);
-    let plain_rec = reconstruct_flux(&flux, &inv, &plain, None, &mut |_| {}).unwrap();
-    let rf = RfInversionConfig::default();
-    let inv_rf = invert_flux(&flux, &image, &req, &rf, 0, &mut |_| {}).unwrap();
-    let rf_rec = reconstruct_flux(&flux, &inv_rf, &rf, None, &mut |_| {}).unwrap();
+    let plain_rec = reconstruct(&model, &inv, None, &mut |_| {}).unwrap();
+    let rf_req = InvertRequest {
+        rf: RfInversionConfig::default(),
+        ..req.clone()
+    };
+    let inv_rf = invert(&model, &image, &rf_req, &mut |_| {}).unwrap();
+    let rf_rec = reconstruct(&model, &inv_rf, None, &mut |_| {}).unwrap();
     let mut naive = inv.clone();
-    naive.latents = flux_seeded_latents(&flux, 64, 64, 99).unwrap();
-    let naive_rec = reconstruct_flux(&flux, &naive, &plain, None, &mut |_| {}).unwrap();
+    naive.latents = model.seeded_latents(64, 64, 99).unwrap();
+    let naive_rec = reconstruct(&model, &naive, None, &mut |_| {}).unwrap();
     let (e_naive, e_plain, e_rf) = (
         err(&naive_rec.latents),
         err(&plain_rec.latents),
@@ -196,7 +247,8 @@ fn rel_max_err(actual: &Tensor, expected: &Tensor) -> f64 {
 
 #[test]
 fn rf_inversion_matches_the_pytorch_reference() {
-    let flux = load("flux-dev-tiny");
+    let model = load("flux-dev-tiny");
+    let flux = load_flux("flux-dev-tiny");
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../fixtures/flux-dev-tiny/rf_inversion.safetensors");
     let fx = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
@@ -208,10 +260,12 @@ fn rf_inversion_matches_the_pytorch_reference() {
     };
     let (y0, y1) = (&fx["y0"], &fx["y1"]);
     let grid = flux.grid_for(64, 64);
-    let velocity = |_: usize, x: &Tensor, sigma: f64| {
-        flux.velocity(x, grid, &cond, sigma, Some(3.5), &mut NoObserver)
-            .map_err(l2s_diffusion::DiffusionError::from)
+    let mut den = Packed {
+        flux: &flux,
+        grid,
+        cond: &cond,
     };
+    let unguided = Guidance::Unguided(());
     for name in ["default", "gamma_only"] {
         let c = fx[&format!("{name}.config")].to_vec1::<f64>().unwrap();
         let cfg = RfInversionConfig {
@@ -227,12 +281,12 @@ fn rf_inversion_matches_the_pytorch_reference() {
                 (cfg, steps, c[5]),
                 (
                     RfInversionConfig::default(),
-                    flux_defaults(&flux).0,
-                    flux_defaults(&flux).1
+                    defaults(&model).0,
+                    defaults(&model).1
                 )
             );
         }
-        let sigmas = flux_sigmas(&flux, steps, grid).unwrap();
+        let sigmas = flux_sigmas(&flux, steps, grid);
         let want: Vec<f32> = fx[&format!("{name}.sigmas")].to_vec1().unwrap();
         assert_eq!(sigmas.len(), want.len());
         assert!(
@@ -243,20 +297,22 @@ fn rf_inversion_matches_the_pytorch_reference() {
             "{sigmas:?} vs {want:?}"
         );
 
-        let inverted = rf_invert(y0, y1, &sigmas, &cfg, velocity).unwrap();
+        let forward = RfInversionFlow::new(&sigmas, y1, &cfg).unwrap();
+        let inverted = sample(&mut den, &forward, y0.clone(), &unguided, &mut NoHook).unwrap();
         let e_inv = rel_max_err(&inverted, &fx[&format!("{name}.inverted")]);
         // Reverse from the reference's inverted latent, so each half is checked on its own.
-        let rec = rf_reconstruct(
-            &fx[&format!("{name}.inverted")],
-            y0,
-            &sigmas,
-            &cfg,
-            velocity,
+        let reverse = RfReconstructionFlow::new(&sigmas, y0, &cfg).unwrap();
+        let rec = sample(
+            &mut den,
+            &reverse,
+            fx[&format!("{name}.inverted")].clone(),
+            &unguided,
+            &mut NoHook,
         )
         .unwrap();
         let e_rec = rel_max_err(&rec, &fx[&format!("{name}.reconstructed")]);
         // And the whole round trip from our own inversion.
-        let chain = rf_reconstruct(&inverted, y0, &sigmas, &cfg, velocity).unwrap();
+        let chain = sample(&mut den, &reverse, inverted.clone(), &unguided, &mut NoHook).unwrap();
         let e_chain = rel_max_err(&chain, &fx[&format!("{name}.reconstructed")]);
         eprintln!(
             "RF-inversion parity {name} ({cfg:?}, {steps} steps): rel. max err inverted {e_inv:.2e}, \

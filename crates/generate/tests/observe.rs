@@ -4,23 +4,37 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use l2s_diffusion::{guided_prediction, Guidance};
-use l2s_generate::generate::seeded_latents;
-use l2s_generate::sample::scheduler;
+use l2s_diffusion::{guided_prediction_observed, Guidance, NoHook};
 use l2s_generate::{
-    encode_prompt, generate, generate_with_attention, word_tokens, AttentionRequest, GenerateError,
-    GenerateRequest, ObservedRows, SdDenoiser,
+    generate, generate_with_attention, word_tokens, AttentionRequest, GenerateError,
+    GenerateRequest,
 };
-use l2s_models::{AttentionStore, LoadOptions, StableDiffusion};
+use l2s_models::{AttentionStore, LoadOptions, ModelError, Pipeline, StableDiffusion};
 
 const PROMPT: &str = "a dog to the right of a teddy bear";
 
-fn load(name: &str) -> StableDiffusion {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+fn dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../fixtures")
         .join(name)
-        .join("model");
-    StableDiffusion::load(&dir, &LoadOptions::default()).unwrap()
+        .join("model")
+}
+
+fn load(name: &str) -> Pipeline {
+    Pipeline::load(&dir(name), &LoadOptions::default(), None).unwrap()
+}
+
+fn load_sd(name: &str) -> StableDiffusion {
+    StableDiffusion::load(&dir(name), &LoadOptions::default()).unwrap()
+}
+
+fn text_embedding(sd: &StableDiffusion, prompt: &str) -> Tensor {
+    let enc = sd.tokenizer.encode(prompt).unwrap();
+    let ids = Tensor::new(enc.ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    sd.text_encoder.forward(&ids).unwrap().last_hidden_state
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
@@ -37,28 +51,31 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn observer_sees_only_the_conditional_rows_under_every_guidance() {
-    let sd = load("sd1-tiny");
-    let cond = encode_prompt(&sd, PROMPT).unwrap().embedding;
-    let uncond = encode_prompt(&sd, "").unwrap().embedding;
-    let z = seeded_latents(&sd, 32, 32, 3).unwrap();
-    // Reference: the conditional prompt alone.
+    let sd = load_sd("sd1-tiny");
+    let model = load("sd1-tiny");
+    let cond = text_embedding(&sd, PROMPT);
+    let z = model.seeded_latents(32, 32, 3).unwrap();
+    // Reference: the conditional prompt alone, straight through the UNet.
     let mut alone = AttentionStore::new();
     sd.unet
         .forward_observed(&z, 501.0, &cond, &mut alone)
         .unwrap();
+    let batched = model.encode(PROMPT, "", 7.5).unwrap().guidance;
+    let uncond = model.encode("", "", 1.0).unwrap().guidance;
     let guidances = [
-        Guidance::batched_tensors(&uncond, &cond, 7.5).unwrap(),
         Guidance::TwoPass {
-            uncond: uncond.clone(),
-            cond: cond.clone(),
+            uncond: uncond.conditional().clone(),
+            cond: batched.conditional().clone(),
             scale: 7.5,
         },
-        Guidance::Unguided(cond.clone()),
+        model.encode(PROMPT, "", 1.0).unwrap().guidance,
+        batched,
     ];
+    assert!(matches!(guidances[2], Guidance::Batched { .. }));
     for g in &guidances {
         let mut store = AttentionStore::new();
-        let mut den = SdDenoiser::for_guidance(&sd.unet, &mut store, g);
-        guided_prediction(&mut den, &z, 501.0, g).unwrap();
+        let mut den = model.denoiser();
+        guided_prediction_observed(&mut den, &z, 501.0, g, Some(&mut store)).unwrap();
         let records = store.into_records();
         assert_eq!(
             records.len(),
@@ -76,14 +93,6 @@ fn observer_sees_only_the_conditional_rows_under_every_guidance() {
             );
         }
     }
-    // ObservedRows::All with Batched shows both halves, unconditional first.
-    let g = &guidances[0];
-    let mut store = AttentionStore::new();
-    let mut den = SdDenoiser::observed(&sd.unet, &mut store, ObservedRows::All);
-    guided_prediction(&mut den, &z, 501.0, g).unwrap();
-    let (_, p) = &store.records()[0];
-    assert_eq!(p.dim(0).unwrap(), 2);
-    assert!(max_abs(&p.narrow(0, 1, 1).unwrap(), &alone.records()[0].1) < 1e-5);
 }
 
 #[test]
@@ -99,7 +108,7 @@ fn attention_maps_come_from_the_chosen_steps_conditional_pass() {
     };
     let (generated, maps) = generate_with_attention(&sd, &req, &att, &mut |_| {}).unwrap();
     // Observation does not change the image.
-    let plain = generate(&sd, &req, &mut |_| {}).unwrap();
+    let plain = generate(&sd, &req, &mut NoHook, &mut |_| {}).unwrap();
     assert_eq!(generated.image, plain.image);
 
     assert_eq!(maps.steps, vec![0, 2]);
@@ -120,10 +129,11 @@ fn attention_maps_come_from_the_chosen_steps_conditional_pass() {
     assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-4));
 
     // Step 0's raw maps equal a direct conditional forward pass at the first timestep.
-    let cond = encode_prompt(&sd, PROMPT).unwrap().embedding;
-    let t0 = scheduler(&sd, 4).unwrap().timesteps()[0];
+    let unet = load_sd("sd2-tiny");
+    let cond = text_embedding(&unet, PROMPT);
+    let t0 = sd.scheduler(4, 32, 32).unwrap().timestep(0);
     let mut direct = AttentionStore::new();
-    sd.unet
+    unet.unet
         .forward_observed(&generated.initial_latents, t0 as f64, &cond, &mut direct)
         .unwrap();
     for (layer, (site, probs)) in maps
@@ -158,18 +168,18 @@ fn attention_maps_come_from_the_chosen_steps_conditional_pass() {
 #[test]
 fn words_map_to_token_positions() {
     let sd = load("sd1-tiny");
-    let pos = |w: &str| word_tokens(&sd.tokenizer, PROMPT, w).unwrap().positions;
+    let pos = |w: &str| word_tokens(&sd, PROMPT, w).unwrap().positions;
     assert_eq!(pos("dog"), vec![2]);
     assert_eq!(pos("Dog"), vec![2]);
     assert_eq!(pos("teddy bear"), vec![8, 9]);
     assert_eq!(pos("right of"), vec![5, 6]);
     // "hippopotamus" is several tokens.
-    let many = word_tokens(&sd.tokenizer, "a hippopotamus on a bed", "hippopotamus")
+    let many = word_tokens(&sd, "a hippopotamus on a bed", "hippopotamus")
         .unwrap()
         .positions;
     assert!(many.len() > 1 && many[0] == 2, "{many:?}");
-    match word_tokens(&sd.tokenizer, PROMPT, "cat") {
-        Err(e @ GenerateError::WordNotInPrompt { .. }) => {
+    match word_tokens(&sd, PROMPT, "cat") {
+        Err(e @ GenerateError::Model(ModelError::WordNotInPrompt { .. })) => {
             let msg = e.to_string();
             assert!(
                 msg.contains("`cat`") && msg.contains("a, dog, to, the, right, of, teddy, bear"),
@@ -180,43 +190,43 @@ fn words_map_to_token_positions() {
     }
     // A word cut off by truncation is not in what the model reads.
     let long = format!("{} zebra", "a dog ".repeat(40));
-    assert!(word_tokens(&sd.tokenizer, &long, "zebra").is_err());
+    assert!(word_tokens(&sd, &long, "zebra").is_err());
 }
 
 #[test]
 fn truncated_prompt_warns_and_bad_requests_fail_clearly() {
     let sd = load("sd1-tiny");
-    let enc = encode_prompt(&sd, &"a dog ".repeat(50)).unwrap();
-    assert_eq!(
-        enc.embedding.dims(),
-        &[1, 77, sd.text_encoder.config().hidden_size]
-    );
+    let enc = sd.encode(&"a dog ".repeat(50), "", 1.0).unwrap();
     assert_eq!(enc.warnings.len(), 1);
     assert!(
         enc.warnings[0].contains("100 tokens") && enc.warnings[0].contains("25"),
         "{:?}",
         enc.warnings
     );
-    assert!(encode_prompt(&sd, PROMPT).unwrap().warnings.is_empty());
+    assert!(sd.encode(PROMPT, "", 1.0).unwrap().warnings.is_empty());
 
     let mut req = GenerateRequest::new("a dog");
     req.steps = 2;
     req.height = Some(20);
-    let err = generate(&sd, &req, &mut |_| {}).unwrap_err().to_string();
+    let err = generate(&sd, &req, &mut NoHook, &mut |_| {})
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("height") && err.contains("20") && err.contains("multiple of 8"),
         "{err}"
     );
     req.height = None;
     req.init_latents = Some(Tensor::zeros((1, 4, 16), DType::F32, &Device::Cpu).unwrap());
-    let err = generate(&sd, &req, &mut |_| {}).unwrap_err().to_string();
+    let err = generate(&sd, &req, &mut NoHook, &mut |_| {})
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("[1, 4, 16]") && err.contains("[1, 4, 16, 16]"),
         "{err}"
     );
     req.init_latents = None;
     req.steps = 0;
-    assert!(generate(&sd, &req, &mut |_| {})
+    assert!(generate(&sd, &req, &mut NoHook, &mut |_| {})
         .unwrap_err()
         .to_string()
         .contains("steps"));

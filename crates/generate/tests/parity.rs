@@ -6,13 +6,14 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use l2s_diffusion::NoHook;
 use l2s_generate::convert::{decoded_to_images, quantize};
 use l2s_generate::png::encode_png;
 use l2s_generate::{
     generate, generation_metadata, invert, invert_latents, psnr, reconstruct, GenerateRequest,
     InvertRequest,
 };
-use l2s_models::{LoadOptions, StableDiffusion};
+use l2s_models::{LoadOptions, Pipeline};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -20,9 +21,9 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn load(name: &str) -> (StableDiffusion, HashMap<String, Tensor>, serde_json::Value) {
+fn load(name: &str) -> (Pipeline, HashMap<String, Tensor>, serde_json::Value) {
     let dir = fixture(name);
-    let sd = StableDiffusion::load(&dir.join("model"), &LoadOptions::default()).unwrap();
+    let sd = Pipeline::load(&dir.join("model"), &LoadOptions::default(), None).unwrap();
     let expected =
         candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
     let meta =
@@ -74,7 +75,7 @@ fn sampling(name: &str) {
     let req = sample_request(&meta, &exp["sample.latents"]);
     assert_eq!((req.steps, req.guidance), (10, 7.5));
     let mut seen = Vec::new();
-    let out = generate(&sd, &req, &mut |p| seen.push(p.done)).unwrap();
+    let out = generate(&sd, &req, &mut NoHook, &mut |p| seen.push(p.done)).unwrap();
     assert_eq!(seen, (1..=10).collect::<Vec<_>>());
 
     let lat = rel_err(&out.latents, &exp["sample.final_latents"]);
@@ -139,6 +140,8 @@ fn inversion(name: &str) {
         guidance: inv["guidance_scale"].as_f64().unwrap(),
         steps: inv["num_inference_steps"].as_u64().unwrap() as usize,
         fixed_point_iterations: 0,
+        rf: Default::default(),
+        noise_seed: 0,
         width: Some(32),
         height: Some(32),
     };
@@ -208,7 +211,7 @@ fn fixed_point(name: &str) {
             };
             let inv = invert(&sd, &image, &req, &mut |_| {}).unwrap();
             let rec = reconstruct(&sd, &inv, None, &mut |_| {}).unwrap();
-            let round_trip = decoded_to_images(&sd.vae.decode_latents(&inv.z0).unwrap())
+            let round_trip = decoded_to_images(&sd.decode(&inv.z0).unwrap())
                 .unwrap()
                 .remove(0);
             let lat_err = rel_l2(&rec.latents, &inv.z0);
@@ -257,10 +260,10 @@ fn same_request_gives_identical_png_bytes() {
     req.steps = 4;
     req.seed = 42;
     let png = |req: &GenerateRequest| {
-        let out = generate(&sd, req, &mut |_| {}).unwrap();
+        let out = generate(&sd, req, &mut NoHook, &mut |_| {}).unwrap();
         encode_png(
             &out.image,
-            &generation_metadata(req, "sd1-tiny", out.width, out.height, &[]),
+            &generation_metadata(req, "sd1-tiny", "ddim", out.width, out.height, &[]),
         )
         .unwrap()
     };

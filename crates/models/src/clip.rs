@@ -162,9 +162,16 @@ pub struct ClipTextModel {
 }
 
 impl ClipTextModel {
-    /// `vb` points at the component root; parameter names start with `text_model.`.
+    /// `vb` points at the component root. Parameter names start with `text_model.` in the
+    /// published checkpoints; transformers ≥ 5 saves them without that level. Both load.
     pub fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
-        let vb = vb.pp("text_model");
+        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight")
+            || !vb.contains_tensor("embeddings.token_embedding.weight")
+        {
+            vb.pp("text_model")
+        } else {
+            vb
+        };
         let emb = vb.pp("embeddings");
         let token_embedding =
             candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, emb.pp("token_embedding"))?;

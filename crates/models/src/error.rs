@@ -38,6 +38,19 @@ pub enum ModelError {
     #[error("tokenizer {path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
 
+    #[error("invalid {what}: {reason}")]
+    InvalidArgument { what: String, reason: String },
+
+    #[error("word `{word}` is not in the prompt {prompt:?} (the prompt's words: {words})")]
+    WordNotInPrompt {
+        word: String,
+        prompt: String,
+        words: String,
+    },
+
+    #[error(transparent)]
+    Diffusion(#[from] l2s_diffusion::DiffusionError),
+
     #[error("{0}")]
     Candle(#[from] candle_core::Error),
 }

@@ -9,8 +9,8 @@ pub mod config;
 pub mod conv;
 pub mod error;
 pub mod flux;
+pub mod model;
 pub mod nn;
-pub mod observer;
 pub mod pipeline;
 pub mod resnet;
 pub mod space_to_depth;
@@ -22,5 +22,10 @@ pub mod weights;
 
 pub use error::{ModelError, Result};
 pub use flux::{FluxConditioning, FluxConfig, FluxInputs, FluxPipeline, FluxTransformer2DModel};
+pub use l2s_diffusion::observer;
+pub use model::{
+    default_map_steps, Conditioning, InversionSettings, InvertedLatents, ModelCond, ModelDenoiser,
+    Pipeline, METHOD_STEPS,
+};
 pub use observer::{AttentionObserver, AttentionSite, AttentionStore, NoObserver};
 pub use pipeline::{resolve_model, LoadOptions, SamplingDefaults, StableDiffusion};

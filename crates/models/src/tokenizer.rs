@@ -216,3 +216,18 @@ pub struct Encoded {
     /// Text tokens dropped by truncation.
     pub truncated: usize,
 }
+
+/// The distinct words of a prompt, lower-cased, punctuation trimmed (for "the prompt's words"
+/// in error messages).
+pub fn prompt_words(prompt: &str) -> Vec<String> {
+    let mut words: Vec<String> = Vec::new();
+    for raw in prompt.split_whitespace() {
+        let w = raw
+            .trim_matches(|c: char| !c.is_alphanumeric())
+            .to_lowercase();
+        if !w.is_empty() && !words.contains(&w) {
+            words.push(w);
+        }
+    }
+    words
+}

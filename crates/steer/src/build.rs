@@ -2,16 +2,14 @@
 //! inverted with its true prompt and with a wrong-relation prompt, reconstructed from each
 //! inversion while the relation maps are recorded at the chosen steps, and both samples are
 //! labelled with the TRUE relation, so the classifier cannot learn to read the relation word.
-//! Stable Diffusion inverts by fixed-point DDIM, FLUX by RF-inversion ([`BuildModel`]).
+//! Stable Diffusion inverts by fixed-point DDIM, FLUX by RF-inversion (the model's own choice).
 
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use l2s_diffusion::RfInversionConfig;
 use l2s_eval::{relations as relation_rule, top1_per_class, BBox, Detector, Relation};
-use l2s_generate::flux::{flux_defaults, flux_word_tokens, invert_flux, reconstruct_flux};
-use l2s_generate::{invert, reconstruct, word_tokens, InvertRequest, StepObserver};
-use l2s_models::flux::FluxPipeline;
-use l2s_models::{AttentionObserver, AttentionSite, StableDiffusion};
+use l2s_generate::{invert, reconstruct, InvertRequest, StepObserver};
+use l2s_models::{AttentionObserver, AttentionSite, Pipeline};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -36,9 +34,11 @@ pub struct BuildConfig {
     /// Also invert with a wrong-relation prompt (the method); `false` is the ablation.
     pub dual_inversion: bool,
     /// Picks each image's pair and wrong relation; on FLUX, mixed with the sample's number
-    /// ([`crate::flux::inversion_seed`]), seeds its RF-inversion noise.
+    /// ([`inversion_seed`]), seeds its RF-inversion noise.
     pub seed: u64,
     pub shard: ShardSpec,
+    /// RF-inversion's controllers (flow-matching models).
+    pub rf: RfInversionConfig,
 }
 
 /// The four relations, in label order.
@@ -96,7 +96,7 @@ struct StepMaps {
 
 impl StepMaps {
     fn new(pair: WordPair, at_steps: &[usize]) -> Self {
-        let mut recorder = MapRecorder::new(vec![pair], crate::sd::MAP_SIZE, true);
+        let mut recorder = MapRecorder::new(vec![pair], crate::steering::MAP_SIZE, true);
         recorder.set_active(false);
         Self {
             recorder,
@@ -154,41 +154,15 @@ impl StepObserver for StepMaps {
     }
 }
 
-/// The model a dataset is built for, with its inversion: fixed-point DDIM for Stable Diffusion,
-/// RF-inversion for FLUX (at the model's guidance).
-#[derive(Clone, Copy)]
-pub enum BuildModel<'a> {
-    Sd(&'a StableDiffusion),
-    Flux(&'a FluxPipeline, RfInversionConfig),
-}
-
-impl<'a> From<&'a StableDiffusion> for BuildModel<'a> {
-    fn from(sd: &'a StableDiffusion) -> Self {
-        BuildModel::Sd(sd)
-    }
-}
-
-impl<'a> From<&'a FluxPipeline> for BuildModel<'a> {
-    fn from(flux: &'a FluxPipeline) -> Self {
-        BuildModel::Flux(flux, RfInversionConfig::default())
-    }
-}
-
-impl BuildModel<'_> {
-    /// The model's fingerprint, recorded in the dataset and checked by classifiers.
-    pub fn id(&self) -> Result<String> {
-        match self {
-            BuildModel::Sd(sd) => crate::method::model_id(sd),
-            BuildModel::Flux(flux, _) => crate::method::flux_model_id(flux),
-        }
-    }
-
-    fn positions(&self, prompt: &str, word: &str) -> Result<Vec<usize>> {
-        Ok(match self {
-            BuildModel::Sd(sd) => word_tokens(&sd.tokenizer, prompt, word)?.positions,
-            BuildModel::Flux(flux, _) => flux_word_tokens(flux, prompt, word)?.positions,
-        })
-    }
+/// The RF-inversion noise seed of dataset sample `sample` (`l2s data build` numbers image i's
+/// true-prompt sample 2i and its wrong-prompt sample 2i + 1): `seed` and the number mixed by
+/// SplitMix64's finaliser, so every sample draws its own noise, the same in any shard or resumed
+/// run, and nearby seeds share none.
+pub fn inversion_seed(seed: u64, sample: u64) -> u64 {
+    let mut z = seed ^ sample.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// One inverted-and-reconstructed sample.
@@ -202,36 +176,29 @@ pub struct RecordedSample {
 }
 
 /// Inverts `image` with `prompt`, reconstructs it while recording the pair's maps.
-pub fn record_sample<'a>(
-    model: impl Into<BuildModel<'a>>,
+pub fn record_sample(
+    model: &Pipeline,
     image: &image::RgbImage,
     prompt: &str,
     subject: &str,
     object: &str,
     cfg: &BuildConfig,
 ) -> Result<RecordedSample> {
-    let model = model.into();
     let pair = WordPair {
-        subject: model.positions(prompt, subject)?,
-        object: model.positions(prompt, object)?,
+        subject: model.word_positions(prompt, subject)?,
+        object: model.word_positions(prompt, object)?,
     };
     let mut req = InvertRequest::new(prompt);
     req.steps = cfg.steps;
     req.fixed_point_iterations = cfg.fixed_point_iterations;
     req.width = Some(image.width() as usize);
     req.height = Some(image.height() as usize);
+    req.guidance = model.inversion_guidance();
+    req.rf = cfg.rf;
+    req.noise_seed = cfg.seed;
     let mut observer = StepMaps::new(pair, &cfg.step_indices);
-    let recon = match model {
-        BuildModel::Sd(sd) => {
-            let inversion = invert(sd, image, &req, &mut |_| {})?;
-            reconstruct(sd, &inversion, Some(&mut observer), &mut |_| {})?
-        }
-        BuildModel::Flux(flux, rf) => {
-            req.guidance = flux_defaults(flux).1;
-            let inversion = invert_flux(flux, image, &req, &rf, cfg.seed, &mut |_| {})?;
-            reconstruct_flux(flux, &inversion, &rf, Some(&mut observer), &mut |_| {})?
-        }
-    };
+    let inversion = invert(model, image, &req, &mut |_| {})?;
+    let recon = reconstruct(model, &inversion, Some(&mut observer), &mut |_| {})?;
     let (maps, sites) = observer.finish()?;
     Ok(RecordedSample {
         maps,
@@ -311,8 +278,8 @@ struct Job {
 /// `workers` threads invert at once (the model is shared); samples are written in the same order
 /// as with one. `progress(done, total)` after each image.
 #[allow(clippy::too_many_arguments)]
-pub fn build<'a>(
-    model: impl Into<BuildModel<'a>>,
+pub fn build(
+    model: &Pipeline,
     images: &[AnnotatedImage],
     cfg: &BuildConfig,
     check: Option<&RelationCheck>,
@@ -321,7 +288,6 @@ pub fn build<'a>(
     mut positives_only: Option<&mut DatasetWriter>,
     progress: &mut dyn FnMut(usize, usize, &BuildSummary),
 ) -> Result<BuildSummary> {
-    let model = model.into();
     let mut summary = BuildSummary {
         images: images.len(),
         ..BuildSummary::default()
@@ -377,7 +343,7 @@ pub fn build<'a>(
         let prompt = &job.prompt;
         // RF-inversion (FLUX) draws noise, each sample its own; DDIM inversion draws none.
         let sample_cfg = BuildConfig {
-            seed: crate::flux::inversion_seed(cfg.seed, job.sample),
+            seed: inversion_seed(cfg.seed, job.sample),
             ..cfg.clone()
         };
         let recorded = record_sample(
@@ -456,6 +422,20 @@ pub fn build<'a>(
         single.flush()?;
     }
     Ok(summary)
+}
+
+#[cfg(test)]
+mod seed_tests {
+    use super::inversion_seed;
+
+    #[test]
+    fn every_sample_and_seed_draws_its_own_noise() {
+        let seeds: std::collections::HashSet<u64> = (0..4)
+            .flat_map(|s| (0..64).map(move |n| inversion_seed(s, n)))
+            .collect();
+        assert_eq!(seeds.len(), 4 * 64);
+        assert_eq!(inversion_seed(7, 3), inversion_seed(7, 3));
+    }
 }
 
 #[cfg(test)]

@@ -7,11 +7,10 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use l2s_eval::{judge, Detector, Triplet};
 use l2s_generate::GenerateRequest;
-use l2s_models::StableDiffusion;
+use l2s_models::Pipeline;
 
 use crate::relations::RelationTriplet;
-use crate::sd::{generate_steered, steer_triplets};
-use crate::steering::{SteerConfig, SteerLoss};
+use crate::steering::{generate_steered, SteerConfig, SteerLoss, SteerTriplet};
 use crate::workers::run_ordered;
 
 /// One prompt with the triplet it asks for.
@@ -82,7 +81,7 @@ pub struct EvalSettings<'a> {
 /// Generates every prompt × seed with `method`, detects, and judges. Records come back in
 /// prompt-then-seed order whatever the number of workers; the first error stops the rest.
 pub fn evaluate(
-    sd: &StableDiffusion,
+    model: &Pipeline,
     prompts: &[EvalPrompt],
     method: &str,
     settings: &EvalSettings,
@@ -92,10 +91,9 @@ pub fn evaluate(
     let triplets = prompts
         .iter()
         .map(|p| {
-            steer_triplets(
-                sd,
-                &p.prompt,
+            SteerTriplet::for_prompt(
                 std::slice::from_ref(&p.triplet),
+                &|word| Ok(model.word_positions(&p.prompt, word)?),
                 settings.label,
             )
             .with_context(|| format!("prompt {:?}", p.prompt))
@@ -114,21 +112,21 @@ pub fn evaluate(
         let (image, first, last) = match settings.loss {
             Some(loss) => {
                 let s = generate_steered(
-                    sd,
+                    model,
                     &req,
                     &triplets[pi],
                     loss,
                     &settings.steer,
-                    &mut |_, _| {},
+                    &mut |_| {},
                 )?;
                 (
-                    s.image,
+                    s.generated.image,
                     s.report.first_losses.first().copied(),
                     s.report.final_loss(),
                 )
             }
             None => (
-                l2s_generate::generate(sd, &req, &mut |_| {})?.image,
+                l2s_generate::generate(model, &req, &mut l2s_diffusion::NoHook, &mut |_| {})?.image,
                 None,
                 None,
             ),

@@ -1,12 +1,20 @@
-//! Test-time optimisation of the noisy latent (DESIGN §2), written once for every model.
-//!
-//! A model takes part by implementing [`SteerTarget`]: "give me the relation maps of these word
-//! pairs at (z, t), differentiably" and "take one ordinary denoising step". A loss takes part by
-//! implementing [`SteerLoss`]. [`steered_sample`] is the loop: for each of the first denoising
-//! steps, up to `max_iterations` gradient steps z ← z − α·∇z loss (triplets round-robin, stopping
-//! early under the step's loss threshold), then the model's own denoising step.
+//! Test-time optimisation of the noisy latent, written once for every model: [`Steering`] is a
+//! step hook of the one sampling loop. Before each of the first denoising steps it takes up to
+//! `max_iterations` gradient steps z ← z − α·∇z loss (triplets round-robin, stopping early under
+//! the step's loss threshold), each from an unguided pass of the model under the prompt alone
+//! whose attention maps feed the loss; the loop then takes the model's own (guided) step.
+//! A loss takes part by implementing [`SteerLoss`]; any [`Denoiser`] that reports its attention
+//! can be steered.
 
 use candle_core::{Tensor, Var};
+use l2s_diffusion::{Denoiser, DiffusionError, Guidance, StepContext, StepHook};
+use l2s_generate::{generate, GenerateRequest, Generated, Progress};
+use l2s_models::Pipeline;
+
+use crate::maps::MapRecorder;
+
+/// Map side the classifier reads.
+pub const MAP_SIZE: usize = 16;
 
 /// One triplet to enforce: token positions of subject and object and the wanted relation.
 #[derive(Clone, Debug)]
@@ -41,22 +49,6 @@ impl SteerTriplet {
             })
             .collect()
     }
-}
-
-/// What the steering loop needs from a model.
-pub trait SteerTarget {
-    /// Timesteps of the sampling run, in order (one per denoising step; flow models give σ·1000).
-    fn timesteps(&self) -> Vec<usize>;
-    /// The (2, C, S, S) maps of `pair` from a conditional-only model pass at `z` and denoising
-    /// step `step` (0-based, an index into [`Self::timesteps`]); differentiable with respect to `z`.
-    fn relation_maps(
-        &mut self,
-        z: &Tensor,
-        step: usize,
-        pair: &crate::maps::WordPair,
-    ) -> anyhow::Result<Tensor>;
-    /// One ordinary (guided) denoising step from `z` at step `index`.
-    fn denoise(&mut self, z: &Tensor, index: usize) -> anyhow::Result<Tensor>;
 }
 
 /// A differentiable loss on one triplet's maps.
@@ -117,6 +109,14 @@ impl SteerConfig {
             stop_below: None,
         }
     }
+
+    /// The paper's schedule as `pipeline` runs it (FLUX.1-schnell steers step 0 only).
+    pub fn paper_for(pipeline: &Pipeline, steps: usize) -> Self {
+        Self {
+            steer_steps: pipeline.steer_steps(steps),
+            ..Self::paper(steps)
+        }
+    }
 }
 
 /// What happened during steering, for metadata and diagnosis.
@@ -137,78 +137,133 @@ impl SteerReport {
     }
 }
 
-/// Steers and samples: returns the final latent and what steering did.
-pub fn steered_sample(
-    target: &mut dyn SteerTarget,
-    loss: &dyn SteerLoss,
-    triplets: &[SteerTriplet],
-    cfg: &SteerConfig,
-    latents: Tensor,
-    progress: &mut dyn FnMut(usize, usize),
-) -> anyhow::Result<(Tensor, SteerReport)> {
-    let timesteps = target.timesteps();
-    let mut report = SteerReport::default();
-    let mut z = latents;
-    for index in 0..timesteps.len() {
-        if index < cfg.steer_steps && !triplets.is_empty() && cfg.max_iterations > 0 {
-            let mut first = None;
-            let mut last = f64::NAN;
-            let mut rms_sum = 0.0;
-            let mut rms_n = 0usize;
-            for it in 0..loss.max_iterations(index, cfg.max_iterations) {
-                let triplet = &triplets[it % triplets.len()];
-                let var = Var::from_tensor(&z.detach())?;
-                let maps = target.relation_maps(var.as_tensor(), index, &triplet.pair)?;
-                let value = loss.loss(&maps, triplet, index)?;
-                let v = value
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_scalar::<f64>()?;
-                first.get_or_insert(v);
-                last = v;
-                if v < cfg.stop_below.unwrap_or_else(|| loss.threshold(index)) {
-                    break;
-                }
-                let grads = value.backward()?;
-                let Some(g) = grads.get(var.as_tensor()) else {
-                    anyhow::bail!(
-                        "the steering loss does not depend on the latent (no gradient reached it)"
-                    );
-                };
-                let g = g.detach();
-                let rms = g
-                    .sqr()?
-                    .mean_all()?
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_scalar::<f64>()?
-                    .sqrt();
-                if !rms.is_finite() {
-                    tracing::warn!(
-                        "step {index}, iteration {it}: non-finite gradient, update skipped"
-                    );
-                    report.skipped_nonfinite += 1;
-                    continue;
-                }
-                rms_sum += rms;
-                rms_n += 1;
-                let alpha = loss.step_size(index, cfg.step_size);
-                let update = match cfg.update {
-                    UpdateRule::Raw => (g * alpha)?,
-                    UpdateRule::Normalized => (g * (alpha / rms.max(1e-12)))?,
-                };
-                let update = update.to_dtype(z.dtype())?;
-                z = (&z - update)?;
-                report.iterations += 1;
-            }
-            report.first_losses.push(first.unwrap_or(f64::NAN));
-            report.last_losses.push(last);
-            report.grad_rms.push(if rms_n > 0 {
-                rms_sum / rms_n as f64
-            } else {
-                0.0
-            });
+/// The steering hook: steers the triplets with the loss as the config says, and keeps a
+/// report of what it did.
+pub struct Steering<'a> {
+    loss: &'a dyn SteerLoss,
+    triplets: &'a [SteerTriplet],
+    config: &'a SteerConfig,
+    pub report: SteerReport,
+}
+
+impl<'a> Steering<'a> {
+    pub fn new(
+        loss: &'a dyn SteerLoss,
+        triplets: &'a [SteerTriplet],
+        config: &'a SteerConfig,
+    ) -> Self {
+        Self {
+            loss,
+            triplets,
+            config,
+            report: SteerReport::default(),
         }
-        z = target.denoise(&z, index)?;
-        progress(index + 1, timesteps.len());
     }
-    Ok((z, report))
+
+    /// The gradient iterations of one denoising step; returns the moved latent.
+    fn steer_step<D: Denoiser + ?Sized>(
+        &mut self,
+        step: &StepContext,
+        denoiser: &mut D,
+        cond: &D::Cond,
+        mut z: Tensor,
+    ) -> anyhow::Result<Tensor> {
+        let (cfg, loss, index) = (self.config, self.loss, step.index);
+        let mut first = None;
+        let mut last = f64::NAN;
+        let mut rms_sum = 0.0;
+        let mut rms_n = 0usize;
+        for it in 0..loss.max_iterations(index, cfg.max_iterations) {
+            let triplet = &self.triplets[it % self.triplets.len()];
+            let var = Var::from_tensor(&z.detach())?;
+            let mut recorder = MapRecorder::new(vec![triplet.pair.clone()], MAP_SIZE, false);
+            denoiser.predict_observed(var.as_tensor(), step.model_time, cond, &mut recorder)?;
+            let maps = recorder.maps()?.squeeze(0)?.squeeze(0)?;
+            let value = loss.loss(&maps, triplet, index)?;
+            let v = value
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+            first.get_or_insert(v);
+            last = v;
+            if v < cfg.stop_below.unwrap_or_else(|| loss.threshold(index)) {
+                break;
+            }
+            let grads = value.backward()?;
+            let Some(g) = grads.get(var.as_tensor()) else {
+                anyhow::bail!(
+                    "the steering loss does not depend on the latent (no gradient reached it)"
+                );
+            };
+            let g = g.detach();
+            let rms = g
+                .sqr()?
+                .mean_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?
+                .sqrt();
+            if !rms.is_finite() {
+                tracing::warn!("step {index}, iteration {it}: non-finite gradient, update skipped");
+                self.report.skipped_nonfinite += 1;
+                continue;
+            }
+            rms_sum += rms;
+            rms_n += 1;
+            let alpha = loss.step_size(index, cfg.step_size);
+            let update = match cfg.update {
+                UpdateRule::Raw => (g * alpha)?,
+                UpdateRule::Normalized => (g * (alpha / rms.max(1e-12)))?,
+            };
+            let update = update.to_dtype(z.dtype())?;
+            z = (&z - update)?;
+            self.report.iterations += 1;
+        }
+        self.report.first_losses.push(first.unwrap_or(f64::NAN));
+        self.report.last_losses.push(last);
+        self.report.grad_rms.push(if rms_n > 0 {
+            rms_sum / rms_n as f64
+        } else {
+            0.0
+        });
+        Ok(z)
+    }
+}
+
+impl<D: Denoiser + ?Sized> StepHook<D> for Steering<'_> {
+    fn before_step(
+        &mut self,
+        step: &StepContext,
+        denoiser: &mut D,
+        guidance: &Guidance<D::Cond>,
+        latents: Tensor,
+    ) -> l2s_diffusion::Result<Tensor> {
+        let cfg = self.config;
+        if step.index >= cfg.steer_steps || self.triplets.is_empty() || cfg.max_iterations == 0 {
+            return Ok(latents);
+        }
+        self.steer_step(step, denoiser, guidance.conditional(), latents)
+            .map_err(|e| DiffusionError::hook(e))
+    }
+}
+
+/// A steered image.
+pub struct Steered {
+    pub generated: Generated,
+    pub report: SteerReport,
+}
+
+/// Generates `req` with `pipeline` while steering `triplets` with `loss`.
+pub fn generate_steered(
+    pipeline: &Pipeline,
+    req: &GenerateRequest,
+    triplets: &[SteerTriplet],
+    loss: &dyn SteerLoss,
+    config: &SteerConfig,
+    progress: &mut dyn FnMut(Progress),
+) -> anyhow::Result<Steered> {
+    let mut steering = Steering::new(loss, triplets, config);
+    let generated = generate(pipeline, req, &mut steering, progress)?;
+    Ok(Steered {
+        generated,
+        report: steering.report,
+    })
 }

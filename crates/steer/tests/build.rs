@@ -2,7 +2,7 @@
 //! what one writes, and the relation check drops what the detector does not confirm.
 
 use l2s_eval::{Detection, Detector};
-use l2s_models::{LoadOptions, StableDiffusion};
+use l2s_models::{LoadOptions, Pipeline};
 use l2s_shapes::{render_scene, DetectorConfig, RenderConfig, ShapeDetector};
 use l2s_steer::build::{
     build, relation_names, AnnotatedImage, BuildConfig, BuildSummary, RelationCheck,
@@ -10,9 +10,9 @@ use l2s_steer::build::{
 use l2s_steer::dataset::{DatasetInfo, DatasetWriter, ShardSpec};
 use l2s_steer::Dataset;
 
-fn model() -> StableDiffusion {
+fn model() -> Pipeline {
     let dir = l2s_shapes_model::embedded::model_dir().unwrap();
-    StableDiffusion::load(&dir, &LoadOptions::default()).unwrap()
+    Pipeline::load(&dir, &LoadOptions::default(), None).unwrap()
 }
 
 fn images(n: u64) -> Vec<AnnotatedImage> {
@@ -46,6 +46,7 @@ fn config() -> BuildConfig {
         dual_inversion: true,
         seed: 0,
         shard: ShardSpec::all(),
+        rf: Default::default(),
     }
 }
 
@@ -64,7 +65,7 @@ fn info(num_maps: usize) -> DatasetInfo {
 
 /// Builds into `dir` and returns the summary.
 fn run(
-    sd: &StableDiffusion,
+    sd: &Pipeline,
     imgs: &[AnnotatedImage],
     dir: &std::path::Path,
     workers: usize,

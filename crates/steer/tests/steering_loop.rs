@@ -4,38 +4,95 @@
 
 use anyhow::Result;
 use candle_core::{Device, Tensor, D};
+use l2s_diffusion::{sample, Denoiser, Guidance, Scheduler};
 use l2s_eval::Relation;
+use l2s_models::{AttentionObserver, AttentionSite};
 use l2s_steer::losses::CentroidLoss;
 use l2s_steer::maps::WordPair;
 use l2s_steer::steering::{
-    steered_sample, SteerConfig, SteerLoss, SteerTarget, SteerTriplet, UpdateRule,
+    SteerConfig, SteerLoss, SteerReport, SteerTriplet, Steering, UpdateRule,
 };
 
 const S: usize = 16;
 
-/// z = (1, 2): horizontal blob centres (in [0, 1]) of subject and object.
-struct Blobs {
-    steps: usize,
-}
+/// z = (1, 2): horizontal blob centres (in [0, 1]) of subject and object. Its one "attention
+/// layer" reports tokens 1 and 2 as the two blobs; its prediction is zero.
+struct Blobs;
 
-impl SteerTarget for Blobs {
-    fn timesteps(&self) -> Vec<usize> {
-        (0..self.steps).rev().collect()
+impl Denoiser for Blobs {
+    type Cond = ();
+    fn predict(&mut self, z: &Tensor, _t: f64, _: &()) -> l2s_diffusion::Result<Tensor> {
+        Ok(z.zeros_like()?)
     }
-    fn relation_maps(&mut self, z: &Tensor, _t: usize, _pair: &WordPair) -> Result<Tensor> {
+    fn predict_observed(
+        &mut self,
+        z: &Tensor,
+        t: f64,
+        cond: &(),
+        observer: &mut dyn AttentionObserver,
+    ) -> l2s_diffusion::Result<Tensor> {
         let cols: Vec<f32> = (0..S * S)
             .map(|q| ((q % S) as f32 + 0.5) / S as f32)
             .collect();
         let cols = Tensor::from_vec(cols, (1, S * S), z.device())?;
         let centres = z.reshape((2, 1))?;
         let d = cols.broadcast_sub(&centres)?.sqr()?; // (2, S·S)
-        let logits = (d * -50.0)?;
-        let maps = candle_nn::ops::softmax(&logits, D::Minus1)?;
-        Ok(maps.reshape((2, 1, S, S))?)
+        let maps = candle_nn::ops::softmax(&(d * -50.0)?, D::Minus1)?;
+        let start = Tensor::zeros((1, S * S), maps.dtype(), z.device())?;
+        // (batch 1, heads 1, queries S·S, tokens 3)
+        let probs = Tensor::cat(&[&start, &maps], 0)?
+            .t()?
+            .reshape((1, 1, S * S, 3))?;
+        let site = AttentionSite {
+            layer: "blobs".into(),
+            height: S,
+            width: S,
+            heads: 1,
+            tokens: 3,
+        };
+        observer.observe(&site, &probs)?;
+        self.predict(z, t, cond)
     }
-    fn denoise(&mut self, z: &Tensor, _index: usize) -> Result<Tensor> {
+}
+
+/// A schedule whose steps leave the latent where it is.
+struct Still(usize);
+
+impl Scheduler for Still {
+    fn name(&self) -> &'static str {
+        "still"
+    }
+    fn num_steps(&self) -> usize {
+        self.0
+    }
+    fn model_time(&self, index: usize) -> f64 {
+        (self.0 - index) as f64
+    }
+    fn timestep(&self, index: usize) -> usize {
+        self.0 - index
+    }
+    fn step_at(&self, _: usize, _: &Tensor, z: &Tensor) -> l2s_diffusion::Result<Tensor> {
         Ok(z.clone())
     }
+}
+
+/// The one sampling loop with the steering hook.
+fn steered_sample(
+    steps: usize,
+    loss: &dyn SteerLoss,
+    triplets: &[SteerTriplet],
+    cfg: &SteerConfig,
+    z0: Tensor,
+) -> Result<(Tensor, SteerReport)> {
+    let mut hook = Steering::new(loss, triplets, cfg);
+    let z = sample(
+        &mut Blobs,
+        &Still(steps),
+        z0,
+        &Guidance::Unguided(()),
+        &mut hook,
+    )?;
+    Ok((z, hook.report))
 }
 
 fn triplet(relation: Relation) -> SteerTriplet {
@@ -60,15 +117,7 @@ fn centroid_steering_moves_the_subject_left() {
         stop_below: None,
     };
     let loss = CentroidLoss { margin: 0.1 };
-    let (z, report) = steered_sample(
-        &mut Blobs { steps: 20 },
-        &loss,
-        &[triplet(Relation::LeftOf)],
-        &cfg,
-        z0,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let (z, report) = steered_sample(20, &loss, &[triplet(Relation::LeftOf)], &cfg, z0).unwrap();
     let v = z.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(
         v[0] + 0.05 < v[1],
@@ -99,16 +148,9 @@ fn stop_below_ends_each_steps_iterations_once_the_loss_is_met() {
         };
         let z0 = Tensor::new(&[[0.7f32, 0.3]], &Device::Cpu).unwrap();
         let loss = CentroidLoss { margin: 0.1 };
-        steered_sample(
-            &mut Blobs { steps: 20 },
-            &loss,
-            &[triplet(Relation::LeftOf)],
-            &cfg,
-            z0,
-            &mut |_, _| {},
-        )
-        .unwrap()
-        .1
+        steered_sample(20, &loss, &[triplet(Relation::LeftOf)], &cfg, z0)
+            .unwrap()
+            .1
     };
     let full = run(None);
     let early = run(Some(0.3));
@@ -161,15 +203,8 @@ fn nonfinite_gradients_are_skipped() {
         update: UpdateRule::Raw,
         stop_below: None,
     };
-    let (z, report) = steered_sample(
-        &mut Blobs { steps: 4 },
-        &NanLoss,
-        &[triplet(Relation::LeftOf)],
-        &cfg,
-        z0.clone(),
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let (z, report) =
+        steered_sample(4, &NanLoss, &[triplet(Relation::LeftOf)], &cfg, z0.clone()).unwrap();
     assert_eq!(report.skipped_nonfinite, 6);
     assert_eq!(report.iterations, 0);
     assert_eq!(

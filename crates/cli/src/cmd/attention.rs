@@ -3,13 +3,12 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use l2s_generate::flux::{flux_map_steps, flux_metadata, generate_flux_with_attention};
 use l2s_generate::{
-    attention_sheet, default_map_steps, generate_with_attention, generation_metadata, write_png, AttentionRequest,
+    attention_sheet, generate_with_attention, generation_metadata, write_png, AttentionRequest,
     GenerateRequest,
 };
 
-use crate::common::{load_any, png_target, warn_all, Bars, Global, Model, ModelArgs, SampleArgs};
+use crate::common::{load_model, png_target, warn_all, Bars, Global, ModelArgs, SampleArgs};
 
 #[derive(clap::Args)]
 #[command(after_help = "The sheet shows, left to right, the generated image and then one heat map per word in the \
@@ -52,13 +51,9 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     if words.is_empty() {
         bail!("--words {:?}: expected one or more comma-separated words of the prompt", args.words);
     }
-    let (model, model_name) = load_any(&args.model)?;
-    let (steps, guidance) = args.sampling.resolve(&model, None);
-    let at_steps = match &model {
-        _ if !args.at_steps.is_empty() => args.at_steps.clone(),
-        Model::Sd(_) => default_map_steps(steps),
-        Model::Flux(flux) => flux_map_steps(flux, steps),
-    };
+    let (model, model_name) = load_model(&args.model)?;
+    let (steps, guidance) = args.sampling.resolve(&model, false);
+    let at_steps = if args.at_steps.is_empty() { model.map_steps(steps) } else { args.at_steps.clone() };
     let req = GenerateRequest {
         prompt: args.prompt.clone(),
         negative_prompt: args.sampling.negative_prompt.clone(),
@@ -71,11 +66,8 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     };
     let att = AttentionRequest { words: words.clone(), at_steps: at_steps.clone(), map_size: args.map_size };
     let mut bars = Bars::new(global, "image");
-    let (generated, maps) = match &model {
-        Model::Sd(sd) => generate_with_attention(sd, &req, &att, &mut |p| bars.update(p)),
-        Model::Flux(flux) => generate_flux_with_attention(flux, &req, &att, &mut |p| bars.update(p)),
-    }
-    .context("generating with attention maps")?;
+    let (generated, maps) =
+        generate_with_attention(&model, &req, &att, &mut |p| bars.update(p)).context("generating with attention maps")?;
     bars.finish();
     warn_all(&generated.warnings);
     let averaged = maps.averaged()?;
@@ -88,10 +80,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         ("map_size".to_string(), args.map_size.to_string()),
         ("layout".to_string(), "image, then one heat map per word in the order of `words`".to_string()),
     ];
-    let meta = match &model {
-        Model::Sd(_) => generation_metadata(&req, &model_name, generated.width, generated.height, &extra),
-        Model::Flux(_) => flux_metadata(&req, &model_name, generated.width, generated.height, &extra),
-    };
+    let meta = generation_metadata(&req, &model_name, model.sampler_name(), generated.width, generated.height, &extra);
     if let Some(path) = &args.maps {
         maps.save(path, &meta).with_context(|| format!("--maps {}", path.display()))?;
         tracing::info!("wrote {}", path.display());

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use l2s_models::StableDiffusion;
+use l2s_models::Pipeline;
 use l2s_shapes::{DetectorConfig, RenderConfig, ShapeDetector};
 use l2s_steer::build::{build, BuildConfig, RelationCheck};
 use l2s_steer::Augment;
@@ -16,7 +16,7 @@ use l2s_steer::method::{Method, MethodSpec};
 use l2s_steer::relations::RelationTriplet;
 use l2s_steer::train::{evaluate as evaluate_classifier, load_classifier, split_by_image, train, TrainConfig};
 
-use crate::cmd::data::{open_writer, paper_steps, progress_message, read_annotated, shapes_detector};
+use crate::cmd::data::{open_writer, progress_message, read_annotated, shapes_detector};
 use crate::cmd::score::DetectorArg;
 use crate::common::{default_workers, load_model, Global, ModelArgs};
 
@@ -130,7 +130,7 @@ fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
 }
 
 /// Stage 1–2: images and both datasets.
-fn build_data(sd: &StableDiffusion, a: &ShapesArgs, global: &Global) -> Result<()> {
+fn build_data(sd: &Pipeline, a: &ShapesArgs, global: &Global) -> Result<()> {
     let images_dir = a.work.join("images");
     if !images_dir.join("annotations.json").exists() {
         // Two objects per image: the pair is the whole scene, so the two-object prompt describes
@@ -146,11 +146,12 @@ fn build_data(sd: &StableDiffusion, a: &ShapesArgs, global: &Global) -> Result<(
     let cfg = BuildConfig {
         steps: a.steps,
         fixed_point_iterations: a.fixed_point,
-        step_indices: paper_steps(a.steps),
+        step_indices: sd.map_steps(a.steps),
         psnr_threshold: a.min_psnr,
         dual_inversion: true,
         seed: 0,
         shard: ShardSpec::all(),
+        rf: l2s_diffusion::RfInversionConfig::default(),
     };
     let detector = shapes_detector(DetectorArg::Shapes, &images)?;
     let check = a.check_relation.then(|| RelationCheck { detector: &detector, min_score: l2s_eval::SCORE_THRESHOLD });
@@ -211,12 +212,12 @@ fn train_classifiers(a: &ShapesArgs, global: &Global) -> Result<()> {
 }
 
 /// Each classifier's accuracy on the dual-inversion test maps (the same held-out images).
-fn classifier_accuracies(sd: &StableDiffusion, a: &ShapesArgs) -> Result<serde_json::Value> {
+fn classifier_accuracies(sd: &Pipeline, a: &ShapesArgs) -> Result<serde_json::Value> {
     let ds = Dataset::open(a.work.join("data-dual"))?;
     let split = split_by_image(ds.entries(), TrainConfig::sd().split, TrainConfig::sd().seed);
     let test = ds.load(&split.test, candle_core::DType::F32)?;
     let mut out = serde_json::Map::new();
-    let id = l2s_steer::method::model_id(sd)?;
+    let id = sd.fingerprint()?;
     for kind in ["dual", "single"] {
         let (clf, meta) = load_classifier(&a.work.join(format!("clf-{kind}")), Some(&id), None, &candle_core::Device::Cpu, candle_core::DType::F32)?;
         let ev = evaluate_classifier(&clf, &test, 64, &meta.relations, &candle_core::Device::Cpu)?;
@@ -250,7 +251,7 @@ fn method_spec(name: &str, work: &Path) -> Result<MethodSpec> {
     })
 }
 
-fn run_method(sd: &StableDiffusion, a: &ShapesArgs, name: &str, global: &Global) -> Result<EvalSummary> {
+fn run_method(sd: &Pipeline, a: &ShapesArgs, name: &str, global: &Global) -> Result<EvalSummary> {
     let path = a.work.join(format!("eval-{name}.jsonl"));
     let settings_path = a.work.join(format!("eval-{name}.settings.json"));
     let eval_settings = serde_json::json!({
@@ -320,10 +321,10 @@ fn run_method(sd: &StableDiffusion, a: &ShapesArgs, name: &str, global: &Global)
 /// The data and classifiers cached in --work belong to one model and one set of data settings; a
 /// rerun with others would silently mix them, so it is refused. (Evaluation settings are checked
 /// per method in [`run_method`].)
-fn check_work_folder(sd: &StableDiffusion, a: &ShapesArgs) -> Result<()> {
+fn check_work_folder(sd: &Pipeline, a: &ShapesArgs) -> Result<()> {
     let path = a.work.join("settings.json");
     let settings = serde_json::json!({
-        "model": l2s_steer::method::model_id(sd)?,
+        "model": sd.fingerprint()?,
         "steps": a.steps,
         "train_images": a.train_images,
         "fixed_point": a.fixed_point,
@@ -368,7 +369,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     let Command::Shapes(mut a) = args.command;
     std::fs::create_dir_all(&a.work).with_context(|| format!("creating {}", a.work.display()))?;
     let (sd, model_name) = load_model(&a.model)?;
-    a.guidance = a.guidance_arg.unwrap_or(sd.sampling.guidance);
+    a.guidance = a.guidance_arg.unwrap_or(sd.sampling_defaults().guidance);
     check_work_folder(&sd, &a)?;
     let needs_classifiers = a.methods.iter().any(|m| m.starts_with("l2s"));
     let mut accuracies = serde_json::Value::Null;

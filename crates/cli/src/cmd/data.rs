@@ -4,15 +4,15 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use l2s_generate::flux::{flux_defaults, flux_map_steps};
+use l2s_models::{InversionSettings, Pipeline};
 use l2s_steer::build::{
-    build, layer_infos, record_sample, relation_names, AnnotatedImage, BuildConfig, BuildModel, BuildSummary, RelationCheck,
+    build, layer_infos, record_sample, relation_names, AnnotatedImage, BuildConfig, BuildSummary, RelationCheck,
 };
 
 use crate::cmd::score::DetectorArg;
 use l2s_steer::dataset::{DatasetInfo, DatasetWriter, ShardSpec};
 
-use crate::common::{default_workers, load_any, Global, Model, ModelArgs};
+use crate::common::{default_workers, load_model, Global, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -109,16 +109,6 @@ pub fn shapes_detector(which: DetectorArg, images: &[AnnotatedImage]) -> Result<
     }
 }
 
-/// The paper's recording steps {5,10,15,20,25,49} of 50, scaled to `steps`.
-pub fn paper_steps(steps: usize) -> Vec<usize> {
-    let mut v: Vec<usize> = [5usize, 10, 15, 20, 25, 49]
-        .iter()
-        .map(|&s| ((s as f64) * steps as f64 / 50.0).round() as usize)
-        .map(|s| s.min(steps.saturating_sub(1)))
-        .collect();
-    v.dedup();
-    v
-}
 
 /// Reads a COCO-style folder into annotated images.
 pub fn read_annotated(dir: &std::path::Path, limit: Option<usize>) -> Result<Vec<AnnotatedImage>> {
@@ -137,15 +127,14 @@ pub fn read_annotated(dir: &std::path::Path, limit: Option<usize>) -> Result<Vec
 }
 
 /// Opens (or resumes) a dataset for `model`, probing one sample for the map layout.
-pub fn open_writer<'a>(
-    model: impl Into<BuildModel<'a>>,
+pub fn open_writer(
+    model: &Pipeline,
     images: &[AnnotatedImage],
     cfg: &BuildConfig,
     relation_check: Option<&str>,
     out: &std::path::Path,
     shard_size: usize,
 ) -> Result<DatasetWriter> {
-    let model = model.into();
     let probe = images.iter().find(|i| i.objects.len() >= 2).context("no image with two or more objects")?;
     let (a, b) = (&probe.objects[0].0, &probe.objects[1].0);
     let prompt = format!("a {a} and a {b}");
@@ -160,19 +149,14 @@ pub fn open_writer<'a>(
     extra.insert("num_inference_steps".into(), cfg.steps.into());
     extra.insert("fixed_point_iterations".into(), cfg.fixed_point_iterations.into());
     extra.insert("min_psnr".into(), cfg.psnr_threshold.into());
-    let folder = match model {
-        BuildModel::Sd(sd) => &sd.folder,
-        BuildModel::Flux(flux, rf) => {
-            extra.insert("inversion".into(), format!("rf-inversion gamma={} eta={} stop={}", rf.gamma, rf.eta, rf.stop).into());
-            if let Some(file) = &flux.transformer_file {
-                extra.insert("transformer_file".into(), file.display().to_string().into());
-            }
-            &flux.folder
-        }
-    };
-    extra.insert("model_folder".into(), folder.display().to_string().into());
+    let inversion = InversionSettings { fixed_point_iterations: cfg.fixed_point_iterations, rf: cfg.rf, noise_seed: cfg.seed };
+    extra.insert("inversion".into(), model.inversion_name(&inversion).into());
+    if let Some(file) = model.transformer_file() {
+        extra.insert("transformer_file".into(), file.display().to_string().into());
+    }
+    extra.insert("model_folder".into(), model.folder().display().to_string().into());
     let info = DatasetInfo {
-        model: model.id()?,
+        model: model.fingerprint()?,
         num_maps: maps.dim(2)?,
         map_size: maps.dim(3)?,
         step_indices: cfg.step_indices.clone(),
@@ -186,22 +170,11 @@ pub fn open_writer<'a>(
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
     let Command::Build(a) = args.command;
-    let (loaded, _) = load_any(&a.model)?;
-    let model: BuildModel = match &loaded {
-        Model::Sd(sd) => sd.into(),
-        Model::Flux(flux) => flux.as_ref().into(),
-    };
+    let (model, _) = load_model(&a.model)?;
+    let model = &model;
     let images = read_annotated(&a.images, a.limit)?;
-    let (steps, step_indices, min_psnr) = match &loaded {
-        Model::Sd(_) => {
-            let steps = a.steps.unwrap_or(50);
-            (steps, paper_steps(steps), 19.5)
-        }
-        Model::Flux(flux) => {
-            let steps = a.steps.unwrap_or(flux_defaults(flux).0);
-            (steps, flux_map_steps(flux, steps), 20.0)
-        }
-    };
+    let steps = a.steps.unwrap_or(model.sampling_defaults().steps);
+    let (step_indices, min_psnr) = (model.map_steps(steps), model.min_reconstruction_psnr());
     let cfg = BuildConfig {
         steps,
         fixed_point_iterations: a.fixed_point,
@@ -216,6 +189,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             }
             None => ShardSpec::all(),
         },
+        rf: l2s_diffusion::RfInversionConfig::default(),
     };
     let detector = a.check_relation.map(|d| shapes_detector(d, &images)).transpose()?;
     let check = detector.as_ref().map(|d| RelationCheck { detector: d, min_score: l2s_eval::SCORE_THRESHOLD });

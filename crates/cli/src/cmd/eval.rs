@@ -14,9 +14,9 @@ use l2s_eval::prompts::{
     SpatialPrompt, COCO_CLASSES, SHAPES_CLASSES,
 };
 use l2s_generate::{generate, generation_metadata, write_atomic, write_png, GenerateRequest};
-use l2s_steer::method::Method;
+use l2s_diffusion::NoHook;
 use l2s_steer::relations::RelationTriplet;
-use l2s_steer::steering::SteerTriplet;
+use l2s_steer::steering::{generate_steered, SteerTriplet};
 
 use crate::common::{load_model, parse_shard, say, warn_all, Global, ModelArgs, SteerArgs};
 
@@ -66,12 +66,13 @@ pub struct Args {
     /// Generate only shard i of n (1-based), e.g. 2/4
     #[arg(long, value_name = "I/N")]
     pub shard: Option<String>,
-    /// DDIM steps
-    #[arg(long, default_value_t = 50)]
-    pub steps: usize,
-    /// Classifier-free guidance scale
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance: f64,
+    /// Sampling steps (default: the model's own)
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Guidance scale: classifier-free for Stable Diffusion, the guidance input for FLUX.1-dev
+    /// (default: the model's own)
+    #[arg(long)]
+    pub guidance: Option<f64>,
     /// Base seed of the images
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -114,11 +115,6 @@ fn prompt_set(args: &Args, model_name: &str) -> Result<(Vec<SpatialPrompt>, Stri
     Ok((prompts, format!("generated: {n} {kind} prompts over the {cname} classes, prompt seed {}", args.prompt_seed)))
 }
 
-/// The steering method with the command line's overrides, or `None` for the plain model.
-fn method_for(args: &Args, sd: &l2s_models::StableDiffusion) -> Result<Option<Method>> {
-    args.steer.method(sd, args.steps)
-}
-
 /// Writes `path` with `text`, or checks that it already holds exactly that.
 fn write_or_check(path: &Path, text: &str, what: &str) -> Result<()> {
     match std::fs::read_to_string(path) {
@@ -138,7 +134,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     if args.images_per_prompt == 0 {
         bail!("--images-per-prompt 0: expected at least 1");
     }
-    if args.steps == 0 {
+    if args.steps == Some(0) {
         bail!("--steps 0: expected at least 1");
     }
     let (shard, shards) = match &args.shard {
@@ -148,9 +144,11 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     if args.out.exists() && !args.out.is_dir() {
         bail!("--out {}: exists and is not a folder", args.out.display());
     }
-    let (sd, model_name) = load_model(&args.model)?;
+    let (model, model_name) = load_model(&args.model)?;
+    let defaults = model.sampling_defaults();
+    let (steps, guidance) = (args.steps.unwrap_or(defaults.steps), args.guidance.unwrap_or(defaults.guidance));
     let (prompts, source) = prompt_set(&args, &model_name)?;
-    let method = method_for(&args, &sd)?;
+    let method = args.steer.method(&model, steps)?;
     let method_label = method.as_ref().map(|m| m.name.clone()).unwrap_or_else(|| "base".into());
 
     // Steering targets of every prompt of this shard, checked before any image is made.
@@ -164,7 +162,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
                 let rts: Vec<RelationTriplet> =
                     p.triplets().into_iter().map(|t| RelationTriplet::new(t.a, t.relation, t.b)).collect();
                 Some(
-                    l2s_steer::sd::steer_triplets(&sd, &p.prompt, &rts, &|r| m.label(r))
+                    SteerTriplet::for_prompt(&rts, &|word| Ok(model.word_positions(&p.prompt, word)?), &|r| m.label(r))
                         .with_context(|| format!("prompt {i} {:?}: cannot steer", p.prompt))?,
                 )
             }
@@ -177,8 +175,8 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         method: method_label.clone(),
         steer: args.steer.steer.clone(),
         model: model_name.clone(),
-        steps: args.steps,
-        guidance: args.guidance,
+        steps,
+        guidance,
         seed: args.seed,
         images_per_prompt: args.images_per_prompt,
         prompts: prompts.len(),
@@ -237,8 +235,8 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             bar.set_message(format!("#{i:05} {}", p.prompt));
             let req = GenerateRequest {
                 seed: image_seed(args.seed, i, j, ipp),
-                steps: args.steps,
-                guidance: args.guidance,
+                steps,
+                guidance,
                 width: args.width,
                 height: args.height,
                 ..GenerateRequest::new(p.prompt.clone())
@@ -253,18 +251,17 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             let (image, w, h) = match (&method, &triplets[k]) {
                 (Some(m), Some(ts)) => {
                     let loss = m.loss().context("steering method without a loss")?;
-                    let s = l2s_steer::sd::generate_steered(&sd, &req, ts, loss, &m.config, &mut |_, _| {})
+                    let s = generate_steered(&model, &req, ts, loss, &m.config, &mut |_| {})
                         .with_context(|| format!("generating {}", path.display()))?;
                     extra.push(("steer_config".to_string(), serde_json::to_string(&m.config)?));
                     if let Some(l) = s.report.final_loss() {
                         extra.push((KEY_STEER_LOSS.to_string(), format!("{l:.6}")));
                     }
                     extra.push(("steer_iterations".to_string(), s.report.iterations.to_string()));
-                    let (w, h) = (s.image.width() as usize, s.image.height() as usize);
-                    (s.image, w, h)
+                    (s.generated.image, s.generated.width, s.generated.height)
                 }
                 _ => {
-                    let g = generate(&sd, &req, &mut |_| {}).with_context(|| format!("generating {}", path.display()))?;
+                    let g = generate(&model, &req, &mut NoHook, &mut |_| {}).with_context(|| format!("generating {}", path.display()))?;
                     if !warned {
                         warn_all(&g.warnings);
                         warned = true;
@@ -272,7 +269,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
                     (g.image, g.width, g.height)
                 }
             };
-            let meta = generation_metadata(&req, &model_name, w, h, &extra);
+            let meta = generation_metadata(&req, &model_name, model.sampler_name(), w, h, &extra);
             write_png(&path, &image, &meta).with_context(|| format!("writing {}", path.display()))?;
             made += 1;
             bar.inc(1);

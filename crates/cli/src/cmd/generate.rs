@@ -4,12 +4,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
-use l2s_generate::flux::{flux_metadata, generate_flux};
+use l2s_diffusion::NoHook;
 use l2s_generate::{generate, generation_metadata, read_latents, write_png, GenerateRequest};
-use l2s_steer::method::{Method, SteerModel};
-use l2s_steer::steering::SteerTriplet;
+use l2s_models::Pipeline;
+use l2s_steer::method::Method;
+use l2s_steer::steering::{generate_steered, SteerTriplet};
 
-use crate::common::{load_any, warn_all, Bars, Global, Model, ModelArgs, SampleArgs, SteerArgs};
+use crate::common::{load_model, warn_all, Bars, Global, ModelArgs, SampleArgs, SteerArgs};
 
 #[derive(clap::Args)]
 #[command(after_help = "Image i of --num-images N uses seed + i. With one image, --out is a .png file; with several, \
@@ -81,24 +82,17 @@ fn init_rows(path: &Path, n: usize) -> Result<Vec<Tensor>> {
 
 /// The method, its settings and the triplets' token positions, or `None` without steering.
 pub fn steering_for(
-    model: &Model,
+    model: &Pipeline,
     prompt: &str,
     steps: usize,
     a: &SteerArgs,
     relation: Option<&str>,
 ) -> Result<Option<(Method, Vec<SteerTriplet>)>> {
-    let target = match model {
-        Model::Sd(sd) => SteerModel::Sd(sd),
-        Model::Flux(flux) => SteerModel::Flux(flux),
-    };
-    let Some(method) = a.method_for(target, steps)? else { return Ok(None) };
+    let Some(method) = a.method(model, steps)? else { return Ok(None) };
     let triplets = l2s_steer::relations::triplets_for(prompt, relation)
         .with_context(|| format!("--steer {} needs a relation in the prompt or --relation", a.steer))?;
     let label = |r| method.label(r);
-    let steer = match model {
-        Model::Sd(sd) => l2s_steer::sd::steer_triplets(sd, prompt, &triplets, &label)?,
-        Model::Flux(flux) => l2s_steer::flux::steer_triplets(flux, prompt, &triplets, &label)?,
-    };
+    let steer = SteerTriplet::for_prompt(&triplets, &|word| Ok(model.word_positions(prompt, word)?), &label)?;
     Ok(Some((method, steer)))
 }
 
@@ -106,14 +100,11 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     if args.num_images == 0 {
         bail!("--num-images 0: expected at least 1");
     }
-    let (mut model, model_name) = load_any(&args.model)?;
-    if args.gradient_checkpointing {
-        match &mut model {
-            Model::Flux(flux) => flux.transformer.set_gradient_checkpointing(true),
-            Model::Sd(_) => tracing::warn!("--gradient-checkpointing applies to FLUX models only; ignored for Stable Diffusion"),
-        }
+    let (mut model, model_name) = load_model(&args.model)?;
+    if args.gradient_checkpointing && !model.set_gradient_checkpointing(true) {
+        tracing::warn!("--gradient-checkpointing applies to FLUX models only; ignored for {}", model.family_name());
     }
-    let (steps, guidance) = args.sampling.resolve(&model, None);
+    let (steps, guidance) = args.sampling.resolve(&model, false);
     let paths = targets(&args.out, args.num_images)?;
     let inits = match &args.init_latents {
         Some(p) => Some(init_rows(p, args.num_images)?),
@@ -136,22 +127,14 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         let mut extra = Vec::new();
         let (image, width, height, warnings) = match &steering {
             None => {
-                let g = match &model {
-                    Model::Sd(sd) => generate(sd, &req, &mut |p| bars.update(p)),
-                    Model::Flux(flux) => generate_flux(flux, &req, None, &mut |p| bars.update(p)),
-                }
-                .with_context(|| format!("generating {}", path.display()))?;
+                let g = generate(&model, &req, &mut NoHook, &mut |p| bars.update(p))
+                    .with_context(|| format!("generating {}", path.display()))?;
                 (g.image, g.width, g.height, g.warnings)
             }
             Some((method, triplets)) => {
-                let total = req.steps;
                 let loss = method.loss().context("steering method without a loss")?;
-                let mut progress = |done, _| bars.update(l2s_generate::Progress { phase: l2s_generate::Phase::Denoise, done, total });
-                let s = match &model {
-                    Model::Sd(sd) => l2s_steer::sd::generate_steered(sd, &req, triplets, loss, &method.config, &mut progress),
-                    Model::Flux(flux) => l2s_steer::flux::generate_steered(flux, &req, triplets, loss, &method.config, &mut progress),
-                }
-                .with_context(|| format!("generating {}", path.display()))?;
+                let s = generate_steered(&model, &req, triplets, loss, &method.config, &mut |p| bars.update(p))
+                    .with_context(|| format!("generating {}", path.display()))?;
                 extra.push(("steer".to_string(), method.name.clone()));
                 extra.push(("steer_config".to_string(), serde_json::to_string(&method.config)?));
                 extra.push(("steer_relations".to_string(), args.relation.clone().unwrap_or_else(|| "from prompt".into())));
@@ -159,8 +142,8 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
                     extra.push(("steer_final_loss".to_string(), format!("{l:.6}")));
                 }
                 extra.push(("steer_iterations".to_string(), s.report.iterations.to_string()));
-                let (w, h) = (s.image.width() as usize, s.image.height() as usize);
-                (s.image, w, h, Vec::new())
+                let g = s.generated;
+                (g.image, g.width, g.height, g.warnings)
             }
         };
         bars.finish();
@@ -170,10 +153,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         if let Some(p) = &args.init_latents {
             extra.push(("init_latents".to_string(), p.display().to_string()));
         }
-        let meta = match &model {
-            Model::Sd(_) => generation_metadata(&req, &model_name, width, height, &extra),
-            Model::Flux(_) => flux_metadata(&req, &model_name, width, height, &extra),
-        };
+        let meta = generation_metadata(&req, &model_name, model.sampler_name(), width, height, &extra);
         write_png(path, &image, &meta).with_context(|| format!("writing {}", path.display()))?;
         tracing::info!("wrote {}", path.display());
         println!("{}", path.display());

@@ -5,10 +5,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use l2s_diffusion::RfInversionConfig;
-use l2s_generate::flux::{invert_flux, reconstruct_flux};
 use l2s_generate::{invert, read_rgb_image, reconstruct, write_png, write_tensors, InvertRequest};
 
-use crate::common::{load_any, png_target, warn_all, Bars, Global, Model, ModelArgs, SampleArgs};
+use crate::common::{load_model, png_target, warn_all, Bars, Global, ModelArgs, SampleArgs};
 
 #[derive(clap::Args)]
 #[command(after_help = "The image must be 8-bit RGB at the model's size (or --width × --height). It is encoded with the \
@@ -52,8 +51,8 @@ pub struct Args {
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
     let out = png_target(&args.out, "--out")?;
-    let (model, model_name) = load_any(&args.model)?;
-    let (steps, guidance) = args.sampling.resolve(&model, Some(1.0));
+    let (model, model_name) = load_model(&args.model)?;
+    let (steps, guidance) = args.sampling.resolve(&model, true);
     let image = read_rgb_image(&args.image).with_context(|| format!("--image {}", args.image.display()))?;
     let req = InvertRequest {
         prompt: args.prompt.clone(),
@@ -61,26 +60,17 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         guidance,
         steps,
         fixed_point_iterations: args.fixed_point,
+        rf: RfInversionConfig { gamma: args.rf_gamma, eta: args.rf_eta, start: 0.0, stop: args.rf_stop },
+        noise_seed: args.seed,
         width: args.sampling.width,
         height: args.sampling.height,
     };
-    let rf = RfInversionConfig { gamma: args.rf_gamma, eta: args.rf_eta, start: 0.0, stop: args.rf_stop };
     let mut bars = Bars::new(global, "image");
     let inverting = || format!("inverting {}", args.image.display());
-    let (inv, rec, sampler) = match &model {
-        Model::Sd(sd) => {
-            let inv = invert(sd, &image, &req, &mut |p| bars.update(p)).with_context(inverting)?;
-            warn_all(&inv.warnings);
-            let rec = reconstruct(sd, &inv, None, &mut |p| bars.update(p)).context("reconstructing")?;
-            (inv, rec, "ddim-inversion".to_string())
-        }
-        Model::Flux(flux) => {
-            let inv = invert_flux(flux, &image, &req, &rf, args.seed, &mut |p| bars.update(p)).with_context(inverting)?;
-            warn_all(&inv.warnings);
-            let rec = reconstruct_flux(flux, &inv, &rf, None, &mut |p| bars.update(p)).context("reconstructing")?;
-            (inv, rec, format!("rf-inversion gamma={} eta={} stop={} seed={}", rf.gamma, rf.eta, rf.stop, args.seed))
-        }
-    };
+    let inv = invert(&model, &image, &req, &mut |p| bars.update(p)).with_context(inverting)?;
+    warn_all(&inv.warnings);
+    let rec = reconstruct(&model, &inv, None, &mut |p| bars.update(p)).context("reconstructing")?;
+    let sampler = model.inversion_name(&req.settings());
     bars.finish();
     let psnr = rec.psnr.unwrap_or(f64::NAN);
     if let Some(path) = &args.save_latents {
