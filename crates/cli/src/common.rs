@@ -127,8 +127,17 @@ pub fn load_model(args: &ModelArgs) -> Result<(Pipeline, String)> {
     if let Some(f) = &args.transformer {
         tracing::info!("transformer from {}", f.display());
     }
-    let model = Pipeline::load(&folder, &opts, args.transformer.as_deref())
-        .with_context(|| format!("loading model `{name}` from {}", folder.display()))?;
+    let model = Pipeline::load(&folder, &opts, args.transformer.as_deref()).with_context(|| {
+        let file = args
+            .transformer
+            .as_ref()
+            .map(|f| format!(" with --transformer {}", f.display()));
+        format!(
+            "loading model `{name}`{} from {}",
+            file.unwrap_or_default(),
+            folder.display()
+        )
+    })?;
     Ok((model, name))
 }
 

@@ -42,40 +42,49 @@ fn pin_thread_count() {
 
 mod common;
 
-/// Declares the subcommands, one line each: `Variant(module) "one-line help",`. Every module
-/// `src/cmd/<module>.rs` defines `Args` (clap derive) and `run(Args, &Global) -> anyhow::Result<()>`.
-macro_rules! subcommands {
-    ($($variant:ident($module:ident) $about:literal,)+) => {
-        mod cmd {
-            $(pub mod $module;)+
-        }
+mod cmd;
 
-        #[derive(Subcommand)]
-        enum Command {
-            $(#[command(about = $about)] $variant(cmd::$module::Args),)+
-        }
-
-        impl Command {
-            fn run(self, global: &common::Global) -> anyhow::Result<()> {
-                match self {
-                    $(Command::$variant(args) => cmd::$module::run(args, global),)+
-                }
-            }
-        }
-    };
+/// The subcommands; each `cmd::<module>` defines `Args` (clap derive) and
+/// `run(Args, &Global) -> anyhow::Result<()>`.
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images from a prompt, plain or steered (Learn-to-Steer, baselines)
+    Generate(cmd::generate::Args),
+    /// Invert an image to noise (DDIM or RF-inversion), reconstruct it and report the PSNR
+    Invert(cmd::invert::Args),
+    /// Generate an image and draw the cross-attention maps of chosen words
+    Attention(cmd::attention::Args),
+    /// The synthetic shapes world: render datasets, train the shapes model
+    Shapes(cmd::shapes::Args),
+    /// Build the relation classifier's training data by dual inversion
+    Data(cmd::data::Args),
+    /// Train a relation classifier on maps from `l2s data build`
+    Train(cmd::train::Args),
+    /// Benchmarks: the Learn-to-Steer experiment on the shapes world
+    Bench(cmd::bench::Args),
+    /// Generate a prompt set's images into GenEval's folder layout, plain or steered (resumable, shardable)
+    Eval(cmd::eval::Args),
+    /// Score generated images (or an external detector's detections) by GenEval's rule, with VISOR metrics
+    Score(cmd::score::Args),
+    /// Write one self-contained HTML page comparing scored runs image by image
+    Report(cmd::report::Args),
 }
 
-subcommands! {
-    Generate(generate) "Generate images from a prompt (DDIM, classifier-free guidance)",
-    Invert(invert) "Invert an image to noise with DDIM, reconstruct it and report the PSNR",
-    Attention(attention) "Generate an image and draw the cross-attention maps of chosen words",
-    Shapes(shapes) "The synthetic shapes world: render datasets, train the shapes model",
-    Data(data) "Build the relation classifier's training data by dual inversion",
-    Train(train) "Train a relation classifier on maps from `l2s data build`",
-    Bench(bench) "Benchmarks: the Learn-to-Steer experiment on the shapes world",
-    Eval(eval) "Generate a prompt set's images into GenEval's folder layout, plain or steered (resumable, shardable)",
-    Score(score) "Score generated images (or an external detector's detections) by GenEval's rule, with VISOR metrics",
-    Report(report) "Write one self-contained HTML page comparing scored runs image by image",
+impl Command {
+    fn run(self, global: &common::Global) -> anyhow::Result<()> {
+        match self {
+            Command::Generate(a) => cmd::generate::run(a, global),
+            Command::Invert(a) => cmd::invert::run(a, global),
+            Command::Attention(a) => cmd::attention::run(a, global),
+            Command::Shapes(a) => cmd::shapes::run(a, global),
+            Command::Data(a) => cmd::data::run(a, global),
+            Command::Train(a) => cmd::train::run(a, global),
+            Command::Bench(a) => cmd::bench::run(a, global),
+            Command::Eval(a) => cmd::eval::run(a, global),
+            Command::Score(a) => cmd::score::run(a, global),
+            Command::Report(a) => cmd::report::run(a, global),
+        }
+    }
 }
 
 /// learn-to-steer: text-to-image diffusion with spatial steering.

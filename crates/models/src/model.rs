@@ -125,7 +125,10 @@ impl Pipeline {
             if let Some(f) = transformer {
                 return Err(ModelError::io(
                     f,
-                    format!("a single-file transformer replaces the transformer of a FLUX folder, but {} holds a `{class}`", folder.display()),
+                    format!(
+                        "a single-file transformer replaces the transformer of a FLUX folder, but {} holds a Stable Diffusion pipeline (`{class}`)",
+                        folder.display()
+                    ),
                 ));
             }
             Family::StableDiffusion(StableDiffusion::load(folder, opts)?)

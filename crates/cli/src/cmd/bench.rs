@@ -9,12 +9,16 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use l2s_models::Pipeline;
 use l2s_shapes::{DetectorConfig, RenderConfig, ShapeDetector};
 use l2s_steer::build::{build, BuildConfig, RelationCheck};
-use l2s_steer::Augment;
 use l2s_steer::dataset::{Dataset, ShardSpec};
-use l2s_steer::experiment::{evaluate, summarize, EvalPrompt, EvalRecord, EvalSettings, EvalSummary};
+use l2s_steer::experiment::{
+    evaluate, summarize, EvalPrompt, EvalRecord, EvalSettings, EvalSummary,
+};
 use l2s_steer::method::{Method, MethodSpec};
 use l2s_steer::relations::RelationTriplet;
-use l2s_steer::train::{evaluate as evaluate_classifier, load_classifier, split_by_image, train, TrainConfig};
+use l2s_steer::train::{
+    evaluate as evaluate_classifier, load_classifier, split_by_image, train, TrainConfig,
+};
+use l2s_steer::Augment;
 
 use crate::cmd::data::{open_writer, progress_message, read_annotated, shapes_detector};
 use crate::cmd::score::DetectorArg;
@@ -73,7 +77,11 @@ pub struct ShapesArgs {
     #[arg(skip)]
     guidance: f64,
     /// Methods to evaluate (comma-separated): base, centroid, attend-excite, l2s-single, l2s-dual
-    #[arg(long, value_delimiter = ',', default_value = "base,centroid,attend-excite,l2s-single,l2s-dual")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "base,centroid,attend-excite,l2s-single,l2s-dual"
+    )]
     methods: Vec<String>,
     /// Gradient iterations per steered step, for every steering method (the paper's 16 costs
     /// ~20 s per image here)
@@ -115,11 +123,17 @@ pub struct ShapesArgs {
 }
 
 fn bar(global: &Global, len: usize, what: &str) -> ProgressBar {
-    let b = if global.quiet { ProgressBar::hidden() } else { ProgressBar::new(len as u64) };
+    let b = if global.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(len as u64)
+    };
     b.set_style(
-        ProgressStyle::with_template(&format!("{what:>12} [{{bar:32}}] {{pos}}/{{len}} {{elapsed_precise}} (eta {{eta}}) {{msg}}"))
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(&format!(
+            "{what:>12} [{{bar:32}}] {{pos}}/{{len}} {{elapsed_precise}} (eta {{eta}}) {{msg}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     b
 }
@@ -135,7 +149,11 @@ fn build_data(sd: &Pipeline, a: &ShapesArgs, global: &Global) -> Result<()> {
     if !images_dir.join("annotations.json").exists() {
         // Two objects per image: the pair is the whole scene, so the two-object prompt describes
         // everything the reconstruction has to redraw.
-        let render = RenderConfig { min_objects: 2, max_objects: 2, ..RenderConfig::with_size(32) };
+        let render = RenderConfig {
+            min_objects: 2,
+            max_objects: 2,
+            ..RenderConfig::with_size(32)
+        };
         l2s_shapes::generate(&images_dir, &render, a.train_images, 1000)?;
     }
     let done = a.work.join("data.done");
@@ -154,16 +172,45 @@ fn build_data(sd: &Pipeline, a: &ShapesArgs, global: &Global) -> Result<()> {
         rf: l2s_diffusion::RfInversionConfig::default(),
     };
     let detector = shapes_detector(DetectorArg::Shapes, &images)?;
-    let check = a.check_relation.then(|| RelationCheck { detector: &detector, min_score: l2s_eval::SCORE_THRESHOLD });
+    let check = a.check_relation.then(|| RelationCheck {
+        detector: &detector,
+        min_score: l2s_eval::SCORE_THRESHOLD,
+    });
     let check_name = a.check_relation.then_some("shapes");
-    let mut dual = open_writer(sd, &images, &cfg, check_name, &a.work.join("data-dual"), 256)?;
-    let single_cfg = BuildConfig { dual_inversion: false, ..cfg.clone() };
-    let mut single = open_writer(sd, &images, &single_cfg, check_name, &a.work.join("data-single"), 256)?;
+    let mut dual = open_writer(
+        sd,
+        &images,
+        &cfg,
+        check_name,
+        &a.work.join("data-dual"),
+        256,
+    )?;
+    let single_cfg = BuildConfig {
+        dual_inversion: false,
+        ..cfg.clone()
+    };
+    let mut single = open_writer(
+        sd,
+        &images,
+        &single_cfg,
+        check_name,
+        &a.work.join("data-single"),
+        256,
+    )?;
     let b = bar(global, images.len(), "data");
-    let summary = build(sd, &images, &cfg, check.as_ref(), a.workers.unwrap_or_else(default_workers), &mut dual, Some(&mut single), &mut |done, _, s| {
-        b.set_position(done as u64);
-        b.set_message(progress_message(s));
-    })?;
+    let summary = build(
+        sd,
+        &images,
+        &cfg,
+        check.as_ref(),
+        a.workers.unwrap_or_else(default_workers),
+        &mut dual,
+        Some(&mut single),
+        &mut |done, _, s| {
+            b.set_position(done as u64);
+            b.set_message(progress_message(s));
+        },
+    )?;
     b.finish_and_clear();
     dual.finish()?;
     single.finish()?;
@@ -180,17 +227,33 @@ fn train_classifiers(a: &ShapesArgs, global: &Global) -> Result<()> {
     cfg.lr = a.classifier_lr;
     cfg.early_stop_patience = a.patience;
     cfg.augment = a.augment;
-    let todo: Vec<&str> =
-        ["dual", "single"].into_iter().filter(|k| !a.work.join(format!("clf-{k}")).join("classifier.json").exists()).collect();
+    let todo: Vec<&str> = ["dual", "single"]
+        .into_iter()
+        .filter(|k| {
+            !a.work
+                .join(format!("clf-{k}"))
+                .join("classifier.json")
+                .exists()
+        })
+        .collect();
     let one = |kind: &str, b: ProgressBar| -> Result<()> {
         let out = a.work.join(format!("clf-{kind}"));
-        let report = train(&a.work.join(format!("data-{kind}")), &out, &cfg, &candle_core::Device::Cpu, &mut |e| {
-            b.inc(1);
-            b.set_message(format!("val acc {:.3}", e.val_accuracy));
-        })
+        let report = train(
+            &a.work.join(format!("data-{kind}")),
+            &out,
+            &cfg,
+            &candle_core::Device::Cpu,
+            &mut |e| {
+                b.inc(1);
+                b.set_message(format!("val acc {:.3}", e.val_accuracy));
+            },
+        )
         .with_context(|| format!("training the {kind}-inversion classifier"))?;
         b.finish_and_clear();
-        eprintln!("classifier {kind}: {}", serde_json::to_string(&report.meta.metrics)?);
+        eprintln!(
+            "classifier {kind}: {}",
+            serde_json::to_string(&report.meta.metrics)?
+        );
         Ok(())
     };
     let bars = MultiProgress::new();
@@ -207,19 +270,32 @@ fn train_classifiers(a: &ShapesArgs, global: &Global) -> Result<()> {
                 scope.spawn(move || one(kind, b))
             })
             .collect();
-        handles.into_iter().try_for_each(|h| h.join().map_err(|_| anyhow::anyhow!("a classifier training thread panicked"))?)
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a classifier training thread panicked"))?
+        })
     })
 }
 
 /// Each classifier's accuracy on the dual-inversion test maps (the same held-out images).
 fn classifier_accuracies(sd: &Pipeline, a: &ShapesArgs) -> Result<serde_json::Value> {
     let ds = Dataset::open(a.work.join("data-dual"))?;
-    let split = split_by_image(ds.entries(), TrainConfig::sd().split, TrainConfig::sd().seed);
+    let split = split_by_image(
+        ds.entries(),
+        TrainConfig::sd().split,
+        TrainConfig::sd().seed,
+    );
     let test = ds.load(&split.test, candle_core::DType::F32)?;
     let mut out = serde_json::Map::new();
     let id = sd.fingerprint()?;
     for kind in ["dual", "single"] {
-        let (clf, meta) = load_classifier(&a.work.join(format!("clf-{kind}")), Some(&id), None, &candle_core::Device::Cpu, candle_core::DType::F32)?;
+        let (clf, meta) = load_classifier(
+            &a.work.join(format!("clf-{kind}")),
+            Some(&id),
+            None,
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )?;
         let ev = evaluate_classifier(&clf, &test, 64, &meta.relations, &candle_core::Device::Cpu)?;
         out.insert(kind.into(), serde_json::json!({"test_examples": ev.examples, "accuracy": ev.accuracy, "loss": ev.loss}));
     }
@@ -269,7 +345,10 @@ fn run_method(sd: &Pipeline, a: &ShapesArgs, name: &str, global: &Global) -> Res
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .is_some_and(|saved| saved == eval_settings);
     if path.exists() && !same_settings {
-        eprintln!("{name}: evaluation settings changed since {}; evaluating again", path.display());
+        eprintln!(
+            "{name}: evaluation settings changed since {}; evaluating again",
+            path.display()
+        );
     }
     if path.exists() && same_settings {
         let records: Vec<EvalRecord> = std::fs::read_to_string(&path)?
@@ -286,8 +365,11 @@ fn run_method(sd: &Pipeline, a: &ShapesArgs, name: &str, global: &Global) -> Res
     }
     if name.starts_with("l2s") {
         method.config.step_size = a.step_size;
-        method.config.update =
-            if a.raw_gradient { l2s_steer::steering::UpdateRule::Raw } else { l2s_steer::steering::UpdateRule::Normalized };
+        method.config.update = if a.raw_gradient {
+            l2s_steer::steering::UpdateRule::Raw
+        } else {
+            l2s_steer::steering::UpdateRule::Normalized
+        };
         method.config.stop_below = Some(a.stop_below);
     }
     let detector = ShapeDetector::new(DetectorConfig::for_render(&RenderConfig::with_size(32)));
@@ -304,7 +386,9 @@ fn run_method(sd: &Pipeline, a: &ShapesArgs, name: &str, global: &Global) -> Res
         workers: a.workers.unwrap_or_else(default_workers),
     };
     let b = bar(global, ps.len() * a.seeds as usize, name);
-    let records = evaluate(sd, &ps, name, &settings, &detector, &mut |done, _| b.set_position(done as u64))?;
+    let records = evaluate(sd, &ps, name, &settings, &detector, &mut |done, _| {
+        b.set_position(done as u64)
+    })?;
     b.finish_and_clear();
     let mut text = String::new();
     for r in &records {
@@ -391,7 +475,9 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             s.spatial_accuracy,
             s.object_accuracy,
             s.seconds_per_image,
-            s.mean_final_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "—".into())
+            s.mean_final_loss
+                .map(|l| format!("{l:.4}"))
+                .unwrap_or_else(|| "—".into())
         ));
     }
     let results = serde_json::json!({

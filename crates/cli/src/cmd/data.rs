@@ -6,7 +6,8 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use l2s_models::{InversionSettings, Pipeline};
 use l2s_steer::build::{
-    build, layer_infos, record_sample, relation_names, AnnotatedImage, BuildConfig, BuildSummary, RelationCheck,
+    build, layer_infos, record_sample, relation_names, AnnotatedImage, BuildConfig, BuildSummary,
+    RelationCheck,
 };
 
 use crate::cmd::score::DetectorArg;
@@ -86,7 +87,10 @@ pub fn progress_message(s: &BuildSummary) -> String {
 
 /// The detector that checks reconstructions, sized for the images' resolution. Refuses images
 /// whose objects it cannot detect (every sample would be dropped).
-pub fn shapes_detector(which: DetectorArg, images: &[AnnotatedImage]) -> Result<l2s_shapes::ShapeDetector> {
+pub fn shapes_detector(
+    which: DetectorArg,
+    images: &[AnnotatedImage],
+) -> Result<l2s_shapes::ShapeDetector> {
     match which {
         DetectorArg::Shapes => {
             let size = images.first().map_or(32, |i| i.image.width());
@@ -109,10 +113,10 @@ pub fn shapes_detector(which: DetectorArg, images: &[AnnotatedImage]) -> Result<
     }
 }
 
-
 /// Reads a COCO-style folder into annotated images.
 pub fn read_annotated(dir: &std::path::Path, limit: Option<usize>) -> Result<Vec<AnnotatedImage>> {
-    let ds = l2s_shapes::read_dataset(dir).with_context(|| format!("reading annotated images from {}", dir.display()))?;
+    let ds = l2s_shapes::read_dataset(dir)
+        .with_context(|| format!("reading annotated images from {}", dir.display()))?;
     ds.images
         .iter()
         .take(limit.unwrap_or(usize::MAX))
@@ -120,7 +124,11 @@ pub fn read_annotated(dir: &std::path::Path, limit: Option<usize>) -> Result<Vec
             Ok(AnnotatedImage {
                 id: img.id.to_string(),
                 image: img.load()?,
-                objects: img.objects.iter().map(|o| (o.class.name().to_string(), o.bbox)).collect(),
+                objects: img
+                    .objects
+                    .iter()
+                    .map(|o| (o.class.name().to_string(), o.bbox))
+                    .collect(),
             })
         })
         .collect()
@@ -135,7 +143,10 @@ pub fn open_writer(
     out: &std::path::Path,
     shard_size: usize,
 ) -> Result<DatasetWriter> {
-    let probe = images.iter().find(|i| i.objects.len() >= 2).context("no image with two or more objects")?;
+    let probe = images
+        .iter()
+        .find(|i| i.objects.len() >= 2)
+        .context("no image with two or more objects")?;
     let (a, b) = (&probe.objects[0].0, &probe.objects[1].0);
     let prompt = format!("a {a} and a {b}");
     let mut probe_cfg = cfg.clone();
@@ -147,14 +158,24 @@ pub fn open_writer(
         extra.insert("relation_check".into(), check.into());
     }
     extra.insert("num_inference_steps".into(), cfg.steps.into());
-    extra.insert("fixed_point_iterations".into(), cfg.fixed_point_iterations.into());
+    extra.insert(
+        "fixed_point_iterations".into(),
+        cfg.fixed_point_iterations.into(),
+    );
     extra.insert("min_psnr".into(), cfg.psnr_threshold.into());
-    let inversion = InversionSettings { fixed_point_iterations: cfg.fixed_point_iterations, rf: cfg.rf, noise_seed: cfg.seed };
+    let inversion = InversionSettings {
+        fixed_point_iterations: cfg.fixed_point_iterations,
+        rf: cfg.rf,
+        noise_seed: cfg.seed,
+    };
     extra.insert("inversion".into(), model.inversion_name(&inversion).into());
     if let Some(file) = model.transformer_file() {
         extra.insert("transformer_file".into(), file.display().to_string().into());
     }
-    extra.insert("model_folder".into(), model.folder().display().to_string().into());
+    extra.insert(
+        "model_folder".into(),
+        model.folder().display().to_string().into(),
+    );
     let info = DatasetInfo {
         model: model.fingerprint()?,
         num_maps: maps.dim(2)?,
@@ -178,7 +199,11 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     let cfg = BuildConfig {
         steps,
         fixed_point_iterations: a.fixed_point,
-        step_indices: if a.at_steps.is_empty() { step_indices } else { a.at_steps.clone() },
+        step_indices: if a.at_steps.is_empty() {
+            step_indices
+        } else {
+            a.at_steps.clone()
+        },
         psnr_threshold: a.min_psnr.unwrap_or(min_psnr),
         dual_inversion: !a.single_inversion,
         seed: a.seed,
@@ -191,20 +216,41 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         },
         rf: l2s_diffusion::RfInversionConfig::default(),
     };
-    let detector = a.check_relation.map(|d| shapes_detector(d, &images)).transpose()?;
-    let check = detector.as_ref().map(|d| RelationCheck { detector: d, min_score: l2s_eval::SCORE_THRESHOLD });
+    let detector = a
+        .check_relation
+        .map(|d| shapes_detector(d, &images))
+        .transpose()?;
+    let check = detector.as_ref().map(|d| RelationCheck {
+        detector: d,
+        min_score: l2s_eval::SCORE_THRESHOLD,
+    });
     let check_name = a.check_relation.map(|_| "shapes");
     let mut writer = open_writer(model, &images, &cfg, check_name, &a.out, a.shard_size)?;
-    let bar = if global.quiet { ProgressBar::hidden() } else { ProgressBar::new(images.len() as u64) };
+    let bar = if global.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(images.len() as u64)
+    };
     bar.set_style(
-        ProgressStyle::with_template("build [{bar:32}] {pos}/{len} images {elapsed_precise} (eta {eta}) {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "build [{bar:32}] {pos}/{len} images {elapsed_precise} (eta {eta}) {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
-    let summary = build(model, &images, &cfg, check.as_ref(), a.workers.unwrap_or_else(default_workers), &mut writer, None, &mut |done, _, s| {
-        bar.set_position(done as u64);
-        bar.set_message(progress_message(s));
-    })?;
+    let summary = build(
+        model,
+        &images,
+        &cfg,
+        check.as_ref(),
+        a.workers.unwrap_or_else(default_workers),
+        &mut writer,
+        None,
+        &mut |done, _, s| {
+            bar.set_position(done as u64);
+            bar.set_message(progress_message(s));
+        },
+    )?;
     writer.finish()?;
     bar.finish_and_clear();
     eprintln!("{}", serde_json::to_string_pretty(&summary)?);
@@ -220,12 +266,21 @@ mod tests {
         let image = |names: &[&str]| AnnotatedImage {
             id: "7".into(),
             image: image::RgbImage::new(32, 32),
-            objects: names.iter().map(|n| (n.to_string(), l2s_eval::BBox::new(0.0, 0.0, 4.0, 4.0))).collect(),
+            objects: names
+                .iter()
+                .map(|n| (n.to_string(), l2s_eval::BBox::new(0.0, 0.0, 4.0, 4.0)))
+                .collect(),
         };
         assert!(shapes_detector(DetectorArg::Shapes, &[image(&["star", "heart"])]).is_ok());
-        let err = shapes_detector(DetectorArg::Shapes, &[image(&["star", "heart"]), image(&["dog", "star"])])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("image 7") && err.contains("\"dog\"") && err.contains("circle"), "{err}");
+        let err = shapes_detector(
+            DetectorArg::Shapes,
+            &[image(&["star", "heart"]), image(&["dog", "star"])],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("image 7") && err.contains("\"dog\"") && err.contains("circle"),
+            "{err}"
+        );
     }
 }

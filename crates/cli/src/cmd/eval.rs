@@ -5,16 +5,16 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use l2s_diffusion::NoHook;
 use l2s_eval::layout::{
-    image_seed, prompt_dir, read_run_info, sample_path, RunInfo, KEY_METHOD, KEY_STEER_LOSS, METADATA_FILE,
-    PROMPTS_FILE, RUN_FILE, RUN_FORMAT,
+    image_seed, prompt_dir, read_run_info, sample_path, RunInfo, KEY_METHOD, KEY_STEER_LOSS,
+    METADATA_FILE, PROMPTS_FILE, RUN_FILE, RUN_FORMAT,
 };
 use l2s_eval::prompts::{
-    describe_unsupported, multi_relation_prompts, position_prompts, read_prompt_file, to_jsonl, MultiRelationSpec,
-    SpatialPrompt, COCO_CLASSES, SHAPES_CLASSES,
+    describe_unsupported, multi_relation_prompts, position_prompts, read_prompt_file, to_jsonl,
+    MultiRelationSpec, SpatialPrompt, COCO_CLASSES, SHAPES_CLASSES,
 };
 use l2s_generate::{generate, generation_metadata, write_atomic, write_png, GenerateRequest};
-use l2s_diffusion::NoHook;
 use l2s_steer::relations::RelationTriplet;
 use l2s_steer::steering::{generate_steered, SteerTriplet};
 
@@ -31,17 +31,24 @@ pub enum ClassesArg {
 }
 
 #[derive(clap::Args)]
-#[command(after_help = "Output (GenEval's layout): DIR/NNNNN/metadata.jsonl and DIR/NNNNN/samples/SSSS.png, plus \
+#[command(
+    after_help = "Output (GenEval's layout): DIR/NNNNN/metadata.jsonl and DIR/NNNNN/samples/SSSS.png, plus \
 DIR/prompts.jsonl (every prompt of the run) and DIR/run.json (the settings). Image SSSS of prompt NNNNN uses seed \
 --seed + NNNNN × --images-per-prompt + SSSS, the same for every method, so runs compare image by image. Images \
 already on disk are kept, so an interrupted run continues where it stopped; rerunning into a folder made with \
 other settings is refused. --shard i/n (1-based) takes prompts i-1, i-1+n, i-1+2n, …: run the n shards \
-anywhere into folders of the same name, then copy them together. Score with `l2s score DIR`.")]
+anywhere into folders of the same name, then copy them together. Score with `l2s score DIR`."
+)]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
     /// GenEval metadata JSONL: spatial lines are used; lines of other tags are listed and skipped
-    #[arg(long, value_name = "FILE", conflicts_with = "generate_prompts", required_unless_present = "generate_prompts")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "generate_prompts",
+        required_unless_present = "generate_prompts"
+    )]
     pub prompts: Option<PathBuf>,
     /// Generate N GenEval-style prompts "a photo of {a/an A} {rel} {a/an B}" instead
     #[arg(long, value_name = "N")]
@@ -92,7 +99,10 @@ fn prompt_set(args: &Args, model_name: &str) -> Result<(Vec<SpatialPrompt>, Stri
             eprintln!("note: {line}");
         }
         if file.prompts.is_empty() {
-            bail!("--prompts {}: no spatial (\"position\" or \"multi_position\") lines", path.display());
+            bail!(
+                "--prompts {}: no spatial (\"position\" or \"multi_position\") lines",
+                path.display()
+            );
         }
         let source = format!("file {}", path.display());
         return Ok((file.prompts.into_iter().map(|(_, p)| p).collect(), source));
@@ -106,13 +116,26 @@ fn prompt_set(args: &Args, model_name: &str) -> Result<(Vec<SpatialPrompt>, Stri
         ClassesArg::Coco => false,
         ClassesArg::Auto => model_name == l2s_shapes_model::embedded::NAME,
     };
-    let (classes, cname): (&[&str], &str) = if shapes { (&SHAPES_CLASSES, "shapes") } else { (&COCO_CLASSES, "coco") };
+    let (classes, cname): (&[&str], &str) = if shapes {
+        (&SHAPES_CLASSES, "shapes")
+    } else {
+        (&COCO_CLASSES, "coco")
+    };
     let (prompts, kind) = if args.multi {
-        (multi_relation_prompts(n, classes, args.prompt_seed, MultiRelationSpec::default())?, "multi-relation")
+        (
+            multi_relation_prompts(n, classes, args.prompt_seed, MultiRelationSpec::default())?,
+            "multi-relation",
+        )
     } else {
         (position_prompts(n, classes, args.prompt_seed)?, "position")
     };
-    Ok((prompts, format!("generated: {n} {kind} prompts over the {cname} classes, prompt seed {}", args.prompt_seed)))
+    Ok((
+        prompts,
+        format!(
+            "generated: {n} {kind} prompts over the {cname} classes, prompt seed {}",
+            args.prompt_seed
+        ),
+    ))
 }
 
 /// Writes `path` with `text`, or checks that it already holds exactly that.
@@ -146,10 +169,16 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     }
     let (model, model_name) = load_model(&args.model)?;
     let defaults = model.sampling_defaults();
-    let (steps, guidance) = (args.steps.unwrap_or(defaults.steps), args.guidance.unwrap_or(defaults.guidance));
+    let (steps, guidance) = (
+        args.steps.unwrap_or(defaults.steps),
+        args.guidance.unwrap_or(defaults.guidance),
+    );
     let (prompts, source) = prompt_set(&args, &model_name)?;
     let method = args.steer.method(&model, steps)?;
-    let method_label = method.as_ref().map(|m| m.name.clone()).unwrap_or_else(|| "base".into());
+    let method_label = method
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_else(|| "base".into());
 
     // Steering targets of every prompt of this shard, checked before any image is made.
     let mine: Vec<usize> = (0..prompts.len()).filter(|i| i % shards == shard).collect();
@@ -159,17 +188,25 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         triplets.push(match &method {
             None => None,
             Some(m) => {
-                let rts: Vec<RelationTriplet> =
-                    p.triplets().into_iter().map(|t| RelationTriplet::new(t.a, t.relation, t.b)).collect();
+                let rts: Vec<RelationTriplet> = p
+                    .triplets()
+                    .into_iter()
+                    .map(|t| RelationTriplet::new(t.a, t.relation, t.b))
+                    .collect();
                 Some(
-                    SteerTriplet::for_prompt(&rts, &|word| Ok(model.word_positions(&p.prompt, word)?), &|r| m.label(r))
-                        .with_context(|| format!("prompt {i} {:?}: cannot steer", p.prompt))?,
+                    SteerTriplet::for_prompt(
+                        &rts,
+                        &|word| Ok(model.word_positions(&p.prompt, word)?),
+                        &|r| m.label(r),
+                    )
+                    .with_context(|| format!("prompt {i} {:?}: cannot steer", p.prompt))?,
                 )
             }
         });
     }
 
-    std::fs::create_dir_all(&args.out).with_context(|| format!("--out {}: cannot create the folder", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("--out {}: cannot create the folder", args.out.display()))?;
     let info = RunInfo {
         format: RUN_FORMAT.into(),
         method: method_label.clone(),
@@ -183,7 +220,10 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         prompt_source: source,
         width: args.width,
         height: args.height,
-        steering: method.as_ref().map(|m| serde_json::to_value(&m.config)).transpose()?,
+        steering: method
+            .as_ref()
+            .map(|m| serde_json::to_value(&m.config))
+            .transpose()?,
     };
     match read_run_info(&args.out) {
         None => {
@@ -202,7 +242,11 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         }
         Some(Err(e)) => bail!("{e}: cannot tell whether the folder belongs to this run"),
     }
-    write_or_check(&args.out.join(PROMPTS_FILE), &to_jsonl(&prompts), "prompt list")?;
+    write_or_check(
+        &args.out.join(PROMPTS_FILE),
+        &to_jsonl(&prompts),
+        "prompt list",
+    )?;
 
     let ipp = args.images_per_prompt;
     let total = mine.len() * ipp;
@@ -211,11 +255,17 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         .flat_map(|&i| (0..ipp).map(move |j| (i, j)))
         .filter(|&(i, j)| sample_path(&args.out, i, j).exists())
         .count();
-    let bar = if global.quiet { ProgressBar::hidden() } else { ProgressBar::new(total as u64) };
+    let bar = if global.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total as u64)
+    };
     bar.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:32}] {pos}/{len} images {elapsed_precise} (eta {eta}) {wide_msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{prefix} [{bar:32}] {pos}/{len} images {elapsed_precise} (eta {eta}) {wide_msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     bar.set_prefix(method_label.clone());
     bar.set_position(present as u64);
@@ -226,7 +276,11 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         let dir = prompt_dir(&args.out, i);
         std::fs::create_dir_all(dir.join(l2s_eval::layout::SAMPLES_DIR))
             .with_context(|| format!("creating {}", dir.display()))?;
-        write_or_check(&dir.join(METADATA_FILE), &(p.metadata_line() + "\n"), "prompt")?;
+        write_or_check(
+            &dir.join(METADATA_FILE),
+            &(p.metadata_line() + "\n"),
+            "prompt",
+        )?;
         for j in 0..ipp {
             let path = sample_path(&args.out, i, j);
             if path.exists() {
@@ -253,15 +307,22 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
                     let loss = m.loss().context("steering method without a loss")?;
                     let s = generate_steered(&model, &req, ts, loss, &m.config, &mut |_| {})
                         .with_context(|| format!("generating {}", path.display()))?;
-                    extra.push(("steer_config".to_string(), serde_json::to_string(&m.config)?));
+                    extra.push((
+                        "steer_config".to_string(),
+                        serde_json::to_string(&m.config)?,
+                    ));
                     if let Some(l) = s.report.final_loss() {
                         extra.push((KEY_STEER_LOSS.to_string(), format!("{l:.6}")));
                     }
-                    extra.push(("steer_iterations".to_string(), s.report.iterations.to_string()));
+                    extra.push((
+                        "steer_iterations".to_string(),
+                        s.report.iterations.to_string(),
+                    ));
                     (s.generated.image, s.generated.width, s.generated.height)
                 }
                 _ => {
-                    let g = generate(&model, &req, &mut NoHook, &mut |_| {}).with_context(|| format!("generating {}", path.display()))?;
+                    let g = generate(&model, &req, &mut NoHook, &mut |_| {})
+                        .with_context(|| format!("generating {}", path.display()))?;
                     if !warned {
                         warn_all(&g.warnings);
                         warned = true;
@@ -270,13 +331,23 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
                 }
             };
             let meta = generation_metadata(&req, &model_name, model.sampler_name(), w, h, &extra);
-            write_png(&path, &image, &meta).with_context(|| format!("writing {}", path.display()))?;
+            write_png(&path, &image, &meta)
+                .with_context(|| format!("writing {}", path.display()))?;
             made += 1;
             bar.inc(1);
         }
     }
     bar.finish_and_clear();
-    let shard_note = if shards > 1 { format!(" (shard {}/{shards}: {} of {} prompts)", shard + 1, mine.len(), prompts.len()) } else { String::new() };
+    let shard_note = if shards > 1 {
+        format!(
+            " (shard {}/{shards}: {} of {} prompts)",
+            shard + 1,
+            mine.len(),
+            prompts.len()
+        )
+    } else {
+        String::new()
+    };
     say(&format!(
         "{}: {made} images generated, {present} already present, {} prompts × {ipp}{shard_note}; score with: l2s score {}\n",
         args.out.display(),

@@ -13,10 +13,12 @@ use l2s_steer::steering::{generate_steered, SteerTriplet};
 use crate::common::{load_model, warn_all, Bars, Global, ModelArgs, SampleArgs, SteerArgs};
 
 #[derive(clap::Args)]
-#[command(after_help = "Image i of --num-images N uses seed + i. With one image, --out is a .png file; with several, \
+#[command(
+    after_help = "Image i of --num-images N uses seed + i. With one image, --out is a .png file; with several, \
 a folder (created if needed) that receives 0000.png, 0001.png, …. Each PNG carries the prompt, negative prompt, \
 seed, steps, guidance, model and size as text chunks. Stable Diffusion defaults to 50 DDIM steps at guidance 7.5, unless the folder names its own (the built-in model: 50 steps at guidance 1.25); \
-a FLUX folder to its model's own settings (dev: 50 steps, guidance 3.5 as a model input; schnell: 4 steps).")]
+a FLUX folder to its model's own settings (dev: 50 steps, guidance 3.5 as a model input; schnell: 4 steps)."
+)]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -53,17 +55,27 @@ pub struct Args {
 
 /// Where each image goes.
 fn targets(out: &Path, n: usize) -> Result<Vec<PathBuf>> {
-    let is_png = out.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    let is_png = out
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
     if is_png {
         if n != 1 {
-            bail!("--out {} names one file but --num-images is {n}: give a folder", out.display());
+            bail!(
+                "--out {} names one file but --num-images is {n}: give a folder",
+                out.display()
+            );
         }
         return Ok(vec![crate::common::png_target(out, "--out")?]);
     }
     if out.exists() && !out.is_dir() {
-        bail!("--out {}: exists and is not a folder (or give a name ending in .png)", out.display());
+        bail!(
+            "--out {}: exists and is not a folder (or give a name ending in .png)",
+            out.display()
+        );
     }
-    std::fs::create_dir_all(out).with_context(|| format!("--out {}: cannot create the folder", out.display()))?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("--out {}: cannot create the folder", out.display()))?;
     Ok((0..n).map(|i| out.join(format!("{i:04}.png"))).collect())
 }
 
@@ -77,7 +89,11 @@ fn init_rows(path: &Path, n: usize) -> Result<Vec<Tensor>> {
         // Let the generator name the expected shape.
         return Ok(vec![t]);
     }
-    bail!("--init-latents {}: tensor `latents` has shape {:?}; expected {n} rows (one per image)", path.display(), t.dims())
+    bail!(
+        "--init-latents {}: tensor `latents` has shape {:?}; expected {n} rows (one per image)",
+        path.display(),
+        t.dims()
+    )
 }
 
 /// The method, its settings and the triplets' token positions, or `None` without steering.
@@ -88,11 +104,21 @@ pub fn steering_for(
     a: &SteerArgs,
     relation: Option<&str>,
 ) -> Result<Option<(Method, Vec<SteerTriplet>)>> {
-    let Some(method) = a.method(model, steps)? else { return Ok(None) };
-    let triplets = l2s_steer::relations::triplets_for(prompt, relation)
-        .with_context(|| format!("--steer {} needs a relation in the prompt or --relation", a.steer))?;
+    let Some(method) = a.method(model, steps)? else {
+        return Ok(None);
+    };
+    let triplets = l2s_steer::relations::triplets_for(prompt, relation).with_context(|| {
+        format!(
+            "--steer {} needs a relation in the prompt or --relation",
+            a.steer
+        )
+    })?;
     let label = |r| method.label(r);
-    let steer = SteerTriplet::for_prompt(&triplets, &|word| Ok(model.word_positions(prompt, word)?), &label)?;
+    let steer = SteerTriplet::for_prompt(
+        &triplets,
+        &|word| Ok(model.word_positions(prompt, word)?),
+        &label,
+    )?;
     Ok(Some((method, steer)))
 }
 
@@ -102,7 +128,10 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     }
     let (mut model, model_name) = load_model(&args.model)?;
     if args.gradient_checkpointing && !model.set_gradient_checkpointing(true) {
-        tracing::warn!("--gradient-checkpointing applies to FLUX models only; ignored for {}", model.family_name());
+        tracing::warn!(
+            "--gradient-checkpointing applies to FLUX models only; ignored for {}",
+            model.family_name()
+        );
     }
     let (steps, guidance) = args.sampling.resolve(&model, false);
     let paths = targets(&args.out, args.num_images)?;
@@ -110,7 +139,13 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         Some(p) => Some(init_rows(p, args.num_images)?),
         None => None,
     };
-    let steering = steering_for(&model, &args.prompt, steps, &args.steer, args.relation.as_deref())?;
+    let steering = steering_for(
+        &model,
+        &args.prompt,
+        steps,
+        &args.steer,
+        args.relation.as_deref(),
+    )?;
     for (i, path) in paths.iter().enumerate() {
         let req = GenerateRequest {
             prompt: args.prompt.clone(),
@@ -122,7 +157,11 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             height: args.sampling.height,
             init_latents: inits.as_ref().map(|v| v[i].clone()),
         };
-        let label = if args.num_images > 1 { format!("image {}/{}", i + 1, args.num_images) } else { "image".into() };
+        let label = if args.num_images > 1 {
+            format!("image {}/{}", i + 1, args.num_images)
+        } else {
+            "image".into()
+        };
         let mut bars = Bars::new(global, label);
         let mut extra = Vec::new();
         let (image, width, height, warnings) = match &steering {
@@ -133,15 +172,28 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             }
             Some((method, triplets)) => {
                 let loss = method.loss().context("steering method without a loss")?;
-                let s = generate_steered(&model, &req, triplets, loss, &method.config, &mut |p| bars.update(p))
-                    .with_context(|| format!("generating {}", path.display()))?;
+                let s = generate_steered(&model, &req, triplets, loss, &method.config, &mut |p| {
+                    bars.update(p)
+                })
+                .with_context(|| format!("generating {}", path.display()))?;
                 extra.push(("steer".to_string(), method.name.clone()));
-                extra.push(("steer_config".to_string(), serde_json::to_string(&method.config)?));
-                extra.push(("steer_relations".to_string(), args.relation.clone().unwrap_or_else(|| "from prompt".into())));
+                extra.push((
+                    "steer_config".to_string(),
+                    serde_json::to_string(&method.config)?,
+                ));
+                extra.push((
+                    "steer_relations".to_string(),
+                    args.relation
+                        .clone()
+                        .unwrap_or_else(|| "from prompt".into()),
+                ));
                 if let Some(l) = s.report.final_loss() {
                     extra.push(("steer_final_loss".to_string(), format!("{l:.6}")));
                 }
-                extra.push(("steer_iterations".to_string(), s.report.iterations.to_string()));
+                extra.push((
+                    "steer_iterations".to_string(),
+                    s.report.iterations.to_string(),
+                ));
                 let g = s.generated;
                 (g.image, g.width, g.height, g.warnings)
             }
@@ -153,7 +205,14 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         if let Some(p) = &args.init_latents {
             extra.push(("init_latents".to_string(), p.display().to_string()));
         }
-        let meta = generation_metadata(&req, &model_name, model.sampler_name(), width, height, &extra);
+        let meta = generation_metadata(
+            &req,
+            &model_name,
+            model.sampler_name(),
+            width,
+            height,
+            &extra,
+        );
         write_png(path, &image, &meta).with_context(|| format!("writing {}", path.display()))?;
         tracing::info!("wrote {}", path.display());
         println!("{}", path.display());

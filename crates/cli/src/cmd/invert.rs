@@ -10,11 +10,13 @@ use l2s_generate::{invert, read_rgb_image, reconstruct, write_png, write_tensors
 use crate::common::{load_model, png_target, warn_all, Bars, Global, ModelArgs, SampleArgs};
 
 #[derive(clap::Args)]
-#[command(after_help = "The image must be 8-bit RGB at the model's size (or --width × --height). It is encoded with the \
+#[command(
+    after_help = "The image must be 8-bit RGB at the model's size (or --width × --height). It is encoded with the \
 VAE mean, inverted under the prompt (Stable Diffusion: fixed-point DDIM inversion, 50 steps, guidance 1 by default; \
 FLUX: RF-inversion with the model's steps and guidance), and sampled back with the same prompt, guidance and steps. The reconstruction \
 is written to --out and its PSNR against the image printed. --save-latents writes `latents` (the inverted noise, \
-usable as `l2s generate --init-latents`) and `z0` (the encoded image).")]
+usable as `l2s generate --init-latents`) and `z0` (the encoded image)."
+)]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -53,14 +55,20 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     let out = png_target(&args.out, "--out")?;
     let (model, model_name) = load_model(&args.model)?;
     let (steps, guidance) = args.sampling.resolve(&model, true);
-    let image = read_rgb_image(&args.image).with_context(|| format!("--image {}", args.image.display()))?;
+    let image =
+        read_rgb_image(&args.image).with_context(|| format!("--image {}", args.image.display()))?;
     let req = InvertRequest {
         prompt: args.prompt.clone(),
         negative_prompt: args.sampling.negative_prompt.clone(),
         guidance,
         steps,
         fixed_point_iterations: args.fixed_point,
-        rf: RfInversionConfig { gamma: args.rf_gamma, eta: args.rf_eta, start: 0.0, stop: args.rf_stop },
+        rf: RfInversionConfig {
+            gamma: args.rf_gamma,
+            eta: args.rf_eta,
+            start: 0.0,
+            stop: args.rf_stop,
+        },
         noise_seed: args.seed,
         width: args.sampling.width,
         height: args.sampling.height,
@@ -78,12 +86,19 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             ("prompt".to_string(), req.prompt.clone()),
             ("steps".to_string(), req.steps.to_string()),
             ("guidance".to_string(), req.guidance.to_string()),
-            ("fixed_point_iterations".to_string(), req.fixed_point_iterations.to_string()),
+            (
+                "fixed_point_iterations".to_string(),
+                req.fixed_point_iterations.to_string(),
+            ),
             ("image".to_string(), args.image.display().to_string()),
             ("model".to_string(), model_name.clone()),
         ];
-        let tensors: Vec<(String, Tensor)> = vec![("latents".into(), inv.latents.clone()), ("z0".into(), inv.z0.clone())];
-        write_tensors(path, &tensors, &meta).with_context(|| format!("--save-latents {}", path.display()))?;
+        let tensors: Vec<(String, Tensor)> = vec![
+            ("latents".into(), inv.latents.clone()),
+            ("z0".into(), inv.z0.clone()),
+        ];
+        write_tensors(path, &tensors, &meta)
+            .with_context(|| format!("--save-latents {}", path.display()))?;
         tracing::info!("wrote {}", path.display());
     }
     let meta = vec![
@@ -91,9 +106,15 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         ("negative_prompt".to_string(), req.negative_prompt.clone()),
         ("steps".to_string(), req.steps.to_string()),
         ("guidance".to_string(), req.guidance.to_string()),
-        ("fixed_point_iterations".to_string(), req.fixed_point_iterations.to_string()),
+        (
+            "fixed_point_iterations".to_string(),
+            req.fixed_point_iterations.to_string(),
+        ),
         ("model".to_string(), model_name),
-        ("size".to_string(), format!("{}x{}", image.width(), image.height())),
+        (
+            "size".to_string(),
+            format!("{}x{}", image.width(), image.height()),
+        ),
         ("source_image".to_string(), args.image.display().to_string()),
         ("psnr".to_string(), format!("{psnr:.4}")),
         ("sampler".to_string(), sampler),

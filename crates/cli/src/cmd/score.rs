@@ -19,15 +19,21 @@ pub enum DetectorArg {
 }
 
 #[derive(clap::Args)]
-#[command(after_help = "A detections file (--detections) has one JSON object per image: the prompt's GenEval \
+#[command(
+    after_help = "A detections file (--detections) has one JSON object per image: the prompt's GenEval \
 metadata fields (tag, include, prompt), \"width\", \"height\", \"detections\": [{\"class\", \"bbox\": [x1, y1, x2, y2] \
 in pixels, \"score\"}], and optionally \"filename\" (NNNNN/samples/SSSS.png). Results: one JSON line per image \
 with GenEval's fields (filename, tag, prompt, correct, reason, metadata, details) and ours (status, all_found, \
 relations, detections). Missing or unreadable images count as wrong; every problem is listed with its path or \
-line in the summary's \"errors\".")]
+line in the summary's \"errors\"."
+)]
 pub struct Args {
     /// A GenEval-layout image folder (as written by `l2s eval`)
-    #[arg(value_name = "DIR", required_unless_present = "detections", conflicts_with = "detections")]
+    #[arg(
+        value_name = "DIR",
+        required_unless_present = "detections",
+        conflicts_with = "detections"
+    )]
     pub dir: Option<PathBuf>,
     /// Score a detections JSONL file from an external detector instead of a folder
     #[arg(long, value_name = "FILE")]
@@ -52,7 +58,12 @@ pub struct Args {
     pub compare: Option<PathBuf>,
 }
 
-fn output(given: &Option<PathBuf>, dir: Option<&Path>, default: &str, flag: &str) -> Result<PathBuf> {
+fn output(
+    given: &Option<PathBuf>,
+    dir: Option<&Path>,
+    default: &str,
+    flag: &str,
+) -> Result<PathBuf> {
     let path = match (given, dir) {
         (Some(p), _) => p.clone(),
         (None, Some(d)) => d.join(default),
@@ -60,68 +71,117 @@ fn output(given: &Option<PathBuf>, dir: Option<&Path>, default: &str, flag: &str
     };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         if !parent.is_dir() {
-            bail!("{flag} {}: folder {} does not exist", path.display(), parent.display());
+            bail!(
+                "{flag} {}: folder {} does not exist",
+                path.display(),
+                parent.display()
+            );
         }
     }
     if path.is_dir() {
-        bail!("{flag} {}: is a folder; expected a file name", path.display());
+        bail!(
+            "{flag} {}: is a folder; expected a file name",
+            path.display()
+        );
     }
     Ok(path)
 }
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
     if !(args.min_score.is_finite() && (0.0..1.0).contains(&args.min_score)) {
-        bail!("--min-score {}: expected a number in [0, 1)", args.min_score);
+        bail!(
+            "--min-score {}: expected a number in [0, 1)",
+            args.min_score
+        );
     }
     if args.images_per_prompt == Some(0) {
         bail!("--images-per-prompt 0: expected at least 1");
     }
     if let Some(dir) = &args.dir {
         if !dir.is_dir() {
-            bail!("{}: not a folder (expected an `l2s eval` output folder)", dir.display());
+            bail!(
+                "{}: not a folder (expected an `l2s eval` output folder)",
+                dir.display()
+            );
         }
     }
     let out = output(&args.out, args.dir.as_deref(), RESULTS_FILE, "--out")?;
-    let summary_path = output(&args.summary, args.dir.as_deref(), SUMMARY_FILE, "--summary")?;
+    let summary_path = output(
+        &args.summary,
+        args.dir.as_deref(),
+        SUMMARY_FILE,
+        "--summary",
+    )?;
     if out == summary_path {
         bail!("--out and --summary name the same file {}", out.display());
     }
     // Read the comparison file first: a bad path should not cost a scoring run.
     let before = match &args.compare {
-        Some(p) => Some(read_results(p).map_err(anyhow::Error::msg).context("--compare")?),
+        Some(p) => Some(
+            read_results(p)
+                .map_err(anyhow::Error::msg)
+                .context("--compare")?,
+        ),
         None => None,
     };
-    let opts = ScoreOptions { min_score: args.min_score, ..ScoreOptions::default() };
+    let opts = ScoreOptions {
+        min_score: args.min_score,
+        ..ScoreOptions::default()
+    };
     let Scored { results, summary } = match (&args.dir, &args.detections) {
         (Some(dir), _) => {
             let detector = match args.detector {
                 DetectorArg::Shapes => l2s_shapes::ShapeDetector::default(),
             };
-            let bar = if global.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+            let bar = if global.quiet {
+                ProgressBar::hidden()
+            } else {
+                ProgressBar::new(0)
+            };
             bar.set_style(
-                ProgressStyle::with_template("scoring [{bar:32}] {pos}/{len} images {elapsed_precise}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "scoring [{bar:32}] {pos}/{len} images {elapsed_precise}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
             );
-            let s = score_folder(dir, &detector, "shapes", args.images_per_prompt, &opts, &mut |done, total| {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64);
-            })
+            let s = score_folder(
+                dir,
+                &detector,
+                "shapes",
+                args.images_per_prompt,
+                &opts,
+                &mut |done, total| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                },
+            )
             .map_err(anyhow::Error::msg)?;
             bar.finish_and_clear();
             s
         }
-        (None, Some(file)) => score_detections(file, args.images_per_prompt, &opts).map_err(anyhow::Error::msg)?,
+        (None, Some(file)) => {
+            score_detections(file, args.images_per_prompt, &opts).map_err(anyhow::Error::msg)?
+        }
         (None, None) => bail!("give a folder DIR or --detections FILE"),
     };
-    write_atomic(&out, results_jsonl(&results).as_bytes()).with_context(|| format!("writing {}", out.display()))?;
+    write_atomic(&out, results_jsonl(&results).as_bytes())
+        .with_context(|| format!("writing {}", out.display()))?;
     let text = serde_json::to_string_pretty(&summary)? + "\n";
-    write_atomic(&summary_path, text.as_bytes()).with_context(|| format!("writing {}", summary_path.display()))?;
+    write_atomic(&summary_path, text.as_bytes())
+        .with_context(|| format!("writing {}", summary_path.display()))?;
     say(&summary.text());
-    say(&format!("results: {}\nsummary: {}\n", out.display(), summary_path.display()));
+    say(&format!(
+        "results: {}\nsummary: {}\n",
+        out.display(),
+        summary_path.display()
+    ));
     if let (Some(before), Some(path)) = (before, &args.compare) {
         let c = compare(&before, &results);
-        say(&format!("\n{}", c.text(&path.display().to_string(), &out.display().to_string())));
+        say(&format!(
+            "\n{}",
+            c.text(&path.display().to_string(), &out.display().to_string())
+        ));
     }
     Ok(())
 }

@@ -68,13 +68,36 @@ enum Command {
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
     match args.command {
-        Command::Render { count, seed, size, min_objects, max_objects, out } => {
-            let cfg = RenderConfig { min_objects, max_objects, ..RenderConfig::with_size(size) };
-            let ds = l2s_shapes::generate(&out, &cfg, count, seed).with_context(|| format!("rendering into {}", out.display()))?;
+        Command::Render {
+            count,
+            seed,
+            size,
+            min_objects,
+            max_objects,
+            out,
+        } => {
+            let cfg = RenderConfig {
+                min_objects,
+                max_objects,
+                ..RenderConfig::with_size(size)
+            };
+            let ds = l2s_shapes::generate(&out, &cfg, count, seed)
+                .with_context(|| format!("rendering into {}", out.display()))?;
             eprintln!("rendered {} images into {}", ds.images.len(), out.display());
             Ok(())
         }
-        Command::Train { out, steps, batch, lr, ema, seed, min_snr_gamma, minutes, checkpoint_every, init_from } => {
+        Command::Train {
+            out,
+            steps,
+            batch,
+            lr,
+            ema,
+            seed,
+            min_snr_gamma,
+            minutes,
+            checkpoint_every,
+            init_from,
+        } => {
             let device = candle_core::Device::Cpu;
             let trainer = Trainer::new(&out, &device)?;
             if let Some(from) = init_from {
@@ -86,14 +109,33 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
                 trainer.init_from_model(&dir)?;
                 eprintln!("starting from the weights in {}", dir.display());
             }
-            eprintln!("shapes model: {} parameters; run folder {}", trainer.parameter_count(), out.display());
+            eprintln!(
+                "shapes model: {} parameters; run folder {}",
+                trainer.parameter_count(),
+                out.display()
+            );
             let min_snr_gamma = (min_snr_gamma > 0.0).then_some(min_snr_gamma);
-            let opts = TrainOptions { steps, batch, lr, ema_decay: ema, seed, checkpoint_every, min_snr_gamma, ..Default::default() };
-            let bar = if global.quiet { ProgressBar::hidden() } else { ProgressBar::new(steps as u64) };
+            let opts = TrainOptions {
+                steps,
+                batch,
+                lr,
+                ema_decay: ema,
+                seed,
+                checkpoint_every,
+                min_snr_gamma,
+                ..Default::default()
+            };
+            let bar = if global.quiet {
+                ProgressBar::hidden()
+            } else {
+                ProgressBar::new(steps as u64)
+            };
             bar.set_style(
-                ProgressStyle::with_template("train [{bar:32}] {pos}/{len} steps {elapsed_precise} (eta {eta}) {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "train [{bar:32}] {pos}/{len} steps {elapsed_precise} (eta {eta}) {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
             );
             let summary = trainer.run(&opts, minutes.map(|m| m * 60.0), |p| {
                 bar.set_position(p.step as u64);

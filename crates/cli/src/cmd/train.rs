@@ -38,7 +38,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
-    let preset = Preset::parse(&args.preset).ok_or_else(|| anyhow::anyhow!("--preset {}: expected sd or flux", args.preset))?;
+    let preset = Preset::parse(&args.preset)
+        .ok_or_else(|| anyhow::anyhow!("--preset {}: expected sd or flux", args.preset))?;
     let mut cfg = TrainConfig::for_preset(preset);
     if let Some(e) = args.epochs {
         cfg.max_epochs = e;
@@ -55,11 +56,17 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     cfg.augment = args.augment;
     cfg.seed = args.seed;
     let quiet = global.quiet;
-    let report = train(&args.data, &args.out, &cfg, &candle_core::Device::Cpu, &mut |e| {
-        if !quiet {
-            eprintln!("{}", serde_json::to_string(e).unwrap_or_default());
-        }
-    })?;
+    let report = train(
+        &args.data,
+        &args.out,
+        &cfg,
+        &candle_core::Device::Cpu,
+        &mut |e| {
+            if !quiet {
+                eprintln!("{}", serde_json::to_string(e).unwrap_or_default());
+            }
+        },
+    )?;
     println!("{}", serde_json::to_string_pretty(&report.meta)?);
     Ok(())
 }
