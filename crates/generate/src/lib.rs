@@ -52,4 +52,4 @@ pub use invert::{
 pub use png::{generation_metadata, read_png_text, write_atomic, write_png};
 pub use prompt::{encode_prompt, prompt_words, word_tokens, PromptEmbedding, WordTokens};
 pub use sample::{sample_latents, Conditioning, Phase, Progress, StepObserver};
-pub use sheet::attention_sheet;
+pub use sheet::{attention_sheet, side_by_side};
