@@ -277,8 +277,9 @@ pub fn say(text: &str) {
 /// Test-time steering of spatial relations (shared by `generate` and `eval`).
 #[derive(clap::Args)]
 pub struct SteerArgs {
-    /// Steering method: none, centroid, attend-excite, or a classifier (folder or classifier.json
-    /// from `l2s train`) — Learn-to-Steer
+    /// Steering method: none, centroid, attend-excite, l2s (Learn-to-Steer with the classifier
+    /// built in for the shapes model, at its tuned schedule), or a Learn-to-Steer classifier
+    /// (folder or classifier.json from `l2s train`; a steering.json beside it sets its schedule)
     #[arg(long, default_value = "none", value_name = "METHOD|PATH")]
     pub steer: String,
     /// Steer during the first N denoising steps (default: half of the steps; FLUX.1-schnell: 1)
@@ -300,6 +301,36 @@ pub struct SteerArgs {
 }
 
 impl SteerArgs {
+    /// What `--steer` names; `l2s` is the classifier built in with the shapes model.
+    pub fn spec(&self) -> Result<l2s_steer::method::MethodSpec> {
+        use l2s_steer::method::MethodSpec;
+        if self.steer == l2s_shapes_model::embedded::CLASSIFIER_NAME {
+            return Ok(MethodSpec::Classifier(
+                l2s_shapes_model::embedded::classifier_dir()?,
+            ));
+        }
+        let spec = MethodSpec::parse(&self.steer);
+        if let MethodSpec::Classifier(p) = &spec {
+            if !p.exists() {
+                bail!("--steer {}: not a method (none, centroid, attend-excite, l2s) and no such classifier file or folder", p.display());
+            }
+        }
+        Ok(spec)
+    }
+
+    /// The sampling steps the classifier's own schedule was tuned at (`steering.json`), if any:
+    /// the default when the user gives no `--steps`.
+    pub fn tuned_steps(&self) -> Result<Option<usize>> {
+        Ok(match self.spec()? {
+            l2s_steer::method::MethodSpec::Classifier(p) => {
+                l2s_steer::method::TunedSchedule::read(&p)
+                    .with_context(|| format!("--steer {}", self.steer))?
+                    .and_then(|t| t.sampling_steps)
+            }
+            _ => None,
+        })
+    }
+
     /// The method with the command line's overrides, or `None` for the plain model.
     pub fn method(
         &self,
@@ -307,17 +338,15 @@ impl SteerArgs {
         steps: usize,
     ) -> Result<Option<l2s_steer::method::Method>> {
         use l2s_steer::method::{Method, MethodSpec};
-        let spec = MethodSpec::parse(&self.steer);
+        let spec = self.spec()?;
         if spec == MethodSpec::None {
             return Ok(None);
         }
-        if let MethodSpec::Classifier(p) = &spec {
-            if !p.exists() {
-                bail!("--steer {}: not a method (none, centroid, attend-excite) and no such classifier file or folder", p.display());
-            }
-        }
         let mut m =
             Method::load(&spec, model, steps).with_context(|| format!("--steer {}", self.steer))?;
+        if self.steer == l2s_shapes_model::embedded::CLASSIFIER_NAME {
+            m.name = "l2s".into();
+        }
         if let Some(n) = self.steer_steps {
             m.config.steer_steps = n;
         }

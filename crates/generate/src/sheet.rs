@@ -59,6 +59,51 @@ pub fn attention_sheet(image: &RgbImage, maps: &[(String, Tensor)]) -> Result<Rg
     Ok(sheet)
 }
 
+/// Images side by side for comparison: each enlarged `scale`× (nearest neighbour, so pixels
+/// stay exact), left to right with a gap, each under its label (white on the dark background).
+/// Images may differ in size; they are top-aligned. A label wider than its image is cut.
+pub fn side_by_side(images: &[(&str, &RgbImage)], scale: u32) -> RgbImage {
+    let scale = scale.max(1);
+    // Double-size text from 4× up, unless a label would then be cut.
+    let fits = |t: u32| {
+        images
+            .iter()
+            .all(|(l, im)| 2 * t + l.chars().count() as u32 * 6 * t <= im.width() * scale)
+    };
+    let text = if scale >= 4 && fits(2) { 2 } else { 1 };
+    let pad = 2 * text;
+    let band = if images.iter().any(|(label, _)| !label.is_empty()) {
+        7 * text + 2 * pad
+    } else {
+        0
+    };
+    let gap = 2 * scale.max(2);
+    let widths: Vec<u32> = images.iter().map(|(_, im)| im.width() * scale).collect();
+    let height = images
+        .iter()
+        .map(|(_, im)| im.height() * scale)
+        .max()
+        .unwrap_or(0);
+    let width = widths.iter().sum::<u32>() + gap * (images.len() as u32).saturating_sub(1);
+    let mut out = RgbImage::from_pixel(width, band + height, Rgb([32, 32, 32]));
+    let mut x = 0;
+    for ((label, im), w) in images.iter().zip(&widths) {
+        let big = image::imageops::resize(
+            *im,
+            *w,
+            im.height() * scale,
+            image::imageops::FilterType::Nearest,
+        );
+        image::imageops::replace(&mut out, &big, x as i64, band as i64);
+        // Only whole glyphs that end inside the image's own column.
+        let fit = (w.saturating_sub(pad) / (6 * text)) as usize;
+        let chars: Vec<char> = label.chars().take(fit).collect();
+        draw_text(&mut out, &chars, x + pad, pad, text);
+        x += w + gap;
+    }
+    out
+}
+
 /// A blue → cyan → green → yellow → red colour ramp for t ∈ [0, 1].
 fn heat(t: f32) -> [u8; 3] {
     const STOPS: [[f32; 3]; 5] = [
@@ -99,6 +144,14 @@ fn draw_label(img: &mut RgbImage, text: &str, scale: u32) {
             }
         }
     }
+    draw_text(img, &chars, pad, pad, scale);
+}
+
+/// Draws `chars` in white with their top-left corner at (x0, y0), each glyph pixel a
+/// `scale`×`scale` square; whatever falls outside the image is cut.
+fn draw_text(img: &mut RgbImage, chars: &[char], x0: u32, y0: u32, scale: u32) {
+    let (w, h) = img.dimensions();
+    let adv = 6 * scale;
     for (i, ch) in chars.iter().enumerate() {
         let rows = glyph(*ch);
         for (gy, row) in rows.iter().enumerate() {
@@ -108,8 +161,8 @@ fn draw_label(img: &mut RgbImage, text: &str, scale: u32) {
                 }
                 for dy in 0..scale {
                     for dx in 0..scale {
-                        let x = pad + i as u32 * adv + gx as u32 * scale + dx;
-                        let y = pad + gy as u32 * scale + dy;
+                        let x = x0 + i as u32 * adv + gx as u32 * scale + dx;
+                        let y = y0 + gy as u32 * scale + dy;
                         if x < w && y < h {
                             img.put_pixel(x, y, Rgb([255, 255, 255]));
                         }
@@ -297,6 +350,57 @@ mod tests {
         assert!(white);
         let p = sheet.get_pixel(x0 + 127, 127).0;
         assert!(p[0] > p[2], "{p:?}");
+    }
+
+    #[test]
+    fn side_by_side_enlarges_each_image_exactly() {
+        let a = RgbImage::from_fn(3, 2, |x, y| Rgb([x as u8 * 40, y as u8 * 90, 7]));
+        let b = RgbImage::from_fn(2, 4, |x, y| Rgb([200, x as u8 * 50, y as u8 * 30]));
+        let scale = 4;
+        let out = side_by_side(&[("plain", &a), ("steered", &b)], scale);
+        // The labels do not fit double-size: 7 px glyphs with 2 px padding above and below.
+        let band = 7 + 2 * 2;
+        let gap = 2 * scale;
+        assert_eq!(
+            out.dimensions(),
+            (3 * scale + gap + 2 * scale, band + 4 * scale)
+        );
+        for (im, x0) in [(&a, 0), (&b, 3 * scale + gap)] {
+            for y in 0..im.height() * scale {
+                for x in 0..im.width() * scale {
+                    assert_eq!(
+                        out.get_pixel(x0 + x, band + y),
+                        im.get_pixel(x / scale, y / scale),
+                        "({x}, {y}) of the block at {x0}"
+                    );
+                }
+            }
+        }
+        // The gap and the space under the shorter image stay background.
+        assert_eq!(out.get_pixel(3 * scale, band).0, [32, 32, 32]);
+        assert_eq!(out.get_pixel(0, band + 2 * scale).0, [32, 32, 32]);
+        // Some text is drawn in the band.
+        let white = (0..band)
+            .flat_map(|y| (0..out.width()).map(move |x| (x, y)))
+            .any(|(x, y)| out.get_pixel(x, y).0 == [255, 255, 255]);
+        assert!(white);
+    }
+
+    #[test]
+    fn side_by_side_labels_double_size_when_they_fit() {
+        let a = RgbImage::from_pixel(32, 32, Rgb([250, 250, 250]));
+        let out = side_by_side(&[("plain", &a), ("centroid", &a)], 4);
+        let band = 7 * 2 + 2 * 4;
+        assert_eq!(out.dimensions(), (2 * 128 + 8, band + 128));
+        assert_eq!(out.get_pixel(5, band + 5).0, [250, 250, 250]);
+    }
+
+    #[test]
+    fn side_by_side_without_labels_has_no_band() {
+        let a = RgbImage::from_pixel(2, 2, Rgb([1, 2, 3]));
+        let out = side_by_side(&[("", &a), ("", &a)], 1);
+        assert_eq!(out.dimensions(), (2 + 4 + 2, 2));
+        assert!(side_by_side(&[], 3).is_empty());
     }
 
     #[test]

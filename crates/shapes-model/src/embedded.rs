@@ -1,6 +1,12 @@
 //! The trained shapes model, compiled into the binary so that the first command works with
 //! nothing to download. It is unpacked once into a cache folder (diffusers layout) and then loaded
 //! by the same loader as any Stable Diffusion folder.
+//!
+//! With it comes a Learn-to-Steer relation classifier trained on the model's cross-attention maps
+//! (the dual-inversion classifier of `l2s bench shapes`), unpacked the same way by
+//! [`classifier_dir`]: `classifier.json` and `classifier.safetensors` as `l2s train` writes them
+//! (the weights stored as f16, which measures the same and loads into f32), plus `steering.json`,
+//! the sampling and steering schedule it was measured with.
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +19,15 @@ macro_rules! asset {
         (
             $rel,
             include_bytes!(concat!("../weights/shapes/", $rel)).as_slice(),
+        )
+    };
+}
+
+macro_rules! classifier_asset {
+    ($rel:literal) => {
+        (
+            $rel,
+            include_bytes!(concat!("../weights/shapes-classifier/", $rel)).as_slice(),
         )
     };
 }
@@ -32,13 +47,27 @@ const FILES: &[(&str, &[u8])] = &[
     asset!("model_index.json"),
 ];
 
+/// (path inside the classifier folder, contents); `classifier.json` is written last.
+const CLASSIFIER_FILES: &[(&str, &[u8])] = &[
+    classifier_asset!("classifier.safetensors"),
+    classifier_asset!("steering.json"),
+    classifier_asset!("classifier.json"),
+];
+
 /// The name users pass as `--model` for the embedded model (also the default).
 pub const NAME: &str = "shapes";
 
+/// The name users pass as `--steer` for the embedded classifier.
+pub const CLASSIFIER_NAME: &str = "l2s";
+
 /// A short fingerprint of the embedded files, so a newer binary never reuses an older unpacking.
 fn fingerprint() -> String {
+    fingerprint_of(FILES)
+}
+
+fn fingerprint_of(files: &[(&str, &[u8])]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for (name, bytes) in FILES {
+    for (name, bytes) in files {
         for &b in name.as_bytes().iter().chain(bytes.iter()) {
             h ^= b as u64;
             h = h.wrapping_mul(0x0100_0000_01b3);
@@ -73,14 +102,134 @@ pub fn model_dir() -> Result<PathBuf> {
 /// Writes the embedded model folder to `dir`; `model_index.json` last, so its presence means the
 /// folder is complete.
 pub fn unpack_to(dir: &Path) -> Result<()> {
-    for (name, bytes) in FILES.iter().filter(|(n, _)| *n != "model_index.json") {
-        write_atomic(&dir.join(name), bytes)
-            .with_context(|| format!("unpacking the embedded model into {}", dir.display()))?;
+    write_files(dir, FILES, "model_index.json", "model")
+}
+
+/// Unpacks the embedded relation classifier (once) and returns its folder, which
+/// `l2s_steer::train::load_classifier` reads like any `l2s train` output.
+pub fn classifier_dir() -> Result<PathBuf> {
+    classifier_dir_in(&cache_root())
+}
+
+fn classifier_dir_in(root: &Path) -> Result<PathBuf> {
+    let dir = root.join(format!(
+        "shapes-classifier-{}",
+        fingerprint_of(CLASSIFIER_FILES)
+    ));
+    if dir.join(CLASSIFIER_MARKER).exists() {
+        return Ok(dir);
     }
-    let (name, bytes) = FILES
+    unpack_classifier_to(&dir)?;
+    Ok(dir)
+}
+
+/// The file written last when unpacking the classifier: the folder is complete once it exists.
+const CLASSIFIER_MARKER: &str = "classifier.json";
+
+/// Writes the embedded classifier folder to `dir`; `classifier.json` last, so its presence means
+/// the folder is complete.
+pub fn unpack_classifier_to(dir: &Path) -> Result<()> {
+    write_files(dir, CLASSIFIER_FILES, CLASSIFIER_MARKER, "classifier")
+}
+
+/// The embedded classifier's `steering.json`: the schedule it was measured with.
+pub fn classifier_steering() -> Result<Steering> {
+    let (_, bytes) = CLASSIFIER_FILES
         .iter()
-        .find(|(n, _)| *n == "model_index.json")
+        .find(|(n, _)| *n == "steering.json")
         .expect("listed above");
-    write_atomic(&dir.join(name), bytes)?;
-    Ok(())
+    serde_json::from_slice(bytes).context("the embedded classifier's steering.json")
+}
+
+/// `steering.json` of a classifier folder: the sampling steps and the steering schedule
+/// (`l2s_steer::steering::SteerConfig`'s fields, kept as JSON here so that this crate need not
+/// know the steering code).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Steering {
+    pub sampling_steps: usize,
+    pub steer: serde_json::Value,
+}
+
+fn write_files(dir: &Path, files: &[(&str, &[u8])], last: &str, what: &str) -> Result<()> {
+    let unpack = |name: &str, bytes: &[u8]| {
+        write_atomic(&dir.join(name), bytes)
+            .with_context(|| format!("unpacking the embedded {what} into {}", dir.display()))
+    };
+    for (name, bytes) in files.iter().filter(|(n, _)| *n != last) {
+        unpack(name, bytes)?;
+    }
+    let (name, bytes) = files
+        .iter()
+        .find(|(n, _)| *n == last)
+        .expect("the marker file is listed");
+    unpack(name, bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifier_unpacks_byte_identical() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("clf");
+        unpack_classifier_to(&dir).unwrap();
+        for (name, bytes) in CLASSIFIER_FILES {
+            assert_eq!(&std::fs::read(dir.join(name)).unwrap(), bytes, "{name}");
+        }
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/shapes-classifier");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&source)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        on_disk.sort();
+        let mut embedded: Vec<String> = CLASSIFIER_FILES
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .collect();
+        embedded.sort();
+        assert_eq!(
+            on_disk,
+            embedded,
+            "every file of {} is embedded",
+            source.display()
+        );
+    }
+
+    #[test]
+    fn classifier_steering_is_the_measured_schedule() {
+        let s = classifier_steering().unwrap();
+        assert_eq!(s.sampling_steps, 20);
+        assert_eq!(s.steer["steer_steps"], 10);
+        assert_eq!(s.steer["max_iterations"], 3);
+        assert_eq!(s.steer["step_size"], 0.1);
+        assert_eq!(s.steer["update"], "normalized");
+        assert_eq!(s.steer["stop_below"], 0.1);
+        let meta: serde_json::Value = serde_json::from_slice(
+            CLASSIFIER_FILES
+                .iter()
+                .find(|(n, _)| *n == "classifier.json")
+                .unwrap()
+                .1,
+        )
+        .unwrap();
+        assert_eq!(meta["num_inference_steps"], 20);
+    }
+
+    #[test]
+    fn classifier_dir_unpacks_once_into_the_cache() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = classifier_dir_in(tmp.path()).unwrap();
+        assert!(dir.starts_with(tmp.path()));
+        assert!(dir.join("classifier.safetensors").is_file());
+        // A complete folder is reused as it is, not written again.
+        let weights = dir.join("classifier.safetensors");
+        std::fs::write(&weights, b"kept").unwrap();
+        assert_eq!(classifier_dir_in(tmp.path()).unwrap(), dir);
+        assert_eq!(std::fs::read(&weights).unwrap(), b"kept");
+        // Without its marker, a folder counts as unfinished and is written again.
+        std::fs::remove_file(dir.join(CLASSIFIER_MARKER)).unwrap();
+        classifier_dir_in(tmp.path()).unwrap();
+        assert_ne!(std::fs::read(&weights).unwrap(), b"kept");
+    }
 }

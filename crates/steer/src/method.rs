@@ -32,6 +32,42 @@ impl MethodSpec {
     }
 }
 
+/// A classifier's own steering schedule, from `steering.json` beside its checkpoint: the settings
+/// it was tuned with, used where the user names none.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+pub struct TunedSchedule {
+    /// Sampling steps of the runs it was tuned on.
+    #[serde(default)]
+    pub sampling_steps: Option<usize>,
+    pub steer: SteerConfig,
+}
+
+impl TunedSchedule {
+    pub const FILE: &'static str = "steering.json";
+
+    /// The schedule of the classifier at `path` (its folder, or a file in it), if it has one.
+    pub fn read(path: &Path) -> Result<Option<Self>> {
+        let folder = if path.is_dir() {
+            path
+        } else {
+            path.parent().unwrap_or(Path::new("."))
+        };
+        let file = folder.join(Self::FILE);
+        if !file.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        let tuned: Self = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{}: expected {{\"sampling_steps\": N, \"steer\": {{steer_steps, max_iterations, step_size, update, stop_below}}}}",
+                file.display()
+            )
+        })?;
+        Ok(Some(tuned))
+    }
+}
+
 /// A ready method: its loss (none for the plain model), the loop settings and its label space.
 pub struct Method {
     pub name: String,
@@ -125,10 +161,11 @@ impl Method {
                     run_steps: steps,
                     relations: relations.clone(),
                 };
+                let config = TunedSchedule::read(path)?.map_or(paper, |t| t.steer);
                 Self {
                     name: classifier_name(path),
                     loss: Some(Box::new(loss)),
-                    config: paper,
+                    config,
                     relations,
                 }
             }

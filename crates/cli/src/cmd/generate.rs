@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use l2s_diffusion::NoHook;
-use l2s_generate::{generate, generation_metadata, read_latents, write_png, GenerateRequest};
+use l2s_generate::{
+    generate, generation_metadata, read_latents, side_by_side, write_png, GenerateRequest,
+};
 use l2s_models::Pipeline;
 use l2s_steer::method::Method;
 use l2s_steer::steering::{generate_steered, SteerTriplet};
@@ -51,6 +53,15 @@ pub struct Args {
     /// from the prompt
     #[arg(long)]
     pub relation: Option<String>,
+    /// Also write an enlarged preview (.png) of the first image: side by side with the plain
+    /// model's image from the same seed when steering, alone otherwise
+    #[arg(long, value_name = "FILE")]
+    pub preview: Option<PathBuf>,
+}
+
+/// The integer enlargement that makes an image's longer side at least 256 pixels.
+fn preview_scale(width: usize, height: usize) -> u32 {
+    256usize.div_ceil(width.max(height).max(1)).max(1) as u32
 }
 
 /// Where each image goes.
@@ -133,8 +144,15 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             model.family_name()
         );
     }
-    let (steps, guidance) = args.sampling.resolve(&model, false);
+    let (mut steps, guidance) = args.sampling.resolve(&model, false);
+    if args.sampling.steps.is_none() {
+        steps = args.steer.tuned_steps()?.unwrap_or(steps);
+    }
     let paths = targets(&args.out, args.num_images)?;
+    let preview = match &args.preview {
+        Some(p) => Some(crate::common::png_target(p, "--preview")?),
+        None => None,
+    };
     let inits = match &args.init_latents {
         Some(p) => Some(init_rows(p, args.num_images)?),
         None => None,
@@ -216,6 +234,21 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         write_png(path, &image, &meta).with_context(|| format!("writing {}", path.display()))?;
         tracing::info!("wrote {}", path.display());
         println!("{}", path.display());
+        if let (0, Some(target)) = (i, &preview) {
+            let scale = preview_scale(width, height);
+            let sheet = match &steering {
+                Some((method, _)) => {
+                    let plain = generate(&model, &req, &mut NoHook, &mut |_| {})
+                        .context("generating the plain image for --preview")?;
+                    let label = format!("steered ({})", method.name);
+                    side_by_side(&[("plain", &plain.image), (&label, &image)], scale)
+                }
+                None => side_by_side(&[("image", &image)], scale),
+            };
+            write_png(target, &sheet, &meta)
+                .with_context(|| format!("writing {}", target.display()))?;
+            println!("{}", target.display());
+        }
     }
     Ok(())
 }
