@@ -182,6 +182,22 @@ fn refuses_files_that_are_not_relation_classifiers() {
             assert!(msg.contains("expected a torch.save dict"), "{msg}");
         }
     }
+    // Weights the published architecture does not have are reported, not ignored.
+    let e = load_classifier(
+        &dir().join("extra_weight.pth"),
+        None,
+        None,
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap_err();
+    assert!(matches!(e, CheckpointError::NotAClassifier { .. }), "{e}");
+    assert!(
+        e.to_string().contains(
+            "holds 1 weights the published architecture does not use (object_extractor.transformer.norm.weight)"
+        ),
+        "{e}"
+    );
     // A hostile pickle is refused by the reader, naming the file and the global.
     let evil = dir().join("../torch-pickle/malicious_system.pth");
     let e = load_classifier(&evil, None, None, &Device::Cpu, DType::F32).unwrap_err();
@@ -365,4 +381,63 @@ fn our_checkpoints_record_the_architecture() {
         .forward(&exp["maps"], &exp["steps"], false)
         .unwrap();
     assert!(rel_err(&c, &a) > 0.0);
+}
+
+/// `classify` maps raw steps to the slots of a classifier that takes slots (ours).
+#[test]
+fn classify_maps_steps_to_the_slots_of_our_classifiers() {
+    let mut cfg = l2s_steer::ClassifierConfig::sd(3, 2, 4);
+    cfg.map_size = 4;
+    cfg.d_model = 8;
+    cfg.object.ff = 8;
+    cfg.head.ff = 8;
+    cfg.mlp_hidden = vec![8];
+    let vm = VarMap::new();
+    let model =
+        RelationClassifier::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))
+            .unwrap();
+    let meta = CheckpointMeta {
+        config: cfg.clone(),
+        relations: ["left of", "right of", "above", "below"]
+            .map(String::from)
+            .to_vec(),
+        step_indices: vec![5, 10],
+        map_size: 4,
+        num_maps: 3,
+        layers: Vec::new(),
+        model: "synthetic".into(),
+        dual_inversion: true,
+        metrics: None,
+        num_inference_steps: Some(50),
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("clf");
+    l2s_steer::train::save_checkpoint(&ck, &vm, &meta).unwrap();
+    let maps = Tensor::rand(0f32, 1f32, (3, 2, 3, 4, 4), &Device::Cpu).unwrap();
+    let file = tmp.path().join("maps.safetensors");
+    let tensors: HashMap<String, Tensor> = [
+        ("maps".to_string(), maps.clone()),
+        (
+            "steps".to_string(),
+            Tensor::new(&[3i64, 10, 40], &Device::Cpu).unwrap(),
+        ),
+    ]
+    .into();
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let rows = classify(&ck, &file).unwrap();
+    // Steps 3, 10, 40 → slots 0, 1, 1 (the first recorded step at or after; the last past the end).
+    let slots = Tensor::new(&[0u32, 1, 1], &Device::Cpu).unwrap();
+    let want = model
+        .forward(&maps, &slots, false)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    // (The trainable model composes LayerNorm and softmax; the loaded one uses fused kernels.)
+    for (row, w) in rows.iter().zip(&want) {
+        for (a, b) in row.logits.iter().zip(w) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+    let (_, arch) = read_checkpoint(&ck).unwrap();
+    assert_eq!(arch, Architecture::legacy());
 }
