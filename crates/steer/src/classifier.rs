@@ -2,29 +2,38 @@
 //! cross-attention maps.
 //!
 //! Input: maps `(B, 2, C, S, S)` — for each sample the C maps (layers × heads) of the subject
-//! word and of the object word, each S×S map summing to 1 — and a step index `(B)`, the position
-//! of the denoising step in the classifier's list of recorded steps. Output: logits `(B, classes)`.
+//! word and of the object word, each S×S map summing to 1 — and a step input `(B)`. Output:
+//! logits `(B, classes)`.
+//!
+//! The default [`Architecture`] ([`Architecture::authors`]) computes the published classifier
+//! of Learn-to-Steer, and reads its PyTorch state-dict names:
 //!
 //! ```text
 //! per object (weights shared by both):
-//!   maps (C, S·S) ·(S·S)→ Linear → d  + sinusoidal position over the C maps
-//!   L × [ + step embedding; x + Attn(LN x); x + FF(LN x) ]  → LN
-//!   learned query attends over the C tokens → Linear d→d
+//!   maps (C, S·S) → Linear → d  + sinusoidal position over the C maps
+//!   L × [ + step embedding; x + Attn(LN x); x + FF(LN x) ]          (ReLU feed-forward)
+//!   learned query attends over the C tokens → Linear d → S·S (one map per object)
 //! relation head:
-//!   concat (2d) → Linear → d → L' × [x + Attn(LN x); x + FF(LN x)] → LN
+//!   concat (2·S·S) → Linear → d  + position 0 → L' × [x + Attn(LN x); x + FF(LN x)]
 //!   concat step embedding (16) → Linear 272→256 → LN → LeakyReLU(0.1) → Dropout
 //!                              → Linear 256→128 → LN → LeakyReLU(0.1) → Dropout → Linear → classes
 //! ```
+//!
+//! The step input is the raw denoising step index (an embedding row per step of the schedule).
+//!
+//! [`Architecture::legacy`] is the variant `l2s train` has written so far (and still trains by
+//! default): maps multiplied by S·S on entry (a map summing to 1 has mean 1), GELU feed-forward,
+//! a LayerNorm after each encoder stack, each object encoded as a d-vector, no position on the
+//! relation token, and the step input is the position of the step in the checkpoint's list of
+//! recorded steps. Each of these is a separate option of [`Architecture`].
 //!
 //! Every operation has a backward pass, so the classifier's loss can be differentiated with
 //! respect to its input maps (steering backpropagates through it to the latent). Softmax and
 //! LayerNorm go through [`l2s_models::nn`], which uses candle's fused kernels (no backward) only
 //! when no tensor involved is tracked by autograd.
-//!
-//! The maps are multiplied by S·S on entry, so that a map summing to 1 has mean 1.
 
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
-use candle_nn::{Dropout, Embedding, Linear, VarBuilder};
+use candle_nn::{Dropout, Embedding, Init, Linear, VarBuilder};
 use l2s_models::nn::{softmax_last_dim, LayerNorm};
 use serde::{Deserialize, Serialize};
 
@@ -194,6 +203,126 @@ impl ClassifierConfig {
     }
 }
 
+/// Weight names and module layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightLayout {
+    /// The published PyTorch module: `object_extractor.*` and `relation_classifier.*` names,
+    /// packed attention projections (`in_proj_weight`), each object encoded as one S×S map,
+    /// position tables read from the weights (`positional_encoding.pe`) when they hold them,
+    /// dropout on attention weights and none on the input tokens.
+    Torch,
+    /// This crate's first layout: `object.*` and `head.*` names, separate q/k/v projections,
+    /// each object encoded as a d-vector, position tables computed, dropout on the input tokens.
+    L2s,
+}
+
+/// Activation of the encoders' feed-forward blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    Relu,
+    /// Exact (erf) GELU.
+    Gelu,
+}
+
+/// What the classifier's step input means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepInput {
+    /// The denoising step index itself; the step embeddings have a row per step of the
+    /// schedule (`num_steps` is the schedule's length).
+    Raw,
+    /// The position of the step in the checkpoint's list of recorded steps (`num_steps` is the
+    /// length of that list).
+    Slot,
+}
+
+/// Where the step embedding enters the per-object encoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepInjection {
+    /// Added before every layer (the published "mid" mode).
+    EveryLayer,
+    /// Added once, before the first layer ("pre").
+    Input,
+    /// No step embedding in the per-object encoder.
+    Off,
+}
+
+/// How the classifier computes, beyond its sizes ([`ClassifierConfig`]). Recorded in a
+/// checkpoint's `classifier.json` as `config.architecture`; a checkpoint without it is
+/// [`Architecture::legacy`], and so is every field it lacks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default = "Architecture::legacy")]
+pub struct Architecture {
+    pub layout: WeightLayout,
+    /// Multiply the maps by S·S on entry (a map summing to 1 then has mean 1).
+    pub scale_maps: bool,
+    /// A LayerNorm after each encoder stack.
+    pub final_norm: bool,
+    pub activation: Activation,
+    pub step_input: StepInput,
+    pub object_step: StepInjection,
+    /// Add position 0 of the sinusoidal table to the relation head's token.
+    pub relation_position: bool,
+    /// Heads of the attention that pools the C tokens; `None`: the object encoder's heads.
+    pub pool_heads: Option<usize>,
+}
+
+impl Default for Architecture {
+    fn default() -> Self {
+        Self::authors()
+    }
+}
+
+impl Architecture {
+    /// The published classifier.
+    pub fn authors() -> Self {
+        Self {
+            layout: WeightLayout::Torch,
+            scale_maps: false,
+            final_norm: false,
+            activation: Activation::Relu,
+            step_input: StepInput::Raw,
+            object_step: StepInjection::EveryLayer,
+            relation_position: true,
+            pool_heads: None,
+        }
+    }
+
+    /// The variant `l2s train` writes by default (and every checkpoint written before the
+    /// architecture was recorded).
+    pub fn legacy() -> Self {
+        Self {
+            layout: WeightLayout::L2s,
+            scale_maps: true,
+            final_norm: true,
+            activation: Activation::Gelu,
+            step_input: StepInput::Slot,
+            object_step: StepInjection::EveryLayer,
+            relation_position: false,
+            pool_heads: None,
+        }
+    }
+
+    fn pool_heads(&self, cfg: &ClassifierConfig) -> usize {
+        self.pool_heads.unwrap_or(cfg.object.heads)
+    }
+
+    /// Checks the options against the sizes.
+    pub fn validate(&self, cfg: &ClassifierConfig) -> Result<()> {
+        let heads = self.pool_heads(cfg);
+        if heads == 0 || !cfg.d_model.is_multiple_of(heads) {
+            bail!(
+                "classifier architecture: d_model {} is not divisible by the pooling heads {heads}",
+                cfg.d_model
+            )
+        }
+        Ok(())
+    }
+}
+
 /// Multi-head attention with separate query and key/value inputs.
 #[derive(Debug, Clone)]
 struct Attention {
@@ -202,9 +331,12 @@ struct Attention {
     v: Linear,
     out: Linear,
     heads: usize,
+    /// On the attention weights (training only).
+    dropout: Option<Dropout>,
 }
 
 impl Attention {
+    /// Separate `q`, `k`, `v`, `out` projections.
     fn new(d: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             q: candle_nn::linear(d, d, vb.pp("q"))?,
@@ -212,6 +344,36 @@ impl Attention {
             v: candle_nn::linear(d, d, vb.pp("v"))?,
             out: candle_nn::linear(d, d, vb.pp("out"))?,
             heads,
+            dropout: None,
+        })
+    }
+
+    /// PyTorch's `nn.MultiheadAttention` layout: `in_proj_weight` (3d, d) and `in_proj_bias`
+    /// (3d) hold the q, k, v projections in that order; `out_proj`.
+    fn packed(d: usize, heads: usize, dropout: f32, vb: VarBuilder) -> Result<Self> {
+        let bound = (6.0 / (4 * d) as f64).sqrt();
+        let w = vb.get_with_hints(
+            (3 * d, d),
+            "in_proj_weight",
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
+        let b = vb.get_with_hints(3 * d, "in_proj_bias", Init::Const(0.0))?;
+        let part = |i: usize| -> Result<Linear> {
+            Ok(Linear::new(
+                w.narrow(0, i * d, d)?,
+                Some(b.narrow(0, i * d, d)?),
+            ))
+        };
+        Ok(Self {
+            q: part(0)?,
+            k: part(1)?,
+            v: part(2)?,
+            out: candle_nn::linear(d, d, vb.pp("out_proj"))?,
+            heads,
+            dropout: (dropout > 0.0).then(|| Dropout::new(dropout)),
         })
     }
 
@@ -223,14 +385,17 @@ impl Attention {
     }
 
     /// `query` (B, Tq, d), `kv` (B, Tk, d) → (B, Tq, d).
-    fn forward(&self, query: &Tensor, kv: &Tensor) -> Result<Tensor> {
+    fn forward(&self, query: &Tensor, kv: &Tensor, train: bool) -> Result<Tensor> {
         let (b, tq, d) = query.dims3()?;
         let q = self.split_heads(&self.q.forward(query)?)?;
         let k = self.split_heads(&self.k.forward(kv)?)?;
         let v = self.split_heads(&self.v.forward(kv)?)?;
         let scale = 1.0 / ((d / self.heads) as f64).sqrt();
         let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
-        let probs = softmax_last_dim(&scores)?;
+        let mut probs = softmax_last_dim(&scores)?;
+        if let Some(dropout) = &self.dropout {
+            probs = dropout.forward(&probs, train)?;
+        }
         let ctx = probs
             .matmul(&v)?
             .transpose(1, 2)?
@@ -249,46 +414,67 @@ struct EncoderLayer {
     fc1: Linear,
     fc2: Linear,
     dropout: Dropout,
+    activation: Activation,
 }
 
 impl EncoderLayer {
-    fn new(d: usize, cfg: &EncoderConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(d: usize, cfg: &EncoderConfig, arch: &Architecture, vb: VarBuilder) -> Result<Self> {
+        let (attn, fc1, fc2) = match arch.layout {
+            WeightLayout::L2s => (
+                Attention::new(d, cfg.heads, vb.pp("attn"))?,
+                candle_nn::linear(d, cfg.ff, vb.pp("ff.fc1"))?,
+                candle_nn::linear(cfg.ff, d, vb.pp("ff.fc2"))?,
+            ),
+            // nn.TransformerEncoderLayer's names.
+            WeightLayout::Torch => (
+                Attention::packed(d, cfg.heads, cfg.dropout, vb.pp("self_attn"))?,
+                candle_nn::linear(d, cfg.ff, vb.pp("linear1"))?,
+                candle_nn::linear(cfg.ff, d, vb.pp("linear2"))?,
+            ),
+        };
         Ok(Self {
             norm1: LayerNorm::new(d, LN_EPS, vb.pp("norm1"))?,
-            attn: Attention::new(d, cfg.heads, vb.pp("attn"))?,
+            attn,
             norm2: LayerNorm::new(d, LN_EPS, vb.pp("norm2"))?,
-            fc1: candle_nn::linear(d, cfg.ff, vb.pp("ff.fc1"))?,
-            fc2: candle_nn::linear(cfg.ff, d, vb.pp("ff.fc2"))?,
+            fc1,
+            fc2,
             dropout: Dropout::new(cfg.dropout),
+            activation: arch.activation,
         })
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let h = self.norm1.forward(x)?;
-        let h = self.attn.forward(&h, &h)?;
+        let h = self.attn.forward(&h, &h, train)?;
         let x = (x + self.dropout.forward(&h, train)?)?;
-        let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
+        let h = self.fc1.forward(&self.norm2.forward(&x)?)?;
+        let h = match self.activation {
+            Activation::Gelu => h.gelu_erf()?,
+            Activation::Relu => h.relu()?,
+        };
         let h = self.fc2.forward(&self.dropout.forward(&h, train)?)?;
         x + self.dropout.forward(&h, train)?
     }
 }
 
-/// A stack of pre-norm layers with a final LayerNorm.
+/// A stack of pre-norm layers, with a final LayerNorm when the architecture has one.
 #[derive(Debug, Clone)]
 struct Encoder {
     layers: Vec<EncoderLayer>,
-    norm: LayerNorm,
+    norm: Option<LayerNorm>,
 }
 
 impl Encoder {
-    fn new(d: usize, cfg: &EncoderConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(d: usize, cfg: &EncoderConfig, arch: &Architecture, vb: VarBuilder) -> Result<Self> {
         let layers = (0..cfg.layers)
-            .map(|i| EncoderLayer::new(d, cfg, vb.pp(format!("layers.{i}"))))
+            .map(|i| EncoderLayer::new(d, cfg, arch, vb.pp(format!("layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            layers,
-            norm: LayerNorm::new(d, LN_EPS, vb.pp("norm"))?,
-        })
+        let norm = if arch.final_norm {
+            Some(LayerNorm::new(d, LN_EPS, vb.pp("norm"))?)
+        } else {
+            None
+        };
+        Ok(Self { layers, norm })
     }
 
     /// `x` (B, T, d); `add` (B, 1, d) is added before every layer when given.
@@ -300,7 +486,10 @@ impl Encoder {
             }
             x = layer.forward(&x, train)?;
         }
-        self.norm.forward(&x)
+        match &self.norm {
+            Some(norm) => norm.forward(&x),
+            None => Ok(x),
+        }
     }
 }
 
@@ -322,60 +511,143 @@ pub fn sinusoidal_encoding(
     Tensor::from_vec(pe, (positions, d), device)?.to_dtype(dtype)
 }
 
-/// Encodes the C maps of one object word into one d-vector.
+/// The first `rows` rows (rows, d) of a position table: read from `vb` (PyTorch's buffer
+/// `pe`, shape (1, max_len, d)) in the Torch layout when it holds one, computed otherwise.
+fn position_table(rows: usize, d: usize, arch: &Architecture, vb: &VarBuilder) -> Result<Tensor> {
+    if arch.layout == WeightLayout::Torch && vb.contains_tensor("pe") {
+        let pe = vb.get_unchecked("pe")?;
+        match pe.dims() {
+            &[1, len, width] if len >= rows && width == d => {
+                return pe.squeeze(0)?.narrow(0, 0, rows)?.contiguous()
+            }
+            dims => bail!(
+                "position table {}: shape {dims:?}, expected (1, at least {rows}, {d})",
+                vb.prefix()
+            ),
+        }
+    }
+    sinusoidal_encoding(rows, d, vb.dtype(), vb.device())
+}
+
+fn step_embedding(rows: usize, dim: usize, vb: VarBuilder) -> Result<Embedding> {
+    let w = vb.get_with_hints(
+        (rows, dim),
+        "weight",
+        Init::Randn {
+            mean: 0.0,
+            stdev: 1.0,
+        },
+    )?;
+    Ok(Embedding::new(w, dim))
+}
+
+/// Encodes the C maps of one object word into one vector (d, or S·S in the Torch layout).
 #[derive(Debug, Clone)]
 struct ObjectEncoder {
     input: Linear,
+    /// (num_maps, d); the first C rows are used.
     position: Tensor,
-    step: Embedding,
+    step: Option<Embedding>,
+    step_mode: StepInjection,
     encoder: Encoder,
     query: Tensor,
     pool: Attention,
     proj: Linear,
-    dropout: Dropout,
+    input_dropout: Option<Dropout>,
 }
 
 impl ObjectEncoder {
-    fn new(cfg: &ClassifierConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &ClassifierConfig, arch: &Architecture, vb: VarBuilder) -> Result<Self> {
         let d = cfg.d_model;
         let pixels = cfg.map_size * cfg.map_size;
-        let step = vb.pp("step_embed").get_with_hints(
-            (cfg.num_steps, d),
-            "weight",
-            candle_nn::Init::Randn {
+        let torch = arch.layout == WeightLayout::Torch;
+        let name = |l2s: &'static str, torch_name: &'static str| {
+            if torch {
+                torch_name
+            } else {
+                l2s
+            }
+        };
+        let step = match arch.object_step {
+            StepInjection::Off => None,
+            _ => Some(step_embedding(
+                cfg.num_steps,
+                d,
+                vb.pp(name("step_embed", "timestep_embedding")),
+            )?),
+        };
+        let input = candle_nn::linear(pixels, d, vb.pp(name("input", "input_projection")))?;
+        let position = position_table(
+            cfg.num_maps,
+            d,
+            arch,
+            &vb.pp(name("position", "positional_encoding")),
+        )?;
+        let encoder = Encoder::new(d, &cfg.object, arch, vb.pp(name("encoder", "transformer")))?;
+        let query = vb.get_with_hints(
+            (1, 1, d),
+            name("pool_query", "query_vector"),
+            Init::Randn {
                 mean: 0.0,
-                stdev: 1.0,
+                stdev: if torch { 1.0 } else { 0.02 },
             },
         )?;
+        let heads = arch.pool_heads(cfg);
+        let (pool, proj) = if torch {
+            (
+                Attention::packed(d, heads, 0.0, vb.pp("layer_attention"))?,
+                candle_nn::linear(d, pixels, vb.pp("output_projection"))?,
+            )
+        } else {
+            (
+                Attention::new(d, heads, vb.pp("pool"))?,
+                candle_nn::linear(d, d, vb.pp("proj"))?,
+            )
+        };
         Ok(Self {
-            input: candle_nn::linear(pixels, d, vb.pp("input"))?,
-            position: sinusoidal_encoding(cfg.num_maps, d, vb.dtype(), vb.device())?,
-            step: Embedding::new(step, d),
-            encoder: Encoder::new(d, &cfg.object, vb.pp("encoder"))?,
-            query: vb.get_with_hints(
-                (1, 1, d),
-                "pool_query",
-                candle_nn::Init::Randn {
-                    mean: 0.0,
-                    stdev: 0.02,
-                },
-            )?,
-            pool: Attention::new(d, cfg.object.heads, vb.pp("pool"))?,
-            proj: candle_nn::linear(d, d, vb.pp("proj"))?,
-            dropout: Dropout::new(cfg.object.dropout),
+            input,
+            position,
+            step,
+            step_mode: arch.object_step,
+            encoder,
+            query,
+            pool,
+            proj,
+            input_dropout: (!torch).then(|| Dropout::new(cfg.object.dropout)),
         })
     }
 
-    /// `maps` (N, C, S·S), `steps` (N) u32 → (N, d).
+    /// Width of the per-object output.
+    fn out_dim(&self) -> Result<usize> {
+        self.proj.weight().dim(0)
+    }
+
+    /// `maps` (N, C, S·S), `steps` (N) u32 → (N, out_dim).
     fn forward(&self, maps: &Tensor, steps: &Tensor, train: bool) -> Result<Tensor> {
-        let n = maps.dim(0)?;
-        let x = self.input.forward(maps)?.broadcast_add(&self.position)?;
-        let x = self.dropout.forward(&x, train)?;
-        let step = self.step.forward(steps)?.unsqueeze(1)?;
-        let x = self.encoder.forward(&x, Some(&step), train)?;
+        let (n, c, _) = maps.dims3()?;
+        let position = if c == self.position.dim(0)? {
+            self.position.clone()
+        } else {
+            self.position.narrow(0, 0, c)?
+        };
+        let mut x = self.input.forward(maps)?.broadcast_add(&position)?;
+        if let Some(dropout) = &self.input_dropout {
+            x = dropout.forward(&x, train)?;
+        }
+        let step = match &self.step {
+            Some(e) => Some(e.forward(steps)?.unsqueeze(1)?),
+            None => None,
+        };
+        let x = match (self.step_mode, &step) {
+            (StepInjection::EveryLayer, Some(s)) => self.encoder.forward(&x, Some(s), train)?,
+            (StepInjection::Input, Some(s)) => {
+                self.encoder.forward(&x.broadcast_add(s)?, None, train)?
+            }
+            _ => self.encoder.forward(&x, None, train)?,
+        };
         let d = self.query.dim(2)?;
         let q = self.query.broadcast_as((n, 1, d))?;
-        let pooled = self.pool.forward(&q, &x)?.squeeze(1)?;
+        let pooled = self.pool.forward(&q, &x, train)?.squeeze(1)?;
         self.proj.forward(&pooled)
     }
 }
@@ -384,8 +656,10 @@ impl ObjectEncoder {
 #[derive(Debug, Clone)]
 struct RelationHead {
     input: Linear,
+    /// (1, d), added to the token when the architecture says so.
+    position: Option<Tensor>,
     encoder: Encoder,
-    step: Embedding,
+    step: Option<Embedding>,
     mlp: Vec<(Linear, LayerNorm)>,
     out: Linear,
     dropout: Dropout,
@@ -393,42 +667,92 @@ struct RelationHead {
 }
 
 impl RelationHead {
-    fn new(cfg: &ClassifierConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        cfg: &ClassifierConfig,
+        arch: &Architecture,
+        object_dim: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let d = cfg.d_model;
-        let step = vb.pp("step_embed").get_with_hints(
-            (cfg.num_steps, cfg.step_dim),
-            "weight",
-            candle_nn::Init::Randn {
-                mean: 0.0,
-                stdev: 1.0,
-            },
-        )?;
+        let torch = arch.layout == WeightLayout::Torch;
+        // The published head concatenates no step embedding when its width is 0.
+        let step = if torch && cfg.step_dim == 0 {
+            None
+        } else {
+            let name = if torch {
+                "timestep_embedding"
+            } else {
+                "step_embed"
+            };
+            Some(step_embedding(cfg.num_steps, cfg.step_dim, vb.pp(name))?)
+        };
         let mut mlp = Vec::new();
         let mut width = d + cfg.step_dim;
         for (i, &h) in cfg.mlp_hidden.iter().enumerate() {
-            let vbi = vb.pp(format!("mlp.{i}"));
+            // nn.Sequential numbering: Linear, LayerNorm, LeakyReLU, Dropout per hidden layer.
+            let (fc, norm) = if torch {
+                (
+                    vb.pp(format!("fc.{}", 4 * i)),
+                    vb.pp(format!("fc.{}", 4 * i + 1)),
+                )
+            } else {
+                let vbi = vb.pp(format!("mlp.{i}"));
+                (vbi.pp("fc"), vbi.pp("norm"))
+            };
             mlp.push((
-                candle_nn::linear(width, h, vbi.pp("fc"))?,
-                LayerNorm::new(h, LN_EPS, vbi.pp("norm"))?,
+                candle_nn::linear(width, h, fc)?,
+                LayerNorm::new(h, LN_EPS, norm)?,
             ));
             width = h;
         }
+        let out = if torch {
+            vb.pp(format!("fc.{}", 4 * cfg.mlp_hidden.len()))
+        } else {
+            vb.pp("out")
+        };
+        let position = if arch.relation_position {
+            let name = if torch {
+                "positional_encoding"
+            } else {
+                "position"
+            };
+            Some(position_table(1, d, arch, &vb.pp(name))?)
+        } else {
+            None
+        };
+        let (input, encoder) = if torch {
+            (
+                candle_nn::linear(2 * object_dim, d, vb.pp("projection"))?,
+                Encoder::new(d, &cfg.head, arch, vb.pp("transformer"))?,
+            )
+        } else {
+            (
+                candle_nn::linear(2 * object_dim, d, vb.pp("input"))?,
+                Encoder::new(d, &cfg.head, arch, vb.pp("encoder"))?,
+            )
+        };
         Ok(Self {
-            input: candle_nn::linear(2 * d, d, vb.pp("input"))?,
-            encoder: Encoder::new(d, &cfg.head, vb.pp("encoder"))?,
-            step: Embedding::new(step, cfg.step_dim),
+            input,
+            position,
+            encoder,
+            step,
             mlp,
-            out: candle_nn::linear(width, cfg.classes, vb.pp("out"))?,
+            out: candle_nn::linear(width, cfg.classes, out)?,
             dropout: Dropout::new(cfg.mlp_dropout),
             slope: cfg.leaky_slope,
         })
     }
 
-    /// `pair` (B, 2d), `steps` (B) → (B, classes).
+    /// `pair` (B, 2·object_dim), `steps` (B) → (B, classes).
     fn forward(&self, pair: &Tensor, steps: &Tensor, train: bool) -> Result<Tensor> {
-        let x = self.input.forward(pair)?.unsqueeze(1)?;
-        let x = self.encoder.forward(&x, None, train)?.squeeze(1)?;
-        let mut x = Tensor::cat(&[&x, &self.step.forward(steps)?], 1)?;
+        let mut x = self.input.forward(pair)?.unsqueeze(1)?;
+        if let Some(p) = &self.position {
+            x = x.broadcast_add(p)?;
+        }
+        let mut x = self.encoder.forward(&x, None, train)?.squeeze(1)?;
+        if let Some(step) = &self.step {
+            x = Tensor::cat(&[&x, &step.forward(steps)?], 1)?;
+        }
         for (fc, norm) in &self.mlp {
             x = norm.forward(&fc.forward(&x)?)?;
             x = candle_nn::ops::leaky_relu(&x, self.slope)?;
@@ -439,23 +763,43 @@ impl RelationHead {
 }
 
 /// The relation classifier. Build it from a `VarBuilder`: over a `VarMap` to train, over loaded
-/// safetensors to use it frozen.
+/// weights to use it frozen.
 #[derive(Debug, Clone)]
 pub struct RelationClassifier {
     cfg: ClassifierConfig,
+    arch: Architecture,
     object: ObjectEncoder,
     head: RelationHead,
     dtype: DType,
 }
 
 impl RelationClassifier {
-    /// Weight names: `object.*` (per-object encoder) and `head.*` (relation head).
+    /// The [`Architecture::legacy`] classifier, the one `l2s train` writes. Weight names:
+    /// `object.*` (per-object encoder) and `head.*` (relation head).
     pub fn new(cfg: &ClassifierConfig, vb: VarBuilder) -> Result<Self> {
+        Self::with_architecture(cfg, &Architecture::legacy(), vb)
+    }
+
+    /// A classifier of any architecture. In the Torch layout the weight names are the
+    /// published state dict's: `object_extractor.*` and `relation_classifier.*`.
+    pub fn with_architecture(
+        cfg: &ClassifierConfig,
+        arch: &Architecture,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         cfg.validate()?;
+        arch.validate(cfg)?;
+        let (object_vb, head_vb) = match arch.layout {
+            WeightLayout::L2s => (vb.pp("object"), vb.pp("head")),
+            WeightLayout::Torch => (vb.pp("object_extractor"), vb.pp("relation_classifier")),
+        };
+        let object = ObjectEncoder::new(cfg, arch, object_vb)?;
+        let head = RelationHead::new(cfg, arch, object.out_dim()?, head_vb)?;
         Ok(Self {
             cfg: cfg.clone(),
-            object: ObjectEncoder::new(cfg, vb.pp("object"))?,
-            head: RelationHead::new(cfg, vb.pp("head"))?,
+            arch: arch.clone(),
+            object,
+            head,
             dtype: vb.dtype(),
         })
     }
@@ -464,20 +808,45 @@ impl RelationClassifier {
         &self.cfg
     }
 
+    pub fn architecture(&self) -> &Architecture {
+        &self.arch
+    }
+
     /// The weights' dtype; inputs are converted to it.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
+    /// This classifier's step input for position `slot` of a checkpoint's recorded steps
+    /// (`step_indices`): the slot itself for [`StepInput::Slot`], the step it names for
+    /// [`StepInput::Raw`] (the last recorded step past the end).
+    pub fn step_input(&self, step_indices: &[usize], slot: usize) -> usize {
+        match self.arch.step_input {
+            StepInput::Slot => slot,
+            StepInput::Raw => step_indices
+                .get(slot)
+                .or(step_indices.last())
+                .copied()
+                .unwrap_or(slot),
+        }
+    }
+
     fn check_inputs(&self, maps: &Tensor, steps: &Tensor) -> Result<usize> {
         let c = &self.cfg;
-        let want = [2, c.num_maps, c.map_size, c.map_size];
         let dims = maps.dims();
-        if dims.len() != 5 || dims[1..] != want {
+        // The Torch layout reads any number of maps up to its position table's length.
+        let maps_ok = match self.arch.layout {
+            WeightLayout::L2s => dims.get(2) == Some(&c.num_maps),
+            WeightLayout::Torch => dims.get(2).is_some_and(|&n| (1..=c.num_maps).contains(&n)),
+        };
+        if dims.len() != 5 || dims[1] != 2 || !maps_ok || dims[3..] != [c.map_size, c.map_size] {
+            let maps = match self.arch.layout {
+                WeightLayout::L2s => c.num_maps.to_string(),
+                WeightLayout::Torch => format!("C ≤ {}", c.num_maps),
+            };
             bail!(
-                "relation classifier: maps have shape {:?}, expected (batch, 2, {}, {}, {})",
+                "relation classifier: maps have shape {:?}, expected (batch, 2, {maps}, {}, {})",
                 dims,
-                c.num_maps,
                 c.map_size,
                 c.map_size
             )
@@ -492,8 +861,8 @@ impl RelationClassifier {
         Ok(b)
     }
 
-    /// Logits `(B, classes)` for maps `(B, 2, C, S, S)` and step indices `(B)` (any integer dtype,
-    /// each below `num_steps`). Dropout acts only when `train` is true.
+    /// Logits `(B, classes)` for maps `(B, 2, C, S, S)` and step inputs `(B)` (any integer
+    /// dtype, each below `num_steps`; see [`StepInput`]). Dropout acts only when `train` is true.
     pub fn forward(&self, maps: &Tensor, steps: &Tensor, train: bool) -> Result<Tensor> {
         let b = self.check_inputs(maps, steps)?;
         let c = &self.cfg;
@@ -504,18 +873,29 @@ impl RelationClassifier {
             .filter(|&s| s as usize >= c.num_steps)
             .collect();
         if !bad.is_empty() {
-            bail!(
-                "relation classifier: step index {} out of range (the classifier knows {} steps)",
-                bad[0],
-                c.num_steps
-            )
+            match self.arch.step_input {
+                StepInput::Slot => bail!(
+                    "relation classifier: step index {} out of range (the classifier knows {} steps)",
+                    bad[0],
+                    c.num_steps
+                ),
+                StepInput::Raw => bail!(
+                    "relation classifier: denoising step {} out of range (the classifier's step embedding covers steps 0 to {})",
+                    bad[0],
+                    c.num_steps - 1
+                ),
+            }
         }
         let pixels = c.map_size * c.map_size;
-        let x =
-            (maps.to_dtype(self.dtype)? * pixels as f64)?.reshape((b * 2, c.num_maps, pixels))?;
+        let num_maps = maps.dim(2)?;
+        let mut x = maps.to_dtype(self.dtype)?;
+        if self.arch.scale_maps {
+            x = (x * pixels as f64)?;
+        }
+        let x = x.reshape((b * 2, num_maps, pixels))?;
         let pair_steps = Tensor::stack(&[&steps, &steps], 1)?.flatten_all()?;
         let objects = self.object.forward(&x, &pair_steps, train)?;
-        let pair = objects.reshape((b, 2 * c.d_model))?;
+        let pair = objects.reshape((b, 2 * objects.dim(1)?))?;
         self.head.forward(&pair, &steps, train)
     }
 
@@ -668,5 +1048,98 @@ mod tests {
             assert!(data.contains_key(name), "missing {name}");
         }
         assert_eq!(data["head.mlp.0.fc.weight"].dims(), &[10, 8 + 4]);
+    }
+
+    #[test]
+    fn torch_layout_uses_the_published_names() {
+        let cfg = tiny(3, 5);
+        let vm = VarMap::new();
+        let arch = Architecture::authors();
+        let m = RelationClassifier::with_architecture(
+            &cfg,
+            &arch,
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let data = vm.data().lock().unwrap();
+        let d = cfg.d_model;
+        let pixels = cfg.map_size * cfg.map_size;
+        for (name, dims) in [
+            ("object_extractor.input_projection.weight", vec![d, pixels]),
+            ("object_extractor.timestep_embedding.weight", vec![3, d]),
+            ("object_extractor.query_vector", vec![1, 1, d]),
+            (
+                "object_extractor.transformer.layers.1.self_attn.in_proj_weight",
+                vec![3 * d, d],
+            ),
+            (
+                "object_extractor.transformer.layers.0.self_attn.out_proj.bias",
+                vec![d],
+            ),
+            (
+                "object_extractor.transformer.layers.0.linear1.weight",
+                vec![12, d],
+            ),
+            (
+                "object_extractor.transformer.layers.0.norm2.weight",
+                vec![d],
+            ),
+            ("object_extractor.layer_attention.in_proj_bias", vec![3 * d]),
+            ("object_extractor.output_projection.weight", vec![pixels, d]),
+            ("relation_classifier.projection.weight", vec![d, 2 * pixels]),
+            ("relation_classifier.timestep_embedding.weight", vec![3, 4]),
+            ("relation_classifier.fc.0.weight", vec![10, d + 4]),
+            ("relation_classifier.fc.1.bias", vec![10]),
+            ("relation_classifier.fc.4.weight", vec![6, 10]),
+            ("relation_classifier.fc.5.weight", vec![6]),
+            ("relation_classifier.fc.8.weight", vec![5, 6]),
+        ] {
+            assert_eq!(
+                data.get(name).map(|v| v.dims().to_vec()),
+                Some(dims),
+                "{name}"
+            );
+        }
+        // No final norms, and the position tables are not trainable weights.
+        assert!(!data
+            .keys()
+            .any(|k| k.ends_with("transformer.norm.weight") || k.ends_with(".pe")));
+        drop(data);
+        // Fewer maps than the position table covers are accepted; more are not.
+        let dev = Device::Cpu;
+        let steps = Tensor::new(&[0i64, 2], &dev).unwrap();
+        let few = Tensor::rand(0f32, 1f32, (2, 2, 2, 4, 4), &dev).unwrap();
+        assert_eq!(m.forward(&few, &steps, false).unwrap().dims(), &[2, 5]);
+        let many = Tensor::rand(0f32, 1f32, (2, 2, 4, 4, 4), &dev).unwrap();
+        let e = m.forward(&many, &steps, false).unwrap_err().to_string();
+        assert!(e.contains("C ≤ 3"), "{e}");
+        let e = m
+            .forward(&few, &Tensor::new(&[0i64, 3], &dev).unwrap(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("denoising step 3 out of range"), "{e}");
+        assert_eq!(m.step_input(&[5, 10], 1), 10);
+        assert_eq!(m.step_input(&[5, 10], 7), 10);
+    }
+
+    #[test]
+    fn architecture_serialises_and_defaults_to_legacy_when_absent() {
+        let a = Architecture::authors();
+        assert_eq!(Architecture::default(), a);
+        let json = serde_json::to_value(&a).unwrap();
+        assert_eq!(json["layout"], "torch");
+        assert_eq!(json["object_step"], "every_layer");
+        assert_eq!(serde_json::from_value::<Architecture>(json).unwrap(), a);
+        let partial: Architecture = serde_json::from_str(r#"{"activation": "relu"}"#).unwrap();
+        assert_eq!(
+            partial,
+            Architecture {
+                activation: Activation::Relu,
+                ..Architecture::legacy()
+            }
+        );
+        let mut bad = Architecture::authors();
+        bad.pool_heads = Some(3);
+        assert!(bad.validate(&tiny(3, 4)).is_err());
     }
 }

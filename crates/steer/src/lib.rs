@@ -5,6 +5,7 @@
 pub mod augment;
 pub mod build;
 pub mod classifier;
+pub mod classify;
 pub mod dataset;
 pub mod experiment;
 pub mod losses;

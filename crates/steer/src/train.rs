@@ -8,7 +8,9 @@
 //! A checkpoint is a pair of files in one folder: `classifier.safetensors` (weights) and
 //! `classifier.json` ([`CheckpointMeta`]: the classifier config, the relation names, the step
 //! indices, the map layout, the model the maps came from, and the metrics).
-//! [`load_classifier`] refuses a checkpoint made for another model or another map layout.
+//! [`load_classifier`] refuses a checkpoint made for another model or another map layout. It
+//! also loads the PyTorch checkpoints (`.pth`) of the published Learn-to-Steer training, read
+//! without executing code, as [`Architecture::authors`] classifiers.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -22,7 +24,10 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::augment::{Augment, Augmenter};
-use crate::classifier::{ClassifierConfig, Preset, RelationClassifier};
+use crate::classifier::{
+    Architecture, ClassifierConfig, EncoderConfig, Preset, RelationClassifier, StepInjection,
+    StepInput,
+};
 use crate::dataset::{Dataset, DatasetError, DatasetInfo, Examples, LayerInfo, ManifestEntry};
 
 pub const WEIGHTS_FILE: &str = "classifier.safetensors";
@@ -197,6 +202,17 @@ pub enum CheckpointError {
         path: PathBuf,
         source: candle_core::Error,
     },
+    #[error("{}: not a relation classifier checkpoint: {message}; expected a torch.save dict with model_state_dict, rel_name_to_idx, input_channels, config and training_config, as the published Learn-to-Steer training writes", path.display())]
+    NotAClassifier { path: PathBuf, message: String },
+    /// The PyTorch file could not be read (its message names the file).
+    #[error(transparent)]
+    Torch(Box<l2s_torch_pickle::Error>),
+}
+
+impl From<l2s_torch_pickle::Error> for CheckpointError {
+    fn from(e: l2s_torch_pickle::Error) -> Self {
+        Self::Torch(Box::new(e))
+    }
 }
 
 /// Positions (into the manifest) of each split's samples.
@@ -578,7 +594,9 @@ pub struct CheckpointMeta {
     pub config: ClassifierConfig,
     /// Class names, in label order.
     pub relations: Vec<String>,
-    /// Denoising step indices; the classifier's step index `i` means `step_indices[i]`.
+    /// Denoising step indices the classifier was trained on. A [`StepInput::Slot`] classifier's
+    /// step input `i` means `step_indices[i]`; a [`StepInput::Raw`] one takes the step itself
+    /// (see [`RelationClassifier::step_input`]).
     pub step_indices: Vec<usize>,
     pub map_size: usize,
     pub num_maps: usize,
@@ -731,11 +749,22 @@ fn write_atomic(
 }
 
 /// Writes `classifier.safetensors` then `classifier.json` into `dir` (created if needed), each
-/// atomically.
+/// atomically, for an [`Architecture::legacy`] classifier (what [`train`] builds).
 pub fn save_checkpoint(
     dir: &Path,
     varmap: &VarMap,
     meta: &CheckpointMeta,
+) -> Result<(), CheckpointError> {
+    save_checkpoint_with_architecture(dir, varmap, meta, &Architecture::legacy())
+}
+
+/// [`save_checkpoint`] for a classifier of any architecture; `classifier.json` records it as
+/// `config.architecture`.
+pub fn save_checkpoint_with_architecture(
+    dir: &Path,
+    varmap: &VarMap,
+    meta: &CheckpointMeta,
+    arch: &Architecture,
 ) -> Result<(), CheckpointError> {
     std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io {
         path: dir.to_path_buf(),
@@ -753,7 +782,9 @@ pub fn save_checkpoint(
         })
     })?;
     let meta_path = dir.join(META_FILE);
-    let text = serde_json::to_string_pretty(meta).expect("checkpoint metadata serialises");
+    let mut json = serde_json::to_value(meta).expect("checkpoint metadata serialises");
+    json["config"]["architecture"] = serde_json::to_value(arch).expect("architecture serialises");
+    let text = serde_json::to_string_pretty(&json).expect("checkpoint metadata serialises");
     write_atomic(&meta_path, |tmp| {
         std::fs::write(tmp, text).map_err(|source| CheckpointError::Io {
             path: tmp.to_path_buf(),
@@ -773,21 +804,68 @@ pub fn checkpoint_paths(path: &Path) -> (PathBuf, PathBuf) {
     }
 }
 
-/// Reads a checkpoint's metadata.
-pub fn read_checkpoint_meta(path: &Path) -> Result<CheckpointMeta, CheckpointError> {
+/// Whether `path` is a PyTorch checkpoint (`torch.save` output, such as the published
+/// classifiers): a `.pth`/`.pt` file, or any file that is a zip archive.
+pub fn is_torch_checkpoint(path: &Path) -> bool {
+    if !path.is_file() {
+        return false;
+    }
+    if matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("pth" | "pt")
+    ) {
+        return true;
+    }
+    let mut head = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .is_ok()
+        && &head == b"PK\x03\x04"
+}
+
+/// `config.architecture` of `classifier.json`.
+#[derive(Deserialize)]
+struct RecordedArchitecture {
+    config: RecordedConfig,
+}
+
+#[derive(Deserialize)]
+struct RecordedConfig {
+    #[serde(default)]
+    architecture: Option<Architecture>,
+}
+
+/// Reads a checkpoint's metadata and architecture: a `classifier.json` (its folder or either
+/// file of the pair; without `config.architecture` it is [`Architecture::legacy`]), or a
+/// PyTorch `.pth` of the published training code.
+pub fn read_checkpoint(path: &Path) -> Result<(CheckpointMeta, Architecture), CheckpointError> {
+    if is_torch_checkpoint(path) {
+        let ck = TorchClassifier::open(path)?;
+        return Ok((ck.meta, ck.arch));
+    }
     let (_, meta_path) = checkpoint_paths(path);
     let text = std::fs::read_to_string(&meta_path).map_err(|source| CheckpointError::Io {
         path: meta_path.clone(),
         source,
     })?;
-    let meta: CheckpointMeta = serde_json::from_str(&text).map_err(|e| CheckpointError::Json {
+    let json_err = |e: serde_json::Error| CheckpointError::Json {
         path: meta_path.clone(),
         message: e.to_string(),
-    })?;
+    };
+    let meta: CheckpointMeta = serde_json::from_str(&text).map_err(json_err)?;
+    let arch = serde_json::from_str::<RecordedArchitecture>(&text)
+        .map_err(json_err)?
+        .config
+        .architecture
+        .unwrap_or_else(Architecture::legacy);
     let c = &meta.config;
+    let steps_fit = match arch.step_input {
+        StepInput::Slot => c.num_steps == meta.step_indices.len(),
+        StepInput::Raw => meta.step_indices.iter().all(|&s| s < c.num_steps),
+    };
     if c.num_maps != meta.num_maps
         || c.map_size != meta.map_size
-        || c.num_steps != meta.step_indices.len()
+        || !steps_fit
         || c.classes != meta.relations.len()
     {
         return Err(CheckpointError::Json {
@@ -797,12 +875,21 @@ pub fn read_checkpoint_meta(path: &Path) -> Result<CheckpointMeta, CheckpointErr
                     .into(),
         });
     }
-    Ok(meta)
+    Ok((meta, arch))
 }
 
-/// Loads a frozen classifier from a checkpoint (its folder or either file), refusing one trained
-/// for another model (`expected_model`) or another number of maps per word
-/// (`expected_num_maps`). Weights are loaded in `dtype` onto `device`.
+/// Reads a checkpoint's metadata (see [`read_checkpoint`]).
+pub fn read_checkpoint_meta(path: &Path) -> Result<CheckpointMeta, CheckpointError> {
+    read_checkpoint(path).map(|(meta, _)| meta)
+}
+
+/// Loads a frozen classifier from a checkpoint (its folder or either file, or a PyTorch `.pth`
+/// of the published training code), refusing one trained for another model (`expected_model`)
+/// or another number of maps per word (`expected_num_maps`). Weights are loaded in `dtype`
+/// onto `device`.
+///
+/// A `.pth` does not name the model its maps came from, so `expected_model` is not checked for
+/// one; its classifier reads up to `input_channels` maps per word.
 pub fn load_classifier(
     path: &Path,
     expected_model: Option<&str>,
@@ -810,8 +897,11 @@ pub fn load_classifier(
     device: &Device,
     dtype: DType,
 ) -> Result<(RelationClassifier, CheckpointMeta), CheckpointError> {
+    if is_torch_checkpoint(path) {
+        return load_torch_classifier(path, expected_num_maps, device, dtype);
+    }
     let (weights_path, meta_path) = checkpoint_paths(path);
-    let meta = read_checkpoint_meta(path)?;
+    let (meta, arch) = read_checkpoint(path)?;
     if let Some(expected) = expected_model {
         if meta.model != expected {
             return Err(CheckpointError::WrongModel {
@@ -844,10 +934,439 @@ pub fn load_classifier(
         source,
     };
     let tensors = candle_core::safetensors::load(&weights_path, device).map_err(wrap)?;
-    let model = RelationClassifier::new(
+    let model = RelationClassifier::with_architecture(
         &meta.config,
+        &arch,
         VarBuilder::from_tensors(tensors, dtype, device),
     )
     .map_err(wrap)?;
+    Ok((model, meta))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoints of the published training code: `torch.save({'model_state_dict', 'rel_name_to_idx',
+// 'idx_to_rel_name', 'input_channels', 'config', 'training_config'})`.
+
+/// `input_channels` when a checkpoint lacks it (57 FLUX blocks × 24 heads), as the published
+/// loader assumes.
+const DEFAULT_INPUT_CHANNELS: usize = 57 * 24;
+
+/// Widths of the published head's MLP (fixed in its code, not in its config).
+const PUBLISHED_MLP: [usize; 2] = [256, 128];
+
+/// A `.pth` relation classifier, its pickle read and described.
+struct TorchClassifier {
+    file: l2s_torch_pickle::TorchFile,
+    meta: CheckpointMeta,
+    arch: Architecture,
+}
+
+/// Reads the published config dicts, naming the key path in every complaint.
+struct ConfigReader<'a> {
+    path: &'a Path,
+    value: &'a l2s_torch_pickle::Value,
+    at: String,
+}
+
+impl<'a> ConfigReader<'a> {
+    fn bad(&self, message: String) -> CheckpointError {
+        CheckpointError::NotAClassifier {
+            path: self.path.to_path_buf(),
+            message,
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&'a l2s_torch_pickle::Value> {
+        self.value
+            .get(key)
+            .filter(|v| !matches!(v, l2s_torch_pickle::Value::None))
+    }
+
+    fn need(&self, key: &str, what: &str) -> Result<&'a l2s_torch_pickle::Value, CheckpointError> {
+        self.get(key)
+            .ok_or_else(|| self.bad(format!("{}.{key} is missing (expected {what})", self.at)))
+    }
+
+    fn wrong(&self, key: &str, v: &l2s_torch_pickle::Value, what: &str) -> CheckpointError {
+        self.bad(format!(
+            "{}.{key} is a {} (expected {what})",
+            self.at,
+            v.type_name()
+        ))
+    }
+
+    fn sub(&self, key: &str) -> Result<ConfigReader<'a>, CheckpointError> {
+        let v = self.need(key, "a dict")?;
+        if v.as_dict().is_none() {
+            return Err(self.wrong(key, v, "a dict"));
+        }
+        Ok(ConfigReader {
+            path: self.path,
+            value: v,
+            at: format!("{}.{key}", self.at),
+        })
+    }
+
+    fn usize(&self, key: &str) -> Result<usize, CheckpointError> {
+        let what = "a non-negative int";
+        let v = self.need(key, what)?;
+        match v.as_i64() {
+            Some(i) if i >= 0 => Ok(i as usize),
+            _ => Err(self.wrong(key, v, what)),
+        }
+    }
+
+    fn f64_or(&self, key: &str, default: Option<f64>) -> Result<f64, CheckpointError> {
+        let what = "a number";
+        match (self.get(key), default) {
+            (None, Some(d)) => Ok(d),
+            (None, None) => {
+                Err(self.bad(format!("{}.{key} is missing (expected {what})", self.at)))
+            }
+            (Some(v), _) => v.as_f64().ok_or_else(|| self.wrong(key, v, what)),
+        }
+    }
+
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool, CheckpointError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| self.wrong(key, v, "a bool")),
+        }
+    }
+
+    fn str_opt(&self, key: &str) -> Result<Option<&'a str>, CheckpointError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.wrong(key, v, "a str")),
+        }
+    }
+
+    fn encoder(&self) -> Result<EncoderConfig, CheckpointError> {
+        Ok(EncoderConfig {
+            layers: self.usize("num_layers")?,
+            heads: self.usize("nhead")?,
+            ff: self.usize("dim_feedforward")?,
+            dropout: 0.0,
+        })
+    }
+}
+
+/// Our name for a published relation name ("to the left of" → "left of"); names that are no
+/// spatial relation ("is") stay as they are.
+fn canonical_relation(name: &str) -> String {
+    l2s_eval::Relation::parse(name)
+        .map(|r| r.name().to_string())
+        .unwrap_or_else(|_| name.to_string())
+}
+
+impl TorchClassifier {
+    fn open(path: &Path) -> Result<Self, CheckpointError> {
+        let file = l2s_torch_pickle::TorchFile::open(path)?;
+        let (meta, arch) = describe(path, file.root())?;
+        Ok(Self { file, meta, arch })
+    }
+}
+
+fn describe(
+    path: &Path,
+    root: &l2s_torch_pickle::Value,
+) -> Result<(CheckpointMeta, Architecture), CheckpointError> {
+    use l2s_torch_pickle::Value;
+    let bad = |message: String| CheckpointError::NotAClassifier {
+        path: path.to_path_buf(),
+        message,
+    };
+    if root.is_state_dict() {
+        let d = root.as_dict().unwrap_or_default();
+        let first = d.first().and_then(|(k, _)| k.as_str()).unwrap_or("?");
+        return Err(bad(format!(
+            "it holds a bare state dict of {} tensors (first {first:?}), not a classifier with its config",
+            d.len()
+        )));
+    }
+    if root.as_dict().is_none() {
+        return Err(bad(format!("it holds a {}", root.type_name())));
+    }
+    let top = ConfigReader {
+        path,
+        value: root,
+        at: "checkpoint".into(),
+    };
+    let config = top.sub("config")?;
+    match root.get("model_state_dict") {
+        Some(v) if v.is_state_dict() => {}
+        Some(v) => return Err(top.wrong("model_state_dict", v, "a dict of names to tensors")),
+        None => return Err(bad("it has no model_state_dict".into())),
+    }
+
+    // Class names in label order.
+    let rels = top.sub("rel_name_to_idx")?;
+    let entries = rels.value.as_dict().unwrap_or_default();
+    let mut relations: Vec<Option<String>> = vec![None; entries.len()];
+    for (k, v) in entries {
+        let (Some(name), Some(i)) = (k.as_str(), v.as_i64()) else {
+            return Err(bad(format!(
+                "checkpoint.rel_name_to_idx maps a {} to a {} (expected names to ints)",
+                k.type_name(),
+                v.type_name()
+            )));
+        };
+        let slot = usize::try_from(i)
+            .ok()
+            .and_then(|i| relations.get_mut(i))
+            .filter(|s| s.is_none());
+        let Some(slot) = slot else {
+            return Err(bad(format!(
+                "checkpoint.rel_name_to_idx gives {name:?} the index {i}; expected each of 0..{} once",
+                entries.len()
+            )));
+        };
+        *slot = Some(name.to_string());
+    }
+    let published: Vec<String> = relations
+        .into_iter()
+        .map(|r| r.unwrap_or_default())
+        .collect();
+    if let Some(Value::Dict(idx)) = root.get("idx_to_rel_name") {
+        for (k, v) in idx {
+            let agrees = k
+                .as_i64()
+                .and_then(|i| usize::try_from(i).ok())
+                .and_then(|i| published.get(i))
+                .is_some_and(|n| Some(n.as_str()) == v.as_str());
+            if !agrees {
+                return Err(bad(format!(
+                    "checkpoint.idx_to_rel_name ({k:?} → {v:?}) disagrees with rel_name_to_idx"
+                )));
+            }
+        }
+    }
+    let relations: Vec<String> = published.iter().map(|n| canonical_relation(n)).collect();
+
+    let num_maps = match root.get("input_channels") {
+        None | Some(Value::None) => DEFAULT_INPUT_CHANNELS,
+        Some(_) => top.usize("input_channels")?,
+    };
+    if let Some(kind) = config.str_opt("architecture")? {
+        if kind != "attention" {
+            return Err(bad(format!(
+                "config.architecture is {kind:?}; only the \"attention\" classifier is supported"
+            )));
+        }
+    }
+    let num_timesteps = config.usize("num_timesteps")?;
+    let map_size = config.usize("map_size")?;
+    let d_model = config.usize("d_model")?;
+
+    let ex = config.sub("extractor")?;
+    if ex.bool_or("use_mean", false)? {
+        return Err(bad(
+            "config.extractor.use_mean is true (maps averaged instead of encoded); only the attention extractor is supported".into(),
+        ));
+    }
+    let mut object = ex.encoder()?;
+    object.dropout = ex.f64_or("dropout", Some(0.1))? as f32;
+    let pool_heads = ex.usize("layer_attn_nheads")?;
+    let ts = ex.sub("timestep_embedding")?;
+    let object_step = if !ts.bool_or("enable", false)? {
+        StepInjection::Off
+    } else {
+        match ts.str_opt("mode")? {
+            Some("mid") => StepInjection::EveryLayer,
+            Some("pre") => StepInjection::Input,
+            other => {
+                return Err(bad(format!(
+                    "config.extractor.timestep_embedding.mode is {other:?}; expected \"mid\" or \"pre\""
+                )))
+            }
+        }
+    };
+
+    let cl = config.sub("classifier")?;
+    if let Some(v) = cl.str_opt("fc_ver")? {
+        if v != "v1" {
+            return Err(bad(format!(
+                "config.classifier.fc_ver is {v:?}; only \"v1\" is supported"
+            )));
+        }
+    }
+    let mut head = cl.encoder()?;
+    let mlp_dropout = cl.f64_or("dropout", None)? as f32;
+    head.dropout = mlp_dropout;
+    let step_dim = cl.usize("timestep_embedding_dim")?;
+
+    // The steps the classifier was trained on (raw step indices of a schedule of
+    // `num_timesteps`); all of them when the checkpoint does not say.
+    let (step_indices, schedule) = match root.get("training_config") {
+        None | Some(Value::None) => ((0..num_timesteps).collect(), num_timesteps),
+        Some(_) => {
+            let tc = top.sub("training_config")?;
+            let steps = tc.need("timesteps", "a list of ints")?;
+            let Some(list) = steps.as_seq() else {
+                return Err(tc.wrong("timesteps", steps, "a list of ints"));
+            };
+            let mut out = Vec::with_capacity(list.len());
+            for s in list {
+                match s.as_i64() {
+                    Some(s) if (0..num_timesteps as i64).contains(&s) => out.push(s as usize),
+                    _ => {
+                        return Err(bad(format!(
+                            "checkpoint.training_config.timesteps holds {s:?}; expected steps below config.num_timesteps {num_timesteps}"
+                        )))
+                    }
+                }
+            }
+            let schedule = match tc.get("num_timesteps") {
+                Some(_) => tc.usize("num_timesteps")?,
+                None => num_timesteps,
+            };
+            (out, schedule)
+        }
+    };
+
+    let cfg = ClassifierConfig {
+        num_maps,
+        map_size,
+        num_steps: num_timesteps,
+        classes: relations.len(),
+        d_model,
+        object,
+        head,
+        step_dim,
+        mlp_hidden: PUBLISHED_MLP.to_vec(),
+        mlp_dropout,
+        leaky_slope: 0.1,
+    };
+    let arch = Architecture {
+        object_step,
+        pool_heads: Some(pool_heads),
+        ..Architecture::authors()
+    };
+    cfg.validate()
+        .and_then(|_| arch.validate(&cfg))
+        .map_err(|e| bad(e.to_string()))?;
+    let meta = CheckpointMeta {
+        config: cfg,
+        relations,
+        step_indices,
+        map_size,
+        num_maps,
+        layers: Vec::new(),
+        model: String::new(),
+        dual_inversion: false,
+        metrics: None,
+        num_inference_steps: Some(schedule),
+    };
+    Ok((meta, arch))
+}
+
+/// A weight source that records which names were read, so that weights the architecture does
+/// not use are reported instead of ignored (as PyTorch's strict `load_state_dict` does).
+struct RecordingBackend {
+    tensors: HashMap<String, Tensor>,
+    used: std::sync::Arc<std::sync::Mutex<BTreeSet<String>>>,
+}
+
+impl RecordingBackend {
+    fn take(&self, name: &str) -> candle_core::Result<&Tensor> {
+        let t = self.tensors.get(name).ok_or_else(|| {
+            candle_core::Error::Msg(format!("the state dict has no weight {name}"))
+        })?;
+        self.used
+            .lock()
+            .expect("name set lock")
+            .insert(name.to_string());
+        Ok(t)
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for RecordingBackend {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.take(name)?;
+        if t.shape() != &s {
+            candle_core::bail!(
+                "weight {name} has shape {:?}, the architecture expects {:?}",
+                t.dims(),
+                s.dims()
+            )
+        }
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.take(name)?.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+fn load_torch_classifier(
+    path: &Path,
+    expected_num_maps: Option<usize>,
+    device: &Device,
+    dtype: DType,
+) -> Result<(RelationClassifier, CheckpointMeta), CheckpointError> {
+    let TorchClassifier {
+        mut file,
+        meta,
+        arch,
+    } = TorchClassifier::open(path)?;
+    if let Some(expected) = expected_num_maps {
+        if expected > meta.num_maps {
+            return Err(CheckpointError::WrongLayout {
+                path: path.to_path_buf(),
+                trained: meta.num_maps,
+                expected,
+            });
+        }
+    }
+    let state = file
+        .root()
+        .get("model_state_dict")
+        .cloned()
+        .unwrap_or(l2s_torch_pickle::Value::None);
+    let tensors: HashMap<String, Tensor> =
+        file.state_dict(&state, &Device::Cpu)?.into_iter().collect();
+    let names: Vec<String> = tensors.keys().cloned().collect();
+    let used = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let backend = RecordingBackend {
+        tensors,
+        used: used.clone(),
+    };
+    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+    let model =
+        RelationClassifier::with_architecture(&meta.config, &arch, vb).map_err(|source| {
+            CheckpointError::Weights {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+    let used = used.lock().expect("name set lock");
+    let mut unused: Vec<&String> = names.iter().filter(|n| !used.contains(*n)).collect();
+    if !unused.is_empty() {
+        unused.sort();
+        let shown: Vec<&str> = unused.iter().take(5).map(|s| s.as_str()).collect();
+        return Err(CheckpointError::NotAClassifier {
+            path: path.to_path_buf(),
+            message: format!(
+                "its state dict holds {} weights the published architecture does not use ({}{})",
+                unused.len(),
+                shown.join(", "),
+                if unused.len() > 5 { ", …" } else { "" }
+            ),
+        });
+    }
     Ok((model, meta))
 }
