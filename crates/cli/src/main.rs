@@ -60,6 +60,8 @@ enum Command {
     Data(cmd::data::Args),
     /// Train a relation classifier on maps from `l2s data build`
     Train(cmd::train::Args),
+    /// Classify stored attention maps with a relation classifier (ours or a published .pth)
+    Classify(cmd::classify::Args),
     /// Benchmarks: the Learn-to-Steer experiment on the shapes world
     Bench(cmd::bench::Args),
     /// Generate a prompt set's images into GenEval's folder layout, plain or steered (resumable, shardable)
@@ -79,6 +81,7 @@ impl Command {
             Command::Shapes(a) => cmd::shapes::run(a, global),
             Command::Data(a) => cmd::data::run(a, global),
             Command::Train(a) => cmd::train::run(a, global),
+            Command::Classify(a) => cmd::classify::run(a, global),
             Command::Bench(a) => cmd::bench::run(a, global),
             Command::Eval(a) => cmd::eval::run(a, global),
             Command::Score(a) => cmd::score::run(a, global),

@@ -254,6 +254,7 @@ fn fake_classifier(dir: &Path, model_id: &str, layers: Vec<LayerInfo>) {
         dual_inversion: true,
         metrics: None,
         num_inference_steps: Some(4),
+        orig_map_size: None,
     };
     save_checkpoint(dir, &vm, &meta).unwrap();
 }

@@ -93,6 +93,41 @@ pub fn resize_matrix(n: usize, out: usize) -> Vec<f32> {
 
 /// Resizes maps (…, h, w) to (…, out_h, out_w); differentiable.
 pub fn resize_maps(maps: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    resize_maps_with(maps, out_h, out_w, Resize::Area)
+}
+
+/// How maps are resized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resize {
+    /// Area averaging when shrinking, bilinear when enlarging ([`resize_matrix`]).
+    Area,
+    /// Bilinear interpolation with half-pixel centres (PyTorch's `interpolate(mode="bilinear",
+    /// align_corners=False)` without antialiasing) in both directions: shrinking 64 → 16 samples
+    /// between two source pixels rather than averaging four.
+    Bilinear,
+}
+
+/// The (out × n) bilinear interpolation matrix, edges clamped as PyTorch clamps them.
+pub fn bilinear_matrix(n: usize, out: usize) -> Vec<f32> {
+    let mut m = vec![0f32; out * n];
+    let scale = n as f64 / out as f64;
+    for i in 0..out {
+        let src = ((i as f64 + 0.5) * scale - 0.5).clamp(0.0, (n - 1) as f64);
+        let j0 = src.floor() as usize;
+        let j1 = (j0 + 1).min(n - 1);
+        let f = src - j0 as f64;
+        m[i * n + j0] += (1.0 - f) as f32;
+        m[i * n + j1] += f as f32;
+    }
+    m
+}
+
+/// [`resize_maps`] with a chosen interpolation.
+pub fn resize_maps_with(maps: &Tensor, out_h: usize, out_w: usize, kind: Resize) -> Result<Tensor> {
+    let matrix = |n: usize, out: usize| match kind {
+        Resize::Area => resize_matrix(n, out),
+        Resize::Bilinear => bilinear_matrix(n, out),
+    };
     let dims = maps.dims().to_vec();
     if dims.len() < 2 {
         return Err(GenerateError::Shape {
@@ -107,8 +142,8 @@ pub fn resize_maps(maps: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> 
     }
     let lead: usize = dims[..dims.len() - 2].iter().product();
     let dev = maps.device();
-    let rh = Tensor::from_vec(resize_matrix(h, out_h), (out_h, h), dev)?.to_dtype(maps.dtype())?;
-    let rw = Tensor::from_vec(resize_matrix(w, out_w), (out_w, w), dev)?
+    let rh = Tensor::from_vec(matrix(h, out_h), (out_h, h), dev)?.to_dtype(maps.dtype())?;
+    let rw = Tensor::from_vec(matrix(w, out_w), (out_w, w), dev)?
         .to_dtype(maps.dtype())?
         .t()?;
     let flat = maps.reshape((lead, h, w))?;

@@ -42,5 +42,5 @@ pub use invert::{
 };
 pub use png::{generation_metadata, read_png_text, write_atomic, write_png};
 pub use prompt::{prompt_words, word_tokens, WordTokens};
-pub use sample::{ObserveSteps, Phase, Progress, StepObserver, WithProgress};
+pub use sample::{ObserveSteps, Observers, Phase, Progress, StepObserver, WithProgress};
 pub use sheet::{attention_sheet, side_by_side};

@@ -79,3 +79,33 @@ impl<D: Denoiser + ?Sized> StepHook<D> for WithProgress<'_, '_, D> {
         Ok(control)
     }
 }
+
+/// Several step observers watching one run: a layer goes to every observer that wants it.
+pub struct Observers<'a>(pub Vec<&'a mut dyn StepObserver>);
+
+impl AttentionObserver for Observers<'_> {
+    fn wants(&self, site: &l2s_models::AttentionSite) -> bool {
+        self.0.iter().any(|o| o.wants(site))
+    }
+    fn observe(
+        &mut self,
+        site: &l2s_models::AttentionSite,
+        probs: &Tensor,
+    ) -> candle_core::Result<()> {
+        for o in self.0.iter_mut() {
+            if o.wants(site) {
+                o.observe(site, probs)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl StepObserver for Observers<'_> {
+    fn begin_step(&mut self, index: usize, timestep: usize) -> bool {
+        // Every observer hears of every step, even after one has said yes.
+        self.0
+            .iter_mut()
+            .fold(false, |any, o| o.begin_step(index, timestep) || any)
+    }
+}

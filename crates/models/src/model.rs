@@ -572,6 +572,15 @@ impl Pipeline {
         }
     }
 
+    /// The paper's steering step size α: 7.5 for SD1.x (CLIP-L text states of width 768), 5 for
+    /// SD2.x and FLUX.
+    pub fn paper_step_size(&self) -> f64 {
+        match &self.family {
+            Family::StableDiffusion(sd) if sd.text_encoder.config().hidden_size == 768 => 7.5,
+            _ => 5.0,
+        }
+    }
+
     /// Turns per-block gradient checkpointing on or off; returns false where the model has none
     /// (only FLUX's transformer does).
     pub fn set_gradient_checkpointing(&mut self, on: bool) -> bool {
@@ -599,6 +608,53 @@ impl Pipeline {
                 None => fingerprint_dir(&f.folder.join("transformer"), "flux"),
             },
         }
+    }
+
+    /// Side of the model's largest attention maps at its native size: the latent side for a
+    /// UNet (64 at 512²), the packed grid for FLUX (32 for dev at 512², 16 for schnell at 256²).
+    pub fn attention_grid(&self) -> usize {
+        let side = self.native_size() / self.vae_factor();
+        match &self.family {
+            Family::StableDiffusion(_) => side,
+            Family::Flux(_) => side / 2,
+        }
+    }
+
+    /// How many attention maps the model gives per word (Σ heads over its attention layers), by
+    /// one unguided pass at the smallest image size it takes.
+    pub fn maps_per_word(&self) -> Result<usize> {
+        struct Heads(usize);
+        impl AttentionObserver for Heads {
+            fn observe(
+                &mut self,
+                site: &crate::observer::AttentionSite,
+                _: &Tensor,
+            ) -> candle_core::Result<()> {
+                self.0 += site.heads;
+                Ok(())
+            }
+        }
+        let m = self.size_multiple();
+        let z = Tensor::zeros(
+            self.latent_shape(m, m).to_vec(),
+            self.dtype(),
+            self.device(),
+        )?;
+        let cond = self.encode("", "", 1.0)?;
+        let mut heads = Heads(0);
+        self.denoiser().predict_observed(
+            &z,
+            self.first_model_time()?,
+            cond.guidance.conditional(),
+            &mut heads,
+        )?;
+        Ok(heads.0)
+    }
+
+    /// The model input of a run's first step (any valid time would do for counting layers).
+    fn first_model_time(&self) -> Result<f64> {
+        let m = self.size_multiple();
+        Ok(self.scheduler(1, m, m)?.model_time(0))
     }
 
     /// The prefix of [`Self::fingerprint`] ("unet" or "flux"): which kind of attention maps the

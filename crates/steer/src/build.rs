@@ -85,8 +85,9 @@ fn pick_pair(img: &AnnotatedImage, rng: &mut ChaCha8Rng) -> Option<(usize, usize
     candidates.choose(rng).copied()
 }
 
-/// Records the pair's maps at chosen steps of a reconstruction.
-struct StepMaps {
+/// Records one word pair's classifier input at chosen steps of a run (a reconstruction while
+/// building data, or a plain generation for `l2s attention --classifier-maps`).
+pub struct StepMaps {
     recorder: MapRecorder,
     at_steps: Vec<usize>,
     current: Option<usize>,
@@ -96,7 +97,13 @@ struct StepMaps {
 
 impl StepMaps {
     fn new(pair: WordPair, at_steps: &[usize]) -> Self {
-        let mut recorder = MapRecorder::new(vec![pair], crate::steering::MAP_SIZE, true);
+        Self::with_layout(pair, at_steps, crate::maps::MapLayout::Ours)
+    }
+
+    /// Records `pair` at `at_steps` (0-based) in `layout`, without autograd.
+    pub fn with_layout(pair: WordPair, at_steps: &[usize], layout: crate::maps::MapLayout) -> Self {
+        let mut recorder =
+            MapRecorder::with_layout(vec![pair], crate::steering::MAP_SIZE, true, layout);
         recorder.set_active(false);
         Self {
             recorder,
@@ -120,8 +127,8 @@ impl StepMaps {
         Ok(())
     }
 
-    /// (S, 2, C, size, size)
-    fn finish(mut self) -> Result<(Tensor, Vec<AttentionSite>)> {
+    /// (steps, 2, C, size, size) and the layers in channel order.
+    pub fn finish(mut self) -> Result<(Tensor, Vec<AttentionSite>)> {
         self.harvest()?;
         anyhow::ensure!(
             self.per_step.len() == self.at_steps.len(),

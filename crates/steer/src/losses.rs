@@ -55,10 +55,21 @@ impl SteerLoss for LearnedLoss {
         "l2s"
     }
 
+    /// The published classifiers read maps in their own layout.
+    fn map_layout(&self) -> crate::maps::MapLayout {
+        match self.classifier.architecture().layout {
+            crate::classifier::WeightLayout::Torch => crate::maps::MapLayout::Published,
+            crate::classifier::WeightLayout::L2s => crate::maps::MapLayout::Ours,
+        }
+    }
+
     fn loss(&self, maps: &Tensor, triplet: &SteerTriplet, step: usize) -> Result<Tensor> {
         let dev = maps.device();
         let maps = maps.unsqueeze(0)?.to_dtype(self.classifier.dtype())?;
-        let steps = Tensor::new(&[self.step_slot(step) as u32], dev)?;
+        let step = self
+            .classifier
+            .step_input(&self.step_indices, self.step_slot(step));
+        let steps = Tensor::new(&[step as u32], dev)?;
         let labels = Tensor::new(&[triplet.label as u32], dev)?;
         let logits = self.classifier.forward(&maps, &steps, false)?;
         Ok(cross_entropy(&logits, &labels)?)

@@ -90,6 +90,9 @@ fn trained_on_flux(meta: &CheckpointMeta) -> bool {
 
 /// Refuses a classifier trained on the other model family, naming both and their map layouts.
 fn check_family(path: &Path, meta: &CheckpointMeta, model: &Pipeline, id: &str) -> Result<()> {
+    if meta.model.is_empty() {
+        return check_published(path, meta, model, id);
+    }
     let flux = trained_on_flux(meta);
     if flux == (model.map_family() == "flux") {
         return Ok(());
@@ -105,6 +108,34 @@ fn check_family(path: &Path, meta: &CheckpointMeta, model: &Pipeline, id: &str) 
         meta.layers.len(),
         model.describe_maps(id)
     )
+}
+
+/// A published checkpoint names no model: its map size and map count must fit the model's.
+fn check_published(path: &Path, meta: &CheckpointMeta, model: &Pipeline, id: &str) -> Result<()> {
+    let grid = model.attention_grid();
+    let count = model.maps_per_word()?;
+    let what = || {
+        format!(
+            "classifier {} (a published checkpoint reading at most {} maps per word)",
+            path.display(),
+            meta.num_maps
+        )
+    };
+    if let Some(orig) = meta.orig_map_size.filter(|&o| o != grid) {
+        anyhow::bail!(
+            "{} was trained on {orig}×{orig} attention maps, but {} gives its largest maps at {grid}×{grid} ({count} maps per word): it belongs to another model",
+            what(),
+            model.describe_maps(id)
+        );
+    }
+    if count > meta.num_maps {
+        anyhow::bail!(
+            "{} cannot read {}: that model gives {count} maps per word",
+            what(),
+            model.describe_maps(id)
+        );
+    }
+    Ok(())
 }
 
 impl Method {

@@ -70,6 +70,10 @@ pub trait SteerLoss: Send + Sync {
         let _ = step;
         default
     }
+    /// How the maps it reads are laid out.
+    fn map_layout(&self) -> crate::maps::MapLayout {
+        crate::maps::MapLayout::Ours
+    }
 }
 
 /// How a gradient becomes an update.
@@ -110,10 +114,12 @@ impl SteerConfig {
         }
     }
 
-    /// The paper's schedule as `pipeline` runs it (FLUX.1-schnell steers step 0 only).
+    /// The paper's schedule as `pipeline` runs it (FLUX.1-schnell steers step 0 only; α 7.5
+    /// for SD1.x).
     pub fn paper_for(pipeline: &Pipeline, steps: usize) -> Self {
         Self {
             steer_steps: pipeline.steer_steps(steps),
+            step_size: pipeline.paper_step_size(),
             ..Self::paper(steps)
         }
     }
@@ -176,7 +182,12 @@ impl<'a> Steering<'a> {
         for it in 0..loss.max_iterations(index, cfg.max_iterations) {
             let triplet = &self.triplets[it % self.triplets.len()];
             let var = Var::from_tensor(&z.detach())?;
-            let mut recorder = MapRecorder::new(vec![triplet.pair.clone()], MAP_SIZE, false);
+            let mut recorder = MapRecorder::with_layout(
+                vec![triplet.pair.clone()],
+                MAP_SIZE,
+                false,
+                loss.map_layout(),
+            );
             denoiser.predict_observed(var.as_tensor(), step.model_time, cond, &mut recorder)?;
             let maps = recorder.maps()?.squeeze(0)?.squeeze(0)?;
             let value = loss.loss(&maps, triplet, index)?;

@@ -608,6 +608,10 @@ pub struct CheckpointMeta {
     /// Steps of the sampling runs the maps were recorded in (`step_indices` refer to them).
     #[serde(default)]
     pub num_inference_steps: Option<usize>,
+    /// Side of the largest attention maps before resizing, as a published checkpoint records it
+    /// (`training_config.orig_map_size`): what ties a foreign checkpoint to a model family.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orig_map_size: Option<usize>,
 }
 
 impl CheckpointMeta {
@@ -710,6 +714,7 @@ pub fn train(
             .get("num_inference_steps")
             .and_then(|v| v.as_u64())
             .map(|v| v as usize),
+        orig_map_size: None,
         metrics: Some(TrainMetrics {
             best_epoch: fitted.best_epoch,
             epochs_run: fitted.epochs_run,
@@ -1200,6 +1205,16 @@ fn describe(
 
     // The steps the classifier was trained on (raw step indices of a schedule of
     // `num_timesteps`); all of them when the checkpoint does not say.
+    let orig_map_size = match root.get("training_config") {
+        Some(Value::Dict(_)) => {
+            let tc = top.sub("training_config")?;
+            match tc.get("orig_map_size") {
+                Some(_) => Some(tc.usize("orig_map_size")?),
+                None => None,
+            }
+        }
+        _ => None,
+    };
     let (step_indices, schedule) = match root.get("training_config") {
         None | Some(Value::None) => ((0..num_timesteps).collect(), num_timesteps),
         Some(_) => {
@@ -1259,6 +1274,7 @@ fn describe(
         dual_inversion: false,
         metrics: None,
         num_inference_steps: Some(schedule),
+        orig_map_size,
     };
     Ok((meta, arch))
 }

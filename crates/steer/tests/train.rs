@@ -447,6 +447,7 @@ fn fake_checkpoint(dir: &Path) -> CheckpointMeta {
         dual_inversion: true,
         metrics: None,
         num_inference_steps: None,
+        orig_map_size: None,
     };
     save_checkpoint(dir, &vm, &meta).unwrap();
     meta

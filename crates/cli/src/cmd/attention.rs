@@ -3,10 +3,14 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use l2s_generate::attention::{check_request, words_in_prompt};
 use l2s_generate::{
-    attention_sheet, generate_with_attention, generation_metadata, write_png, AttentionRequest,
-    GenerateRequest,
+    attention_sheet, generate_observed, generate_with_attention, generation_metadata, write_png,
+    write_tensors, AttentionCollector, AttentionRequest, GenerateRequest, Observers,
 };
+use l2s_steer::build::StepMaps;
+use l2s_steer::maps::{MapLayout, WordPair};
 
 use crate::common::{load_model, png_target, warn_all, Bars, Global, ModelArgs, SampleArgs};
 
@@ -45,6 +49,31 @@ pub struct Args {
     /// Also write the maps to this safetensors file
     #[arg(long, value_name = "FILE")]
     pub maps: Option<PathBuf>,
+    /// Also write the two --words' maps exactly as a relation classifier receives them, to this
+    /// safetensors file: `maps` (steps, 2, C, 16, 16) f32 at --at-steps and `steps` (steps) i64,
+    /// the denoising step of each — what `l2s classify --maps` reads
+    #[arg(long, value_name = "FILE")]
+    pub classifier_maps: Option<PathBuf>,
+    /// Channel layout of --classifier-maps: `published` (what the published Learn-to-Steer
+    /// classifiers read: layers by resolution ascending, bilinear resize, renormalised only when
+    /// resized) or `ours` (what `l2s train` classifiers read)
+    #[arg(long, value_enum, default_value = "published")]
+    pub map_layout: MapLayoutArg,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum MapLayoutArg {
+    Published,
+    Ours,
+}
+
+impl From<MapLayoutArg> for MapLayout {
+    fn from(a: MapLayoutArg) -> Self {
+        match a {
+            MapLayoutArg::Published => MapLayout::Published,
+            MapLayoutArg::Ours => MapLayout::Ours,
+        }
+    }
 }
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
@@ -84,8 +113,51 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         map_size: args.map_size,
     };
     let mut bars = Bars::new(global, "image");
-    let (generated, maps) = generate_with_attention(&model, &req, &att, &mut |p| bars.update(p))
-        .context("generating with attention maps")?;
+    let (generated, maps, classifier_input) = match &args.classifier_maps {
+        None => {
+            let (g, m) = generate_with_attention(&model, &req, &att, &mut |p| bars.update(p))
+                .context("generating with attention maps")?;
+            (g, m, None)
+        }
+        Some(path) => {
+            let [a, b] = words.as_slice() else {
+                bail!(
+                    "--classifier-maps {}: a relation classifier reads two words; --words names {}",
+                    path.display(),
+                    words.len()
+                );
+            };
+            let found = words_in_prompt(&model, &req.prompt, &words)?;
+            check_request(&att, steps)?;
+            let pair = WordPair {
+                subject: found[0].positions.clone(),
+                object: found[1].positions.clone(),
+            };
+            tracing::info!("classifier maps of `{a}` and `{b}`");
+            let mut steps_sorted = at_steps.clone();
+            steps_sorted.sort_unstable();
+            steps_sorted.dedup();
+            let mut collector = AttentionCollector::new(found, &at_steps)?;
+            let mut recorder = StepMaps::with_layout(pair, &steps_sorted, args.map_layout.into());
+            let g = generate_observed(
+                &model,
+                &req,
+                &mut Observers(vec![&mut collector, &mut recorder]),
+                &mut |p| bars.update(p),
+            )
+            .context("generating with attention maps")?;
+            let (cmaps, _) = recorder.finish()?;
+            let steps_t = Tensor::new(
+                steps_sorted.iter().map(|&s| s as i64).collect::<Vec<_>>(),
+                &Device::Cpu,
+            )?;
+            (
+                g,
+                collector.finish(args.map_size)?,
+                Some((path, cmaps, steps_t)),
+            )
+        }
+    };
     bars.finish();
     warn_all(&generated.warnings);
     let averaged = maps.averaged()?;
@@ -118,6 +190,17 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         generated.height,
         &extra,
     );
+    if let Some((path, cmaps, steps_t)) = classifier_input {
+        let tensors = vec![("maps".to_string(), cmaps), ("steps".to_string(), steps_t)];
+        let mut meta = meta.clone();
+        meta.push((
+            "map_layout".to_string(),
+            format!("{:?}", args.map_layout).to_lowercase(),
+        ));
+        write_tensors(path, &tensors, &meta)
+            .with_context(|| format!("--classifier-maps {}", path.display()))?;
+        tracing::info!("wrote {}", path.display());
+    }
     if let Some(path) = &args.maps {
         maps.save(path, &meta)
             .with_context(|| format!("--maps {}", path.display()))?;

@@ -25,7 +25,11 @@ pub fn run(args: Args, _global: &Global) -> Result<()> {
     let rows = classify(&args.classifier, &args.maps)?;
     let mut out = std::io::stdout().lock();
     for row in &rows {
-        writeln!(out, "{}", serde_json::to_string(row)?)?;
+        match writeln!(out, "{}", serde_json::to_string(row)?) {
+            // A closed pipe (`l2s classify … | head`) ends the output quietly.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            other => other?,
+        }
     }
     Ok(())
 }

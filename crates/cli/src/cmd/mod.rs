@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod bench;
+pub mod classify;
 pub mod data;
 pub mod eval;
 pub mod generate;
