@@ -8,6 +8,7 @@
 #   steer    docs/steer-star-heart.png: "a star to the left of a heart", seeds 0–3 at 20 steps;
 #            rows: the model alone, --steer centroid, Learn-to-Steer with the built-in classifier
 #            and its schedule (crates/shapes-model/weights/shapes-classifier/steering.json)
+#   preview  docs/steer-preview.png: the README's first command (--steer l2s --seed 2 --preview)
 #   loss     docs/shapes-loss.png: the loss curve `l2s shapes train` writes into its run folder;
 #            copied from SHAPES_RUN=RUN_DIR/loss.png. The committed curve is run 3 of the built-in
 #            model's training (BENCHMARKS.md); without SHAPES_RUN it is left as it is
@@ -20,7 +21,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 work=${WORK:-target/figures}
-want=${*:-samples steer loss report}
+want=${*:-samples steer preview loss report}
 
 cargo build -q --release -p l2s-cli -p l2s-shapes-model --example figure_grid
 l2s=target/release/l2s
@@ -43,19 +44,22 @@ fi
 
 if has steer; then
     prompt="a star to the left of a heart"
-    clf=crates/shapes-model/weights/shapes-classifier
     "$l2s" -q generate --prompt "$prompt" --steps 20 --num-images 4 --out "$work/steer/plain" >/dev/null
     "$l2s" -q generate --prompt "$prompt" --steps 20 --num-images 4 --steer centroid \
         --out "$work/steer/centroid" >/dev/null
-    # The built-in classifier with the schedule its steering.json records.
-    "$l2s" -q generate --prompt "$prompt" --steps 20 --num-images 4 --steer "$clf" \
-        --steer-steps 10 --steer-iterations 3 --step-size 0.1 --normalized --stop-below 0.1 \
-        --out "$work/steer/l2s" >/dev/null
+    # The built-in classifier at the schedule its steering.json records.
+    "$l2s" -q generate --prompt "$prompt" --steer l2s --num-images 4 --out "$work/steer/l2s" >/dev/null
     files=()
     for row in plain centroid l2s; do
         for s in 0000 0001 0002 0003; do files+=("$work/steer/$row/$s.png"); done
     done
     "$grid" 4 docs/steer-star-heart.png "${files[@]}"
+fi
+
+if has preview; then
+    "$l2s" -q generate --prompt "a star to the left of a heart" --steer l2s --seed 2 \
+        --out "$work/preview.png" --preview docs/steer-preview.png >/dev/null
+    echo docs/steer-preview.png
 fi
 
 if has loss; then
