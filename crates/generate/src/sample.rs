@@ -104,8 +104,10 @@ impl AttentionObserver for Observers<'_> {
 impl StepObserver for Observers<'_> {
     fn begin_step(&mut self, index: usize, timestep: usize) -> bool {
         // Every observer hears of every step, even after one has said yes.
-        self.0
-            .iter_mut()
-            .fold(false, |any, o| o.begin_step(index, timestep) || any)
+        let mut any = false;
+        for o in self.0.iter_mut() {
+            any |= o.begin_step(index, timestep);
+        }
+        any
     }
 }

@@ -7,7 +7,6 @@
 //! Usage: cargo run --release -p l2s-models --example bench_unet -- DIR [RUNS] [WARMUP]
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::path::PathBuf;

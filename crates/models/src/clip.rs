@@ -47,7 +47,8 @@ impl ClipTextConfig {
                 supported: "quick_gelu, gelu".into(),
             });
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             return Err(ModelError::Unsupported {
                 path: path.to_path_buf(),
                 field: "num_attention_heads".into(),

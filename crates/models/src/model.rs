@@ -26,7 +26,7 @@ use crate::vae::{seeded_normal, LatentDraw};
 use crate::weights::{component_files, Variant};
 
 enum Family {
-    StableDiffusion(StableDiffusion),
+    StableDiffusion(Box<StableDiffusion>),
     Flux(Box<FluxPipeline>),
 }
 
@@ -58,24 +58,14 @@ enum CondInner {
 }
 
 /// How an image is inverted to noise.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct InversionSettings {
     /// Fixed-point refinements per DDIM inversion step (0: plain DDIM inversion).
     pub fixed_point_iterations: usize,
     /// RF-inversion's controllers (flow-matching models).
     pub rf: RfInversionConfig,
-    /// Seed of RF-inversion's noise target y₁.
+    /// Seed of RF-inversion's noise target y₁ (0 by default).
     pub noise_seed: u64,
-}
-
-impl Default for InversionSettings {
-    fn default() -> Self {
-        Self {
-            fixed_point_iterations: 0,
-            rf: RfInversionConfig::default(),
-            noise_seed: 0,
-        }
-    }
 }
 
 /// An image's latent inverted to noise.
@@ -131,7 +121,7 @@ impl Pipeline {
                     ),
                 ));
             }
-            Family::StableDiffusion(StableDiffusion::load(folder, opts)?)
+            Family::StableDiffusion(Box::new(StableDiffusion::load(folder, opts)?))
         };
         Ok(Self { family })
     }

@@ -112,7 +112,7 @@ impl ClipTokenizer {
             .as_ref()
             .and_then(|c| c.get("model_max_length"))
             .and_then(|v| v.as_f64())
-            .filter(|&n| n >= 2.0 && n <= 4096.0)
+            .filter(|n| (2.0..=4096.0).contains(n))
             .map(|n| n as usize)
             .unwrap_or(77);
         Ok(Self {

@@ -446,6 +446,8 @@ impl AutoencoderKL {
 }
 
 /// The image ↔ latent map of a pipeline: a learned `AutoencoderKL` or an exact space-to-depth.
+// One value per loaded model: the size difference of the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Autoencoder {
     Kl(AutoencoderKL),
     SpaceToDepth(crate::space_to_depth::SpaceToDepth),

@@ -413,7 +413,7 @@ impl Trainer {
                 loss: loss_value,
                 seconds: state.seconds,
             });
-            if state.step % opts.checkpoint_every == 0 || state.step == opts.steps {
+            if state.step.is_multiple_of(opts.checkpoint_every) || state.step == opts.steps {
                 self.save_checkpoint(&state, &opt, &ema)?;
                 self.export(&ema)?;
                 write_atomic(

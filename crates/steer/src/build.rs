@@ -385,7 +385,8 @@ pub fn build(
     crate::workers::run_ordered(&jobs, workers, run, |k, (recorded, holds)| {
         let job = &jobs[k];
         let psnr = recorded.psnr;
-        if !(psnr >= cfg.psnr_threshold) {
+        // NaN PSNR counts as too low.
+        if psnr.is_nan() || psnr < cfg.psnr_threshold {
             summary.dropped_low_psnr += 1;
         } else if !holds {
             summary.dropped_relation_lost += 1;

@@ -252,7 +252,7 @@ impl<D: Denoiser + ?Sized> StepHook<D> for Steering<'_> {
             return Ok(latents);
         }
         self.steer_step(step, denoiser, guidance.conditional(), latents)
-            .map_err(|e| DiffusionError::hook(e))
+            .map_err(DiffusionError::hook)
     }
 }
 

@@ -172,7 +172,7 @@ fn build_data(sd: &Pipeline, a: &ShapesArgs, global: &Global) -> Result<()> {
         rf: l2s_diffusion::RfInversionConfig::default(),
     };
     let detector = shapes_detector(DetectorArg::Shapes, &images)?;
-    let check = a.check_relation.then(|| RelationCheck {
+    let check = a.check_relation.then_some(RelationCheck {
         detector: &detector,
         min_score: l2s_eval::SCORE_THRESHOLD,
     });
