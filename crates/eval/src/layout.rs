@@ -53,6 +53,26 @@ pub fn image_seed(base: u64, index: usize, sample: usize, images_per_prompt: usi
         .wrapping_add(sample as u64)
 }
 
+/// How a run seeds its images.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Seeding {
+    /// Every image its own seed ([`image_seed`]; GenEval-style runs).
+    #[default]
+    PerImage,
+    /// Sample j of every prompt uses seed base + j (the shapes benchmark's convention).
+    PerSample,
+}
+
+impl Seeding {
+    pub fn seed(self, base: u64, index: usize, sample: usize, images_per_prompt: usize) -> u64 {
+        match self {
+            Seeding::PerImage => image_seed(base, index, sample, images_per_prompt),
+            Seeding::PerSample => base.wrapping_add(sample as u64),
+        }
+    }
+}
+
 /// Reads `NNNNN/samples/SSSS.png` (or a path ending so) back into (prompt index, sample).
 pub fn parse_relpath(name: &str) -> (Option<usize>, Option<usize>) {
     let parts: Vec<&str> = name.split(['/', '\\']).filter(|p| !p.is_empty()).collect();
@@ -94,6 +114,8 @@ pub struct RunInfo {
     /// The steering loop's settings, when steered.
     #[serde(default)]
     pub steering: Option<Value>,
+    #[serde(default)]
+    pub seeding: Seeding,
 }
 
 impl RunInfo {
@@ -243,8 +265,16 @@ mod tests {
             width: None,
             height: None,
             steering: None,
+            seeding: Seeding::PerImage,
         };
         assert!(a.differences(&a).is_empty());
+        // A run.json written before runs named their seeding reads as per-image seeds.
+        let mut old = serde_json::to_value(&a).unwrap();
+        old.as_object_mut().unwrap().remove("seeding");
+        let old: RunInfo = serde_json::from_value(old).unwrap();
+        assert!(a.differences(&old).is_empty());
+        assert_eq!(Seeding::PerImage.seed(10, 2, 1, 4), 19);
+        assert_eq!(Seeding::PerSample.seed(10, 2, 1, 4), 11);
         let b = RunInfo {
             steps: 20,
             ..a.clone()

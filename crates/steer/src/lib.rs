@@ -7,7 +7,7 @@ pub mod build;
 pub mod classifier;
 pub mod classify;
 pub mod dataset;
-pub mod experiment;
+pub mod evaluate;
 pub mod losses;
 pub mod maps;
 pub mod method;

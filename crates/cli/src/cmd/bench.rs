@@ -1,20 +1,24 @@
-//! `l2s bench shapes`: the whole experiment on the shapes world, resumable stage by stage —
-//! render annotated images, build dual- and single-inversion data, train both classifiers, then
-//! generate held-out prompts × seeds with every method and score them with the exact detector.
+//! `l2s bench shapes`: the whole experiment on the shapes world as a recipe over the library's
+//! stages, resumable stage by stage — render annotated images, build dual- and single-inversion
+//! data, train both classifiers, then per method an evaluation run in GenEval's layout
+//! (`eval-METHOD/`, what `l2s eval` writes) scored in place as `l2s score` scores it, so `l2s
+//! report` can show any of them.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use l2s_eval::layout::{read_run_info, Seeding};
+use l2s_eval::prompts::SpatialPrompt;
+use l2s_eval::report::{RESULTS_FILE, SUMMARY_FILE};
+use l2s_eval::score::{results_jsonl, ScoreOptions};
+use l2s_eval::sources::score_folder;
 use l2s_models::Pipeline;
 use l2s_shapes::{DetectorConfig, RenderConfig, ShapeDetector};
 use l2s_steer::build::{build, BuildConfig, RelationCheck};
 use l2s_steer::dataset::{Dataset, ShardSpec};
-use l2s_steer::experiment::{
-    evaluate, summarize, EvalPrompt, EvalRecord, EvalSettings, EvalSummary,
-};
+use l2s_steer::evaluate::{run_eval, EvalRun};
 use l2s_steer::method::{Method, MethodSpec};
-use l2s_steer::relations::RelationTriplet;
 use l2s_steer::train::{
     evaluate as evaluate_classifier, load_classifier, split_by_image, train, TrainConfig,
 };
@@ -302,16 +306,27 @@ fn classifier_accuracies(sd: &Pipeline, a: &ShapesArgs) -> Result<serde_json::Va
     Ok(out.into())
 }
 
-fn prompts(n: usize) -> Vec<EvalPrompt> {
+/// The held-out prompts: every shapes prompt shuffled with seed 7, the first `n`, in GenEval's
+/// metadata form (the bench's wording, without "a photo of").
+fn prompts(n: usize) -> Result<Vec<SpatialPrompt>> {
     let mut all = l2s_shapes::all_prompts();
     use rand::seq::SliceRandom;
     use rand::SeedableRng;
     all.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(7));
     all.into_iter()
         .take(n)
-        .map(|p| EvalPrompt {
-            prompt: p.text(),
-            triplet: RelationTriplet::new(p.a.name(), p.relation, p.b.name()),
+        .map(|p| {
+            let meta = serde_json::json!({
+                "tag": "position",
+                "include": [
+                    {"class": p.b.name(), "count": 1},
+                    {"class": p.a.name(), "count": 1, "position": [p.relation.name(), 0]},
+                ],
+                "prompt": p.text(),
+            });
+            SpatialPrompt::from_metadata(meta)
+                .map_err(anyhow::Error::msg)?
+                .context("a shapes prompt that is not a position prompt")
         })
         .collect()
 }
@@ -327,79 +342,145 @@ fn method_spec(name: &str, work: &Path) -> Result<MethodSpec> {
     })
 }
 
-fn run_method(sd: &Pipeline, a: &ShapesArgs, name: &str, global: &Global) -> Result<EvalSummary> {
-    let path = a.work.join(format!("eval-{name}.jsonl"));
-    let settings_path = a.work.join(format!("eval-{name}.settings.json"));
-    let eval_settings = serde_json::json!({
-        "guidance": a.guidance,
-        "prompts": a.prompts,
-        "seeds": a.seeds,
-        "steer_iterations": a.steer_iterations,
-        "steer_steps": a.steer_steps,
-        "step_size": a.step_size,
-        "raw_gradient": a.raw_gradient,
-        "stop_below": a.stop_below,
-    });
-    let same_settings = std::fs::read_to_string(&settings_path)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|saved| saved == eval_settings);
-    if path.exists() && !same_settings {
-        eprintln!(
-            "{name}: evaluation settings changed since {}; evaluating again",
-            path.display()
-        );
-    }
-    if path.exists() && same_settings {
-        let records: Vec<EvalRecord> = std::fs::read_to_string(&path)?
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).map(|v| record_from(&v)))
-            .collect::<std::result::Result<_, _>>()
-            .with_context(|| format!("reading {}", path.display()))?;
-        return Ok(summarize(name, &records));
-    }
-    let mut method = Method::load(&method_spec(name, &a.work)?, sd, a.steps)?;
-    method.config.max_iterations = a.steer_iterations;
-    if let Some(n) = a.steer_steps {
-        method.config.steer_steps = n;
-    }
-    if name.starts_with("l2s") {
-        method.config.step_size = a.step_size;
-        method.config.update = if a.raw_gradient {
-            l2s_steer::steering::UpdateRule::Raw
-        } else {
-            l2s_steer::steering::UpdateRule::Normalized
-        };
-        method.config.stop_below = Some(a.stop_below);
-    }
-    let detector = ShapeDetector::new(DetectorConfig::for_render(&RenderConfig::with_size(32)));
-    let ps = prompts(a.prompts);
-    let images_dir = a.work.join(format!("images-{name}"));
-    let settings = EvalSettings {
+/// One row of the table.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct MethodSummary {
+    method: String,
+    images: usize,
+    spatial_accuracy: f64,
+    object_accuracy: f64,
+    seconds_per_image: f64,
+    mean_final_loss: Option<f64>,
+}
+
+/// Generation time of a method's images, kept beside its run folder (PNGs carry no timing, so
+/// that reruns stay byte-identical).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Timing {
+    images: usize,
+    seconds: f64,
+}
+
+/// One method through the evaluation harness: its images into `eval-NAME/` in GenEval's layout
+/// (resumable), scored there like `l2s score` does (results.jsonl, summary.json), so `l2s report`
+/// shows the run.
+fn run_method(
+    model: &Pipeline,
+    model_name: &str,
+    a: &ShapesArgs,
+    name: &str,
+    global: &Global,
+) -> Result<MethodSummary> {
+    let dir = a.work.join(format!("eval-{name}"));
+    let spec = method_spec(name, &a.work)?;
+    let method = match spec {
+        MethodSpec::None => None,
+        _ => {
+            let mut m = Method::load(&spec, model, a.steps)?;
+            m.name = name.to_string();
+            m.config.max_iterations = a.steer_iterations;
+            if let Some(n) = a.steer_steps {
+                m.config.steer_steps = n;
+            }
+            if name.starts_with("l2s") {
+                m.config.step_size = a.step_size;
+                m.config.update = if a.raw_gradient {
+                    l2s_steer::steering::UpdateRule::Raw
+                } else {
+                    l2s_steer::steering::UpdateRule::Normalized
+                };
+                m.config.stop_below = Some(a.stop_below);
+            }
+            Some(m)
+        }
+    };
+    let run = EvalRun {
+        model,
+        model_name: model_name.to_string(),
+        method: method.as_ref(),
+        steer: name.to_string(),
         steps: a.steps,
         guidance: a.guidance,
-        seeds: (0..a.seeds).collect(),
-        loss: method.loss(),
-        steer: method.config.clone(),
-        label: &|r| method.label(r),
-        save_dir: Some(&images_dir),
+        seed: 0,
+        seeding: Seeding::PerSample,
+        images_per_prompt: a.seeds as usize,
+        width: None,
+        height: None,
+        shard_index: 0,
+        shard_count: 1,
         workers: a.workers.unwrap_or_else(default_workers),
     };
+    // A run folder of other evaluation settings is the bench's own cache: start it again.
+    if let Some(Ok(old)) = read_run_info(&dir) {
+        let fresh = run_info_probe(&run, &dir)?;
+        if !old.differences(&fresh).is_empty() {
+            eprintln!("{name}: evaluation settings changed; evaluating again");
+            std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+        }
+    }
+    let ps = prompts(a.prompts)?;
     let b = bar(global, ps.len() * a.seeds as usize, name);
-    let records = evaluate(sd, &ps, name, &settings, &detector, &mut |done, _| {
+    let outcome = run_eval(&run, &ps, PROMPT_SOURCE, &dir, &mut |done, _, _| {
         b.set_position(done as u64)
     })?;
     b.finish_and_clear();
-    let mut text = String::new();
-    for r in &records {
-        text.push_str(&serde_json::to_string(r)?);
-        text.push('\n');
-    }
-    l2s_generate::write_atomic(&path, text.as_bytes())?;
-    write_json(&settings_path, &eval_settings)?;
-    let s = summarize(name, &records);
-    eprintln!("{name}: {}", serde_json::to_string(&s)?);
-    Ok(s)
+    let timing_path = a.work.join(format!("eval-{name}.timing.json"));
+    let mut timing: Timing = std::fs::read_to_string(&timing_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .filter(|_| outcome.present > 0)
+        .unwrap_or_default();
+    timing.images += outcome.made;
+    timing.seconds += outcome.seconds;
+    write_json(&timing_path, &timing)?;
+
+    let detector = ShapeDetector::new(DetectorConfig::for_render(&RenderConfig::with_size(32)));
+    let scored = score_folder(
+        &dir,
+        &detector,
+        "shapes",
+        Some(a.seeds as usize),
+        &ScoreOptions::default(),
+        &mut |_, _| {},
+    )
+    .map_err(anyhow::Error::msg)?;
+    l2s_generate::write_atomic(
+        &dir.join(RESULTS_FILE),
+        results_jsonl(&scored.results).as_bytes(),
+    )?;
+    write_json(&dir.join(SUMMARY_FILE), &scored.summary)?;
+    let s = &scored.summary;
+    let row = MethodSummary {
+        method: name.to_string(),
+        images: s.images,
+        spatial_accuracy: s.position_accuracy,
+        object_accuracy: s.visor.oa,
+        seconds_per_image: timing.seconds / timing.images.max(1) as f64,
+        mean_final_loss: s.mean_steer_loss,
+    };
+    eprintln!("{name}: {}", serde_json::to_string(&row)?);
+    Ok(row)
+}
+
+const PROMPT_SOURCE: &str = "l2s bench shapes: held-out shapes prompts (shuffled with seed 7)";
+
+/// The run.json a run of these settings writes, to compare with one on disk.
+fn run_info_probe(run: &EvalRun, dir: &Path) -> Result<l2s_eval::layout::RunInfo> {
+    let mut info = read_run_info(dir)
+        .and_then(|r| r.ok())
+        .context("no run.json")?;
+    info.method = run.method.map_or("base".into(), |m| m.name.clone());
+    info.steer = run.steer.clone();
+    info.model = run.model_name.clone();
+    info.steps = run.steps;
+    info.guidance = run.guidance;
+    info.images_per_prompt = run.images_per_prompt;
+    info.steering = run
+        .method
+        .map(|m| serde_json::to_value(&m.config))
+        .transpose()?;
+    info.seeding = run.seeding;
+    Ok(info)
 }
 
 /// The data and classifiers cached in --work belong to one model and one set of data settings; a
@@ -435,20 +516,6 @@ fn check_work_folder(sd: &Pipeline, a: &ShapesArgs) -> Result<()> {
     write_json(&path, &settings)
 }
 
-fn record_from(v: &serde_json::Value) -> EvalRecord {
-    EvalRecord {
-        prompt: v["prompt"].as_str().unwrap_or_default().to_string(),
-        seed: v["seed"].as_u64().unwrap_or(0),
-        method: v["method"].as_str().unwrap_or_default().to_string(),
-        correct: v["correct"].as_bool().unwrap_or(false),
-        both_found: v["both_found"].as_bool().unwrap_or(false),
-        relations: serde_json::from_value(v["relations"].clone()).unwrap_or_default(),
-        seconds: v["seconds"].as_f64().unwrap_or(0.0),
-        final_loss: v["final_loss"].as_f64(),
-        first_loss: v["first_loss"].as_f64(),
-    }
-}
-
 pub fn run(args: Args, global: &Global) -> Result<()> {
     let Command::Shapes(mut a) = args.command;
     std::fs::create_dir_all(&a.work).with_context(|| format!("creating {}", a.work.display()))?;
@@ -465,7 +532,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     }
     let mut summaries = Vec::new();
     for m in &a.methods {
-        summaries.push(run_method(&sd, &a, m, global)?);
+        summaries.push(run_method(&sd, &model_name, &a, m, global)?);
     }
     let mut table = String::from("| method | spatial accuracy | object accuracy | s / image | final steering loss |\n|---|---|---|---|---|\n");
     for s in &summaries {

@@ -1,0 +1,288 @@
+//! The one evaluation harness: every prompt's images, plain or steered, generated into GenEval's
+//! folder layout (`NNNNN/metadata.jsonl`, `NNNNN/samples/SSSS.png`, `prompts.jsonl`, `run.json`)
+//! — resumable (images on disk are kept), shardable, several images at once. `l2s eval` runs it;
+//! `l2s bench shapes` runs it per method; `l2s score` / [`l2s_eval::sources::score_folder`] judge
+//! what it wrote and `l2s report` shows it.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use l2s_diffusion::NoHook;
+use l2s_eval::layout::{
+    prompt_dir, read_run_info, sample_path, RunInfo, Seeding, KEY_METHOD, KEY_STEER_LOSS,
+    METADATA_FILE, PROMPTS_FILE, RUN_FILE, RUN_FORMAT, SAMPLES_DIR,
+};
+use l2s_eval::prompts::{to_jsonl, SpatialPrompt};
+use l2s_generate::{generate, generation_metadata, write_atomic, write_png, GenerateRequest};
+use l2s_models::Pipeline;
+
+use crate::method::Method;
+use crate::relations::RelationTriplet;
+use crate::steering::{generate_steered, SteerTriplet};
+use crate::workers::run_ordered;
+
+/// The settings of one run.
+pub struct EvalRun<'a> {
+    pub model: &'a Pipeline,
+    /// The model as the user named it (recorded in run.json and every PNG).
+    pub model_name: String,
+    /// `None`: the plain model.
+    pub method: Option<&'a Method>,
+    /// The steering argument as given (recorded).
+    pub steer: String,
+    pub steps: usize,
+    pub guidance: f64,
+    pub seed: u64,
+    pub seeding: Seeding,
+    pub images_per_prompt: usize,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    /// This machine's part: prompts `index`, `index + count`, … (0-based).
+    pub shard_index: usize,
+    pub shard_count: usize,
+    /// Images generated at once, each on its own thread (the model is shared, read-only).
+    pub workers: usize,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default)]
+pub struct EvalOutcome {
+    /// Prompts of this shard.
+    pub prompts: usize,
+    pub made: usize,
+    /// Images already on disk, kept.
+    pub present: usize,
+    /// Seconds of generation summed over the images made (per image, not wall time).
+    pub seconds: f64,
+    /// The model's notes on the prompts (truncation), once each.
+    pub warnings: Vec<String>,
+}
+
+/// Writes `path` with `text`, or checks that it already holds exactly that.
+fn write_or_check(path: &Path, text: &str, what: &str) -> Result<()> {
+    match std::fs::read_to_string(path) {
+        Ok(old) if old == text => Ok(()),
+        Ok(_) => bail!(
+            "{} already holds a different {what}: this folder belongs to another run (use a new output folder, or delete it)",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// One image to make.
+struct Job {
+    k: usize,
+    index: usize,
+    sample: usize,
+}
+
+/// Generates the run's missing images into `out`. `source` says where the prompts came from
+/// (recorded). `progress(done, total, prompt)` after each image; `done` counts the images
+/// already present.
+pub fn run_eval(
+    run: &EvalRun,
+    prompts: &[SpatialPrompt],
+    source: &str,
+    out: &Path,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<EvalOutcome> {
+    if run.images_per_prompt == 0 || run.steps == 0 {
+        bail!("an evaluation needs at least one image per prompt and one step");
+    }
+    if run.shard_count == 0 || run.shard_index >= run.shard_count {
+        bail!(
+            "shard {} of {}: expected 1 ≤ i ≤ n",
+            run.shard_index + 1,
+            run.shard_count
+        );
+    }
+    let model = run.model;
+    let mine: Vec<usize> = (0..prompts.len())
+        .filter(|i| i % run.shard_count == run.shard_index)
+        .collect();
+    // Steering targets of every prompt of this shard, checked before any image is made.
+    let mut triplets: Vec<Option<Vec<SteerTriplet>>> = Vec::with_capacity(mine.len());
+    for &i in &mine {
+        let p = &prompts[i];
+        triplets.push(match run.method {
+            None => None,
+            Some(m) => {
+                let rts: Vec<RelationTriplet> = p
+                    .triplets()
+                    .into_iter()
+                    .map(|t| RelationTriplet::new(t.a, t.relation, t.b))
+                    .collect();
+                Some(
+                    SteerTriplet::for_prompt(
+                        &rts,
+                        &|word| Ok(model.word_positions(&p.prompt, word)?),
+                        &|r| m.label(r),
+                    )
+                    .with_context(|| format!("prompt {i} {:?}: cannot steer", p.prompt))?,
+                )
+            }
+        });
+    }
+
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("{}: cannot create the folder", out.display()))?;
+    let label = run
+        .method
+        .map(|m| m.name.clone())
+        .unwrap_or_else(|| "base".into());
+    let info = RunInfo {
+        format: RUN_FORMAT.into(),
+        method: label.clone(),
+        steer: run.steer.clone(),
+        model: run.model_name.clone(),
+        steps: run.steps,
+        guidance: run.guidance,
+        seed: run.seed,
+        images_per_prompt: run.images_per_prompt,
+        prompts: prompts.len(),
+        prompt_source: source.to_string(),
+        width: run.width,
+        height: run.height,
+        steering: run
+            .method
+            .map(|m| serde_json::to_value(&m.config))
+            .transpose()?,
+        seeding: run.seeding,
+    };
+    match read_run_info(out) {
+        None => {
+            let text = serde_json::to_string_pretty(&info)? + "\n";
+            write_atomic(&out.join(RUN_FILE), text.as_bytes())?;
+        }
+        Some(Ok(old)) => {
+            let diff = old.differences(&info);
+            if !diff.is_empty() {
+                bail!(
+                    "{} was made with other settings ({}); use a new output folder to start another run",
+                    out.join(RUN_FILE).display(),
+                    diff.join("; ")
+                );
+            }
+        }
+        Some(Err(e)) => bail!("{e}: cannot tell whether the folder belongs to this run"),
+    }
+    write_or_check(&out.join(PROMPTS_FILE), &to_jsonl(prompts), "prompt list")?;
+
+    let ipp = run.images_per_prompt;
+    let mut jobs = Vec::new();
+    let mut present = 0;
+    for (k, &i) in mine.iter().enumerate() {
+        let dir = prompt_dir(out, i);
+        std::fs::create_dir_all(dir.join(SAMPLES_DIR))
+            .with_context(|| format!("creating {}", dir.display()))?;
+        write_or_check(
+            &dir.join(METADATA_FILE),
+            &(prompts[i].metadata_line() + "\n"),
+            "prompt",
+        )?;
+        for j in 0..ipp {
+            if sample_path(out, i, j).exists() {
+                present += 1;
+            } else {
+                jobs.push(Job {
+                    k,
+                    index: i,
+                    sample: j,
+                });
+            }
+        }
+    }
+    let total = mine.len() * ipp;
+    progress(present, total, "");
+
+    let one = |job: &Job| -> Result<(f64, Vec<String>)> {
+        let (i, j) = (job.index, job.sample);
+        let p = &prompts[i];
+        let path = sample_path(out, i, j);
+        let req = GenerateRequest {
+            seed: run.seeding.seed(run.seed, i, j, ipp),
+            steps: run.steps,
+            guidance: run.guidance,
+            width: run.width,
+            height: run.height,
+            ..GenerateRequest::new(p.prompt.clone())
+        };
+        let mut extra = vec![
+            (KEY_METHOD.to_string(), label.clone()),
+            ("steer".to_string(), run.steer.clone()),
+            ("prompt_index".to_string(), i.to_string()),
+            ("sample".to_string(), j.to_string()),
+            ("geneval_metadata".to_string(), p.metadata_line()),
+        ];
+        let start = Instant::now();
+        let generated = match (run.method, &triplets[job.k]) {
+            (Some(m), Some(ts)) => {
+                let loss = m.loss().context("steering method without a loss")?;
+                let s = generate_steered(model, &req, ts, loss, &m.config, &mut |_| {})?;
+                extra.push((
+                    "steer_config".to_string(),
+                    serde_json::to_string(&m.config)?,
+                ));
+                if let Some(l) = s.report.final_loss() {
+                    extra.push((KEY_STEER_LOSS.to_string(), format!("{l:.6}")));
+                }
+                extra.push((
+                    "steer_iterations".to_string(),
+                    s.report.iterations.to_string(),
+                ));
+                s.generated
+            }
+            _ => generate(model, &req, &mut NoHook, &mut |_| {})?,
+        };
+        let seconds = start.elapsed().as_secs_f64();
+        let meta = generation_metadata(
+            &req,
+            &run.model_name,
+            model.sampler_name(),
+            generated.width,
+            generated.height,
+            &extra,
+        );
+        write_png(&path, &generated.image, &meta)
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok((seconds, generated.warnings))
+    };
+    let mut outcome = EvalOutcome {
+        prompts: mine.len(),
+        present,
+        ..EvalOutcome::default()
+    };
+    run_ordered(
+        &jobs,
+        run.workers.max(1),
+        |job| {
+            one(job).with_context(|| {
+                format!(
+                    "prompt {} {:?}, image {}",
+                    job.index, prompts[job.index].prompt, job.sample
+                )
+            })
+        },
+        |k, (seconds, warnings)| {
+            outcome.made += 1;
+            outcome.seconds += seconds;
+            for w in warnings {
+                if !outcome.warnings.contains(&w) {
+                    outcome.warnings.push(w);
+                }
+            }
+            progress(
+                present + outcome.made,
+                total,
+                &prompts[jobs[k].index].prompt,
+            );
+            Ok(())
+        },
+    )?;
+    Ok(outcome)
+}
