@@ -33,7 +33,7 @@ impl ShardSpec {
             reason,
         };
         if count == 0 {
-            return Err(err("there must be at least one part".into()));
+            return Err(err("expected i/n with n ≥ 1 parts".into()));
         }
         if index == 0 || index > count {
             return Err(err(format!(

@@ -1,19 +1,23 @@
-//! `l2s train`: train a relation classifier on a dataset from `l2s data build`.
+//! `l2s train`: train a relation classifier on a dataset from `l2s data build` (or on several
+//! parts of one build, read as their merge would be).
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use l2s_steer::classifier::Preset;
-use l2s_steer::train::{train, TrainConfig};
+use l2s_steer::train::{train_on, TrainConfig};
 use l2s_steer::Augment;
+use l2s_steer::Dataset;
 
 use crate::common::Global;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Dataset folder(s) written by `l2s data build` (several are merged first)
-    #[arg(long)]
-    data: PathBuf,
+    /// Dataset folder written by `l2s data build`; repeat for the parts of one build made with
+    /// --shard, trained on as `l2s data merge` would join them (they must agree on the model,
+    /// maps, layout, relations and steps)
+    #[arg(long, required = true, value_name = "DIR")]
+    data: Vec<PathBuf>,
     /// Output folder: classifier.safetensors + classifier.json
     #[arg(long)]
     out: PathBuf,
@@ -56,8 +60,15 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     cfg.augment = args.augment;
     cfg.seed = args.seed;
     let quiet = global.quiet;
-    let report = train(
-        &args.data,
+    let data = Dataset::open_many(&args.data)?;
+    if data.duplicates() > 0 && !quiet {
+        eprintln!(
+            "{} samples found in more than one --data folder are used once",
+            data.duplicates()
+        );
+    }
+    let report = train_on(
+        &data,
         &args.out,
         &cfg,
         &candle_core::Device::Cpu,
