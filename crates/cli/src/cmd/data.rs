@@ -25,7 +25,7 @@ pub struct Args {
 #[derive(clap::Subcommand)]
 enum Command {
     /// Invert annotated images with true and wrong-relation prompts and record relation maps
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// Join the parts of one build (`data build --shard i/n`, each into its own folder) into one
     /// dataset
     Merge(MergeArgs),
@@ -75,7 +75,7 @@ pub struct BuildArgs {
     /// Use at most this many images
     #[arg(long)]
     limit: Option<usize>,
-    /// Build only part i of n (1-based, e.g. 2/4: the samples whose number is i−1 mod n), for
+    /// Build only part i of n (1-based, e.g. 2/4): samples i−1, i−1+n, i−1+2n, …, for
     /// splitting work across machines; give each part its own --out and join them afterwards
     /// with `l2s data merge`
     #[arg(long, value_name = "I/N")]
@@ -208,7 +208,7 @@ pub fn open_writer(
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
     match args.command {
-        Command::Build(a) => run_build(a, global),
+        Command::Build(a) => run_build(*a, global),
         Command::Merge(a) => run_merge(a),
     }
 }

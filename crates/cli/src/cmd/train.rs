@@ -13,9 +13,10 @@ use crate::common::Global;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Dataset folder written by `l2s data build`; repeat for the parts of one build made with
-    /// --shard, trained on as `l2s data merge` would join them (they must agree on the model,
-    /// maps, layout, relations and steps)
+    /// Dataset folder written by `l2s data build`; repeat it for the parts of a build split with
+    /// --shard, which are trained on as their `l2s data merge` would be: the folders must agree
+    /// on the model, the maps and their layout, the relations and the recorded steps (the first
+    /// differing field is named), and a sample found in several is used once
     #[arg(long, required = true, value_name = "DIR")]
     data: Vec<PathBuf>,
     /// Output folder: classifier.safetensors + classifier.json
