@@ -8,6 +8,7 @@
 use std::path::Path;
 
 use image::RgbImage;
+pub use l2s_files::{read_png_text, write_atomic};
 
 use crate::error::{GenerateError, Result};
 use crate::generate::GenerateRequest;
@@ -69,8 +70,6 @@ pub fn write_png(path: &Path, image: &RgbImage, metadata: &[(String, String)]) -
     let bytes = encode_png(image, metadata)?;
     Ok(write_atomic(path, &bytes)?)
 }
-
-pub use l2s_files::{read_png_text, write_atomic};
 
 /// The metadata of a generated image: prompt, negative prompt, seed, steps, guidance, model,
 /// size, sampler and software, then `extra` in order.

@@ -702,9 +702,11 @@ pub struct Dataset {
     dirs: Vec<PathBuf>,
     info: DatasetInfo,
     entries: Vec<ManifestEntry>,
-    /// Per entry: its manifest line, and which folder it is in.
+    /// Per entry: its line in its folder's manifest.
     lines: Vec<usize>,
+    /// Per entry: its folder, an index into `dirs`.
     parts: Vec<usize>,
+    /// Sample records left out because an earlier folder had them.
     duplicates: usize,
 }
 
@@ -800,7 +802,7 @@ impl Dataset {
             parts: Vec::new(),
             duplicates: 0,
         };
-        // Where each sample id was first seen: (entry index, folder).
+        // The entry holding each sample id.
         let mut seen: HashMap<u64, usize> = HashMap::new();
         for set in sets {
             let here = set.dirs[0].clone();
@@ -836,7 +838,7 @@ impl Dataset {
                             &out.dirs[part].join(MANIFEST_FILE),
                             Some(set.lines[k]),
                             format!(
-                                "sample {} has {field} {right} here but {left} in {}: these are not parts of one build (separate builds number their samples alike; join them by building once)",
+                                "sample {} has {field} {right} here but {left} in {}: these are not parts of one build (separate builds number their samples alike)",
                                 e.meta.sample,
                                 out.dirs[out.parts[prev]].display()
                             ),
@@ -862,11 +864,6 @@ impl Dataset {
     /// The folders, in the order given.
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs
-    }
-
-    /// The folder a manifest entry's maps are in.
-    pub fn dir_of(&self, entry: usize) -> &Path {
-        &self.dirs[self.parts[entry]]
     }
 
     /// Sample records left out because an earlier folder had the same sample.
