@@ -369,20 +369,6 @@ impl SteerArgs {
     }
 }
 
-/// "i/n" (1-based) → (i − 1, n): part i of n, for splitting work across machines.
-pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
-    let bad = || anyhow::anyhow!("--shard {s:?}: expected i/n with 1 ≤ i ≤ n, e.g. 1/4");
-    let (i, n) = s.split_once('/').ok_or_else(bad)?;
-    let (i, n): (usize, usize) = (
-        i.trim().parse().map_err(|_| bad())?,
-        n.trim().parse().map_err(|_| bad())?,
-    );
-    if n == 0 || i == 0 || i > n {
-        return Err(bad());
-    }
-    Ok((i - 1, n))
-}
-
 /// Images processed at once by commands that take `--workers`: one per core.
 pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())

@@ -18,7 +18,6 @@ mod bbox;
 mod detect;
 mod geneval;
 pub mod layout;
-pub mod pngtext;
 pub mod prompts;
 mod relation;
 pub mod report;

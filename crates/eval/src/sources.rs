@@ -14,13 +14,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
+use l2s_files::png_text_chunks;
 use serde_json::Value;
 
 use crate::layout::{
     parse_relpath, read_run_info, sample_path, sample_relpath, scan_folder, KEY_METHOD, KEY_SEED,
     KEY_STEER_LOSS, METADATA_FILE, PROMPTS_FILE,
 };
-use crate::pngtext::png_text_chunks;
 use crate::prompts::{SpatialPrompt, Unsupported};
 use crate::score::{
     check_detections, metadata_key, summarize, ImageResult, ImageSource, ImageStatus, Issue,

@@ -32,6 +32,10 @@ pub enum GenerateError {
     #[error("{path}: {reason}")]
     File { path: PathBuf, reason: String },
 
+    /// Writing a file failed (the message names it).
+    #[error(transparent)]
+    Write(#[from] l2s_files::WriteError),
+
     #[error(transparent)]
     Model(#[from] ModelError),
 

@@ -178,7 +178,7 @@ pub fn write_tensors(
     let meta: std::collections::HashMap<String, String> = metadata.iter().cloned().collect();
     let bytes = safetensors::tensor::serialize(data, Some(meta))
         .map_err(|e| GenerateError::file(path, e))?;
-    crate::png::write_atomic(path, &bytes)
+    Ok(l2s_files::write_atomic(path, &bytes)?)
 }
 
 fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {

@@ -1,14 +1,14 @@
 //! PNG files with text metadata, written atomically.
 //!
 //! Each (key, value) pair becomes one text chunk placed before the image data: `tEXt` when the
-//! value is plain ASCII, `iTXt` (UTF-8) otherwise. Files are written to a temporary file in the
-//! target's folder and renamed into place, so an interrupted run never leaves a partial file
-//! under the target name.
+//! value is plain ASCII, `iTXt` (UTF-8) otherwise; [`read_png_text`] reads them back. Files are
+//! written with [`write_atomic`] (a synced temporary file in the target's folder, renamed into
+//! place), so an interrupted run never leaves a partial file under the target name.
 
-use std::io::Write;
 use std::path::Path;
 
 use image::RgbImage;
+pub use l2s_files::{read_png_text, write_atomic};
 
 use crate::error::{GenerateError, Result};
 use crate::generate::GenerateRequest;
@@ -68,83 +68,7 @@ fn check_keyword(key: &str) -> Result<()> {
 /// Writes `image` with its metadata to `path` atomically.
 pub fn write_png(path: &Path, image: &RgbImage, metadata: &[(String, String)]) -> Result<()> {
     let bytes = encode_png(image, metadata)?;
-    write_atomic(path, &bytes)
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same folder, synced, then renamed.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !dir.is_dir() {
-        return Err(GenerateError::file(
-            path,
-            format!("folder {} does not exist", dir.display()),
-        ));
-    }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let prefix = format!(".{name}.");
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(&prefix).suffix(".tmp");
-    // Temporary files are private by default; the result should get the usual mode (umask applies).
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        builder.permissions(std::fs::Permissions::from_mode(0o666));
-    }
-    let mut tmp = builder.tempfile_in(dir).map_err(|e| {
-        GenerateError::file(
-            path,
-            format!("cannot create a temporary file beside it: {e}"),
-        )
-    })?;
-    tmp.write_all(bytes)
-        .map_err(|e| GenerateError::file(path, e))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| GenerateError::file(path, e))?;
-    tmp.persist(path)
-        .map_err(|e| GenerateError::file(path, e.error))?;
-    Ok(())
-}
-
-/// The text chunks of a PNG file, in file order (tEXt, zTXt and iTXt; compressed ones inflated).
-pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
-    let file = std::fs::File::open(path).map_err(|e| GenerateError::file(path, e))?;
-    let decoder = png::Decoder::new(std::io::BufReader::new(file));
-    let mut reader = decoder
-        .read_info()
-        .map_err(|e| GenerateError::file(path, format!("not a PNG file: {e}")))?;
-    // Chunks after the image data are known only once it has been read.
-    let mut buf = vec![0; reader.output_buffer_size().unwrap_or(0)];
-    reader
-        .next_frame(&mut buf)
-        .map_err(|e| GenerateError::file(path, format!("corrupt PNG: {e}")))?;
-    reader
-        .finish()
-        .map_err(|e| GenerateError::file(path, format!("corrupt PNG: {e}")))?;
-    let info = reader.info();
-    let mut out = Vec::new();
-    for c in &info.uncompressed_latin1_text {
-        out.push((c.keyword.clone(), c.text.clone()));
-    }
-    for c in &info.compressed_latin1_text {
-        let text = c
-            .get_text()
-            .map_err(|e| GenerateError::file(path, format!("zTXt `{}`: {e}", c.keyword)))?;
-        out.push((c.keyword.clone(), text));
-    }
-    for c in &info.utf8_text {
-        let text = c
-            .get_text()
-            .map_err(|e| GenerateError::file(path, format!("iTXt `{}`: {e}", c.keyword)))?;
-        out.push((c.keyword.clone(), text));
-    }
-    Ok(out)
+    Ok(write_atomic(path, &bytes)?)
 }
 
 /// The metadata of a generated image: prompt, negative prompt, seed, steps, guidance, model,

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::folder::write_atomic;
+use crate::folder::write_file;
 
 macro_rules! asset {
     ($rel:literal) => {
@@ -152,7 +152,7 @@ pub struct Steering {
 
 fn write_files(dir: &Path, files: &[(&str, &[u8])], last: &str, what: &str) -> Result<()> {
     let unpack = |name: &str, bytes: &[u8]| {
-        write_atomic(&dir.join(name), bytes)
+        write_file(&dir.join(name), bytes)
             .with_context(|| format!("unpacking the embedded {what} into {}", dir.display()))
     };
     for (name, bytes) in files.iter().filter(|(n, _)| *n != last) {

@@ -22,13 +22,16 @@ pub fn vocab_size() -> usize {
         .unwrap_or(0)
 }
 
-/// Writes `bytes` to `path` atomically (temporary file + rename, the shapes crate's writer),
-/// creating the folder first.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Creates the folder `path` goes in.
+fn create_parent(path: &Path) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    l2s_shapes::dataset::write_atomic(path, bytes)?;
-    Ok(())
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
+}
+
+/// Writes `bytes` to `path` with [`l2s_files::write_atomic`], creating its folder first.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    create_parent(path)?;
+    Ok(l2s_files::write_atomic(path, bytes)?)
 }
 
 /// The trimmed CLIP tokenizer's config with this model's sequence length.
@@ -40,26 +43,25 @@ fn tokenizer_config() -> Result<serde_json::Value> {
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    write_atomic(path, serde_json::to_string_pretty(value)?.as_bytes())
+    write_file(path, serde_json::to_string_pretty(value)?.as_bytes())
 }
 
-/// Writes a safetensors file atomically (temporary file, then rename).
+/// Writes a safetensors file with [`l2s_files::write_atomic_with`], creating its folder first.
 pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    let tmp = path.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(tensors, &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    create_parent(path)?;
+    Ok(l2s_files::write_atomic_with(path, |tmp| {
+        candle_core::safetensors::save(tensors, tmp)
+    })?)
 }
 
 /// Writes configs and tokenizer; with `weights` (names prefixed `text_encoder.` / `unet.`) also
 /// the weight files.
 pub fn write_model_folder(dir: &Path, weights: Option<&HashMap<String, Tensor>>) -> Result<()> {
     let tok = dir.join("tokenizer");
-    write_atomic(&tok.join("vocab.json"), VOCAB_JSON.as_bytes())?;
-    write_atomic(&tok.join("merges.txt"), MERGES_TXT.as_bytes())?;
+    write_file(&tok.join("vocab.json"), VOCAB_JSON.as_bytes())?;
+    write_file(&tok.join("merges.txt"), MERGES_TXT.as_bytes())?;
     write_json(&tok.join("tokenizer_config.json"), &tokenizer_config()?)?;
-    write_atomic(
+    write_file(
         &tok.join("special_tokens_map.json"),
         SPECIAL_TOKENS.as_bytes(),
     )?;

@@ -19,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::architecture::{self, IMAGE_SIZE};
-use crate::folder::{save_tensors, write_atomic, write_model_folder};
+use crate::folder::{save_tensors, write_file, write_model_folder};
 use crate::optim::{AdamW, Ema};
 use crate::plot::loss_curve_png;
 
@@ -243,12 +243,12 @@ impl Trainer {
                 .map(|(n, t)| (format!("ema.{n}"), t)),
         );
         save_tensors(&dir.join("state.safetensors"), &tensors)?;
-        write_atomic(
+        write_file(
             &dir.join("state.json"),
             serde_json::to_string_pretty(state)?.as_bytes(),
         )?;
         // Only now does the new checkpoint become the one to resume from.
-        write_atomic(&root.join("latest"), name.as_bytes())?;
+        write_file(&root.join("latest"), name.as_bytes())?;
         for entry in std::fs::read_dir(&root)?.flatten() {
             let p = entry.path();
             if p.is_dir() && p.file_name().and_then(|n| n.to_str()) != Some(name.as_str()) {
@@ -416,7 +416,7 @@ impl Trainer {
             if state.step.is_multiple_of(opts.checkpoint_every) || state.step == opts.steps {
                 self.save_checkpoint(&state, &opt, &ema)?;
                 self.export(&ema)?;
-                write_atomic(
+                write_file(
                     &self.run_dir.join("loss.png"),
                     &loss_curve_png(&state.losses)?,
                 )?;
@@ -424,7 +424,7 @@ impl Trainer {
         }
         self.save_checkpoint(&state, &opt, &ema)?;
         let model_dir = self.export(&ema)?;
-        write_atomic(
+        write_file(
             &self.run_dir.join("loss.png"),
             &loss_curve_png(&state.losses)?,
         )?;

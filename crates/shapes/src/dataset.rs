@@ -12,11 +12,11 @@
 //! `annotations.json` is written last, so a reader never sees a half-written file.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use image::RgbImage;
 use l2s_eval::{BBox, RelationSet};
+use l2s_files::write_atomic;
 use serde::{Deserialize, Serialize};
 
 use crate::render::{pair_relations, render_scene};
@@ -293,25 +293,6 @@ pub fn read_dataset(dir: &Path) -> Result<Dataset, ShapesError> {
     })
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ShapesError> {
-    let tmp = temp_path(path);
-    let io = |source| ShapesError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(io)
-}
-
 /// Encodes `image` as PNG and writes it atomically.
 pub fn write_png(path: &Path, image: &RgbImage) -> Result<(), ShapesError> {
     let mut buf = std::io::Cursor::new(Vec::new());
@@ -321,15 +302,7 @@ pub fn write_png(path: &Path, image: &RgbImage) -> Result<(), ShapesError> {
             path: path.to_path_buf(),
             source,
         })?;
-    write_atomic(path, buf.get_ref())
-}
-
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp{}", std::process::id()))
+    Ok(write_atomic(path, buf.get_ref())?)
 }
 
 #[cfg(test)]

@@ -49,4 +49,7 @@ pub enum ShapesError {
     },
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
+    /// Writing a file failed (the message names it).
+    #[error(transparent)]
+    Write(#[from] l2s_files::WriteError),
 }

@@ -1,12 +1,12 @@
 //! Evaluation prompts "a {A} {relation} a {B}" and reading prompts back into classes.
 
+use l2s_eval::prompts::article;
 use l2s_eval::{Relation, Triplet};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::caption::article;
 use crate::ShapeClass;
 
 /// One spatial prompt over two different classes.

@@ -7,6 +7,7 @@
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use l2s_diffusion::RfInversionConfig;
+use l2s_eval::prompts::article;
 use l2s_eval::{relations as relation_rule, top1_per_class, BBox, Detector, Relation};
 use l2s_generate::{invert, reconstruct, InvertRequest, StepObserver};
 use l2s_models::{AttentionObserver, AttentionSite, Pipeline};
@@ -44,13 +45,6 @@ pub struct BuildConfig {
 /// The four relations, in label order.
 pub fn relation_names() -> Vec<String> {
     Relation::ALL.iter().map(|r| r.name().to_string()).collect()
-}
-
-fn article(word: &str) -> &'static str {
-    match word.chars().next() {
-        Some('a' | 'e' | 'i' | 'o' | 'u') => "an",
-        _ => "a",
-    }
 }
 
 /// "a circle to the left of a square"-style prompt for a triplet.
@@ -450,6 +444,27 @@ mod seed_tests {
 mod tests {
     use super::*;
     use l2s_eval::Detection;
+
+    #[test]
+    fn prompts_keep_their_articles() {
+        assert_eq!(
+            triplet_prompt("star", Relation::LeftOf, "heart"),
+            "a star to the left of a heart"
+        );
+        assert_eq!(
+            triplet_prompt("umbrella", Relation::Above, "oven"),
+            "an umbrella above an oven"
+        );
+        // The articles these prompts have always had: by the first letter, every class name
+        // being lower case.
+        for word in l2s_eval::prompts::COCO_CLASSES
+            .iter()
+            .chain(&l2s_eval::prompts::SHAPES_CLASSES)
+        {
+            let vowel = matches!(word.chars().next(), Some('a' | 'e' | 'i' | 'o' | 'u'));
+            assert_eq!(article(word), if vowel { "an" } else { "a" }, "{word}");
+        }
+    }
 
     /// Reports fixed boxes, whatever the image.
     struct Fixed(Vec<Detection>, Vec<String>);

@@ -14,17 +14,21 @@
 //! [`DatasetWriter`] writes shards atomically (temporary file, then rename) and appends the
 //! manifest lines of a shard only once the shard is on disk, so an interrupted build never leaves
 //! manifest lines pointing at missing data; reopening the folder resumes it
-//! ([`DatasetWriter::completed_samples`]). [`owns`] / [`ShardSpec`] split the work of one build over
-//! several processes, each writing its own folder, and [`merge`] joins such folders.
-//! [`Dataset`] reads a folder back; [`Dataset::load`] turns every recorded step of every selected
+//! ([`DatasetWriter::completed_samples`]). [`ShardSpec`] splits the work of one build over
+//! several processes (part `i/n` records the samples whose id is `i − 1` mod `n`), each writing
+//! its own folder, and [`merge`] joins such folders into one.
+//! [`Dataset`] reads a folder back, or several parts of one build as one
+//! ([`Dataset::open_many`]); [`Dataset::load`] turns every recorded step of every selected
 //! sample into one training example.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+pub use l2s_files::ShardSpec;
+use l2s_files::{copy_atomic, write_atomic, write_atomic_with, WriteError};
 use serde::{Deserialize, Serialize};
 
 pub const INFO_FILE: &str = "info.json";
@@ -127,7 +131,45 @@ impl DatasetInfo {
         cmp!(dual_inversion);
         None
     }
+
+    /// [`difference`](Self::difference), then the extra fields that say what the recorded steps
+    /// are (`num_inference_steps`): datasets that agree on these can be trained on together.
+    pub fn training_difference(&self, other: &DatasetInfo) -> Option<(String, String, String)> {
+        self.difference(other)
+            .map(|(f, l, r)| (f.to_string(), l, r))
+            .or_else(|| self.extra_difference(other, |k| MAP_FIELDS.contains(&k)))
+    }
+
+    /// [`difference`](Self::difference), then every extra field (the build's settings: steps,
+    /// inversion, PSNR threshold, relation check, seed, …) except those that only say where the
+    /// model was read from: datasets that agree on these are parts of one build.
+    pub fn settings_difference(&self, other: &DatasetInfo) -> Option<(String, String, String)> {
+        self.difference(other)
+            .map(|(f, l, r)| (f.to_string(), l, r))
+            .or_else(|| self.extra_difference(other, |k| !LOCATION_FIELDS.contains(&k)))
+    }
+
+    fn extra_difference(
+        &self,
+        other: &DatasetInfo,
+        compared: impl Fn(&str) -> bool,
+    ) -> Option<(String, String, String)> {
+        let keys: BTreeSet<&String> = self.extra.keys().chain(other.extra.keys()).collect();
+        let show =
+            |v: Option<&serde_json::Value>| v.map_or("absent".to_string(), |v| v.to_string());
+        keys.into_iter()
+            .filter(|k| compared(k))
+            .find(|k| self.extra.get(*k) != other.extra.get(*k))
+            .map(|k| (k.clone(), show(self.extra.get(k)), show(other.extra.get(k))))
+    }
 }
+
+/// Extra fields of `info.json` that only say where the model was read from; they may differ
+/// between the parts of one build made on different machines.
+const LOCATION_FIELDS: [&str; 2] = ["model_folder", "transformer_file"];
+
+/// Extra fields that give the recorded step indices their meaning.
+const MAP_FIELDS: [&str; 1] = ["num_inference_steps"];
 
 /// Whether the prompt carried the true relation or a wrong one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -186,7 +228,7 @@ pub enum DatasetError {
     #[error("{what}: \"{field}\" differs ({left} vs {right})")]
     InfoMismatch {
         what: String,
-        field: &'static str,
+        field: String,
         left: String,
         right: String,
     },
@@ -195,6 +237,11 @@ pub enum DatasetError {
         path: PathBuf,
         source: candle_core::Error,
     },
+    /// Writing a file failed (the message names it).
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error("no dataset folders given")]
+    NoFolders,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DatasetError + '_ {
@@ -233,85 +280,6 @@ pub fn parse_shard_name(name: &str) -> Option<usize> {
         return None;
     }
     digits.parse().ok()
-}
-
-/// Whether part `index` of `count` (0-based) owns a sample: `sample_id mod count == index`.
-pub fn owns(sample_id: u64, index: usize, count: usize) -> bool {
-    count > 0 && sample_id % count as u64 == index as u64
-}
-
-/// A part of a partitioned build, written "i/n" with 0 ≤ i < n (0-based).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ShardSpec {
-    pub index: usize,
-    pub count: usize,
-}
-
-impl ShardSpec {
-    /// The whole build in one part.
-    pub fn all() -> Self {
-        Self { index: 0, count: 1 }
-    }
-
-    pub fn parse(text: &str) -> std::result::Result<Self, String> {
-        let (i, n) = text
-            .split_once('/')
-            .ok_or_else(|| format!("part {text:?}: expected \"i/n\", e.g. \"0/4\""))?;
-        let i: usize = i
-            .trim()
-            .parse()
-            .map_err(|_| format!("part {text:?}: {i:?} is not a number"))?;
-        let n: usize = n
-            .trim()
-            .parse()
-            .map_err(|_| format!("part {text:?}: {n:?} is not a number"))?;
-        if n == 0 || i >= n {
-            return Err(format!(
-                "part {text:?}: need 0 <= i < n (parts are numbered from 0, so {n} parts are 0/{n} … {}/{n})",
-                n.saturating_sub(1)
-            ));
-        }
-        Ok(Self { index: i, count: n })
-    }
-
-    pub fn owns(&self, sample_id: u64) -> bool {
-        owns(sample_id, self.index, self.count)
-    }
-}
-
-impl std::fmt::Display for ShardSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.index, self.count)
-    }
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder, synced, then renamed.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
-    {
-        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(bytes).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-    }
-    fs::rename(&tmp, path).map_err(io_err(path))?;
-    sync_dir(path);
-    Ok(())
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp"))
-}
-
-fn sync_dir(path: &Path) {
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
 }
 
 fn read_info(dir: &Path) -> Result<DatasetInfo> {
@@ -480,7 +448,7 @@ impl DatasetWriter {
                         "cannot resume {}: the existing dataset and the requested settings differ",
                         dir.display()
                     ),
-                    field,
+                    field: field.into(),
                     left,
                     right,
                 });
@@ -636,17 +604,11 @@ impl DatasetWriter {
         let ids: Vec<i64> = self.pending_meta.iter().map(|m| m.sample as i64).collect();
         let n = ids.len();
         let ids = Tensor::from_vec(ids, n, &Device::Cpu).map_err(tensor_err(&path))?;
-        let tmp = tmp_path(&path);
         let tensors: HashMap<String, Tensor> =
             [("maps".to_string(), maps), ("sample".to_string(), ids)]
                 .into_iter()
                 .collect();
-        candle_core::safetensors::save(&tensors, &tmp).map_err(tensor_err(&tmp))?;
-        File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        sync_dir(&path);
+        write_atomic_with(&path, |tmp| candle_core::safetensors::save(&tensors, tmp))?;
 
         let mut lines = String::new();
         for (row, meta) in self.pending_meta.iter().enumerate() {
@@ -731,13 +693,51 @@ impl Examples {
     }
 }
 
-/// A dataset folder opened for reading: info and manifest parsed and checked, maps not loaded.
+/// A dataset opened for reading: info and manifest parsed and checked, maps not loaded. Either
+/// one folder ([`open`](Self::open)) or several parts of one build read as one
+/// ([`open_many`](Self::open_many)).
 #[derive(Debug, Clone)]
 pub struct Dataset {
-    dir: PathBuf,
+    /// The folders, in the order given.
+    dirs: Vec<PathBuf>,
     info: DatasetInfo,
     entries: Vec<ManifestEntry>,
+    /// Per entry: its line in its folder's manifest.
     lines: Vec<usize>,
+    /// Per entry: its folder, an index into `dirs`.
+    parts: Vec<usize>,
+    /// Sample records left out because an earlier folder had them.
+    duplicates: usize,
+}
+
+/// How strictly [`Dataset::join`] compares the parts' infos.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Join {
+    /// Same model, maps, layout, relations and recorded steps.
+    Training,
+    /// Also every build setting: the parts of one build.
+    Merge,
+}
+
+/// The first identity field (name, this value, other value) in which two records of one sample
+/// id differ. The PSNR is left out: a sample rebuilt elsewhere may differ in its last digits.
+fn sample_difference(a: &SampleMeta, b: &SampleMeta) -> Option<(&'static str, String, String)> {
+    macro_rules! cmp {
+        ($f:ident) => {
+            if a.$f != b.$f {
+                return Some((stringify!($f), format!("{:?}", a.$f), format!("{:?}", b.$f)));
+            }
+        };
+    }
+    cmp!(image_id);
+    cmp!(subject);
+    cmp!(object);
+    cmp!(relation);
+    cmp!(label);
+    cmp!(prompt);
+    cmp!(prompt_relation);
+    cmp!(kind);
+    None
 }
 
 impl Dataset {
@@ -766,24 +766,116 @@ impl Dataset {
                 ));
             }
         }
-        let (lines, entries) = parsed.into_iter().unzip();
+        let (lines, entries): (Vec<usize>, Vec<ManifestEntry>) = parsed.into_iter().unzip();
         Ok(Self {
-            dir,
+            dirs: vec![dir],
             info,
+            parts: vec![0; entries.len()],
             entries,
             lines,
+            duplicates: 0,
         })
     }
 
+    /// Opens several dataset folders as one: their samples in the order given, a sample found
+    /// in several folders (the same id, image and prompt) counted once, at its first
+    /// occurrence. Refuses folders that disagree on the model, the maps, their layout, the
+    /// relations or the recorded steps (naming the field), and a sample id that means
+    /// different samples in two folders (separate builds, which number their samples alike,
+    /// cannot be joined).
+    pub fn open_many<P: AsRef<Path>>(dirs: &[P]) -> Result<Self> {
+        let sets = dirs.iter().map(Dataset::open).collect::<Result<Vec<_>>>()?;
+        Self::join(sets, Join::Training)
+    }
+
+    fn join(sets: Vec<Dataset>, how: Join) -> Result<Self> {
+        let Some(first) = sets.first() else {
+            return Err(DatasetError::NoFolders);
+        };
+        let info = first.info.clone();
+        let first_dir = first.dirs[0].clone();
+        let mut out = Dataset {
+            dirs: Vec::new(),
+            info,
+            entries: Vec::new(),
+            lines: Vec::new(),
+            parts: Vec::new(),
+            duplicates: 0,
+        };
+        // The entry holding each sample id.
+        let mut seen: HashMap<u64, usize> = HashMap::new();
+        for set in sets {
+            let here = set.dirs[0].clone();
+            let differs = match how {
+                Join::Training => out.info.training_difference(&set.info),
+                Join::Merge => out.info.settings_difference(&set.info),
+            };
+            if let Some((field, left, right)) = differs {
+                let what = match how {
+                    Join::Training => "cannot use",
+                    Join::Merge => "cannot merge",
+                };
+                return Err(DatasetError::InfoMismatch {
+                    what: format!(
+                        "{what} {} together with {}",
+                        first_dir.display(),
+                        here.display()
+                    ),
+                    field,
+                    left,
+                    right,
+                });
+            }
+            let offset = out.dirs.len();
+            out.dirs.extend(set.dirs);
+            out.duplicates += set.duplicates;
+            for (k, e) in set.entries.into_iter().enumerate() {
+                let part = offset + set.parts[k];
+                if let Some(&prev) = seen.get(&e.meta.sample) {
+                    let before = &out.entries[prev];
+                    if let Some((field, left, right)) = sample_difference(&before.meta, &e.meta) {
+                        return Err(invalid(
+                            &out.dirs[part].join(MANIFEST_FILE),
+                            Some(set.lines[k]),
+                            format!(
+                                "sample {} has {field} {right} here but {left} in {}: these are not parts of one build (separate builds number their samples alike)",
+                                e.meta.sample,
+                                out.dirs[out.parts[prev]].display()
+                            ),
+                        ));
+                    }
+                    out.duplicates += 1;
+                    continue;
+                }
+                seen.insert(e.meta.sample, out.entries.len());
+                out.entries.push(e);
+                out.lines.push(set.lines[k]);
+                out.parts.push(part);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The folder (the first one, for several).
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.dirs[0]
+    }
+
+    /// The folders, in the order given.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// Sample records left out because an earlier folder had the same sample.
+    pub fn duplicates(&self) -> usize {
+        self.duplicates
     }
 
     pub fn info(&self) -> &DatasetInfo {
         &self.info
     }
 
-    /// The manifest, in file order.
+    /// The manifest, in file order (folder after folder).
     pub fn entries(&self) -> &[ManifestEntry] {
         &self.entries
     }
@@ -805,15 +897,14 @@ impl Dataset {
     /// becoming one example, maps stored in `dtype` on the CPU (f16 halves the memory; batches are
     /// converted when gathered).
     pub fn load(&self, entry_indices: &[usize], dtype: DType) -> Result<Examples> {
-        let manifest = self.dir.join(MANIFEST_FILE);
         let s = self.info.step_indices.len();
         let (c, h) = (self.info.num_maps, self.info.map_size);
         // Rows wanted per shard, remembering where each goes in the output.
-        let mut by_shard: BTreeMap<&str, Vec<(usize, usize)>> = BTreeMap::new();
+        let mut by_shard: BTreeMap<(usize, &str), Vec<(usize, usize)>> = BTreeMap::new();
         for (pos, &i) in entry_indices.iter().enumerate() {
             let e = self.entries.get(i).ok_or_else(|| {
                 invalid(
-                    &manifest,
+                    &self.dirs[0].join(MANIFEST_FILE),
                     None,
                     format!(
                         "entry index {i} out of range ({} entries)",
@@ -821,11 +912,15 @@ impl Dataset {
                     ),
                 )
             })?;
-            by_shard.entry(e.shard.as_str()).or_default().push((pos, i));
+            by_shard
+                .entry((self.parts[i], e.shard.as_str()))
+                .or_default()
+                .push((pos, i));
         }
         let mut pieces: Vec<(Vec<usize>, Tensor)> = Vec::new();
-        for (shard, wanted) in by_shard {
-            let path = self.dir.join(shard);
+        for ((part, shard), wanted) in by_shard {
+            let path = self.dirs[part].join(shard);
+            let manifest = self.dirs[part].join(MANIFEST_FILE);
             let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
                 .map_err(|e| invalid(&path, None, format!("cannot read the shard: {e}")))?;
             let maps = tensors
@@ -904,10 +999,11 @@ impl Dataset {
             }
         }
         let maps = if total == 0 {
-            Tensor::zeros((0, 2, c, h, h), dtype, &Device::Cpu).map_err(tensor_err(&self.dir))?
+            Tensor::zeros((0, 2, c, h, h), dtype, &Device::Cpu)
+                .map_err(tensor_err(&self.dirs[0]))?
         } else {
             let all = Tensor::cat(&pieces.iter().map(|(_, t)| t).collect::<Vec<_>>(), 0)
-                .map_err(tensor_err(&self.dir))?;
+                .map_err(tensor_err(&self.dirs[0]))?;
             let offsets: Vec<usize> = pieces
                 .iter()
                 .scan(0, |acc, (pos, _)| {
@@ -921,10 +1017,10 @@ impl Dataset {
                 .map(|&(p, k)| (offsets[p] + k) as u32)
                 .collect();
             let gather =
-                Tensor::from_vec(gather, total, &Device::Cpu).map_err(tensor_err(&self.dir))?;
+                Tensor::from_vec(gather, total, &Device::Cpu).map_err(tensor_err(&self.dirs[0]))?;
             all.index_select(&gather, 0)
                 .and_then(|t| t.reshape((total * s, 2, c, h, h)))
-                .map_err(tensor_err(&self.dir))?
+                .map_err(tensor_err(&self.dirs[0]))?
         };
         let mut steps = Vec::with_capacity(total * s);
         let mut labels = Vec::with_capacity(total * s);
@@ -941,8 +1037,9 @@ impl Dataset {
         }
         let m = steps.len();
         let label_list = labels.clone();
-        let steps = Tensor::from_vec(steps, m, &Device::Cpu).map_err(tensor_err(&self.dir))?;
-        let labels = Tensor::from_vec(labels, m, &Device::Cpu).map_err(tensor_err(&self.dir))?;
+        let steps = Tensor::from_vec(steps, m, &Device::Cpu).map_err(tensor_err(&self.dirs[0]))?;
+        let labels =
+            Tensor::from_vec(labels, m, &Device::Cpu).map_err(tensor_err(&self.dirs[0]))?;
         Ok(Examples {
             maps,
             steps,
@@ -954,17 +1051,95 @@ impl Dataset {
     }
 }
 
+/// The sample ids of a shard's rows, read from its header and its `sample` tensor only; checks
+/// that the file is whole and that `maps` has the shape `info` gives each row.
+fn shard_ids(path: &Path, info: &DatasetInfo) -> Result<Vec<u64>> {
+    let bad = |message: String| invalid(path, None, message);
+    let mut f = File::open(path).map_err(io_err(path))?;
+    let file_len = f.metadata().map_err(io_err(path))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|_| bad("is too short to be a safetensors file".into()))?;
+    let n = u64::from_le_bytes(n);
+    if n > 100 << 20 || 8 + n > file_len {
+        return Err(bad(format!(
+            "has a header of {n} bytes in a file of {file_len}: not a safetensors file"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(io_err(path))?;
+    let header: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("the safetensors header is not JSON: {e}")))?;
+    let data_len = file_len - 8 - n;
+    let tensor = |name: &str| -> Result<(String, Vec<usize>, u64, u64)> {
+        let t = header
+            .get(name)
+            .ok_or_else(|| bad(format!("has no {name:?} tensor")))?;
+        let dtype = t["dtype"].as_str().unwrap_or_default().to_string();
+        let shape: Option<Vec<usize>> = t["shape"]
+            .as_array()
+            .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect());
+        let offsets: Option<Vec<u64>> = t["data_offsets"]
+            .as_array()
+            .and_then(|a| a.iter().map(|d| d.as_u64()).collect());
+        match (shape, offsets.as_deref()) {
+            (Some(shape), Some(&[start, end])) if start <= end && end <= data_len => {
+                Ok((dtype, shape, start, end))
+            }
+            _ => Err(bad(format!(
+                "the {name:?} tensor's shape or data offsets are missing or past the end of the file (cut short?)"
+            ))),
+        }
+    };
+    let (_, maps, _, _) = tensor("maps")?;
+    let (dtype, ids_shape, start, end) = tensor("sample")?;
+    let s = info.step_indices.len();
+    let (c, h) = (info.num_maps, info.map_size);
+    if maps.len() != 6 || maps[1..] != [s, 2, c, h, h] {
+        return Err(bad(format!(
+            "\"maps\" has shape {maps:?}, expected (N, {s}, 2, {c}, {h}, {h})"
+        )));
+    }
+    let rows = maps[0];
+    if dtype != "I64" || ids_shape != [rows] || end - start != 8 * rows as u64 {
+        return Err(bad(format!(
+            "\"sample\" is {dtype} of shape {ids_shape:?}, expected I64 of shape [{rows}] (one id per row of \"maps\")"
+        )));
+    }
+    f.seek(SeekFrom::Start(8 + n + start))
+        .map_err(io_err(path))?;
+    let mut raw = vec![0u8; (end - start) as usize];
+    f.read_exact(&mut raw).map_err(io_err(path))?;
+    Ok(raw
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as u64)
+        .collect())
+}
+
 /// Totals of a [`merge`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MergeSummary {
+    /// Input folders.
+    pub parts: usize,
+    /// Samples in the merged dataset.
     pub samples: usize,
+    /// Sample records left out because an earlier part had the same sample.
+    pub duplicates: usize,
+    /// Shard files written.
     pub shards: usize,
 }
 
-/// Joins several dataset folders (e.g. the parts of a partitioned build) into `out`, which must
-/// not hold a dataset yet. The infos must agree (extra fields are taken from the first); sample
-/// ids must be unique across all inputs. Shards are copied and renumbered; the manifest and then
-/// `info.json` are written last, atomically, so an interrupted merge can simply be rerun.
+/// Joins several dataset folders (the parts of a partitioned build) into `out`, which must not
+/// hold a dataset yet.
+///
+/// The parts must agree on the model, the maps and every build setting in `info.json` except
+/// where the model was read from (an error names the first differing field); `info.json` is
+/// the first part's. A sample in several parts (the same id, image and prompt) is kept once, at
+/// its first occurrence; a sample id that means different samples in two parts is refused.
+/// Every shard a kept sample points at is checked first: present, whole, `maps` of the
+/// dataset's shape, the sample's id in its row. Shards are copied (or, when some of their rows
+/// are duplicates, rewritten without them) and renumbered, each atomically; the manifest and
+/// then `info.json` are written last, so an interrupted merge can simply be rerun.
 pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<MergeSummary> {
     if inputs.is_empty() {
         return Err(invalid(
@@ -986,68 +1161,122 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<MergeSummary> {
         .iter()
         .map(Dataset::open)
         .collect::<Result<Vec<_>>>()?;
-    let first = &sets[0];
-    let mut owner: HashMap<u64, &Path> = HashMap::new();
-    for set in &sets {
-        if let Some((field, left, right)) = first.info.difference(&set.info) {
-            return Err(DatasetError::InfoMismatch {
-                what: format!(
-                    "cannot merge {} and {}",
-                    first.dir.display(),
-                    set.dir.display()
-                ),
-                field,
-                left,
-                right,
-            });
+    let all = Dataset::join(sets, Join::Merge)?;
+
+    // The kept samples of each source shard, checked against the shard's header.
+    let mut used: BTreeMap<(usize, &str), Vec<usize>> = BTreeMap::new();
+    for (i, e) in all.entries.iter().enumerate() {
+        used.entry((all.parts[i], e.shard.as_str()))
+            .or_default()
+            .push(i);
+    }
+    let mut rows_in: HashMap<(usize, &str), usize> = HashMap::new();
+    for (&(part, shard), kept) in &used {
+        let path = all.dirs[part].join(shard);
+        let ids = shard_ids(&path, &all.info)?;
+        for &i in kept {
+            let e = &all.entries[i];
+            let line = Some(all.lines[i]);
+            let manifest = all.dirs[part].join(MANIFEST_FILE);
+            match ids.get(e.row) {
+                None => {
+                    return Err(invalid(
+                        &manifest,
+                        line,
+                        format!(
+                            "sample {} points at row {} of {shard}, which has {} rows",
+                            e.meta.sample,
+                            e.row,
+                            ids.len()
+                        ),
+                    ))
+                }
+                Some(&id) if id != e.meta.sample => {
+                    return Err(invalid(
+                        &manifest,
+                        line,
+                        format!(
+                            "sample {}: row {} of {shard} holds sample {id}",
+                            e.meta.sample, e.row
+                        ),
+                    ))
+                }
+                _ => {}
+            }
         }
-        for e in &set.entries {
-            if let Some(prev) = owner.insert(e.meta.sample, &set.dir) {
-                return Err(invalid(
-                    &set.dir.join(MANIFEST_FILE),
-                    None,
-                    format!("sample {} is also in {}", e.meta.sample, prev.display()),
-                ));
+        rows_in.insert((part, shard), ids.len());
+    }
+
+    fs::create_dir_all(out).map_err(io_err(out))?;
+    // What an interrupted merge left behind.
+    for item in fs::read_dir(out).map_err(io_err(out))? {
+        let item = item.map_err(io_err(out))?;
+        let name = item.file_name().to_string_lossy().into_owned();
+        let leftover = parse_shard_name(&name).is_some()
+            || name == MANIFEST_FILE
+            || (name.starts_with('.') && name.ends_with(".tmp"));
+        if leftover && item.path().is_file() {
+            tracing::warn!(
+                "{}: removing {name}, left by an unfinished merge",
+                out.display()
+            );
+            fs::remove_file(item.path()).map_err(io_err(&item.path()))?;
+        }
+    }
+
+    // Where each kept entry goes: (shard name, row).
+    let mut placed: Vec<(String, usize)> = vec![(String::new(), 0); all.entries.len()];
+    for (next, (&(part, shard), kept)) in used.iter().enumerate() {
+        let src = all.dirs[part].join(shard);
+        let name = shard_name(next);
+        let dst = out.join(&name);
+        if kept.len() == rows_in[&(part, shard)] {
+            copy_atomic(&src, &dst)?;
+            for &i in kept {
+                placed[i] = (name.clone(), all.entries[i].row);
+            }
+        } else {
+            // Some rows are duplicates kept from an earlier part: write the others only.
+            let mut kept = kept.clone();
+            kept.sort_by_key(|&i| all.entries[i].row);
+            let tensors = candle_core::safetensors::load(&src, &Device::Cpu)
+                .map_err(|e| invalid(&src, None, format!("cannot read the shard: {e}")))?;
+            let rows: Vec<u32> = kept.iter().map(|&i| all.entries[i].row as u32).collect();
+            let n = rows.len();
+            let rows = Tensor::from_vec(rows, n, &Device::Cpu).map_err(tensor_err(&src))?;
+            let picked: HashMap<String, Tensor> = ["maps", "sample"]
+                .into_iter()
+                .map(|k| {
+                    let t = tensors
+                        .get(k)
+                        .ok_or_else(|| invalid(&src, None, format!("has no {k:?} tensor")))?;
+                    let t = t.index_select(&rows, 0).map_err(tensor_err(&src))?;
+                    Ok((k.to_string(), t))
+                })
+                .collect::<Result<_>>()?;
+            write_atomic_with(&dst, |tmp| candle_core::safetensors::save(&picked, tmp))?;
+            for (row, &i) in kept.iter().enumerate() {
+                placed[i] = (name.clone(), row);
             }
         }
     }
-    fs::create_dir_all(out).map_err(io_err(out))?;
     let mut lines = String::new();
-    let mut next = 0usize;
-    for set in &sets {
-        let mut renamed: HashMap<&str, String> = HashMap::new();
-        for e in &set.entries {
-            let new = match renamed.get(e.shard.as_str()) {
-                Some(n) => n.clone(),
-                None => {
-                    let n = shard_name(next);
-                    next += 1;
-                    let src = set.dir.join(&e.shard);
-                    let dst = out.join(&n);
-                    let tmp = tmp_path(&dst);
-                    fs::copy(&src, &tmp).map_err(io_err(&src))?;
-                    File::open(&tmp)
-                        .and_then(|f| f.sync_all())
-                        .map_err(io_err(&tmp))?;
-                    fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
-                    renamed.insert(e.shard.as_str(), n.clone());
-                    n
-                }
-            };
-            let entry = ManifestEntry {
-                meta: e.meta.clone(),
-                shard: new,
-                row: e.row,
-            };
-            lines.push_str(&serde_json::to_string(&entry).expect("entry serialises"));
-            lines.push('\n');
-        }
+    for (e, (shard, row)) in all.entries.iter().zip(placed) {
+        let entry = ManifestEntry {
+            meta: e.meta.clone(),
+            shard,
+            row,
+        };
+        lines.push_str(&serde_json::to_string(&entry).expect("entry serialises"));
+        lines.push('\n');
     }
-    let text = serde_json::to_string_pretty(&first.info).expect("info serialises");
+    let text = serde_json::to_string_pretty(&all.info).expect("info serialises");
     write_atomic(&out.join(MANIFEST_FILE), lines.as_bytes())?;
     write_atomic(&out.join(INFO_FILE), text.as_bytes())?;
     Ok(MergeSummary {
-        samples: owner.len(),
-        shards: next,
+        parts: inputs.len(),
+        samples: all.entries.len(),
+        duplicates: all.duplicates,
+        shards: used.len(),
     })
 }

@@ -38,9 +38,8 @@ pub struct EvalRun<'a> {
     pub images_per_prompt: usize,
     pub width: Option<usize>,
     pub height: Option<usize>,
-    /// This machine's part: prompts `index`, `index + count`, … (0-based).
-    pub shard_index: usize,
-    pub shard_count: usize,
+    /// This machine's part of the prompts.
+    pub shard: crate::ShardSpec,
     /// Images generated at once, each on its own thread (the model is shared, read-only).
     pub workers: usize,
 }
@@ -94,16 +93,9 @@ pub fn run_eval(
     if run.images_per_prompt == 0 || run.steps == 0 {
         bail!("an evaluation needs at least one image per prompt and one step");
     }
-    if run.shard_count == 0 || run.shard_index >= run.shard_count {
-        bail!(
-            "shard {} of {}: expected 1 ≤ i ≤ n",
-            run.shard_index + 1,
-            run.shard_count
-        );
-    }
     let model = run.model;
     let mine: Vec<usize> = (0..prompts.len())
-        .filter(|i| i % run.shard_count == run.shard_index)
+        .filter(|&i| run.shard.owns_index(i))
         .collect();
     // Steering targets of every prompt of this shard, checked before any image is made.
     let mut triplets: Vec<Option<Vec<SteerTriplet>>> = Vec::with_capacity(mine.len());

@@ -19,13 +19,13 @@ pub mod workers;
 pub use augment::Augment;
 pub use classifier::{ClassifierConfig, EncoderConfig, Preset, RelationClassifier};
 pub use dataset::{
-    merge, owns, Dataset, DatasetError, DatasetInfo, DatasetWriter, Examples, LayerInfo,
-    ManifestEntry, SampleKind, SampleMeta, ShardSpec,
+    merge, Dataset, DatasetError, DatasetInfo, DatasetWriter, Examples, LayerInfo, ManifestEntry,
+    MergeSummary, SampleKind, SampleMeta, ShardSpec,
 };
 pub use relations::{
     parse_override, parse_prompt, triplets_for, RelationParseError, RelationTriplet,
 };
 pub use train::{
-    load_classifier, split_by_image, train, CheckpointError, CheckpointMeta, EpochReport,
+    load_classifier, split_by_image, train, train_on, CheckpointError, CheckpointMeta, EpochReport,
     Evaluation, SplitFractions, TrainConfig, TrainError, TrainMetrics, TrainReport,
 };

@@ -1,6 +1,7 @@
 //! Training the relation classifier, and its checkpoints.
 //!
-//! [`train`] reads a dataset folder, splits it by image (both prompts of an image, and all their
+//! [`train`] reads a dataset folder ([`train_on`] an opened [`Dataset`], possibly several
+//! folders read as one), splits it by image (both prompts of an image, and all their
 //! recorded steps, stay on one side), trains with AdamW, halves the learning rate when the
 //! validation loss stalls, stops early, keeps the weights of the best validation epoch, and
 //! measures them on the test split (accuracy per relation and a confusion matrix).
@@ -18,6 +19,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use l2s_files::{write_atomic, write_atomic_with};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -207,6 +209,9 @@ pub enum CheckpointError {
     /// The PyTorch file could not be read (its message names the file).
     #[error(transparent)]
     Torch(Box<l2s_torch_pickle::Error>),
+    /// Writing a checkpoint file failed (the message names it).
+    #[error(transparent)]
+    Write(#[from] l2s_files::WriteError),
 }
 
 impl From<l2s_torch_pickle::Error> for CheckpointError {
@@ -644,6 +649,30 @@ fn sizes(examples: &Examples) -> SplitSizes {
     }
 }
 
+/// The examples of each split, as [`train_on`] trains on them.
+#[derive(Debug, Clone)]
+pub struct SplitExamples {
+    pub train: Examples,
+    pub val: Examples,
+    pub test: Examples,
+}
+
+/// Splits a dataset by image ([`split_by_image`] with the config's fractions and seed) and loads
+/// each split (maps in f16 with `half_storage`).
+pub fn split_examples(ds: &Dataset, cfg: &TrainConfig) -> Result<SplitExamples, TrainError> {
+    let split = split_by_image(ds.entries(), cfg.split, cfg.seed);
+    let storage = if cfg.half_storage {
+        DType::F16
+    } else {
+        DType::F32
+    };
+    Ok(SplitExamples {
+        train: ds.load(&split.train, storage)?,
+        val: ds.load(&split.val, storage)?,
+        test: ds.load(&split.test, storage)?,
+    })
+}
+
 /// Trains a classifier on the dataset in `dataset_dir` and writes the best checkpoint to `out_dir`.
 /// `progress` is called after every epoch.
 pub fn train(
@@ -653,25 +682,36 @@ pub fn train(
     device: &Device,
     progress: &mut dyn FnMut(&EpochReport),
 ) -> Result<TrainReport, TrainError> {
-    let started = Instant::now();
     cfg.validate()?;
     let ds = Dataset::open(dataset_dir)?;
+    train_on(&ds, out_dir, cfg, device, progress)
+}
+
+/// [`train`] on an opened dataset: one folder, or several parts of one build read as one
+/// ([`Dataset::open_many`]), which trains exactly as their [`merge`](crate::dataset::merge)
+/// would.
+pub fn train_on(
+    ds: &Dataset,
+    out_dir: &Path,
+    cfg: &TrainConfig,
+    device: &Device,
+    progress: &mut dyn FnMut(&EpochReport),
+) -> Result<TrainReport, TrainError> {
+    let started = Instant::now();
+    cfg.validate()?;
     let info = ds.info().clone();
     if ds.is_empty() {
+        let dirs: Vec<String> = ds.dirs().iter().map(|d| d.display().to_string()).collect();
         return Err(TrainError::Config(format!(
             "{} holds no samples",
-            dataset_dir.display()
+            dirs.join(" + ")
         )));
     }
-    let split = split_by_image(ds.entries(), cfg.split, cfg.seed);
-    let storage = if cfg.half_storage {
-        DType::F16
-    } else {
-        DType::F32
-    };
-    let train_ex = ds.load(&split.train, storage)?;
-    let val_ex = ds.load(&split.val, storage)?;
-    let test_ex = ds.load(&split.test, storage)?;
+    let SplitExamples {
+        train: train_ex,
+        val: val_ex,
+        test: test_ex,
+    } = split_examples(ds, cfg)?;
     tracing::info!(
         train = train_ex.len(),
         val = val_ex.len(),
@@ -737,22 +777,6 @@ pub fn train(
     })
 }
 
-fn write_atomic(
-    path: &Path,
-    write: impl FnOnce(&Path) -> Result<(), CheckpointError>,
-) -> Result<(), CheckpointError> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    write(&tmp)?;
-    std::fs::rename(&tmp, path).map_err(|source| CheckpointError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
 /// Writes `classifier.safetensors` then `classifier.json` into `dir` (created if needed), each
 /// atomically, for an [`Architecture::legacy`] classifier (what [`train`] builds).
 pub fn save_checkpoint(
@@ -776,26 +800,17 @@ pub fn save_checkpoint_with_architecture(
         source,
     })?;
     let weights_path = dir.join(WEIGHTS_FILE);
-    write_atomic(&weights_path, |tmp| {
-        let tensors = weights(varmap, false).map_err(|source| CheckpointError::Weights {
-            path: weights_path.clone(),
-            source,
-        })?;
-        candle_core::safetensors::save(&tensors, tmp).map_err(|source| CheckpointError::Weights {
-            path: weights_path.clone(),
-            source,
-        })
+    let tensors = weights(varmap, false).map_err(|source| CheckpointError::Weights {
+        path: weights_path.clone(),
+        source,
     })?;
-    let meta_path = dir.join(META_FILE);
+    write_atomic_with(&weights_path, |tmp| {
+        candle_core::safetensors::save(&tensors, tmp)
+    })?;
     let mut json = serde_json::to_value(meta).expect("checkpoint metadata serialises");
     json["config"]["architecture"] = serde_json::to_value(arch).expect("architecture serialises");
     let text = serde_json::to_string_pretty(&json).expect("checkpoint metadata serialises");
-    write_atomic(&meta_path, |tmp| {
-        std::fs::write(tmp, text).map_err(|source| CheckpointError::Io {
-            path: tmp.to_path_buf(),
-            source,
-        })
-    })
+    Ok(write_atomic(&dir.join(META_FILE), text.as_bytes())?)
 }
 
 /// The (weights, metadata) paths of a checkpoint given as its folder or either of its files.

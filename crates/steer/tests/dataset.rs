@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use l2s_steer::dataset::{merge, owns, shard_name, MANIFEST_FILE};
+use l2s_steer::dataset::{merge, shard_name, MergeSummary, MANIFEST_FILE};
 use l2s_steer::{
     Dataset, DatasetError, DatasetInfo, DatasetWriter, LayerInfo, SampleKind, SampleMeta, ShardSpec,
 };
@@ -275,10 +275,7 @@ fn resume_refuses_other_settings() {
     assert!(
         matches!(
             err,
-            DatasetError::InfoMismatch {
-                field: "step_indices",
-                ..
-            }
+            DatasetError::InfoMismatch { ref field, .. } if field == "step_indices"
         ),
         "{err}"
     );
@@ -484,76 +481,216 @@ fn reader_errors_name_file_and_line() {
     assert!(e.contains("info.json is missing"), "{e}");
 }
 
+/// Writes part `spec` of samples 0..20 into `dir`.
+fn write_part(dir: &Path, spec: ShardSpec) {
+    write(dir, (0..20).filter(|id| spec.owns(*id)), 4);
+}
+
 #[test]
 fn partitioned_build_and_merge() {
     let tmp = tempfile::tempdir().unwrap();
     let n = 3;
-    let parts: Vec<PathBuf> = (0..n)
+    let parts: Vec<PathBuf> = (1..=n)
         .map(|i| {
             let d = tmp.path().join(format!("part{i}"));
-            let spec = ShardSpec::parse(&format!("{i}/{n}")).unwrap();
-            write(&d, (0..20).filter(|id| spec.owns(*id)), 4);
+            write_part(&d, format!("{i}/{n}").parse().unwrap());
             d
         })
         .collect();
-    // Every id owned by exactly one part.
-    for id in 0..100u64 {
-        assert_eq!((0..n).filter(|i| owns(id, *i, n)).count(), 1);
-    }
     let out = tmp.path().join("merged");
     let summary = merge(&parts, &out).unwrap();
-    assert_eq!(summary.samples, 20);
+    assert_eq!(
+        summary,
+        MergeSummary {
+            parts: 3,
+            samples: 20,
+            duplicates: 0,
+            shards: summary.shards
+        }
+    );
     let ds = Dataset::open(&out).unwrap();
     check_examples(&ds, &(0..20).collect::<Vec<_>>());
     assert_eq!(shard_files(&out).len(), summary.shards);
+    // Reading the parts as one gives the merged dataset's entries and maps.
+    let many = Dataset::open_many(&parts).unwrap();
+    assert_eq!(many.dirs(), parts.as_slice());
+    let metas = |d: &Dataset| {
+        d.entries()
+            .iter()
+            .map(|e| e.meta.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(metas(&many), metas(&ds));
+    check_examples(&many, &(0..20).collect::<Vec<_>>());
 
-    // Merging again into the same folder is refused; overlapping inputs are refused.
+    // Merging again into the same folder is refused.
     assert!(merge(&parts, &out)
         .unwrap_err()
         .to_string()
         .contains("already holds a dataset"));
-    let e = merge(
-        &[parts[0].clone(), parts[0].clone()],
-        &tmp.path().join("dup"),
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("is also in"), "{e}");
+}
 
-    // Folders made with other settings are refused.
+#[test]
+fn merge_keeps_a_sample_in_several_parts_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let part = |name: &str, ids: std::ops::Range<u64>, shard_size: usize| {
+        let d = tmp.path().join(name);
+        write(&d, ids, shard_size);
+        d
+    };
+    // 0..12 and 8..20 overlap in 8..12: one shard of b (rows 8..12) is all duplicates, so it
+    // is not copied; with shards of 3, b's first shard (8, 9, 10) is dropped and its second
+    // (11, 12, 13) rewritten without 11.
+    let a = part("a", 0..12, 4);
+    let b = part("b", 8..20, 4);
+    let c = part("c", 8..20, 3);
+    for (k, inputs) in [vec![a.clone(), b], vec![a.clone(), c]]
+        .into_iter()
+        .enumerate()
+    {
+        let out = tmp.path().join(format!("merged{k}"));
+        let summary = merge(&inputs, &out).unwrap();
+        assert_eq!((summary.samples, summary.duplicates), (20, 4), "{inputs:?}");
+        let sources: usize = inputs.iter().map(|d| shard_files(d).len()).sum();
+        assert_eq!(summary.shards, sources - 1, "{inputs:?}");
+        let ds = Dataset::open(&out).unwrap();
+        check_examples(&ds, &(0..20).collect::<Vec<_>>());
+        let rows: Vec<usize> = shard_files(&out)
+            .iter()
+            .map(|n| {
+                let t = candle_core::safetensors::load(out.join(n), &Device::Cpu).unwrap();
+                t["sample"].dim(0).unwrap()
+            })
+            .collect();
+        let want: &[usize] = if k == 0 { &[4; 5] } else { &[4, 4, 4, 2, 3, 3] };
+        assert_eq!(rows, want, "rows per merged shard");
+        let many = Dataset::open_many(&inputs).unwrap();
+        assert_eq!((many.len(), many.duplicates()), (20, 4));
+        check_examples(&many, &(0..20).collect::<Vec<_>>());
+    }
+    // The same part twice is one part.
+    let out = tmp.path().join("twice");
+    let summary = merge(&[a.clone(), a.clone()], &out).unwrap();
+    assert_eq!((summary.samples, summary.duplicates), (12, 12));
+    check_examples(&Dataset::open(&out).unwrap(), &(0..12).collect::<Vec<_>>());
+}
+
+#[test]
+fn merge_refuses_parts_of_other_builds_and_damaged_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    write_part(&a, "1/2".parse().unwrap());
+
+    // Other settings, core or extra, are refused naming the field.
     let odd = tmp.path().join("odd");
     let mut other = info();
     other.dual_inversion = false;
     let mut w = DatasetWriter::open(&odd, other, 4).unwrap();
-    w.append(meta(100), &maps_of(100)).unwrap();
+    w.append(meta(101), &maps_of(101)).unwrap();
     w.finish().unwrap();
-    let e = merge(&[parts[0].clone(), odd], &tmp.path().join("mixed")).unwrap_err();
+    let e = merge(&[a.clone(), odd], &tmp.path().join("mixed")).unwrap_err();
     assert!(
-        matches!(
-            e,
-            DatasetError::InfoMismatch {
-                field: "dual_inversion",
-                ..
-            }
+        matches!(e, DatasetError::InfoMismatch { ref field, .. } if field == "dual_inversion"),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("a") && e.to_string().contains("odd"),
+        "{e}"
+    );
+    let steps = tmp.path().join("steps");
+    let mut other = info();
+    other.extra.insert("num_inference_steps".into(), 50.into());
+    let mut w = DatasetWriter::open(&steps, other, 4).unwrap();
+    w.append(meta(101), &maps_of(101)).unwrap();
+    w.finish().unwrap();
+    let e = merge(&[a.clone(), steps.clone()], &tmp.path().join("m1")).unwrap_err();
+    assert!(
+        matches!(e, DatasetError::InfoMismatch { ref field, .. } if field == "num_inference_steps"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("absent vs 50"), "{e}");
+    let e = Dataset::open_many(&[a.clone(), steps]).unwrap_err();
+    assert!(e.to_string().contains("num_inference_steps"), "{e}");
+    // Where the model was read from may differ; other extra fields only for merging.
+    let moved = tmp.path().join("moved");
+    let mut other = info();
+    other
+        .extra
+        .insert("model_folder".into(), "/elsewhere".into());
+    other.extra.insert("min_psnr".into(), 12.into());
+    let mut w = DatasetWriter::open(&moved, other, 4).unwrap();
+    w.append(meta(101), &maps_of(101)).unwrap();
+    w.finish().unwrap();
+    let e = merge(&[a.clone(), moved.clone()], &tmp.path().join("m2")).unwrap_err();
+    assert!(e.to_string().contains("\"min_psnr\" differs"), "{e}");
+    assert_eq!(Dataset::open_many(&[a.clone(), moved]).unwrap().len(), 11);
+
+    // The same sample id meaning another sample: not parts of one build.
+    let clash = tmp.path().join("clash");
+    let mut w = DatasetWriter::open(&clash, info(), 4).unwrap();
+    let mut m = meta(2);
+    m.image_id = "another".into();
+    w.append(m, &maps_of(2)).unwrap();
+    w.finish().unwrap();
+    let e = merge(&[a.clone(), clash.clone()], &tmp.path().join("m3"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("sample 2") && e.contains("image_id") && e.contains("not parts of one build"),
+        "{e}"
+    );
+    assert!(Dataset::open_many(&[a.clone(), clash]).is_err());
+
+    // A shard cut short or of the wrong shape is found before anything is written.
+    let cut = tmp.path().join("cut");
+    write_part(&cut, "2/2".parse().unwrap());
+    let shard = cut.join(shard_name(1));
+    let bytes = fs::read(&shard).unwrap();
+    fs::write(&shard, &bytes[..bytes.len() - 10]).unwrap();
+    let out = tmp.path().join("m4");
+    let e = merge(&[a.clone(), cut.clone()], &out)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("shard-00001") && e.contains("cut short"), "{e}");
+    assert!(!out.join("info.json").exists());
+    let tensors: HashMap<String, Tensor> = [
+        (
+            "maps".to_string(),
+            Tensor::zeros((4, 2, 2, 3, 4, 5), DType::F16, &Device::Cpu).unwrap(),
         ),
-        "{e}"
-    );
+        (
+            "sample".to_string(),
+            Tensor::new(&[1i64, 3, 5, 7], &Device::Cpu).unwrap(),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    candle_core::safetensors::save(&tensors, cut.join(shard_name(0))).unwrap();
+    fs::write(&shard, &bytes).unwrap();
+    let e = merge(&[a.clone(), cut.clone()], &out)
+        .unwrap_err()
+        .to_string();
     assert!(
-        e.to_string().contains("part0") && e.to_string().contains("odd"),
+        e.contains("shard-00000") && e.contains("[4, 2, 2, 3, 4, 5]"),
         "{e}"
     );
+    // A missing one too.
+    fs::remove_file(cut.join(shard_name(0))).unwrap();
+    let e = merge(&[a, cut], &out).unwrap_err().to_string();
+    assert!(e.contains("missing shard shard-00000"), "{e}");
+    assert!(!out.join("info.json").exists());
 }
 
 #[test]
-fn shard_spec_parsing() {
+fn shard_spec_parts_are_one_based() {
+    let spec: ShardSpec = "2/4".parse().unwrap();
+    assert_eq!((spec.index(), spec.count()), (2, 4));
+    assert_eq!("1/1".parse::<ShardSpec>().unwrap(), ShardSpec::all());
+    assert!("0/4".parse::<ShardSpec>().is_err());
+    // Part 1 of 3 takes sample ids 0, 3, 6, …
+    let first: ShardSpec = "1/3".parse().unwrap();
     assert_eq!(
-        ShardSpec::parse("2/4").unwrap(),
-        ShardSpec { index: 2, count: 4 }
+        (0..10).filter(|id| first.owns(*id)).collect::<Vec<u64>>(),
+        [0, 3, 6, 9]
     );
-    assert_eq!(ShardSpec::parse("0/1").unwrap(), ShardSpec::all());
-    assert_eq!(ShardSpec::parse("1/3").unwrap().to_string(), "1/3");
-    for bad in ["4/4", "1/0", "x/2", "3", "-1/2"] {
-        assert!(ShardSpec::parse(bad).is_err(), "{bad}");
-    }
-    assert!(ShardSpec::parse("4/4").unwrap_err().contains("0/4"));
 }

@@ -2,19 +2,19 @@
 //! rate schedule; checkpoints and their refusal errors.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use l2s_steer::dataset::Examples;
 use l2s_steer::train::{
-    evaluate, fit, save_checkpoint, split_by_image, ReduceOnPlateau, SplitFractions, META_FILE,
-    WEIGHTS_FILE,
+    evaluate, fit, save_checkpoint, split_by_image, split_examples, ReduceOnPlateau,
+    SplitFractions, META_FILE, WEIGHTS_FILE,
 };
 use l2s_steer::{
-    load_classifier, train, CheckpointError, CheckpointMeta, ClassifierConfig, Dataset,
-    DatasetInfo, DatasetWriter, EncoderConfig, LayerInfo, ManifestEntry, Preset,
-    RelationClassifier, SampleKind, SampleMeta, TrainConfig,
+    load_classifier, train, train_on, CheckpointError, CheckpointMeta, ClassifierConfig, Dataset,
+    DatasetError, DatasetInfo, DatasetWriter, EncoderConfig, LayerInfo, ManifestEntry, Preset,
+    RelationClassifier, SampleKind, SampleMeta, ShardSpec, TrainConfig,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -156,6 +156,124 @@ fn synthetic_dataset(dir: &Path, images: usize, seed: u64) {
         }
     }
     w.finish().unwrap();
+}
+
+/// [`synthetic_dataset`]'s samples split into parts of one build: part `i` of `dirs.len()`
+/// gets the samples whose id is `i − 1` mod n, each with the maps the whole dataset gives it.
+fn synthetic_parts(dirs: &[PathBuf], images: usize, seed: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n = dirs.len();
+    let mut writers: Vec<DatasetWriter> = dirs
+        .iter()
+        .map(|d| DatasetWriter::open(d, info(), 64).unwrap())
+        .collect();
+    for image in 0..images {
+        let label = image % 4;
+        for (k, positive) in [true, false].into_iter().enumerate() {
+            let maps = sample_maps(&mut rng, label);
+            let id = (image * 2 + k) as u64;
+            let part = (1..=n)
+                .find(|i| ShardSpec::new(*i, n).unwrap().owns(id))
+                .unwrap();
+            writers[part - 1]
+                .append(meta(id, image, label, positive), &maps)
+                .unwrap();
+        }
+    }
+    for w in writers {
+        w.finish().unwrap();
+    }
+}
+
+fn same_examples(a: &Examples, b: &Examples) {
+    assert_eq!(a.samples, b.samples);
+    assert_eq!(a.image_ids, b.image_ids);
+    assert_eq!(a.label_list, b.label_list);
+    assert_eq!(
+        a.steps.to_vec1::<u32>().unwrap(),
+        b.steps.to_vec1::<u32>().unwrap()
+    );
+    let diff = (&a.maps - &b.maps)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(a.maps.dims(), b.maps.dims());
+    assert_eq!(diff, 0.0);
+}
+
+#[test]
+fn training_on_parts_sees_what_training_on_their_merge_sees() {
+    let tmp = tempfile::tempdir().unwrap();
+    let parts = [tmp.path().join("part1"), tmp.path().join("part2")];
+    synthetic_parts(&parts, 24, 3);
+    let merged = tmp.path().join("merged");
+    l2s_steer::merge(&parts, &merged).unwrap();
+    let many = Dataset::open_many(&parts).unwrap();
+    let one = Dataset::open(&merged).unwrap();
+    assert_eq!(many.len(), 48);
+    // Both halves of each image (its two prompts, in different parts) land in one split.
+    let cfg = TrainConfig {
+        max_epochs: 1,
+        ..quick_config()
+    };
+    let (a, b) = (
+        split_examples(&many, &cfg).unwrap(),
+        split_examples(&one, &cfg).unwrap(),
+    );
+    same_examples(&a.train, &b.train);
+    same_examples(&a.val, &b.val);
+    same_examples(&a.test, &b.test);
+    let images = |e: &Examples| e.image_ids.iter().cloned().collect::<HashSet<String>>();
+    assert!(images(&a.train).is_disjoint(&images(&a.val)));
+    assert_eq!(
+        images(&a.train).len() + images(&a.val).len() + images(&a.test).len(),
+        24
+    );
+    // Training reads the same splits from both.
+    let report = |ds: &Dataset, out: &str| {
+        train_on(ds, &tmp.path().join(out), &cfg, &Device::Cpu, &mut |_| {})
+            .unwrap()
+            .meta
+    };
+    let (m_many, m_one) = (report(&many, "clf-parts"), report(&one, "clf-merged"));
+    let sizes = |m: &CheckpointMeta| {
+        let t = m.metrics.as_ref().unwrap();
+        (t.train_split, t.val_split, t.test_split)
+    };
+    assert_eq!(sizes(&m_many), sizes(&m_one));
+    assert_eq!(sizes(&m_many).0.samples, a.train.len() / 2);
+    assert_eq!(
+        (m_many.model.as_str(), &m_many.step_indices),
+        (m_one.model.as_str(), &m_one.step_indices)
+    );
+
+    // A dataset of other relations cannot join them; the error names the field.
+    let odd = tmp.path().join("odd");
+    let mut other = info();
+    other.relations.reverse();
+    let mut w = DatasetWriter::open(&odd, other, 64).unwrap();
+    w.append(
+        SampleMeta {
+            label: 3,
+            ..meta(100, 50, 0, true)
+        },
+        &sample_maps(&mut ChaCha8Rng::seed_from_u64(0), 0),
+    )
+    .unwrap();
+    w.finish().unwrap();
+    let e = Dataset::open_many(&[parts[0].clone(), odd]).unwrap_err();
+    assert!(
+        matches!(e, DatasetError::InfoMismatch { ref field, .. } if field == "relations"),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("part1") && e.to_string().contains("odd"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -406,8 +406,7 @@ fn run_method(
         images_per_prompt: a.seeds as usize,
         width: None,
         height: None,
-        shard_index: 0,
-        shard_count: 1,
+        shard: l2s_steer::ShardSpec::all(),
         workers: a.workers.unwrap_or_else(default_workers),
     };
     // A run folder of other evaluation settings is the bench's own cache: start it again.

@@ -1,4 +1,5 @@
-//! `l2s data build`: the classifier's training data by dual inversion of annotated images.
+//! `l2s data build`: the classifier's training data by dual inversion of annotated images;
+//! `l2s data merge`: the parts of a build split with `--shard` joined into one dataset.
 
 use std::path::PathBuf;
 
@@ -11,7 +12,7 @@ use l2s_steer::build::{
 };
 
 use crate::cmd::score::DetectorArg;
-use l2s_steer::dataset::{DatasetInfo, DatasetWriter, ShardSpec};
+use l2s_steer::dataset::{merge, DatasetInfo, DatasetWriter, ShardSpec};
 
 use crate::common::{default_workers, load_model, Global, ModelArgs};
 
@@ -24,7 +25,21 @@ pub struct Args {
 #[derive(clap::Subcommand)]
 enum Command {
     /// Invert annotated images with true and wrong-relation prompts and record relation maps
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
+    /// Join the parts of one build (`data build --shard i/n`, each into its own folder) into one
+    /// dataset
+    Merge(MergeArgs),
+}
+
+#[derive(clap::Args)]
+pub struct MergeArgs {
+    /// The parts' dataset folders. They must come from one build: the same model, maps and
+    /// settings (the first differing field is named); a sample found in several is kept once
+    #[arg(required = true, value_name = "PART")]
+    parts: Vec<PathBuf>,
+    /// New dataset folder (an existing one holding a dataset is refused)
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -60,10 +75,11 @@ pub struct BuildArgs {
     /// Use at most this many images
     #[arg(long)]
     limit: Option<usize>,
-    /// Build only part i of n (1-based, e.g. 2/4), for splitting work across machines; merge the
-    /// parts' folders afterwards
+    /// Build only part i of n (1-based, e.g. 2/4): samples i−1, i−1+n, i−1+2n, …, for
+    /// splitting work across machines; give each part its own --out and join them afterwards
+    /// with `l2s data merge`
     #[arg(long, value_name = "I/N")]
-    shard: Option<String>,
+    shard: Option<ShardSpec>,
     /// Seed of each image's object pair and wrong relation; on FLUX also of the RF-inversion
     /// noise, drawn per sample from a seed mixed from this and the sample's number (2i for image
     /// i's true prompt, 2i + 1 for its wrong one), so no two samples share noise
@@ -163,6 +179,7 @@ pub fn open_writer(
         cfg.fixed_point_iterations.into(),
     );
     extra.insert("min_psnr".into(), cfg.psnr_threshold.into());
+    extra.insert("seed".into(), cfg.seed.into());
     let inversion = InversionSettings {
         fixed_point_iterations: cfg.fixed_point_iterations,
         rf: cfg.rf,
@@ -190,7 +207,33 @@ pub fn open_writer(
 }
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
-    let Command::Build(a) = args.command;
+    match args.command {
+        Command::Build(a) => run_build(*a, global),
+        Command::Merge(a) => run_merge(a),
+    }
+}
+
+fn run_merge(a: MergeArgs) -> Result<()> {
+    let summary = merge(&a.parts, &a.out)?;
+    let duplicates = if summary.duplicates > 0 {
+        format!(
+            " ({} found in more than one part kept once)",
+            summary.duplicates
+        )
+    } else {
+        String::new()
+    };
+    println!(
+        "{}: {} samples in {} shards from {} parts{duplicates}",
+        a.out.display(),
+        summary.samples,
+        summary.shards,
+        summary.parts
+    );
+    Ok(())
+}
+
+fn run_build(a: BuildArgs, global: &Global) -> Result<()> {
     let (model, _) = load_model(&a.model)?;
     let model = &model;
     let images = read_annotated(&a.images, a.limit)?;
@@ -207,13 +250,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         psnr_threshold: a.min_psnr.unwrap_or(min_psnr),
         dual_inversion: !a.single_inversion,
         seed: a.seed,
-        shard: match &a.shard {
-            Some(s) => {
-                let (index, count) = crate::common::parse_shard(s)?;
-                ShardSpec { index, count }
-            }
-            None => ShardSpec::all(),
-        },
+        shard: a.shard.unwrap_or_default(),
         rf: l2s_diffusion::RfInversionConfig::default(),
     };
     let detector = a

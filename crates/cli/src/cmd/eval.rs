@@ -12,9 +12,7 @@ use l2s_eval::prompts::{
 };
 use l2s_steer::evaluate::{run_eval, EvalRun};
 
-use crate::common::{
-    default_workers, load_model, parse_shard, say, warn_all, Global, ModelArgs, SteerArgs,
-};
+use crate::common::{default_workers, load_model, say, warn_all, Global, ModelArgs, SteerArgs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ClassesArg {
@@ -68,7 +66,7 @@ pub struct Args {
     pub out: PathBuf,
     /// Generate only shard i of n (1-based), e.g. 2/4
     #[arg(long, value_name = "I/N")]
-    pub shard: Option<String>,
+    pub shard: Option<l2s_steer::ShardSpec>,
     /// Sampling steps (default: the model's own)
     #[arg(long)]
     pub steps: Option<usize>,
@@ -144,19 +142,18 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     if args.steps == Some(0) {
         bail!("--steps 0: expected at least 1");
     }
-    let (shard, shards) = match &args.shard {
-        Some(s) => parse_shard(s)?,
-        None => (0, 1),
-    };
+    let shard = args.shard.unwrap_or_default();
     if args.out.exists() && !args.out.is_dir() {
         bail!("--out {}: exists and is not a folder", args.out.display());
     }
     let (model, model_name) = load_model(&args.model)?;
     let defaults = model.sampling_defaults();
-    let (steps, guidance) = (
-        args.steps.unwrap_or(defaults.steps),
-        args.guidance.unwrap_or(defaults.guidance),
-    );
+    // The steering classifier's own schedule names its sampling steps (the built-in one: 20).
+    let steps = match args.steps {
+        Some(n) => n,
+        None => args.steer.tuned_steps()?.unwrap_or(defaults.steps),
+    };
+    let guidance = args.guidance.unwrap_or(defaults.guidance);
     let (prompts, source) = prompt_set(&args, &model_name)?;
     let method = args.steer.method(&model, steps)?;
     let run = EvalRun {
@@ -171,8 +168,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         images_per_prompt: args.images_per_prompt,
         width: args.width,
         height: args.height,
-        shard_index: shard,
-        shard_count: shards,
+        shard,
         workers: args.workers.unwrap_or_else(default_workers),
     };
     let bar = if global.quiet {
@@ -207,10 +203,9 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     warn_all(&outcome.warnings);
     let (made, present, ipp) = (outcome.made, outcome.present, args.images_per_prompt);
     let mine_len = outcome.prompts;
-    let shard_note = if shards > 1 {
+    let shard_note = if !shard.is_all() {
         format!(
-            " (shard {}/{shards}: {} of {} prompts)",
-            shard + 1,
+            " (shard {shard}: {} of {} prompts)",
             mine_len,
             prompts.len()
         )
@@ -224,18 +219,4 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         args.out.display()
     ));
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shards() {
-        assert_eq!(parse_shard("1/4").unwrap(), (0, 4));
-        assert_eq!(parse_shard(" 4 / 4 ").unwrap(), (3, 4));
-        for bad in ["0/4", "5/4", "1/0", "1", "a/b", "-1/2"] {
-            assert!(parse_shard(bad).is_err(), "{bad}");
-        }
-    }
 }

@@ -1,19 +1,24 @@
-//! `l2s train`: train a relation classifier on a dataset from `l2s data build`.
+//! `l2s train`: train a relation classifier on a dataset from `l2s data build` (or on several
+//! parts of one build, read as their merge would be).
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use l2s_steer::classifier::Preset;
-use l2s_steer::train::{train, TrainConfig};
+use l2s_steer::train::{train_on, TrainConfig};
 use l2s_steer::Augment;
+use l2s_steer::Dataset;
 
 use crate::common::Global;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Dataset folder(s) written by `l2s data build` (several are merged first)
-    #[arg(long)]
-    data: PathBuf,
+    /// Dataset folder written by `l2s data build`; repeat it for the parts of a build split with
+    /// --shard, which are trained on as their `l2s data merge` would be: the folders must agree
+    /// on the model, the maps and their layout, the relations and the recorded steps (the first
+    /// differing field is named), and a sample found in several is used once
+    #[arg(long, required = true, value_name = "DIR")]
+    data: Vec<PathBuf>,
     /// Output folder: classifier.safetensors + classifier.json
     #[arg(long)]
     out: PathBuf,
@@ -56,8 +61,15 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     cfg.augment = args.augment;
     cfg.seed = args.seed;
     let quiet = global.quiet;
-    let report = train(
-        &args.data,
+    let data = Dataset::open_many(&args.data)?;
+    if data.duplicates() > 0 && !quiet {
+        eprintln!(
+            "{} samples found in more than one --data folder are used once",
+            data.duplicates()
+        );
+    }
+    let report = train_on(
+        &data,
         &args.out,
         &cfg,
         &candle_core::Device::Cpu,

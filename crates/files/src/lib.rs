@@ -1,0 +1,17 @@
+//! Small pieces shared by the crates that write and read the project's files.
+//!
+//! - [`write_atomic`] (and [`write_atomic_with`], [`copy_atomic`]): a file is written to a
+//!   temporary file beside the target, synced, renamed over the target, and the folder synced,
+//!   so the target is always either its old content or the whole new one;
+//! - [`ShardSpec`]: part `i` of `n` of a job split across processes, written `"i/n"` with
+//!   1 ≤ i ≤ n;
+//! - [`pngtext`]: the text chunks (`tEXt`, `zTXt`, `iTXt`) of a PNG file, where generated images
+//!   keep their prompt, seed and settings.
+
+mod atomic;
+pub mod pngtext;
+mod shard;
+
+pub use atomic::{copy_atomic, write_atomic, write_atomic_with, WriteError};
+pub use pngtext::{png_text_chunks, read_png_text, PngTextError};
+pub use shard::{ParseShardError, ShardSpec};
