@@ -10,12 +10,12 @@ use l2s_diffusion::RfInversionConfig;
 use l2s_eval::prompts::article;
 use l2s_eval::{relations as relation_rule, top1_per_class, BBox, Detector, Relation};
 use l2s_generate::{invert, reconstruct, InvertRequest, StepObserver};
-use l2s_models::{AttentionObserver, AttentionSite, Pipeline};
+use l2s_models::{AttentionObserver, AttentionSite, InversionSettings, Pipeline};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::dataset::{DatasetWriter, LayerInfo, SampleKind, SampleMeta, ShardSpec};
+use crate::dataset::{DatasetInfo, DatasetWriter, LayerInfo, SampleKind, SampleMeta, ShardSpec};
 use crate::maps::{MapRecorder, WordPair};
 
 /// An image with named boxes (pixel xyxy).
@@ -426,6 +426,116 @@ pub fn build(
     Ok(summary)
 }
 
+/// The progress line of a build: samples kept and why others were dropped.
+pub fn progress_message(s: &BuildSummary) -> String {
+    format!(
+        "{} samples, dropped {} under the PSNR threshold, {} relation lost; PSNR {:.1} dB",
+        s.written, s.dropped_low_psnr, s.dropped_relation_lost, s.mean_psnr
+    )
+}
+
+/// The detector that checks reconstructions, sized for the images' resolution. Refuses images
+/// whose objects it cannot detect (every sample would be dropped).
+pub fn shapes_relation_detector(images: &[AnnotatedImage]) -> Result<l2s_shapes::ShapeDetector> {
+    {
+        {
+            let size = images.first().map_or(32, |i| i.image.width());
+            let detector = l2s_shapes::ShapeDetector::new(l2s_shapes::DetectorConfig::for_render(
+                &l2s_shapes::RenderConfig::with_size(size),
+            ));
+            let known = l2s_eval::Detector::classes(&detector);
+            for img in images {
+                if let Some((name, _)) = img.objects.iter().find(|(n, _)| !known.contains(n)) {
+                    anyhow::bail!(
+                        "the shapes relation check: image {} has an object {name:?}, which the shapes detector cannot find \
+                         (it knows {}); use it only on shapes-world images",
+                        img.id,
+                        known.join(", ")
+                    );
+                }
+            }
+            Ok(detector)
+        }
+    }
+}
+
+/// Reads a COCO-style folder into annotated images.
+pub fn read_annotated(dir: &std::path::Path, limit: Option<usize>) -> Result<Vec<AnnotatedImage>> {
+    let ds = l2s_shapes::read_dataset(dir)
+        .with_context(|| format!("reading annotated images from {}", dir.display()))?;
+    ds.images
+        .iter()
+        .take(limit.unwrap_or(usize::MAX))
+        .map(|img| {
+            Ok(AnnotatedImage {
+                id: img.id.to_string(),
+                image: img.load()?,
+                objects: img
+                    .objects
+                    .iter()
+                    .map(|o| (o.class.name().to_string(), o.bbox))
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+/// Opens (or resumes) a dataset for `model`, probing one sample for the map layout.
+pub fn open_dataset(
+    model: &Pipeline,
+    images: &[AnnotatedImage],
+    cfg: &BuildConfig,
+    relation_check: Option<&str>,
+    out: &std::path::Path,
+    shard_size: usize,
+) -> Result<DatasetWriter> {
+    let probe = images
+        .iter()
+        .find(|i| i.objects.len() >= 2)
+        .context("no image with two or more objects")?;
+    let (a, b) = (&probe.objects[0].0, &probe.objects[1].0);
+    let prompt = format!("a {a} and a {b}");
+    let mut probe_cfg = cfg.clone();
+    probe_cfg.fixed_point_iterations = 0;
+    let probe = record_sample(model, &probe.image, &prompt, a, b, &probe_cfg)?;
+    let (maps, sites) = (probe.maps, probe.sites);
+    let mut extra = serde_json::Map::new();
+    if let Some(check) = relation_check {
+        extra.insert("relation_check".into(), check.into());
+    }
+    extra.insert("num_inference_steps".into(), cfg.steps.into());
+    extra.insert(
+        "fixed_point_iterations".into(),
+        cfg.fixed_point_iterations.into(),
+    );
+    extra.insert("min_psnr".into(), cfg.psnr_threshold.into());
+    extra.insert("seed".into(), cfg.seed.into());
+    let inversion = InversionSettings {
+        fixed_point_iterations: cfg.fixed_point_iterations,
+        rf: cfg.rf,
+        noise_seed: cfg.seed,
+    };
+    extra.insert("inversion".into(), model.inversion_name(&inversion).into());
+    if let Some(file) = model.transformer_file() {
+        extra.insert("transformer_file".into(), file.display().to_string().into());
+    }
+    extra.insert(
+        "model_folder".into(),
+        model.folder().display().to_string().into(),
+    );
+    let info = DatasetInfo {
+        model: model.fingerprint()?,
+        num_maps: maps.dim(2)?,
+        map_size: maps.dim(3)?,
+        step_indices: cfg.step_indices.clone(),
+        relations: relation_names(),
+        layers: layer_infos(&sites),
+        dual_inversion: cfg.dual_inversion,
+        extra,
+    };
+    Ok(DatasetWriter::open(out, info, shard_size)?)
+}
+
 #[cfg(test)]
 mod seed_tests {
     use super::inversion_seed;
@@ -442,6 +552,27 @@ mod seed_tests {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn relation_check_refuses_objects_its_detector_cannot_find() {
+        let image = |names: &[&str]| super::AnnotatedImage {
+            id: "7".into(),
+            image: image::RgbImage::new(32, 32),
+            objects: names
+                .iter()
+                .map(|n| (n.to_string(), l2s_eval::BBox::new(0.0, 0.0, 4.0, 4.0)))
+                .collect(),
+        };
+        assert!(super::shapes_relation_detector(&[image(&["star", "heart"])]).is_ok());
+        let err =
+            super::shapes_relation_detector(&[image(&["star", "heart"]), image(&["dog", "star"])])
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("image 7") && err.contains("\"dog\"") && err.contains("circle"),
+            "{err}"
+        );
+    }
+
     use super::*;
     use l2s_eval::Detection;
 

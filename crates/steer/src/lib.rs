@@ -3,6 +3,7 @@
 //! and train it.
 
 pub mod augment;
+pub mod bench;
 pub mod build;
 pub mod classifier;
 pub mod classify;
