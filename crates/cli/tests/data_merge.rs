@@ -4,38 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Output};
 
 use candle_core::DType;
 use l2s_steer::{Dataset, SampleMeta};
 
-fn l2s(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_l2s"))
-        .args(args)
-        .env_remove("L2S_MODEL")
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("running l2s")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = l2s(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "l2s {args:?} failed: {stderr}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fails(args: &[&str]) -> String {
-    let out = l2s(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "l2s {args:?} should fail");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    stderr
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+mod run;
+use run::{fails, ok, s};
 
 /// Builds `out` from the images with small settings, plus `extra`.
 fn build(images: &Path, out: &Path, extra: &[&str]) {

@@ -3,35 +3,14 @@
 //! shapes` (which runs the same library calls), and `l2s report` on what the bench wrote.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+
+mod run;
+use run::{fixture, ok, s};
 
 const FIXTURES: [&str; 4] = ["sd1-tiny", "sd2-tiny", "flux-dev-tiny", "flux-schnell-tiny"];
 
 fn model(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(name)
-        .join("model")
-}
-
-fn l2s(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_l2s"))
-        .args(args)
-        .env_remove("L2S_MODEL")
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("running l2s")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = l2s(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "l2s {args:?} failed: {stderr}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+    fixture(name).join("model")
 }
 
 fn json(path: &Path) -> serde_json::Value {

@@ -2,46 +2,14 @@
 //! its schedule and `--preview`, `l2s classify`, `l2s attention --classifier-maps`, steering with a
 //! published `.pth`, and the refusals.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
 use l2s_generate::read_png_text;
 
+mod run;
+use run::{fails, fixture, ok, s};
+
 const PROMPT: &str = "a dog to the right of a bear";
-
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(rel)
-}
-
-fn l2s(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_l2s"))
-        .args(args)
-        .env_remove("L2S_MODEL")
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("running l2s")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = l2s(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "l2s {args:?} failed: {stderr}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fails(args: &[&str]) -> String {
-    let out = l2s(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "l2s {args:?} should fail");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    stderr
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn meta(path: &Path) -> std::collections::HashMap<String, String> {
     read_png_text(path).unwrap().into_iter().collect()
