@@ -297,14 +297,14 @@ fn report_bad_input() {
     assert!(!dir.path().join("r.html").exists());
 }
 
-/// Leaves a demonstration in `$L2S_REPORT_DEMO_DIR` (for the screenshot script); a no-op
-/// otherwise.
+/// The demonstration report (kept in `$L2S_REPORT_DEMO_DIR` when set, for the screenshot
+/// script; in a temporary folder otherwise).
 #[test]
 fn demo_report() {
-    let Some(root) = std::env::var_os("L2S_REPORT_DEMO_DIR") else {
-        return;
-    };
-    let root = std::path::PathBuf::from(root);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = std::env::var_os("L2S_REPORT_DEMO_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| tmp.path().join("demo"));
     let _ = std::fs::remove_dir_all(&root);
     let (a, b) = demo_runs(&root, 12, 64);
     ok(&["score", s(&a), "-q"]);
