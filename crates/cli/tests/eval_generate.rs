@@ -405,3 +405,27 @@ fn generated_prompt_texts_parse_to_their_metadata() {
         assert_eq!(got, want, "{}", p.prompt);
     }
 }
+
+#[test]
+fn several_workers_write_the_same_files_as_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture_model();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    let (one_s, two_s) = (one.display().to_string(), two.display().to_string());
+    ok(&eval_args(
+        &model,
+        &one_s,
+        &["--workers", "1", "--steer", "centroid"],
+    ));
+    ok(&eval_args(
+        &model,
+        &two_s,
+        &["--workers", "2", "--steer", "centroid"],
+    ));
+    let (a, b) = (snapshot(&one), snapshot(&two));
+    assert_eq!(a.len(), b.len());
+    assert!(a.len() >= 6 + 3 + 2, "{:?}", a.keys().collect::<Vec<_>>());
+    for (path, bytes) in &a {
+        assert!(b.get(path) == Some(bytes), "{} differs", path.display());
+    }
+}
