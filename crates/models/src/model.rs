@@ -537,6 +537,15 @@ impl Pipeline {
         }
     }
 
+    /// The steps `l2s attention` shows by default: the paper's steps that exist in the run
+    /// ({5, 10, 15, 20, 25, 49} of 50), FLUX.1-schnell's {1, 3} of 4.
+    pub fn attention_steps(&self, steps: usize) -> Vec<usize> {
+        match &self.family {
+            Family::Flux(f) if is_schnell(f) && steps == 4 => vec![1, 3],
+            _ => default_map_steps(steps),
+        }
+    }
+
     /// The reconstruction PSNR (dB) below which a data sample is dropped: the paper's 19.5 for
     /// Stable Diffusion, 20 for FLUX.
     pub fn min_reconstruction_psnr(&self) -> f64 {

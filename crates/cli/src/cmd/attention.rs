@@ -93,7 +93,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     let (model, model_name) = load_model(&args.model)?;
     let (steps, guidance) = args.sampling.resolve(&model, false);
     let at_steps = if args.at_steps.is_empty() {
-        model.map_steps(steps)
+        model.attention_steps(steps)
     } else {
         args.at_steps.clone()
     };
