@@ -43,13 +43,13 @@ pub struct InversionStepInfo<'a> {
 
 /// The result of an inversion.
 #[derive(Clone, Debug)]
-pub struct Inversion {
+pub struct DdimInversion {
     latents: Tensor,
     trajectory: Vec<Tensor>,
     fixed_point_residuals: Vec<f64>,
 }
 
-impl Inversion {
+impl DdimInversion {
     /// The fully inverted latents (the last trajectory entry).
     pub fn latents(&self) -> &Tensor {
         &self.latents
@@ -91,7 +91,7 @@ pub fn ddim_invert<D, F>(
     guidance: &Guidance<D::Cond>,
     fixed_point_iterations: usize,
     mut on_step: F,
-) -> Result<Inversion>
+) -> Result<DdimInversion>
 where
     D: Denoiser + ?Sized,
     F: FnMut(&InversionStepInfo<'_>) -> Result<()>,
@@ -134,7 +134,7 @@ where
         trajectory.push(std::mem::replace(&mut z_s, z_t));
     }
     trajectory.push(z_s.clone());
-    Ok(Inversion {
+    Ok(DdimInversion {
         latents: z_s,
         trajectory,
         fixed_point_residuals: residuals,

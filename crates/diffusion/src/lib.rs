@@ -42,7 +42,7 @@ pub use denoiser::{
 pub use error::{DiffusionError, Result};
 pub use flow_match::{FlowMatchConfig, FlowMatchEulerScheduler, TimeShift};
 pub use inverse::DdimInverseScheduler;
-pub use invert::{ddim_invert, Inversion, InversionStepInfo};
+pub use invert::{ddim_invert, DdimInversion, InversionStepInfo};
 pub use observer::{AttentionObserver, AttentionSite, AttentionStore, NoObserver};
 pub use rf_invert::{RfInversionConfig, RfInversionFlow, RfReconstructionFlow};
 pub use sample::{sample, AfterStep, NoHook, Scheduler, StepContext, StepControl, StepHook};

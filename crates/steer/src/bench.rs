@@ -17,14 +17,12 @@ use l2s_shapes::{DetectorConfig, RenderConfig, ShapeDetector};
 
 use crate::build::{
     build, open_dataset, progress_message, read_annotated, shapes_relation_detector, BuildConfig,
-    RelationCheck,
+    ReconstructionCheck,
 };
 use crate::dataset::{Dataset, ShardSpec};
 use crate::evaluate::{run_eval, EvalRun};
 use crate::method::{Method, MethodSpec};
-use crate::train::{
-    evaluate as evaluate_classifier, load_classifier, split_by_image, train, TrainConfig,
-};
+use crate::train::{evaluate_classifier, load_classifier, split_by_image, train, TrainConfig};
 use crate::Augment;
 
 /// The experiment's settings; [`Default`] is the published table's.
@@ -162,7 +160,7 @@ fn build_data(sd: &Pipeline, a: &ShapesBench, progress: &dyn BenchProgress) -> R
         rf: l2s_diffusion::RfInversionConfig::default(),
     };
     let detector = shapes_relation_detector(&images)?;
-    let check = a.check_relation.then_some(RelationCheck {
+    let check = a.check_relation.then_some(ReconstructionCheck {
         detector: &detector,
         min_score: l2s_eval::SCORE_THRESHOLD,
     });

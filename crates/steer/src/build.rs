@@ -213,13 +213,13 @@ pub fn record_sample(
 /// relation between them. PSNR says how close the reconstruction is in pixels; this says whether
 /// the maps recorded while drawing it show the layout the label names — a reconstruction that
 /// moved an object would teach the classifier a wrong label.
-pub struct RelationCheck<'d> {
+pub struct ReconstructionCheck<'d> {
     pub detector: &'d (dyn Detector + Sync),
     /// Detections at or below this score are ignored (GenEval's rule).
     pub min_score: f32,
 }
 
-impl RelationCheck<'_> {
+impl ReconstructionCheck<'_> {
     /// Whether the reconstruction still shows `subject relation object`.
     pub fn holds(
         &self,
@@ -255,7 +255,7 @@ pub struct BuildSummary {
     pub written: usize,
     pub skipped_existing: usize,
     pub dropped_low_psnr: usize,
-    /// Dropped by the [`RelationCheck`]: the reconstruction lost an object or the relation.
+    /// Dropped by the [`ReconstructionCheck`]: the reconstruction lost an object or the relation.
     pub dropped_relation_lost: usize,
     pub no_unambiguous_pair: usize,
     pub mean_psnr: f64,
@@ -283,7 +283,7 @@ pub fn build(
     model: &Pipeline,
     images: &[AnnotatedImage],
     cfg: &BuildConfig,
-    check: Option<&RelationCheck>,
+    check: Option<&ReconstructionCheck>,
     workers: usize,
     writer: &mut DatasetWriter,
     mut positives_only: Option<&mut DatasetWriter>,
@@ -622,7 +622,7 @@ mod tests {
         let image = image::RgbImage::new(32, 32);
         let check = |dets: Vec<Detection>, relation: Relation| {
             let d = Fixed(dets, vec!["star".into(), "heart".into()]);
-            RelationCheck {
+            ReconstructionCheck {
                 detector: &d,
                 min_score: 0.3,
             }

@@ -356,7 +356,7 @@ pub struct Evaluation {
 }
 
 /// Evaluates a classifier (eval mode, no dropout) on examples, in batches.
-pub fn evaluate(
+pub fn evaluate_classifier(
     model: &RelationClassifier,
     data: &Examples,
     batch_size: usize,
@@ -519,7 +519,7 @@ pub fn fit(
             let labels = labels.to_vec1::<u32>()?;
             correct += pred.iter().zip(&labels).filter(|(p, l)| p == l).count();
         }
-        let ev = evaluate(
+        let ev = evaluate_classifier(
             &frozen(model_cfg, &varmap, device)?,
             val,
             cfg.batch_size,
@@ -732,7 +732,7 @@ pub fn train_on(
     let test = if test_ex.is_empty() {
         None
     } else {
-        Some(evaluate(
+        Some(evaluate_classifier(
             &best,
             &test_ex,
             cfg.batch_size,

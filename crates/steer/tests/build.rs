@@ -5,7 +5,7 @@ use l2s_eval::{Detection, Detector};
 use l2s_models::{LoadOptions, Pipeline};
 use l2s_shapes::{render_scene, DetectorConfig, RenderConfig, ShapeDetector};
 use l2s_steer::build::{
-    build, relation_names, AnnotatedImage, BuildConfig, BuildSummary, RelationCheck,
+    build, relation_names, AnnotatedImage, BuildConfig, BuildSummary, ReconstructionCheck,
 };
 use l2s_steer::dataset::{DatasetInfo, DatasetWriter, ShardSpec};
 use l2s_steer::Dataset;
@@ -69,7 +69,7 @@ fn run(
     imgs: &[AnnotatedImage],
     dir: &std::path::Path,
     workers: usize,
-    check: Option<&RelationCheck>,
+    check: Option<&ReconstructionCheck>,
 ) -> BuildSummary {
     let num_maps = 22;
     let mut w = DatasetWriter::open(dir, info(num_maps), 3).unwrap();
@@ -132,7 +132,7 @@ fn workers_write_what_one_writes_and_the_check_filters() {
         &imgs,
         &tmp.path().join("none"),
         2,
-        Some(&RelationCheck {
+        Some(&ReconstructionCheck {
             detector: &blind,
             min_score: 0.3,
         }),
@@ -148,7 +148,7 @@ fn workers_write_what_one_writes_and_the_check_filters() {
         &imgs,
         &tmp.path().join("checked"),
         1,
-        Some(&RelationCheck {
+        Some(&ReconstructionCheck {
             detector: &exact,
             min_score: 0.3,
         }),

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use l2s_steer::dataset::Examples;
 use l2s_steer::train::{
-    evaluate, fit, save_checkpoint, split_by_image, split_examples, ReduceOnPlateau,
+    evaluate_classifier, fit, save_checkpoint, split_by_image, split_examples, ReduceOnPlateau,
     SplitFractions, META_FILE, WEIGHTS_FILE,
 };
 use l2s_steer::{
@@ -373,7 +373,7 @@ fn learns_separable_relations_and_round_trips_the_checkpoint() {
     let ds = Dataset::open(&data).unwrap();
     let split = split_by_image(ds.entries(), quick_config().split, quick_config().seed);
     let test_ex = ds.load(&split.test, DType::F32).unwrap();
-    let again = evaluate(&model, &test_ex, 64, &meta.relations, &Device::Cpu).unwrap();
+    let again = evaluate_classifier(&model, &test_ex, 64, &meta.relations, &Device::Cpu).unwrap();
     assert_eq!(again.accuracy, test.accuracy);
     assert!((again.loss - test.loss).abs() < 1e-5);
     // Either file of the pair also names the checkpoint.
@@ -516,7 +516,7 @@ fn early_stopping_triggers_and_keeps_the_best_epoch() {
         VarBuilder::from_varmap(&out.varmap, DType::F32, &Device::Cpu),
     )
     .unwrap();
-    let ev = evaluate(&model, &va, 16, &rels, &Device::Cpu).unwrap();
+    let ev = evaluate_classifier(&model, &va, 16, &rels, &Device::Cpu).unwrap();
     assert!(
         (ev.loss - out.best_val_loss).abs() < 1e-5,
         "{} vs {}",

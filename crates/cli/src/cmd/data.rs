@@ -7,7 +7,7 @@ use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use l2s_steer::build::{
     build, open_dataset, progress_message, read_annotated, shapes_relation_detector, BuildConfig,
-    RelationCheck,
+    ReconstructionCheck,
 };
 
 use crate::cmd::score::DetectorArg;
@@ -143,7 +143,7 @@ fn run_build(a: BuildArgs, global: &Global) -> Result<()> {
         .check_relation
         .map(|DetectorArg::Shapes| shapes_relation_detector(&images))
         .transpose()?;
-    let check = detector.as_ref().map(|d| RelationCheck {
+    let check = detector.as_ref().map(|d| ReconstructionCheck {
         detector: d,
         min_score: l2s_eval::SCORE_THRESHOLD,
     });
