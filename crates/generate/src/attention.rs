@@ -77,16 +77,8 @@ pub fn resize_matrix(n: usize, out: usize) -> Vec<f32> {
             }
         }
     } else {
-        // Bilinear, half-pixel centres, edges clamped.
-        let scale = n as f64 / out as f64;
-        for i in 0..out {
-            let src = ((i as f64 + 0.5) * scale - 0.5).clamp(0.0, (n - 1) as f64);
-            let j0 = src.floor() as usize;
-            let j1 = (j0 + 1).min(n - 1);
-            let f = src - j0 as f64;
-            m[i * n + j0] += (1.0 - f) as f32;
-            m[i * n + j1] += f as f32;
-        }
+        // Enlarging: bilinear, half-pixel centres, edges clamped.
+        return bilinear_matrix(n, out);
     }
     m
 }

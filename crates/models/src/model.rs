@@ -33,6 +33,8 @@ enum Family {
 /// A loaded text-to-image pipeline of any supported family.
 pub struct Pipeline {
     family: Family,
+    /// See [`Pipeline::native_size`]; read once at load (FLUX's comes from a config file).
+    native_size: usize,
 }
 
 /// A prompt (and negative prompt) encoded for one pipeline, with the guidance it asks for.
@@ -123,7 +125,11 @@ impl Pipeline {
             }
             Family::StableDiffusion(Box::new(StableDiffusion::load(folder, opts)?))
         };
-        Ok(Self { family })
+        let native_size = native_size_of(&family);
+        Ok(Self {
+            family,
+            native_size,
+        })
     }
 
     /// The model family in words, e.g. "Stable Diffusion", "FLUX.1-schnell".
@@ -211,23 +217,7 @@ impl Pipeline {
     /// absent); FLUX the paper's size (dev 512², schnell 256²) or the VAE's `sample_size` when
     /// smaller (tiny test models).
     pub fn native_size(&self) -> usize {
-        match &self.family {
-            Family::StableDiffusion(sd) => sd
-                .unet
-                .config()
-                .sample_size
-                .map(|s| s * sd.vae.downsample_factor())
-                .unwrap_or(512),
-            Family::Flux(f) => {
-                let paper = if is_schnell(f) { 256 } else { 512 };
-                let vae_size = std::fs::read_to_string(f.folder.join("vae/config.json"))
-                    .ok()
-                    .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-                    .and_then(|v| v.get("sample_size").and_then(|s| s.as_u64()))
-                    .map(|s| s as usize);
-                vae_size.map_or(paper, |s| s.min(paper))
-            }
-        }
+        self.native_size
     }
 
     /// Checks an image size against the model and returns (width, height), the native size
@@ -769,6 +759,26 @@ pub fn scaled_map_steps(steps: usize) -> Vec<usize> {
         .collect();
     v.dedup();
     v
+}
+
+fn native_size_of(family: &Family) -> usize {
+    match family {
+        Family::StableDiffusion(sd) => sd
+            .unet
+            .config()
+            .sample_size
+            .map(|s| s * sd.vae.downsample_factor())
+            .unwrap_or(512),
+        Family::Flux(f) => {
+            let paper = if is_schnell(f) { 256 } else { 512 };
+            let vae_size = std::fs::read_to_string(f.folder.join("vae/config.json"))
+                .ok()
+                .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+                .and_then(|v| v.get("sample_size").and_then(|s| s.as_u64()))
+                .map(|s| s as usize);
+            vae_size.map_or(paper, |s| s.min(paper))
+        }
+    }
 }
 
 fn is_schnell(f: &FluxPipeline) -> bool {

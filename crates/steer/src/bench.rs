@@ -395,14 +395,16 @@ pub fn run_method(
         workers: a.workers,
     };
     // A run folder of other evaluation settings is the bench's own cache: start it again.
+    let ps = prompts(a.prompts)?;
     if let Some(Ok(old)) = read_run_info(&dir) {
-        let fresh = run_info_probe(&run, &dir)?;
-        if !old.differences(&fresh).is_empty() {
+        if !old
+            .differences(&run.run_info(ps.len(), PROMPT_SOURCE)?)
+            .is_empty()
+        {
             tracing::info!("{name}: evaluation settings changed; evaluating again");
             std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
         }
     }
-    let ps = prompts(a.prompts)?;
     let b = progress.stage(name, ps.len() * a.seeds as usize);
     let outcome = run_eval(&run, &ps, PROMPT_SOURCE, &dir, &mut |done, _, _| {
         b.set_position(done as u64)
@@ -447,25 +449,6 @@ pub fn run_method(
 }
 
 const PROMPT_SOURCE: &str = "l2s bench shapes: held-out shapes prompts (shuffled with seed 7)";
-
-/// The run.json a run of these settings writes, to compare with one on disk.
-fn run_info_probe(run: &EvalRun, dir: &Path) -> Result<l2s_eval::layout::RunInfo> {
-    let mut info = read_run_info(dir)
-        .and_then(|r| r.ok())
-        .context("no run.json")?;
-    info.method = run.method.map_or("base".into(), |m| m.name.clone());
-    info.steer = run.steer.clone();
-    info.model = run.model_name.clone();
-    info.steps = run.steps;
-    info.guidance = run.guidance;
-    info.images_per_prompt = run.images_per_prompt;
-    info.steering = run
-        .method
-        .map(|m| serde_json::to_value(&m.config))
-        .transpose()?;
-    info.seeding = run.seeding;
-    Ok(info)
-}
 
 /// The data and classifiers cached in --work belong to one model and one set of data settings; a
 /// rerun with others would silently mix them, so it is refused. (Evaluation settings are checked

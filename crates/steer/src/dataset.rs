@@ -251,6 +251,37 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DatasetError + '_ {
     }
 }
 
+/// Checks that a manifest entry's row exists in its shard (of `rows` rows) and holds its sample
+/// (`found`: the id stored at that row).
+fn check_row(
+    manifest: &Path,
+    line: Option<usize>,
+    shard: &str,
+    e: &ManifestEntry,
+    found: Option<u64>,
+    rows: usize,
+) -> Result<()> {
+    match found {
+        None => Err(invalid(
+            manifest,
+            line,
+            format!(
+                "sample {} points at row {} of {shard}, which has {rows} rows",
+                e.meta.sample, e.row
+            ),
+        )),
+        Some(id) if id != e.meta.sample => Err(invalid(
+            manifest,
+            line,
+            format!(
+                "sample {}: row {} of {shard} holds sample {id}",
+                e.meta.sample, e.row
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn invalid(path: &Path, line: Option<usize>, message: impl Into<String>) -> DatasetError {
     DatasetError::Invalid {
         path: path.to_path_buf(),
@@ -954,31 +985,14 @@ impl Dataset {
             for (pos, i) in wanted {
                 let e = &self.entries[i];
                 let line = Some(self.lines[i]);
-                match ids.get(e.row) {
-                    None => {
-                        return Err(invalid(
-                            &manifest,
-                            line,
-                            format!(
-                                "sample {} points at row {} of {shard}, which has {} rows",
-                                e.meta.sample,
-                                e.row,
-                                ids.len()
-                            ),
-                        ))
-                    }
-                    Some(&id) if id as u64 != e.meta.sample => {
-                        return Err(invalid(
-                            &manifest,
-                            line,
-                            format!(
-                                "sample {}: row {} of {shard} holds sample {id}",
-                                e.meta.sample, e.row
-                            ),
-                        ))
-                    }
-                    _ => {}
-                }
+                check_row(
+                    &manifest,
+                    line,
+                    shard,
+                    e,
+                    ids.get(e.row).map(|&id| id as u64),
+                    ids.len(),
+                )?;
                 rows.push(e.row as u32);
                 positions.push(pos);
             }
@@ -1178,31 +1192,14 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<MergeSummary> {
             let e = &all.entries[i];
             let line = Some(all.lines[i]);
             let manifest = all.dirs[part].join(MANIFEST_FILE);
-            match ids.get(e.row) {
-                None => {
-                    return Err(invalid(
-                        &manifest,
-                        line,
-                        format!(
-                            "sample {} points at row {} of {shard}, which has {} rows",
-                            e.meta.sample,
-                            e.row,
-                            ids.len()
-                        ),
-                    ))
-                }
-                Some(&id) if id != e.meta.sample => {
-                    return Err(invalid(
-                        &manifest,
-                        line,
-                        format!(
-                            "sample {}: row {} of {shard} holds sample {id}",
-                            e.meta.sample, e.row
-                        ),
-                    ))
-                }
-                _ => {}
-            }
+            check_row(
+                &manifest,
+                line,
+                shard,
+                e,
+                ids.get(e.row).copied(),
+                ids.len(),
+            )?;
         }
         rows_in.insert((part, shard), ids.len());
     }

@@ -44,6 +44,38 @@ pub struct EvalRun<'a> {
     pub workers: usize,
 }
 
+impl EvalRun<'_> {
+    /// The method's label in records ("base" for the plain model).
+    pub fn label(&self) -> String {
+        self.method
+            .map(|m| m.name.clone())
+            .unwrap_or_else(|| "base".into())
+    }
+
+    /// The `run.json` this run writes, for `prompts` prompts from `source`.
+    pub fn run_info(&self, prompts: usize, source: &str) -> Result<RunInfo> {
+        Ok(RunInfo {
+            format: RUN_FORMAT.into(),
+            method: self.label(),
+            steer: self.steer.clone(),
+            model: self.model_name.clone(),
+            steps: self.steps,
+            guidance: self.guidance,
+            seed: self.seed,
+            images_per_prompt: self.images_per_prompt,
+            prompts,
+            prompt_source: source.to_string(),
+            width: self.width,
+            height: self.height,
+            steering: self
+                .method
+                .map(|m| serde_json::to_value(&m.config))
+                .transpose()?,
+            seeding: self.seeding,
+        })
+    }
+}
+
 /// What a run did.
 #[derive(Clone, Debug, Default)]
 pub struct EvalOutcome {
@@ -123,29 +155,8 @@ pub fn run_eval(
 
     std::fs::create_dir_all(out)
         .with_context(|| format!("{}: cannot create the folder", out.display()))?;
-    let label = run
-        .method
-        .map(|m| m.name.clone())
-        .unwrap_or_else(|| "base".into());
-    let info = RunInfo {
-        format: RUN_FORMAT.into(),
-        method: label.clone(),
-        steer: run.steer.clone(),
-        model: run.model_name.clone(),
-        steps: run.steps,
-        guidance: run.guidance,
-        seed: run.seed,
-        images_per_prompt: run.images_per_prompt,
-        prompts: prompts.len(),
-        prompt_source: source.to_string(),
-        width: run.width,
-        height: run.height,
-        steering: run
-            .method
-            .map(|m| serde_json::to_value(&m.config))
-            .transpose()?,
-        seeding: run.seeding,
-    };
+    let label = run.label();
+    let info = run.run_info(prompts.len(), source)?;
     match read_run_info(out) {
         None => {
             let text = serde_json::to_string_pretty(&info)? + "\n";
