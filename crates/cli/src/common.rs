@@ -141,7 +141,7 @@ pub fn load_model(args: &ModelArgs) -> Result<(Pipeline, String)> {
     Ok((model, name))
 }
 
-/// Sampling settings of `generate`, `invert` and `attention`. Steps and guidance default to the
+/// Sampling settings of `generate`, `invert`, `attention` and `eval`. Steps and guidance default to the
 /// model's own: Stable Diffusion as each command says, FLUX.1-dev 50 steps at guidance 3.5,
 /// FLUX.1-schnell 4 steps without guidance.
 #[derive(clap::Args)]
@@ -179,6 +179,20 @@ impl SampleArgs {
             self.steps.unwrap_or(defaults.steps),
             self.guidance.unwrap_or(guidance),
         )
+    }
+
+    /// [`SampleArgs::resolve`] for a steered run: without `--steps`, a classifier's own tuned
+    /// schedule names the sampling steps (the built-in one: 20), else the model does.
+    pub fn resolve_steered(&self, model: &Pipeline, steer: &SteerArgs) -> Result<(usize, f64)> {
+        let (steps, guidance) = self.resolve(model, false);
+        let steps = match self.steps {
+            Some(n) => n,
+            None => steer.tuned_steps()?.unwrap_or(steps),
+        };
+        if steps == 0 {
+            bail!("--steps 0: expected at least 1");
+        }
+        Ok((steps, guidance))
     }
 }
 

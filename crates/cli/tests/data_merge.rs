@@ -100,7 +100,9 @@ fn shards_merge_into_what_one_build_writes() {
         "{said}"
     );
     let (a, b) = (samples(&dir("part1")), samples(&dir("part2")));
-    assert!(a.keys().all(|id| id % 2 == 0) && b.keys().all(|id| id % 2 == 1));
+    // Shards split by image (image i's samples are 2i and 2i + 1), keeping twins together.
+    assert!(a.keys().all(|id| (id / 2) % 2 == 0) && b.keys().all(|id| (id / 2) % 2 == 1));
+    assert_eq!((a.len(), b.len()), (4, 4));
     assert_eq!(samples(&merged), one, "same samples, same maps");
     let infos = |d: &Path| {
         let ds = Dataset::open(d).unwrap();

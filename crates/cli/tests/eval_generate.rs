@@ -398,7 +398,13 @@ fn generated_prompt_texts_parse_to_their_metadata() {
         let mut want: Vec<(String, String, String)> = p
             .triplets()
             .iter()
-            .map(|t| (t.a.clone(), t.relation.name().to_string(), t.b.clone()))
+            .map(|t| {
+                (
+                    t.subject.clone(),
+                    t.relation.name().to_string(),
+                    t.object.clone(),
+                )
+            })
             .collect();
         got.sort();
         want.sort();

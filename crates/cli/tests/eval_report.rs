@@ -164,8 +164,8 @@ fn demo_runs(root: &Path, prompts: usize, size: u32) -> (std::path::PathBuf, std
     let mut placed = Vec::new();
     for (i, p) in set.iter().enumerate() {
         let t = &p.triplets()[0];
-        let a = ShapeClass::from_word(&t.a).unwrap();
-        let b = ShapeClass::from_word(&t.b).unwrap();
+        let a = ShapeClass::from_word(&t.subject).unwrap();
+        let b = ShapeClass::from_word(&t.object).unwrap();
         let mut bs = Vec::new();
         let mut ps = Vec::new();
         for j in 0..4 {

@@ -51,6 +51,17 @@ impl Default for RfInversionConfig {
 }
 
 impl RfInversionConfig {
+    /// γ = 1, η = 1 at every reverse step: the reconstruction held to the image throughout, as
+    /// Learn-to-Steer builds its FLUX training data (the maps then show the image's layout).
+    pub fn held_to_image() -> Self {
+        Self {
+            gamma: 1.0,
+            eta: 1.0,
+            start: 0.0,
+            stop: 1.0,
+        }
+    }
+
     /// No control: plain Euler inversion and sampling.
     pub fn plain() -> Self {
         Self {

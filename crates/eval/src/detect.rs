@@ -17,10 +17,22 @@ pub struct Detection {
     pub score: f32,
 }
 
+/// Why a detector failed on an image: the detector's own error, kept as the source so callers
+/// can print or downcast it.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct DetectError(#[from] Box<dyn std::error::Error + Send + Sync>);
+
+impl DetectError {
+    pub fn new(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self(source.into())
+    }
+}
+
 /// Anything that finds objects in an RGB image.
 pub trait Detector {
     /// All detections, in any order; callers apply their own score threshold.
-    fn detect(&self, image: &image::RgbImage) -> anyhow::Result<Vec<Detection>>;
+    fn detect(&self, image: &image::RgbImage) -> Result<Vec<Detection>, DetectError>;
 
     /// The class names this detector can report.
     fn classes(&self) -> &[String];

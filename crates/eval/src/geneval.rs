@@ -4,28 +4,10 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{relations, top1_per_class, Detection, Relation, RelationSet};
+use crate::{relations, top1_per_class, Detection, Relation, RelationSet, Triplet};
 
 /// GenEval's detection score threshold (detections must score strictly above it).
 pub const SCORE_THRESHOLD: f32 = 0.3;
-
-/// A wanted layout: object `a` stands in `relation` to object `b`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Triplet {
-    pub a: String,
-    pub relation: Relation,
-    pub b: String,
-}
-
-impl Triplet {
-    pub fn new(a: impl Into<String>, relation: Relation, b: impl Into<String>) -> Self {
-        Self {
-            a: a.into(),
-            relation,
-            b: b.into(),
-        }
-    }
-}
 
 /// The verdict on one image.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,8 +44,8 @@ pub fn judge_with_threshold(
     min_score: f32,
 ) -> Judgement {
     let mut top = top1_per_class(detections, min_score);
-    let a = top.remove(&wanted.a);
-    let b = top.remove(&wanted.b);
+    let a = top.remove(&wanted.subject);
+    let b = top.remove(&wanted.object);
     let rels = match (&a, &b) {
         (Some(a), Some(b)) => relations(&a.bbox, &b.bbox),
         _ => RelationSet::empty(),

@@ -116,6 +116,9 @@ pub struct RunInfo {
     pub steering: Option<Value>,
     #[serde(default)]
     pub seeding: Seeding,
+    /// Classifier-free guidance's unconditional prompt (Stable Diffusion), when not empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub negative_prompt: String,
 }
 
 impl RunInfo {
@@ -266,6 +269,7 @@ mod tests {
             height: None,
             steering: None,
             seeding: Seeding::PerImage,
+            negative_prompt: String::new(),
         };
         assert!(a.differences(&a).is_empty());
         // A run.json written before runs named their seeding reads as per-image seeds.

@@ -23,13 +23,15 @@ mod relation;
 pub mod report;
 pub mod score;
 pub mod sources;
+mod triplet;
 
 pub use bbox::BBox;
-pub use detect::{top1_per_class, Detection, Detector};
+pub use detect::{top1_per_class, DetectError, Detection, Detector};
 pub use geneval::{
     judge, judge_with_threshold, parse_position_line, read_position_prompts, Judgement,
-    PositionPrompt, PromptFileError, Tally, Triplet, SCORE_THRESHOLD,
+    PositionPrompt, PromptFileError, Tally, SCORE_THRESHOLD,
 };
 pub use relation::{
     relations, relations_with_threshold, Relation, RelationSet, UnknownRelation, POSITION_THRESHOLD,
 };
+pub use triplet::Triplet;

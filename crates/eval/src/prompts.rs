@@ -776,8 +776,8 @@ mod tests {
         for p in &a {
             assert!(p.prompt.starts_with("a photo of "));
             let t = &p.triplets()[0];
-            assert_ne!(t.a, t.b);
-            assert_eq!(p.prompt, position_text(&t.a, t.relation, &t.b));
+            assert_ne!(t.subject, t.object);
+            assert_eq!(p.prompt, position_text(&t.subject, t.relation, &t.object));
             *rels.entry(t.relation).or_insert(0) += 1;
         }
         assert_eq!(rels.len(), 4, "all four relations drawn: {rels:?}");
@@ -819,7 +819,7 @@ mod tests {
                 assert!(p.prompt.contains(&noun(&inc.class)), "{}", p.prompt);
             }
             for t in &trips {
-                let phrase = format!("{} {} {}", t.a, t.relation, noun(&t.b));
+                let phrase = format!("{} {} {}", t.subject, t.relation, noun(&t.object));
                 assert!(p.prompt.contains(&phrase), "{phrase:?} in {:?}", p.prompt);
             }
             // Valid GenEval metadata that reads back identically.

@@ -44,6 +44,17 @@ impl Relation {
         }
     }
 
+    /// The phrase prompts use and the published Learn-to-Steer classifiers name their classes
+    /// by: "to the left of", "to the right of", "above", "below".
+    pub fn phrase(self) -> &'static str {
+        match self {
+            Relation::LeftOf => "to the left of",
+            Relation::RightOf => "to the right of",
+            Relation::Above => "above",
+            Relation::Below => "below",
+        }
+    }
+
     /// Position in [`Relation::ALL`] (a stable class index).
     pub fn index(self) -> usize {
         self as usize

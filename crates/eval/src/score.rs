@@ -335,9 +335,9 @@ impl ImageResult {
             .triplets()
             .into_iter()
             .map(|t| RelationCheck {
-                subject: t.a,
+                subject: t.subject,
                 relation: t.relation,
-                object: t.b,
+                object: t.object,
                 found: false,
                 holds: RelationSet::empty(),
                 correct: false,

@@ -579,7 +579,7 @@ mod tests {
 
     struct Fixed(Vec<String>);
     impl Detector for Fixed {
-        fn detect(&self, image: &image::RgbImage) -> anyhow::Result<Vec<Detection>> {
+        fn detect(&self, image: &image::RgbImage) -> Result<Vec<Detection>, crate::DetectError> {
             // A red pixel at (x, 0) marks a "dog" box at x; blue a "cat".
             let mut out = Vec::new();
             for x in 0..image.width() {
@@ -601,7 +601,7 @@ mod tests {
                 }
             }
             if image.get_pixel(0, 1).0 == [0, 255, 0] {
-                anyhow::bail!("green means trouble");
+                return Err(crate::DetectError::new("green means trouble"));
             }
             Ok(out)
         }

@@ -179,12 +179,13 @@ impl Pipeline {
         }
     }
 
-    /// Guidance of an inversion when the user names none: 1 (none) for classifier-free guidance,
-    /// the sampling default for a guidance input.
+    /// Guidance of an inversion and its reconstruction when the user names none: 1 (off) for
+    /// classifier-free guidance; 0 for FLUX's guidance input, as diffusers' RF-inversion
+    /// pipeline inverts and as the paper's FLUX training data is reconstructed.
     pub fn inversion_guidance(&self) -> f64 {
         match &self.family {
             Family::StableDiffusion(_) => 1.0,
-            Family::Flux(_) => self.sampling_defaults().guidance,
+            Family::Flux(_) => 0.0,
         }
     }
 

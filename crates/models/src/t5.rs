@@ -284,7 +284,7 @@ pub struct T5Encoded {
 }
 
 impl T5Tokenizer {
-    /// `max_len`: FluxPipeline's `max_sequence_length` (512 for dev, 256 for schnell).
+    /// `max_len`: FluxPipeline's `max_sequence_length` (512).
     pub fn from_folder(dir: &Path, max_len: usize) -> ModelResult<Self> {
         let err = |reason: String| ModelError::Tokenizer {
             path: dir.to_path_buf(),

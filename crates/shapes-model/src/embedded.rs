@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use crate::error::{Result, ShapesModelError};
 
 use crate::folder::write_file;
 
@@ -138,7 +138,9 @@ pub fn classifier_steering() -> Result<Steering> {
         .iter()
         .find(|(n, _)| *n == "steering.json")
         .expect("listed above");
-    serde_json::from_slice(bytes).context("the embedded classifier's steering.json")
+    serde_json::from_slice(bytes).map_err(ShapesModelError::json(
+        "the embedded classifier's steering.json",
+    ))
 }
 
 /// `steering.json` of a classifier folder: the sampling steps and the steering schedule
@@ -150,10 +152,13 @@ pub struct Steering {
     pub steer: serde_json::Value,
 }
 
-fn write_files(dir: &Path, files: &[(&str, &[u8])], last: &str, what: &str) -> Result<()> {
+fn write_files(dir: &Path, files: &[(&str, &[u8])], last: &str, what: &'static str) -> Result<()> {
     let unpack = |name: &str, bytes: &[u8]| {
-        write_file(&dir.join(name), bytes)
-            .with_context(|| format!("unpacking the embedded {what} into {}", dir.display()))
+        write_file(&dir.join(name), bytes).map_err(|e| ShapesModelError::Unpack {
+            what,
+            dir: dir.to_path_buf(),
+            source: Box::new(e),
+        })
     };
     for (name, bytes) in files.iter().filter(|(n, _)| *n != last) {
         unpack(name, bytes)?;

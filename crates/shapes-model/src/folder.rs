@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use crate::error::{Result, ShapesModelError};
 use candle_core::Tensor;
 
 use crate::architecture;
@@ -25,7 +25,7 @@ pub fn vocab_size() -> usize {
 /// Creates the folder `path` goes in.
 fn create_parent(path: &Path) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
+    std::fs::create_dir_all(dir).map_err(ShapesModelError::io(dir))
 }
 
 /// Writes `bytes` to `path` with [`l2s_files::write_atomic`], creating its folder first.
@@ -36,14 +36,16 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// The trimmed CLIP tokenizer's config with this model's sequence length.
 fn tokenizer_config() -> Result<serde_json::Value> {
-    let mut config: serde_json::Value =
-        serde_json::from_str(TOKENIZER_CONFIG).context("built-in tokenizer_config.json")?;
+    let mut config: serde_json::Value = serde_json::from_str(TOKENIZER_CONFIG)
+        .map_err(ShapesModelError::json("built-in tokenizer_config.json"))?;
     config["model_max_length"] = architecture::MAX_TOKENS.into();
     Ok(config)
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    write_file(path, serde_json::to_string_pretty(value)?.as_bytes())
+    let text = serde_json::to_string_pretty(value)
+        .map_err(ShapesModelError::json(path.display().to_string()))?;
+    write_file(path, text.as_bytes())
 }
 
 /// Writes a safetensors file with [`l2s_files::write_atomic_with`], creating its folder first.

@@ -3,10 +3,12 @@
 
 pub mod architecture;
 pub mod embedded;
+pub mod error;
 
 pub mod folder;
 pub mod optim;
 pub mod plot;
 pub mod train;
 
+pub use error::ShapesModelError;
 pub use train::{Progress, TrainOptions, TrainSummary, Trainer};

@@ -1,6 +1,6 @@
 //! A loss-curve PNG: raw losses (light) and their running mean (dark) on a log scale.
 
-use anyhow::Result;
+use crate::error::Result;
 use image::{Rgb, RgbImage};
 
 const W: u32 = 640;

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Result, ShapesModelError};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use l2s_models::clip::{ClipTextConfig, ClipTextModel};
@@ -135,8 +135,7 @@ pub struct Trainer {
 impl Trainer {
     /// Sets up a run folder (`run_dir/model` is the exported model, `run_dir/checkpoints` the state).
     pub fn new(run_dir: &Path, device: &Device) -> Result<Self> {
-        std::fs::create_dir_all(run_dir)
-            .with_context(|| format!("creating {}", run_dir.display()))?;
+        std::fs::create_dir_all(run_dir).map_err(ShapesModelError::io(run_dir))?;
         let model_dir = run_dir.join("model");
         write_model_folder(&model_dir, None)?;
         let tokenizer = ClipTokenizer::from_folder(&model_dir.join("tokenizer"))?;
@@ -144,14 +143,16 @@ impl Trainer {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let te_cfg: ClipTextConfig =
-            serde_json::from_value(architecture::text_encoder_config(vocab))?;
-        let unet_cfg: UNetConfig = serde_json::from_value(architecture::unet_config())?;
+            serde_json::from_value(architecture::text_encoder_config(vocab))
+                .map_err(ShapesModelError::json("built-in text encoder config"))?;
+        let unet_cfg: UNetConfig = serde_json::from_value(architecture::unet_config())
+            .map_err(ShapesModelError::json("built-in UNet config"))?;
         let text_encoder = ClipTextModel::new(&te_cfg, vb.pp("text_encoder"))?;
         let unet = UNet2DConditionModel::new(&unet_cfg, vb.pp("unet"))?;
         let mut named_vars: Vec<(String, Var)> = varmap
             .data()
             .lock()
-            .map_err(|_| anyhow::anyhow!("poisoned var map"))?
+            .map_err(|_| candle_core::Error::Msg("the parameter map's lock was poisoned".into()))?
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
@@ -169,7 +170,10 @@ impl Trainer {
             tokenizer,
             named_vars,
             alphas_cumprod,
-            latents: SpaceToDepth::new(serde_json::from_value(architecture::vae_config())?),
+            latents: SpaceToDepth::new(
+                serde_json::from_value(architecture::vae_config())
+                    .map_err(ShapesModelError::json("built-in VAE config"))?,
+            ),
             device: device.clone(),
             run_dir: run_dir.to_path_buf(),
             vocab,
@@ -179,33 +183,35 @@ impl Trainer {
     /// Starts from the weights of an exported shapes-model folder (a warm start, e.g. to continue
     /// training the built-in model with fresh optimizer state). Only for a run without checkpoints.
     pub fn init_from_model(&self, model_dir: &Path) -> Result<()> {
-        anyhow::ensure!(
-            self.latest_checkpoint().is_none(),
-            "{} already has checkpoints; it resumes from them (use a new run folder to start from a model)",
-            self.run_dir.display()
-        );
+        if self.latest_checkpoint().is_some() {
+            return Err(ShapesModelError::RunFolder {
+                path: self.run_dir.clone(),
+                reason: "already has checkpoints; it resumes from them (use a new run folder to start from a model)".into(),
+            });
+        }
         for (part, file) in [
             ("text_encoder", "model.safetensors"),
             ("unet", "diffusion_pytorch_model.safetensors"),
         ] {
             let path = model_dir.join(part).join(file);
             let tensors = candle_core::safetensors::load(&path, &self.device)
-                .with_context(|| format!("reading {}", path.display()))?;
+                .map_err(|e| ShapesModelError::weights(&path, e.to_string()))?;
             for (name, var) in &self.named_vars {
                 let Some(local) = name.strip_prefix(&format!("{part}.")) else {
                     continue;
                 };
-                let t = tensors
-                    .get(local)
-                    .with_context(|| format!("{}: no tensor `{local}`", path.display()))?;
+                let t = tensors.get(local).ok_or_else(|| {
+                    ShapesModelError::weights(&path, format!("no tensor `{local}`"))
+                })?;
                 // A model with more token positions: keep the first ones.
                 let t = if local.ends_with("position_embedding.weight") && t.dim(0)? > var.dim(0)? {
                     t.narrow(0, 0, var.dim(0)?)?
                 } else {
                     t.clone()
                 };
-                var.set(&t)
-                    .with_context(|| format!("{}: tensor `{local}`", path.display()))?;
+                var.set(&t).map_err(|e| {
+                    ShapesModelError::weights(&path, format!("tensor `{local}`: {e}"))
+                })?;
             }
         }
         Ok(())
@@ -230,7 +236,7 @@ impl Trainer {
         let root = self.checkpoints_dir();
         let name = format!("step-{:08}", state.step);
         let dir = root.join(&name);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(ShapesModelError::io(&dir))?;
         let mut tensors: HashMap<String, Tensor> = self
             .named_vars
             .iter()
@@ -245,11 +251,16 @@ impl Trainer {
         save_tensors(&dir.join("state.safetensors"), &tensors)?;
         write_file(
             &dir.join("state.json"),
-            serde_json::to_string_pretty(state)?.as_bytes(),
+            serde_json::to_string_pretty(state)
+                .map_err(ShapesModelError::json("checkpoint state"))?
+                .as_bytes(),
         )?;
         // Only now does the new checkpoint become the one to resume from.
         write_file(&root.join("latest"), name.as_bytes())?;
-        for entry in std::fs::read_dir(&root)?.flatten() {
+        for entry in std::fs::read_dir(&root)
+            .map_err(ShapesModelError::io(&root))?
+            .flatten()
+        {
             let p = entry.path();
             if p.is_dir() && p.file_name().and_then(|n| n.to_str()) != Some(name.as_str()) {
                 let _ = std::fs::remove_dir_all(p);
@@ -345,25 +356,31 @@ impl Trainer {
         };
         if let Some(dir) = self.latest_checkpoint() {
             let state_path = dir.join("state.json");
-            let saved: CheckpointState = serde_json::from_str(&std::fs::read_to_string(
-                &state_path,
-            )?)
-            .with_context(|| format!("{}: not a training checkpoint", state_path.display()))?;
-            if saved.architecture != arch {
-                bail!(
-                    "{}: checkpoint of a different model architecture; use another run folder",
+            let text =
+                std::fs::read_to_string(&state_path).map_err(ShapesModelError::io(&state_path))?;
+            let saved: CheckpointState =
+                serde_json::from_str(&text).map_err(ShapesModelError::json(format!(
+                    "{}: not a training checkpoint",
                     state_path.display()
-                );
+                )))?;
+            if saved.architecture != arch {
+                return Err(ShapesModelError::RunFolder {
+                    path: state_path,
+                    reason: "checkpoint of a different model architecture; use another run folder"
+                        .into(),
+                });
             }
             let weights = dir.join("state.safetensors");
-            let tensors = candle_core::safetensors::load(&weights, &self.device)
-                .with_context(|| format!("{}: unreadable checkpoint", weights.display()))?;
+            let tensors = candle_core::safetensors::load(&weights, &self.device).map_err(|e| {
+                ShapesModelError::weights(&weights, format!("unreadable checkpoint: {e}"))
+            })?;
             for (n, v) in &self.named_vars {
-                let t = tensors
-                    .get(&format!("param.{n}"))
-                    .with_context(|| format!("{}: no parameter `{n}`", weights.display()))?;
-                v.set(t)
-                    .with_context(|| format!("{}: parameter `{n}`", weights.display()))?;
+                let t = tensors.get(&format!("param.{n}")).ok_or_else(|| {
+                    ShapesModelError::weights(&weights, format!("no parameter `{n}`"))
+                })?;
+                v.set(t).map_err(|e| {
+                    ShapesModelError::weights(&weights, format!("parameter `{n}`: {e}"))
+                })?;
             }
             opt.load_state(&tensors, saved.step)?;
             let ema_t: HashMap<String, Tensor> = tensors
@@ -400,7 +417,10 @@ impl Trainer {
                 .mean_all()?;
             let loss_value = loss.to_scalar::<f32>()?;
             if !loss_value.is_finite() {
-                bail!("training diverged at step {step} (loss {loss_value}); lower --lr");
+                return Err(ShapesModelError::Diverged {
+                    step,
+                    loss: loss_value,
+                });
             }
             opt.backward_step(&loss)?;
             ema.update()?;

@@ -285,7 +285,7 @@ impl ShapeDetector {
 }
 
 impl Detector for ShapeDetector {
-    fn detect(&self, image: &RgbImage) -> anyhow::Result<Vec<Detection>> {
+    fn detect(&self, image: &RgbImage) -> Result<Vec<Detection>, l2s_eval::DetectError> {
         Ok(self.analyze(image).detections)
     }
 

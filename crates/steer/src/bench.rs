@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use l2s_eval::layout::{read_run_info, Seeding};
 use l2s_eval::prompts::SpatialPrompt;
 use l2s_eval::report::{RESULTS_FILE, SUMMARY_FILE};
@@ -150,14 +150,9 @@ fn build_data(sd: &Pipeline, a: &ShapesBench, progress: &dyn BenchProgress) -> R
     }
     let images = read_annotated(&images_dir, None)?;
     let cfg = BuildConfig {
-        steps: a.steps,
         fixed_point_iterations: a.fixed_point,
-        step_indices: sd.map_steps(a.steps),
         psnr_threshold: a.min_psnr,
-        dual_inversion: true,
-        seed: 0,
-        shard: ShardSpec::all(),
-        rf: l2s_diffusion::RfInversionConfig::default(),
+        ..BuildConfig::for_model(sd, a.steps)
     };
     let detector = shapes_relation_detector(&images)?;
     let check = a.check_relation.then_some(ReconstructionCheck {
@@ -258,8 +253,9 @@ fn train_classifiers(a: &ShapesBench, progress: &dyn BenchProgress) -> Result<()
             })
             .collect();
         handles.into_iter().try_for_each(|h| {
-            h.join()
-                .map_err(|_| anyhow::anyhow!("a classifier training thread panicked"))?
+            h.join().map_err(|_| {
+                crate::SteerError::Invalid("a classifier training thread panicked".into())
+            })?
         })
     })
 }
@@ -308,7 +304,7 @@ fn prompts(n: usize) -> Result<Vec<SpatialPrompt>> {
                 "prompt": p.text(),
             });
             SpatialPrompt::from_metadata(meta)
-                .map_err(anyhow::Error::msg)?
+                .map_err(crate::SteerError::Invalid)?
                 .context("a shapes prompt that is not a position prompt")
         })
         .collect()
@@ -321,7 +317,7 @@ fn method_spec(name: &str, work: &Path) -> Result<MethodSpec> {
         "attend-excite" => MethodSpec::AttendExcite,
         "l2s-dual" => MethodSpec::Classifier(work.join("clf-dual")),
         "l2s-single" => MethodSpec::Classifier(work.join("clf-single")),
-        other => anyhow::bail!("--methods: unknown method `{other}` (base, centroid, attend-excite, l2s-single, l2s-dual)"),
+        other => crate::error::bail!("--methods: unknown method `{other}` (base, centroid, attend-excite, l2s-single, l2s-dual)"),
     })
 }
 
@@ -386,6 +382,7 @@ pub fn run_method(
         guidance: a
             .guidance
             .unwrap_or_else(|| model.sampling_defaults().guidance),
+        negative_prompt: String::new(),
         seed: 0,
         seeding: Seeding::PerSample,
         images_per_prompt: a.seeds as usize,
@@ -429,7 +426,7 @@ pub fn run_method(
         &ScoreOptions::default(),
         &mut |_, _| {},
     )
-    .map_err(anyhow::Error::msg)?;
+    .map_err(crate::SteerError::Invalid)?;
     l2s_generate::write_atomic(
         &dir.join(RESULTS_FILE),
         results_jsonl(&scored.results).as_bytes(),
@@ -472,7 +469,7 @@ fn check_work_folder(sd: &Pipeline, a: &ShapesBench) -> Result<()> {
         let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
             .with_context(|| format!("{}: not a settings file", path.display()))?;
         if saved != settings {
-            anyhow::bail!(
+            crate::error::bail!(
                 "{} was made with other settings ({saved}); this run asks for {settings}. \
                  Use another --work folder, or delete this one to start over",
                 a.work.display()

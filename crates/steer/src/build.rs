@@ -4,10 +4,9 @@
 //! labelled with the TRUE relation, so the classifier cannot learn to read the relation word.
 //! Stable Diffusion inverts by fixed-point DDIM, FLUX by RF-inversion (the model's own choice).
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use candle_core::Tensor;
 use l2s_diffusion::RfInversionConfig;
-use l2s_eval::prompts::article;
 use l2s_eval::{relations as relation_rule, top1_per_class, BBox, Detector, Relation};
 use l2s_generate::{invert, reconstruct, InvertRequest, StepObserver};
 use l2s_models::{AttentionObserver, AttentionSite, InversionSettings, Pipeline};
@@ -40,6 +39,42 @@ pub struct BuildConfig {
     pub shard: ShardSpec,
     /// RF-inversion's controllers (flow-matching models).
     pub rf: RfInversionConfig,
+    /// Which samples a failed one takes with it.
+    pub drop_rule: DropRule,
+}
+
+/// What happens to an image's wrong-prompt sample when its true-prompt sample is dropped (low
+/// PSNR, or the relation check failed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DropRule {
+    /// The twin goes too and is never inverted (Learn-to-Steer's data building): every image in
+    /// the dataset then has its true-prompt sample.
+    #[default]
+    Twins,
+    /// Each sample is judged on its own.
+    PerSample,
+}
+
+impl BuildConfig {
+    /// The model's own data-building settings at `steps` sampling steps, as the paper builds
+    /// its data: the map steps ([`Pipeline::map_steps`]), the PSNR floor
+    /// ([`Pipeline::min_reconstruction_psnr`]), five fixed-point iterations per DDIM inversion
+    /// step, RF-inversion held to the image at every step (γ = η = 1), dual inversion, twins
+    /// dropped together.
+    pub fn for_model(model: &Pipeline, steps: usize) -> Self {
+        Self {
+            steps,
+            fixed_point_iterations: 5,
+            step_indices: model.map_steps(steps),
+            psnr_threshold: model.min_reconstruction_psnr(),
+            dual_inversion: true,
+            seed: 0,
+            shard: ShardSpec::all(),
+            rf: RfInversionConfig::held_to_image(),
+            drop_rule: DropRule::Twins,
+        }
+    }
 }
 
 /// The four relations, in label order.
@@ -47,19 +82,11 @@ pub fn relation_names() -> Vec<String> {
     Relation::ALL.iter().map(|r| r.name().to_string()).collect()
 }
 
-/// "a circle to the left of a square"-style prompt for a triplet.
+/// The prompt a triplet is inverted with, worded as the paper's data: "A {subject} {relation}
+/// a {object}" with the relation as the published classifiers name it ("to the left of",
+/// "to the right of", "above", "below") and "A"/"a" whatever the noun.
 pub fn triplet_prompt(subject: &str, relation: Relation, object: &str) -> String {
-    let phrase = match relation {
-        Relation::LeftOf => "to the left of",
-        Relation::RightOf => "to the right of",
-        Relation::Above => "above",
-        Relation::Below => "below",
-    };
-    format!(
-        "{} {subject} {phrase} {} {object}",
-        article(subject),
-        article(object)
-    )
+    format!("A {subject} {} a {object}", relation.phrase())
 }
 
 /// Picks a pair of distinct objects whose relation is exactly one of the four.
@@ -124,12 +151,13 @@ impl StepMaps {
     /// (steps, 2, C, size, size) and the layers in channel order.
     pub fn finish(mut self) -> Result<(Tensor, Vec<AttentionSite>)> {
         self.harvest()?;
-        anyhow::ensure!(
-            self.per_step.len() == self.at_steps.len(),
-            "recorded {} of {} steps",
-            self.per_step.len(),
-            self.at_steps.len()
-        );
+        if self.per_step.len() != self.at_steps.len() {
+            crate::error::bail!(
+                "recorded {} of {} steps",
+                self.per_step.len(),
+                self.at_steps.len()
+            );
+        }
         Ok((Tensor::stack(&self.per_step, 0)?, self.sites))
     }
 }
@@ -257,27 +285,69 @@ pub struct BuildSummary {
     pub dropped_low_psnr: usize,
     /// Dropped by the [`ReconstructionCheck`]: the reconstruction lost an object or the relation.
     pub dropped_relation_lost: usize,
+    /// Wrong-prompt samples not inverted because their true-prompt twin was dropped
+    /// ([`DropRule::Twins`]).
+    pub dropped_twin: usize,
     pub no_unambiguous_pair: usize,
     pub mean_psnr: f64,
 }
 
 /// One inversion to run: an image's true-prompt or wrong-prompt sample.
-struct Job {
-    image: usize,
+struct SampleJob {
     sample: u64,
     kind: SampleKind,
+    prompt_relation: Relation,
+    prompt: String,
+}
+
+/// An image's samples, run in order on one worker so that a dropped true-prompt sample can
+/// take its twin with it ([`DropRule::Twins`]) before the twin is inverted.
+struct ImageJob {
+    image: usize,
     subject: String,
     object: String,
     relation: Relation,
-    prompt_relation: Relation,
-    prompt: String,
+    samples: Vec<SampleJob>,
+}
+
+/// What became of one sample of an [`ImageJob`].
+enum SampleOutcome {
+    Recorded {
+        recorded: RecordedSample,
+        /// The relation check passed (or none was asked for).
+        holds: bool,
+    },
+    /// Not inverted: its true-prompt twin was dropped.
+    TwinDropped,
+}
+
+/// Whether a recorded sample is kept, and if not why.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Kept,
+    LowPsnr,
+    RelationLost,
+}
+
+impl Verdict {
+    fn of(psnr: f64, holds: bool, min_psnr: f64) -> Self {
+        // NaN PSNR counts as too low.
+        if psnr.is_nan() || psnr < min_psnr {
+            Verdict::LowPsnr
+        } else if !holds {
+            Verdict::RelationLost
+        } else {
+            Verdict::Kept
+        }
+    }
 }
 
 /// Builds (or resumes) a dataset in `writer` from `images`. With `positives_only`, the
 /// true-prompt samples also go there: the single-inversion ablation from the same inversions.
 /// With a `check`, samples whose reconstruction no longer shows the relation are dropped too.
-/// `workers` threads invert at once (the model is shared); samples are written in the same order
-/// as with one. `progress(done, total)` after each image.
+/// `workers` threads invert at once, one image each (the model is shared); samples are written
+/// in the same order as with one. `--shard` splits by image, so twins stay together.
+/// `progress(done, total)` after each image.
 #[allow(clippy::too_many_arguments)]
 pub fn build(
     model: &Pipeline,
@@ -295,6 +365,9 @@ pub fn build(
     };
     let mut jobs = Vec::new();
     for (index, img) in images.iter().enumerate() {
+        if !cfg.shard.owns(index as u64) {
+            continue;
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(
             cfg.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
@@ -312,11 +385,10 @@ pub fn build(
         if cfg.dual_inversion {
             kinds.push((SampleKind::Negative, negative));
         }
+        let (subject, object) = (img.objects[i].0.clone(), img.objects[j].0.clone());
+        let mut samples = Vec::new();
         for (k, (kind, prompt_relation)) in kinds.into_iter().enumerate() {
             let sample = index as u64 * 2 + k as u64;
-            if !cfg.shard.owns(sample) {
-                continue;
-            }
             let single_done = positives_only
                 .as_ref()
                 .is_none_or(|w| kind == SampleKind::Negative || w.contains(sample));
@@ -324,27 +396,30 @@ pub fn build(
                 summary.skipped_existing += 1;
                 continue;
             }
-            let (subject, object) = (img.objects[i].0.clone(), img.objects[j].0.clone());
-            let prompt = triplet_prompt(&subject, prompt_relation, &object);
-            jobs.push(Job {
-                image: index,
+            samples.push(SampleJob {
                 sample,
                 kind,
+                prompt_relation,
+                prompt: triplet_prompt(&subject, prompt_relation, &object),
+            });
+        }
+        if !samples.is_empty() {
+            jobs.push(ImageJob {
+                image: index,
                 subject,
                 object,
                 relation,
-                prompt_relation,
-                prompt,
+                samples,
             });
         }
     }
     // Inversion, reconstruction and the detector's check run on the workers.
-    let run = |job: &Job| -> Result<(RecordedSample, bool)> {
+    let run_sample = |job: &ImageJob, s: &SampleJob| -> Result<(RecordedSample, bool)> {
         let img = &images[job.image];
-        let prompt = &job.prompt;
+        let prompt = &s.prompt;
         // RF-inversion (FLUX) draws noise, each sample its own; DDIM inversion draws none.
         let sample_cfg = BuildConfig {
-            seed: inversion_seed(cfg.seed, job.sample),
+            seed: inversion_seed(cfg.seed, s.sample),
             ..cfg.clone()
         };
         let recorded = record_sample(
@@ -374,42 +449,72 @@ pub fn build(
         };
         Ok((recorded, holds))
     };
+    let run = |job: &ImageJob| -> Result<Vec<SampleOutcome>> {
+        let mut outcomes = Vec::new();
+        let mut positive_dropped = false;
+        for s in &job.samples {
+            if positive_dropped && s.kind == SampleKind::Negative {
+                outcomes.push(SampleOutcome::TwinDropped);
+                continue;
+            }
+            let (recorded, holds) = run_sample(job, s)?;
+            let kept = Verdict::of(recorded.psnr, holds, cfg.psnr_threshold) == Verdict::Kept;
+            if s.kind == SampleKind::Positive && !kept && cfg.drop_rule == DropRule::Twins {
+                positive_dropped = true;
+            }
+            outcomes.push(SampleOutcome::Recorded { recorded, holds });
+        }
+        Ok(outcomes)
+    };
     let mut psnr_sum = 0.0;
     let total = images.len();
-    crate::workers::run_ordered(&jobs, workers, run, |k, (recorded, holds)| {
+    crate::workers::run_ordered(&jobs, workers, run, |k, outcomes| {
         let job = &jobs[k];
-        let psnr = recorded.psnr;
-        // NaN PSNR counts as too low.
-        if psnr.is_nan() || psnr < cfg.psnr_threshold {
-            summary.dropped_low_psnr += 1;
-        } else if !holds {
-            summary.dropped_relation_lost += 1;
-        } else {
-            psnr_sum += psnr;
+        for (s, outcome) in job.samples.iter().zip(outcomes) {
+            let recorded = match outcome {
+                SampleOutcome::TwinDropped => {
+                    summary.dropped_twin += 1;
+                    continue;
+                }
+                SampleOutcome::Recorded { recorded, holds } => {
+                    match Verdict::of(recorded.psnr, holds, cfg.psnr_threshold) {
+                        Verdict::Kept => recorded,
+                        Verdict::LowPsnr => {
+                            summary.dropped_low_psnr += 1;
+                            continue;
+                        }
+                        Verdict::RelationLost => {
+                            summary.dropped_relation_lost += 1;
+                            continue;
+                        }
+                    }
+                }
+            };
+            psnr_sum += recorded.psnr;
             let label = writer
                 .info()
                 .label_of(job.relation.name())
                 .context("relation missing from the dataset's classes")?;
             let meta = SampleMeta {
-                sample: job.sample,
+                sample: s.sample,
                 image_id: images[job.image].id.clone(),
                 subject: job.subject.clone(),
                 object: job.object.clone(),
                 relation: job.relation.name().to_string(),
                 label,
-                prompt: job.prompt.clone(),
-                prompt_relation: job.prompt_relation.name().to_string(),
-                kind: job.kind,
-                psnr,
+                prompt: s.prompt.clone(),
+                prompt_relation: s.prompt_relation.name().to_string(),
+                kind: s.kind,
+                psnr: recorded.psnr,
             };
-            if job.kind == SampleKind::Positive {
+            if s.kind == SampleKind::Positive {
                 if let Some(single) = positives_only.as_deref_mut() {
-                    if !single.contains(job.sample) {
+                    if !single.contains(s.sample) {
                         single.append(meta.clone(), &recorded.maps)?;
                     }
                 }
             }
-            if !writer.contains(job.sample) {
+            if !writer.contains(s.sample) {
                 writer.append(meta, &recorded.maps)?;
             }
             summary.written += 1;
@@ -429,8 +534,8 @@ pub fn build(
 /// The progress line of a build: samples kept and why others were dropped.
 pub fn progress_message(s: &BuildSummary) -> String {
     format!(
-        "{} samples, dropped {} under the PSNR threshold, {} relation lost; PSNR {:.1} dB",
-        s.written, s.dropped_low_psnr, s.dropped_relation_lost, s.mean_psnr
+        "{} samples, dropped {} under the PSNR threshold, {} relation lost, {} twins; PSNR {:.1} dB",
+        s.written, s.dropped_low_psnr, s.dropped_relation_lost, s.dropped_twin, s.mean_psnr
     )
 }
 
@@ -446,7 +551,7 @@ pub fn shapes_relation_detector(images: &[AnnotatedImage]) -> Result<l2s_shapes:
             let known = l2s_eval::Detector::classes(&detector);
             for img in images {
                 if let Some((name, _)) = img.objects.iter().find(|(n, _)| !known.contains(n)) {
-                    anyhow::bail!(
+                    crate::error::bail!(
                         "the shapes relation check: image {} has an object {name:?}, which the shapes detector cannot find \
                          (it knows {}); use it only on shapes-world images",
                         img.id,
@@ -516,6 +621,7 @@ pub fn open_dataset(
         noise_seed: cfg.seed,
     };
     extra.insert("inversion".into(), model.inversion_name(&inversion).into());
+    extra.insert("drop_rule".into(), serde_json::to_value(cfg.drop_rule)?);
     if let Some(file) = model.transformer_file() {
         extra.insert("transformer_file".into(), file.display().to_string().into());
     }
@@ -577,31 +683,30 @@ mod tests {
     use l2s_eval::Detection;
 
     #[test]
-    fn prompts_keep_their_articles() {
+    fn prompts_are_worded_as_the_papers_data() {
         assert_eq!(
             triplet_prompt("star", Relation::LeftOf, "heart"),
-            "a star to the left of a heart"
+            "A star to the left of a heart"
         );
         assert_eq!(
             triplet_prompt("umbrella", Relation::Above, "oven"),
-            "an umbrella above an oven"
+            "A umbrella above a oven"
         );
-        // The articles these prompts have always had: by the first letter, every class name
-        // being lower case.
-        for word in l2s_eval::prompts::COCO_CLASSES
-            .iter()
-            .chain(&l2s_eval::prompts::SHAPES_CLASSES)
-        {
-            let vowel = matches!(word.chars().next(), Some('a' | 'e' | 'i' | 'o' | 'u'));
-            assert_eq!(article(word), if vowel { "an" } else { "a" }, "{word}");
-        }
+        assert_eq!(
+            triplet_prompt("teddy bear", Relation::RightOf, "dog"),
+            "A teddy bear to the right of a dog"
+        );
+        assert_eq!(
+            triplet_prompt("cat", Relation::Below, "car"),
+            "A cat below a car"
+        );
     }
 
     /// Reports fixed boxes, whatever the image.
     struct Fixed(Vec<Detection>, Vec<String>);
 
     impl Detector for Fixed {
-        fn detect(&self, _: &image::RgbImage) -> anyhow::Result<Vec<Detection>> {
+        fn detect(&self, _: &image::RgbImage) -> Result<Vec<Detection>, l2s_eval::DetectError> {
             Ok(self.0.clone())
         }
         fn classes(&self) -> &[String] {

@@ -33,7 +33,9 @@
 //! when no tensor involved is tracked by autograd.
 
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
-use candle_nn::{Dropout, Embedding, Init, Linear, VarBuilder};
+use candle_nn::{Embedding, Init, Linear, VarBuilder};
+
+use crate::seeded::{Dropout, MaskRng};
 use l2s_models::nn::{softmax_last_dim, LayerNorm};
 use serde::{Deserialize, Serialize};
 
@@ -350,7 +352,13 @@ impl Attention {
 
     /// PyTorch's `nn.MultiheadAttention` layout: `in_proj_weight` (3d, d) and `in_proj_bias`
     /// (3d) hold the q, k, v projections in that order; `out_proj`.
-    fn packed(d: usize, heads: usize, dropout: f32, vb: VarBuilder) -> Result<Self> {
+    fn packed(
+        d: usize,
+        heads: usize,
+        dropout: f32,
+        masks: &MaskRng,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let bound = (6.0 / (4 * d) as f64).sqrt();
         let w = vb.get_with_hints(
             (3 * d, d),
@@ -373,7 +381,7 @@ impl Attention {
             v: part(2)?,
             out: candle_nn::linear(d, d, vb.pp("out_proj"))?,
             heads,
-            dropout: (dropout > 0.0).then(|| Dropout::new(dropout)),
+            dropout: (dropout > 0.0).then(|| Dropout::new(dropout, masks)),
         })
     }
 
@@ -418,7 +426,13 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(d: usize, cfg: &EncoderConfig, arch: &Architecture, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        d: usize,
+        cfg: &EncoderConfig,
+        arch: &Architecture,
+        masks: &MaskRng,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let (attn, fc1, fc2) = match arch.layout {
             WeightLayout::L2s => (
                 Attention::new(d, cfg.heads, vb.pp("attn"))?,
@@ -427,7 +441,7 @@ impl EncoderLayer {
             ),
             // nn.TransformerEncoderLayer's names.
             WeightLayout::Torch => (
-                Attention::packed(d, cfg.heads, cfg.dropout, vb.pp("self_attn"))?,
+                Attention::packed(d, cfg.heads, cfg.dropout, masks, vb.pp("self_attn"))?,
                 candle_nn::linear(d, cfg.ff, vb.pp("linear1"))?,
                 candle_nn::linear(cfg.ff, d, vb.pp("linear2"))?,
             ),
@@ -438,7 +452,7 @@ impl EncoderLayer {
             norm2: LayerNorm::new(d, LN_EPS, vb.pp("norm2"))?,
             fc1,
             fc2,
-            dropout: Dropout::new(cfg.dropout),
+            dropout: Dropout::new(cfg.dropout, masks),
             activation: arch.activation,
         })
     }
@@ -465,9 +479,15 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn new(d: usize, cfg: &EncoderConfig, arch: &Architecture, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        d: usize,
+        cfg: &EncoderConfig,
+        arch: &Architecture,
+        masks: &MaskRng,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let layers = (0..cfg.layers)
-            .map(|i| EncoderLayer::new(d, cfg, arch, vb.pp(format!("layers.{i}"))))
+            .map(|i| EncoderLayer::new(d, cfg, arch, masks, vb.pp(format!("layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         let norm = if arch.final_norm {
             Some(LayerNorm::new(d, LN_EPS, vb.pp("norm"))?)
@@ -557,7 +577,12 @@ struct ObjectEncoder {
 }
 
 impl ObjectEncoder {
-    fn new(cfg: &ClassifierConfig, arch: &Architecture, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        cfg: &ClassifierConfig,
+        arch: &Architecture,
+        masks: &MaskRng,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let d = cfg.d_model;
         let pixels = cfg.map_size * cfg.map_size;
         let torch = arch.layout == WeightLayout::Torch;
@@ -583,7 +608,13 @@ impl ObjectEncoder {
             arch,
             &vb.pp(name("position", "positional_encoding")),
         )?;
-        let encoder = Encoder::new(d, &cfg.object, arch, vb.pp(name("encoder", "transformer")))?;
+        let encoder = Encoder::new(
+            d,
+            &cfg.object,
+            arch,
+            masks,
+            vb.pp(name("encoder", "transformer")),
+        )?;
         let query = vb.get_with_hints(
             (1, 1, d),
             name("pool_query", "query_vector"),
@@ -595,7 +626,7 @@ impl ObjectEncoder {
         let heads = arch.pool_heads(cfg);
         let (pool, proj) = if torch {
             (
-                Attention::packed(d, heads, 0.0, vb.pp("layer_attention"))?,
+                Attention::packed(d, heads, 0.0, masks, vb.pp("layer_attention"))?,
                 candle_nn::linear(d, pixels, vb.pp("output_projection"))?,
             )
         } else {
@@ -613,7 +644,7 @@ impl ObjectEncoder {
             query,
             pool,
             proj,
-            input_dropout: (!torch).then(|| Dropout::new(cfg.object.dropout)),
+            input_dropout: (!torch).then(|| Dropout::new(cfg.object.dropout, masks)),
         })
     }
 
@@ -671,6 +702,7 @@ impl RelationHead {
         cfg: &ClassifierConfig,
         arch: &Architecture,
         object_dim: usize,
+        masks: &MaskRng,
         vb: VarBuilder,
     ) -> Result<Self> {
         let d = cfg.d_model;
@@ -723,12 +755,12 @@ impl RelationHead {
         let (input, encoder) = if torch {
             (
                 candle_nn::linear(2 * object_dim, d, vb.pp("projection"))?,
-                Encoder::new(d, &cfg.head, arch, vb.pp("transformer"))?,
+                Encoder::new(d, &cfg.head, arch, masks, vb.pp("transformer"))?,
             )
         } else {
             (
                 candle_nn::linear(2 * object_dim, d, vb.pp("input"))?,
-                Encoder::new(d, &cfg.head, arch, vb.pp("encoder"))?,
+                Encoder::new(d, &cfg.head, arch, masks, vb.pp("encoder"))?,
             )
         };
         Ok(Self {
@@ -738,7 +770,7 @@ impl RelationHead {
             step,
             mlp,
             out: candle_nn::linear(width, cfg.classes, out)?,
-            dropout: Dropout::new(cfg.mlp_dropout),
+            dropout: Dropout::new(cfg.mlp_dropout, masks),
             slope: cfg.leaky_slope,
         })
     }
@@ -770,6 +802,8 @@ pub struct RelationClassifier {
     arch: Architecture,
     object: ObjectEncoder,
     head: RelationHead,
+    /// Where every dropout layer draws its masks.
+    masks: MaskRng,
     dtype: DType,
 }
 
@@ -793,15 +827,22 @@ impl RelationClassifier {
             WeightLayout::L2s => (vb.pp("object"), vb.pp("head")),
             WeightLayout::Torch => (vb.pp("object_extractor"), vb.pp("relation_classifier")),
         };
-        let object = ObjectEncoder::new(cfg, arch, object_vb)?;
-        let head = RelationHead::new(cfg, arch, object.out_dim()?, head_vb)?;
+        let masks = MaskRng::new(0);
+        let object = ObjectEncoder::new(cfg, arch, &masks, object_vb)?;
+        let head = RelationHead::new(cfg, arch, object.out_dim()?, &masks, head_vb)?;
         Ok(Self {
             cfg: cfg.clone(),
             arch: arch.clone(),
             object,
             head,
+            masks,
             dtype: vb.dtype(),
         })
+    }
+
+    /// Restarts the dropout masks' sequence from `seed` (training draws them in forward order).
+    pub fn reseed_dropout(&self, seed: u64) {
+        self.masks.reseed(seed);
     }
 
     pub fn config(&self) -> &ClassifierConfig {

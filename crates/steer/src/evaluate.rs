@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{bail, Context, Result};
 use l2s_diffusion::NoHook;
 use l2s_eval::layout::{
     prompt_dir, read_run_info, sample_path, RunInfo, Seeding, KEY_METHOD, KEY_STEER_LOSS,
@@ -18,9 +18,9 @@ use l2s_generate::{generate, generation_metadata, write_atomic, write_png, Gener
 use l2s_models::Pipeline;
 
 use crate::method::Method;
-use crate::relations::RelationTriplet;
-use crate::steering::{generate_steered, SteerTriplet};
+use crate::steering::{generate_steered, SteerGoal};
 use crate::workers::run_ordered;
+use l2s_eval::Triplet;
 
 /// The settings of one run.
 pub struct EvalRun<'a> {
@@ -33,6 +33,8 @@ pub struct EvalRun<'a> {
     pub steer: String,
     pub steps: usize,
     pub guidance: f64,
+    /// Classifier-free guidance's unconditional prompt (Stable Diffusion; usually empty).
+    pub negative_prompt: String,
     pub seed: u64,
     pub seeding: Seeding,
     pub images_per_prompt: usize,
@@ -72,6 +74,7 @@ impl EvalRun<'_> {
                 .map(|m| serde_json::to_value(&m.config))
                 .transpose()?,
             seeding: self.seeding,
+            negative_prompt: self.negative_prompt.clone(),
         })
     }
 }
@@ -130,19 +133,19 @@ pub fn run_eval(
         .filter(|&i| run.shard.owns_index(i))
         .collect();
     // Steering targets of every prompt of this shard, checked before any image is made.
-    let mut triplets: Vec<Option<Vec<SteerTriplet>>> = Vec::with_capacity(mine.len());
+    let mut triplets: Vec<Option<Vec<SteerGoal>>> = Vec::with_capacity(mine.len());
     for &i in &mine {
         let p = &prompts[i];
         triplets.push(match run.method {
             None => None,
             Some(m) => {
-                let rts: Vec<RelationTriplet> = p
+                let rts: Vec<Triplet> = p
                     .triplets()
                     .into_iter()
-                    .map(|t| RelationTriplet::new(t.a, t.relation, t.b))
+                    .map(|t| Triplet::new(t.subject, t.relation, t.object))
                     .collect();
                 Some(
-                    SteerTriplet::for_prompt(
+                    SteerGoal::for_prompt(
                         &rts,
                         &|word| Ok(model.word_positions(&p.prompt, word)?),
                         &|r| m.label(r),
@@ -211,6 +214,7 @@ pub fn run_eval(
             seed: run.seeding.seed(run.seed, i, j, ipp),
             steps: run.steps,
             guidance: run.guidance,
+            negative_prompt: run.negative_prompt.clone(),
             width: run.width,
             height: run.height,
             ..GenerateRequest::new(p.prompt.clone())

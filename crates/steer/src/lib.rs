@@ -8,11 +8,13 @@ pub mod build;
 pub mod classifier;
 pub mod classify;
 pub mod dataset;
+pub mod error;
 pub mod evaluate;
 pub mod losses;
 pub mod maps;
 pub mod method;
 pub mod relations;
+pub mod seeded;
 pub mod steering;
 pub mod train;
 pub mod workers;
@@ -23,9 +25,8 @@ pub use dataset::{
     merge, Dataset, DatasetError, DatasetInfo, DatasetWriter, Examples, LayerInfo, ManifestEntry,
     MergeSummary, SampleKind, SampleMeta, ShardSpec,
 };
-pub use relations::{
-    parse_override, parse_prompt, triplets_for, RelationParseError, RelationTriplet,
-};
+pub use error::SteerError;
+pub use relations::{parse_override, parse_prompt, triplets_for, RelationParseError};
 pub use train::{
     load_classifier, split_by_image, train, train_on, CheckpointError, CheckpointMeta, EpochReport,
     Evaluation, SplitFractions, TrainConfig, TrainError, TrainMetrics, TrainReport,

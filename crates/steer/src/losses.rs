@@ -1,12 +1,12 @@
 //! Losses the steering loop can descend: the learned relation classifier (Learn-to-Steer) and two
 //! handcrafted baselines (soft-centroid hinge; Attend-and-Excite), all on the same (2, C, S, S) maps.
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use l2s_eval::Relation;
 
 use crate::classifier::{cross_entropy, RelationClassifier};
-use crate::steering::{SteerLoss, SteerTriplet};
+use crate::steering::{SteerGoal, SteerLoss};
 
 /// The classifier's cross-entropy against the wanted relation.
 pub struct LearnedLoss {
@@ -63,7 +63,7 @@ impl SteerLoss for LearnedLoss {
         }
     }
 
-    fn loss(&self, maps: &Tensor, triplet: &SteerTriplet, step: usize) -> Result<Tensor> {
+    fn loss(&self, maps: &Tensor, triplet: &SteerGoal, step: usize) -> Result<Tensor> {
         let dev = maps.device();
         let maps = maps.unsqueeze(0)?.to_dtype(self.classifier.dtype())?;
         let step = self
@@ -108,7 +108,7 @@ impl SteerLoss for CentroidLoss {
         "centroid"
     }
 
-    fn loss(&self, maps: &Tensor, triplet: &SteerTriplet, _step: usize) -> Result<Tensor> {
+    fn loss(&self, maps: &Tensor, triplet: &SteerGoal, _step: usize) -> Result<Tensor> {
         let (cx, cy) = centroids(maps)?;
         let pick = |t: &Tensor, i: usize| t.narrow(0, i, 1);
         // Positive while the subject is not yet `margin` beyond the object in the wanted direction.
@@ -169,7 +169,7 @@ impl SteerLoss for AttendExciteLoss {
         "attend-excite"
     }
 
-    fn loss(&self, maps: &Tensor, _triplet: &SteerTriplet, _step: usize) -> Result<Tensor> {
+    fn loss(&self, maps: &Tensor, _triplet: &SteerGoal, _step: usize) -> Result<Tensor> {
         let m = maps.to_dtype(DType::F32)?.mean(1)?.unsqueeze(1)?; // (2, 1, S, S)
         let smooth = m.conv2d(&self.kernel, 1, 1, 1, 1)?;
         // Each map sums to 1; scale so a fully concentrated map peaks at 1, as A&E's

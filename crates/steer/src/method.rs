@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use candle_core::DType;
 use l2s_eval::Relation;
 use l2s_models::Pipeline;
@@ -99,7 +99,7 @@ fn check_family(path: &Path, meta: &CheckpointMeta, model: &Pipeline, id: &str) 
     }
     let family = if flux { "FLUX" } else { "Stable Diffusion" };
     let first = meta.layers.first().map(|l| l.name.as_str()).unwrap_or("?");
-    anyhow::bail!(
+    crate::error::bail!(
         "classifier {} was trained on {family} attention maps (model {}, {} maps per word from {} layers, first {first}) \
          and cannot steer {}: train a classifier on this model's maps (`l2s data build` + `l2s train` with this --model)",
         path.display(),
@@ -122,14 +122,14 @@ fn check_published(path: &Path, meta: &CheckpointMeta, model: &Pipeline, id: &st
         )
     };
     if let Some(orig) = meta.orig_map_size.filter(|&o| o != grid) {
-        anyhow::bail!(
+        crate::error::bail!(
             "{} was trained on {orig}×{orig} attention maps, but {} gives its largest maps at {grid}×{grid} ({count} maps per word): it belongs to another model",
             what(),
             model.describe_maps(id)
         );
     }
     if count > meta.num_maps {
-        anyhow::bail!(
+        crate::error::bail!(
             "{} cannot read {}: that model gives {count} maps per word",
             what(),
             model.describe_maps(id)

@@ -11,54 +11,7 @@
 //! an explicit override ("dog,right of,teddy bear") names the triplets directly
 //! ([`parse_override`], checked against the prompt by [`triplets_for`]).
 
-use std::fmt;
-
-use l2s_eval::Relation;
-use serde::{Deserialize, Serialize};
-
-/// "subject relation object", e.g. (dog, right of, teddy bear).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct RelationTriplet {
-    /// The object that is placed ("dog"), lower case, words separated by single spaces.
-    pub subject: String,
-    pub relation: Relation,
-    /// The reference object ("teddy bear").
-    pub object: String,
-}
-
-impl RelationTriplet {
-    pub fn new(subject: impl Into<String>, relation: Relation, object: impl Into<String>) -> Self {
-        Self {
-            subject: subject.into(),
-            relation,
-            object: object.into(),
-        }
-    }
-
-    /// The same layout in the evaluation crate's form.
-    pub fn to_eval(&self) -> l2s_eval::Triplet {
-        l2s_eval::Triplet::new(self.subject.clone(), self.relation, self.object.clone())
-    }
-}
-
-impl From<&RelationTriplet> for l2s_eval::Triplet {
-    fn from(t: &RelationTriplet) -> Self {
-        t.to_eval()
-    }
-}
-
-impl fmt::Display for RelationTriplet {
-    /// The override syntax: "dog,right of,teddy bear".
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{},{},{}",
-            self.subject,
-            self.relation.name(),
-            self.object
-        )
-    }
-}
+use l2s_eval::{Relation, Triplet};
 
 /// Why no triplets could be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -269,7 +222,7 @@ fn object_of(seg: &[String]) -> String {
 /// With several relation phrases the triplets chain: the object of one relation is the subject
 /// of the next unless a clause boundary ("and", a comma) names a new subject
 /// ("a dog left of a cat and a cup above a book" → (dog, left of, cat), (cup, above, book)).
-pub fn parse_prompt(prompt: &str) -> Result<Vec<RelationTriplet>, RelationParseError> {
+pub fn parse_prompt(prompt: &str) -> Result<Vec<Triplet>, RelationParseError> {
     let ws = words(prompt);
     let found = find_relations(&ws);
     if found.is_empty() {
@@ -295,7 +248,7 @@ pub fn parse_prompt(prompt: &str) -> Result<Vec<RelationTriplet>, RelationParseE
                 phrase: f.phrase.clone(),
             });
         }
-        out.push(RelationTriplet {
+        out.push(Triplet {
             subject,
             relation: f.relation,
             object,
@@ -307,7 +260,7 @@ pub fn parse_prompt(prompt: &str) -> Result<Vec<RelationTriplet>, RelationParseE
 /// Reads an explicit triplet list: "subject,relation,object", several separated by ';'
 /// ("dog,right of,teddy bear; cat,above,dog"). Relations accept every phrasing of
 /// [`Relation::parse`]; names are lower-cased with spaces normalised.
-pub fn parse_override(spec: &str) -> Result<Vec<RelationTriplet>, RelationParseError> {
+pub fn parse_override(spec: &str) -> Result<Vec<Triplet>, RelationParseError> {
     let bad = |reason: String| RelationParseError::BadOverride {
         spec: spec.to_string(),
         reason,
@@ -339,7 +292,7 @@ pub fn parse_override(spec: &str) -> Result<Vec<RelationTriplet>, RelationParseE
             )));
         }
         let relation = Relation::parse(fields[1]).map_err(|e| bad(e.to_string()))?;
-        out.push(RelationTriplet {
+        out.push(Triplet {
             subject,
             relation,
             object,
@@ -371,7 +324,7 @@ pub fn prompt_mentions(prompt: &str, phrase: &str) -> bool {
 pub fn triplets_for(
     prompt: &str,
     override_spec: Option<&str>,
-) -> Result<Vec<RelationTriplet>, RelationParseError> {
+) -> Result<Vec<Triplet>, RelationParseError> {
     let Some(spec) = override_spec else {
         return parse_prompt(prompt);
     };
@@ -490,14 +443,14 @@ mod tests {
         assert_eq!(
             t,
             vec![
-                RelationTriplet::new("frog", Above, "sneaker"),
-                RelationTriplet::new("sneaker", RightOf, "umbrella"),
+                Triplet::new("frog", Above, "sneaker"),
+                Triplet::new("sneaker", RightOf, "umbrella"),
             ]
         );
         let t =
             parse_prompt("a frog above a sneaker which is to the right of an umbrella").unwrap();
-        assert_eq!(t[1], RelationTriplet::new("sneaker", RightOf, "umbrella"));
-        assert_eq!(t[0], RelationTriplet::new("frog", Above, "sneaker"));
+        assert_eq!(t[1], Triplet::new("sneaker", RightOf, "umbrella"));
+        assert_eq!(t[0], Triplet::new("frog", Above, "sneaker"));
     }
 
     #[test]
@@ -506,12 +459,12 @@ mod tests {
         assert_eq!(
             t,
             vec![
-                RelationTriplet::new("dog", LeftOf, "cat"),
-                RelationTriplet::new("cup", Above, "book")
+                Triplet::new("dog", LeftOf, "cat"),
+                Triplet::new("cup", Above, "book")
             ]
         );
         let t = parse_prompt("a dog left of a cat, a cup under a book").unwrap();
-        assert_eq!(t[1], RelationTriplet::new("cup", Below, "book"));
+        assert_eq!(t[1], Triplet::new("cup", Below, "book"));
     }
 
     #[test]
@@ -556,13 +509,13 @@ mod tests {
     #[test]
     fn override_parsing() {
         let t = parse_override("dog,right of,teddy bear").unwrap();
-        assert_eq!(t, vec![RelationTriplet::new("dog", RightOf, "teddy bear")]);
+        assert_eq!(t, vec![Triplet::new("dog", RightOf, "teddy bear")]);
         let t = parse_override(" Dog , to the left of , Teddy  Bear ; cat,under,dog;").unwrap();
         assert_eq!(
             t,
             vec![
-                RelationTriplet::new("dog", LeftOf, "teddy bear"),
-                RelationTriplet::new("cat", Below, "dog")
+                Triplet::new("dog", LeftOf, "teddy bear"),
+                Triplet::new("cat", Below, "dog")
             ]
         );
         assert_eq!(t[0].to_string(), "dog,left of,teddy bear");
@@ -608,16 +561,6 @@ mod tests {
         assert!(prompt_mentions("A Teddy Bear, left of a dog", "teddy bear"));
         assert!(!prompt_mentions("a teddy and a bear", "teddy bear"));
         assert!(!prompt_mentions("a dog", ""));
-    }
-
-    #[test]
-    fn eval_conversion() {
-        let t = RelationTriplet::new("dog", RightOf, "teddy bear");
-        let e = t.to_eval();
-        assert_eq!(
-            (e.a.as_str(), e.relation, e.b.as_str()),
-            ("dog", RightOf, "teddy bear")
-        );
     }
 
     #[test]

@@ -16,9 +16,10 @@ use crate::maps::MapRecorder;
 /// Map side the classifier reads.
 pub const MAP_SIZE: usize = 16;
 
-/// One triplet to enforce: token positions of subject and object and the wanted relation.
+/// One relation to enforce, resolved for a model and a loss: the token positions of subject and
+/// object and the class index of the wanted relation.
 #[derive(Clone, Debug)]
-pub struct SteerTriplet {
+pub struct SteerGoal {
     pub pair: crate::maps::WordPair,
     /// Class index of the wanted relation in the loss's label space.
     pub label: usize,
@@ -26,14 +27,14 @@ pub struct SteerTriplet {
     pub relation: l2s_eval::Relation,
 }
 
-impl SteerTriplet {
+impl SteerGoal {
     /// The triplets of a prompt for any model: `positions` maps a word of the prompt to its token
     /// positions in that model's tokenizer; `label` maps a relation to the loss's class index.
     pub fn for_prompt(
-        triplets: &[crate::relations::RelationTriplet],
-        positions: &dyn Fn(&str) -> anyhow::Result<Vec<usize>>,
-        label: &dyn Fn(l2s_eval::Relation) -> anyhow::Result<usize>,
-    ) -> anyhow::Result<Vec<Self>> {
+        triplets: &[l2s_eval::Triplet],
+        positions: &dyn Fn(&str) -> crate::error::Result<Vec<usize>>,
+        label: &dyn Fn(l2s_eval::Relation) -> crate::error::Result<usize>,
+    ) -> crate::error::Result<Vec<Self>> {
         triplets
             .iter()
             .map(|t| {
@@ -57,7 +58,8 @@ pub trait SteerLoss: Send + Sync {
     /// Short name for metadata ("l2s", "centroid", "attend-excite").
     fn name(&self) -> &str;
     /// `maps`: (2, C, S, S); `step`: the denoising step index (0-based) of the run.
-    fn loss(&self, maps: &Tensor, triplet: &SteerTriplet, step: usize) -> anyhow::Result<Tensor>;
+    fn loss(&self, maps: &Tensor, triplet: &SteerGoal, step: usize)
+        -> crate::error::Result<Tensor>;
     /// Loss below which iteration stops at this step.
     fn threshold(&self, step: usize) -> f64;
     /// Step size at this step (the loss may schedule it).
@@ -147,7 +149,7 @@ impl SteerReport {
 /// report of what it did.
 pub struct Steering<'a> {
     loss: &'a dyn SteerLoss,
-    triplets: &'a [SteerTriplet],
+    triplets: &'a [SteerGoal],
     config: &'a SteerConfig,
     pub report: SteerReport,
 }
@@ -155,7 +157,7 @@ pub struct Steering<'a> {
 impl<'a> Steering<'a> {
     pub fn new(
         loss: &'a dyn SteerLoss,
-        triplets: &'a [SteerTriplet],
+        triplets: &'a [SteerGoal],
         config: &'a SteerConfig,
     ) -> Self {
         Self {
@@ -173,7 +175,7 @@ impl<'a> Steering<'a> {
         denoiser: &mut D,
         cond: &D::Cond,
         mut z: Tensor,
-    ) -> anyhow::Result<Tensor> {
+    ) -> crate::error::Result<Tensor> {
         let (cfg, loss, index) = (self.config, self.loss, step.index);
         let mut first = None;
         let mut last = f64::NAN;
@@ -201,7 +203,7 @@ impl<'a> Steering<'a> {
             }
             let grads = value.backward()?;
             let Some(g) = grads.get(var.as_tensor()) else {
-                anyhow::bail!(
+                crate::error::bail!(
                     "the steering loss does not depend on the latent (no gradient reached it)"
                 );
             };
@@ -266,11 +268,11 @@ pub struct Steered {
 pub fn generate_steered(
     pipeline: &Pipeline,
     req: &GenerateRequest,
-    triplets: &[SteerTriplet],
+    triplets: &[SteerGoal],
     loss: &dyn SteerLoss,
     config: &SteerConfig,
     progress: &mut dyn FnMut(Progress),
-) -> anyhow::Result<Steered> {
+) -> crate::error::Result<Steered> {
     let mut steering = Steering::new(loss, triplets, config);
     let generated = generate(pipeline, req, &mut steering, progress)?;
     Ok(Steered {

@@ -31,6 +31,7 @@ use crate::classifier::{
     StepInput,
 };
 use crate::dataset::{Dataset, DatasetError, DatasetInfo, Examples, LayerInfo, ManifestEntry};
+use crate::seeded::SeededVarMap;
 
 pub const WEIGHTS_FILE: &str = "classifier.safetensors";
 pub const META_FILE: &str = "classifier.json";
@@ -474,11 +475,14 @@ pub fn fit(
             val.len()
         )));
     }
+    // Seeded initialisation and dropout: the same data and settings train the same classifier.
     let varmap = VarMap::new();
+    let init = SeededVarMap::new(&varmap, cfg.seed ^ 0x1a17_5eed);
     let model = RelationClassifier::new(
         model_cfg,
-        VarBuilder::from_varmap(&varmap, DType::F32, device),
+        VarBuilder::from_backend(Box::new(init), DType::F32, device.clone()),
     )?;
+    model.reseed_dropout(cfg.seed ^ 0xd209_0a75);
     let params = ParamsAdamW {
         lr: cfg.lr,
         weight_decay: cfg.weight_decay,

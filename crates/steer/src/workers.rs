@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
-use anyhow::Result;
+use crate::error::Result;
 
 /// Runs `work` on every job with up to `workers` threads and hands each result to `sink` in job
 /// order (results that finish early wait in a buffer). The first error — from a job or from the
@@ -112,7 +112,7 @@ mod tests {
                 ran.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(1));
                 if j == 5 {
-                    anyhow::bail!("job 5 broke")
+                    crate::error::bail!("job 5 broke")
                 }
                 Ok(j)
             },
@@ -131,7 +131,7 @@ mod tests {
             |&j| Ok(j),
             |k, _| {
                 if k == 3 {
-                    anyhow::bail!("disk full")
+                    crate::error::bail!("disk full")
                 } else {
                     Ok(())
                 }

@@ -5,7 +5,7 @@ use l2s_eval::{Detection, Detector};
 use l2s_models::{LoadOptions, Pipeline};
 use l2s_shapes::{render_scene, DetectorConfig, RenderConfig, ShapeDetector};
 use l2s_steer::build::{
-    build, relation_names, AnnotatedImage, BuildConfig, BuildSummary, ReconstructionCheck,
+    build, relation_names, AnnotatedImage, BuildConfig, BuildSummary, DropRule, ReconstructionCheck,
 };
 use l2s_steer::dataset::{DatasetInfo, DatasetWriter, ShardSpec};
 use l2s_steer::Dataset;
@@ -47,6 +47,7 @@ fn config() -> BuildConfig {
         seed: 0,
         shard: ShardSpec::all(),
         rf: Default::default(),
+        drop_rule: DropRule::PerSample,
     }
 }
 
@@ -71,12 +72,23 @@ fn run(
     workers: usize,
     check: Option<&ReconstructionCheck>,
 ) -> BuildSummary {
+    run_with(sd, imgs, dir, workers, check, &config())
+}
+
+fn run_with(
+    sd: &Pipeline,
+    imgs: &[AnnotatedImage],
+    dir: &std::path::Path,
+    workers: usize,
+    check: Option<&ReconstructionCheck>,
+    cfg: &BuildConfig,
+) -> BuildSummary {
     let num_maps = 22;
     let mut w = DatasetWriter::open(dir, info(num_maps), 3).unwrap();
     let s = build(
         sd,
         imgs,
-        &config(),
+        cfg,
         check,
         workers,
         &mut w,
@@ -91,7 +103,7 @@ fn run(
 struct Nothing(Vec<String>);
 
 impl Detector for Nothing {
-    fn detect(&self, _: &image::RgbImage) -> anyhow::Result<Vec<Detection>> {
+    fn detect(&self, _: &image::RgbImage) -> Result<Vec<Detection>, l2s_eval::DetectError> {
         Ok(Vec::new())
     }
     fn classes(&self) -> &[String] {
@@ -154,4 +166,60 @@ fn workers_write_what_one_writes_and_the_check_filters() {
         }),
     );
     assert_eq!(checked.written + checked.dropped_relation_lost, 2 * pairs);
+}
+
+/// The paper's rule: a true-prompt sample that is dropped takes its wrong-prompt twin with it,
+/// uninverted; judged per sample, each twin is inverted and dropped on its own.
+#[test]
+fn a_dropped_true_prompt_sample_takes_its_twin() {
+    let sd = model();
+    let imgs = images(3);
+    let tmp = tempfile::tempdir().unwrap();
+    // No reconstruction reaches an infinite PSNR: every true-prompt sample fails.
+    let unreachable = BuildConfig {
+        psnr_threshold: f64::INFINITY,
+        drop_rule: DropRule::Twins,
+        ..config()
+    };
+    let twins = run_with(&sd, &imgs, &tmp.path().join("twins"), 2, None, &unreachable);
+    let pairs = imgs.len() - twins.no_unambiguous_pair;
+    assert!(pairs >= 2, "the test needs images with an unambiguous pair");
+    assert_eq!(
+        (twins.written, twins.dropped_low_psnr, twins.dropped_twin),
+        (0, pairs, pairs)
+    );
+    let per_sample = BuildConfig {
+        drop_rule: DropRule::PerSample,
+        ..unreachable
+    };
+    let alone = run_with(&sd, &imgs, &tmp.path().join("alone"), 1, None, &per_sample);
+    assert_eq!(
+        (alone.written, alone.dropped_low_psnr, alone.dropped_twin),
+        (0, 2 * pairs, 0)
+    );
+    // The relation check's drops count the same way.
+    let blind = Nothing(Vec::new());
+    let check = ReconstructionCheck {
+        detector: &blind,
+        min_score: 0.3,
+    };
+    let twins_rule = BuildConfig {
+        drop_rule: DropRule::Twins,
+        ..config()
+    };
+    let lost = run_with(
+        &sd,
+        &imgs,
+        &tmp.path().join("lost"),
+        1,
+        Some(&check),
+        &twins_rule,
+    );
+    assert_eq!(
+        (lost.written, lost.dropped_relation_lost, lost.dropped_twin),
+        (0, pairs, pairs)
+    );
+    // A true-prompt sample that passes keeps its twin: the rule drops nothing else.
+    let kept = run_with(&sd, &imgs, &tmp.path().join("kept"), 1, None, &twins_rule);
+    assert_eq!((kept.written, kept.dropped_twin), (2 * pairs, 0));
 }

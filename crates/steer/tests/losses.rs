@@ -5,7 +5,7 @@ use l2s_eval::Relation;
 use l2s_steer::classifier::{ClassifierConfig, RelationClassifier};
 use l2s_steer::losses::{AttendExciteLoss, CentroidLoss, LearnedLoss};
 use l2s_steer::maps::WordPair;
-use l2s_steer::steering::{SteerLoss, SteerTriplet};
+use l2s_steer::steering::{SteerGoal, SteerLoss};
 
 const S: usize = 16;
 
@@ -17,8 +17,8 @@ fn hot(subject: (usize, usize), object: (usize, usize)) -> Tensor {
     Tensor::from_vec(v, (2, 1, S, S), &Device::Cpu).unwrap()
 }
 
-fn triplet(relation: Relation) -> SteerTriplet {
-    SteerTriplet {
+fn triplet(relation: Relation) -> SteerGoal {
+    SteerGoal {
         pair: WordPair {
             subject: vec![1],
             object: vec![2],

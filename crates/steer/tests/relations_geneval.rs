@@ -21,7 +21,7 @@ fn parses_every_official_position_prompt() {
         let prompt = position_text(a, relation, b);
         let t = parse_prompt(&prompt).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(t.len(), 1, "{prompt}");
-        assert_eq!(t[0].to_eval(), Triplet::new(a, relation, b), "{prompt}");
+        assert_eq!(t[0], Triplet::new(a, relation, b), "{prompt}");
         n += 1;
     }
     assert_eq!(n, 100);

@@ -9,9 +9,7 @@ use l2s_eval::Relation;
 use l2s_models::{AttentionObserver, AttentionSite};
 use l2s_steer::losses::CentroidLoss;
 use l2s_steer::maps::WordPair;
-use l2s_steer::steering::{
-    SteerConfig, SteerLoss, SteerReport, SteerTriplet, Steering, UpdateRule,
-};
+use l2s_steer::steering::{SteerConfig, SteerGoal, SteerLoss, SteerReport, Steering, UpdateRule};
 
 const S: usize = 16;
 
@@ -80,7 +78,7 @@ impl Scheduler for Still {
 fn steered_sample(
     steps: usize,
     loss: &dyn SteerLoss,
-    triplets: &[SteerTriplet],
+    triplets: &[SteerGoal],
     cfg: &SteerConfig,
     z0: Tensor,
 ) -> Result<(Tensor, SteerReport)> {
@@ -95,8 +93,8 @@ fn steered_sample(
     Ok((z, hook.report))
 }
 
-fn triplet(relation: Relation) -> SteerTriplet {
-    SteerTriplet {
+fn triplet(relation: Relation) -> SteerGoal {
+    SteerGoal {
         pair: WordPair {
             subject: vec![1],
             object: vec![2],
@@ -184,7 +182,12 @@ impl SteerLoss for NanLoss {
     fn name(&self) -> &str {
         "nan"
     }
-    fn loss(&self, maps: &Tensor, _t: &SteerTriplet, _step: usize) -> Result<Tensor> {
+    fn loss(
+        &self,
+        maps: &Tensor,
+        _t: &SteerGoal,
+        _step: usize,
+    ) -> l2s_steer::error::Result<Tensor> {
         // sqrt at a negative point: NaN value and gradient.
         Ok((maps.sum_all()? - 10.0)?.sqrt()?)
     }

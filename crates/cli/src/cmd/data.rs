@@ -7,7 +7,7 @@ use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use l2s_steer::build::{
     build, open_dataset, progress_message, read_annotated, shapes_relation_detector, BuildConfig,
-    ReconstructionCheck,
+    DropRule, ReconstructionCheck,
 };
 
 use crate::cmd::score::DetectorArg;
@@ -57,6 +57,10 @@ pub struct BuildArgs {
     /// Fixed-point iterations per inversion step (Stable Diffusion; FLUX uses RF-inversion)
     #[arg(long, default_value_t = 5)]
     fixed_point: usize,
+    /// When an image's true-prompt sample is dropped: `twins` drops its wrong-prompt sample too
+    /// without inverting it (the paper's rule), `per-sample` judges each sample on its own
+    #[arg(long, value_enum, default_value = "twins")]
+    drop: DropArg,
     /// Steps at which maps are recorded (default: the paper's 5,10,15,20,25,49 scaled to --steps;
     /// FLUX.1-schnell: 1,3)
     #[arg(long, value_delimiter = ',')]
@@ -74,7 +78,7 @@ pub struct BuildArgs {
     /// Use at most this many images
     #[arg(long)]
     limit: Option<usize>,
-    /// Build only part i of n (1-based, e.g. 2/4): samples i−1, i−1+n, i−1+2n, …, for
+    /// Build only part i of n (1-based, e.g. 2/4): images i−1, i−1+n, i−1+2n, …, for
     /// splitting work across machines; give each part its own --out and join them afterwards
     /// with `l2s data merge`
     #[arg(long, value_name = "I/N")]
@@ -90,6 +94,12 @@ pub struct BuildArgs {
     /// Images inverted at once, each on its own thread [default: one per core]
     #[arg(long)]
     workers: Option<usize>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum DropArg {
+    Twins,
+    PerSample,
 }
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
@@ -124,20 +134,23 @@ fn run_build(a: BuildArgs, global: &Global) -> Result<()> {
     let model = &model;
     let images = read_annotated(&a.images, a.limit)?;
     let steps = a.steps.unwrap_or(model.sampling_defaults().steps);
-    let (step_indices, min_psnr) = (model.map_steps(steps), model.min_reconstruction_psnr());
+    let defaults = BuildConfig::for_model(model, steps);
     let cfg = BuildConfig {
-        steps,
         fixed_point_iterations: a.fixed_point,
         step_indices: if a.at_steps.is_empty() {
-            step_indices
+            defaults.step_indices.clone()
         } else {
             a.at_steps.clone()
         },
-        psnr_threshold: a.min_psnr.unwrap_or(min_psnr),
+        psnr_threshold: a.min_psnr.unwrap_or(defaults.psnr_threshold),
         dual_inversion: !a.single_inversion,
         seed: a.seed,
         shard: a.shard.unwrap_or_default(),
-        rf: l2s_diffusion::RfInversionConfig::default(),
+        drop_rule: match a.drop {
+            DropArg::Twins => DropRule::Twins,
+            DropArg::PerSample => DropRule::PerSample,
+        },
+        ..defaults
     };
     let detector = a
         .check_relation

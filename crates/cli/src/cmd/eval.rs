@@ -12,7 +12,9 @@ use l2s_eval::prompts::{
 };
 use l2s_steer::evaluate::{run_eval, EvalRun};
 
-use crate::common::{default_workers, load_model, say, warn_all, Global, ModelArgs, SteerArgs};
+use crate::common::{
+    default_workers, load_model, say, warn_all, Global, ModelArgs, SampleArgs, SteerArgs,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ClassesArg {
@@ -60,6 +62,8 @@ pub struct Args {
     #[arg(long, default_value_t = 4)]
     pub images_per_prompt: usize,
     #[command(flatten)]
+    pub sampling: SampleArgs,
+    #[command(flatten)]
     pub steer: SteerArgs,
     /// Output folder (created if needed)
     #[arg(long)]
@@ -67,22 +71,9 @@ pub struct Args {
     /// Generate only shard i of n (1-based), e.g. 2/4
     #[arg(long, value_name = "I/N")]
     pub shard: Option<l2s_steer::ShardSpec>,
-    /// Sampling steps (default: the model's own)
-    #[arg(long)]
-    pub steps: Option<usize>,
-    /// Guidance scale: classifier-free for Stable Diffusion, the guidance input for FLUX.1-dev
-    /// (default: the model's own)
-    #[arg(long)]
-    pub guidance: Option<f64>,
     /// Base seed of the images
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Image width in pixels (default: the model's native size)
-    #[arg(long)]
-    pub width: Option<usize>,
-    /// Image height in pixels (default: the model's native size)
-    #[arg(long)]
-    pub height: Option<usize>,
     /// Images generated at once, each on its own thread (default: one per core)
     #[arg(long)]
     pub workers: Option<usize>,
@@ -139,21 +130,12 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     if args.images_per_prompt == 0 {
         bail!("--images-per-prompt 0: expected at least 1");
     }
-    if args.steps == Some(0) {
-        bail!("--steps 0: expected at least 1");
-    }
     let shard = args.shard.unwrap_or_default();
     if args.out.exists() && !args.out.is_dir() {
         bail!("--out {}: exists and is not a folder", args.out.display());
     }
     let (model, model_name) = load_model(&args.model)?;
-    let defaults = model.sampling_defaults();
-    // The steering classifier's own schedule names its sampling steps (the built-in one: 20).
-    let steps = match args.steps {
-        Some(n) => n,
-        None => args.steer.tuned_steps()?.unwrap_or(defaults.steps),
-    };
-    let guidance = args.guidance.unwrap_or(defaults.guidance);
+    let (steps, guidance) = args.sampling.resolve_steered(&model, &args.steer)?;
     let (prompts, source) = prompt_set(&args, &model_name)?;
     let method = args.steer.method(&model, steps)?;
     let run = EvalRun {
@@ -163,11 +145,12 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         steer: args.steer.steer.clone(),
         steps,
         guidance,
+        negative_prompt: args.sampling.negative_prompt.clone(),
         seed: args.seed,
         seeding: Seeding::PerImage,
         images_per_prompt: args.images_per_prompt,
-        width: args.width,
-        height: args.height,
+        width: args.sampling.width,
+        height: args.sampling.height,
         shard,
         workers: args.workers.unwrap_or_else(default_workers),
     };

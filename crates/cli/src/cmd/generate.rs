@@ -10,7 +10,7 @@ use l2s_generate::{
 };
 use l2s_models::Pipeline;
 use l2s_steer::method::Method;
-use l2s_steer::steering::{generate_steered, SteerTriplet};
+use l2s_steer::steering::{generate_steered, SteerGoal};
 
 use crate::common::{load_model, warn_all, Bars, Global, ModelArgs, SampleArgs, SteerArgs};
 
@@ -114,7 +114,7 @@ pub fn steering_for(
     steps: usize,
     a: &SteerArgs,
     relation: Option<&str>,
-) -> Result<Option<(Method, Vec<SteerTriplet>)>> {
+) -> Result<Option<(Method, Vec<SteerGoal>)>> {
     let Some(method) = a.method(model, steps)? else {
         return Ok(None);
     };
@@ -125,7 +125,7 @@ pub fn steering_for(
         )
     })?;
     let label = |r| method.label(r);
-    let steer = SteerTriplet::for_prompt(
+    let steer = SteerGoal::for_prompt(
         &triplets,
         &|word| Ok(model.word_positions(prompt, word)?),
         &label,
@@ -144,10 +144,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             model.family_name()
         );
     }
-    let (mut steps, guidance) = args.sampling.resolve(&model, false);
-    if args.sampling.steps.is_none() {
-        steps = args.steer.tuned_steps()?.unwrap_or(steps);
-    }
+    let (steps, guidance) = args.sampling.resolve_steered(&model, &args.steer)?;
     let paths = targets(&args.out, args.num_images)?;
     let preview = match &args.preview {
         Some(p) => Some(crate::common::png_target(p, "--preview")?),

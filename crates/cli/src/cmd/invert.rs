@@ -13,7 +13,7 @@ use crate::common::{load_model, png_target, warn_all, Bars, Global, ModelArgs, S
 #[command(
     after_help = "The image must be 8-bit RGB at the model's size (or --width × --height). It is encoded with the \
 VAE mean, inverted under the prompt (Stable Diffusion: fixed-point DDIM inversion, 50 steps, guidance 1 by default; \
-FLUX: RF-inversion with the model's steps and guidance), and sampled back with the same prompt, guidance and steps. The reconstruction \
+FLUX: RF-inversion with the model's steps, guidance 0 by default), and sampled back with the same prompt, guidance and steps. The reconstruction \
 is written to --out and its PSNR against the image printed. --save-latents writes `latents` (the inverted noise, \
 usable as `l2s generate --init-latents`) and `z0` (the encoded image)."
 )]

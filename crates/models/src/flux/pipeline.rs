@@ -71,14 +71,11 @@ fn build<T>(dir: &Path, r: Result<T>) -> ModelResult<T> {
     })
 }
 
-/// FluxPipeline's default `max_sequence_length`: 512, except 256 for schnell-style models.
-pub fn default_max_sequence_length(cfg: &FluxConfig) -> usize {
-    if cfg.guidance_embeds {
-        512
-    } else {
-        256
-    }
-}
+/// The T5 prompt length: 512 tokens for dev and schnell alike — diffusers' `FluxPipeline` default
+/// and the length the published Learn-to-Steer classifiers were trained and steered with (the
+/// reference schnell sampler's 256 would shift nothing in the maps but changes the text padding
+/// the joint attention sees, so the same prompt would give other images).
+pub const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
 
 /// The transformer's config: the folder's `transformer/config.json`, else (a single file holds
 /// none) the published FLUX.1-dev or schnell config, told apart by the guidance embedding.
@@ -200,8 +197,7 @@ impl FluxPipeline {
         let vb = var_builder(&te_dir, &opts.variant, opts.dtype, &opts.device)?;
         let text_encoder = build(&te_dir, ClipTextModel::new(&te_cfg, vb))?;
 
-        let tokenizer_2 =
-            T5Tokenizer::from_folder(&tok2_dir, default_max_sequence_length(&tr_cfg))?;
+        let tokenizer_2 = T5Tokenizer::from_folder(&tok2_dir, DEFAULT_MAX_SEQUENCE_LENGTH)?;
         let t5_cfg = T5Config::from_file(&te2_cfg_path)?;
         let vb = var_builder(&te2_dir, &opts.variant, opts.dtype, &opts.device)?;
         let text_encoder_2 = build(&te2_dir, T5EncoderModel::new(&t5_cfg, vb))?;
