@@ -3,8 +3,8 @@
 //! The file's sections are read by a serde visitor over the top-level object: `images`
 //! (id, file_name, width, height), `annotations` (image_id, category_id, bbox `[x, y, w, h]`,
 //! iscrowd; segmentations are skipped unparsed into memory) and `categories` (id, name); any
-//! other section is skipped. Only these compact rows are held (about 40 bytes an annotation),
-//! never the file's text or segmentations.
+//! other section is skipped. Only these compact rows are held (40 bytes an annotation: ids
+//! are integers, as COCO defines them), never the file's text or segmentations.
 //!
 //! Per image (file order), over its annotations:
 //! 1. a category is usable when it has exactly one non-crowd instance and no crowd
@@ -31,7 +31,7 @@ use l2s_eval::{relations, BBox, Triplet};
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 
-use crate::stream::{stream_json, IdString, StopFlag};
+use crate::stream::{stream_json, StopFlag};
 use crate::{
     ControlFlow, Frame, NamedBox, ProblemKind, Problems, ReadSummary, SourceError, SourceImage,
     Split, SplitWeights,
@@ -68,7 +68,7 @@ impl CocoOptions {
 
 #[derive(Deserialize)]
 struct Image {
-    id: IdString,
+    id: u64,
     file_name: String,
     width: u32,
     height: u32,
@@ -76,8 +76,8 @@ struct Image {
 
 #[derive(Deserialize)]
 struct Annotation {
-    image_id: IdString,
-    category_id: IdString,
+    image_id: u64,
+    category_id: u64,
     bbox: [f32; 4],
     #[serde(default)]
     iscrowd: u8,
@@ -85,7 +85,7 @@ struct Annotation {
 
 #[derive(Deserialize)]
 struct Category {
-    id: IdString,
+    id: u64,
     name: String,
 }
 
@@ -155,35 +155,29 @@ pub fn read_coco(
     let annotations = sections.annotations.ok_or_else(|| missing("annotations"))?;
     let categories = sections.categories.ok_or_else(|| missing("categories"))?;
 
-    let mut category_names: HashMap<String, String> = HashMap::new();
+    let mut category_names: HashMap<u64, String> = HashMap::new();
     for c in categories {
-        if category_names.contains_key(&c.id.0) {
-            problems.push(
-                path,
-                format!("category {}", c.id.0),
-                ProblemKind::DuplicateId,
-                c.name,
-            );
+        if category_names.contains_key(&c.id) {
+            let cid = format!("category {}", c.id);
+            problems.push(path, cid, ProblemKind::DuplicateId, c.name);
             continue;
         }
-        category_names.insert(c.id.0, c.name);
+        category_names.insert(c.id, c.name);
     }
-    let mut image_ids = HashSet::new();
-    let mut first_of: HashMap<String, usize> = HashMap::new();
+    // The first entry of each image id (a later one is a duplicate, counted below).
+    let mut first_of: HashMap<u64, usize> = HashMap::new();
     for (k, img) in images.iter().enumerate() {
-        if image_ids.insert(img.id.0.clone()) {
-            first_of.insert(img.id.0.clone(), k);
-        }
+        first_of.entry(img.id).or_insert(k);
     }
     // Annotations grouped by image, in file order.
     let mut per_image: Vec<Vec<&Annotation>> = vec![Vec::new(); images.len()];
     for a in &annotations {
-        let aid = || format!("image {} category {}", a.image_id.0, a.category_id.0);
-        let Some(&k) = first_of.get(&a.image_id.0) else {
+        let aid = || format!("image {} category {}", a.image_id, a.category_id);
+        let Some(&k) = first_of.get(&a.image_id) else {
             problems.push(path, aid(), ProblemKind::UnknownImage, "");
             continue;
         };
-        if !category_names.contains_key(&a.category_id.0) {
+        if !category_names.contains_key(&a.category_id) {
             problems.push(path, aid(), ProblemKind::UnknownCategory, "");
             continue;
         }
@@ -194,13 +188,9 @@ pub fn read_coco(
     let mut seen = HashSet::new();
     for (k, img) in images.iter().enumerate() {
         summary.seen += 1;
-        if !seen.insert(img.id.0.as_str()) {
-            problems.push(
-                path,
-                &img.id.0,
-                ProblemKind::DuplicateId,
-                "later entry skipped",
-            );
+        if !seen.insert(img.id) {
+            let (iid, why) = (img.id.to_string(), "later entry skipped");
+            problems.push(path, iid, ProblemKind::DuplicateId, why);
             continue;
         }
         let Some(record) = select(img, &per_image[k], &category_names, opts, path, problems) else {
@@ -218,18 +208,16 @@ pub fn read_coco(
 fn select(
     img: &Image,
     anns: &[&Annotation],
-    names: &HashMap<String, String>,
+    names: &HashMap<u64, String>,
     opts: &CocoOptions,
     file: &Path,
     problems: &mut Problems,
 ) -> Option<SourceImage> {
-    let id = &img.id.0;
-    // Per category (ordered by id, numerically when the ids are numbers): instances, crowd.
-    let mut per_cat: BTreeMap<(u64, &str), (Vec<BBox>, bool)> = BTreeMap::new();
+    let id = &img.id.to_string();
+    // Per category, ordered by id: its non-crowd boxes, and whether it has a crowd annotation.
+    let mut per_cat: BTreeMap<u64, (Vec<BBox>, bool)> = BTreeMap::new();
     for a in anns {
-        let cat = a.category_id.0.as_str();
-        let key = (cat.parse::<u64>().unwrap_or(u64::MAX), cat);
-        let entry = per_cat.entry(key).or_default();
+        let entry = per_cat.entry(a.category_id).or_default();
         if a.iscrowd != 0 {
             entry.1 = true;
         } else {
@@ -239,8 +227,8 @@ fn select(
     }
     let image_area = img.width as f32 * img.height as f32;
     let mut objects: Vec<NamedBox> = Vec::new();
-    for ((_, cat), (boxes, crowd)) in &per_cat {
-        let name = &names[*cat];
+    for (cat, (boxes, crowd)) in &per_cat {
+        let name = &names[cat];
         let oid = || format!("{id}/{name}");
         if *crowd {
             problems.push(file, oid(), ProblemKind::CrowdCategory, "");

@@ -86,6 +86,16 @@ pub struct MappedImage {
     pub changed: Vec<Triplet>,
 }
 
+impl MappedImage {
+    /// The boxes as `(name, box)` pairs, the form the dataset builder's annotated images take.
+    pub fn object_list(&self) -> Vec<(String, BBox)> {
+        self.objects
+            .iter()
+            .map(|o| (o.name.clone(), o.bbox))
+            .collect()
+    }
+}
+
 impl SourceImage {
     /// The box of the object called `name`, if the record has one.
     pub fn object(&self, name: &str) -> Option<&NamedBox> {

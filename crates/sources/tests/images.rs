@@ -120,6 +120,13 @@ fn a_jsonl_record_on_its_loaded_image() {
     assert_eq!(m.objects[0].bbox, BBox::new(0.0, 0.0, 16.0, 8.0));
     assert_eq!(m.objects[1].bbox, BBox::new(0.0, 8.0, 16.0, 16.0));
     assert_eq!(m.triplets, rec.triplets);
+    assert_eq!(
+        m.object_list(),
+        vec![
+            ("red square".to_string(), BBox::new(0.0, 0.0, 16.0, 8.0)),
+            ("blue square".to_string(), BBox::new(0.0, 8.0, 16.0, 16.0)),
+        ]
+    );
     // Asking for more of each object cuts both, and the triplet with them.
     let m = rec.mapped(&img.transform, 0.6);
     assert!(m.objects.is_empty() && m.triplets.is_empty());
