@@ -247,8 +247,8 @@ pub fn read_triplets(
             Vec::new()
         });
         let repeated = triplets.iter().any(|t| {
-            (t.a == a && t.b == b && t.relation == relation)
-                || (t.a == b && t.b == a && t.relation == relation.inverse())
+            (t.subject == a && t.object == b && t.relation == relation)
+                || (t.subject == b && t.object == a && t.relation == relation.inverse())
         });
         if repeated {
             problems.push(file, rid, ProblemKind::RepeatedRelation, what());

@@ -46,7 +46,7 @@ pub enum Frame {
 ///
 /// Object names are unique within a record. `objects` holds every object the reader found
 /// usable (for GQA and COCO, more than the triplets name); a triplet may name an object with
-/// no box (the published triplet files carry none). Triplets read `a relation b`.
+/// no box (the published triplet files carry none). Triplets read `subject relation object`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SourceImage {
     /// The source's image id (GQA's and COCO's ids; for JSONL the line's `id`, else `file:line`).
@@ -125,11 +125,11 @@ impl SourceImage {
         let mut triplets = Vec::new();
         let mut changed = Vec::new();
         for t in &self.triplets {
-            if is_cut(&t.a) || is_cut(&t.b) {
+            if is_cut(&t.subject) || is_cut(&t.object) {
                 continue;
             }
             if self.derived_from_boxes {
-                if let (Some(a), Some(b)) = (find(&t.a), find(&t.b)) {
+                if let (Some(a), Some(b)) = (find(&t.subject), find(&t.object)) {
                     let set: Vec<_> = relations(&a.bbox, &b.bbox).iter().collect();
                     if set != [t.relation] {
                         changed.push(t.clone());
