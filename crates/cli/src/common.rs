@@ -5,6 +5,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
+use l2s_eval::prompts::{
+    describe_unsupported, multi_relation_prompts, position_prompts, read_prompt_file,
+    MultiRelationSpec, SpatialPrompt, COCO_CLASSES, SHAPES_CLASSES,
+};
 use l2s_generate::{Phase, Progress};
 use l2s_models::weights::Variant;
 use l2s_models::{resolve_model, LoadOptions, Pipeline};
@@ -386,4 +390,195 @@ impl SteerArgs {
 /// Images processed at once by commands that take `--workers`: one per core.
 pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClassesArg {
+    /// The shapes classes for the built-in shapes model, GenEval's 80 COCO classes otherwise
+    Auto,
+    /// GenEval's 80 COCO class names
+    Coco,
+    /// The eight shapes-world classes
+    Shapes,
+}
+
+/// The spatial prompts of `eval` and `data generate`: a GenEval metadata file, or generated.
+#[derive(clap::Args)]
+pub struct PromptArgs {
+    /// GenEval metadata JSONL: spatial lines are used; lines of other tags are listed and skipped
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "generate_prompts",
+        required_unless_present = "generate_prompts"
+    )]
+    pub prompts: Option<PathBuf>,
+    /// Generate N GenEval-style prompts "a photo of {a/an A} {rel} {a/an B}" instead
+    #[arg(long, value_name = "N")]
+    pub generate_prompts: Option<usize>,
+    /// Class list of generated prompts
+    #[arg(long, value_enum, default_value = "auto")]
+    pub classes: ClassesArg,
+    /// Generate prompts with 2–5 objects and 1–3 relations instead of two objects and one relation
+    #[arg(long)]
+    pub multi: bool,
+    /// Seed of the prompt generator
+    #[arg(long, default_value_t = 0)]
+    pub prompt_seed: u64,
+}
+
+impl PromptArgs {
+    /// The prompts and a description of where they came from.
+    pub fn resolve(&self, model_name: &str) -> Result<(Vec<SpatialPrompt>, String)> {
+        let args = self;
+        if let Some(path) = &args.prompts {
+            let file = read_prompt_file(path)?;
+            for line in describe_unsupported(&path.display().to_string(), &file.unsupported) {
+                eprintln!("note: {line}");
+            }
+            if file.prompts.is_empty() {
+                bail!(
+                    "--prompts {}: no spatial (\"position\" or \"multi_position\") lines",
+                    path.display()
+                );
+            }
+            let source = format!("file {}", path.display());
+            return Ok((file.prompts.into_iter().map(|(_, p)| p).collect(), source));
+        }
+        let n = args.generate_prompts.unwrap_or(0);
+        if n == 0 {
+            bail!("--generate-prompts 0: expected at least 1");
+        }
+        let shapes = match args.classes {
+            ClassesArg::Shapes => true,
+            ClassesArg::Coco => false,
+            ClassesArg::Auto => model_name == l2s_shapes_model::embedded::NAME,
+        };
+        let (classes, cname): (&[&str], &str) = if shapes {
+            (&SHAPES_CLASSES, "shapes")
+        } else {
+            (&COCO_CLASSES, "coco")
+        };
+        let (prompts, kind) = if args.multi {
+            (
+                multi_relation_prompts(n, classes, args.prompt_seed, MultiRelationSpec::default())?,
+                "multi-relation",
+            )
+        } else {
+            (position_prompts(n, classes, args.prompt_seed)?, "position")
+        };
+        Ok((
+            prompts,
+            format!(
+                "generated: {n} {kind} prompts over the {cname} classes, prompt seed {}",
+                args.prompt_seed
+            ),
+        ))
+    }
+}
+
+/// What `eval` and `data generate` share: the model, the prompts, how each image is made and
+/// where the images go (GenEval's layout).
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub prompts: PromptArgs,
+    /// Images per prompt (GenEval: 4)
+    #[arg(long, default_value_t = 4)]
+    pub images_per_prompt: usize,
+    #[command(flatten)]
+    pub sampling: SampleArgs,
+    #[command(flatten)]
+    pub steer: SteerArgs,
+    /// Output folder (created if needed)
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Generate only shard i of n (1-based), e.g. 2/4
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<l2s_steer::ShardSpec>,
+    /// Base seed of the images
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Images generated at once, each on its own thread (default: one per core)
+    #[arg(long)]
+    pub workers: Option<usize>,
+}
+
+/// The loaded model, method and prompts of an [`EvalArgs`] run.
+pub struct PreparedEval {
+    pub model: Pipeline,
+    pub model_name: String,
+    pub method: Option<l2s_steer::method::Method>,
+    pub steps: usize,
+    pub guidance: f64,
+    pub prompts: Vec<SpatialPrompt>,
+    /// Where the prompts came from.
+    pub source: String,
+}
+
+impl EvalArgs {
+    /// Checks the flags, loads the model and the method, reads or generates the prompts.
+    pub fn prepare(&self) -> Result<PreparedEval> {
+        if self.images_per_prompt == 0 {
+            bail!("--images-per-prompt 0: expected at least 1");
+        }
+        if self.out.exists() && !self.out.is_dir() {
+            bail!("--out {}: exists and is not a folder", self.out.display());
+        }
+        let (model, model_name) = load_model(&self.model)?;
+        let (steps, guidance) = self.sampling.resolve_steered(&model, &self.steer)?;
+        let (prompts, source) = self.prompts.resolve(&model_name)?;
+        let method = self.steer.method(&model, steps)?;
+        Ok(PreparedEval {
+            model,
+            model_name,
+            method,
+            steps,
+            guidance,
+            prompts,
+            source,
+        })
+    }
+}
+
+impl PreparedEval {
+    /// The harness's run description.
+    pub fn run<'a>(&'a self, args: &EvalArgs) -> l2s_steer::evaluate::EvalRun<'a> {
+        l2s_steer::evaluate::EvalRun {
+            model: &self.model,
+            model_name: self.model_name.clone(),
+            method: self.method.as_ref(),
+            steer: args.steer.steer.clone(),
+            steps: self.steps,
+            guidance: self.guidance,
+            negative_prompt: args.sampling.negative_prompt.clone(),
+            seed: args.seed,
+            seeding: l2s_eval::layout::Seeding::PerImage,
+            images_per_prompt: args.images_per_prompt,
+            width: args.sampling.width,
+            height: args.sampling.height,
+            shard: args.shard.unwrap_or_default(),
+            workers: args.workers.unwrap_or_else(default_workers),
+        }
+    }
+}
+
+/// A progress bar over images, labelled `prefix`; hidden with --quiet.
+pub fn image_bar(global: &Global, prefix: &str) -> ProgressBar {
+    let bar = if global.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{bar:32}] {pos}/{len} images {elapsed_precise} (eta {eta}) {wide_msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix.to_string());
+    bar
 }

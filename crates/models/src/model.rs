@@ -537,6 +537,12 @@ impl Pipeline {
         }
     }
 
+    /// Whether photos for training data are centre-cropped to a square before resizing (the
+    /// paper's Stable Diffusion data) rather than resized whole (its FLUX data).
+    pub fn crops_training_images(&self) -> bool {
+        matches!(self.family, Family::StableDiffusion(_))
+    }
+
     /// The reconstruction PSNR (dB) below which a data sample is dropped: the paper's 19.5 for
     /// Stable Diffusion, 20 for FLUX.
     pub fn min_reconstruction_psnr(&self) -> f64 {

@@ -42,6 +42,11 @@ pub enum ProblemKind {
     BadMaps,
     /// A relation missing from the relation → index mapping file.
     NotInMapping,
+    /// Published samples of one prompt recorded at other steps than the first prompt's.
+    StepsDiffer,
+    /// An image file whose pixel size differs from the size its annotation gives (its boxes
+    /// would land elsewhere).
+    SizeMismatch,
 
     // Selection rules.
     /// A relation outside the kept four (GQA's "on", "near", the authors' attribute "is", …).
@@ -69,6 +74,9 @@ pub enum ProblemKind {
     BeyondPerImageLimit,
     /// An image left without any usable triplet.
     NoTriplet,
+    /// An object cut off by the fit to the model's size (too little of its box left); the
+    /// triplets naming it are dropped.
+    CutByCrop,
 }
 
 impl ProblemKind {
@@ -91,6 +99,8 @@ impl ProblemKind {
                 | UnreadableMaps
                 | BadMaps
                 | NotInMapping
+                | SizeMismatch
+                | StepsDiffer
         )
     }
 
@@ -124,6 +134,9 @@ impl ProblemKind {
             RepeatedRelation => "relation repeated or mirrored",
             BeyondPerImageLimit => "beyond the per-image limit",
             NoTriplet => "image without a usable triplet",
+            CutByCrop => "object cut off by the crop",
+            SizeMismatch => "image size differs from its annotation",
+            StepsDiffer => "prompt recorded at other steps",
         }
     }
 }

@@ -6,6 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
+use l2s_sources::Fit;
+
 use crate::error::{Context, Result};
 use l2s_eval::layout::{read_run_info, Seeding};
 use l2s_eval::prompts::SpatialPrompt;
@@ -16,8 +18,8 @@ use l2s_models::Pipeline;
 use l2s_shapes::{DetectorConfig, RenderConfig, ShapeDetector};
 
 use crate::build::{
-    build, open_dataset, progress_message, read_annotated, shapes_relation_detector, BuildConfig,
-    ReconstructionCheck,
+    build, open_dataset, progress_message, read_images, shapes_relation_detector, BuildConfig,
+    ImageSource, ReconstructionCheck,
 };
 use crate::dataset::{Dataset, ShardSpec};
 use crate::evaluate::{run_eval, EvalRun};
@@ -148,7 +150,13 @@ fn build_data(sd: &Pipeline, a: &ShapesBench, progress: &dyn BenchProgress) -> R
     if done.exists() {
         return Ok(());
     }
-    let images = read_annotated(&images_dir, None)?;
+    let images = read_images(
+        &ImageSource::Shapes(images_dir.clone()),
+        0,
+        Fit::Resize,
+        None,
+    )?
+    .images;
     let cfg = BuildConfig {
         fixed_point_iterations: a.fixed_point,
         psnr_threshold: a.min_psnr,

@@ -7,22 +7,19 @@
 use crate::error::{Context, Result};
 use candle_core::Tensor;
 use l2s_diffusion::RfInversionConfig;
-use l2s_eval::{relations as relation_rule, top1_per_class, BBox, Detector, Relation};
+use l2s_eval::{relations as relation_rule, top1_per_class, Detector, Relation, Triplet};
 use l2s_generate::{invert, reconstruct, InvertRequest, StepObserver};
 use l2s_models::{AttentionObserver, AttentionSite, InversionSettings, Pipeline};
+use std::path::PathBuf;
+
+use l2s_sources::{Fit, Problems};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+pub use crate::annotated::{read_images, AnnotatedImage, ImageData, ImageSource, ReadImages};
 use crate::dataset::{DatasetInfo, DatasetWriter, LayerInfo, SampleKind, SampleMeta, ShardSpec};
 use crate::maps::{MapRecorder, WordPair};
-
-/// An image with named boxes (pixel xyxy).
-pub struct AnnotatedImage {
-    pub id: String,
-    pub image: image::RgbImage,
-    pub objects: Vec<(String, BBox)>,
-}
 
 #[derive(Clone, Debug)]
 pub struct BuildConfig {
@@ -89,8 +86,12 @@ pub fn triplet_prompt(subject: &str, relation: Relation, object: &str) -> String
     format!("A {subject} {} a {object}", relation.phrase())
 }
 
-/// Picks a pair of distinct objects whose relation is exactly one of the four.
-fn pick_pair(img: &AnnotatedImage, rng: &mut ChaCha8Rng) -> Option<(usize, usize, Relation)> {
+/// Picks the triplet an image's samples are built from: one the source asserts, else a pair of
+/// distinct objects whose boxes stand in exactly one of the four relations.
+fn pick_triplet(img: &AnnotatedImage, rng: &mut ChaCha8Rng) -> Option<Triplet> {
+    if !img.triplets.is_empty() {
+        return img.triplets.choose(rng).cloned();
+    }
     let mut candidates = Vec::new();
     for (i, (na, a)) in img.objects.iter().enumerate() {
         for (j, (nb, b)) in img.objects.iter().enumerate() {
@@ -103,7 +104,12 @@ fn pick_pair(img: &AnnotatedImage, rng: &mut ChaCha8Rng) -> Option<(usize, usize
             }
         }
     }
-    candidates.choose(rng).copied()
+    let &(i, j, relation) = candidates.choose(rng)?;
+    Some(Triplet::new(
+        img.objects[i].0.clone(),
+        relation,
+        img.objects[j].0.clone(),
+    ))
 }
 
 /// Records one word pair's classifier input at chosen steps of a run (a reconstruction while
@@ -371,7 +377,12 @@ pub fn build(
         let mut rng = ChaCha8Rng::seed_from_u64(
             cfg.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
-        let Some((i, j, relation)) = pick_pair(img, &mut rng) else {
+        let Some(Triplet {
+            subject,
+            relation,
+            object,
+        }) = pick_triplet(img, &mut rng)
+        else {
             summary.no_unambiguous_pair += 1;
             continue;
         };
@@ -385,7 +396,6 @@ pub fn build(
         if cfg.dual_inversion {
             kinds.push((SampleKind::Negative, negative));
         }
-        let (subject, object) = (img.objects[i].0.clone(), img.objects[j].0.clone());
         let mut samples = Vec::new();
         for (k, (kind, prompt_relation)) in kinds.into_iter().enumerate() {
             let sample = index as u64 * 2 + k as u64;
@@ -424,7 +434,7 @@ pub fn build(
         };
         let recorded = record_sample(
             model,
-            &img.image,
+            &*img.pixels()?,
             prompt,
             &job.subject,
             &job.object,
@@ -542,47 +552,134 @@ pub fn progress_message(s: &BuildSummary) -> String {
 /// The detector that checks reconstructions, sized for the images' resolution. Refuses images
 /// whose objects it cannot detect (every sample would be dropped).
 pub fn shapes_relation_detector(images: &[AnnotatedImage]) -> Result<l2s_shapes::ShapeDetector> {
-    {
-        {
-            let size = images.first().map_or(32, |i| i.image.width());
-            let detector = l2s_shapes::ShapeDetector::new(l2s_shapes::DetectorConfig::for_render(
-                &l2s_shapes::RenderConfig::with_size(size),
-            ));
-            let known = l2s_eval::Detector::classes(&detector);
-            for img in images {
-                if let Some((name, _)) = img.objects.iter().find(|(n, _)| !known.contains(n)) {
-                    crate::error::bail!(
-                        "the shapes relation check: image {} has an object {name:?}, which the shapes detector cannot find \
-                         (it knows {}); use it only on shapes-world images",
-                        img.id,
-                        known.join(", ")
-                    );
-                }
-            }
-            Ok(detector)
+    let size = images.first().map_or(32, |i| i.side());
+    let detector = l2s_shapes::ShapeDetector::new(l2s_shapes::DetectorConfig::for_render(
+        &l2s_shapes::RenderConfig::with_size(size),
+    ));
+    let known = l2s_eval::Detector::classes(&detector);
+    for img in images {
+        if let Some((name, _)) = img.objects.iter().find(|(n, _)| !known.contains(n)) {
+            crate::error::bail!(
+                "the shapes relation check: image {} has an object {name:?}, which the shapes detector cannot find \
+                 (it knows {}); use it only on shapes-world images",
+                img.id,
+                known.join(", ")
+            );
+        }
+    }
+    Ok(detector)
+}
+
+/// Which detector judges reconstructions (`--check-relation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelationCheckKind {
+    /// The shapes world's exact detector.
+    Shapes,
+}
+
+impl RelationCheckKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RelationCheckKind::Shapes => "shapes",
         }
     }
 }
 
-/// Reads a COCO-style folder into annotated images.
-pub fn read_annotated(dir: &std::path::Path, limit: Option<usize>) -> Result<Vec<AnnotatedImage>> {
-    let ds = l2s_shapes::read_dataset(dir)
-        .with_context(|| format!("reading annotated images from {}", dir.display()))?;
-    ds.images
-        .iter()
-        .take(limit.unwrap_or(usize::MAX))
-        .map(|img| {
-            Ok(AnnotatedImage {
-                id: img.id.to_string(),
-                image: img.load()?,
-                objects: img
-                    .objects
-                    .iter()
-                    .map(|o| (o.class.name().to_string(), o.bbox))
-                    .collect(),
-            })
-        })
-        .collect()
+/// Everything `l2s data build` does, from a source to a dataset folder.
+#[derive(Clone, Debug)]
+pub struct BuildJob {
+    pub source: ImageSource,
+    /// How photos become the model's square (default: [`Pipeline::crops_training_images`]).
+    pub fit: Option<Fit>,
+    /// Use at most this many images of the source.
+    pub limit: Option<usize>,
+    pub config: BuildConfig,
+    pub relation_check: Option<RelationCheckKind>,
+    /// The dataset folder (resumed if it holds this build).
+    pub out: PathBuf,
+    /// Samples per shard file.
+    pub shard_size: usize,
+    pub workers: usize,
+}
+
+/// What a build read and wrote; also saved as `build-summary.json` in the dataset folder.
+#[derive(Debug, serde::Serialize)]
+pub struct BuildReport {
+    pub source: String,
+    /// Records of the source looked at.
+    pub records_seen: usize,
+    /// Images the samples were built from.
+    pub images_used: usize,
+    /// Records and images left out, by reason (the first ones of each kind listed).
+    pub left_out: Problems,
+    pub samples: BuildSummary,
+}
+
+/// The file a build's [`BuildReport`] is written to.
+pub const BUILD_SUMMARY_FILE: &str = "build-summary.json";
+
+/// Reads the job's source, builds (or resumes) its dataset and writes the summary.
+/// `progress(done, total, summary)` after each image.
+pub fn run_build(
+    model: &Pipeline,
+    job: &BuildJob,
+    progress: &mut dyn FnMut(usize, usize, &BuildSummary),
+) -> Result<BuildReport> {
+    let fit = job.fit.unwrap_or(if model.crops_training_images() {
+        Fit::CenterCrop
+    } else {
+        Fit::Resize
+    });
+    let side = model.native_size() as u32;
+    let read = read_images(&job.source, side, fit, job.limit)?;
+    if read.images.is_empty() {
+        crate::error::bail!(
+            "{}: no usable image ({} records looked at; left out:\n{})",
+            job.source.describe(),
+            read.seen,
+            read.problems.summary()
+        );
+    }
+    let detector = match job.relation_check {
+        Some(RelationCheckKind::Shapes) => Some(shapes_relation_detector(&read.images)?),
+        None => None,
+    };
+    let check = detector.as_ref().map(|d| ReconstructionCheck {
+        detector: d,
+        min_score: l2s_eval::SCORE_THRESHOLD,
+    });
+    let check_name = job.relation_check.map(RelationCheckKind::name);
+    let mut writer = open_dataset(
+        model,
+        &read.images,
+        &job.config,
+        check_name,
+        &job.out,
+        job.shard_size,
+    )?;
+    let samples = build(
+        model,
+        &read.images,
+        &job.config,
+        check.as_ref(),
+        job.workers,
+        &mut writer,
+        None,
+        progress,
+    )?;
+    writer.finish()?;
+    let report = BuildReport {
+        source: job.source.describe(),
+        records_seen: read.seen,
+        images_used: read.images.len(),
+        left_out: read.problems,
+        samples,
+    };
+    l2s_files::write_atomic(
+        &job.out.join(BUILD_SUMMARY_FILE),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    Ok(report)
 }
 
 /// Opens (or resumes) a dataset for `model`, probing one sample for the map layout.
@@ -594,15 +691,18 @@ pub fn open_dataset(
     out: &std::path::Path,
     shard_size: usize,
 ) -> Result<DatasetWriter> {
-    let probe = images
+    let (probe, a, b) = images
         .iter()
-        .find(|i| i.objects.len() >= 2)
-        .context("no image with two or more objects")?;
-    let (a, b) = (&probe.objects[0].0, &probe.objects[1].0);
+        .find_map(|i| match (i.triplets.first(), i.objects.as_slice()) {
+            (Some(t), _) => Some((i, t.subject.clone(), t.object.clone())),
+            (None, [a, b, ..]) => Some((i, a.0.clone(), b.0.clone())),
+            _ => None,
+        })
+        .context("no image with a relation or two objects to record")?;
     let prompt = format!("a {a} and a {b}");
     let mut probe_cfg = cfg.clone();
     probe_cfg.fixed_point_iterations = 0;
-    let probe = record_sample(model, &probe.image, &prompt, a, b, &probe_cfg)?;
+    let probe = record_sample(model, &*probe.pixels()?, &prompt, &a, &b, &probe_cfg)?;
     let (maps, sites) = (probe.maps, probe.sites);
     let mut extra = serde_json::Map::new();
     if let Some(check) = relation_check {
@@ -662,11 +762,12 @@ mod tests {
     fn relation_check_refuses_objects_its_detector_cannot_find() {
         let image = |names: &[&str]| super::AnnotatedImage {
             id: "7".into(),
-            image: image::RgbImage::new(32, 32),
+            image: super::ImageData::Pixels(image::RgbImage::new(32, 32)),
             objects: names
                 .iter()
                 .map(|n| (n.to_string(), l2s_eval::BBox::new(0.0, 0.0, 4.0, 4.0)))
                 .collect(),
+            triplets: Vec::new(),
         };
         assert!(super::shapes_relation_detector(&[image(&["star", "heart"])]).is_ok());
         let err =
@@ -717,7 +818,7 @@ mod tests {
     fn det(class: &str, x: f32, y: f32, score: f32) -> Detection {
         Detection {
             class: class.into(),
-            bbox: BBox::new(x, y, x + 6.0, y + 6.0),
+            bbox: l2s_eval::BBox::new(x, y, x + 6.0, y + 6.0),
             score,
         }
     }

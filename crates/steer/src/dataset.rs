@@ -66,6 +66,11 @@ pub struct DatasetInfo {
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
+/// The `model` of maps from an unnamed model (imported published samples): a classifier trained
+/// on them is tied to a model by map count and attention resolution, as a published checkpoint
+/// is, instead of by fingerprint.
+pub const UNNAMED_MODEL: &str = "unnamed";
+
 impl DatasetInfo {
     /// Class index of a relation name.
     pub fn label_of(&self, relation: &str) -> Option<usize> {

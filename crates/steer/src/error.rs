@@ -35,6 +35,10 @@ pub enum SteerError {
     #[error(transparent)]
     Write(#[from] l2s_files::WriteError),
     #[error(transparent)]
+    Source(Box<l2s_sources::SourceError>),
+    #[error(transparent)]
+    ImageLoad(Box<l2s_sources::ImageLoadError>),
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Json(#[from] serde_json::Error),
@@ -72,6 +76,8 @@ from_boxed!(
     Classify: crate::classify::ClassifyError,
     Relation: crate::RelationParseError,
     Shapes: l2s_shapes::ShapesError,
+    Source: l2s_sources::SourceError,
+    ImageLoad: l2s_sources::ImageLoadError,
 );
 
 impl SteerError {

@@ -2,6 +2,7 @@
 //! objects from a diffusion model's cross-attention maps, store the classifier's training data,
 //! and train it.
 
+pub mod annotated;
 pub mod augment;
 pub mod bench;
 pub mod build;
@@ -10,6 +11,7 @@ pub mod classify;
 pub mod dataset;
 pub mod error;
 pub mod evaluate;
+pub mod import;
 pub mod losses;
 pub mod maps;
 pub mod method;
@@ -17,6 +19,7 @@ pub mod relations;
 pub mod seeded;
 pub mod steering;
 pub mod train;
+pub mod verified;
 pub mod workers;
 
 pub use augment::Augment;

@@ -90,7 +90,7 @@ fn trained_on_flux(meta: &CheckpointMeta) -> bool {
 
 /// Refuses a classifier trained on the other model family, naming both and their map layouts.
 fn check_family(path: &Path, meta: &CheckpointMeta, model: &Pipeline, id: &str) -> Result<()> {
-    if meta.model.is_empty() {
+    if meta.model.is_empty() || meta.model == crate::dataset::UNNAMED_MODEL {
         return check_published(path, meta, model, id);
     }
     let flux = trained_on_flux(meta);

@@ -758,7 +758,12 @@ pub fn train_on(
             .get("num_inference_steps")
             .and_then(|v| v.as_u64())
             .map(|v| v as usize),
-        orig_map_size: None,
+        // Imported published data names no model; its attention resolution ties it to one.
+        orig_map_size: info
+            .extra
+            .get("orig_map_size")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize),
         metrics: Some(TrainMetrics {
             best_epoch: fitted.best_epoch,
             epochs_run: fitted.epochs_run,
@@ -926,7 +931,10 @@ pub fn load_classifier(
     }
     let (weights_path, meta_path) = checkpoint_paths(path);
     let (meta, arch) = read_checkpoint(path)?;
-    if let Some(expected) = expected_model {
+    // A classifier trained on imported published data names no model (checked by map count
+    // and size instead, as a published checkpoint is).
+    let unnamed = meta.model.is_empty() || meta.model == crate::dataset::UNNAMED_MODEL;
+    if let Some(expected) = expected_model.filter(|_| !unnamed) {
         if meta.model != expected {
             return Err(CheckpointError::WrongModel {
                 path: meta_path,

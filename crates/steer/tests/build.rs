@@ -5,7 +5,8 @@ use l2s_eval::{Detection, Detector};
 use l2s_models::{LoadOptions, Pipeline};
 use l2s_shapes::{render_scene, DetectorConfig, RenderConfig, ShapeDetector};
 use l2s_steer::build::{
-    build, relation_names, AnnotatedImage, BuildConfig, BuildSummary, DropRule, ReconstructionCheck,
+    build, relation_names, AnnotatedImage, BuildConfig, BuildSummary, DropRule, ImageData,
+    ReconstructionCheck,
 };
 use l2s_steer::dataset::{DatasetInfo, DatasetWriter, ShardSpec};
 use l2s_steer::Dataset;
@@ -31,7 +32,8 @@ fn images(n: u64) -> Vec<AnnotatedImage> {
                     .iter()
                     .map(|o| (o.class.name().to_string(), o.bbox))
                     .collect(),
-                image: scene.image,
+                image: ImageData::Pixels(scene.image),
+                triplets: Vec::new(),
             }
         })
         .collect()

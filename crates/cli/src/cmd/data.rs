@@ -1,19 +1,20 @@
 //! `l2s data build`: the classifier's training data by dual inversion of annotated images;
-//! `l2s data merge`: the parts of a build split with `--shard` joined into one dataset.
+//! `l2s data merge`: the parts of a build split with `--shard` joined into one dataset;
+//! `l2s data import`: the published training samples as a dataset.
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use l2s_sources::Fit;
 use l2s_steer::build::{
-    build, open_dataset, progress_message, read_annotated, shapes_relation_detector, BuildConfig,
-    DropRule, ReconstructionCheck,
+    progress_message, run_build, BuildConfig, BuildJob, DropRule, ImageSource, RelationCheckKind,
 };
 
 use crate::cmd::score::DetectorArg;
 use l2s_steer::dataset::{merge, ShardSpec};
 
-use crate::common::{default_workers, load_model, Global, ModelArgs};
+use crate::common::{default_workers, image_bar, load_model, EvalArgs, Global, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -28,6 +29,40 @@ enum Command {
     /// Join the parts of one build (`data build --shard i/n`, each into its own folder) into one
     /// dataset
     Merge(MergeArgs),
+    /// Generate images for spatial prompts (plain or steered) and keep those a detector judges
+    /// correct, as a JSONL source for `data build --jsonl` (GenEval's layout; resumable)
+    Generate(Box<GenerateArgs>),
+    /// Convert the published Learn-to-Steer training samples (their result_metadata.json,
+    /// result_data.json and .pth map files) into a dataset `l2s train` reads
+    Import(ImportArgs),
+}
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Writes DIR in GenEval's layout (as `l2s eval` does), DIR/results.jsonl and DIR/summary.json (as \
+`l2s score` does), and DIR/verified.jsonl: one line per relation of each image judged correct, with the boxes the \
+judgement used. Build training data from it with `l2s data build --jsonl DIR/verified.jsonl`."
+)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    eval: EvalArgs,
+    /// Who judges the images: `shapes`, the shapes world's exact detector
+    #[arg(long, value_enum, default_value = "shapes")]
+    detector: DetectorArg,
+}
+
+#[derive(clap::Args)]
+pub struct ImportArgs {
+    /// The published split: its folder or its result_metadata.json (map files are found under
+    /// it even when the JSON names another machine's paths)
+    #[arg(long, value_name = "PATH")]
+    published: PathBuf,
+    /// New dataset folder
+    #[arg(long)]
+    out: PathBuf,
+    /// Samples per shard file
+    #[arg(long, default_value_t = 256)]
+    shard_size: usize,
 }
 
 #[derive(clap::Args)]
@@ -42,12 +77,41 @@ pub struct MergeArgs {
 }
 
 #[derive(clap::Args)]
+#[command(
+    group(clap::ArgGroup::new("source").required(true).args(["images", "gqa", "coco", "triplets", "jsonl"])),
+    after_help = "Sources: --images (the shapes renderer's folders), --gqa (GQA scene graphs: objects named once, no \
+is-a pair, the relations above, below, to the left of, to the right of, one per image), --coco (COCO instances: \
+categories with one non-crowd instance, pairs in exactly one relation by GenEval's rule, boxes of 32 px or more), \
+--triplets (the published phase-1 triplet files), --jsonl (one {\"image\", \"subject\", \"relation\", \"object\"} per \
+line). Photos are fitted to the model's square (--fit). Records and images left out are counted by reason and \
+listed in DIR/build-summary.json, with the samples kept and dropped."
+)]
 pub struct BuildArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// A folder with COCO-style annotations.json and its images (e.g. `l2s shapes render` output)
-    #[arg(long)]
-    images: PathBuf,
+    /// A folder with the shapes renderer's annotations.json and its images (`l2s shapes render`)
+    #[arg(long, value_name = "DIR")]
+    images: Option<PathBuf>,
+    /// GQA scene graphs (train_sceneGraphs.json or val_sceneGraphs.json); images from --image-dir
+    #[arg(long, value_name = "FILE", requires = "image_dir")]
+    gqa: Option<PathBuf>,
+    /// COCO instances_*.json; images from --image-dir
+    #[arg(long, value_name = "FILE", requires = "image_dir")]
+    coco: Option<PathBuf>,
+    /// The published triplet files (their folder or result_metadata.json); images from --image-dir
+    #[arg(long, value_name = "PATH", requires = "image_dir")]
+    triplets: Option<PathBuf>,
+    /// JSON Lines of {"image", "subject", "relation", "object"} (image paths relative to the file;
+    /// optional "subject_box"/"object_box" [x1, y1, x2, y2] are checked against the relation)
+    #[arg(long, value_name = "FILE")]
+    jsonl: Option<PathBuf>,
+    /// The images of --gqa, --coco or --triplets
+    #[arg(long, value_name = "DIR")]
+    image_dir: Option<PathBuf>,
+    /// How a photo becomes the model's square: `crop` (the centre square, resized: the default
+    /// for Stable Diffusion) or `resize` (the whole image: the default for FLUX)
+    #[arg(long, value_enum)]
+    fit: Option<FitArg>,
     /// Output dataset folder (resumed if it exists)
     #[arg(long)]
     out: PathBuf,
@@ -97,6 +161,12 @@ pub struct BuildArgs {
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum FitArg {
+    Crop,
+    Resize,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum DropArg {
     Twins,
     PerSample,
@@ -104,9 +174,71 @@ enum DropArg {
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
     match args.command {
-        Command::Build(a) => run_build(*a, global),
+        Command::Build(a) => build(*a, global),
         Command::Merge(a) => run_merge(a),
+        Command::Import(a) => run_import(a),
+        Command::Generate(a) => run_generate(*a, global),
     }
+}
+
+fn run_generate(a: GenerateArgs, global: &Global) -> Result<()> {
+    let args = &a.eval;
+    let prepared = args.prepare()?;
+    let run = prepared.run(args);
+    let detector = match a.detector {
+        DetectorArg::Shapes => {
+            l2s_shapes::ShapeDetector::new(l2s_shapes::DetectorConfig::for_render(
+                &l2s_shapes::RenderConfig::with_size(prepared.model.native_size() as u32),
+            ))
+        }
+    };
+    let bar = image_bar(global, &run.label());
+    let report = l2s_steer::verified::generate_verified(
+        &run,
+        &prepared.prompts,
+        &prepared.source,
+        &args.out,
+        &detector,
+        "shapes",
+        &mut |done, total, prompt| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            bar.set_message(prompt.to_string());
+        },
+    )?;
+    bar.finish_and_clear();
+    println!(
+        "{}: {} of {} images judged correct ({} generated now); {} lines in {}",
+        args.out.display(),
+        report.kept_images,
+        report.images,
+        report.generated,
+        report.lines,
+        report.file.display()
+    );
+    Ok(())
+}
+
+fn run_import(a: ImportArgs) -> Result<()> {
+    let report = l2s_steer::import::import_published(&a.published, &a.out, a.shard_size)?;
+    if report.left_out.total() > 0 {
+        eprintln!(
+            "left out of {} rows:\n{}",
+            report.rows_seen,
+            report.left_out.summary()
+        );
+    }
+    println!(
+        "{}: {} samples ({} maps per word of {}×{}, steps {:?}) from {} rows",
+        a.out.display(),
+        report.samples,
+        report.num_maps,
+        report.map_size,
+        report.map_size,
+        report.step_indices,
+        report.rows_seen
+    );
+    Ok(())
 }
 
 fn run_merge(a: MergeArgs) -> Result<()> {
@@ -129,13 +261,38 @@ fn run_merge(a: MergeArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_build(a: BuildArgs, global: &Global) -> Result<()> {
+/// The source the flags name (clap makes exactly one present).
+fn source(a: &BuildArgs) -> Result<ImageSource> {
+    let images = || a.image_dir.clone().unwrap_or_default();
+    Ok(if let Some(dir) = &a.images {
+        ImageSource::Shapes(dir.clone())
+    } else if let Some(file) = &a.gqa {
+        ImageSource::Gqa {
+            scene_graphs: file.clone(),
+            images: images(),
+        }
+    } else if let Some(file) = &a.coco {
+        ImageSource::Coco {
+            instances: file.clone(),
+            images: images(),
+        }
+    } else if let Some(path) = &a.triplets {
+        ImageSource::Triplets {
+            path: path.clone(),
+            images: images(),
+        }
+    } else if let Some(file) = &a.jsonl {
+        ImageSource::Jsonl(file.clone())
+    } else {
+        bail!("no source: give --images, --gqa, --coco, --triplets or --jsonl")
+    })
+}
+
+fn build(a: BuildArgs, global: &Global) -> Result<()> {
     let (model, _) = load_model(&a.model)?;
-    let model = &model;
-    let images = read_annotated(&a.images, a.limit)?;
     let steps = a.steps.unwrap_or(model.sampling_defaults().steps);
-    let defaults = BuildConfig::for_model(model, steps);
-    let cfg = BuildConfig {
+    let defaults = BuildConfig::for_model(&model, steps);
+    let config = BuildConfig {
         fixed_point_iterations: a.fixed_point,
         step_indices: if a.at_steps.is_empty() {
             defaults.step_indices.clone()
@@ -152,20 +309,25 @@ fn run_build(a: BuildArgs, global: &Global) -> Result<()> {
         },
         ..defaults
     };
-    let detector = a
-        .check_relation
-        .map(|DetectorArg::Shapes| shapes_relation_detector(&images))
-        .transpose()?;
-    let check = detector.as_ref().map(|d| ReconstructionCheck {
-        detector: d,
-        min_score: l2s_eval::SCORE_THRESHOLD,
-    });
-    let check_name = a.check_relation.map(|_| "shapes");
-    let mut writer = open_dataset(model, &images, &cfg, check_name, &a.out, a.shard_size)?;
+    let job = BuildJob {
+        source: source(&a)?,
+        fit: a.fit.map(|f| match f {
+            FitArg::Crop => Fit::CenterCrop,
+            FitArg::Resize => Fit::Resize,
+        }),
+        limit: a.limit,
+        config,
+        relation_check: a
+            .check_relation
+            .map(|DetectorArg::Shapes| RelationCheckKind::Shapes),
+        out: a.out.clone(),
+        shard_size: a.shard_size,
+        workers: a.workers.unwrap_or_else(default_workers),
+    };
     let bar = if global.quiet {
         ProgressBar::hidden()
     } else {
-        ProgressBar::new(images.len() as u64)
+        ProgressBar::new(0)
     };
     bar.set_style(
         ProgressStyle::with_template(
@@ -174,21 +336,23 @@ fn run_build(a: BuildArgs, global: &Global) -> Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let summary = build(
-        model,
-        &images,
-        &cfg,
-        check.as_ref(),
-        a.workers.unwrap_or_else(default_workers),
-        &mut writer,
-        None,
-        &mut |done, _, s| {
-            bar.set_position(done as u64);
-            bar.set_message(progress_message(s));
-        },
-    )?;
-    writer.finish()?;
+    let report = run_build(&model, &job, &mut |done, total, s| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(progress_message(s));
+    })?;
     bar.finish_and_clear();
-    eprintln!("{}", serde_json::to_string_pretty(&summary)?);
+    if report.left_out.total() > 0 {
+        eprintln!(
+            "left out of {} records:\n{}",
+            report.records_seen,
+            report.left_out.summary()
+        );
+    }
+    eprintln!("{}", serde_json::to_string_pretty(&report.samples)?);
+    eprintln!(
+        "summary: {}",
+        a.out.join(l2s_steer::build::BUILD_SUMMARY_FILE).display()
+    );
     Ok(())
 }
