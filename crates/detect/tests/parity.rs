@@ -1,0 +1,73 @@
+//! The tiny random-weight Mask2Former against what transformers computes (fixtures made by
+//! tools/fixtures/make_mask2former_fixtures.py), loaded from both namings.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use l2s_detect::{infer_config, Mask2Former, Mask2FormerConfig, Naming, Weights};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/mask2former-tiny")
+        .join(name)
+}
+
+fn expected() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture("expected.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn config() -> Mask2FormerConfig {
+    serde_json::from_str(&std::fs::read_to_string(fixture("config.json")).unwrap()).unwrap()
+}
+
+/// max |a − b| / max |b|.
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    let m = b.abs().unwrap().max_all().unwrap();
+    d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap().max(1e-12)
+}
+
+fn check(file: &str, naming: Naming) {
+    let exp = expected();
+    let w = Weights::open(fixture(file), &Device::Cpu).unwrap();
+    assert_eq!(w.naming(), naming);
+    let cfg = infer_config(&w).unwrap();
+    assert_eq!(cfg, config(), "configuration read back from the shapes");
+    let model = Mask2Former::load(&w, &cfg).unwrap();
+    let out = model.forward(&exp["pixels"]).unwrap();
+    let mut worst = 0f32;
+    let mut cmp = |name: String, t: &Tensor| {
+        let e = rel_err(t, &exp[&name]);
+        println!("{file} {name}: relative error {e:.2e}");
+        assert!(e <= 1e-4, "{file}: {name} differs by {e} (relative)");
+        worst = worst.max(e);
+    };
+    assert_eq!(out.backbone.len(), 4);
+    for (s, t) in out.backbone.iter().enumerate() {
+        cmp(format!("backbone.{s}"), t);
+    }
+    cmp("mask_features".into(), &out.mask_features);
+    for (i, t) in out.multi_scale.iter().enumerate() {
+        cmp(format!("multi_scale.{i}"), t);
+    }
+    assert_eq!(out.class_logits.len(), cfg.decoder_layers + 1);
+    for (r, t) in out.class_logits.iter().enumerate() {
+        cmp(format!("class_logits.{r}"), t);
+    }
+    for (r, t) in out.mask_logits.iter().enumerate() {
+        cmp(format!("mask_logits.{r}"), t);
+    }
+    println!("{file}: worst relative error {worst:.2e}");
+}
+
+#[test]
+fn hugging_face_weights_match_transformers() {
+    check("hf.safetensors", Naming::HuggingFace);
+}
+
+#[test]
+fn mmdet_weights_give_the_same_outputs() {
+    check("mmdet.pth", Naming::Mmdet);
+}
