@@ -6,16 +6,19 @@
 pub mod config;
 pub mod decoder;
 pub mod deformable;
+pub mod detector;
 pub mod error;
 pub mod layers;
 pub mod model;
 pub mod naming;
 pub mod pixel_decoder;
 pub mod position;
+pub mod postprocess;
 pub mod swin;
 pub mod weights;
 
 pub use config::{Mask2FormerConfig, SwinConfig};
+pub use detector::{Detection, Detector, COCO_CLASSES};
 pub use error::{DetectError, Result};
 pub use model::{infer_config, Mask2Former, Mask2FormerOutput};
 pub use naming::Naming;

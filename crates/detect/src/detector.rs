@@ -1,0 +1,270 @@
+//! The detector GenEval uses: load a checkpoint in either naming, run images through mmdet's test
+//! pipeline, the network and mmdet's instance post-processing.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use crate::model::{infer_config, Mask2Former};
+use crate::postprocess::{instances, prepare, Mask};
+use crate::weights::Weights;
+use crate::{Mask2FormerConfig, Naming, Result};
+
+/// COCO's 80 thing classes in the order of the detector's outputs.
+pub const COCO_CLASSES: [&str; 80] = [
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "laptop",
+    "mouse",
+    "remote",
+    "keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
+];
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Detection {
+    /// Class index in the model's output.
+    pub label: usize,
+    pub class_name: String,
+    /// mmdet's instance score in [0, 1].
+    pub score: f32,
+    /// [x1, y1, x2, y2] in pixels of the input image (x2, y2 exclusive).
+    pub bbox: [f32; 4],
+    /// The decoder query that produced it.
+    pub query: usize,
+    /// The binary mask at the image size, when [`Detector::keep_masks`] is set.
+    pub mask: Option<Mask>,
+}
+
+pub struct Detector {
+    model: Mask2Former,
+    device: Device,
+    class_names: Vec<String>,
+    naming: Naming,
+    /// Also return each detection's mask (GenEval's colour task crops with it).
+    pub keep_masks: bool,
+}
+
+impl Detector {
+    /// Loads a checkpoint on the CPU; see [`Detector::load_on`].
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        Self::load_on(path, &Device::Cpu)
+    }
+
+    /// Loads mmdet's `.pth`, or transformers' `model.safetensors` / `pytorch_model.bin`, telling
+    /// the naming from the tensor names and the architecture from their shapes. A transformers
+    /// `config.json` beside the weights supplies the head count and class names.
+    pub fn load_on(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let path = path.as_ref();
+        let w = Weights::open(path, device)?;
+        let mut cfg = infer_config(&w)?;
+        let mut names = None;
+        if w.naming() == Naming::HuggingFace {
+            if let Some(hf) = path.parent().map(|d| d.join("config.json")) {
+                if let Ok(text) = std::fs::read_to_string(&hf) {
+                    apply_hf_config(&text, &mut cfg, &mut names);
+                }
+            }
+        }
+        Self::from_weights(&w, &cfg, names)
+    }
+
+    /// Builds from loaded weights and an explicit configuration; `class_names` defaults to
+    /// COCO's for 80 classes and `class{i}` otherwise.
+    pub fn from_weights(
+        w: &Weights,
+        cfg: &Mask2FormerConfig,
+        class_names: Option<Vec<String>>,
+    ) -> Result<Self> {
+        let model = Mask2Former::load(w, cfg)?;
+        let class_names = match class_names {
+            Some(n) if n.len() == cfg.num_classes => n,
+            _ if cfg.num_classes == COCO_CLASSES.len() => {
+                COCO_CLASSES.iter().map(|s| s.to_string()).collect()
+            }
+            _ => (0..cfg.num_classes).map(|i| format!("class{i}")).collect(),
+        };
+        Ok(Self {
+            model,
+            device: w.device().clone(),
+            class_names,
+            naming: w.naming(),
+            keep_masks: false,
+        })
+    }
+
+    pub fn model(&self) -> &Mask2Former {
+        &self.model
+    }
+
+    pub fn class_names(&self) -> &[String] {
+        &self.class_names
+    }
+
+    pub fn naming(&self) -> Naming {
+        self.naming
+    }
+
+    /// Instances in one image, highest score first (at most 100, unthresholded, as mmdet
+    /// returns them; GenEval applies its own thresholds).
+    pub fn detect(&self, image: &image::RgbImage) -> Result<Vec<Detection>> {
+        Ok(self
+            .detect_batch(std::slice::from_ref(image))?
+            .pop()
+            .unwrap_or_default())
+    }
+
+    /// Several images; those of one padded size share a forward pass. Each image gets the
+    /// results it would get alone (no padding to a common size).
+    pub fn detect_batch(&self, images: &[image::RgbImage]) -> Result<Vec<Vec<Detection>>> {
+        let prepared = images
+            .iter()
+            .map(|im| prepare(im, &self.device))
+            .collect::<Result<Vec<_>>>()?;
+        let mut results: Vec<Option<Vec<Detection>>> = vec![None; images.len()];
+        let mut groups: Vec<(Vec<usize>, Vec<usize>)> = Vec::new();
+        for (i, p) in prepared.iter().enumerate() {
+            let dims = p.pixels.dims().to_vec();
+            match groups.iter_mut().find(|(d, _)| *d == dims) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((dims, vec![i])),
+            }
+        }
+        for (dims, members) in groups {
+            let batch = Tensor::stack(
+                &members
+                    .iter()
+                    .map(|&i| prepared[i].pixels.clone())
+                    .collect::<Vec<_>>(),
+                0,
+            )?;
+            let out = self.model.forward(&batch)?;
+            let cls = out.class_logits.last().expect("rounds");
+            let msk = out.mask_logits.last().expect("rounds");
+            for (j, &i) in members.iter().enumerate() {
+                let p = &prepared[i];
+                let inst = instances(
+                    &cls.get(j)?,
+                    &msk.get(j)?,
+                    (dims[1], dims[2]),
+                    p.resized,
+                    p.original,
+                    self.keep_masks,
+                )?;
+                results[i] = Some(
+                    inst.into_iter()
+                        .map(|d| Detection {
+                            label: d.label,
+                            class_name: self.class_names[d.label].clone(),
+                            score: d.score,
+                            bbox: d.bbox,
+                            query: d.query,
+                            mask: d.mask,
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Ok(results.into_iter().map(Option::unwrap_or_default).collect())
+    }
+}
+
+/// Takes the head count and class names from a transformers `config.json`.
+fn apply_hf_config(text: &str, cfg: &mut Mask2FormerConfig, names: &mut Option<Vec<String>>) {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
+        return;
+    };
+    if v.get("model_type").and_then(|m| m.as_str()) != Some("mask2former") {
+        return;
+    }
+    if let Some(h) = v.get("num_attention_heads").and_then(|h| h.as_u64()) {
+        cfg.decoder_heads = h as usize;
+        cfg.encoder_heads = h as usize;
+    }
+    if let Some(map) = v.get("id2label").and_then(|m| m.as_object()) {
+        let mut list = vec![None; map.len()];
+        for (k, name) in map {
+            if let (Ok(i), Some(n)) = (k.parse::<usize>(), name.as_str()) {
+                if i < list.len() {
+                    list[i] = Some(n.to_string());
+                }
+            }
+        }
+        if list.iter().all(Option::is_some) {
+            *names = Some(list.into_iter().flatten().collect());
+        }
+    }
+}
