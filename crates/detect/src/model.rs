@@ -69,13 +69,17 @@ impl Mask2Former {
 /// are not visible in shapes and keep the published values (8 heads, 4 points, 3 levels).
 pub fn infer_config(w: &Weights) -> Result<Mask2FormerConfig> {
     let shape = |p: &str| -> Result<Vec<usize>> {
-        w.shape_of(p).ok_or_else(|| DetectError::MissingTensor {
-            path: w.path().to_path_buf(),
-            name: crate::naming::translate(w.naming(), p)
+        w.shape_of(p).ok_or_else(|| {
+            let name = crate::naming::translate(w.naming(), p)
                 .and_then(|s| s.parts.first().and_then(|n| n.first().cloned()))
-                .unwrap_or_else(|| p.to_string()),
-            naming: w.naming().label(),
-            expected: vec![],
+                .unwrap_or_else(|| p.to_string());
+            DetectError::Format {
+                path: w.path().to_path_buf(),
+                message: format!(
+                    "tensor `{name}` ({} naming) is missing; the architecture of a Swin-backbone Mask2Former is read from it",
+                    w.naming().label()
+                ),
+            }
         })
     };
     let count = |f: &dyn Fn(usize) -> String| -> usize {
