@@ -141,6 +141,10 @@ fn hf(segs: &[&str]) -> Option<Source> {
                     "attention.relative_position_bias.relative_position_bias_table",
                     "attention.self.relative_position_bias_table",
                 )),
+                // Stored by transformers 4.x only; checked, never loaded.
+                ["attn", "rel_index"] => Source::alt(hf_backbone(&[format!(
+                    "{base}attention.self.relative_position_index"
+                )])),
                 ["mlp", "fc1", p] => Source::alt(names(
                     &format!("mlp.fc1.{p}"),
                     &format!("intermediate.dense.{p}"),
@@ -252,6 +256,7 @@ fn mmdet(segs: &[&str]) -> Option<Source> {
                 ["attn", "rel_bias_table"] => {
                     format!("{base}attn.w_msa.relative_position_bias_table")
                 }
+                ["attn", "rel_index"] => format!("{base}attn.w_msa.relative_position_index"),
                 ["mlp", fc, p] => ffn(&format!("{base}ffn."), fc, p)?,
                 _ => return None,
             })

@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 
 use crate::config::SwinConfig;
 use crate::layers::{Conv2d, LayerNorm, Linear, Path};
-use crate::Result;
+use crate::{DetectError, Result};
 
 struct WindowAttention {
     qkv: Linear,
@@ -29,6 +29,19 @@ impl WindowAttention {
                 let dy = yi + window - 1 - yj;
                 let dx = xi + window - 1 - xj;
                 index.push((dy * (2 * window - 1) + dx) as u32);
+            }
+        }
+        // Checkpoints that store the index table must agree with ours.
+        if let Some((name, stored)) = p.w.get_index(&format!("{}.rel_index", p.prefix))? {
+            let same = stored.len() == index.len()
+                && stored.iter().zip(&index).all(|(&a, &b)| a == b as i64);
+            if !same {
+                return Err(DetectError::Format {
+                    path: p.w.path().to_path_buf(),
+                    message: format!(
+                        "tensor `{name}` differs from the relative position index of a {window}×{window} window"
+                    ),
+                });
             }
         }
         let index = Tensor::new(index, table.device())?;

@@ -139,6 +139,24 @@ impl Weights {
         self.shape_of(ours).is_some()
     }
 
+    /// An integer buffer the checkpoint may store (index tables we recompute), with its name.
+    pub fn get_index(&self, ours: &str) -> Result<Option<(String, Vec<i64>)>> {
+        let Some(src) = translate(self.naming, ours) else {
+            return Ok(None);
+        };
+        let Some(part) = src.parts.first() else {
+            return Ok(None);
+        };
+        let Some((name, t)) = part
+            .iter()
+            .find_map(|n| self.tensors.get(n).map(|t| (n, t)))
+        else {
+            return Ok(None);
+        };
+        let v = t.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
+        Ok(Some((name.clone(), v)))
+    }
+
     /// Our parameter `ours`, of shape `shape`, as f32.
     pub fn get(&self, ours: &str, shape: &[usize]) -> Result<Tensor> {
         let src = translate(self.naming, ours).ok_or_else(|| {

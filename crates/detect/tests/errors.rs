@@ -134,3 +134,24 @@ fn a_missing_file_is_an_io_error() {
     assert!(matches!(e, DetectError::Io { .. }), "{msg}");
     assert!(msg.contains("absent.pth"), "{msg}");
 }
+
+#[test]
+fn a_stored_index_table_that_disagrees_is_refused() {
+    let path = root().join("mask2former-tiny/mmdet.pth");
+    let mut f = l2s_torch_pickle::TorchFile::open(&path).unwrap();
+    let sd = f.root().get("state_dict").unwrap().clone();
+    let mut t: HashMap<String, Tensor> = f
+        .state_dict(&sd, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let name = "backbone.stages.1.blocks.0.attn.w_msa.relative_position_index";
+    // Transposed: the table of the opposite offsets.
+    let flipped = t[name].t().unwrap().contiguous().unwrap();
+    t.insert(name.into(), flipped);
+    let p = scratch("index.safetensors");
+    candle_core::safetensors::save(&t, &p).unwrap();
+    let (e, msg) = load_err(&p);
+    assert!(matches!(e, DetectError::Format { .. }), "{msg}");
+    assert!(msg.contains(name) && msg.contains("3×3"), "{msg}");
+}

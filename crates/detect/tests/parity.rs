@@ -71,3 +71,8 @@ fn hugging_face_weights_match_transformers() {
 fn mmdet_weights_give_the_same_outputs() {
     check("mmdet.pth", Naming::Mmdet);
 }
+
+#[test]
+fn transformers_4_names_in_a_pickle_give_the_same_outputs() {
+    check("hf-legacy.bin", Naming::HuggingFace);
+}
