@@ -2,7 +2,7 @@
 //!
 //! * `Resize(img_scale=(1333, 800), keep_ratio=True)`: one scale factor fitting the long side in
 //!   1333 and the short side in 800, sizes rounded half up, bilinear with half-pixel centres
-//!   (OpenCV's `INTER_LINEAR`), back to 8 bits;
+//!   (OpenCV's `INTER_LINEAR`, reproduced to the bit in its 8-bit fixed-point form);
 //! * `Normalize` with the ImageNet mean and std on RGB;
 //! * `Pad(size_divisor=32)` with zeros at the bottom and right;
 //! * scores: softmax over the classes, the no-object class dropped, the top 100 (query, class)
@@ -30,43 +30,59 @@ pub fn rescale_size(h: usize, w: usize, scale: (usize, usize)) -> (usize, usize)
     (r(h), r(w))
 }
 
-/// Source taps of half-pixel bilinear resampling: (i0, i1, weight of i1) per output index.
-fn taps(src: usize, dst: usize) -> Vec<(usize, usize, f64)> {
-    let scale = src as f64 / dst as f64;
+/// Fixed-point taps of OpenCV's 8-bit `INTER_LINEAR`: source index and the two weights in
+/// 1/2048ths, per output index. Sampling is half-pixel (`(d + 0.5)·scale − 0.5`, in f32 as
+/// OpenCV computes it). Along x, OpenCV clamps positions before the image edge to the edge
+/// pixel; along y it keeps the fraction and clamps the row indices instead (`clamp_fraction`).
+fn cv_taps(src: usize, dst: usize, clamp_fraction: bool) -> Vec<(i64, [i64; 2])> {
+    let scale = 1.0 / (dst as f64 / src as f64);
     (0..dst)
         .map(|d| {
-            let s = ((d as f64 + 0.5) * scale - 0.5).max(0.0);
-            let i0 = (s.floor() as usize).min(src - 1);
-            let i1 = (i0 + 1).min(src - 1);
-            (i0, i1, s - i0 as f64)
+            let f = ((d as f64 + 0.5) * scale - 0.5) as f32;
+            let mut i = f.floor() as i64;
+            let mut frac = f - i as f32;
+            if clamp_fraction {
+                if i < 0 {
+                    (i, frac) = (0, 0.0);
+                }
+                if i >= src as i64 - 1 {
+                    (i, frac) = (src as i64 - 1, 0.0);
+                }
+            }
+            let w0 = ((1.0f32 - frac) * 2048.0).round_ties_even() as i64;
+            let w1 = (frac * 2048.0).round_ties_even() as i64;
+            (i, [w0, w1])
         })
         .collect()
 }
 
-/// Bilinear resize of an 8-bit RGB image (channels interleaved), rounded back to 8 bits.
+/// Resizes an 8-bit RGB image (channels interleaved) as `cv2.resize(..., INTER_LINEAR)` does,
+/// to the bit: the horizontal pass in 11-bit fixed point, the vertical one with the rounding of
+/// OpenCV's vectorised 8-bit path.
 pub fn resize_rgb(src: &[u8], h: usize, w: usize, nh: usize, nw: usize) -> Vec<u8> {
-    let tx = taps(w, nw);
-    let ty = taps(h, nh);
-    // Rows first, then columns; all in f64 so the arithmetic is exact for dyadic scales.
-    let mut rows = vec![0f64; h * nw * 3];
+    let tx = cv_taps(w, nw, true);
+    let ty = cv_taps(h, nh, false);
+    let mut rows = vec![0i64; h * nw * 3];
     for y in 0..h {
-        for (x, &(i0, i1, f)) in tx.iter().enumerate() {
+        for (x, &(i0, [a0, a1])) in tx.iter().enumerate() {
+            let i0 = i0 as usize;
+            let i1 = (i0 + 1).min(w - 1);
             for c in 0..3 {
-                let a = src[(y * w + i0) * 3 + c] as f64;
-                let b = src[(y * w + i1) * 3 + c] as f64;
-                rows[(y * nw + x) * 3 + c] = a * (1.0 - f) + b * f;
+                let s0 = src[(y * w + i0) * 3 + c] as i64;
+                let s1 = src[(y * w + i1) * 3 + c] as i64;
+                rows[(y * nw + x) * 3 + c] = s0 * a0 + s1 * a1;
             }
         }
     }
+    let clamp_row = |r: i64| r.clamp(0, h as i64 - 1) as usize;
     let mut out = vec![0u8; nh * nw * 3];
-    for (y, &(i0, i1, f)) in ty.iter().enumerate() {
-        for x in 0..nw {
-            for c in 0..3 {
-                let a = rows[(i0 * nw + x) * 3 + c];
-                let b = rows[(i1 * nw + x) * 3 + c];
-                let v = (a * (1.0 - f) + b * f + 0.5).floor().clamp(0.0, 255.0);
-                out[(y * nw + x) * 3 + c] = v as u8;
-            }
+    for (y, &(i0, [b0, b1])) in ty.iter().enumerate() {
+        let (r0, r1) = (clamp_row(i0), clamp_row(i0 + 1));
+        for x in 0..nw * 3 {
+            let v0 = rows[r0 * nw * 3 + x];
+            let v1 = rows[r1 * nw * 3 + x];
+            let v = (((b0 * (v0 >> 4)) >> 16) + ((b1 * (v1 >> 4)) >> 16) + 2) >> 2;
+            out[y * nw * 3 + x] = v.clamp(0, 255) as u8;
         }
     }
     out

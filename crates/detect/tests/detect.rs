@@ -175,3 +175,29 @@ fn postprocessing_of_blob_masks_matches_mmdet() {
     assert!(distinct.len() >= 5 && distinct.contains(&format!("{:?}", [0f32; 4])));
     assert!(worst <= 1e-5);
 }
+
+#[test]
+fn resize_matches_opencv_to_the_bit() {
+    let r = candle_core::safetensors::load(fixture("resize.safetensors"), &Device::Cpu).unwrap();
+    for i in 0..5 {
+        let src = &r[&format!("src.{i}")];
+        let dst = &r[&format!("dst.{i}")];
+        let (h, w, _) = src.dims3().unwrap();
+        let (nh, nw, _) = dst.dims3().unwrap();
+        let ours = l2s_detect::postprocess::resize_rgb(
+            &src.flatten_all().unwrap().to_vec1::<u8>().unwrap(),
+            h,
+            w,
+            nh,
+            nw,
+        );
+        let want = dst.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        let bad = ours.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            bad,
+            0,
+            "{h}x{w} -> {nh}x{nw}: {bad} of {} values differ",
+            want.len()
+        );
+    }
+}
