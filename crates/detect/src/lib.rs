@@ -2,6 +2,25 @@
 //! Swin backbone, loading Hugging Face `Mask2FormerForUniversalSegmentation` or mmdet 2.x
 //! `Mask2Former` checkpoints into one set of modules, followed by mmdet's instance-segmentation
 //! post-processing.
+//!
+//! ```no_run
+//! # fn main() -> l2s_detect::Result<()> {
+//! // mmdet's mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco .pth, or transformers'
+//! // model.safetensors / pytorch_model.bin: the naming is read from the tensor names and the
+//! // architecture from their shapes.
+//! let detector = l2s_detect::Detector::load("mask2former_swin-s.pth")?;
+//! let image = image::RgbImage::new(512, 512);
+//! for d in detector.detect(&image)? {
+//!     println!("{} {:.3} {:?}", d.class_name, d.score, d.bbox);
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Modules: [`swin`] (backbone), [`deformable`] and [`pixel_decoder`], [`decoder`] (masked
+//! attention and the class / mask heads), [`model`] (the whole network and reading the
+//! architecture from a checkpoint), [`naming`] (our parameter paths → each checkpoint naming),
+//! [`weights`] (files, shape checks, dry runs), [`postprocess`] (mmdet's test pipeline and
+//! instance post-processing) and [`detector`].
 
 pub mod config;
 pub mod decoder;
