@@ -22,6 +22,8 @@ pub struct DeformableAttention {
     heads: usize,
     levels: usize,
     points: usize,
+    /// Sample with the CPU loop (the default on the CPU) rather than the tensor gather.
+    pub fused: bool,
 }
 
 impl DeformableAttention {
@@ -44,6 +46,7 @@ impl DeformableAttention {
             heads,
             levels,
             points,
+            fused: p.w.device().is_cpu(),
         })
     }
 
@@ -56,7 +59,8 @@ impl DeformableAttention {
         reference: &Tensor,
         shapes: &[(usize, usize)],
     ) -> Result<Tensor> {
-        self.forward_with(query, value, reference, shapes, query.device().is_cpu())
+        let fused = self.fused && query.device().is_cpu();
+        self.forward_with(query, value, reference, shapes, fused)
     }
 
     /// As [`Self::forward`]; `fused` picks the CPU loop over the device-generic gather.

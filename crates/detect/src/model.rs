@@ -42,6 +42,12 @@ impl Mask2Former {
         })
     }
 
+    /// Chooses the deformable sampling: the CPU loop (`true`, the default on the CPU) or the
+    /// tensor gather every device runs.
+    pub fn set_fused_sampling(&mut self, fused: bool) {
+        self.pixel_decoder.set_fused_sampling(fused);
+    }
+
     /// `pixels` (B, 3, H, W), normalised.
     pub fn forward(&self, pixels: &Tensor) -> Result<Mask2FormerOutput> {
         let (_, c, h, w) = pixels.dims4()?;

@@ -110,6 +110,13 @@ impl PixelDecoder {
         })
     }
 
+    /// Chooses the deformable sampling: the CPU loop (`true`) or the device-generic gather.
+    pub fn set_fused_sampling(&mut self, fused: bool) {
+        for l in &mut self.layers {
+            l.attn.fused = fused;
+        }
+    }
+
     /// `features`: the backbone maps, finest first.
     pub fn forward(&self, features: &[Tensor]) -> Result<PixelDecoderOutput> {
         let ns = features.len();

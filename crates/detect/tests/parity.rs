@@ -30,12 +30,17 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 fn check(file: &str, naming: Naming) {
+    check_with(file, naming, true)
+}
+
+fn check_with(file: &str, naming: Naming, fused: bool) {
     let exp = expected();
     let w = Weights::open(fixture(file), &Device::Cpu).unwrap();
     assert_eq!(w.naming(), naming);
     let cfg = infer_config(&w).unwrap();
     assert_eq!(cfg, config(), "configuration read back from the shapes");
-    let model = Mask2Former::load(&w, &cfg).unwrap();
+    let mut model = Mask2Former::load(&w, &cfg).unwrap();
+    model.set_fused_sampling(fused);
     let out = model.forward(&exp["pixels"]).unwrap();
     let mut worst = 0f32;
     let mut cmp = |name: String, t: &Tensor| {
@@ -75,4 +80,9 @@ fn mmdet_weights_give_the_same_outputs() {
 #[test]
 fn transformers_4_names_in_a_pickle_give_the_same_outputs() {
     check("hf-legacy.bin", Naming::HuggingFace);
+}
+
+#[test]
+fn the_device_generic_gather_matches_transformers_too() {
+    check_with("hf.safetensors", Naming::HuggingFace, false);
 }
