@@ -56,8 +56,10 @@ fn main() -> Result<()> {
             model.forward(x)?;
             times.push(t.elapsed().as_secs_f64());
         }
+        let min = times.iter().copied().fold(f64::INFINITY, f64::min);
         let mut entry = serde_json::json!({
             "median_s": median(times.clone()),
+            "min_s": min,
             "times_s": times,
             "rel_err_class": ec,
             "rel_err_mask": em,
@@ -75,6 +77,7 @@ fn main() -> Result<()> {
                 det.detect(&img)?;
                 times.push(t.elapsed().as_secs_f64());
             }
+            entry["detect_512_min_s"] = times.iter().copied().fold(f64::INFINITY, f64::min).into();
             entry["detect_512_median_s"] = median(times).into();
         }
         out.insert(name.to_string(), entry);

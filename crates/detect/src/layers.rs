@@ -1,6 +1,6 @@
 //! Small building blocks loaded through [`Weights`] by our parameter paths.
 
-use candle_core::{Module, Tensor, D};
+use candle_core::{Module, Tensor};
 
 use crate::weights::Weights;
 use crate::Result;
@@ -214,9 +214,4 @@ pub fn resize_bilinear(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     Ok(x.contiguous()?.upsample_bilinear2d(h, w, false)?)
-}
-
-/// Softmax over the last dimension.
-pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
 }

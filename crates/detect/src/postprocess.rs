@@ -184,8 +184,19 @@ pub fn instances(
             .contiguous()?;
         let m = resize_bilinear(&m, oh, ow)?;
         let m = m.flatten_from(1)?.to_vec2::<f32>()?;
-        for (&q, logits) in chunk.iter().zip(m) {
-            per_query.insert(q, summarise(&logits, oh, ow, keep_masks));
+        // One thread per mask: each is a pass over the whole image.
+        let sums: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = m
+                .iter()
+                .map(|logits| scope.spawn(move || summarise(logits, oh, ow, keep_masks)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("mask summary"))
+                .collect()
+        });
+        for (&q, sum) in chunk.iter().zip(sums) {
+            per_query.insert(q, sum);
         }
     }
     let mut out: Vec<Instance> = order

@@ -300,11 +300,10 @@ impl Swin {
             x = x.pad_with_zeros(2, 0, hp - h)?;
         }
         let y = self.patch.forward(&x)?;
-        let (b, c, mut h, mut w) = y.dims4()?;
+        let (b, _, mut h, mut w) = y.dims4()?;
         let mut x = self
             .patch_norm
             .forward(&y.flatten_from(2)?.transpose(1, 2)?)?;
-        let _ = c;
         let mut outs = Vec::with_capacity(self.stages.len());
         for (s, (blocks, merge)) in self.stages.iter().enumerate() {
             for blk in blocks {
