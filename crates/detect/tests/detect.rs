@@ -201,3 +201,28 @@ fn resize_matches_opencv_to_the_bit() {
         );
     }
 }
+
+#[test]
+fn a_transformers_config_beside_the_weights_names_the_classes() {
+    let dir = std::env::temp_dir().join(format!("l2s-detect-hf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture("hf.safetensors"), dir.join("model.safetensors")).unwrap();
+    let names = ["cat", "dog", "kite", "cup", "vase"];
+    let id2label: serde_json::Map<String, serde_json::Value> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i.to_string(), serde_json::Value::from(*n)))
+        .collect();
+    let config = serde_json::json!({
+        "model_type": "mask2former",
+        "num_attention_heads": 8,
+        "id2label": id2label,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let det = Detector::load(dir.join("model.safetensors")).unwrap();
+    assert_eq!(det.class_names(), names.map(String::from).as_slice());
+    let r = reference();
+    let dets = det.detect(&image(&r)).unwrap();
+    assert!(dets.iter().all(|d| d.class_name == names[d.label]));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

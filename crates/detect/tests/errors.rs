@@ -36,6 +36,7 @@ fn hf_tensors() -> HashMap<String, Tensor> {
 fn another_models_weights_are_refused_by_naming() {
     let p = root().join("flux-dev-tiny/model/text_encoder/model.safetensors");
     let (e, msg) = load_err(&p);
+    let _ = std::fs::remove_file(&p);
     assert!(matches!(e, DetectError::UnknownNaming { .. }), "{msg}");
     assert!(
         msg.contains("model.safetensors") && msg.contains("panoptic_head"),
@@ -53,11 +54,14 @@ fn truncated_files_are_refused() {
         let p = scratch(name);
         std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
         let (e, msg) = load_err(&p);
+        let _ = std::fs::remove_file(&p);
+        let _ = std::fs::remove_file(&p);
         assert!(matches!(e, DetectError::Format { .. }), "{msg}");
         assert!(msg.contains(name), "{msg}");
         let p = scratch(&format!("tiny-{name}"));
         std::fs::write(&p, &bytes[..3]).unwrap();
         let (_, msg) = load_err(&p);
+        let _ = std::fs::remove_file(&p);
         assert!(msg.contains("only 3 bytes"), "{msg}");
     }
 }
@@ -77,6 +81,7 @@ fn a_missing_tensor_is_named_with_its_shape() {
     let p = scratch("missing.safetensors");
     candle_core::safetensors::save(&t, &p).unwrap();
     let (e, msg) = load_err(&p);
+    let _ = std::fs::remove_file(&p);
     assert!(matches!(e, DetectError::MissingTensor { .. }), "{msg}");
     assert!(
         msg.contains(gone) && msg.contains("[32]") && msg.contains("missing.safetensors"),
@@ -94,6 +99,7 @@ fn a_wrong_shape_is_named_with_both_shapes() {
     let p = scratch("shape.safetensors");
     candle_core::safetensors::save(&t, &p).unwrap();
     let (e, msg) = load_err(&p);
+    let _ = std::fs::remove_file(&p);
     assert!(matches!(e, DetectError::ShapeMismatch { .. }), "{msg}");
     assert!(
         msg.contains("class_predictor.bias") && msg.contains("[7]") && msg.contains("[6]"),
@@ -121,6 +127,7 @@ fn an_mmdet_model_with_another_backbone_is_refused() {
     let p = scratch("resnet.safetensors");
     candle_core::safetensors::save(&t, &p).unwrap();
     let (e, msg) = load_err(&p);
+    let _ = std::fs::remove_file(&p);
     assert!(matches!(e, DetectError::Format { .. }), "{msg}");
     assert!(
         msg.contains("backbone.patch_embed.projection.weight") && msg.contains("Swin"),
@@ -152,6 +159,7 @@ fn a_stored_index_table_that_disagrees_is_refused() {
     let p = scratch("index.safetensors");
     candle_core::safetensors::save(&t, &p).unwrap();
     let (e, msg) = load_err(&p);
+    let _ = std::fs::remove_file(&p);
     assert!(matches!(e, DetectError::Format { .. }), "{msg}");
     assert!(msg.contains(name) && msg.contains("3×3"), "{msg}");
 }
