@@ -62,3 +62,48 @@ fn mmdet_swin_s_coco_instance() {
         k.ends_with(".relative_position_index")
     });
 }
+
+/// The mmdet list counted from the architecture (mmdet 2.x config of
+/// mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco): tensors per part and value totals.
+#[test]
+fn mmdet_list_counts_follow_the_architecture() {
+    let want = list("mmdet-swin-s-coco-instance.txt");
+    let count = |prefix: &str| want.keys().filter(|k| k.starts_with(prefix)).count();
+    let depths = [2usize, 2, 18, 2];
+    let blocks: usize = depths.iter().sum();
+    // Patch embedding (conv + norm), per block 14 (2 norms, qkv, proj, ffn's 2 linears, the
+    // bias table and the index buffer), 3 per patch merging, 2 per output norm.
+    assert_eq!(count("backbone."), 4 + 14 * blocks + 3 * 3 + 2 * 4);
+    // 3 input convs with GroupNorm, the level embedding, 6 deformable layers of 16, the lateral
+    // and output convs (no conv bias under GroupNorm), the mask feature conv.
+    assert_eq!(
+        count("panoptic_head.pixel_decoder."),
+        3 * 4 + 1 + 6 * 16 + 3 + 3 + 2
+    );
+    // 9 layers of cross- and self-attention (4 each), 3 norms, an FFN; the post norm.
+    assert_eq!(count("panoptic_head.transformer_decoder."), 9 * 18 + 2);
+    // The class head (81 = 80 things + no-object), the 3-layer mask MLP, query feat / embed,
+    // level embedding.
+    assert_eq!(want.len(), 357 + 117 + 164 + 2 + 6 + 3);
+    assert_eq!(want["panoptic_head.cls_embed.weight"], vec![81, 256]);
+    assert_eq!(want["panoptic_head.query_feat.weight"], vec![100, 256]);
+    assert_eq!(
+        want["panoptic_head.pixel_decoder.encoder.layers.5.ffns.0.layers.0.0.weight"],
+        vec![1024, 256]
+    );
+    assert_eq!(
+        want["panoptic_head.transformer_decoder.layers.8.ffns.0.layers.0.0.weight"],
+        vec![2048, 256]
+    );
+    assert_eq!(
+        want["backbone.stages.2.blocks.17.attn.w_msa.relative_position_bias_table"],
+        vec![169, 12]
+    );
+    // 68.74 M values besides the index buffers: Mask2Former's published "69 M" for Swin-S.
+    let values: usize = want
+        .iter()
+        .filter(|(k, _)| !k.ends_with("relative_position_index"))
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    assert_eq!(values, 68_739_547);
+}
