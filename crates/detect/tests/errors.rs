@@ -10,10 +10,32 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
 }
 
-fn scratch(name: &str) -> PathBuf {
+/// A file in a temporary folder, removed when dropped.
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn scratch(name: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("l2s-detect-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    Scratch(dir.join(name))
 }
 
 fn load_err(path: &Path) -> (DetectError, String) {
@@ -36,7 +58,6 @@ fn hf_tensors() -> HashMap<String, Tensor> {
 fn another_models_weights_are_refused_by_naming() {
     let p = root().join("flux-dev-tiny/model/text_encoder/model.safetensors");
     let (e, msg) = load_err(&p);
-    let _ = std::fs::remove_file(&p);
     assert!(matches!(e, DetectError::UnknownNaming { .. }), "{msg}");
     assert!(
         msg.contains("model.safetensors") && msg.contains("panoptic_head"),
@@ -54,14 +75,11 @@ fn truncated_files_are_refused() {
         let p = scratch(name);
         std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
         let (e, msg) = load_err(&p);
-        let _ = std::fs::remove_file(&p);
-        let _ = std::fs::remove_file(&p);
         assert!(matches!(e, DetectError::Format { .. }), "{msg}");
         assert!(msg.contains(name), "{msg}");
         let p = scratch(&format!("tiny-{name}"));
         std::fs::write(&p, &bytes[..3]).unwrap();
         let (_, msg) = load_err(&p);
-        let _ = std::fs::remove_file(&p);
         assert!(msg.contains("only 3 bytes"), "{msg}");
     }
 }
@@ -81,7 +99,6 @@ fn a_missing_tensor_is_named_with_its_shape() {
     let p = scratch("missing.safetensors");
     candle_core::safetensors::save(&t, &p).unwrap();
     let (e, msg) = load_err(&p);
-    let _ = std::fs::remove_file(&p);
     assert!(matches!(e, DetectError::MissingTensor { .. }), "{msg}");
     assert!(
         msg.contains(gone) && msg.contains("[32]") && msg.contains("missing.safetensors"),
@@ -99,7 +116,6 @@ fn a_wrong_shape_is_named_with_both_shapes() {
     let p = scratch("shape.safetensors");
     candle_core::safetensors::save(&t, &p).unwrap();
     let (e, msg) = load_err(&p);
-    let _ = std::fs::remove_file(&p);
     assert!(matches!(e, DetectError::ShapeMismatch { .. }), "{msg}");
     assert!(
         msg.contains("class_predictor.bias") && msg.contains("[7]") && msg.contains("[6]"),
@@ -127,7 +143,6 @@ fn an_mmdet_model_with_another_backbone_is_refused() {
     let p = scratch("resnet.safetensors");
     candle_core::safetensors::save(&t, &p).unwrap();
     let (e, msg) = load_err(&p);
-    let _ = std::fs::remove_file(&p);
     assert!(matches!(e, DetectError::Format { .. }), "{msg}");
     assert!(
         msg.contains("backbone.patch_embed.projection.weight") && msg.contains("Swin"),
@@ -159,7 +174,6 @@ fn a_stored_index_table_that_disagrees_is_refused() {
     let p = scratch("index.safetensors");
     candle_core::safetensors::save(&t, &p).unwrap();
     let (e, msg) = load_err(&p);
-    let _ = std::fs::remove_file(&p);
     assert!(matches!(e, DetectError::Format { .. }), "{msg}");
     assert!(msg.contains(name) && msg.contains("3×3"), "{msg}");
 }
