@@ -13,12 +13,17 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn expected() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture("expected.safetensors"), &Device::Cpu).unwrap()
+fn expected(prefix: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(
+        fixture(&format!("{prefix}expected.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
-fn config() -> Mask2FormerConfig {
-    serde_json::from_str(&std::fs::read_to_string(fixture("config.json")).unwrap()).unwrap()
+fn config(prefix: &str) -> Mask2FormerConfig {
+    let text = std::fs::read_to_string(fixture(&format!("{prefix}config.json"))).unwrap();
+    serde_json::from_str(&text).unwrap()
 }
 
 /// max |a − b| / max |b|.
@@ -34,11 +39,16 @@ fn check(file: &str, naming: Naming) {
 }
 
 fn check_with(file: &str, naming: Naming, fused: bool) {
-    let exp = expected();
+    let prefix = if file.starts_with("w7-") { "w7-" } else { "" };
+    let exp = expected(prefix);
     let w = Weights::open(fixture(file), &Device::Cpu).unwrap();
     assert_eq!(w.naming(), naming);
     let cfg = infer_config(&w).unwrap();
-    assert_eq!(cfg, config(), "configuration read back from the shapes");
+    assert_eq!(
+        cfg,
+        config(prefix),
+        "configuration read back from the shapes"
+    );
     let mut model = Mask2Former::load(&w, &cfg).unwrap();
     model.set_fused_sampling(fused);
     let out = model.forward(&exp["pixels"]).unwrap();
@@ -85,4 +95,10 @@ fn transformers_4_names_in_a_pickle_give_the_same_outputs() {
 #[test]
 fn the_device_generic_gather_matches_transformers_too() {
     check_with("hf.safetensors", Naming::HuggingFace, false);
+}
+
+#[test]
+fn the_published_window_of_7_matches_transformers() {
+    check("w7-hf.safetensors", Naming::HuggingFace);
+    check_with("w7-hf.safetensors", Naming::HuggingFace, false);
 }
