@@ -268,3 +268,26 @@ fn apply_hf_config(text: &str, cfg: &mut Mask2FormerConfig, names: &mut Option<V
         }
     }
 }
+
+/// The detector the scoring and the data builder's relation check use: GenEval's selection
+/// (thresholds, best box per class) is applied by the caller on these unthresholded instances.
+impl l2s_eval::Detector for Detector {
+    fn detect(
+        &self,
+        image: &image::RgbImage,
+    ) -> std::result::Result<Vec<l2s_eval::Detection>, l2s_eval::DetectError> {
+        let found = Detector::detect(self, image).map_err(l2s_eval::DetectError::new)?;
+        Ok(found
+            .into_iter()
+            .map(|d| l2s_eval::Detection {
+                class: d.class_name,
+                bbox: l2s_eval::BBox::new(d.bbox[0], d.bbox[1], d.bbox[2], d.bbox[3]),
+                score: d.score,
+            })
+            .collect())
+    }
+
+    fn classes(&self) -> &[String] {
+        &self.class_names
+    }
+}

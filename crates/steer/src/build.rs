@@ -571,16 +571,19 @@ pub fn shapes_relation_detector(images: &[AnnotatedImage]) -> Result<l2s_shapes:
 }
 
 /// Which detector judges reconstructions (`--check-relation`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RelationCheckKind {
     /// The shapes world's exact detector.
     Shapes,
+    /// GenEval's Mask2Former, from this checkpoint (mmdet `.pth` or transformers weights).
+    Mask2Former(PathBuf),
 }
 
 impl RelationCheckKind {
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
             RelationCheckKind::Shapes => "shapes",
+            RelationCheckKind::Mask2Former(_) => "mask2former",
         }
     }
 }
@@ -640,15 +643,19 @@ pub fn run_build(
             read.problems.summary()
         );
     }
-    let detector = match job.relation_check {
-        Some(RelationCheckKind::Shapes) => Some(shapes_relation_detector(&read.images)?),
+    let detector: Option<Box<dyn Detector + Sync>> = match &job.relation_check {
+        Some(RelationCheckKind::Shapes) => Some(Box::new(shapes_relation_detector(&read.images)?)),
+        Some(RelationCheckKind::Mask2Former(weights)) => Some(Box::new(
+            l2s_detect::Detector::load_on(weights, model.device())
+                .with_context(|| format!("the relation check's detector {}", weights.display()))?,
+        )),
         None => None,
     };
-    let check = detector.as_ref().map(|d| ReconstructionCheck {
+    let check = detector.as_deref().map(|d| ReconstructionCheck {
         detector: d,
         min_score: l2s_eval::SCORE_THRESHOLD,
     });
-    let check_name = job.relation_check.map(RelationCheckKind::name);
+    let check_name = job.relation_check.as_ref().map(RelationCheckKind::name);
     let mut writer = open_dataset(
         model,
         &read.images,

@@ -39,6 +39,8 @@ pub enum SteerError {
     #[error(transparent)]
     ImageLoad(Box<l2s_sources::ImageLoadError>),
     #[error(transparent)]
+    Mask2Former(Box<l2s_detect::DetectError>),
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Json(#[from] serde_json::Error),
@@ -78,6 +80,7 @@ from_boxed!(
     Shapes: l2s_shapes::ShapesError,
     Source: l2s_sources::SourceError,
     ImageLoad: l2s_sources::ImageLoadError,
+    Mask2Former: l2s_detect::DetectError,
 );
 
 impl SteerError {

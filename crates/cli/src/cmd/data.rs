@@ -11,7 +11,7 @@ use l2s_steer::build::{
     progress_message, run_build, BuildConfig, BuildJob, DropRule, ImageSource, RelationCheckKind,
 };
 
-use crate::cmd::score::DetectorArg;
+use crate::cmd::score::{load_detector, DetectorArg};
 use l2s_steer::dataset::{merge, ShardSpec};
 
 use crate::common::{default_workers, image_bar, load_model, EvalArgs, Global, ModelArgs};
@@ -46,9 +46,13 @@ judgement used. Build training data from it with `l2s data build --jsonl DIR/ver
 pub struct GenerateArgs {
     #[command(flatten)]
     eval: EvalArgs,
-    /// Who judges the images: `shapes`, the shapes world's exact detector
+    /// Who judges the images: `shapes` (the shapes world's exact detector) or `mask2former`
+    /// (GenEval's, from --detector-weights)
     #[arg(long, value_enum, default_value = "shapes")]
     detector: DetectorArg,
+    /// The checkpoint of --detector mask2former
+    #[arg(long, value_name = "FILE")]
+    detector_weights: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -136,6 +140,9 @@ pub struct BuildArgs {
     /// objects in the true relation (the maps would otherwise carry a wrong label)
     #[arg(long, value_enum, value_name = "DETECTOR")]
     check_relation: Option<DetectorArg>,
+    /// The checkpoint of --check-relation mask2former
+    #[arg(long, value_name = "FILE")]
+    detector_weights: Option<PathBuf>,
     /// Invert with the true prompt only (the ablation of dual inversion)
     #[arg(long)]
     single_inversion: bool,
@@ -185,12 +192,19 @@ fn run_generate(a: GenerateArgs, global: &Global) -> Result<()> {
     let args = &a.eval;
     let prepared = args.prepare()?;
     let run = prepared.run(args);
-    let detector = match a.detector {
-        DetectorArg::Shapes => {
-            l2s_shapes::ShapeDetector::new(l2s_shapes::DetectorConfig::for_render(
-                &l2s_shapes::RenderConfig::with_size(prepared.model.native_size() as u32),
-            ))
-        }
+    let (detector, name): (Box<dyn l2s_eval::Detector + Sync>, &str) = match a.detector {
+        DetectorArg::Shapes => (
+            Box::new(l2s_shapes::ShapeDetector::new(
+                l2s_shapes::DetectorConfig::for_render(&l2s_shapes::RenderConfig::with_size(
+                    prepared.model.native_size() as u32,
+                )),
+            )),
+            "shapes",
+        ),
+        DetectorArg::Mask2former => (
+            load_detector(a.detector, a.detector_weights.as_deref())?,
+            "mask2former",
+        ),
     };
     let bar = image_bar(global, &run.label());
     let report = l2s_steer::verified::generate_verified(
@@ -198,8 +212,8 @@ fn run_generate(a: GenerateArgs, global: &Global) -> Result<()> {
         &prepared.prompts,
         &prepared.source,
         &args.out,
-        &detector,
-        "shapes",
+        detector.as_ref(),
+        name,
         &mut |done, total, prompt| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
@@ -317,9 +331,17 @@ fn build(a: BuildArgs, global: &Global) -> Result<()> {
         }),
         limit: a.limit,
         config,
-        relation_check: a
-            .check_relation
-            .map(|DetectorArg::Shapes| RelationCheckKind::Shapes),
+        relation_check: match a.check_relation {
+            None => None,
+            Some(DetectorArg::Shapes) => Some(RelationCheckKind::Shapes),
+            Some(DetectorArg::Mask2former) => Some(RelationCheckKind::Mask2Former(
+                a.detector_weights.clone().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--check-relation mask2former needs --detector-weights FILE (the checkpoint)"
+                    )
+                })?,
+            )),
+        },
         out: a.out.clone(),
         shard_size: a.shard_size,
         workers: a.workers.unwrap_or_else(default_workers),

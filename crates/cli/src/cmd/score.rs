@@ -16,6 +16,29 @@ use crate::common::{say, Global};
 pub enum DetectorArg {
     /// The exact colour-and-shape detector of the shapes world
     Shapes,
+    /// GenEval's detector, Mask2Former with a Swin backbone, from --detector-weights (mmdet's
+    /// mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco .pth, or a transformers
+    /// Mask2FormerForUniversalSegmentation model.safetensors / pytorch_model.bin)
+    Mask2former,
+}
+
+/// The detector a flag names, loaded.
+pub fn load_detector(
+    arg: DetectorArg,
+    weights: Option<&std::path::Path>,
+) -> Result<Box<dyn l2s_eval::Detector + Sync>> {
+    Ok(match arg {
+        DetectorArg::Shapes => Box::new(l2s_shapes::ShapeDetector::default()),
+        DetectorArg::Mask2former => {
+            let Some(w) = weights else {
+                bail!("--detector mask2former needs --detector-weights FILE (the checkpoint)")
+            };
+            Box::new(
+                l2s_detect::Detector::load(w)
+                    .with_context(|| format!("--detector-weights {}", w.display()))?,
+            )
+        }
+    })
 }
 
 #[derive(clap::Args)]
@@ -41,6 +64,9 @@ pub struct Args {
     /// Detector run on a folder's images
     #[arg(long, value_enum, default_value = "shapes")]
     pub detector: DetectorArg,
+    /// The checkpoint of --detector mask2former
+    #[arg(long, value_name = "FILE")]
+    pub detector_weights: Option<PathBuf>,
     /// Per-image results JSONL (default: DIR/results.jsonl; required with --detections)
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
@@ -130,8 +156,10 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     };
     let Scored { results, summary } = match (&args.dir, &args.detections) {
         (Some(dir), _) => {
-            let detector = match args.detector {
-                DetectorArg::Shapes => l2s_shapes::ShapeDetector::default(),
+            let detector = load_detector(args.detector, args.detector_weights.as_deref())?;
+            let name = match args.detector {
+                DetectorArg::Shapes => "shapes",
+                DetectorArg::Mask2former => "mask2former",
             };
             let bar = if global.quiet {
                 ProgressBar::hidden()
@@ -140,15 +168,15 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             };
             bar.set_style(
                 ProgressStyle::with_template(
-                    "scoring [{bar:32}] {pos}/{len} images {elapsed_precise}",
+                    "scoring [{bar:32}] {pos}/{len} images {elapsed_precise} ({per_sec})",
                 )
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
             );
             let s = score_folder(
                 dir,
-                &detector,
-                "shapes",
+                detector.as_ref(),
+                name,
                 args.images_per_prompt,
                 &opts,
                 &mut |done, total| {
