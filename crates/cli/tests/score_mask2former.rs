@@ -38,7 +38,7 @@ fn scoring_with_mask2former_keeps_the_libraries_detections() {
         "0",
         "-q",
     ]);
-    let detector = l2s_detect::Detector::load(weights()).unwrap();
+    let detector = l2s_detect::InstanceDetector::load(weights()).unwrap();
     let results = std::fs::read_to_string(dir.join("results.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = results
         .lines()

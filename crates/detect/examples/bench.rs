@@ -2,7 +2,7 @@
 //!
 //! For each configuration `tools/fixtures/bench_mask2former_torch.py --save DIR` wrote, loads the
 //! weights, checks the last round's logits against PyTorch's on the same input, then times the
-//! forward pass; for 80-class models it also times `Detector::detect` on a 512×512 image
+//! forward pass; for 80-class models it also times `InstanceDetector::detect` on a 512×512 image
 //! (resize to 800×800, forward, post-processing). Prints one JSON line.
 //!
 //! Usage: cargo run --release -p l2s-detect --example bench -- DIR [RUNS] [CONFIGS]
@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use l2s_detect::{infer_config, Detector, Mask2Former, Weights};
+use l2s_detect::{infer_config, InstanceDetector, Mask2Former, Weights};
 
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
@@ -66,7 +66,7 @@ fn main() -> Result<()> {
         });
         eprintln!("{name}: forward {:.3} s", entry["median_s"]);
         if cfg.num_classes == 80 {
-            let det = Detector::from_weights(&w, &cfg, None)?;
+            let det = InstanceDetector::from_weights(&w, &cfg, None)?;
             let img = image::RgbImage::from_fn(512, 512, |x, y| {
                 image::Rgb([(x / 2) as u8, (y / 2) as u8, ((x + y) / 4) as u8])
             });

@@ -5,7 +5,7 @@
 //! CHECKPOINT is mmdet's `.pth` or transformers' `model.safetensors` / `pytorch_model.bin`.
 
 use anyhow::{bail, Context, Result};
-use l2s_detect::Detector;
+use l2s_detect::InstanceDetector;
 
 fn main() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -18,7 +18,7 @@ fn main() -> Result<()> {
     if args.len() < 2 {
         bail!("usage: detect CHECKPOINT IMAGE.png... [--min-score S]");
     }
-    let det = Detector::load(&args[0])?;
+    let det = InstanceDetector::load(&args[0])?;
     eprintln!(
         "{}: {} naming, {} classes",
         args[0],

@@ -92,7 +92,7 @@ impl Mask2FormerConfig {
     }
 
     pub fn validate(&self) -> crate::Result<()> {
-        let bad = |m: String| Err(crate::DetectError::Config(m));
+        let bad = |m: String| Err(crate::Mask2FormerError::Config(m));
         let b = &self.backbone;
         if b.depths.is_empty() || b.depths.len() != b.num_heads.len() {
             return bad(format!(

@@ -10,92 +10,13 @@ use crate::postprocess::{instances, prepare, Mask};
 use crate::weights::Weights;
 use crate::{Mask2FormerConfig, Naming, Result};
 
-/// COCO's 80 thing classes in the order of the detector's outputs.
-pub const COCO_CLASSES: [&str; 80] = [
-    "person",
-    "bicycle",
-    "car",
-    "motorcycle",
-    "airplane",
-    "bus",
-    "train",
-    "truck",
-    "boat",
-    "traffic light",
-    "fire hydrant",
-    "stop sign",
-    "parking meter",
-    "bench",
-    "bird",
-    "cat",
-    "dog",
-    "horse",
-    "sheep",
-    "cow",
-    "elephant",
-    "bear",
-    "zebra",
-    "giraffe",
-    "backpack",
-    "umbrella",
-    "handbag",
-    "tie",
-    "suitcase",
-    "frisbee",
-    "skis",
-    "snowboard",
-    "sports ball",
-    "kite",
-    "baseball bat",
-    "baseball glove",
-    "skateboard",
-    "surfboard",
-    "tennis racket",
-    "bottle",
-    "wine glass",
-    "cup",
-    "fork",
-    "knife",
-    "spoon",
-    "bowl",
-    "banana",
-    "apple",
-    "sandwich",
-    "orange",
-    "broccoli",
-    "carrot",
-    "hot dog",
-    "pizza",
-    "donut",
-    "cake",
-    "chair",
-    "couch",
-    "potted plant",
-    "bed",
-    "dining table",
-    "toilet",
-    "tv",
-    "laptop",
-    "mouse",
-    "remote",
-    "keyboard",
-    "cell phone",
-    "microwave",
-    "oven",
-    "toaster",
-    "sink",
-    "refrigerator",
-    "book",
-    "clock",
-    "vase",
-    "scissors",
-    "teddy bear",
-    "hair drier",
-    "toothbrush",
-];
+/// The names of COCO's 80 thing classes in the detector's output order, as GenEval names them
+/// (its prompts say "computer mouse", "tv remote", "computer keyboard" where COCO says mouse,
+/// remote, keyboard): the scoring matches a prompt's objects to these names.
+pub const COCO_CLASSES: [&str; 80] = l2s_eval::prompts::COCO_CLASSES;
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct Detection {
+pub struct Instance {
     /// Class index in the model's output.
     pub label: usize,
     pub class_name: String,
@@ -105,11 +26,11 @@ pub struct Detection {
     pub bbox: [f32; 4],
     /// The decoder query that produced it.
     pub query: usize,
-    /// The binary mask at the image size, when [`Detector::keep_masks`] is set.
+    /// The binary mask at the image size, when [`InstanceDetector::keep_masks`] is set.
     pub mask: Option<Mask>,
 }
 
-pub struct Detector {
+pub struct InstanceDetector {
     model: Mask2Former,
     device: Device,
     class_names: Vec<String>,
@@ -118,8 +39,8 @@ pub struct Detector {
     pub keep_masks: bool,
 }
 
-impl Detector {
-    /// Loads a checkpoint on the CPU; see [`Detector::load_on`].
+impl InstanceDetector {
+    /// Loads a checkpoint on the CPU; see [`InstanceDetector::load_on`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         Self::load_on(path, &Device::Cpu)
     }
@@ -180,7 +101,7 @@ impl Detector {
 
     /// Instances in one image, highest score first (at most 100, unthresholded, as mmdet
     /// returns them; GenEval applies its own thresholds).
-    pub fn detect(&self, image: &image::RgbImage) -> Result<Vec<Detection>> {
+    pub fn detect(&self, image: &image::RgbImage) -> Result<Vec<Instance>> {
         Ok(self
             .detect_batch(std::slice::from_ref(image))?
             .pop()
@@ -189,12 +110,12 @@ impl Detector {
 
     /// Several images; those of one padded size share a forward pass. Each image gets the
     /// results it would get alone (no padding to a common size).
-    pub fn detect_batch(&self, images: &[image::RgbImage]) -> Result<Vec<Vec<Detection>>> {
+    pub fn detect_batch(&self, images: &[image::RgbImage]) -> Result<Vec<Vec<Instance>>> {
         let prepared = images
             .iter()
             .map(|im| prepare(im, &self.device))
             .collect::<Result<Vec<_>>>()?;
-        let mut results: Vec<Option<Vec<Detection>>> = vec![None; images.len()];
+        let mut results: Vec<Option<Vec<Instance>>> = vec![None; images.len()];
         let mut groups: Vec<(Vec<usize>, Vec<usize>)> = Vec::new();
         for (i, p) in prepared.iter().enumerate() {
             let dims = p.pixels.dims().to_vec();
@@ -226,7 +147,7 @@ impl Detector {
                 )?;
                 results[i] = Some(
                     inst.into_iter()
-                        .map(|d| Detection {
+                        .map(|d| Instance {
                             label: d.label,
                             class_name: self.class_names[d.label].clone(),
                             score: d.score,
@@ -271,12 +192,12 @@ fn apply_hf_config(text: &str, cfg: &mut Mask2FormerConfig, names: &mut Option<V
 
 /// The detector the scoring and the data builder's relation check use: GenEval's selection
 /// (thresholds, best box per class) is applied by the caller on these unthresholded instances.
-impl l2s_eval::Detector for Detector {
+impl l2s_eval::Detector for InstanceDetector {
     fn detect(
         &self,
         image: &image::RgbImage,
     ) -> std::result::Result<Vec<l2s_eval::Detection>, l2s_eval::DetectError> {
-        let found = Detector::detect(self, image).map_err(l2s_eval::DetectError::new)?;
+        let found = InstanceDetector::detect(self, image).map_err(l2s_eval::DetectError::new)?;
         Ok(found
             .into_iter()
             .map(|d| l2s_eval::Detection {

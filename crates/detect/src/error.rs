@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
-pub enum DetectError {
+pub enum Mask2FormerError {
     #[error("{path}: {message}")]
     Io { path: PathBuf, message: String },
     #[error("{path}: {message}")]
@@ -32,4 +32,4 @@ pub enum DetectError {
     Candle(#[from] candle_core::Error),
 }
 
-pub type Result<T> = std::result::Result<T, DetectError>;
+pub type Result<T> = std::result::Result<T, Mask2FormerError>;

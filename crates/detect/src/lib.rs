@@ -8,7 +8,7 @@
 //! // mmdet's mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco .pth, or transformers'
 //! // model.safetensors / pytorch_model.bin: the naming is read from the tensor names and the
 //! // architecture from their shapes.
-//! let detector = l2s_detect::Detector::load("mask2former_swin-s.pth")?;
+//! let detector = l2s_detect::InstanceDetector::load("mask2former_swin-s.pth")?;
 //! let image = image::RgbImage::new(512, 512);
 //! for d in detector.detect(&image)? {
 //!     println!("{} {:.3} {:?}", d.class_name, d.score, d.bbox);
@@ -37,8 +37,8 @@ pub mod swin;
 pub mod weights;
 
 pub use config::{Mask2FormerConfig, SwinConfig};
-pub use detector::{Detection, Detector, COCO_CLASSES};
-pub use error::{DetectError, Result};
+pub use detector::{Instance, InstanceDetector, COCO_CLASSES};
+pub use error::{Mask2FormerError, Result};
 pub use model::{infer_config, Mask2Former, Mask2FormerOutput};
 pub use naming::Naming;
 pub use weights::Weights;

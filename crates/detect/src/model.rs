@@ -8,7 +8,7 @@ use crate::layers::Path;
 use crate::pixel_decoder::PixelDecoder;
 use crate::swin::Swin;
 use crate::weights::Weights;
-use crate::{DetectError, Result};
+use crate::{Mask2FormerError, Result};
 
 /// Everything the network computes for a batch, for inspection and tests.
 pub struct Mask2FormerOutput {
@@ -52,7 +52,7 @@ impl Mask2Former {
     pub fn forward(&self, pixels: &Tensor) -> Result<Mask2FormerOutput> {
         let (_, c, h, w) = pixels.dims4()?;
         if c != self.config.backbone.in_channels || h == 0 || w == 0 {
-            return Err(DetectError::Input(format!(
+            return Err(Mask2FormerError::Input(format!(
                 "pixels of shape {:?}; expected (B, {}, H, W) with H, W > 0",
                 pixels.dims(),
                 self.config.backbone.in_channels
@@ -79,7 +79,7 @@ pub fn infer_config(w: &Weights) -> Result<Mask2FormerConfig> {
             let name = crate::naming::translate(w.naming(), p)
                 .and_then(|s| s.parts.first().and_then(|n| n.first().cloned()))
                 .unwrap_or_else(|| p.to_string());
-            DetectError::Format {
+            Mask2FormerError::Format {
                 path: w.path().to_path_buf(),
                 message: format!(
                     "tensor `{name}` ({} naming) is missing; the architecture of a Swin-backbone Mask2Former is read from it",
@@ -97,7 +97,7 @@ pub fn infer_config(w: &Weights) -> Result<Mask2FormerConfig> {
     };
     let pe = shape("backbone.patch_embed.proj.weight")?;
     if pe.len() != 4 {
-        return Err(DetectError::Config(format!(
+        return Err(Mask2FormerError::Config(format!(
             "patch embedding of shape {pe:?}"
         )));
     }

@@ -13,7 +13,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::layers::resize_bilinear;
-use crate::{DetectError, Result};
+use crate::{Mask2FormerError, Result};
 
 pub const MEAN: [f32; 3] = [123.675, 116.28, 103.53];
 pub const STD: [f32; 3] = [58.395, 57.12, 57.375];
@@ -99,7 +99,7 @@ pub struct Prepared {
 pub fn prepare(image: &image::RgbImage, device: &Device) -> Result<Prepared> {
     let (w, h) = (image.width() as usize, image.height() as usize);
     if w == 0 || h == 0 {
-        return Err(DetectError::Input(format!("an empty {w}x{h} image")));
+        return Err(Mask2FormerError::Input(format!("an empty {w}x{h} image")));
     }
     let (nh, nw) = rescale_size(h, w, IMG_SCALE);
     let resized = resize_rgb(image.as_raw(), h, w, nh, nw);

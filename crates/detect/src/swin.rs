@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 
 use crate::config::SwinConfig;
 use crate::layers::{Conv2d, LayerNorm, Linear, Path};
-use crate::{DetectError, Result};
+use crate::{Mask2FormerError, Result};
 
 struct WindowAttention {
     qkv: Linear,
@@ -36,7 +36,7 @@ impl WindowAttention {
             let same = stored.len() == index.len()
                 && stored.iter().zip(&index).all(|(&a, &b)| a == b as i64);
             if !same {
-                return Err(DetectError::Format {
+                return Err(Mask2FormerError::Format {
                     path: p.w.path().to_path_buf(),
                     message: format!(
                         "tensor `{name}` differs from the relative position index of a {window}×{window} window"

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor};
 
 use crate::naming::{translate, unfold_permutation, Naming, Reorder};
-use crate::{DetectError, Result};
+use crate::{Mask2FormerError, Result};
 
 /// A checkpoint name and the shape asked for it.
 pub type Request = (String, Vec<usize>);
@@ -33,16 +33,16 @@ impl Weights {
         let mut head = [0u8; 4];
         {
             use std::io::Read;
-            let mut f = std::fs::File::open(&path).map_err(|e| DetectError::Io {
+            let mut f = std::fs::File::open(&path).map_err(|e| Mask2FormerError::Io {
                 path: path.clone(),
                 message: e.to_string(),
             })?;
-            let n = f.read(&mut head).map_err(|e| DetectError::Io {
+            let n = f.read(&mut head).map_err(|e| Mask2FormerError::Io {
                 path: path.clone(),
                 message: e.to_string(),
             })?;
             if n < 4 {
-                return Err(DetectError::Format {
+                return Err(Mask2FormerError::Format {
                     path,
                     message: format!("only {n} bytes; expected a safetensors or torch.save file"),
                 });
@@ -57,7 +57,7 @@ impl Weights {
             let mut some: Vec<&str> = tensors.keys().map(|k| k.as_str()).collect();
             some.sort();
             some.truncate(5);
-            DetectError::UnknownNaming {
+            Mask2FormerError::UnknownNaming {
                 path: path.clone(),
                 message: format!(
                     "{} tensors, none under `model.pixel_level_module.` (Hugging Face) or `panoptic_head.`/`backbone.stages.` (mmdet); first names: {some:?}",
@@ -160,14 +160,14 @@ impl Weights {
     /// Our parameter `ours`, of shape `shape`, as f32.
     pub fn get(&self, ours: &str, shape: &[usize]) -> Result<Tensor> {
         let src = translate(self.naming, ours).ok_or_else(|| {
-            DetectError::Config(format!(
+            Mask2FormerError::Config(format!(
                 "no {} name for parameter {ours}",
                 self.naming.label()
             ))
         })?;
         let nparts = src.parts.len();
         if shape.is_empty() || !shape[0].is_multiple_of(nparts) {
-            return Err(DetectError::Config(format!(
+            return Err(Mask2FormerError::Config(format!(
                 "parameter {ours}: shape {shape:?} cannot be split into {nparts} parts"
             )));
         }
@@ -190,7 +190,7 @@ impl Weights {
                 .iter()
                 .find_map(|n| self.tensors.get(n).map(|t| (n, t)))
             else {
-                return Err(DetectError::MissingTensor {
+                return Err(Mask2FormerError::MissingTensor {
                     path: self.path.clone(),
                     name: names[0].clone(),
                     naming: self.naming.label(),
@@ -198,7 +198,7 @@ impl Weights {
                 });
             };
             if t.dims() != part_shape.as_slice() {
-                return Err(DetectError::ShapeMismatch {
+                return Err(Mask2FormerError::ShapeMismatch {
                     path: self.path.clone(),
                     name: name.clone(),
                     expected: part_shape,
@@ -217,7 +217,7 @@ impl Weights {
             Reorder::UnfoldToConcat { axis } => {
                 let n = t.dim(axis)?;
                 if !n.is_multiple_of(4) {
-                    return Err(DetectError::Config(format!(
+                    return Err(Mask2FormerError::Config(format!(
                         "parameter {ours}: axis {axis} of length {n} is not 4·C"
                     )));
                 }
@@ -229,16 +229,17 @@ impl Weights {
 }
 
 fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let bytes = std::fs::read(path).map_err(|e| DetectError::Io {
+    let bytes = std::fs::read(path).map_err(|e| Mask2FormerError::Io {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| DetectError::Format {
-        path: path.to_path_buf(),
-        message: format!(
-            "not a readable safetensors file ({e}); expected safetensors or torch.save"
-        ),
-    })?;
+    let st =
+        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Mask2FormerError::Format {
+            path: path.to_path_buf(),
+            message: format!(
+                "not a readable safetensors file ({e}); expected safetensors or torch.save"
+            ),
+        })?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let dtype = match view.dtype() {
@@ -251,7 +252,7 @@ fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
             _ => continue,
         };
         let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu).map_err(
-            |e| DetectError::Format {
+            |e| Mask2FormerError::Format {
                 path: path.to_path_buf(),
                 message: format!("tensor `{name}`: {e}"),
             },
@@ -262,7 +263,7 @@ fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
 }
 
 fn read_torch(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let fmt = |e: l2s_torch_pickle::Error| DetectError::Format {
+    let fmt = |e: l2s_torch_pickle::Error| Mask2FormerError::Format {
         path: path.to_path_buf(),
         message: e.kind.to_string(),
     };
@@ -272,7 +273,7 @@ fn read_torch(path: &Path) -> Result<HashMap<String, Tensor>> {
     let sd = match root.get("state_dict") {
         Some(sd) => sd.clone(),
         None if root.is_state_dict() => root,
-        None => return Err(DetectError::Format {
+        None => return Err(Mask2FormerError::Format {
             path: path.to_path_buf(),
             message:
                 "a torch.save file with neither a `state_dict` entry nor a state dict at its root"

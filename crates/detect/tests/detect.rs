@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use l2s_detect::postprocess::{instances, prepare};
-use l2s_detect::{Detection, Detector};
+use l2s_detect::{Instance, InstanceDetector};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -60,13 +60,13 @@ fn preprocessing_matches_mmdet_pipeline() {
     assert!((sum - want_sum).abs() <= 1e-6 * want_sum.abs().max(1.0));
 }
 
-fn check(dets: &[Detection], r: &HashMap<String, Tensor>) {
+fn check(dets: &[Instance], r: &HashMap<String, Tensor>) {
     let q = r["queries"].to_vec1::<i64>().unwrap();
     let l = r["labels"].to_vec1::<i64>().unwrap();
     let s = r["scores"].to_vec1::<f32>().unwrap();
     let b = r["boxes"].to_vec2::<f32>().unwrap();
     assert_eq!(dets.len(), q.len());
-    let ours: HashMap<(usize, usize), &Detection> =
+    let ours: HashMap<(usize, usize), &Instance> =
         dets.iter().map(|d| ((d.query, d.label), d)).collect();
     let mut worst = 0f32;
     for i in 0..q.len() {
@@ -96,7 +96,7 @@ fn check(dets: &[Detection], r: &HashMap<String, Tensor>) {
 #[test]
 fn detections_match_mmdet_postprocessing() {
     let r = reference();
-    let det = Detector::load(fixture("hf.safetensors")).unwrap();
+    let det = InstanceDetector::load(fixture("hf.safetensors")).unwrap();
     let dets = det.detect(&image(&r)).unwrap();
     check(&dets, &r);
 }
@@ -104,7 +104,7 @@ fn detections_match_mmdet_postprocessing() {
 #[test]
 fn mmdet_checkpoint_detects_the_same_and_batches() {
     let r = reference();
-    let mut det = Detector::load(fixture("mmdet.pth")).unwrap();
+    let mut det = InstanceDetector::load(fixture("mmdet.pth")).unwrap();
     det.keep_masks = true;
     let img = image(&r);
     // A second image of another size goes through its own forward pass.
@@ -219,7 +219,7 @@ fn a_transformers_config_beside_the_weights_names_the_classes() {
         "id2label": id2label,
     });
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let det = Detector::load(dir.join("model.safetensors")).unwrap();
+    let det = InstanceDetector::load(dir.join("model.safetensors")).unwrap();
     assert_eq!(det.class_names(), names.map(String::from).as_slice());
     let r = reference();
     let dets = det.detect(&image(&r)).unwrap();

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use l2s_detect::{DetectError, Detector};
+use l2s_detect::{InstanceDetector, Mask2FormerError};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
@@ -38,8 +38,8 @@ fn scratch(name: &str) -> Scratch {
     Scratch(dir.join(name))
 }
 
-fn load_err(path: &Path) -> (DetectError, String) {
-    match Detector::load(path) {
+fn load_err(path: &Path) -> (Mask2FormerError, String) {
+    match InstanceDetector::load(path) {
         Ok(_) => panic!("{} loaded", path.display()),
         Err(e) => {
             let msg = e.to_string();
@@ -58,7 +58,7 @@ fn hf_tensors() -> HashMap<String, Tensor> {
 fn another_models_weights_are_refused_by_naming() {
     let p = root().join("flux-dev-tiny/model/text_encoder/model.safetensors");
     let (e, msg) = load_err(&p);
-    assert!(matches!(e, DetectError::UnknownNaming { .. }), "{msg}");
+    assert!(matches!(e, Mask2FormerError::UnknownNaming { .. }), "{msg}");
     assert!(
         msg.contains("model.safetensors") && msg.contains("panoptic_head"),
         "{msg}"
@@ -75,7 +75,7 @@ fn truncated_files_are_refused() {
         let p = scratch(name);
         std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
         let (e, msg) = load_err(&p);
-        assert!(matches!(e, DetectError::Format { .. }), "{msg}");
+        assert!(matches!(e, Mask2FormerError::Format { .. }), "{msg}");
         assert!(msg.contains(name), "{msg}");
         let p = scratch(&format!("tiny-{name}"));
         std::fs::write(&p, &bytes[..3]).unwrap();
@@ -87,7 +87,7 @@ fn truncated_files_are_refused() {
 #[test]
 fn a_pickle_that_runs_code_is_refused() {
     let (e, msg) = load_err(&root().join("torch-pickle/malicious_exec.pth"));
-    assert!(matches!(e, DetectError::Format { .. }), "{msg}");
+    assert!(matches!(e, Mask2FormerError::Format { .. }), "{msg}");
     assert!(msg.contains("refusing"), "{msg}");
 }
 
@@ -99,7 +99,7 @@ fn a_missing_tensor_is_named_with_its_shape() {
     let p = scratch("missing.safetensors");
     candle_core::safetensors::save(&t, &p).unwrap();
     let (e, msg) = load_err(&p);
-    assert!(matches!(e, DetectError::MissingTensor { .. }), "{msg}");
+    assert!(matches!(e, Mask2FormerError::MissingTensor { .. }), "{msg}");
     assert!(
         msg.contains(gone) && msg.contains("[32]") && msg.contains("missing.safetensors"),
         "{msg}"
@@ -116,7 +116,7 @@ fn a_wrong_shape_is_named_with_both_shapes() {
     let p = scratch("shape.safetensors");
     candle_core::safetensors::save(&t, &p).unwrap();
     let (e, msg) = load_err(&p);
-    assert!(matches!(e, DetectError::ShapeMismatch { .. }), "{msg}");
+    assert!(matches!(e, Mask2FormerError::ShapeMismatch { .. }), "{msg}");
     assert!(
         msg.contains("class_predictor.bias") && msg.contains("[7]") && msg.contains("[6]"),
         "{msg}"
@@ -143,7 +143,7 @@ fn an_mmdet_model_with_another_backbone_is_refused() {
     let p = scratch("resnet.safetensors");
     candle_core::safetensors::save(&t, &p).unwrap();
     let (e, msg) = load_err(&p);
-    assert!(matches!(e, DetectError::Format { .. }), "{msg}");
+    assert!(matches!(e, Mask2FormerError::Format { .. }), "{msg}");
     assert!(
         msg.contains("backbone.patch_embed.projection.weight") && msg.contains("Swin"),
         "{msg}"
@@ -153,7 +153,7 @@ fn an_mmdet_model_with_another_backbone_is_refused() {
 #[test]
 fn a_missing_file_is_an_io_error() {
     let (e, msg) = load_err(&root().join("mask2former-tiny/absent.pth"));
-    assert!(matches!(e, DetectError::Io { .. }), "{msg}");
+    assert!(matches!(e, Mask2FormerError::Io { .. }), "{msg}");
     assert!(msg.contains("absent.pth"), "{msg}");
 }
 
@@ -174,6 +174,6 @@ fn a_stored_index_table_that_disagrees_is_refused() {
     let p = scratch("index.safetensors");
     candle_core::safetensors::save(&t, &p).unwrap();
     let (e, msg) = load_err(&p);
-    assert!(matches!(e, DetectError::Format { .. }), "{msg}");
+    assert!(matches!(e, Mask2FormerError::Format { .. }), "{msg}");
     assert!(msg.contains(name) && msg.contains("3×3"), "{msg}");
 }

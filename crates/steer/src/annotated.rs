@@ -60,7 +60,7 @@ impl AnnotatedImage {
 
 /// Where a build's images come from.
 #[derive(Clone, Debug)]
-pub enum ImageSource {
+pub enum BuildSource {
     /// A folder with the shapes renderer's `annotations.json` and its images.
     Shapes(PathBuf),
     /// GQA `*_sceneGraphs.json` and the folder of `<id>.jpg`.
@@ -76,17 +76,17 @@ pub enum ImageSource {
     Jsonl(PathBuf),
 }
 
-impl ImageSource {
+impl BuildSource {
     /// The file or folder read, for messages and metadata.
     pub fn describe(&self) -> String {
         match self {
-            ImageSource::Shapes(d) => format!("shapes folder {}", d.display()),
-            ImageSource::Gqa { scene_graphs, .. } => {
+            BuildSource::Shapes(d) => format!("shapes folder {}", d.display()),
+            BuildSource::Gqa { scene_graphs, .. } => {
                 format!("GQA scene graphs {}", scene_graphs.display())
             }
-            ImageSource::Coco { instances, .. } => format!("COCO {}", instances.display()),
-            ImageSource::Triplets { path, .. } => format!("triplet files {}", path.display()),
-            ImageSource::Jsonl(p) => format!("JSONL {}", p.display()),
+            BuildSource::Coco { instances, .. } => format!("COCO {}", instances.display()),
+            BuildSource::Triplets { path, .. } => format!("triplet files {}", path.display()),
+            BuildSource::Jsonl(p) => format!("JSONL {}", p.display()),
         }
     }
 }
@@ -103,14 +103,14 @@ pub struct ReadImages {
 /// (rendered scenes are used at their own size). Each photo is decoded once here to map its
 /// boxes onto the fitted image, and again when its samples run.
 pub fn read_images(
-    source: &ImageSource,
+    source: &BuildSource,
     size: u32,
     fit: Fit,
     limit: Option<usize>,
 ) -> Result<ReadImages> {
     let limit = limit.unwrap_or(usize::MAX);
     let mut problems = Problems::new();
-    if let ImageSource::Shapes(dir) = source {
+    if let BuildSource::Shapes(dir) = source {
         let images = read_shapes(dir, limit)?;
         return Ok(ReadImages {
             seen: images.len(),
@@ -129,8 +129,8 @@ pub fn read_images(
     };
     let what = source.describe();
     let summary = match source {
-        ImageSource::Shapes(_) => unreachable!("handled above"),
-        ImageSource::Gqa {
+        BuildSource::Shapes(_) => unreachable!("handled above"),
+        BuildSource::Gqa {
             scene_graphs,
             images,
         } => l2s_sources::gqa::read_gqa(
@@ -139,19 +139,19 @@ pub fn read_images(
             &mut problems,
             &mut keep,
         ),
-        ImageSource::Coco { instances, images } => l2s_sources::coco::read_coco(
+        BuildSource::Coco { instances, images } => l2s_sources::coco::read_coco(
             instances,
             &l2s_sources::coco::CocoOptions::new(images),
             &mut problems,
             &mut keep,
         ),
-        ImageSource::Triplets { path, images } => l2s_sources::authors::read_triplets(
+        BuildSource::Triplets { path, images } => l2s_sources::authors::read_triplets(
             path,
             &l2s_sources::authors::TripletOptions::new(images),
             &mut problems,
             &mut keep,
         ),
-        ImageSource::Jsonl(path) => l2s_sources::jsonl::read_jsonl(
+        BuildSource::Jsonl(path) => l2s_sources::jsonl::read_jsonl(
             path,
             &l2s_sources::jsonl::JsonlOptions::default(),
             &mut problems,

@@ -19,7 +19,7 @@ use l2s_shapes::{DetectorConfig, RenderConfig, ShapeDetector};
 
 use crate::build::{
     build, open_dataset, progress_message, read_images, shapes_relation_detector, BuildConfig,
-    ImageSource, ReconstructionCheck,
+    BuildSource, ReconstructionCheck,
 };
 use crate::dataset::{Dataset, ShardSpec};
 use crate::evaluate::{run_eval, EvalRun};
@@ -151,7 +151,7 @@ fn build_data(sd: &Pipeline, a: &ShapesBench, progress: &dyn BenchProgress) -> R
         return Ok(());
     }
     let images = read_images(
-        &ImageSource::Shapes(images_dir.clone()),
+        &BuildSource::Shapes(images_dir.clone()),
         0,
         Fit::Resize,
         None,

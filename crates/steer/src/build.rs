@@ -17,7 +17,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-pub use crate::annotated::{read_images, AnnotatedImage, ImageData, ImageSource, ReadImages};
+pub use crate::annotated::{read_images, AnnotatedImage, BuildSource, ImageData, ReadImages};
 use crate::dataset::{DatasetInfo, DatasetWriter, LayerInfo, SampleKind, SampleMeta, ShardSpec};
 use crate::maps::{MapRecorder, WordPair};
 
@@ -591,7 +591,7 @@ impl RelationCheckKind {
 /// Everything `l2s data build` does, from a source to a dataset folder.
 #[derive(Clone, Debug)]
 pub struct BuildJob {
-    pub source: ImageSource,
+    pub source: BuildSource,
     /// How photos become the model's square (default: [`Pipeline::crops_training_images`]).
     pub fit: Option<Fit>,
     /// Use at most this many images of the source.
@@ -646,7 +646,7 @@ pub fn run_build(
     let detector: Option<Box<dyn Detector + Sync>> = match &job.relation_check {
         Some(RelationCheckKind::Shapes) => Some(Box::new(shapes_relation_detector(&read.images)?)),
         Some(RelationCheckKind::Mask2Former(weights)) => Some(Box::new(
-            l2s_detect::Detector::load_on(weights, model.device())
+            l2s_detect::InstanceDetector::load_on(weights, model.device())
                 .with_context(|| format!("the relation check's detector {}", weights.display()))?,
         )),
         None => None,

@@ -39,7 +39,7 @@ pub enum SteerError {
     #[error(transparent)]
     ImageLoad(Box<l2s_sources::ImageLoadError>),
     #[error(transparent)]
-    Mask2Former(Box<l2s_detect::DetectError>),
+    Mask2Former(Box<l2s_detect::Mask2FormerError>),
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error(transparent)]
@@ -80,7 +80,7 @@ from_boxed!(
     Shapes: l2s_shapes::ShapesError,
     Source: l2s_sources::SourceError,
     ImageLoad: l2s_sources::ImageLoadError,
-    Mask2Former: l2s_detect::DetectError,
+    Mask2Former: l2s_detect::Mask2FormerError,
 );
 
 impl SteerError {

@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use l2s_sources::Fit;
 use l2s_steer::build::{
-    progress_message, run_build, BuildConfig, BuildJob, DropRule, ImageSource, RelationCheckKind,
+    progress_message, run_build, BuildConfig, BuildJob, BuildSource, DropRule, RelationCheckKind,
 };
 
 use crate::cmd::score::{load_detector, DetectorArg};
@@ -276,27 +276,27 @@ fn run_merge(a: MergeArgs) -> Result<()> {
 }
 
 /// The source the flags name (clap makes exactly one present).
-fn source(a: &BuildArgs) -> Result<ImageSource> {
+fn source(a: &BuildArgs) -> Result<BuildSource> {
     let images = || a.image_dir.clone().unwrap_or_default();
     Ok(if let Some(dir) = &a.images {
-        ImageSource::Shapes(dir.clone())
+        BuildSource::Shapes(dir.clone())
     } else if let Some(file) = &a.gqa {
-        ImageSource::Gqa {
+        BuildSource::Gqa {
             scene_graphs: file.clone(),
             images: images(),
         }
     } else if let Some(file) = &a.coco {
-        ImageSource::Coco {
+        BuildSource::Coco {
             instances: file.clone(),
             images: images(),
         }
     } else if let Some(path) = &a.triplets {
-        ImageSource::Triplets {
+        BuildSource::Triplets {
             path: path.clone(),
             images: images(),
         }
     } else if let Some(file) = &a.jsonl {
-        ImageSource::Jsonl(file.clone())
+        BuildSource::Jsonl(file.clone())
     } else {
         bail!("no source: give --images, --gqa, --coco, --triplets or --jsonl")
     })

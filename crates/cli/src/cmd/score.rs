@@ -34,7 +34,7 @@ pub fn load_detector(
                 bail!("--detector mask2former needs --detector-weights FILE (the checkpoint)")
             };
             Box::new(
-                l2s_detect::Detector::load(w)
+                l2s_detect::InstanceDetector::load(w)
                     .with_context(|| format!("--detector-weights {}", w.display()))?,
             )
         }
