@@ -495,7 +495,8 @@ pub struct EvalArgs {
     /// Output folder (created if needed)
     #[arg(long)]
     pub out: PathBuf,
-    /// Generate only shard i of n (1-based), e.g. 2/4
+    /// Generate only shard i of n (1-based), e.g. 2/4; `auto` reads it from a Slurm job array or
+    /// a Kubernetes Indexed Job (see docs/cluster.md)
     #[arg(long, value_name = "I/N")]
     pub shard: Option<l2s_steer::ShardSpec>,
     /// Base seed of the images
@@ -519,6 +520,19 @@ pub struct PreparedEval {
 }
 
 impl EvalArgs {
+    /// Takes the output folder for this process: the shards of one run may share a folder
+    /// (shared storage), each locking it under its own name, so only two processes doing the
+    /// same part are refused.
+    pub fn lock_out(&self) -> Result<OutFolder> {
+        let shard = self.shard.unwrap_or_default();
+        let lock_name = if shard.is_all() {
+            l2s_files::LOCK_FILE.to_string()
+        } else {
+            format!(".l2s.shard-{}-of-{}.lock", shard.index(), shard.count())
+        };
+        OutFolder::open_named(&self.out, "--out", &lock_name)
+    }
+
     /// Checks the flags, loads the model and the method, reads or generates the prompts.
     pub fn prepare(&self) -> Result<PreparedEval> {
         if self.images_per_prompt == 0 {
@@ -581,4 +595,62 @@ pub fn image_bar(global: &Global, prefix: &str) -> ProgressBar {
     );
     bar.set_prefix(prefix.to_string());
     bar
+}
+
+/// An output folder held by this process: created if missing, locked against a second `l2s`
+/// writing to it ([`l2s_files::FolderLock`]), and, when the command fails, removed again if
+/// this process created it and left it empty.
+pub struct OutFolder {
+    path: PathBuf,
+    created: bool,
+    lock: Option<l2s_files::FolderLock>,
+    done: bool,
+}
+
+impl OutFolder {
+    /// Creates (if needed) and locks `path`, given as `flag`, with the lock file `lock_name`.
+    pub fn open_named(path: &Path, flag: &str, lock_name: &str) -> Result<Self> {
+        if path.exists() && !path.is_dir() {
+            bail!("{flag} {}: exists and is not a folder", path.display());
+        }
+        let created = !path.exists();
+        std::fs::create_dir_all(path)
+            .with_context(|| format!("{flag} {}: cannot create the folder", path.display()))?;
+        let mut out = Self {
+            path: path.to_path_buf(),
+            created,
+            lock: None,
+            done: false,
+        };
+        let lock = l2s_files::FolderLock::acquire_named(path, lock_name)
+            .with_context(|| format!("{flag} {}", path.display()))?;
+        if let Some(dead) = lock.took_over() {
+            eprintln!(
+                "note: {flag} {}: took over the lock left by {dead}, which no longer runs",
+                path.display()
+            );
+        }
+        out.lock = Some(lock);
+        Ok(out)
+    }
+
+    /// [`open_named`](Self::open_named) with the usual lock file.
+    pub fn open(path: &Path, flag: &str) -> Result<Self> {
+        Self::open_named(path, flag, l2s_files::LOCK_FILE)
+    }
+
+    /// The command succeeded: keep the folder whatever it holds.
+    pub fn finish(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for OutFolder {
+    fn drop(&mut self) {
+        drop(self.lock.take());
+        if !self.done && self.created {
+            // Only removes an empty folder.
+            let _ = std::fs::remove_dir(&self.path);
+        }
+    }
 }

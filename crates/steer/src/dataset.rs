@@ -245,6 +245,16 @@ pub enum DatasetError {
     /// Writing a file failed (the message names it).
     #[error(transparent)]
     Write(#[from] WriteError),
+    /// Another process writes to the folder (the message names it and the holder).
+    #[error(transparent)]
+    Lock(#[from] l2s_files::LockError),
+    /// The output folder holds files but no dataset: they are not ours to replace.
+    #[error(
+        "{}: the folder is not empty and holds no dataset (no {INFO_FILE}); refusing to write \
+         into it (it holds {first}); give a new or empty folder",
+        path.display()
+    )]
+    NotADataset { path: PathBuf, first: String },
     #[error("no dataset folders given")]
     NoFolders,
 }
@@ -451,6 +461,8 @@ fn read_manifest(
 /// when the writer is dropped are lost, as in a crash, and a resumed build redoes them.
 pub struct DatasetWriter {
     dir: PathBuf,
+    /// Held while the writer lives: a second build into the folder is refused.
+    _lock: l2s_files::FolderLock,
     info: DatasetInfo,
     shard_size: usize,
     pending_meta: Vec<SampleMeta>,
@@ -467,6 +479,11 @@ impl DatasetWriter {
     /// cut-short last manifest line is dropped and shard files that no manifest line refers to
     /// (written just before an interruption) are deleted; their samples are not counted as
     /// completed.
+    ///
+    /// The folder is locked for the writer's life ([`l2s_files::FolderLock`]): a second writer
+    /// is refused naming the process that holds it. An existing folder that holds files but no
+    /// `info.json` is refused ([`DatasetError::NotADataset`]), so nothing of the user's is
+    /// ever removed.
     pub fn open(dir: impl AsRef<Path>, info: DatasetInfo, shard_size: usize) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         info.validate()
@@ -474,8 +491,35 @@ impl DatasetWriter {
         if shard_size == 0 {
             return Err(invalid(&dir, None, "shard size must be positive"));
         }
+        if dir.exists() && !dir.is_dir() {
+            return Err(invalid(&dir, None, "exists and is not a folder"));
+        }
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let lock = l2s_files::FolderLock::acquire(&dir)?;
+        if let Some(dead) = lock.took_over() {
+            tracing::warn!(
+                "{}: took over the lock left by {dead}, which no longer runs",
+                dir.display()
+            );
+        }
         let info_path = dir.join(INFO_FILE);
+        if !info_path.exists() {
+            let mut names: Vec<String> = fs::read_dir(&dir)
+                .map_err(io_err(&dir))?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != l2s_files::LOCK_FILE)
+                .collect();
+            names.sort();
+            if let Some(first) = names.first() {
+                let first = if names.len() > 1 {
+                    format!("{first} and {} more", names.len() - 1)
+                } else {
+                    first.clone()
+                };
+                return Err(DatasetError::NotADataset { path: dir, first });
+            }
+        }
         let info = if info_path.exists() {
             let existing = read_info(&dir)?;
             if let Some((field, left, right)) = existing.difference(&info) {
@@ -491,9 +535,6 @@ impl DatasetWriter {
             }
             existing
         } else {
-            if dir.join(MANIFEST_FILE).exists() {
-                return Err(invalid(&dir, None, "has a manifest.jsonl but no info.json"));
-            }
             let text = serde_json::to_string_pretty(&info).expect("info serialises");
             write_atomic(&info_path, text.as_bytes())?;
             info
@@ -529,6 +570,7 @@ impl DatasetWriter {
         }
         Ok(Self {
             dir,
+            _lock: lock,
             info,
             shard_size,
             pending_meta: Vec::new(),

@@ -694,3 +694,65 @@ fn shard_spec_parts_are_one_based() {
         [0, 3, 6, 9]
     );
 }
+
+#[test]
+fn a_folder_of_other_files_is_refused_and_left_as_it_was() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("mine");
+    fs::create_dir(&dir).unwrap();
+    // Names the writer would otherwise clean up as leftovers of an interrupted build.
+    for (name, text) in [
+        ("shard-00000.safetensors", "my file"),
+        (".notes.tmp", "my notes"),
+        ("thesis.tex", "chapter 1"),
+    ] {
+        fs::write(dir.join(name), text).unwrap();
+    }
+    let e = DatasetWriter::open(&dir, info(), 4).err().unwrap();
+    assert!(matches!(e, DatasetError::NotADataset { .. }), "{e}");
+    let e = e.to_string();
+    assert!(
+        e.contains(&dir.display().to_string())
+            && e.contains("holds no dataset")
+            && e.contains(".notes.tmp and 2 more"),
+        "{e}"
+    );
+    let mut names: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [".notes.tmp", "shard-00000.safetensors", "thesis.tex"]
+    );
+    assert_eq!(
+        fs::read_to_string(dir.join("shard-00000.safetensors")).unwrap(),
+        "my file"
+    );
+    // An empty folder is fine.
+    let empty = tmp.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    assert_eq!(write(&empty, 0..3, 2), 3);
+}
+
+#[test]
+fn a_second_writer_on_one_folder_is_refused_until_the_first_is_done() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ds");
+    let mut first = DatasetWriter::open(&dir, info(), 4).unwrap();
+    first.append(meta(0), &maps_of(0)).unwrap();
+    let e = DatasetWriter::open(&dir, info(), 4).err().unwrap();
+    assert!(matches!(e, DatasetError::Lock(_)), "{e}");
+    let e = e.to_string();
+    assert!(
+        e.contains(&dir.display().to_string())
+            && e.contains(&format!("process {}", std::process::id()))
+            && e.contains(".l2s.lock"),
+        "{e}"
+    );
+    assert_eq!(first.finish().unwrap(), 1);
+    assert!(!dir.join(".l2s.lock").exists());
+    // Resumed once the first is done: sample 0 is kept, 1 added.
+    assert_eq!(write(&dir, 0..2, 4), 2);
+}

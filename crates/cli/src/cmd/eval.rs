@@ -13,7 +13,10 @@ DIR/prompts.jsonl (every prompt of the run) and DIR/run.json (the settings). Ima
 --seed + NNNNN × --images-per-prompt + SSSS, the same for every method, so runs compare image by image. Images \
 already on disk are kept, so an interrupted run continues where it stopped; rerunning into a folder made with \
 other settings is refused. --shard i/n (1-based) takes prompts i-1, i-1+n, i-1+2n, …: run the n shards \
-anywhere into folders of the same name, then copy them together. Score with `l2s score DIR`."
+anywhere into folders of the same name, then copy them together, or run them all into one folder on shared \
+storage. --shard auto reads i and n from a Slurm job array or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX \
+with L2S_SHARD_COUNT, or --shard auto/N). One process per shard and folder: a second one is refused (lock file \
+DIR/.l2s.lock, or DIR/.l2s.shard-I-of-N.lock for a shard). Score with `l2s score DIR`."
 )]
 pub struct Args {
     #[command(flatten)]
@@ -22,6 +25,7 @@ pub struct Args {
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
     let args = args.eval;
+    let out = args.lock_out()?;
     let prepared = args.prepare()?;
     let (run, prompts, source) = (prepared.run(&args), &prepared.prompts, &prepared.source);
     let shard = run.shard;
@@ -56,5 +60,6 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         mine_len,
         args.out.display()
     ));
+    out.finish();
     Ok(())
 }

@@ -7,7 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use l2s_shapes::RenderConfig;
 use l2s_shapes_model::{TrainOptions, Trainer};
 
-use crate::common::Global;
+use crate::common::{Global, OutFolder};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -99,6 +99,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             init_from,
         } => {
             let device = candle_core::Device::Cpu;
+            let folder = OutFolder::open(&out, "--out")?;
             let trainer = Trainer::new(&out, &device)?;
             if let Some(from) = init_from {
                 let dir = if from == l2s_shapes_model::embedded::NAME {
@@ -149,6 +150,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
                 summary.final_loss,
                 summary.model_dir.display()
             );
+            folder.finish();
             Ok(())
         }
     }

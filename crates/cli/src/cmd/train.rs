@@ -9,7 +9,7 @@ use l2s_steer::train::{train_on, TrainConfig};
 use l2s_steer::Augment;
 use l2s_steer::Dataset;
 
-use crate::common::Global;
+use crate::common::{Global, OutFolder};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -61,6 +61,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     cfg.augment = args.augment;
     cfg.seed = args.seed;
     let quiet = global.quiet;
+    let out = OutFolder::open(&args.out, "--out")?;
     let data = Dataset::open_many(&args.data)?;
     if data.duplicates() > 0 && !quiet {
         eprintln!(
@@ -80,5 +81,6 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         },
     )?;
     println!("{}", serde_json::to_string_pretty(&report.meta)?);
+    out.finish();
     Ok(())
 }
