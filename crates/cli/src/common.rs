@@ -292,6 +292,9 @@ pub fn say(text: &str) {
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
+/// The largest `--step-size` accepted.
+pub const MAX_STEP_SIZE: f64 = 1e6;
+
 /// Test-time steering of spatial relations (shared by `generate` and `eval`).
 #[derive(clap::Args)]
 pub struct SteerArgs {
@@ -356,6 +359,22 @@ impl SteerArgs {
         steps: usize,
     ) -> Result<Option<l2s_steer::method::Method>> {
         use l2s_steer::method::{Method, MethodSpec};
+        if let Some(x) = self.step_size {
+            if !x.is_finite() || x <= 0.0 || x > MAX_STEP_SIZE {
+                let shown = if x.abs() < 1e6 {
+                    x.to_string()
+                } else {
+                    format!("{x:e}")
+                };
+                bail!(
+                    "--step-size {shown}: expected a number > 0 and at most {MAX_STEP_SIZE:e}; a \
+                     NaN, negative or huge step turns the latents into NaN or noise"
+                );
+            }
+        }
+        if let Some(x) = self.stop_below.filter(|x| !x.is_finite()) {
+            bail!("--stop-below {x}: expected a finite loss value");
+        }
         let spec = self.spec()?;
         if spec == MethodSpec::None {
             return Ok(None);
@@ -538,8 +557,12 @@ impl EvalArgs {
         if self.images_per_prompt == 0 {
             bail!("--images-per-prompt 0: expected at least 1");
         }
-        if self.out.exists() && !self.out.is_dir() {
-            bail!("--out {}: exists and is not a folder", self.out.display());
+        if self.images_per_prompt > l2s_eval::score::MAX_IMAGES_PER_PROMPT {
+            bail!(
+                "--images-per-prompt {}: expected at most {} (sample files are numbered SSSS.png)",
+                self.images_per_prompt,
+                l2s_eval::score::MAX_IMAGES_PER_PROMPT
+            );
         }
         let (model, model_name) = load_model(&self.model)?;
         let (steps, guidance) = self.sampling.resolve_steered(&model, &self.steer)?;

@@ -108,8 +108,60 @@ fn main() -> ExitCode {
     match cli.command.run(&cli.global) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error_message(&err));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes joined with ": ", as `{err:#}` writes them, but without a cause
+/// whose text an earlier message already includes: many library errors write their source into
+/// their own message ("file.png: Invalid PNG signature.") and also return it as the source, and
+/// the chain would print it a second (or third) time.
+fn error_message(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_message;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{path}: {source}")]
+    struct FileError {
+        path: String,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let io = std::io::Error::other("Invalid PNG signature.");
+        let err = anyhow::Error::new(FileError {
+            path: "a/0000.png".into(),
+            source: io,
+        })
+        .context("scoring a");
+        assert_eq!(
+            format!("{err:#}"),
+            "scoring a: a/0000.png: Invalid PNG signature.: Invalid PNG signature."
+        );
+        assert_eq!(
+            error_message(&err),
+            "scoring a: a/0000.png: Invalid PNG signature."
+        );
+        // Causes that add something are all kept.
+        let err = anyhow::anyhow!("no such file").context("--prompts p.jsonl");
+        assert_eq!(error_message(&err), "--prompts p.jsonl: no such file");
     }
 }

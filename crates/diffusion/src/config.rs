@@ -146,6 +146,26 @@ pub struct LoadedConfig {
 
 /// Scheduler classes whose configs are DDIM configs as they are.
 const DDIM_CLASSES: [&str; 2] = ["DDIMScheduler", "DDIMInverseScheduler"];
+/// diffusers' schedulers over the same discrete noise schedule (`betas` → `alphas_cumprod`):
+/// their configs carry a beta schedule DDIM can sample with. Any other class (a flow-matching
+/// scheduler, a class from another library, a misspelling) is refused rather than guessed at.
+const DISCRETE_BETA_CLASSES: [&str; 15] = [
+    "PNDMScheduler",
+    "DDPMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "DPMSolverSDEScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DEISMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "LCMScheduler",
+    "TCDScheduler",
+];
 /// Fields from which the noise schedule is derived.
 const BETA_FIELDS: [&str; 4] = ["beta_start", "beta_end", "beta_schedule", "trained_betas"];
 /// DDIM fields whose diffusers default is worth a note when a foreign config leaves them out.
@@ -189,6 +209,17 @@ impl DdimConfig {
         let class_name = fields.string("_class_name")?;
         let mut notes = Vec::new();
         if let Some(class) = class_name.as_deref().filter(|c| !DDIM_CLASSES.contains(c)) {
+            if !DISCRETE_BETA_CLASSES.contains(&class) {
+                return Err(DiffusionError::IncompatibleScheduler {
+                    origin: origin.to_string(),
+                    class_name: class.to_string(),
+                    reason: format!(
+                        "not a scheduler over a discrete beta schedule; expected {} or one of {}",
+                        DDIM_CLASSES.join(", "),
+                        DISCRETE_BETA_CLASSES.join(", ")
+                    ),
+                });
+            }
             if !BETA_FIELDS.iter().any(|f| fields.present(f)) {
                 return Err(DiffusionError::IncompatibleScheduler {
                     origin: origin.to_string(),

@@ -253,3 +253,25 @@ fn error_messages_read_well() {
     let mut s = DdimScheduler::new(DdimConfig::default()).unwrap();
     println!("{}", s.set_timesteps(0).unwrap_err());
 }
+
+#[test]
+fn an_unknown_scheduler_class_is_refused_naming_it() {
+    for class in [
+        "MyOwnScheduler",
+        "FlowMatchHeunDiscreteScheduler",
+        "DDIMSchedulr",
+    ] {
+        let json = format!(
+            r#"{{"_class_name": "{class}", "beta_schedule": "scaled_linear",
+                "beta_start": 0.00085, "beta_end": 0.012}}"#
+        );
+        let e = DdimConfig::from_json_str(&json, "scheduler_config.json")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains(&format!("`{class}`")) && e.contains("scheduler_config.json"),
+            "{e}"
+        );
+    }
+}

@@ -42,8 +42,8 @@ pub fn load_run(dir: &Path) -> Result<ReportRun, String> {
     let results = read_results(&rpath)?;
     let spath = dir.join(SUMMARY_FILE);
     let summary = if spath.exists() {
-        let text =
-            std::fs::read_to_string(&spath).map_err(|e| format!("{}: {e}", spath.display()))?;
+        let text = l2s_files::read_text_capped(&spath, crate::score::MAX_RESULTS_BYTES)
+            .map_err(|e| e.to_string())?;
         Some(
             serde_json::from_str::<Summary>(&text)
                 .map_err(|e| format!("{}: not a summary file: {e}", spath.display()))?,
@@ -128,9 +128,12 @@ pub fn escape(s: &str) -> String {
     o
 }
 
+/// The largest image file embedded.
+pub const MAX_IMAGE_BYTES: u64 = l2s_files::MAX_IMAGE_BYTES;
+
 /// An image as an embeddable PNG (scaled down when larger than `max_side`), with its size.
 fn embed_image(path: &Path, max_side: u32) -> Result<(String, u32, u32), String> {
-    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let bytes = l2s_files::read_capped(path, MAX_IMAGE_BYTES).map_err(|e| e.reason())?;
     let img = image::load_from_memory(&bytes).map_err(|e| e.to_string())?;
     let (w, h) = (img.width(), img.height());
     let is_png = bytes.starts_with(&[0x89, b'P', b'N', b'G']);

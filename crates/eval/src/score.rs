@@ -727,9 +727,16 @@ impl Summary {
 }
 
 /// Reads a results JSONL file written by [`ImageResult`] serialisation.
+/// The largest results or detections file read (a million images take about 500 MB).
+pub const MAX_RESULTS_BYTES: u64 = 1 << 30;
+
+/// The most images per prompt a score or an evaluation accepts (sample files are numbered with
+/// four digits, `SSSS.png`).
+pub const MAX_IMAGES_PER_PROMPT: usize = 10_000;
+
 pub fn read_results(path: &Path) -> Result<Vec<ImageResult>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read results file {}: {e}", path.display()))?;
+    let text = l2s_files::read_text_capped(path, MAX_RESULTS_BYTES)
+        .map_err(|e| format!("cannot read results file: {e}"))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -737,6 +744,14 @@ pub fn read_results(path: &Path) -> Result<Vec<ImageResult>, String> {
         }
         let r: ImageResult = serde_json::from_str(line)
             .map_err(|e| format!("{}:{}: not a results line: {e}", path.display(), i + 1))?;
+        if let Some(why) = l2s_files::check_relative(&r.filename) {
+            return Err(format!(
+                "{}:{}: filename {:?} is {why}",
+                path.display(),
+                i + 1,
+                r.filename
+            ));
+        }
         out.push(r);
     }
     Ok(out)

@@ -54,6 +54,18 @@ fn classify(value: Value, location: &str, issues: &mut Vec<Issue>) -> PromptStat
     }
 }
 
+/// Refuses more images per prompt than [`crate::score::MAX_IMAGES_PER_PROMPT`]: every missing
+/// one becomes a result line, so a mistyped number would fill the memory.
+fn check_images_per_prompt(n: Option<usize>, what: &str) -> Result<(), String> {
+    match n {
+        Some(n) if n > crate::score::MAX_IMAGES_PER_PROMPT => Err(format!(
+            "{what} {n}: expected at most {} images per prompt",
+            crate::score::MAX_IMAGES_PER_PROMPT
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Scores a GenEval-layout folder with `detector`.
 ///
 /// The expected images per prompt come from `images_per_prompt`, else from `run.json`, else
@@ -116,6 +128,14 @@ pub fn score_folder(
             root.display()
         ));
     }
+    check_images_per_prompt(images_per_prompt, "--images-per-prompt")?;
+    check_images_per_prompt(
+        run.as_ref().map(|r| r.images_per_prompt),
+        &format!(
+            "{}: images_per_prompt",
+            root.join(crate::layout::RUN_FILE).display()
+        ),
+    )?;
     let ipp = images_per_prompt
         .or(run.as_ref().map(|r| r.images_per_prompt))
         .unwrap_or_else(|| {
@@ -224,16 +244,16 @@ pub fn score_folder(
                 ..Default::default()
             };
             let loc = path.display().to_string();
-            let result = match std::fs::read(&path) {
+            let result = match l2s_files::read_capped(&path, l2s_files::MAX_IMAGE_BYTES) {
                 Err(e) => {
-                    let msg = if e.kind() == std::io::ErrorKind::NotFound {
+                    let msg = if e.is_not_found() {
                         format!(
                             "image {} of {ipp} for {:?} is missing; counted as wrong",
                             j + 1,
                             prompt.prompt
                         )
                     } else {
-                        format!("cannot read: {e}; counted as wrong")
+                        format!("cannot read: {}; counted as wrong", e.reason())
                     };
                     issues.push(Issue::new(IssueKind::MissingImage, &loc, msg));
                     ImageResult::unjudged(prompt, src, ImageStatus::Missing, "missing image")
@@ -365,8 +385,9 @@ pub fn score_detections(
     images_per_prompt: Option<usize>,
     opts: &ScoreOptions,
 ) -> Result<Scored, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read detections file {}: {e}", path.display()))?;
+    check_images_per_prompt(images_per_prompt, "--images-per-prompt")?;
+    let text = l2s_files::read_text_capped(path, crate::score::MAX_RESULTS_BYTES)
+        .map_err(|e| format!("cannot read detections file: {e}"))?;
     let name = path.display().to_string();
     let mut issues = Vec::new();
     let mut unsupported = Vec::new();

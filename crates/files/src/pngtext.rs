@@ -35,9 +35,12 @@ pub fn png_text_chunks(bytes: &[u8]) -> Vec<(String, String)> {
 /// The text chunks of the PNG file at `path`, in file order. A file that is not a PNG, is cut
 /// short, fails a CRC or holds a malformed text chunk is an error.
 pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>, PngTextError> {
-    let bytes = std::fs::read(path).map_err(|error| PngTextError::Io {
+    let bytes = crate::read_capped(path, crate::MAX_IMAGE_BYTES).map_err(|e| PngTextError::Io {
         path: path.to_path_buf(),
-        error,
+        error: match e {
+            crate::ReadError::Io { error, .. } => error,
+            other => std::io::Error::other(other.reason()),
+        },
     })?;
     match walk(&bytes) {
         (chunks, None) => Ok(chunks),

@@ -20,11 +20,29 @@ pub fn to_unit_nhwc(decoded: &Tensor) -> Result<Tensor> {
             expected: "(batch, 3, height, width)".into(),
         });
     }
+    check_finite(decoded, "decoded image")?;
     let unit = decoded.affine(0.5, 0.5)?.clamp(0f32, 1f32)?;
     Ok(unit
         .to_dtype(DType::F32)?
         .permute((0, 2, 3, 1))?
         .contiguous()?)
+}
+
+/// Fails when `t` holds NaN or ±Inf: quantising would silently turn them into black or white
+/// pixels, and an image that looks like a result would be written.
+pub fn check_finite(t: &Tensor, what: &str) -> Result<()> {
+    let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let bad = values.iter().filter(|v| !v.is_finite()).count();
+    if bad == 0 {
+        return Ok(());
+    }
+    let nan = values.iter().filter(|v| v.is_nan()).count();
+    Err(GenerateError::NonFinite {
+        what: what.into(),
+        count: bad,
+        total: values.len(),
+        nan,
+    })
 }
 
 /// (batch, H, W, 3) float in [0, 1] → one 8-bit image per batch entry, `round(x · 255)`.
@@ -37,6 +55,7 @@ pub fn unit_nhwc_to_images(pixels: &Tensor) -> Result<Vec<RgbImage>> {
             expected: "(batch, height, width, 3)".into(),
         });
     }
+    check_finite(pixels, "image pixels")?;
     let data = pixels
         .to_dtype(DType::F32)?
         .flatten_all()?

@@ -20,6 +20,20 @@ pub enum GenerateError {
         expected: String,
     },
 
+    /// A tensor that becomes an image holds NaN or ±Inf.
+    #[error(
+        "{what}: {count} of {total} values are not finite ({nan} NaN, {} ±Inf), so no image is \
+         written; the sampling diverged (a steering step size too large, non-finite initial \
+         latents, or a model whose weights or config give NaN)",
+        count - nan
+    )]
+    NonFinite {
+        what: String,
+        count: usize,
+        total: usize,
+        nan: usize,
+    },
+
     /// A word asked for is not among the prompt's tokens.
     #[error("word `{word}` is not in the prompt {prompt:?} (the prompt's words: {words})")]
     WordNotInPrompt {

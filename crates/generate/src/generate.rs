@@ -44,6 +44,23 @@ impl GenerateRequest {
             init_latents: None,
         }
     }
+
+    /// Refuses a prompt or negative prompt holding a NUL character: the images' metadata
+    /// (PNG text) cannot hold it, and the text encoder never saw one.
+    pub fn check_text(&self) -> Result<()> {
+        for (what, text) in [
+            ("prompt", &self.prompt),
+            ("negative prompt", &self.negative_prompt),
+        ] {
+            if text.contains('\0') {
+                return Err(GenerateError::invalid(
+                    what,
+                    format!("{text:?} contains a NUL character"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The result of [`generate`].
@@ -72,6 +89,7 @@ pub fn generate<'p>(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Generated> {
     let (width, height) = pipeline.resolve_size(req.width, req.height)?;
+    req.check_text()?;
     let initial = match &req.init_latents {
         Some(t) => pipeline.check_latents(t, width, height, "initial latents")?,
         None => pipeline.seeded_latents(width, height, req.seed)?,

@@ -113,8 +113,9 @@ pub fn check_image(pipeline: &Pipeline, image: &RgbImage, req: &InvertRequest) -
 /// Reads an 8-bit RGB image (PNG, JPEG, …). Other colour types (grey, alpha, 16-bit) are refused
 /// rather than silently converted.
 pub fn read_rgb_image(path: &Path) -> Result<RgbImage> {
-    let img = image::ImageReader::open(path)
-        .map_err(|e| GenerateError::file(path, e))?
+    let bytes = l2s_files::read_capped(path, l2s_files::MAX_IMAGE_BYTES)
+        .map_err(|e| GenerateError::file(path, e.reason()))?;
+    let img = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| GenerateError::file(path, e))?
         .decode()

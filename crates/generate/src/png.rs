@@ -23,6 +23,13 @@ pub fn encode_png(image: &RgbImage, metadata: &[(String, String)]) -> Result<Vec
         enc.set_depth(png::BitDepth::Eight);
         for (key, value) in metadata {
             check_keyword(key)?;
+            if value.contains('\0') {
+                // PNG text ends at a NUL: a reader would see a cut-short (different) value.
+                return Err(GenerateError::invalid(
+                    format!("PNG text chunk `{key}`"),
+                    format!("{value:?} contains a NUL character, which PNG text cannot hold"),
+                ));
+            }
             let added = if value.is_ascii() {
                 enc.add_text_chunk(key.clone(), value.clone())
             } else {

@@ -47,6 +47,30 @@ impl ClipTextConfig {
                 supported: "quick_gelu, gelu".into(),
             });
         }
+        for (field, v) in [
+            ("vocab_size", cfg.vocab_size),
+            ("hidden_size", cfg.hidden_size),
+            ("intermediate_size", cfg.intermediate_size),
+            ("num_hidden_layers", cfg.num_hidden_layers),
+            ("max_position_embeddings", cfg.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return Err(ModelError::Unsupported {
+                    path: path.to_path_buf(),
+                    field: field.into(),
+                    value: "0".into(),
+                    supported: "at least 1".into(),
+                });
+            }
+        }
+        if !cfg.layer_norm_eps.is_finite() || cfg.layer_norm_eps <= 0.0 {
+            return Err(ModelError::Unsupported {
+                path: path.to_path_buf(),
+                field: "layer_norm_eps".into(),
+                value: cfg.layer_norm_eps.to_string(),
+                supported: "a finite number > 0 (CLIP: 1e-5)".into(),
+            });
+        }
         if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
         {
             return Err(ModelError::Unsupported {

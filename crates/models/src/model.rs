@@ -83,6 +83,12 @@ pub struct InvertedLatents {
     pub fixed_point_residuals: Vec<f64>,
 }
 
+/// The largest image side accepted, in pixels (a decoded 8192 px side already needs several GB).
+pub const MAX_IMAGE_SIDE: usize = 8192;
+/// The most pixels an image may have (4096 × 4096): the VAE decoder's activations grow with the
+/// pixel count, and beyond this they need tens of GB.
+pub const MAX_IMAGE_PIXELS: usize = 4096 * 4096;
+
 impl Pipeline {
     /// Loads the pipeline a diffusers folder holds, by its `model_index.json`'s `_class_name`:
     /// `FluxPipeline…` → FLUX.1, `StableDiffusionPipeline…` → SD1.x/2.x. `transformer` replaces a
@@ -101,6 +107,20 @@ impl Pipeline {
             .get("_class_name")
             .and_then(|c| c.as_str())
             .unwrap_or("StableDiffusionPipeline");
+        let known = crate::pipeline::SD_PIPELINE_CLASSES
+            .iter()
+            .chain(&crate::flux::pipeline::FLUX_PIPELINE_CLASSES);
+        if !known.clone().any(|c| *c == class) {
+            return Err(ModelError::Unsupported {
+                path: index_path,
+                field: "_class_name".into(),
+                value: class.into(),
+                supported: format!(
+                    "{} (SD1.x, SD2.x and FLUX.1; SDXL, SD3 and other pipelines are not supported)",
+                    known.copied().collect::<Vec<_>>().join(", ")
+                ),
+            });
+        }
         let family = if class.starts_with("Flux") {
             if let Some(f) = transformer.filter(|f| !f.is_file()) {
                 return Err(ModelError::io(
@@ -230,6 +250,24 @@ impl Pipeline {
     ) -> Result<(usize, usize)> {
         let native = self.native_size();
         let (w, h) = (width.unwrap_or(native), height.unwrap_or(native));
+        for (name, v) in [("width", w), ("height", h)] {
+            if v > MAX_IMAGE_SIDE {
+                return Err(ModelError::InvalidArgument {
+                    what: name.into(),
+                    reason: format!("{v} px is more than the largest side, {MAX_IMAGE_SIDE} px"),
+                });
+            }
+        }
+        if w * h > MAX_IMAGE_PIXELS {
+            return Err(ModelError::InvalidArgument {
+                what: "width × height".into(),
+                reason: format!(
+                    "{w} × {h} = {} px is more than the pixel budget of {MAX_IMAGE_PIXELS} px \
+                     (4096 × 4096)",
+                    w * h
+                ),
+            });
+        }
         let m = self.size_multiple();
         for (name, v) in [("width", w), ("height", h)] {
             if v == 0 || v % m != 0 {
@@ -291,6 +329,23 @@ impl Pipeline {
                 reason: format!(
                     "shape {:?}; expected {want:?} for a {width}×{height} image",
                     latents.dims()
+                ),
+            });
+        }
+        let values = latents
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let bad = values.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            let nan = values.iter().filter(|v| v.is_nan()).count();
+            return Err(ModelError::InvalidArgument {
+                what: what.into(),
+                reason: format!(
+                    "{bad} of {} values are not finite ({nan} NaN, {} ±Inf); sampling from them \
+                     gives a blank or garbage image",
+                    values.len(),
+                    bad - nan
                 ),
             });
         }

@@ -164,6 +164,12 @@ fn load_autoencoder(dir: &Path, opts: &LoadOptions) -> Result<Autoencoder> {
     Ok(Autoencoder::Kl(vae))
 }
 
+/// `model_index.json` classes of SD1.x/2.x folders: one CLIP text encoder, a UNet over 4 latent
+/// channels, an AutoencoderKL. SDXL (two text encoders, added conditioning), SD3 (a transformer)
+/// and the rest have other components and are refused by name.
+pub const SD_PIPELINE_CLASSES: [&str; 2] =
+    ["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"];
+
 impl StableDiffusion {
     pub fn load(folder: &Path, opts: &LoadOptions) -> Result<Self> {
         let index_path = folder.join("model_index.json");
@@ -176,12 +182,15 @@ impl StableDiffusion {
         }
         let index: Value = read_config(&index_path, "a diffusers model_index.json")?;
         if let Some(class) = index.get("_class_name").and_then(|c| c.as_str()) {
-            if !class.starts_with("StableDiffusion") {
+            if !SD_PIPELINE_CLASSES.contains(&class) {
                 return Err(ModelError::Unsupported {
                     path: index_path,
                     field: "_class_name".into(),
                     value: class.into(),
-                    supported: "StableDiffusionPipeline and its variants (SD1.x, SD2.x)".into(),
+                    supported: format!(
+                        "{} (SD1.x, SD2.x; SDXL, SD3 and other pipelines are not supported)",
+                        SD_PIPELINE_CLASSES.join(", ")
+                    ),
                 });
             }
         }
@@ -216,6 +225,8 @@ impl StableDiffusion {
             ));
         }
 
+        // Read now, so that a scheduler this sampler cannot run is named before any work.
+        l2s_diffusion::DdimConfig::from_file(&scheduler_config)?;
         let tokenizer = ClipTokenizer::from_folder(&tok_dir)?;
 
         let te_cfg = ClipTextConfig::from_file(&te_dir.join("config.json"))?;

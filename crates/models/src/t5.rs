@@ -49,6 +49,38 @@ pub struct T5Config {
 impl T5Config {
     pub fn from_file(path: &Path) -> ModelResult<Self> {
         let cfg: Self = read_config(path, "a T5Config")?;
+        let unsupported = |field: &str, value: String, supported: &str| ModelError::Unsupported {
+            path: path.to_path_buf(),
+            field: field.into(),
+            value,
+            supported: supported.into(),
+        };
+        for (field, v) in [
+            ("vocab_size", cfg.vocab_size),
+            ("d_model", cfg.d_model),
+            ("d_kv", cfg.d_kv),
+            ("d_ff", cfg.d_ff),
+            ("num_layers", cfg.num_layers),
+            ("num_heads", cfg.num_heads),
+        ] {
+            if v == 0 {
+                return Err(unsupported(field, "0".into(), "at least 1"));
+            }
+        }
+        if cfg.relative_attention_num_buckets < 2 {
+            return Err(unsupported(
+                "relative_attention_num_buckets",
+                cfg.relative_attention_num_buckets.to_string(),
+                "at least 2 (one per direction; T5: 32)",
+            ));
+        }
+        if !cfg.layer_norm_epsilon.is_finite() || cfg.layer_norm_epsilon <= 0.0 {
+            return Err(unsupported(
+                "layer_norm_epsilon",
+                cfg.layer_norm_epsilon.to_string(),
+                "a finite number > 0 (T5: 1e-6)",
+            ));
+        }
         if cfg.feed_forward_proj != "gated-gelu" {
             return Err(ModelError::Unsupported {
                 path: path.to_path_buf(),

@@ -131,6 +131,21 @@ impl ClipTokenizer {
             path: vocab.to_path_buf(),
             reason,
         };
+        // An empty merge list tokenizes every word into single characters: the text encoder
+        // then sees ids it was never trained on, silently.
+        let text = std::fs::read_to_string(merges).map_err(|e| ModelError::io(merges, e))?;
+        let has_merge = text
+            .lines()
+            .map(str::trim)
+            .any(|l| !l.is_empty() && !l.starts_with("#version"));
+        if !has_merge {
+            return Err(ModelError::Tokenizer {
+                path: merges.to_path_buf(),
+                reason: "no merges: expected lines of two symbols (\"t h\") after an optional \
+                         #version line"
+                    .into(),
+            });
+        }
         let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
             .unk_token(EOS.into())
             .end_of_word_suffix("</w>".into())

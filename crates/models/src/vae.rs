@@ -118,6 +118,37 @@ impl VaeConfig {
         if cfg.act_fn != "silu" {
             return Err(unsupported("act_fn", cfg.act_fn.clone(), "silu"));
         }
+        if cfg.norm_num_groups == 0 {
+            return Err(unsupported(
+                "norm_num_groups",
+                "0".into(),
+                "at least 1 group, dividing every block_out_channels entry",
+            ));
+        }
+        if !cfg.scaling_factor.is_finite() || cfg.scaling_factor <= 0.0 {
+            return Err(unsupported(
+                "scaling_factor",
+                cfg.scaling_factor.to_string(),
+                "a finite number > 0 (SD 1/2: 0.18215, FLUX: 0.3611)",
+            ));
+        }
+        if let Some(shift) = cfg.shift_factor.filter(|s| !s.is_finite()) {
+            return Err(unsupported(
+                "shift_factor",
+                shift.to_string(),
+                "a finite number",
+            ));
+        }
+        if cfg.latent_channels == 0 || cfg.in_channels == 0 || cfg.out_channels == 0 {
+            return Err(unsupported(
+                "latent_channels/in_channels/out_channels",
+                format!(
+                    "{}/{}/{}",
+                    cfg.latent_channels, cfg.in_channels, cfg.out_channels
+                ),
+                "at least 1 each",
+            ));
+        }
         if let Some(c) = cfg
             .block_out_channels
             .iter()

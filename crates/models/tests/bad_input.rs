@@ -229,3 +229,196 @@ fn space_to_depth_round_trips_exactly() {
     assert_eq!(flat(&back), flat(&img));
     assert!(s2d.encode_latents(&img.narrow(3, 0, 5).unwrap()).is_err());
 }
+
+/// Sets `field` of the JSON file `rel` in `dir` to `value`.
+fn set_json(dir: &Path, rel: &str, field: &str, value: serde_json::Value) {
+    let path = dir.join(rel);
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v[field] = value;
+    std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+fn load_pipeline_err(dir: &Path) -> String {
+    match l2s_models::Pipeline::load(dir, &LoadOptions::default(), None) {
+        Ok(_) => panic!("loading {} should fail", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn configs_that_would_panic_or_mislead_are_refused_naming_the_field() {
+    let cases: [(&str, &str, serde_json::Value, &str); 8] = [
+        (
+            "unet/config.json",
+            "norm_num_groups",
+            0.into(),
+            "norm_num_groups `0`",
+        ),
+        (
+            "unet/config.json",
+            "norm_num_groups",
+            7.into(),
+            "norm_num_groups `7`",
+        ),
+        ("unet/config.json", "norm_eps", (-1).into(), "norm_eps `-1`"),
+        (
+            "vae/config.json",
+            "norm_num_groups",
+            0.into(),
+            "norm_num_groups `0`",
+        ),
+        (
+            "vae/config.json",
+            "scaling_factor",
+            0.into(),
+            "scaling_factor `0`",
+        ),
+        (
+            "vae/config.json",
+            "scaling_factor",
+            (-0.2).into(),
+            "scaling_factor `-0.2`",
+        ),
+        (
+            "text_encoder/config.json",
+            "layer_norm_eps",
+            0.into(),
+            "layer_norm_eps `0`",
+        ),
+        (
+            "text_encoder/config.json",
+            "num_hidden_layers",
+            0.into(),
+            "num_hidden_layers `0`",
+        ),
+    ];
+    for (file, field, value, expect) in cases {
+        let (_tmp, dir) = scratch_model();
+        set_json(&dir, file, field, value);
+        let msg = load_err(&dir);
+        assert!(
+            msg.contains(file) && msg.contains(expect),
+            "{file} {field}: {msg}"
+        );
+    }
+}
+
+#[test]
+fn a_pipeline_or_scheduler_class_we_do_not_run_is_refused_by_name() {
+    for class in [
+        "StableDiffusionXLPipeline",
+        "StableDiffusion3Pipeline",
+        "KandinskyPipeline",
+    ] {
+        let (_tmp, dir) = scratch_model();
+        set_json(&dir, "model_index.json", "_class_name", class.into());
+        let msg = load_pipeline_err(&dir);
+        assert!(
+            msg.contains("model_index.json") && msg.contains(&format!("`{class}`")),
+            "{msg}"
+        );
+        let msg = load_err(&dir);
+        assert!(msg.contains(&format!("`{class}`")), "{msg}");
+    }
+    let (_tmp, dir) = scratch_model();
+    set_json(
+        &dir,
+        "scheduler/scheduler_config.json",
+        "_class_name",
+        "MySampler".into(),
+    );
+    let msg = load_pipeline_err(&dir);
+    assert!(
+        msg.contains("scheduler_config.json") && msg.contains("`MySampler`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn an_empty_merges_file_is_refused() {
+    for text in ["", "#version: 0.2\n", "\n\n"] {
+        let (_tmp, dir) = scratch_model();
+        std::fs::write(dir.join("tokenizer/merges.txt"), text).unwrap();
+        let msg = load_err(&dir);
+        assert!(
+            msg.contains("merges.txt") && msg.contains("no merges"),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
+fn a_t5_config_with_no_layers_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    copy_dir(&common::fixtures().join("flux-schnell-tiny/model"), &dir);
+    for (field, value, expect) in [
+        ("num_layers", serde_json::Value::from(0), "num_layers `0`"),
+        ("num_heads", 0.into(), "num_heads `0`"),
+        ("layer_norm_epsilon", (-1).into(), "layer_norm_epsilon `-1`"),
+    ] {
+        let original = std::fs::read(dir.join("text_encoder_2/config.json")).unwrap();
+        set_json(&dir, "text_encoder_2/config.json", field, value);
+        let msg = load_pipeline_err(&dir);
+        assert!(
+            msg.contains("text_encoder_2/config.json") && msg.contains(expect),
+            "{msg}"
+        );
+        std::fs::write(dir.join("text_encoder_2/config.json"), original).unwrap();
+    }
+}
+
+#[test]
+fn sizes_beyond_the_caps_are_refused_before_any_work() {
+    let model = l2s_models::Pipeline::load(
+        &common::fixtures().join("sd1-tiny/model"),
+        &LoadOptions::default(),
+        None,
+    )
+    .unwrap();
+    for (w, h, expect) in [
+        (Some(18446744073709551608), None, "largest side, 8192 px"),
+        (Some(4294967296), Some(4294967296), "largest side"),
+        (Some(100000), Some(100000), "largest side"),
+        (Some(8192), Some(8192), "pixel budget of 16777216 px"),
+        (None, Some(8200), "height"),
+    ] {
+        let e = model.resolve_size(w, h).unwrap_err().to_string();
+        assert!(e.contains(expect), "{w:?}×{h:?}: {e}");
+    }
+    assert_eq!(
+        model.resolve_size(Some(4096), Some(4096)).unwrap(),
+        (4096, 4096)
+    );
+    assert_eq!(
+        model.resolve_size(Some(8192), Some(64)).unwrap(),
+        (8192, 64)
+    );
+}
+
+#[test]
+fn non_finite_initial_latents_are_refused() {
+    let model = l2s_models::Pipeline::load(
+        &common::fixtures().join("sd1-tiny/model"),
+        &LoadOptions::default(),
+        None,
+    )
+    .unwrap();
+    let shape = model.latent_shape(32, 32);
+    let good = Tensor::zeros(&shape, DType::F32, &Device::Cpu).unwrap();
+    model
+        .check_latents(&good, 32, 32, "initial latents")
+        .unwrap();
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let t = good.affine(1.0, bad as f64).unwrap();
+        let e = model
+            .check_latents(&t, 32, 32, "initial latents")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("initial latents") && e.contains("not finite"),
+            "{e}"
+        );
+    }
+}

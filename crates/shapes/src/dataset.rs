@@ -100,7 +100,14 @@ pub struct DatasetImage {
 impl DatasetImage {
     /// Loads the PNG as RGB.
     pub fn load(&self) -> Result<RgbImage, ShapesError> {
-        let img = image::open(&self.path).map_err(|source| ShapesError::Image {
+        let bytes =
+            l2s_files::read_capped(&self.path, l2s_files::MAX_IMAGE_BYTES).map_err(|e| {
+                ShapesError::Format {
+                    path: self.path.clone(),
+                    msg: e.reason(),
+                }
+            })?;
+        let img = image::load_from_memory(&bytes).map_err(|source| ShapesError::Image {
             path: self.path.clone(),
             source,
         })?;
@@ -151,6 +158,12 @@ where
     I: IntoIterator<Item = Result<Scene, ShapesError>>,
 {
     let images_dir = dir.join(IMAGES_DIR);
+    // The images an earlier render listed: those this one does not replace are removed once it
+    // is written, so the folder never holds images its annotations do not describe. Nothing
+    // else in the folder is touched.
+    let earlier: Vec<String> = read_dataset_file(dir)
+        .map(|coco| coco.images.into_iter().map(|im| im.file_name).collect())
+        .unwrap_or_default();
     fs::create_dir_all(&images_dir).map_err(|source| ShapesError::Io {
         path: images_dir.clone(),
         source,
@@ -213,6 +226,18 @@ where
     write_atomic(&dir.join(RELATIONS_FILE), relations.as_bytes())?;
     let json = serde_json::to_vec_pretty(&coco).expect("serialisable");
     write_atomic(&dir.join(ANNOTATIONS_FILE), &json)?;
+    let written: std::collections::HashSet<&str> =
+        coco.images.iter().map(|im| im.file_name.as_str()).collect();
+    for name in earlier.iter().filter(|n| !written.contains(n.as_str())) {
+        let ours = name
+            .strip_prefix(&format!("{IMAGES_DIR}/"))
+            .and_then(|n| n.strip_suffix(".png"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        let path = dir.join(name);
+        if ours && path.is_file() {
+            fs::remove_file(&path).map_err(|source| ShapesError::Io { path, source })?;
+        }
+    }
     Ok(Dataset {
         root: dir.to_path_buf(),
         info: coco.info,
@@ -232,17 +257,37 @@ fn categories() -> Vec<CocoCategory> {
         .collect()
 }
 
-/// Reads a folder written by [`generate`] / [`write_scenes`].
-pub fn read_dataset(dir: &Path) -> Result<Dataset, ShapesError> {
+/// The largest `annotations.json` read.
+pub const MAX_ANNOTATIONS_BYTES: u64 = 1 << 30;
+
+/// `dir/annotations.json` parsed, every `file_name` checked to stay inside `dir`.
+fn read_dataset_file(dir: &Path) -> Result<CocoFile, ShapesError> {
     let path = dir.join(ANNOTATIONS_FILE);
-    let text = fs::read_to_string(&path).map_err(|source| ShapesError::Io {
-        path: path.clone(),
-        source,
+    let text = l2s_files::read_text_capped(&path, MAX_ANNOTATIONS_BYTES).map_err(|e| {
+        ShapesError::Format {
+            path: path.clone(),
+            msg: format!("cannot read: {e}"),
+        }
     })?;
     let coco: CocoFile = serde_json::from_str(&text).map_err(|source| ShapesError::Json {
         path: path.clone(),
         source,
     })?;
+    for im in &coco.images {
+        if let Some(why) = l2s_files::check_relative(&im.file_name) {
+            return Err(ShapesError::Format {
+                path: path.clone(),
+                msg: format!("image {}: file_name {:?} is {why}", im.id, im.file_name),
+            });
+        }
+    }
+    Ok(coco)
+}
+
+/// Reads a folder written by [`generate`] / [`write_scenes`].
+pub fn read_dataset(dir: &Path) -> Result<Dataset, ShapesError> {
+    let path = dir.join(ANNOTATIONS_FILE);
+    let coco = read_dataset_file(dir)?;
     let mut cat_class = std::collections::HashMap::new();
     for c in &coco.categories {
         let class = ShapeClass::from_word(&c.name).ok_or_else(|| ShapesError::Format {

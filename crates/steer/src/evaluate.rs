@@ -128,6 +128,15 @@ pub fn run_eval(
     if run.images_per_prompt == 0 || run.steps == 0 {
         bail!("an evaluation needs at least one image per prompt and one step");
     }
+    for (i, p) in prompts.iter().enumerate() {
+        if p.prompt.contains('\0') {
+            bail!(
+                "prompt {i} {:?}: contains a NUL character, which the images' metadata (PNG text) \
+                 cannot hold",
+                p.prompt
+            );
+        }
+    }
     let model = run.model;
     let mine: Vec<usize> = (0..prompts.len())
         .filter(|&i| run.shard.owns_index(i))
@@ -182,6 +191,7 @@ pub fn run_eval(
     let ipp = run.images_per_prompt;
     let mut jobs = Vec::new();
     let mut present = 0;
+    let mut damaged = Vec::new();
     for (k, &i) in mine.iter().enumerate() {
         let dir = prompt_dir(out, i);
         std::fs::create_dir_all(dir.join(SAMPLES_DIR))
@@ -192,9 +202,20 @@ pub fn run_eval(
             "prompt",
         )?;
         for j in 0..ipp {
-            if sample_path(out, i, j).exists() {
+            let path = sample_path(out, i, j);
+            let whole = path.exists()
+                && l2s_files::read_capped(&path, l2s_files::MAX_IMAGE_BYTES)
+                    .is_ok_and(|bytes| image::load_from_memory(&bytes).is_ok());
+            if whole {
                 present += 1;
             } else {
+                if path.exists() {
+                    // Cut short or damaged (a copy interrupted, a full disk): made again.
+                    damaged.push(format!(
+                        "{}: not a readable PNG; generating it again",
+                        path.display()
+                    ));
+                }
                 jobs.push(Job {
                     k,
                     index: i,
@@ -262,6 +283,7 @@ pub fn run_eval(
     let mut outcome = EvalOutcome {
         prompts: mine.len(),
         present,
+        warnings: damaged,
         ..EvalOutcome::default()
     };
     run_ordered(

@@ -291,6 +291,13 @@ pub fn parse_override(spec: &str) -> Result<Vec<Triplet>, RelationParseError> {
                 part.trim()
             )));
         }
+        if subject == object {
+            return Err(bad(format!(
+                "{:?}: the subject and the object are the same word {subject:?}; a relation needs \
+                 two different objects (their maps would be one and the same)",
+                part.trim()
+            )));
+        }
         let relation = Relation::parse(fields[1]).map_err(|e| bad(e.to_string()))?;
         out.push(Triplet {
             subject,
@@ -575,5 +582,22 @@ mod tests {
             let p = format!("a photo of {} {a} {rel} {} {b}", art(a), art(b));
             assert_eq!(one(&p), trip(a, Relation::parse(rel).unwrap(), b), "{p}");
         }
+    }
+
+    #[test]
+    fn an_override_relating_a_word_to_itself_is_refused() {
+        for spec in [
+            "circle,left of,circle",
+            "Circle , above, circle ",
+            "dog,below,cat;cat,above,cat",
+        ] {
+            let e = parse_override(spec).unwrap_err().to_string();
+            if spec.starts_with("dog") {
+                assert!(e.contains("\"cat\""), "{e}");
+            } else {
+                assert!(e.contains("the same word \"circle\""), "{e}");
+            }
+        }
+        assert_eq!(parse_override("dog,left of,cat").unwrap().len(), 1);
     }
 }

@@ -40,8 +40,8 @@ pub struct Args {
     /// FLUX.1-schnell: 1,3)
     #[arg(long, value_delimiter = ',')]
     pub at_steps: Vec<usize>,
-    /// Side of the common grid every layer's map is resized to
-    #[arg(long, default_value_t = 16)]
+    /// Side of the common grid every layer's map is resized to (1–1024)
+    #[arg(long, default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     pub map_size: usize,
     /// Where to write the sheet (.png)
     #[arg(long)]

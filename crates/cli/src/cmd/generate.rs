@@ -12,7 +12,9 @@ use l2s_models::Pipeline;
 use l2s_steer::method::Method;
 use l2s_steer::steering::{generate_steered, SteerGoal};
 
-use crate::common::{load_model, warn_all, Bars, Global, ModelArgs, SampleArgs, SteerArgs};
+use crate::common::{
+    load_model, warn_all, Bars, Global, ModelArgs, OutFolder, SampleArgs, SteerArgs,
+};
 
 #[derive(clap::Args)]
 #[command(
@@ -64,12 +66,30 @@ fn preview_scale(width: usize, height: usize) -> u32 {
     256usize.div_ceil(width.max(height).max(1)).max(1) as u32
 }
 
-/// Where each image goes.
-fn targets(out: &Path, n: usize) -> Result<Vec<PathBuf>> {
-    let is_png = out
+/// Image formats other than PNG: an `--out` ending so names a file this command cannot write,
+/// not a folder.
+const OTHER_IMAGE_EXTENSIONS: [&str; 9] = [
+    "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff", "avif", "heic",
+];
+
+/// Where each image goes, and the output folder (locked; removed again on failure if it was
+/// made here and stayed empty) when there are several.
+fn targets(out: &Path, n: usize) -> Result<(Vec<PathBuf>, Option<OutFolder>)> {
+    let ext = out
         .extension()
         .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+        .map(str::to_ascii_lowercase);
+    let is_png = ext.as_deref() == Some("png");
+    if let Some(e) = ext
+        .as_deref()
+        .filter(|e| OTHER_IMAGE_EXTENSIONS.contains(e))
+    {
+        bail!(
+            "--out {}: images are written as PNG only, not .{e}; give a name ending in .png (or a \
+             folder for several images)",
+            out.display()
+        );
+    }
     if is_png {
         if n != 1 {
             bail!(
@@ -77,7 +97,10 @@ fn targets(out: &Path, n: usize) -> Result<Vec<PathBuf>> {
                 out.display()
             );
         }
-        return Ok(vec![crate::common::png_target(out, "--out")?]);
+        if out.is_dir() {
+            bail!("--out {}: is a folder, not a .png file", out.display());
+        }
+        return Ok((vec![crate::common::png_target(out, "--out")?], None));
     }
     if out.exists() && !out.is_dir() {
         bail!(
@@ -85,9 +108,11 @@ fn targets(out: &Path, n: usize) -> Result<Vec<PathBuf>> {
             out.display()
         );
     }
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("--out {}: cannot create the folder", out.display()))?;
-    Ok((0..n).map(|i| out.join(format!("{i:04}.png"))).collect())
+    let folder = OutFolder::open(out, "--out")?;
+    Ok((
+        (0..n).map(|i| out.join(format!("{i:04}.png"))).collect(),
+        Some(folder),
+    ))
 }
 
 /// One latent row per image from `--init-latents`.
@@ -145,7 +170,8 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         );
     }
     let (steps, guidance) = args.sampling.resolve_steered(&model, &args.steer)?;
-    let paths = targets(&args.out, args.num_images)?;
+    model.resolve_size(args.sampling.width, args.sampling.height)?;
+    let (paths, folder) = targets(&args.out, args.num_images)?;
     let preview = match &args.preview {
         Some(p) => Some(crate::common::png_target(p, "--preview")?),
         None => None,
@@ -246,6 +272,9 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
                 .with_context(|| format!("writing {}", target.display()))?;
             println!("{}", target.display());
         }
+    }
+    if let Some(f) = folder {
+        f.finish();
     }
     Ok(())
 }

@@ -193,6 +193,18 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         }
         (None, None) => bail!("give a folder DIR or --detections FILE"),
     };
+    if summary.images == 0 {
+        let source = &summary.source;
+        match summary.errors.first() {
+            Some(first) => bail!(
+                "{source}: nothing could be scored; {} problem(s), the first: {}: {}",
+                summary.errors.len(),
+                first.location,
+                first.message
+            ),
+            None => bail!("{source}: nothing to score (no spatial prompt with images)"),
+        }
+    }
     write_atomic(&out, results_jsonl(&results).as_bytes())
         .with_context(|| format!("writing {}", out.display()))?;
     let text = serde_json::to_string_pretty(&summary)? + "\n";

@@ -98,6 +98,10 @@ fn single_file_config(file: &Path, folder_cfg: &Path) -> ModelResult<FluxConfig>
     Ok(cfg)
 }
 
+/// `model_index.json` classes of FLUX.1 text-to-image folders (Fill, Kontext, Redux and the
+/// control pipelines take other inputs and are refused by name).
+pub const FLUX_PIPELINE_CLASSES: [&str; 2] = ["FluxPipeline", "FluxImg2ImgPipeline"];
+
 impl FluxPipeline {
     pub fn load(folder: &Path, opts: &LoadOptions) -> ModelResult<Self> {
         Self::load_with_transformer(folder, opts, None)
@@ -122,12 +126,15 @@ impl FluxPipeline {
         }
         let index: Value = read_config(&index_path, "a diffusers model_index.json")?;
         if let Some(class) = index.get("_class_name").and_then(|c| c.as_str()) {
-            if !class.starts_with("Flux") {
+            if !FLUX_PIPELINE_CLASSES.contains(&class) {
                 return Err(ModelError::Unsupported {
                     path: index_path,
                     field: "_class_name".into(),
                     value: class.into(),
-                    supported: "FluxPipeline (FLUX.1-dev, FLUX.1-schnell)".into(),
+                    supported: format!(
+                        "{} (FLUX.1-dev, FLUX.1-schnell)",
+                        FLUX_PIPELINE_CLASSES.join(", ")
+                    ),
                 });
             }
         }

@@ -188,6 +188,28 @@ impl UNetConfig {
         if n == 0 {
             return bad("block_out_channels", "[]".into(), "at least one block");
         }
+        if self.norm_num_groups == 0
+            || self
+                .block_out_channels
+                .iter()
+                .any(|c| *c == 0 || c % self.norm_num_groups != 0)
+        {
+            return bad(
+                "norm_num_groups",
+                self.norm_num_groups.to_string(),
+                &format!(
+                    "at least 1 group, dividing every block_out_channels entry {:?}",
+                    self.block_out_channels
+                ),
+            );
+        }
+        if !self.norm_eps.is_finite() || self.norm_eps <= 0.0 {
+            return bad(
+                "norm_eps",
+                self.norm_eps.to_string(),
+                "a finite number > 0 (diffusers: 1e-5)",
+            );
+        }
         if self.down_block_types.len() != n || self.up_block_types.len() != n {
             return bad(
                 "down_block_types/up_block_types",
