@@ -380,9 +380,9 @@ fn bad_input_fails_clearly() {
     // Neither a folder nor a detections file: a usage error.
     let out = l2s(&["score"]);
     assert_eq!(out.status.code(), Some(2));
-    // A file that is all problems still scores (nothing to divide) and lists them.
+    // A file that is all problems fails, and its summary lists them.
     std::fs::write(&dets, "{oops\n[1,2]\n").unwrap();
-    ok(&[
+    let e = fails(&[
         "score",
         "--detections",
         s(&dets),
@@ -391,6 +391,10 @@ fn bad_input_fails_clearly() {
         "--summary",
         s(&p.join("s.json")),
     ]);
+    assert!(
+        e.contains("nothing could be scored; 2 problem(s)") && e.contains(":1: not JSON"),
+        "{e}"
+    );
     let v = summary(&p.join("s.json"));
     assert_eq!(v["images"], 0);
     assert_eq!(v["error_counts"]["bad_line"], 2);

@@ -156,4 +156,21 @@ mod tests {
         assert_eq!(back[0], img);
         assert!(psnr(&img, &back[0]).unwrap().is_infinite());
     }
+
+    #[test]
+    fn a_non_finite_image_is_never_quantised() {
+        let mut v = vec![0f32; 3 * 4 * 4];
+        v[5] = f32::NAN;
+        v[7] = f32::INFINITY;
+        let decoded = Tensor::from_vec(v, (1, 3, 4, 4), &Device::Cpu).unwrap();
+        let e = decoded_to_images(&decoded).unwrap_err().to_string();
+        assert!(
+            e.contains("decoded image: 2 of 48 values are not finite (1 NaN, 1 ±Inf)")
+                && e.contains("no image is written"),
+            "{e}"
+        );
+        let pixels = Tensor::full(f32::NAN, (1, 4, 4, 3), &Device::Cpu).unwrap();
+        let e = unit_nhwc_to_images(&pixels).unwrap_err().to_string();
+        assert!(e.contains("image pixels: 48 of 48"), "{e}");
+    }
 }

@@ -155,4 +155,21 @@ mod tests {
             .to_string();
         assert!(err.contains("/nonexistent-folder"), "{err}");
     }
+
+    #[test]
+    fn a_nul_in_a_text_value_is_refused() {
+        let img = RgbImage::new(2, 2);
+        let meta = vec![("prompt".to_string(), "a dog\0 left of a cat".to_string())];
+        let e = encode_png(&img, &meta).unwrap_err().to_string();
+        assert!(e.contains("`prompt`") && e.contains("NUL"), "{e}");
+        let mut req = GenerateRequest::new("a dog\0");
+        assert!(req.check_text().unwrap_err().to_string().contains("NUL"));
+        req.prompt = "a dog".into();
+        req.negative_prompt = "\0".into();
+        assert!(req
+            .check_text()
+            .unwrap_err()
+            .to_string()
+            .contains("negative prompt"));
+    }
 }

@@ -107,7 +107,11 @@ impl DatasetImage {
                     msg: e.reason(),
                 }
             })?;
-        let img = image::load_from_memory(&bytes).map_err(|source| ShapesError::Image {
+        let decoded = match image::ImageFormat::from_path(&self.path) {
+            Ok(format) => image::load_from_memory_with_format(&bytes, format),
+            Err(_) => image::load_from_memory(&bytes),
+        };
+        let img = decoded.map_err(|source| ShapesError::Image {
             path: self.path.clone(),
             source,
         })?;

@@ -193,23 +193,25 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         }
         (None, None) => bail!("give a folder DIR or --detections FILE"),
     };
+    write_atomic(&out, results_jsonl(&results).as_bytes())
+        .with_context(|| format!("writing {}", out.display()))?;
+    let text = serde_json::to_string_pretty(&summary)? + "\n";
+    write_atomic(&summary_path, text.as_bytes())
+        .with_context(|| format!("writing {}", summary_path.display()))?;
+    // Nothing judged: the files list the problems, and the exit status says it failed.
     if summary.images == 0 {
         let source = &summary.source;
         match summary.errors.first() {
             Some(first) => bail!(
-                "{source}: nothing could be scored; {} problem(s), the first: {}: {}",
+                "{source}: nothing could be scored; {} problem(s) (listed in {}), the first: {}: {}",
                 summary.errors.len(),
+                summary_path.display(),
                 first.location,
                 first.message
             ),
             None => bail!("{source}: nothing to score (no spatial prompt with images)"),
         }
     }
-    write_atomic(&out, results_jsonl(&results).as_bytes())
-        .with_context(|| format!("writing {}", out.display()))?;
-    let text = serde_json::to_string_pretty(&summary)? + "\n";
-    write_atomic(&summary_path, text.as_bytes())
-        .with_context(|| format!("writing {}", summary_path.display()))?;
     say(&summary.text());
     say(&format!(
         "results: {}\nsummary: {}\n",
