@@ -646,7 +646,7 @@ impl OutFolder {
             done: false,
         };
         let lock = l2s_files::FolderLock::acquire_named(path, lock_name)
-            .with_context(|| format!("{flag} {}", path.display()))?;
+            .with_context(|| flag.to_string())?;
         if let Some(dead) = lock.took_over() {
             eprintln!(
                 "note: {flag} {}: took over the lock left by {dead}, which no longer runs",

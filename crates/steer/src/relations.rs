@@ -292,10 +292,15 @@ pub fn parse_override(spec: &str) -> Result<Vec<Triplet>, RelationParseError> {
             )));
         }
         if subject == object {
+            // Name the triplet only when the spec holds several.
+            let which = if part.trim() == spec.trim() {
+                String::new()
+            } else {
+                format!("{:?}: ", part.trim())
+            };
             return Err(bad(format!(
-                "{:?}: the subject and the object are the same word {subject:?}; a relation needs \
-                 two different objects (their maps would be one and the same)",
-                part.trim()
+                "{which}the subject and the object are the same word {subject:?}; a relation \
+                 needs two different objects (their maps would be one and the same)"
             )));
         }
         let relation = Relation::parse(fields[1]).map_err(|e| bad(e.to_string()))?;

@@ -143,12 +143,14 @@ pub fn steering_for(
     let Some(method) = a.method(model, steps)? else {
         return Ok(None);
     };
-    let triplets = l2s_steer::relations::triplets_for(prompt, relation).with_context(|| {
-        format!(
-            "--steer {} needs a relation in the prompt or --relation",
-            a.steer
-        )
-    })?;
+    let triplets =
+        l2s_steer::relations::triplets_for(prompt, relation).with_context(|| match relation {
+            Some(_) => "--relation".to_string(),
+            None => format!(
+                "--steer {} needs a relation in the prompt or --relation",
+                a.steer
+            ),
+        })?;
     let label = |r| method.label(r);
     let steer = SteerGoal::for_prompt(
         &triplets,
