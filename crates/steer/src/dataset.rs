@@ -33,6 +33,9 @@ use serde::{Deserialize, Serialize};
 
 pub const INFO_FILE: &str = "info.json";
 pub const MANIFEST_FILE: &str = "manifest.jsonl";
+/// Written first into the folder [`merge`] fills and removed last: a folder holding it is an
+/// unfinished merge, whose leftovers a rerun may replace.
+pub const MERGE_MARKER: &str = ".l2s-merge-unfinished";
 
 /// One attention layer whose heads contribute maps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1251,7 +1254,35 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<MergeSummary> {
         rows_in.insert((part, shard), ids.len());
     }
 
+    if out.exists() && !out.is_dir() {
+        return Err(invalid(out, None, "exists and is not a folder"));
+    }
     fs::create_dir_all(out).map_err(io_err(out))?;
+    let _lock = l2s_files::FolderLock::acquire(out)?;
+    // A folder that holds files but no marker of an unfinished merge is the user's: refused,
+    // and nothing in it is removed.
+    let marker = out.join(MERGE_MARKER);
+    if !marker.exists() {
+        let mut names: Vec<String> = fs::read_dir(out)
+            .map_err(io_err(out))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != l2s_files::LOCK_FILE)
+            .collect();
+        names.sort();
+        if let Some(first) = names.first() {
+            let first = if names.len() > 1 {
+                format!("{first} and {} more", names.len() - 1)
+            } else {
+                first.clone()
+            };
+            return Err(DatasetError::NotADataset {
+                path: out.to_path_buf(),
+                first,
+            });
+        }
+        write_atomic(&marker, b"an l2s data merge is writing this folder\n")?;
+    }
     // What an interrupted merge left behind.
     for item in fs::read_dir(out).map_err(io_err(out))? {
         let item = item.map_err(io_err(out))?;
@@ -1317,6 +1348,7 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<MergeSummary> {
     let text = serde_json::to_string_pretty(&all.info).expect("info serialises");
     write_atomic(&out.join(MANIFEST_FILE), lines.as_bytes())?;
     write_atomic(&out.join(INFO_FILE), text.as_bytes())?;
+    fs::remove_file(&marker).map_err(io_err(&marker))?;
     Ok(MergeSummary {
         parts: inputs.len(),
         samples: all.entries.len(),

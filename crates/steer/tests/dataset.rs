@@ -756,3 +756,36 @@ fn a_second_writer_on_one_folder_is_refused_until_the_first_is_done() {
     // Resumed once the first is done: sample 0 is kept, 1 added.
     assert_eq!(write(&dir, 0..2, 4), 2);
 }
+
+#[test]
+fn merge_never_clears_a_folder_of_other_files_but_redoes_an_unfinished_merge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    write(&a, 0..6, 4);
+    let mine = tmp.path().join("mine");
+    fs::create_dir(&mine).unwrap();
+    fs::write(mine.join(shard_name(0)), "my file").unwrap();
+    fs::write(mine.join(MANIFEST_FILE), "my notes").unwrap();
+    let e = merge(std::slice::from_ref(&a), &mine).unwrap_err();
+    assert!(matches!(e, DatasetError::NotADataset { .. }), "{e}");
+    assert_eq!(
+        fs::read_to_string(mine.join(shard_name(0))).unwrap(),
+        "my file"
+    );
+    assert_eq!(
+        fs::read_to_string(mine.join(MANIFEST_FILE)).unwrap(),
+        "my notes"
+    );
+    assert_eq!(fs::read_dir(&mine).unwrap().count(), 2);
+    // An unfinished merge (its marker, a stray shard, no info.json) is simply done again.
+    let out = tmp.path().join("out");
+    fs::create_dir(&out).unwrap();
+    fs::write(out.join(l2s_steer::dataset::MERGE_MARKER), "").unwrap();
+    fs::write(out.join(shard_name(7)), "left over").unwrap();
+    let summary = merge(std::slice::from_ref(&a), &out).unwrap();
+    assert_eq!(summary.samples, 6);
+    assert!(!out.join(shard_name(7)).exists());
+    assert!(!out.join(l2s_steer::dataset::MERGE_MARKER).exists());
+    assert!(!out.join(".l2s.lock").exists());
+    check_examples(&Dataset::open(&out).unwrap(), &(0..6).collect::<Vec<_>>());
+}
