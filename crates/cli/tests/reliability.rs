@@ -349,6 +349,22 @@ fn counts_that_would_fill_the_memory_are_refused() {
     ]);
     assert!(e.contains("expected at most 10000"), "{e}");
     assert!(!out.exists());
+    let e = fails(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "a dog",
+        "--num-images",
+        "1000000000000",
+        "--out",
+        s(&out),
+    ]);
+    assert!(
+        e.contains("--num-images 1000000000000: expected at most 10000"),
+        "{e}"
+    );
+    assert!(!out.exists());
     ok(&eval_args(&m, s(&out), &[]));
     let e = fails(&[
         "score",

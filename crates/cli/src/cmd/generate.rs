@@ -66,6 +66,9 @@ fn preview_scale(width: usize, height: usize) -> u32 {
     256usize.div_ceil(width.max(height).max(1)).max(1) as u32
 }
 
+/// The most images one `generate` writes.
+const MAX_IMAGES: usize = 10_000;
+
 /// Image formats other than PNG: an `--out` ending so names a file this command cannot write,
 /// not a folder.
 const OTHER_IMAGE_EXTENSIONS: [&str; 9] = [
@@ -163,6 +166,12 @@ pub fn steering_for(
 pub fn run(args: Args, global: &Global) -> Result<()> {
     if args.num_images == 0 {
         bail!("--num-images 0: expected at least 1");
+    }
+    if args.num_images > MAX_IMAGES {
+        bail!(
+            "--num-images {}: expected at most {MAX_IMAGES} (files are numbered 0000.png …)",
+            args.num_images
+        );
     }
     let (mut model, model_name) = load_model(&args.model)?;
     if args.gradient_checkpointing && !model.set_gradient_checkpointing(true) {
