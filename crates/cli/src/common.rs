@@ -267,6 +267,9 @@ pub fn png_target(path: &Path, flag: &str) -> Result<PathBuf> {
             path.display()
         );
     }
+    if path.is_dir() {
+        bail!("{flag} {}: is a folder, not a .png file", path.display());
+    }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
             bail!(

@@ -100,9 +100,6 @@ fn targets(out: &Path, n: usize) -> Result<(Vec<PathBuf>, Option<OutFolder>)> {
                 out.display()
             );
         }
-        if out.is_dir() {
-            bail!("--out {}: is a folder, not a .png file", out.display());
-        }
         return Ok((vec![crate::common::png_target(out, "--out")?], None));
     }
     if out.exists() && !out.is_dir() {
