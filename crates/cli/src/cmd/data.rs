@@ -149,7 +149,8 @@ pub struct BuildArgs {
     /// Use at most this many images
     #[arg(long)]
     limit: Option<usize>,
-    /// Build only part i of n (1-based, e.g. 2/4): images i−1, i−1+n, i−1+2n, …, for
+    /// Build only part i of n (1-based, e.g. 2/4; `auto`: from a Slurm job array or a Kubernetes
+    /// Indexed Job, see docs/cluster.md): images i−1, i−1+n, i−1+2n, …, for
     /// splitting work across machines; give each part its own --out and join them afterwards
     /// with `l2s data merge`
     #[arg(long, value_name = "I/N")]
@@ -190,6 +191,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
 
 fn run_generate(a: GenerateArgs, global: &Global) -> Result<()> {
     let args = &a.eval;
+    let out = args.lock_out()?;
     let prepared = args.prepare()?;
     let run = prepared.run(args);
     let (detector, name): (Box<dyn l2s_eval::Detector + Sync>, &str) = match a.detector {
@@ -230,6 +232,7 @@ fn run_generate(a: GenerateArgs, global: &Global) -> Result<()> {
         report.lines,
         report.file.display()
     );
+    out.finish();
     Ok(())
 }
 
