@@ -188,10 +188,12 @@ pub fn judge_prompt(
 }
 
 /// What became of an image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ImageStatus {
-    /// Detected and judged.
+    /// Detected and judged (also every line of a GenEval results file, which judges only what
+    /// it found).
+    #[default]
     Scored,
     /// Expected but not on disk (or not in the detections file): counted as wrong.
     Missing,
@@ -234,9 +236,13 @@ pub struct ImageResult {
     /// The sample's number within its prompt, when known.
     #[serde(default)]
     pub sample: Option<usize>,
+    /// GenEval's own results files carry only the fields above; the rest default.
+    #[serde(default)]
     pub status: ImageStatus,
     /// Every object found (VISOR's object accuracy).
+    #[serde(default)]
     pub all_found: bool,
+    #[serde(default)]
     pub relations: Vec<RelationCheck>,
     /// Every detection above the threshold.
     #[serde(default)]
@@ -742,8 +748,15 @@ pub fn read_results(path: &Path) -> Result<Vec<ImageResult>, String> {
         if line.trim().is_empty() {
             continue;
         }
-        let r: ImageResult = serde_json::from_str(line)
+        let mut r: ImageResult = serde_json::from_str(line)
             .map_err(|e| format!("{}:{}: not a results line: {e}", path.display(), i + 1))?;
+        // GenEval's evaluate_images.py names each image by the path it was given
+        // (`IMAGEDIR/00012/samples/0003.png`, often absolute): keep the layout's own part.
+        if let Some((tail, prompt, sample)) = layout_tail(&r.filename) {
+            r.filename = tail;
+            r.prompt_index = r.prompt_index.or(Some(prompt));
+            r.sample = r.sample.or(Some(sample));
+        }
         if let Some(why) = l2s_files::check_relative(&r.filename) {
             return Err(format!(
                 "{}:{}: filename {:?} is {why}",
@@ -755,6 +768,24 @@ pub fn read_results(path: &Path) -> Result<Vec<ImageResult>, String> {
         out.push(r);
     }
     Ok(out)
+}
+
+/// `…/NNNNN/samples/SSSS.png` → ("NNNNN/samples/SSSS.png", NNNNN, SSSS).
+fn layout_tail(filename: &str) -> Option<(String, usize, usize)> {
+    let parts: Vec<&str> = filename.rsplit(['/', '\\']).take(3).collect();
+    let [file, samples, folder] = parts.as_slice() else {
+        return None;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let stem = file.strip_suffix(".png")?;
+    if *samples != "samples" || !digits(folder) || !digits(stem) {
+        return None;
+    }
+    Some((
+        format!("{folder}/samples/{file}"),
+        folder.parse().ok()?,
+        stem.parse().ok()?,
+    ))
 }
 
 /// Results as JSONL text.
@@ -925,6 +956,40 @@ pub fn check_detections(
         out.push(d);
     }
     out
+}
+
+#[cfg(test)]
+mod geneval_results_tests {
+    use super::*;
+
+    /// Lines as GenEval's evaluate_images.py writes them (pandas `to_json(orient="records",
+    /// lines=True)`: the path as given, `/` escaped, metadata and details as JSON strings).
+    #[test]
+    fn genevals_own_results_file_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("results.jsonl");
+        let meta = r#"{\"tag\": \"position\", \"include\": [{\"class\": \"dog\", \"count\": 1}, {\"class\": \"cat\", \"count\": 1, \"position\": [\"left of\", 0]}], \"prompt\": \"a photo of a dog right of a cat\"}"#;
+        let lines = [
+            format!(
+                r#"{{"filename":"\/data\/runs\/sd2\/00012\/samples\/0003.png","tag":"position","prompt":"a photo of a dog right of a cat","correct":true,"reason":"","metadata":"{meta}","details":"{{\"dog\": [[10.0, 20.0, 50.0, 60.0, 0.9]]}}"}}"#
+            ),
+            format!(
+                r#"{{"filename":"outputs\/00000\/samples\/0000.png","tag":"position","prompt":"a photo of a dog right of a cat","correct":false,"reason":"expected cat>=1, found 0","metadata":"{meta}","details":"{{}}"}}"#
+            ),
+        ];
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        let r = read_results(&path).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].filename, "00012/samples/0003.png");
+        assert_eq!((r[0].prompt_index, r[0].sample), (Some(12), Some(3)));
+        assert!(r[0].correct && !r[1].correct);
+        assert_eq!(r[1].filename, "00000/samples/0000.png");
+        assert_eq!(r[1].reason, "expected cat>=1, found 0");
+        assert_eq!(r[0].status, ImageStatus::Scored);
+        // A path outside the layout is still refused.
+        std::fs::write(&path, lines[0].replace("00012", "x")).unwrap();
+        assert!(read_results(&path).unwrap_err().contains("filename"));
+    }
 }
 
 #[cfg(test)]
