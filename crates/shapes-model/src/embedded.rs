@@ -133,7 +133,7 @@ pub fn unpack_classifier_to(dir: &Path) -> Result<()> {
 }
 
 /// The embedded classifier's `steering.json`: the schedule it was measured with.
-pub fn classifier_steering() -> Result<Steering> {
+pub fn classifier_steering() -> Result<TunedSteering> {
     let (_, bytes) = CLASSIFIER_FILES
         .iter()
         .find(|(n, _)| *n == "steering.json")
@@ -147,7 +147,7 @@ pub fn classifier_steering() -> Result<Steering> {
 /// (`l2s_steer::steering::SteerConfig`'s fields, kept as JSON here so that this crate need not
 /// know the steering code).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Steering {
+pub struct TunedSteering {
     pub sampling_steps: usize,
     pub steer: serde_json::Value,
 }

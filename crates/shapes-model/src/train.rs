@@ -69,7 +69,7 @@ struct CheckpointState {
     seconds: f64,
 }
 
-pub struct Progress {
+pub struct TrainProgress {
     pub step: usize,
     pub steps: usize,
     pub loss: f32,
@@ -342,7 +342,7 @@ impl Trainer {
         &self,
         opts: &TrainOptions,
         deadline_secs: Option<f64>,
-        mut on_progress: impl FnMut(&Progress),
+        mut on_progress: impl FnMut(&TrainProgress),
     ) -> Result<TrainSummary> {
         let mut opt = AdamW::new(&self.named_vars, opts.lr, opts.weight_decay)?;
         let mut ema = Ema::new(&self.named_vars, opts.ema_decay)?;
@@ -427,7 +427,7 @@ impl Trainer {
             state.step += 1;
             state.losses.push(loss_value);
             state.seconds = base_seconds + start.elapsed().as_secs_f64();
-            on_progress(&Progress {
+            on_progress(&TrainProgress {
                 step: state.step,
                 steps: opts.steps,
                 loss: loss_value,

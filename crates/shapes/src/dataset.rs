@@ -1,4 +1,4 @@
-//! Dataset folders: PNG images, COCO-style `annotations.json`, `relations.jsonl`.
+//! Scene-set folders: PNG images, COCO-style `annotations.json`, `relations.jsonl`.
 //!
 //! Layout of a folder:
 //! ```text
@@ -31,7 +31,7 @@ pub const IMAGES_DIR: &str = "images";
 
 /// How a folder was made (stored as COCO `info`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DatasetInfo {
+pub struct SceneSetInfo {
     pub description: String,
     pub seed: u64,
     /// First scene index rendered (scenes `first_index .. first_index + count`).
@@ -41,7 +41,7 @@ pub struct DatasetInfo {
 
 #[derive(Debug, Serialize, Deserialize)]
 struct CocoFile {
-    info: DatasetInfo,
+    info: SceneSetInfo,
     images: Vec<CocoImage>,
     annotations: Vec<CocoAnnotation>,
     categories: Vec<CocoCategory>,
@@ -87,7 +87,7 @@ struct RelationLine {
 
 /// One image of a dataset folder, as read back.
 #[derive(Debug, Clone, PartialEq)]
-pub struct DatasetImage {
+pub struct SceneImage {
     /// Scene index (the COCO image id).
     pub id: u64,
     /// Path of the PNG.
@@ -97,7 +97,7 @@ pub struct DatasetImage {
     pub objects: Vec<SceneObject>,
 }
 
-impl DatasetImage {
+impl SceneImage {
     /// Loads the PNG as RGB.
     pub fn load(&self) -> Result<RgbImage, ShapesError> {
         let bytes =
@@ -130,10 +130,10 @@ impl DatasetImage {
 
 /// A dataset folder read back.
 #[derive(Debug, Clone)]
-pub struct Dataset {
+pub struct SceneSet {
     pub root: PathBuf,
-    pub info: DatasetInfo,
-    pub images: Vec<DatasetImage>,
+    pub info: SceneSetInfo,
+    pub images: Vec<SceneImage>,
 }
 
 /// Renders scenes `0..count` of `config` with `seed` into `dir` (created if
@@ -143,9 +143,9 @@ pub fn generate(
     config: &RenderConfig,
     count: usize,
     seed: u64,
-) -> Result<Dataset, ShapesError> {
+) -> Result<SceneSet, ShapesError> {
     config.validate()?;
-    let info = DatasetInfo {
+    let info = SceneSetInfo {
         description: format!("shapes world: {count} images of {0}x{0}", config.size),
         seed,
         first_index: 0,
@@ -157,7 +157,7 @@ pub fn generate(
 
 /// Writes scenes (produced lazily, so large sets need not be held in memory)
 /// into `dir` and returns what a later [`read_dataset`] would.
-pub fn write_scenes<I>(dir: &Path, info: DatasetInfo, scenes: I) -> Result<Dataset, ShapesError>
+pub fn write_scenes<I>(dir: &Path, info: SceneSetInfo, scenes: I) -> Result<SceneSet, ShapesError>
 where
     I: IntoIterator<Item = Result<Scene, ShapesError>>,
 {
@@ -219,7 +219,7 @@ where
             relations.push_str(&serde_json::to_string(&line).expect("serialisable"));
             relations.push('\n');
         }
-        out.push(DatasetImage {
+        out.push(SceneImage {
             id: scene.index,
             path,
             width,
@@ -242,7 +242,7 @@ where
             fs::remove_file(&path).map_err(|source| ShapesError::Io { path, source })?;
         }
     }
-    Ok(Dataset {
+    Ok(SceneSet {
         root: dir.to_path_buf(),
         info: coco.info,
         images: out,
@@ -289,7 +289,7 @@ fn read_dataset_file(dir: &Path) -> Result<CocoFile, ShapesError> {
 }
 
 /// Reads a folder written by [`generate`] / [`write_scenes`].
-pub fn read_dataset(dir: &Path) -> Result<Dataset, ShapesError> {
+pub fn read_dataset(dir: &Path) -> Result<SceneSet, ShapesError> {
     let path = dir.join(ANNOTATIONS_FILE);
     let coco = read_dataset_file(dir)?;
     let mut cat_class = std::collections::HashMap::new();
@@ -300,10 +300,10 @@ pub fn read_dataset(dir: &Path) -> Result<Dataset, ShapesError> {
         })?;
         cat_class.insert(c.id, class);
     }
-    let mut images: Vec<DatasetImage> = coco
+    let mut images: Vec<SceneImage> = coco
         .images
         .iter()
-        .map(|im| DatasetImage {
+        .map(|im| SceneImage {
             id: im.id,
             path: dir.join(&im.file_name),
             width: im.width,
@@ -335,7 +335,7 @@ pub fn read_dataset(dir: &Path) -> Result<Dataset, ShapesError> {
             bbox: BBox::from_xywh(x, y, w, h),
         });
     }
-    Ok(Dataset {
+    Ok(SceneSet {
         root: dir.to_path_buf(),
         info: coco.info,
         images,

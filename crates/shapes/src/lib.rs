@@ -22,7 +22,7 @@ pub mod render;
 
 pub use caption::{caption, caption_for};
 pub use classes::{class_names, ShapeClass, UnknownClass};
-pub use dataset::{generate, read_dataset, write_scenes, Dataset, DatasetImage, DatasetInfo};
+pub use dataset::{generate, read_dataset, write_scenes, SceneImage, SceneSet, SceneSetInfo};
 pub use detect::{Analysis, Blob, DetectorConfig, Rejection, ShapeDetector};
 pub use prompts::{all_prompts, map_objects, parse_prompt, split_prompts, EvalPrompt, PromptError};
 pub use render::{render, render_scene, render_with, RenderConfig, Scene, SceneObject};

@@ -219,10 +219,10 @@ pub enum WeightLayout {
     L2s,
 }
 
-/// Activation of the encoders' feed-forward blocks.
+/// The activation of the encoders' feed-forward blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Activation {
+pub enum FeedForwardActivation {
     Relu,
     /// Exact (erf) GELU.
     Gelu,
@@ -263,7 +263,7 @@ pub struct Architecture {
     pub scale_maps: bool,
     /// A LayerNorm after each encoder stack.
     pub final_norm: bool,
-    pub activation: Activation,
+    pub activation: FeedForwardActivation,
     pub step_input: StepInput,
     pub object_step: StepInjection,
     /// Add position 0 of the sinusoidal table to the relation head's token.
@@ -285,7 +285,7 @@ impl Architecture {
             layout: WeightLayout::Torch,
             scale_maps: false,
             final_norm: false,
-            activation: Activation::Relu,
+            activation: FeedForwardActivation::Relu,
             step_input: StepInput::Raw,
             object_step: StepInjection::EveryLayer,
             relation_position: true,
@@ -300,7 +300,7 @@ impl Architecture {
             layout: WeightLayout::L2s,
             scale_maps: true,
             final_norm: true,
-            activation: Activation::Gelu,
+            activation: FeedForwardActivation::Gelu,
             step_input: StepInput::Slot,
             object_step: StepInjection::EveryLayer,
             relation_position: false,
@@ -422,7 +422,7 @@ struct EncoderLayer {
     fc1: Linear,
     fc2: Linear,
     dropout: Dropout,
-    activation: Activation,
+    activation: FeedForwardActivation,
 }
 
 impl EncoderLayer {
@@ -463,8 +463,8 @@ impl EncoderLayer {
         let x = (x + self.dropout.forward(&h, train)?)?;
         let h = self.fc1.forward(&self.norm2.forward(&x)?)?;
         let h = match self.activation {
-            Activation::Gelu => h.gelu_erf()?,
-            Activation::Relu => h.relu()?,
+            FeedForwardActivation::Gelu => h.gelu_erf()?,
+            FeedForwardActivation::Relu => h.relu()?,
         };
         let h = self.fc2.forward(&self.dropout.forward(&h, train)?)?;
         x + self.dropout.forward(&h, train)?
@@ -1175,7 +1175,7 @@ mod tests {
         assert_eq!(
             partial,
             Architecture {
-                activation: Activation::Relu,
+                activation: FeedForwardActivation::Relu,
                 ..Architecture::legacy()
             }
         );

@@ -67,6 +67,6 @@ fn builtin_schedule_is_a_steering_config() {
     // The file on disk is the embedded one.
     let text =
         std::fs::read_to_string(embedded::classifier_dir().unwrap().join("steering.json")).unwrap();
-    let parsed: embedded::Steering = serde_json::from_str(&text).unwrap();
+    let parsed: embedded::TunedSteering = serde_json::from_str(&text).unwrap();
     assert_eq!(parsed, embedded::classifier_steering().unwrap());
 }
