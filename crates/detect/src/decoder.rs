@@ -4,7 +4,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::config::Mask2FormerConfig;
-use crate::layers::{resize_bilinear, Attention, LayerNorm, Linear, Path};
+use crate::layers::{resize_bilinear, Linear, MultiHeadAttention, Norm, Path};
 use crate::position::sine_position;
 use crate::Result;
 
@@ -12,26 +12,26 @@ use crate::Result;
 const MASKED: f64 = -1e9;
 
 struct DecoderLayer {
-    cross: Attention,
-    norm_cross: LayerNorm,
-    self_attn: Attention,
-    norm_self: LayerNorm,
+    cross: MultiHeadAttention,
+    norm_cross: Norm,
+    self_attn: MultiHeadAttention,
+    norm_self: Norm,
     fc1: Linear,
     fc2: Linear,
-    norm_ffn: LayerNorm,
+    norm_ffn: Norm,
 }
 
 impl DecoderLayer {
     fn load(p: &Path, cfg: &Mask2FormerConfig) -> Result<Self> {
         let d = cfg.hidden_dim;
         Ok(Self {
-            cross: Attention::load(&p.pp("cross_attn"), d, cfg.decoder_heads)?,
-            norm_cross: LayerNorm::load(&p.pp("norm_cross"), d, 1e-5)?,
-            self_attn: Attention::load(&p.pp("self_attn"), d, cfg.decoder_heads)?,
-            norm_self: LayerNorm::load(&p.pp("norm_self"), d, 1e-5)?,
+            cross: MultiHeadAttention::load(&p.pp("cross_attn"), d, cfg.decoder_heads)?,
+            norm_cross: Norm::load(&p.pp("norm_cross"), d, 1e-5)?,
+            self_attn: MultiHeadAttention::load(&p.pp("self_attn"), d, cfg.decoder_heads)?,
+            norm_self: Norm::load(&p.pp("norm_self"), d, 1e-5)?,
             fc1: Linear::load(&p.pp("ffn.fc1"), d, cfg.decoder_ffn_dim, true)?,
             fc2: Linear::load(&p.pp("ffn.fc2"), cfg.decoder_ffn_dim, d, true)?,
-            norm_ffn: LayerNorm::load(&p.pp("norm_ffn"), d, 1e-5)?,
+            norm_ffn: Norm::load(&p.pp("norm_ffn"), d, 1e-5)?,
         })
     }
 
@@ -69,7 +69,7 @@ pub struct Decoder {
     query_pos: Tensor,
     level_embed: Tensor,
     layers: Vec<DecoderLayer>,
-    final_norm: LayerNorm,
+    final_norm: Norm,
     class: Linear,
     mask_embed: Vec<Linear>,
     heads: usize,
@@ -94,7 +94,7 @@ impl Decoder {
             query_pos: p.pp("query_pos").get_self(&[q, d])?,
             level_embed: p.pp("level_embed").get_self(&[cfg.num_levels, d])?,
             layers,
-            final_norm: LayerNorm::load(&p.pp("final_norm"), d, 1e-5)?,
+            final_norm: Norm::load(&p.pp("final_norm"), d, 1e-5)?,
             class: Linear::load(&head.pp("class"), d, cfg.num_classes + 1, true)?,
             mask_embed,
             heads: cfg.decoder_heads,

@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use crate::model::{infer_config, Mask2Former};
 use crate::postprocess::{instances, prepare, Mask};
 use crate::weights::Weights;
-use crate::{Mask2FormerConfig, Naming, Result};
+use crate::{CheckpointNaming, Mask2FormerConfig, Result};
 
 /// The names of COCO's 80 thing classes in the detector's output order, as GenEval names them
 /// (its prompts say "computer mouse", "tv remote", "computer keyboard" where COCO says mouse,
@@ -34,7 +34,7 @@ pub struct InstanceDetector {
     model: Mask2Former,
     device: Device,
     class_names: Vec<String>,
-    naming: Naming,
+    naming: CheckpointNaming,
     /// Also return each detection's mask (GenEval's colour task crops with it).
     pub keep_masks: bool,
 }
@@ -53,7 +53,7 @@ impl InstanceDetector {
         let w = Weights::open(path, device)?;
         let mut cfg = infer_config(&w)?;
         let mut names = None;
-        if w.naming() == Naming::HuggingFace {
+        if w.naming() == CheckpointNaming::HuggingFace {
             if let Some(hf) = path.parent().map(|d| d.join("config.json")) {
                 if let Ok(text) = std::fs::read_to_string(&hf) {
                     apply_hf_config(&text, &mut cfg, &mut names);
@@ -95,7 +95,7 @@ impl InstanceDetector {
         &self.class_names
     }
 
-    pub fn naming(&self) -> Naming {
+    pub fn naming(&self) -> CheckpointNaming {
         self.naming
     }
 

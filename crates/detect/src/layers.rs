@@ -73,9 +73,9 @@ impl Linear {
 }
 
 #[derive(Clone, Debug)]
-pub struct LayerNorm(candle_nn::LayerNorm);
+pub struct Norm(candle_nn::LayerNorm);
 
-impl LayerNorm {
+impl Norm {
     pub fn load(p: &Path, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self(candle_nn::LayerNorm::new(
             p.get("weight", &[dim])?,
@@ -107,14 +107,14 @@ impl GroupNorm {
 }
 
 #[derive(Clone, Debug)]
-pub struct Conv2d {
+pub struct Conv {
     weight: Tensor,
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
 }
 
-impl Conv2d {
+impl Conv {
     #[allow(clippy::too_many_arguments)]
     pub fn load(
         p: &Path,
@@ -150,7 +150,7 @@ impl Conv2d {
 
 /// Multi-head attention with packed input projections (PyTorch's `nn.MultiheadAttention`).
 #[derive(Clone, Debug)]
-pub struct Attention {
+pub struct MultiHeadAttention {
     q: Linear,
     k: Linear,
     v: Linear,
@@ -158,7 +158,7 @@ pub struct Attention {
     heads: usize,
 }
 
-impl Attention {
+impl MultiHeadAttention {
     pub fn load(p: &Path, dim: usize, heads: usize) -> Result<Self> {
         let w = p.get("in_proj.weight", &[3 * dim, dim])?;
         let b = p.get("in_proj.bias", &[3 * dim])?;

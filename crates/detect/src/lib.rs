@@ -40,5 +40,5 @@ pub use config::{Mask2FormerConfig, SwinConfig};
 pub use detector::{Instance, InstanceDetector, COCO_CLASSES};
 pub use error::{Mask2FormerError, Result};
 pub use model::{infer_config, Mask2Former, Mask2FormerOutput};
-pub use naming::Naming;
+pub use naming::CheckpointNaming;
 pub use weights::Weights;

@@ -7,7 +7,7 @@
 //! merging flattens 2×2 neighbourhoods with `nn.Unfold`, channel-major).
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Naming {
+pub enum CheckpointNaming {
     /// transformers' `Mask2FormerForUniversalSegmentation` (current names first, 4.x names as
     /// alternatives).
     HuggingFace,
@@ -15,11 +15,11 @@ pub enum Naming {
     Mmdet,
 }
 
-impl Naming {
+impl CheckpointNaming {
     pub fn label(self) -> &'static str {
         match self {
-            Naming::HuggingFace => "Hugging Face",
-            Naming::Mmdet => "mmdet",
+            CheckpointNaming::HuggingFace => "Hugging Face",
+            CheckpointNaming::Mmdet => "mmdet",
         }
     }
 
@@ -29,9 +29,9 @@ impl Naming {
             if n.starts_with("model.pixel_level_module.")
                 || n.starts_with("model.transformer_module.")
             {
-                Some(Naming::HuggingFace)
+                Some(CheckpointNaming::HuggingFace)
             } else if n.starts_with("panoptic_head.") || n.starts_with("backbone.stages.") {
-                Some(Naming::Mmdet)
+                Some(CheckpointNaming::Mmdet)
             } else {
                 None
             }
@@ -75,11 +75,11 @@ impl Source {
 
 /// Maps one of our parameter paths to its place in a checkpoint; `None` for a path the model
 /// never asks for.
-pub fn translate(naming: Naming, path: &str) -> Option<Source> {
+pub fn translate(naming: CheckpointNaming, path: &str) -> Option<Source> {
     let segs: Vec<&str> = path.split('.').collect();
     match naming {
-        Naming::HuggingFace => hf(&segs),
-        Naming::Mmdet => mmdet(&segs),
+        CheckpointNaming::HuggingFace => hf(&segs),
+        CheckpointNaming::Mmdet => mmdet(&segs),
     }
 }
 
@@ -346,7 +346,7 @@ mod tests {
     #[test]
     fn paths_translate_in_both_namings() {
         let hf = translate(
-            Naming::HuggingFace,
+            CheckpointNaming::HuggingFace,
             "backbone.stages.1.blocks.0.attn.qkv.bias",
         )
         .unwrap();
@@ -355,11 +355,11 @@ mod tests {
             hf.parts[1][0],
             "model.pixel_level_module.encoder.swin.encoder.layers.1.blocks.0.attention.k_proj.bias"
         );
-        let mm = translate(Naming::Mmdet, "decoder.layers.3.ffn.fc1.weight").unwrap();
+        let mm = translate(CheckpointNaming::Mmdet, "decoder.layers.3.ffn.fc1.weight").unwrap();
         assert_eq!(
             mm.parts[0][0],
             "panoptic_head.transformer_decoder.layers.3.ffns.0.layers.0.0.weight"
         );
-        assert!(translate(Naming::Mmdet, "nonsense.path").is_none());
+        assert!(translate(CheckpointNaming::Mmdet, "nonsense.path").is_none());
     }
 }

@@ -5,16 +5,16 @@ use candle_core::Tensor;
 
 use crate::config::Mask2FormerConfig;
 use crate::deformable::DeformableAttention;
-use crate::layers::{resize_bilinear, Conv2d, GroupNorm, LayerNorm, Linear, Path};
+use crate::layers::{resize_bilinear, Conv, GroupNorm, Linear, Norm, Path};
 use crate::position::sine_position;
 use crate::Result;
 
 struct EncoderLayer {
     attn: DeformableAttention,
-    norm1: LayerNorm,
+    norm1: Norm,
     fc1: Linear,
     fc2: Linear,
-    norm2: LayerNorm,
+    norm2: Norm,
 }
 
 impl EncoderLayer {
@@ -28,10 +28,10 @@ impl EncoderLayer {
                 cfg.num_levels,
                 cfg.encoder_points,
             )?,
-            norm1: LayerNorm::load(&p.pp("norm1"), d, 1e-5)?,
+            norm1: Norm::load(&p.pp("norm1"), d, 1e-5)?,
             fc1: Linear::load(&p.pp("ffn.fc1"), d, cfg.encoder_ffn_dim, true)?,
             fc2: Linear::load(&p.pp("ffn.fc2"), cfg.encoder_ffn_dim, d, true)?,
-            norm2: LayerNorm::load(&p.pp("norm2"), d, 1e-5)?,
+            norm2: Norm::load(&p.pp("norm2"), d, 1e-5)?,
         })
     }
 
@@ -59,12 +59,12 @@ pub struct PixelDecoderOutput {
 }
 
 pub struct PixelDecoder {
-    input_proj: Vec<(Conv2d, GroupNorm)>,
+    input_proj: Vec<(Conv, GroupNorm)>,
     level_embed: Tensor,
     layers: Vec<EncoderLayer>,
     /// FPN steps for the finer backbone levels, indexed by level.
-    fpn: Vec<(Conv2d, GroupNorm, Conv2d, GroupNorm)>,
-    mask_proj: Conv2d,
+    fpn: Vec<(Conv, GroupNorm, Conv, GroupNorm)>,
+    mask_proj: Conv,
     feature_size: usize,
 }
 
@@ -79,7 +79,7 @@ impl PixelDecoder {
             let c = cfg.backbone.stage_dim(ns - 1 - i);
             let ip = p.pp(format!("input_proj.{i}"));
             input_proj.push((
-                Conv2d::load(&ip.pp("conv"), c, d, 1, 1, 0, true)?,
+                Conv::load(&ip.pp("conv"), c, d, 1, 1, 0, true)?,
                 GroupNorm::load(&ip.pp("gn"), d, g)?,
             ));
         }
@@ -93,13 +93,13 @@ impl PixelDecoder {
             let lp = p.pp(format!("lateral.{lvl}"));
             let op = p.pp(format!("output.{lvl}"));
             fpn.push((
-                Conv2d::load(&lp.pp("conv"), c, d, 1, 1, 0, false)?,
+                Conv::load(&lp.pp("conv"), c, d, 1, 1, 0, false)?,
                 GroupNorm::load(&lp.pp("gn"), d, g)?,
-                Conv2d::load(&op.pp("conv"), d, d, 3, 1, 1, false)?,
+                Conv::load(&op.pp("conv"), d, d, 3, 1, 1, false)?,
                 GroupNorm::load(&op.pp("gn"), d, g)?,
             ));
         }
-        let mask_proj = Conv2d::load(&p.pp("mask_proj"), d, cfg.mask_feature_size, 1, 1, 0, true)?;
+        let mask_proj = Conv::load(&p.pp("mask_proj"), d, cfg.mask_feature_size, 1, 1, 0, true)?;
         Ok(Self {
             input_proj,
             level_embed,

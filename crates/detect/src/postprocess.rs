@@ -133,7 +133,7 @@ pub struct Mask {
 
 /// One instance, as mmdet reports it.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Instance {
+pub struct MaskedInstance {
     pub query: usize,
     pub label: usize,
     /// Class probability × mean mask probability inside the mask.
@@ -155,7 +155,7 @@ pub fn instances(
     resized: (usize, usize),
     original: (usize, usize),
     keep_masks: bool,
-) -> Result<Vec<Instance>> {
+) -> Result<Vec<MaskedInstance>> {
     let (nq, k1) = class_logits.dims2()?;
     let k = k1 - 1;
     let probs = candle_nn::ops::softmax_last_dim(&class_logits.to_dtype(DType::F32)?)?
@@ -199,12 +199,12 @@ pub fn instances(
             per_query.insert(q, sum);
         }
     }
-    let mut out: Vec<Instance> = order
+    let mut out: Vec<MaskedInstance> = order
         .iter()
         .map(|&i| {
             let (q, label) = (i / k, i % k);
             let (mask_score, bbox, mask) = per_query[&q].clone();
-            Instance {
+            MaskedInstance {
                 query: q,
                 label,
                 score: (probs[i] as f64 * mask_score) as f32,

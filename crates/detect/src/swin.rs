@@ -1,10 +1,10 @@
 //! Swin Transformer backbone: patch embedding, (shifted-)window attention with relative position
-//! bias, patch merging, and a LayerNorm on each stage's output.
+//! bias, patch merging, and a Norm on each stage's output.
 
 use candle_core::{Device, Tensor};
 
 use crate::config::SwinConfig;
-use crate::layers::{Conv2d, LayerNorm, Linear, Path};
+use crate::layers::{Conv, Linear, Norm, Path};
 use crate::{Mask2FormerError, Result};
 
 struct WindowAttention {
@@ -85,9 +85,9 @@ impl WindowAttention {
 }
 
 struct Block {
-    norm1: LayerNorm,
+    norm1: Norm,
     attn: WindowAttention,
-    norm2: LayerNorm,
+    norm2: Norm,
     fc1: Linear,
     fc2: Linear,
     window: usize,
@@ -147,9 +147,9 @@ impl Block {
         let eps = cfg.layer_norm_eps;
         let hidden = cfg.mlp_ratio * dim;
         Ok(Self {
-            norm1: LayerNorm::load(&p.pp("norm1"), dim, eps)?,
+            norm1: Norm::load(&p.pp("norm1"), dim, eps)?,
             attn: WindowAttention::load(&p.pp("attn"), dim, heads, cfg.window_size, cfg.qkv_bias)?,
-            norm2: LayerNorm::load(&p.pp("norm2"), dim, eps)?,
+            norm2: Norm::load(&p.pp("norm2"), dim, eps)?,
             fc1: Linear::load(&p.pp("mlp.fc1"), dim, hidden, true)?,
             fc2: Linear::load(&p.pp("mlp.fc2"), hidden, dim, true)?,
             window: cfg.window_size,
@@ -204,14 +204,14 @@ impl Block {
 }
 
 struct PatchMerging {
-    norm: LayerNorm,
+    norm: Norm,
     reduction: Linear,
 }
 
 impl PatchMerging {
     fn load(p: &Path, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
-            norm: LayerNorm::load(&p.pp("norm"), 4 * dim, eps)?,
+            norm: Norm::load(&p.pp("norm"), 4 * dim, eps)?,
             reduction: Linear::load(&p.pp("reduction"), 4 * dim, 2 * dim, false)?,
         })
     }
@@ -233,16 +233,16 @@ impl PatchMerging {
 
 pub struct Swin {
     cfg: SwinConfig,
-    patch: Conv2d,
-    patch_norm: LayerNorm,
+    patch: Conv,
+    patch_norm: Norm,
     stages: Vec<(Vec<Block>, Option<PatchMerging>)>,
-    out_norms: Vec<LayerNorm>,
+    out_norms: Vec<Norm>,
 }
 
 impl Swin {
     pub fn load(p: &Path, cfg: &SwinConfig) -> Result<Self> {
         let eps = cfg.layer_norm_eps;
-        let patch = Conv2d::load(
+        let patch = Conv::load(
             &p.pp("patch_embed.proj"),
             cfg.in_channels,
             cfg.embed_dim,
@@ -251,7 +251,7 @@ impl Swin {
             0,
             true,
         )?;
-        let patch_norm = LayerNorm::load(&p.pp("patch_embed.norm"), cfg.embed_dim, eps)?;
+        let patch_norm = Norm::load(&p.pp("patch_embed.norm"), cfg.embed_dim, eps)?;
         let mut stages = Vec::new();
         let mut out_norms = Vec::new();
         let ns = cfg.num_stages();
@@ -276,7 +276,7 @@ impl Swin {
                 None
             };
             stages.push((blocks, merge));
-            out_norms.push(LayerNorm::load(&p.pp(format!("out_norms.{s}")), dim, eps)?);
+            out_norms.push(Norm::load(&p.pp(format!("out_norms.{s}")), dim, eps)?);
         }
         Ok(Self {
             cfg: cfg.clone(),

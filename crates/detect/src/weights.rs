@@ -1,6 +1,6 @@
 //! Checkpoint files → tensors looked up by our parameter paths.
 //!
-//! [`Weights`] holds every tensor of a file by its checkpoint name, with the file's [`Naming`];
+//! [`Weights`] holds every tensor of a file by its checkpoint name, with the file's [`CheckpointNaming`];
 //! [`Weights::get`] translates one of our paths, assembles the tensor and checks its shape.
 //! [`Weights::recorder`] answers every request with zeros and remembers what was asked, which
 //! lists the exact names and shapes a configuration loads without any file.
@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::naming::{translate, unfold_permutation, Naming, Reorder};
+use crate::naming::{translate, unfold_permutation, CheckpointNaming, Reorder};
 use crate::{Mask2FormerError, Result};
 
 /// A checkpoint name and the shape asked for it.
@@ -19,7 +19,7 @@ pub type Request = (String, Vec<usize>);
 
 pub struct Weights {
     path: PathBuf,
-    naming: Naming,
+    naming: CheckpointNaming,
     device: Device,
     tensors: HashMap<String, Tensor>,
     record: Option<Mutex<Vec<Request>>>,
@@ -53,7 +53,7 @@ impl Weights {
         } else {
             read_safetensors(&path)?
         };
-        let naming = Naming::detect(tensors.keys().map(|k| k.as_str())).ok_or_else(|| {
+        let naming = CheckpointNaming::detect(tensors.keys().map(|k| k.as_str())).ok_or_else(|| {
             let mut some: Vec<&str> = tensors.keys().map(|k| k.as_str()).collect();
             some.sort();
             some.truncate(5);
@@ -81,7 +81,7 @@ impl Weights {
     /// Tensors given by name (tests, conversions).
     pub fn from_tensors(
         tensors: HashMap<String, Tensor>,
-        naming: Naming,
+        naming: CheckpointNaming,
         label: &str,
         device: &Device,
     ) -> Self {
@@ -95,7 +95,7 @@ impl Weights {
     }
 
     /// A store that answers every request with zeros and records the checkpoint names asked for.
-    pub fn recorder(naming: Naming, device: &Device) -> Self {
+    pub fn recorder(naming: CheckpointNaming, device: &Device) -> Self {
         Self {
             path: PathBuf::from("<dry run>"),
             naming,
@@ -113,7 +113,7 @@ impl Weights {
             .unwrap_or_default()
     }
 
-    pub fn naming(&self) -> Naming {
+    pub fn naming(&self) -> CheckpointNaming {
         self.naming
     }
 

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::Device;
-use l2s_detect::{Mask2Former, Mask2FormerConfig, Naming, Weights};
+use l2s_detect::{CheckpointNaming, Mask2Former, Mask2FormerConfig, Weights};
 
 fn list(file: &str) -> BTreeMap<String, Vec<usize>> {
     let path = format!("{}/names/{file}", env!("CARGO_MANIFEST_DIR"));
@@ -20,7 +20,7 @@ fn list(file: &str) -> BTreeMap<String, Vec<usize>> {
         .collect()
 }
 
-fn requested(naming: Naming) -> BTreeMap<String, Vec<usize>> {
+fn requested(naming: CheckpointNaming) -> BTreeMap<String, Vec<usize>> {
     let rec = Weights::recorder(naming, &Device::Cpu);
     Mask2Former::load(&rec, &Mask2FormerConfig::swin_small_coco_instance()).unwrap();
     let reqs = rec.requested();
@@ -30,7 +30,7 @@ fn requested(naming: Naming) -> BTreeMap<String, Vec<usize>> {
     map
 }
 
-fn compare(naming: Naming, file: &str, unused: impl Fn(&str) -> bool) {
+fn compare(naming: CheckpointNaming, file: &str, unused: impl Fn(&str) -> bool) {
     let want = list(file);
     let got = requested(naming);
     let stored: BTreeMap<_, _> = want.iter().filter(|(k, _)| !unused(k)).collect();
@@ -50,17 +50,21 @@ fn compare(naming: Naming, file: &str, unused: impl Fn(&str) -> bool) {
 #[test]
 fn hugging_face_swin_s_coco_instance() {
     // SwinBackbone keeps the classification model's final norm, which no feature map uses.
-    compare(Naming::HuggingFace, "hf-swin-s-coco-instance.txt", |k| {
-        k.starts_with("model.pixel_level_module.encoder.swin.layernorm.")
-    });
+    compare(
+        CheckpointNaming::HuggingFace,
+        "hf-swin-s-coco-instance.txt",
+        |k| k.starts_with("model.pixel_level_module.encoder.swin.layernorm."),
+    );
 }
 
 #[test]
 fn mmdet_swin_s_coco_instance() {
     // Index buffers: recomputed from the window size.
-    compare(Naming::Mmdet, "mmdet-swin-s-coco-instance.txt", |k| {
-        k.ends_with(".relative_position_index")
-    });
+    compare(
+        CheckpointNaming::Mmdet,
+        "mmdet-swin-s-coco-instance.txt",
+        |k| k.ends_with(".relative_position_index"),
+    );
 }
 
 /// The mmdet list counted from the architecture (mmdet 2.x config of

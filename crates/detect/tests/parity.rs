@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use l2s_detect::{infer_config, Mask2Former, Mask2FormerConfig, Naming, Weights};
+use l2s_detect::{infer_config, CheckpointNaming, Mask2Former, Mask2FormerConfig, Weights};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -34,11 +34,11 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap().max(1e-12)
 }
 
-fn check(file: &str, naming: Naming) {
+fn check(file: &str, naming: CheckpointNaming) {
     check_with(file, naming, true)
 }
 
-fn check_with(file: &str, naming: Naming, fused: bool) {
+fn check_with(file: &str, naming: CheckpointNaming, fused: bool) {
     let prefix = if file.starts_with("w7-") { "w7-" } else { "" };
     let exp = expected(prefix);
     let w = Weights::open(fixture(file), &Device::Cpu).unwrap();
@@ -79,26 +79,26 @@ fn check_with(file: &str, naming: Naming, fused: bool) {
 
 #[test]
 fn hugging_face_weights_match_transformers() {
-    check("hf.safetensors", Naming::HuggingFace);
+    check("hf.safetensors", CheckpointNaming::HuggingFace);
 }
 
 #[test]
 fn mmdet_weights_give_the_same_outputs() {
-    check("mmdet.pth", Naming::Mmdet);
+    check("mmdet.pth", CheckpointNaming::Mmdet);
 }
 
 #[test]
 fn transformers_4_names_in_a_pickle_give_the_same_outputs() {
-    check("hf-legacy.bin", Naming::HuggingFace);
+    check("hf-legacy.bin", CheckpointNaming::HuggingFace);
 }
 
 #[test]
 fn the_device_generic_gather_matches_transformers_too() {
-    check_with("hf.safetensors", Naming::HuggingFace, false);
+    check_with("hf.safetensors", CheckpointNaming::HuggingFace, false);
 }
 
 #[test]
 fn the_published_window_of_7_matches_transformers() {
-    check("w7-hf.safetensors", Naming::HuggingFace);
-    check_with("w7-hf.safetensors", Naming::HuggingFace, false);
+    check("w7-hf.safetensors", CheckpointNaming::HuggingFace);
+    check_with("w7-hf.safetensors", CheckpointNaming::HuggingFace, false);
 }

@@ -223,7 +223,7 @@ impl From<l2s_torch_pickle::Error> for CheckpointError {
 
 /// Positions (into the manifest) of each split's samples.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Split {
+pub struct SplitPositions {
     pub train: Vec<usize>,
     pub val: Vec<usize>,
     pub test: Vec<usize>,
@@ -232,7 +232,11 @@ pub struct Split {
 /// Splits manifest entries by `image_id`: the distinct images are shuffled with `seed` and cut
 /// by the fractions, so every entry of one image lands in the same split. With at least three
 /// images, validation and (when its fraction is positive) test get at least one image each.
-pub fn split_by_image(entries: &[ManifestEntry], fractions: SplitFractions, seed: u64) -> Split {
+pub fn split_by_image(
+    entries: &[ManifestEntry],
+    fractions: SplitFractions,
+    seed: u64,
+) -> SplitPositions {
     let images: BTreeSet<&str> = entries.iter().map(|e| e.meta.image_id.as_str()).collect();
     let mut images: Vec<&str> = images.into_iter().collect();
     images.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
@@ -270,7 +274,7 @@ pub fn split_by_image(entries: &[ManifestEntry], fractions: SplitFractions, seed
             (*id, s)
         })
         .collect();
-    let mut split = Split::default();
+    let mut split = SplitPositions::default();
     for (i, e) in entries.iter().enumerate() {
         match side[e.meta.image_id.as_str()] {
             0 => split.train.push(i),

@@ -169,7 +169,7 @@ impl SimpleBackend for BflWeights {
 
 /// The naming a single-file checkpoint uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Naming {
+pub enum FluxFileNaming {
     /// Original BFL names under this prefix (`""` or `model.diffusion_model.`).
     Bfl { prefix: String },
     /// diffusers names under this prefix.
@@ -177,16 +177,16 @@ pub enum Naming {
 }
 
 /// Recognises the naming from marker tensors; anything else is an error listing a few names.
-pub fn detect_naming(path: &Path, names: &[String]) -> Result<Naming> {
+pub fn detect_naming(path: &Path, names: &[String]) -> Result<FluxFileNaming> {
     for prefix in ["", FULL_PREFIX] {
         let has = |n: &str| names.iter().any(|k| k == &format!("{prefix}{n}"));
         if has("img_in.weight") && has("double_blocks.0.img_attn.qkv.weight") {
-            return Ok(Naming::Bfl {
+            return Ok(FluxFileNaming::Bfl {
                 prefix: prefix.into(),
             });
         }
         if has("x_embedder.weight") && has("transformer_blocks.0.attn.to_q.weight") {
-            return Ok(Naming::Diffusers {
+            return Ok(FluxFileNaming::Diffusers {
                 prefix: prefix.into(),
             });
         }
@@ -210,8 +210,8 @@ pub fn has_guidance_embedding(path: &Path) -> Result<bool> {
     let weights = SafetensorsWeights::open(&[path.to_path_buf()])?;
     let names: Vec<String> = weights.shapes().into_keys().collect();
     let marker = match detect_naming(path, &names)? {
-        Naming::Bfl { prefix } => format!("{prefix}guidance_in.in_layer.weight"),
-        Naming::Diffusers { prefix } => {
+        FluxFileNaming::Bfl { prefix } => format!("{prefix}guidance_in.in_layer.weight"),
+        FluxFileNaming::Diffusers { prefix } => {
             format!("{prefix}time_text_embed.guidance_embedder.linear_1.weight")
         }
     };
@@ -235,7 +235,7 @@ pub fn load_single_file(
         reason: e.to_string(),
     };
     match naming {
-        Naming::Bfl { prefix } => {
+        FluxFileNaming::Bfl { prefix } => {
             let has_guidance = names
                 .iter()
                 .any(|n| n == &format!("{prefix}guidance_in.in_layer.weight"));
@@ -258,7 +258,7 @@ pub fn load_single_file(
             let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
             FluxTransformer2DModel::new(cfg, vb).map_err(build_err)
         }
-        Naming::Diffusers { prefix } => {
+        FluxFileNaming::Diffusers { prefix } => {
             let vb = VarBuilder::from_backend(Box::new(weights), dtype, device.clone());
             let vb = if prefix.is_empty() {
                 vb
