@@ -476,6 +476,22 @@ pub struct DatasetWriter {
     shards_written: usize,
 }
 
+/// The files in `dir` besides its lock, described for a refusal ("a.txt and 3 more"); `None`
+/// when there are none.
+fn other_files(dir: &Path) -> Result<Option<String>> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != l2s_files::LOCK_FILE)
+        .collect();
+    names.sort();
+    Ok(names.first().map(|first| match names.len() {
+        1 => first.clone(),
+        n => format!("{first} and {} more", n - 1),
+    }))
+}
+
 impl DatasetWriter {
     /// Opens `dir` for writing: creates it with `info`, or resumes it when it already holds a
     /// dataset with the same settings (an error names the first differing field). On resume a
@@ -507,19 +523,7 @@ impl DatasetWriter {
         }
         let info_path = dir.join(INFO_FILE);
         if !info_path.exists() {
-            let mut names: Vec<String> = fs::read_dir(&dir)
-                .map_err(io_err(&dir))?
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n != l2s_files::LOCK_FILE)
-                .collect();
-            names.sort();
-            if let Some(first) = names.first() {
-                let first = if names.len() > 1 {
-                    format!("{first} and {} more", names.len() - 1)
-                } else {
-                    first.clone()
-                };
+            if let Some(first) = other_files(&dir)? {
                 return Err(DatasetError::NotADataset { path: dir, first });
             }
         }
@@ -1263,19 +1267,7 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<MergeSummary> {
     // and nothing in it is removed.
     let marker = out.join(MERGE_MARKER);
     if !marker.exists() {
-        let mut names: Vec<String> = fs::read_dir(out)
-            .map_err(io_err(out))?
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n != l2s_files::LOCK_FILE)
-            .collect();
-        names.sort();
-        if let Some(first) = names.first() {
-            let first = if names.len() > 1 {
-                format!("{first} and {} more", names.len() - 1)
-            } else {
-                first.clone()
-            };
+        if let Some(first) = other_files(out)? {
             return Err(DatasetError::NotADataset {
                 path: out.to_path_buf(),
                 first,

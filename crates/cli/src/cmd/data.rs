@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use l2s_sources::Fit;
 use l2s_steer::build::{
     progress_message, run_build, BuildConfig, BuildJob, BuildSource, DropRule, RelationCheckKind,
@@ -349,18 +348,7 @@ fn build(a: BuildArgs, global: &Global) -> Result<()> {
         shard_size: a.shard_size,
         workers: a.workers.unwrap_or_else(default_workers),
     };
-    let bar = if global.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(0)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "build [{bar:32}] {pos}/{len} images {elapsed_precise} (eta {eta}) {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
+    let bar = image_bar(global, "build");
     let report = run_build(&model, &job, &mut |done, total, s| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
