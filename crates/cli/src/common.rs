@@ -680,3 +680,39 @@ impl Drop for OutFolder {
         }
     }
 }
+
+/// `--map-layout`: how attention maps become a classifier's channels.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum MapLayoutArg {
+    Published,
+    Ours,
+}
+
+impl From<MapLayoutArg> for l2s_steer::maps::MapLayout {
+    fn from(a: MapLayoutArg) -> Self {
+        match a {
+            MapLayoutArg::Published => Self::Published,
+            MapLayoutArg::Ours => Self::Ours,
+        }
+    }
+}
+
+/// `--architecture`: which relation classifier `l2s train` builds.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum ArchitectureArg {
+    /// The published Learn-to-Steer classifier: raw maps, ReLU, no final LayerNorm, a step
+    /// embedding row per denoising step.
+    Authors,
+    /// This project's first variant: maps scaled by S·S, GELU, a final LayerNorm, a step
+    /// embedding row per recorded step.
+    Legacy,
+}
+
+impl From<ArchitectureArg> for l2s_steer::classifier::Architecture {
+    fn from(a: ArchitectureArg) -> Self {
+        match a {
+            ArchitectureArg::Authors => Self::authors(),
+            ArchitectureArg::Legacy => Self::legacy(),
+        }
+    }
+}

@@ -193,3 +193,33 @@ fn verified_generations_become_a_source() {
     );
     assert_eq!(summary["samples"]["written"], 2 * lines.len(), "{summary}");
 }
+
+/// A photo whose header reads but whose pixels do not (a truncated download) is found when its
+/// samples run: its samples are counted as unreadable and the build goes on.
+#[test]
+fn a_photo_that_does_not_decode_is_skipped_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("photos");
+    std::fs::create_dir(&dir).unwrap();
+    for (name, shade) in [("good.png", 40u8), ("cut.png", 200)] {
+        let img = image::RgbImage::from_fn(64, 48, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 5) as u8, shade])
+        });
+        img.save(dir.join(name)).unwrap();
+    }
+    let cut = std::fs::read(dir.join("cut.png")).unwrap();
+    std::fs::write(dir.join("cut.png"), &cut[..cut.len() / 2]).unwrap();
+    let lines = [
+        r#"{"image": "good.png", "subject": "cup", "relation": "to the left of", "object": "book", "subject_box": [0, 10, 20, 30], "object_box": [40, 10, 60, 30]}"#,
+        r#"{"image": "cut.png", "subject": "dog", "relation": "above", "object": "cat", "subject_box": [20, 0, 40, 15], "object_box": [20, 30, 40, 45]}"#,
+    ];
+    let jsonl = dir.join("pairs.jsonl");
+    std::fs::write(&jsonl, lines.join("\n")).unwrap();
+    let out = tmp.path().join("data");
+    let summary = build(&["--jsonl", s(&jsonl)], &out);
+    assert_eq!(summary["images_used"], 2, "{summary}");
+    assert_eq!(summary["samples"]["written"], 2, "{summary}");
+    assert_eq!(summary["samples"]["dropped_unreadable"], 2, "{summary}");
+    let ds = Dataset::open(&out).unwrap();
+    assert!(ds.entries().iter().all(|e| e.meta.subject == "cup"));
+}

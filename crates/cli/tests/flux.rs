@@ -255,6 +255,7 @@ fn fake_classifier(dir: &Path, model_id: &str, layers: Vec<LayerInfo>) {
         metrics: None,
         num_inference_steps: Some(4),
         orig_map_size: None,
+        map_layout: Default::default(),
     };
     save_checkpoint(dir, &vm, &meta).unwrap();
 }

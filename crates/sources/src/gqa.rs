@@ -5,7 +5,7 @@
 //! one image at a time by a serde visitor over the top-level object; only the current image's
 //! scene graph is held.
 //!
-//! Per image, in file order:
+//! Per image, in file order (names read in their singular form, [`GqaOptions::singular_names`]):
 //! 1. an object is usable unless its name occurs more than once in the image
 //!    ([`ProblemKind::RepeatedName`], when [`GqaOptions::unique_names`]), its name and another
 //!    name of the image form an is-a pair in [`GqaOptions::hypernyms`] (both names out,
@@ -32,8 +32,8 @@ use serde::Deserialize;
 
 use crate::stream::{stream_json, Ordered, StopFlag};
 use crate::{
-    ControlFlow, Frame, Hypernyms, NamedBox, ProblemKind, Problems, ReadSummary, SourceError,
-    SourceImage, Split, SplitWeights,
+    singular_name, ControlFlow, Frame, Hypernyms, NamedBox, ProblemKind, Problems, ReadSummary,
+    SourceError, SourceImage, Split, SplitWeights,
 };
 
 /// The relation a kept GQA (or published triplet) relation name stands for: exactly "to the
@@ -62,6 +62,9 @@ pub struct GqaOptions {
     pub max_per_image: usize,
     /// Check that each yielded record's image file exists (default true).
     pub check_images: bool,
+    /// Read every object name in its singular form ([`singular_name`]) before selecting, as
+    /// the published data builder does (default true): "trees" and "tree" are then one name.
+    pub singular_names: bool,
     pub split_weights: SplitWeights,
 }
 
@@ -73,6 +76,7 @@ impl GqaOptions {
             unique_names: true,
             max_per_image: 1,
             check_images: true,
+            singular_names: true,
             split_weights: SplitWeights::default(),
         }
     }
@@ -158,9 +162,14 @@ impl<'de, F: FnMut(SourceImage) -> ControlFlow<()>> Visitor<'de> for TopLevel<'_
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(id) = map.next_key::<String>()? {
-            let scene: Scene = map.next_value().map_err(|e| {
+            let mut scene: Scene = map.next_value().map_err(|e| {
                 <A::Error as serde::de::Error>::custom(format!("image {id:?}: {e}"))
             })?;
+            if self.opts.singular_names {
+                for (_, o) in &mut scene.objects.0 {
+                    o.name = singular_name(&o.name);
+                }
+            }
             self.summary.seen += 1;
             if !self.seen_ids.insert(id.clone()) {
                 self.problems.push(

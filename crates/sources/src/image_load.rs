@@ -5,6 +5,7 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use image::imageops::FilterType;
+use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 use l2s_eval::BBox;
 use serde::Serialize;
@@ -194,6 +195,82 @@ pub fn load_source_image(
     load_image_in(&record.path, size, fit, record.frame)
 }
 
+/// What a record's image file gives without decoding its pixels: enough to map its boxes
+/// and to check its size against the annotation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ImageProbe {
+    /// From the image (in its frame) to the model's square.
+    pub transform: BoxTransform,
+    /// Width and height as stored in the file (before EXIF orientation).
+    pub stored_size: (u32, u32),
+}
+
+/// Reads a record's image header (size and EXIF orientation) without decoding the pixels:
+/// the same transform [`load_source_image`] will give, at the cost of a few kilobytes read.
+/// A file whose header reads but whose pixels do not is only found when it is loaded.
+pub fn probe_source_image(
+    record: &SourceImage,
+    size: u32,
+    fit: Fit,
+) -> Result<ImageProbe, ImageLoadError> {
+    let path = &record.path;
+    let mut decoder = open_decoder(path)?;
+    let (w, h) = decoder.dimensions();
+    let orientation = decoder
+        .orientation()
+        .map_err(|source| ImageLoadError::Decode {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    check_not_empty(path, (w, h))?;
+    let quarter_turn = matches!(
+        orientation,
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    );
+    let (fw, fh) = if record.frame == Frame::Displayed && quarter_turn {
+        (h, w)
+    } else {
+        (w, h)
+    };
+    Ok(ImageProbe {
+        transform: BoxTransform::for_fit(fw, fh, size, fit),
+        stored_size: (w, h),
+    })
+}
+
+/// The decoder of an image file, its format read from its first bytes.
+fn open_decoder(path: &Path) -> Result<impl ImageDecoder, ImageLoadError> {
+    let file = File::open(path).map_err(|source| ImageLoadError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    ImageReader::new(BufReader::new(file))
+        .with_guessed_format()
+        .map_err(|source| ImageLoadError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .into_decoder()
+        .map_err(|source| ImageLoadError::Decode {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn check_not_empty(path: &Path, (width, height): (u32, u32)) -> Result<(), ImageLoadError> {
+    if width == 0 || height == 0 {
+        return Err(ImageLoadError::Empty {
+            path: path.to_path_buf(),
+            width,
+            height,
+        });
+    }
+    Ok(())
+}
+
 /// Loads an image (JPEG or PNG, the format read from its first bytes) in `frame`, converts
 /// it to 8-bit RGB (grey is repeated, CMYK converted by the JPEG decoder, alpha dropped
 /// without blending, as PIL's `convert("RGB")` does) and fits it to `size`×`size` with `fit`,
@@ -209,27 +286,11 @@ pub fn load_image_in(
         path: path.to_path_buf(),
         source,
     };
-    let file = File::open(path).map_err(|source| ImageLoadError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let reader = ImageReader::new(BufReader::new(file))
-        .with_guessed_format()
-        .map_err(|source| ImageLoadError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let mut decoder = reader.into_decoder().map_err(decode_err)?;
+    let mut decoder = open_decoder(path)?;
     let orientation = decoder.orientation().map_err(decode_err)?;
     let mut img = DynamicImage::from_decoder(decoder).map_err(decode_err)?;
     let stored_size = (img.width(), img.height());
-    if stored_size.0 == 0 || stored_size.1 == 0 {
-        return Err(ImageLoadError::Empty {
-            path: path.to_path_buf(),
-            width: stored_size.0,
-            height: stored_size.1,
-        });
-    }
+    check_not_empty(path, stored_size)?;
     if frame == Frame::Displayed {
         img.apply_orientation(orientation);
     }

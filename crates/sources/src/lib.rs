@@ -25,6 +25,7 @@ pub mod gqa;
 mod hypernyms;
 mod image_load;
 pub mod jsonl;
+mod names;
 mod paths;
 pub mod phase2;
 mod problems;
@@ -35,10 +36,11 @@ mod stream;
 pub use error::SourceError;
 pub use hypernyms::{HypernymError, Hypernyms};
 pub use image_load::{
-    load_image, load_image_in, load_source_image, BoxTransform, Fit, ImageLoadError, LoadedImage,
-    MappedBox,
+    load_image, load_image_in, load_source_image, probe_source_image, BoxTransform, Fit,
+    ImageLoadError, ImageProbe, LoadedImage, MappedBox,
 };
 pub use l2s_eval::{BBox, Relation, Triplet};
+pub use names::singular_name;
 pub use paths::resolve_moved;
 pub use problems::{Problem, ProblemKind, Problems};
 pub use record::{

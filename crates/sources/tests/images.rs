@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use l2s_sources::jsonl::{read_jsonl, JsonlOptions};
 use l2s_sources::{
-    load_image, load_image_in, load_source_image, BBox, BoxTransform, ControlFlow, Fit, Frame,
-    NamedBox, ProblemKind, Problems, Relation, SourceImage, Split, Triplet, DEFAULT_MIN_VISIBLE,
+    load_image, load_image_in, load_source_image, probe_source_image, BBox, BoxTransform,
+    ControlFlow, Fit, Frame, NamedBox, ProblemKind, Problems, Relation, SourceImage, Split,
+    Triplet, DEFAULT_MIN_VISIBLE,
 };
 
 fn data(rel: &str) -> PathBuf {
@@ -189,4 +190,54 @@ fn centre_crop_resize_is_close_to_pil() {
     let max = *diffs.iter().max().unwrap();
     let mean = diffs.iter().sum::<i32>() as f64 / diffs.len() as f64;
     assert!(max <= 1 && mean < 0.1, "max {max}, mean {mean}");
+}
+
+/// The header alone gives the transform and stored size that decoding the whole image gives,
+/// EXIF quarter turns and both frames included; a file whose pixels are broken but whose
+/// header reads is found only when loaded.
+#[test]
+fn probing_a_header_agrees_with_loading_the_image() {
+    for file in [
+        "exif6.jpg",
+        "gray.jpg",
+        "cmyk.jpg",
+        "rgba.png",
+        "columns.png",
+        "smooth.png",
+    ] {
+        for frame in [Frame::Displayed, Frame::Stored] {
+            for fit in [Fit::CenterCrop, Fit::Resize] {
+                let record = SourceImage {
+                    id: file.into(),
+                    path: data(&format!("images/{file}")),
+                    size: None,
+                    frame,
+                    objects: Vec::new(),
+                    triplets: Vec::new(),
+                    derived_from_boxes: false,
+                    split: Split::Train,
+                };
+                let probe = probe_source_image(&record, 16, fit).unwrap();
+                let loaded = load_source_image(&record, 16, fit).unwrap();
+                assert_eq!(
+                    probe.transform, loaded.transform,
+                    "{file} {frame:?} {fit:?}"
+                );
+                assert_eq!(probe.stored_size, loaded.stored_size, "{file}");
+            }
+        }
+    }
+    let missing = SourceImage {
+        id: "absent".into(),
+        path: data("images/absent.jpg"),
+        size: None,
+        frame: Frame::Displayed,
+        objects: Vec::new(),
+        triplets: Vec::new(),
+        derived_from_boxes: false,
+        split: Split::Train,
+    };
+    assert!(probe_source_image(&missing, 16, Fit::Resize)
+        .unwrap_err()
+        .is_missing());
 }

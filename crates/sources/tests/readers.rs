@@ -418,3 +418,20 @@ fn jsonl_lines() {
     let (recs, _, _) = collect(|p, f| read_jsonl(data("jsonl/pairs.jsonl"), &opts, p, f));
     assert!(recs.iter().any(|r| r.id == "pairs.jsonl:8"));
 }
+
+#[test]
+fn gqa_names_are_read_in_their_singular_form() {
+    // "trees" and "tree" are one name once singular, so both are out as repeated; "leaves"
+    // above "benches" becomes "leaf" above "bench".
+    let mut opts = GqaOptions::new(data("gqa/images"));
+    opts.check_images = false;
+    let (recs, problems, _) = collect(|p, f| read_gqa(data("gqa/plurals.json"), &opts, p, f));
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].triplets, vec![t("leaf", Above, "bench")]);
+    assert_eq!(names(&recs[0]), ["bench", "leaf"]);
+    assert_eq!(problems.count(RepeatedName), 2);
+    // As written, "trees" is its own name and its relation is the first candidate.
+    opts.singular_names = false;
+    let (recs, _, _) = collect(|p, f| read_gqa(data("gqa/plurals.json"), &opts, p, f));
+    assert_eq!(recs[0].triplets, vec![t("trees", LeftOf, "benches")]);
+}

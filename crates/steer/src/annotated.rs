@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use image::RgbImage;
 use l2s_eval::{BBox, Triplet};
 use l2s_sources::{
-    load_source_image, Fit, ProblemKind, Problems, SourceImage, DEFAULT_MIN_VISIBLE,
+    load_source_image, probe_source_image, Fit, ProblemKind, Problems, SourceImage,
+    DEFAULT_MIN_VISIBLE,
 };
 
 use crate::error::{Context, Result};
@@ -173,14 +174,15 @@ pub fn read_images(
 }
 
 /// A record on the fitted image, or `None` (listed in `problems`) when its image cannot be
-/// read or the fit cut off every object its triplets name.
+/// read or the fit cut off every object its triplets name. Only the image's header is read
+/// here; its pixels are decoded once, when its samples run.
 fn fit_record(
     record: SourceImage,
     size: u32,
     fit: Fit,
     problems: &mut Problems,
 ) -> Option<AnnotatedImage> {
-    let loaded = match load_source_image(&record, size, fit) {
+    let loaded = match probe_source_image(&record, size, fit) {
         Ok(l) => l,
         Err(e) => {
             problems.push_image_error(record.id.clone(), &e);

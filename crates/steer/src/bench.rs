@@ -21,8 +21,10 @@ use crate::build::{
     build, open_dataset, progress_message, read_images, shapes_relation_detector, BuildConfig,
     BuildSource, ReconstructionCheck,
 };
+use crate::classifier::Architecture;
 use crate::dataset::{Dataset, ShardSpec};
 use crate::evaluate::{run_eval, EvalRun};
+use crate::maps::MapLayout;
 use crate::method::{Method, MethodSpec};
 use crate::train::{evaluate_classifier, load_classifier, split_by_image, train, TrainConfig};
 use crate::Augment;
@@ -67,6 +69,10 @@ pub struct ShapesBench {
     pub classifier_lr: f64,
     pub patience: usize,
     pub augment: Augment,
+    /// The classifiers' architecture.
+    pub architecture: Architecture,
+    /// How the training maps (and so the steering maps) become classifier channels.
+    pub map_layout: MapLayout,
 }
 
 impl Default for ShapesBench {
@@ -100,6 +106,8 @@ impl Default for ShapesBench {
             classifier_lr: 1e-3,
             patience: 8,
             augment: Augment::Dihedral,
+            architecture: Architecture::authors(),
+            map_layout: MapLayout::Published,
         }
     }
 }
@@ -160,6 +168,7 @@ fn build_data(sd: &Pipeline, a: &ShapesBench, progress: &dyn BenchProgress) -> R
     let cfg = BuildConfig {
         fixed_point_iterations: a.fixed_point,
         psnr_threshold: a.min_psnr,
+        map_layout: a.map_layout,
         ..BuildConfig::for_model(sd, a.steps)
     };
     let detector = shapes_relation_detector(&images)?;
@@ -218,6 +227,7 @@ fn train_classifiers(a: &ShapesBench, progress: &dyn BenchProgress) -> Result<()
     cfg.lr = a.classifier_lr;
     cfg.early_stop_patience = a.patience;
     cfg.augment = a.augment;
+    cfg.architecture = a.architecture.clone();
     let todo: Vec<&str> = ["dual", "single"]
         .into_iter()
         .filter(|k| {

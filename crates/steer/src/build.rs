@@ -19,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 
 pub use crate::annotated::{read_images, AnnotatedImage, BuildSource, ImageData, ReadImages};
 use crate::dataset::{DatasetInfo, DatasetWriter, LayerInfo, SampleKind, SampleMeta, ShardSpec};
-use crate::maps::{MapRecorder, WordPair};
+use crate::maps::{MapLayout, MapRecorder, WordPair};
 
 #[derive(Clone, Debug)]
 pub struct BuildConfig {
@@ -38,6 +38,8 @@ pub struct BuildConfig {
     pub rf: RfInversionConfig,
     /// Which samples a failed one takes with it.
     pub drop_rule: DropRule,
+    /// How the maps become classifier channels (the published classifiers' layout by default).
+    pub map_layout: MapLayout,
 }
 
 /// What happens to an image's wrong-prompt sample when its true-prompt sample is dropped (low
@@ -58,7 +60,7 @@ impl BuildConfig {
     /// its data: the map steps ([`Pipeline::map_steps`]), the PSNR floor
     /// ([`Pipeline::min_reconstruction_psnr`]), five fixed-point iterations per DDIM inversion
     /// step, RF-inversion held to the image at every step (γ = η = 1), dual inversion, twins
-    /// dropped together.
+    /// dropped together, maps in the published classifiers' layout.
     pub fn for_model(model: &Pipeline, steps: usize) -> Self {
         Self {
             steps,
@@ -70,6 +72,7 @@ impl BuildConfig {
             shard: ShardSpec::all(),
             rf: RfInversionConfig::held_to_image(),
             drop_rule: DropRule::Twins,
+            map_layout: MapLayout::Published,
         }
     }
 }
@@ -123,12 +126,8 @@ pub struct StepMaps {
 }
 
 impl StepMaps {
-    fn new(pair: WordPair, at_steps: &[usize]) -> Self {
-        Self::with_layout(pair, at_steps, crate::maps::MapLayout::Ours)
-    }
-
     /// Records `pair` at `at_steps` (0-based) in `layout`, without autograd.
-    pub fn with_layout(pair: WordPair, at_steps: &[usize], layout: crate::maps::MapLayout) -> Self {
+    pub fn with_layout(pair: WordPair, at_steps: &[usize], layout: MapLayout) -> Self {
         let mut recorder =
             MapRecorder::with_layout(vec![pair], crate::steering::MAP_SIZE, true, layout);
         recorder.set_active(false);
@@ -231,7 +230,7 @@ pub fn record_sample(
     req.guidance = model.inversion_guidance();
     req.rf = cfg.rf;
     req.noise_seed = cfg.seed;
-    let mut observer = StepMaps::new(pair, &cfg.step_indices);
+    let mut observer = StepMaps::with_layout(pair, &cfg.step_indices, cfg.map_layout);
     let inversion = invert(model, image, &req, &mut |_| {})?;
     let recon = reconstruct(model, &inversion, Some(&mut observer), &mut |_| {})?;
     let (maps, sites) = observer.finish()?;
@@ -295,6 +294,9 @@ pub struct BuildSummary {
     /// ([`DropRule::Twins`]).
     pub dropped_twin: usize,
     pub no_unambiguous_pair: usize,
+    /// Samples not inverted because their image's pixels could not be decoded (its header
+    /// read when the source was read; each such image is also named in a warning).
+    pub dropped_unreadable: usize,
     pub mean_psnr: f64,
 }
 
@@ -325,6 +327,8 @@ enum SampleOutcome {
     },
     /// Not inverted: its true-prompt twin was dropped.
     TwinDropped,
+    /// Not inverted: the image's pixels could not be decoded.
+    Unreadable,
 }
 
 /// Whether a recorded sample is kept, and if not why.
@@ -424,7 +428,10 @@ pub fn build(
         }
     }
     // Inversion, reconstruction and the detector's check run on the workers.
-    let run_sample = |job: &ImageJob, s: &SampleJob| -> Result<(RecordedSample, bool)> {
+    let run_sample = |job: &ImageJob,
+                      pixels: &image::RgbImage,
+                      s: &SampleJob|
+     -> Result<(RecordedSample, bool)> {
         let img = &images[job.image];
         let prompt = &s.prompt;
         // RF-inversion (FLUX) draws noise, each sample its own; DDIM inversion draws none.
@@ -434,7 +441,7 @@ pub fn build(
         };
         let recorded = record_sample(
             model,
-            &*img.pixels()?,
+            pixels,
             prompt,
             &job.subject,
             &job.object,
@@ -460,6 +467,19 @@ pub fn build(
         Ok((recorded, holds))
     };
     let run = |job: &ImageJob| -> Result<Vec<SampleOutcome>> {
+        // One decode per image, shared by its samples; a photo that does not decode is
+        // skipped and counted, never fatal.
+        let pixels = match images[job.image].pixels() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("image {} skipped: {e}", images[job.image].id);
+                return Ok(job
+                    .samples
+                    .iter()
+                    .map(|_| SampleOutcome::Unreadable)
+                    .collect());
+            }
+        };
         let mut outcomes = Vec::new();
         let mut positive_dropped = false;
         for s in &job.samples {
@@ -467,7 +487,7 @@ pub fn build(
                 outcomes.push(SampleOutcome::TwinDropped);
                 continue;
             }
-            let (recorded, holds) = run_sample(job, s)?;
+            let (recorded, holds) = run_sample(job, &pixels, s)?;
             let kept = Verdict::of(recorded.psnr, holds, cfg.psnr_threshold) == Verdict::Kept;
             if s.kind == SampleKind::Positive && !kept && cfg.drop_rule == DropRule::Twins {
                 positive_dropped = true;
@@ -484,6 +504,10 @@ pub fn build(
             let recorded = match outcome {
                 SampleOutcome::TwinDropped => {
                     summary.dropped_twin += 1;
+                    continue;
+                }
+                SampleOutcome::Unreadable => {
+                    summary.dropped_unreadable += 1;
                     continue;
                 }
                 SampleOutcome::Recorded { recorded, holds } => {
@@ -709,7 +733,11 @@ pub fn open_dataset(
     let prompt = format!("a {a} and a {b}");
     let mut probe_cfg = cfg.clone();
     probe_cfg.fixed_point_iterations = 0;
-    let probe = record_sample(model, &*probe.pixels()?, &prompt, &a, &b, &probe_cfg)?;
+    // The maps' shape depends on the model and the image size only: a grey square of the
+    // images' size stands in for a photo, which would otherwise be decoded once more.
+    let side = probe.side();
+    let grey = image::RgbImage::from_pixel(side, side, image::Rgb([128, 128, 128]));
+    let probe = record_sample(model, &grey, &prompt, &a, &b, &probe_cfg)?;
     let (maps, sites) = (probe.maps, probe.sites);
     let mut extra = serde_json::Map::new();
     if let Some(check) = relation_check {
@@ -736,7 +764,7 @@ pub fn open_dataset(
         "model_folder".into(),
         model.folder().display().to_string().into(),
     );
-    let info = DatasetInfo {
+    let mut info = DatasetInfo {
         model: model.fingerprint()?,
         num_maps: maps.dim(2)?,
         map_size: maps.dim(3)?,
@@ -746,6 +774,7 @@ pub fn open_dataset(
         dual_inversion: cfg.dual_inversion,
         extra,
     };
+    info.set_map_layout(cfg.map_layout);
     Ok(DatasetWriter::open(out, info, shard_size)?)
 }
 

@@ -31,6 +31,9 @@ pub use l2s_files::ShardSpec;
 use l2s_files::{copy_atomic, write_atomic, write_atomic_with, WriteError};
 use serde::{Deserialize, Serialize};
 
+use crate::classifier::StepInput;
+use crate::maps::MapLayout;
+
 pub const INFO_FILE: &str = "info.json";
 pub const MANIFEST_FILE: &str = "manifest.jsonl";
 /// Written first into the folder [`merge`] fills and removed last: a folder holding it is an
@@ -80,6 +83,23 @@ impl DatasetInfo {
         self.relations.iter().position(|r| r == relation)
     }
 
+    /// How the maps were turned into classifier channels (`map_layout`); datasets written
+    /// before it was recorded hold [`MapLayout::Ours`].
+    pub fn map_layout(&self) -> std::result::Result<MapLayout, String> {
+        match self.extra.get(MAP_LAYOUT_FIELD) {
+            None => Ok(MapLayout::Ours),
+            Some(v) => serde_json::from_value(v.clone()).map_err(|_| {
+                format!("\"{MAP_LAYOUT_FIELD}\" is {v}, expected \"ours\" or \"published\"")
+            }),
+        }
+    }
+
+    /// Records the maps' layout in the extra fields.
+    pub fn set_map_layout(&mut self, layout: MapLayout) {
+        let value = serde_json::to_value(layout).expect("a map layout serialises");
+        self.extra.insert(MAP_LAYOUT_FIELD.into(), value);
+    }
+
     /// Checks internal consistency; the message names the offending field.
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.model.trim().is_empty() {
@@ -100,6 +120,7 @@ impl DatasetInfo {
         if self.relations.is_empty() {
             return Err("\"relations\" is empty".into());
         }
+        self.map_layout()?;
         let unique: HashSet<&String> = self.relations.iter().collect();
         if unique.len() != self.relations.len() {
             return Err(format!("\"relations\" {:?} has duplicates", self.relations));
@@ -176,8 +197,12 @@ impl DatasetInfo {
 /// between the parts of one build made on different machines.
 const LOCATION_FIELDS: [&str; 2] = ["model_folder", "transformer_file"];
 
-/// Extra fields that give the recorded step indices their meaning.
-const MAP_FIELDS: [&str; 1] = ["num_inference_steps"];
+/// Extra fields that give the recorded maps and step indices their meaning: datasets that
+/// differ in one cannot be trained on together.
+const MAP_FIELDS: [&str; 2] = ["num_inference_steps", MAP_LAYOUT_FIELD];
+
+/// The extra field holding [`DatasetInfo::map_layout`].
+const MAP_LAYOUT_FIELD: &str = "map_layout";
 
 /// Whether the prompt carried the true relation or a wrong one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -736,10 +761,12 @@ impl DatasetWriter {
 pub struct Examples {
     /// `(M, 2, C, H, W)`.
     pub maps: Tensor,
-    /// `(M)` u32: position in the info's `step_indices`.
+    /// `(M)` u32: position in `recorded_steps`.
     pub steps: Tensor,
     /// `(M)` u32 class indices.
     pub labels: Tensor,
+    /// The denoising steps the maps were recorded at (the info's `step_indices`).
+    pub recorded_steps: Vec<usize>,
     /// Per example: the source image.
     pub image_ids: Vec<String>,
     /// Per example: the sample id.
@@ -758,12 +785,14 @@ impl Examples {
     }
 
     /// Gathers a batch `(maps, steps, labels)` by example index, maps converted to `dtype`, all
-    /// moved to `device`.
+    /// moved to `device`; the steps as a classifier with `step_input` takes them (the position
+    /// in `recorded_steps`, or the denoising step itself).
     pub fn batch(
         &self,
         indices: &[usize],
         dtype: DType,
         device: &Device,
+        step_input: StepInput,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let idx: Vec<u32> = indices.iter().map(|&i| i as u32).collect();
         let idx = Tensor::from_vec(idx, indices.len(), self.maps.device())?;
@@ -772,7 +801,29 @@ impl Examples {
             .index_select(&idx, 0)?
             .to_device(device)?
             .to_dtype(dtype)?;
-        let steps = self.steps.index_select(&idx, 0)?.to_device(device)?;
+        let slots = self.steps.index_select(&idx, 0)?;
+        let steps = match step_input {
+            StepInput::Slot => slots,
+            StepInput::Raw => {
+                let raw = slots
+                    .to_vec1::<u32>()?
+                    .into_iter()
+                    .map(|k| {
+                        self.recorded_steps
+                            .get(k as usize)
+                            .map(|&s| s as u32)
+                            .ok_or_else(|| {
+                                candle_core::Error::Msg(format!(
+                                    "step position {k} is past the {} recorded steps",
+                                    self.recorded_steps.len()
+                                ))
+                            })
+                    })
+                    .collect::<candle_core::Result<Vec<u32>>>()?;
+                Tensor::from_vec(raw, indices.len(), self.maps.device())?
+            }
+        }
+        .to_device(device)?;
         let labels = self.labels.index_select(&idx, 0)?.to_device(device)?;
         Ok((maps, steps, labels))
     }
@@ -1112,6 +1163,7 @@ impl Dataset {
             maps,
             steps,
             labels,
+            recorded_steps: self.info.step_indices.clone(),
             image_ids,
             samples,
             label_list,

@@ -97,7 +97,7 @@ pub fn import_published(path: &Path, out: &Path, shard_size: usize) -> Result<Im
             if let Some(o) = files.orig_map_size {
                 extra.insert("orig_map_size".into(), o.into());
             }
-            let info = DatasetInfo {
+            let mut info = DatasetInfo {
                 // No model named: a classifier trained here is tied to one by map count and
                 // attention resolution, as the published checkpoints are.
                 model: crate::dataset::UNNAMED_MODEL.into(),
@@ -109,6 +109,8 @@ pub fn import_published(path: &Path, out: &Path, shard_size: usize) -> Result<Im
                 dual_inversion: true,
                 extra,
             };
+            // The published maps are in the published classifiers' layout.
+            info.set_map_layout(crate::maps::MapLayout::Published);
             *writer = Some(DatasetWriter::open(out, info, shard_size)?);
         }
         let w = writer.as_mut().expect("opened above");

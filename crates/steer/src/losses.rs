@@ -18,6 +18,8 @@ pub struct LearnedLoss {
     /// Steps of the run being steered.
     pub run_steps: usize,
     pub relations: Vec<String>,
+    /// The layout of the maps the classifier was trained on.
+    pub map_layout: crate::maps::MapLayout,
 }
 
 impl LearnedLoss {
@@ -55,12 +57,9 @@ impl SteerLoss for LearnedLoss {
         "l2s"
     }
 
-    /// The published classifiers read maps in their own layout.
+    /// The maps as the classifier saw them in training.
     fn map_layout(&self) -> crate::maps::MapLayout {
-        match self.classifier.architecture().layout {
-            crate::classifier::WeightLayout::Torch => crate::maps::MapLayout::Published,
-            crate::classifier::WeightLayout::L2s => crate::maps::MapLayout::Ours,
-        }
+        self.map_layout
     }
 
     fn loss(&self, maps: &Tensor, triplet: &SteerGoal, step: usize) -> Result<Tensor> {

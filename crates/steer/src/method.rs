@@ -191,6 +191,7 @@ impl Method {
                     build_steps,
                     run_steps: steps,
                     relations: relations.clone(),
+                    map_layout: meta.map_layout,
                 };
                 let config = TunedSchedule::read(path)?.map_or(paper, |t| t.steer);
                 Self {

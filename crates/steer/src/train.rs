@@ -25,6 +25,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::maps::MapLayout;
+
 use crate::augment::{Augment, Augmenter};
 use crate::classifier::{
     Architecture, ClassifierConfig, EncoderConfig, Preset, RelationClassifier, StepInjection,
@@ -80,6 +82,10 @@ pub struct TrainConfig {
     /// Label-preserving symmetries drawn per training example (none in the paper).
     #[serde(default)]
     pub augment: Augment,
+    /// How the classifier computes: the published one by default. Settings recorded before
+    /// the architecture was a choice trained [`Architecture::legacy`].
+    #[serde(default = "Architecture::legacy")]
+    pub architecture: Architecture,
 }
 
 impl TrainConfig {
@@ -100,6 +106,7 @@ impl TrainConfig {
             seed: 0,
             half_storage: false,
             augment: Augment::None,
+            architecture: Architecture::authors(),
         }
     }
 
@@ -119,7 +126,10 @@ impl TrainConfig {
         }
     }
 
-    /// The classifier config for a dataset.
+    /// The classifier config for a dataset. The step embedding has a row per recorded step
+    /// ([`StepInput::Slot`]), or, as the published classifiers have, a row per step of the
+    /// sampling schedule ([`StepInput::Raw`]: the build's step count, at least the last recorded
+    /// step + 1).
     pub fn classifier_config(&self, info: &DatasetInfo) -> ClassifierConfig {
         let mut c = self
             .classifier
@@ -127,7 +137,18 @@ impl TrainConfig {
             .unwrap_or_else(|| ClassifierConfig::preset(self.preset, 1, 1, 1));
         c.num_maps = info.num_maps;
         c.map_size = info.map_size;
-        c.num_steps = info.step_indices.len();
+        c.num_steps = match self.architecture.step_input {
+            StepInput::Slot => info.step_indices.len(),
+            StepInput::Raw => {
+                let schedule = info
+                    .extra
+                    .get("num_inference_steps")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(0) as usize;
+                let last = info.step_indices.last().map_or(0, |&s| s + 1);
+                schedule.max(last)
+            }
+        };
         c.classes = info.relations.len();
         c
     }
@@ -373,7 +394,8 @@ pub fn evaluate_classifier(
     let mut loss_sum = 0.0;
     let idx: Vec<usize> = (0..data.len()).collect();
     for chunk in idx.chunks(batch_size.max(1)) {
-        let (maps, steps, labels) = data.batch(chunk, model.dtype(), device)?;
+        let step_input = model.architecture().step_input;
+        let (maps, steps, labels) = data.batch(chunk, model.dtype(), device, step_input)?;
         let logits = model.forward(&maps, &steps, false)?.detach();
         let loss = crate::classifier::cross_entropy(&logits, &labels)?
             .to_dtype(DType::F64)?
@@ -452,11 +474,13 @@ fn weights(varmap: &VarMap, copy: bool) -> candle_core::Result<HashMap<String, T
 /// A frozen classifier over the varmap's current weights (no autograd tracking).
 fn frozen(
     cfg: &ClassifierConfig,
+    arch: &Architecture,
     varmap: &VarMap,
     device: &Device,
 ) -> candle_core::Result<RelationClassifier> {
-    RelationClassifier::new(
+    RelationClassifier::with_architecture(
         cfg,
+        arch,
         VarBuilder::from_tensors(weights(varmap, false)?, DType::F32, device),
     )
 }
@@ -482,8 +506,10 @@ pub fn fit(
     // Seeded initialisation and dropout: the same data and settings train the same classifier.
     let varmap = VarMap::new();
     let init = SeededVarMap::new(&varmap, cfg.seed ^ 0x1a17_5eed);
-    let model = RelationClassifier::new(
+    let arch = &cfg.architecture;
+    let model = RelationClassifier::with_architecture(
         model_cfg,
+        arch,
         VarBuilder::from_backend(Box::new(init), DType::F32, device.clone()),
     )?;
     model.reseed_dropout(cfg.seed ^ 0xd209_0a75);
@@ -510,7 +536,7 @@ pub fn fit(
         order.shuffle(&mut rng);
         let (mut loss_sum, mut correct) = (0.0, 0usize);
         for chunk in order.chunks(cfg.batch_size) {
-            let (maps, steps, _) = train.batch(chunk, DType::F32, device)?;
+            let (maps, steps, _) = train.batch(chunk, DType::F32, device, arch.step_input)?;
             let stored: Vec<u32> = chunk.iter().map(|&i| train.label_list[i]).collect();
             let (maps, labels) = augmenter.apply(&maps, &stored, &mut rng)?;
             let logits = model.forward(&maps, &steps, true)?;
@@ -528,7 +554,7 @@ pub fn fit(
             correct += pred.iter().zip(&labels).filter(|(p, l)| p == l).count();
         }
         let ev = evaluate_classifier(
-            &frozen(model_cfg, &varmap, device)?,
+            &frozen(model_cfg, arch, &varmap, device)?,
             val,
             cfg.batch_size,
             relations,
@@ -625,6 +651,10 @@ pub struct CheckpointMeta {
     /// (`training_config.orig_map_size`): what ties a foreign checkpoint to a model family.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub orig_map_size: Option<usize>,
+    /// How the model's maps become the classifier's channels; steering records them the same
+    /// way. Checkpoints written before it was recorded read [`MapLayout::Ours`].
+    #[serde(default)]
+    pub map_layout: MapLayout,
 }
 
 impl CheckpointMeta {
@@ -727,6 +757,7 @@ pub fn train_on(
         "examples loaded"
     );
     let model_cfg = cfg.classifier_config(&info);
+    let map_layout = info.map_layout().map_err(TrainError::Config)?;
     let fitted = fit(
         &model_cfg,
         cfg,
@@ -736,7 +767,7 @@ pub fn train_on(
         device,
         progress,
     )?;
-    let best = frozen(&model_cfg, &fitted.varmap, device)?;
+    let best = frozen(&model_cfg, &cfg.architecture, &fitted.varmap, device)?;
     let test = if test_ex.is_empty() {
         None
     } else {
@@ -768,6 +799,7 @@ pub fn train_on(
             .get("orig_map_size")
             .and_then(|v| v.as_u64())
             .map(|v| v as usize),
+        map_layout,
         metrics: Some(TrainMetrics {
             best_epoch: fitted.best_epoch,
             epochs_run: fitted.epochs_run,
@@ -782,7 +814,7 @@ pub fn train_on(
             settings: cfg.clone(),
         }),
     };
-    save_checkpoint(out_dir, &fitted.varmap, &meta)?;
+    save_checkpoint_with_architecture(out_dir, &fitted.varmap, &meta, &cfg.architecture)?;
     Ok(TrainReport {
         checkpoint: out_dir.to_path_buf(),
         meta,
@@ -1306,6 +1338,7 @@ fn describe(
         metrics: None,
         num_inference_steps: Some(schedule),
         orig_map_size,
+        map_layout: MapLayout::Published,
     };
     Ok((meta, arch))
 }

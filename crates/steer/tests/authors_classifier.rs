@@ -410,6 +410,7 @@ fn classify_maps_steps_to_the_slots_of_our_classifiers() {
         metrics: None,
         num_inference_steps: Some(50),
         orig_map_size: None,
+        map_layout: Default::default(),
     };
     let tmp = tempfile::tempdir().unwrap();
     let ck = tmp.path().join("clf");

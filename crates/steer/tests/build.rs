@@ -9,6 +9,7 @@ use l2s_steer::build::{
     ReconstructionCheck,
 };
 use l2s_steer::dataset::{DatasetInfo, DatasetWriter, ShardSpec};
+use l2s_steer::maps::MapLayout;
 use l2s_steer::Dataset;
 
 fn model() -> Pipeline {
@@ -50,6 +51,7 @@ fn config() -> BuildConfig {
         shard: ShardSpec::all(),
         rf: Default::default(),
         drop_rule: DropRule::PerSample,
+        map_layout: MapLayout::Ours,
     }
 }
 

@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use l2s_steer::classifier::StepInput;
 use l2s_steer::dataset::{merge, shard_name, MergeSummary, MANIFEST_FILE};
 use l2s_steer::{
     Dataset, DatasetError, DatasetInfo, DatasetWriter, LayerInfo, SampleKind, SampleMeta, ShardSpec,
@@ -169,10 +170,17 @@ fn write_then_read() {
         .to_vec1::<f32>()
         .unwrap()[0];
     assert_eq!(first, 2.0);
-    let (maps, steps, labels) = ex.batch(&[1, 4], DType::F32, &Device::Cpu).unwrap();
+    let (maps, steps, labels) = ex
+        .batch(&[1, 4], DType::F32, &Device::Cpu, StepInput::Slot)
+        .unwrap();
     assert_eq!(maps.dims(), &[2, 2, 3, 4, 4]);
     assert_eq!(steps.to_vec1::<u32>().unwrap(), vec![1, 0]);
     assert_eq!(labels.to_vec1::<u32>().unwrap(), vec![3, 1]);
+    // A classifier that takes the denoising step itself gets the recorded steps (5, 10).
+    let (_, raw, _) = ex
+        .batch(&[1, 4], DType::F32, &Device::Cpu, StepInput::Raw)
+        .unwrap();
+    assert_eq!(raw.to_vec1::<u32>().unwrap(), vec![10, 5]);
 
     // The manifest is plain JSON lines with the documented fields.
     let text = fs::read_to_string(dir.join(MANIFEST_FILE)).unwrap();

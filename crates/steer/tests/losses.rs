@@ -82,6 +82,7 @@ fn learned_loss_maps_steps_like_the_paper() {
         build_steps: 50,
         run_steps: 50,
         relations,
+        map_layout: Default::default(),
     };
     // 0–5 → 5 (slot 0), 6–10 → 10, …, past 25 → the last slot.
     let slots: Vec<usize> = [0, 5, 6, 10, 11, 24, 25, 26, 49]

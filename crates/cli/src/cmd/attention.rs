@@ -10,9 +10,11 @@ use l2s_generate::{
     write_tensors, AttentionCollector, AttentionRequest, GenerateRequest, Observers,
 };
 use l2s_steer::build::StepMaps;
-use l2s_steer::maps::{MapLayout, WordPair};
+use l2s_steer::maps::WordPair;
 
-use crate::common::{load_model, png_target, warn_all, Bars, Global, ModelArgs, SampleArgs};
+use crate::common::{
+    load_model, png_target, warn_all, Bars, Global, MapLayoutArg, ModelArgs, SampleArgs,
+};
 
 #[derive(clap::Args)]
 #[command(
@@ -56,24 +58,9 @@ pub struct Args {
     pub classifier_maps: Option<PathBuf>,
     /// Channel layout of --classifier-maps: `published` (what the published Learn-to-Steer
     /// classifiers read: layers by resolution ascending, bilinear resize, renormalised only when
-    /// resized) or `ours` (what `l2s train` classifiers read)
+    /// resized; what `l2s data build` records by default) or `ours`
     #[arg(long, value_enum, default_value = "published")]
     pub map_layout: MapLayoutArg,
-}
-
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum MapLayoutArg {
-    Published,
-    Ours,
-}
-
-impl From<MapLayoutArg> for MapLayout {
-    fn from(a: MapLayoutArg) -> Self {
-        match a {
-            MapLayoutArg::Published => MapLayout::Published,
-            MapLayoutArg::Ours => MapLayout::Ours,
-        }
-    }
 }
 
 pub fn run(args: Args, global: &Global) -> Result<()> {

@@ -8,7 +8,9 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use l2s_steer::bench::{run_shapes_bench, BenchProgress, ShapesBench, StageBar};
 use l2s_steer::Augment;
 
-use crate::common::{default_workers, load_model, say, Global, ModelArgs};
+use crate::common::{
+    default_workers, load_model, say, ArchitectureArg, Global, MapLayoutArg, ModelArgs,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -104,6 +106,12 @@ pub struct ShapesArgs {
     /// (the shapes world has no preferred up, so all 16 apply)
     #[arg(long, default_value = "dihedral")]
     augment: Augment,
+    /// Classifier architecture: authors (the published one) or legacy
+    #[arg(long, value_enum, default_value = "authors")]
+    architecture: ArchitectureArg,
+    /// How training and steering maps become classifier channels: published or ours
+    #[arg(long, value_enum, default_value = "published")]
+    map_layout: MapLayoutArg,
 }
 
 impl ShapesArgs {
@@ -129,6 +137,8 @@ impl ShapesArgs {
             classifier_lr: self.classifier_lr,
             patience: self.patience,
             augment: self.augment,
+            architecture: self.architecture.into(),
+            map_layout: self.map_layout.into(),
         }
     }
 }

@@ -13,7 +13,9 @@ use l2s_steer::build::{
 use crate::cmd::score::{load_detector, DetectorArg};
 use l2s_steer::dataset::{merge, ShardSpec};
 
-use crate::common::{default_workers, image_bar, load_model, EvalArgs, Global, ModelArgs};
+use crate::common::{
+    default_workers, image_bar, load_model, EvalArgs, Global, MapLayoutArg, ModelArgs,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -128,6 +130,12 @@ pub struct BuildArgs {
     /// without inverting it (the paper's rule), `per-sample` judges each sample on its own
     #[arg(long, value_enum, default_value = "twins")]
     drop: DropArg,
+    /// How the maps become classifier channels: `published` (the published Learn-to-Steer
+    /// classifiers' layout: layers by resolution ascending, bilinear resize to 16×16,
+    /// renormalised only when resized) or `ours` (layers in forward order, area-averaged, every
+    /// map renormalised). A classifier trained on the data steers with the same layout
+    #[arg(long, value_enum, default_value = "published")]
+    map_layout: MapLayoutArg,
     /// Steps at which maps are recorded (default: the paper's 5,10,15,20,25,49 scaled to --steps;
     /// FLUX.1-schnell: 1,3)
     #[arg(long, value_delimiter = ',')]
@@ -323,6 +331,7 @@ fn build(a: BuildArgs, global: &Global) -> Result<()> {
             DropArg::Twins => DropRule::Twins,
             DropArg::PerSample => DropRule::PerSample,
         },
+        map_layout: a.map_layout.into(),
         ..defaults
     };
     let job = BuildJob {

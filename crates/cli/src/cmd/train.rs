@@ -9,7 +9,7 @@ use l2s_steer::train::{train_on, TrainConfig};
 use l2s_steer::Augment;
 use l2s_steer::Dataset;
 
-use crate::common::{Global, OutFolder};
+use crate::common::{ArchitectureArg, Global, OutFolder};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -38,6 +38,10 @@ pub struct Args {
     /// mirror and subject/object swap) or dihedral (also vertical mirror and transpose)
     #[arg(long, default_value = "none")]
     augment: Augment,
+    /// Classifier architecture: `authors` (the published Learn-to-Steer classifier) or `legacy`
+    /// (maps scaled by S·S, GELU, a final LayerNorm; see BENCHMARKS.md for both measured)
+    #[arg(long, value_enum, default_value = "authors")]
+    architecture: ArchitectureArg,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -59,6 +63,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         cfg.early_stop_patience = p;
     }
     cfg.augment = args.augment;
+    cfg.architecture = args.architecture.into();
     cfg.seed = args.seed;
     let quiet = global.quiet;
     let out = OutFolder::open(&args.out, "--out")?;
