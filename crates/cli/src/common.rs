@@ -60,7 +60,9 @@ pub struct ModelArgs {
     /// Weight file variant, e.g. fp16 (default: the plain files, else fp16)
     #[arg(long)]
     pub variant: Option<String>,
-    /// cpu, cuda or cuda:N (default: the first GPU when built with CUDA and one is present)
+    /// cpu, cuda or cuda:N (default: the first GPU when built with CUDA and one is present).
+    /// `data build` also takes a list (cuda:0,cuda:1): a copy of the model on each, one worker
+    /// per device; by default it uses every GPU present
     #[arg(long)]
     pub device: Option<String>,
     /// FLUX only: load the transformer from this single safetensors file (original BFL naming as
@@ -143,6 +145,60 @@ pub fn load_model(args: &ModelArgs) -> Result<(Pipeline, String)> {
         )
     })?;
     Ok((model, name))
+}
+
+/// The devices a `--device` list names (`cuda:0,cuda:1`), or without one every GPU when built
+/// with CUDA and several are present; `None` entries mean the single default device.
+fn device_list(arg: Option<&str>) -> Vec<Option<String>> {
+    match arg {
+        Some(list) if list.contains(',') => list
+            .split(',')
+            .map(|d| Some(d.trim().to_string()))
+            .collect(),
+        Some(one) => vec![Some(one.to_string())],
+        None => {
+            let gpus = cuda_device_count();
+            if gpus > 1 {
+                (0..gpus).map(|i| Some(format!("cuda:{i}"))).collect()
+            } else {
+                vec![None]
+            }
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device_count() -> usize {
+    candle_core::cuda_backend::cudarc::driver::CudaContext::device_count()
+        .map_or(0, |n| n.max(0) as usize)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device_count() -> usize {
+    0
+}
+
+/// The model `args` name loaded once per device of its `--device` list (see [`device_list`]),
+/// so that each device's worker runs on its own copy; with the name to record in metadata.
+pub fn load_replicas(args: &ModelArgs) -> Result<(Vec<Pipeline>, String)> {
+    let mut models = Vec::new();
+    let mut name = String::new();
+    for device in device_list(args.device.as_deref()) {
+        let one = ModelArgs {
+            model: args.model.clone(),
+            dtype: args.dtype,
+            variant: args.variant.clone(),
+            device,
+            transformer: args.transformer.clone(),
+        };
+        let (model, n) = load_model(&one)?;
+        models.push(model);
+        name = n;
+    }
+    if models.len() > 1 {
+        tracing::info!("{} copies of the model, one per device", models.len());
+    }
+    Ok((models, name))
 }
 
 /// Sampling settings of `generate`, `invert`, `attention` and `eval`. Steps and guidance default to the

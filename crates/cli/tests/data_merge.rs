@@ -170,3 +170,42 @@ fn shards_merge_into_what_one_build_writes() {
     assert!(e.contains("\"step_indices\" differs"), "{e}");
     assert!(fails(&["train", "--out", s(&dir("clf-none"))]).contains("--data"));
 }
+
+/// `--device cpu,cpu` loads a copy of the model per device and runs one worker on each: the
+/// dataset is the one a single device and worker writes, sample for sample.
+#[test]
+fn a_copy_of_the_model_per_device_builds_what_one_device_builds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |name: &str| tmp.path().join(name);
+    let images = dir("images");
+    ok(&[
+        "shapes",
+        "render",
+        "--out",
+        s(&images),
+        "--count",
+        "3",
+        "--min-objects",
+        "2",
+        "--max-objects",
+        "2",
+        "--seed",
+        "5",
+    ]);
+    build(&images, &dir("one"), &["--device", "cpu", "--workers", "1"]);
+    build(&images, &dir("two"), &["--device", "cpu,cpu"]);
+    let one = samples(&dir("one"));
+    assert_eq!(one.len(), 6);
+    assert_eq!(samples(&dir("two")), one);
+    let e = fails(&[
+        "data",
+        "build",
+        "--images",
+        s(&images),
+        "--out",
+        s(&dir("bad")),
+        "--device",
+        "cpu,gpu7",
+    ]);
+    assert!(e.contains("gpu7"), "{e}");
+}

@@ -352,15 +352,51 @@ impl Verdict {
     }
 }
 
+/// One model loaded on one or more devices: worker `w` of a build runs on replica
+/// `w mod n`, so with one replica per GPU each GPU inverts its own image.
+#[derive(Clone, Copy)]
+pub struct Replicas<'a>(&'a [Pipeline]);
+
+impl<'a> Replicas<'a> {
+    /// The replicas; `None` when `models` is empty.
+    pub fn new(models: &'a [Pipeline]) -> Option<Self> {
+        (!models.is_empty()).then_some(Self(models))
+    }
+
+    /// The first replica: the one that probes the maps' layout and hosts the relation check.
+    pub fn first(&self) -> &'a Pipeline {
+        &self.0[0]
+    }
+
+    /// The replica worker `worker` runs on.
+    pub fn for_worker(&self, worker: usize) -> &'a Pipeline {
+        &self.0[worker % self.0.len()]
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a> From<&'a Pipeline> for Replicas<'a> {
+    fn from(model: &'a Pipeline) -> Self {
+        Self(std::slice::from_ref(model))
+    }
+}
+
 /// Builds (or resumes) a dataset in `writer` from `images`. With `positives_only`, the
 /// true-prompt samples also go there: the single-inversion ablation from the same inversions.
 /// With a `check`, samples whose reconstruction no longer shows the relation are dropped too.
-/// `workers` threads invert at once, one image each (the model is shared); samples are written
-/// in the same order as with one. `--shard` splits by image, so twins stay together.
-/// `progress(done, total)` after each image.
+/// `workers` threads invert at once, one image each (each on its replica of the model); samples
+/// are written in the same order as with one. `--shard` splits by image, so twins stay
+/// together. `progress(done, total)` after each image.
 #[allow(clippy::too_many_arguments)]
-pub fn build(
-    model: &Pipeline,
+pub fn build<'m>(
+    models: impl Into<Replicas<'m>>,
     images: &[AnnotatedImage],
     cfg: &BuildConfig,
     check: Option<&ReconstructionCheck>,
@@ -369,6 +405,7 @@ pub fn build(
     mut positives_only: Option<&mut DatasetWriter>,
     progress: &mut dyn FnMut(usize, usize, &BuildSummary),
 ) -> Result<BuildSummary> {
+    let models = models.into();
     let mut summary = BuildSummary {
         images: images.len(),
         ..BuildSummary::default()
@@ -428,7 +465,8 @@ pub fn build(
         }
     }
     // Inversion, reconstruction and the detector's check run on the workers.
-    let run_sample = |job: &ImageJob,
+    let run_sample = |model: &Pipeline,
+                      job: &ImageJob,
                       pixels: &image::RgbImage,
                       s: &SampleJob|
      -> Result<(RecordedSample, bool)> {
@@ -466,7 +504,8 @@ pub fn build(
         };
         Ok((recorded, holds))
     };
-    let run = |job: &ImageJob| -> Result<Vec<SampleOutcome>> {
+    let run = |worker: usize, job: &ImageJob| -> Result<Vec<SampleOutcome>> {
+        let model = models.for_worker(worker);
         // One decode per image, shared by its samples; a photo that does not decode is
         // skipped and counted, never fatal.
         let pixels = match images[job.image].pixels() {
@@ -487,7 +526,7 @@ pub fn build(
                 outcomes.push(SampleOutcome::TwinDropped);
                 continue;
             }
-            let (recorded, holds) = run_sample(job, &pixels, s)?;
+            let (recorded, holds) = run_sample(model, job, &pixels, s)?;
             let kept = Verdict::of(recorded.psnr, holds, cfg.psnr_threshold) == Verdict::Kept;
             if s.kind == SampleKind::Positive && !kept && cfg.drop_rule == DropRule::Twins {
                 positive_dropped = true;
@@ -647,11 +686,13 @@ pub const BUILD_SUMMARY_FILE: &str = "build-summary.json";
 
 /// Reads the job's source, builds (or resumes) its dataset and writes the summary.
 /// `progress(done, total, summary)` after each image.
-pub fn run_build(
-    model: &Pipeline,
+pub fn run_build<'m>(
+    models: impl Into<Replicas<'m>>,
     job: &BuildJob,
     progress: &mut dyn FnMut(usize, usize, &BuildSummary),
 ) -> Result<BuildReport> {
+    let models = models.into();
+    let model = models.first();
     let fit = job.fit.unwrap_or(if model.crops_training_images() {
         Fit::CenterCrop
     } else {
@@ -689,7 +730,7 @@ pub fn run_build(
         job.shard_size,
     )?;
     let samples = build(
-        model,
+        models,
         &read.images,
         &job.config,
         check.as_ref(),

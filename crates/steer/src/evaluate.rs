@@ -289,7 +289,7 @@ pub fn run_eval(
     run_ordered(
         &jobs,
         run.workers.max(1),
-        |job| {
+        |_, job| {
             one(job).with_context(|| {
                 format!(
                     "prompt {} {:?}, image {}",

@@ -7,13 +7,14 @@ use std::sync::mpsc;
 
 use crate::error::Result;
 
-/// Runs `work` on every job with up to `workers` threads and hands each result to `sink` in job
-/// order (results that finish early wait in a buffer). The first error — from a job or from the
-/// sink — stops the remaining jobs and is returned.
+/// Runs `work(worker, job)` on every job with up to `workers` threads (`worker` in
+/// `0..workers`: which thread runs the job, e.g. to pick that thread's device) and hands each
+/// result to `sink` in job order (results that finish early wait in a buffer). The first
+/// error — from a job or from the sink — stops the remaining jobs and is returned.
 pub fn run_ordered<J, R>(
     jobs: &[J],
     workers: usize,
-    work: impl Fn(&J) -> Result<R> + Sync,
+    work: impl Fn(usize, &J) -> Result<R> + Sync,
     mut sink: impl FnMut(usize, R) -> Result<()>,
 ) -> Result<()>
 where
@@ -22,7 +23,7 @@ where
 {
     if workers <= 1 || jobs.len() <= 1 {
         for (k, job) in jobs.iter().enumerate() {
-            sink(k, work(job)?)?;
+            sink(k, work(0, job)?)?;
         }
         return Ok(());
     }
@@ -30,7 +31,7 @@ where
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
         let (tx, rx) = mpsc::channel::<(usize, Result<R>)>();
-        for _ in 0..workers.min(jobs.len()) {
+        for worker in 0..workers.min(jobs.len()) {
             let tx = tx.clone();
             let (work, next, stop) = (&work, &next, &stop);
             scope.spawn(move || loop {
@@ -38,7 +39,7 @@ where
                 if k >= jobs.len() || stop.load(Ordering::Relaxed) {
                     break;
                 }
-                if tx.send((k, work(&jobs[k]))).is_err() {
+                if tx.send((k, work(worker, &jobs[k]))).is_err() {
                     break;
                 }
             });
@@ -86,7 +87,8 @@ mod tests {
             run_ordered(
                 &jobs,
                 workers,
-                |&j| {
+                |worker, &j| {
+                    assert!(worker < workers);
                     std::thread::sleep(Duration::from_millis(2 * (12 - j)));
                     Ok(j * j)
                 },
@@ -108,7 +110,7 @@ mod tests {
         let e = run_ordered(
             &jobs,
             2,
-            |&j| {
+            |_, &j| {
                 ran.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(1));
                 if j == 5 {
@@ -128,7 +130,7 @@ mod tests {
         let e = run_ordered(
             &jobs,
             2,
-            |&j| Ok(j),
+            |_, &j| Ok(j),
             |k, _| {
                 if k == 3 {
                     crate::error::bail!("disk full")

@@ -8,13 +8,14 @@ use anyhow::{bail, Result};
 use l2s_sources::Fit;
 use l2s_steer::build::{
     progress_message, run_build, BuildConfig, BuildJob, BuildSource, DropRule, RelationCheckKind,
+    Replicas,
 };
 
 use crate::cmd::score::{load_detector, DetectorArg};
 use l2s_steer::dataset::{merge, ShardSpec};
 
 use crate::common::{
-    default_workers, image_bar, load_model, EvalArgs, Global, MapLayoutArg, ModelArgs,
+    default_workers, image_bar, load_replicas, EvalArgs, Global, MapLayoutArg, ModelArgs,
 };
 
 #[derive(clap::Args)]
@@ -313,9 +314,10 @@ fn source(a: &BuildArgs) -> Result<BuildSource> {
 }
 
 fn build(a: BuildArgs, global: &Global) -> Result<()> {
-    let (model, _) = load_model(&a.model)?;
+    let (models, _) = load_replicas(&a.model)?;
+    let model = &models[0];
     let steps = a.steps.unwrap_or(model.sampling_defaults().steps);
-    let defaults = BuildConfig::for_model(&model, steps);
+    let defaults = BuildConfig::for_model(model, steps);
     let config = BuildConfig {
         fixed_point_iterations: a.fixed_point,
         step_indices: if a.at_steps.is_empty() {
@@ -355,10 +357,15 @@ fn build(a: BuildArgs, global: &Global) -> Result<()> {
         },
         out: a.out.clone(),
         shard_size: a.shard_size,
-        workers: a.workers.unwrap_or_else(default_workers),
+        // Several devices: one worker each unless told otherwise.
+        workers: a.workers.unwrap_or_else(|| match models.len() {
+            1 => default_workers(),
+            n => n,
+        }),
     };
     let bar = image_bar(global, "build");
-    let report = run_build(&model, &job, &mut |done, total, s| {
+    let replicas = Replicas::new(&models).expect("at least one model is loaded");
+    let report = run_build(replicas, &job, &mut |done, total, s| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
         bar.set_message(progress_message(s));
