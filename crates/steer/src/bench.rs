@@ -482,6 +482,8 @@ fn check_work_folder(sd: &Pipeline, a: &ShapesBench) -> Result<()> {
         "classifier_lr": a.classifier_lr,
         "patience": a.patience,
         "augment": a.augment,
+        "architecture": a.architecture,
+        "map_layout": a.map_layout,
     });
     if path.exists() {
         let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)

@@ -109,6 +109,9 @@ pub struct ShapesArgs {
     /// Classifier architecture: authors (the published one) or legacy
     #[arg(long, value_enum, default_value = "authors")]
     architecture: ArchitectureArg,
+    /// Multiply the classifiers' maps by S·S on entry (see `l2s train --scale-maps`)
+    #[arg(long)]
+    scale_maps: bool,
     /// How training and steering maps become classifier channels: published or ours
     #[arg(long, value_enum, default_value = "published")]
     map_layout: MapLayoutArg,
@@ -137,7 +140,11 @@ impl ShapesArgs {
             classifier_lr: self.classifier_lr,
             patience: self.patience,
             augment: self.augment,
-            architecture: self.architecture.into(),
+            architecture: {
+                let mut a: l2s_steer::classifier::Architecture = self.architecture.into();
+                a.scale_maps |= self.scale_maps;
+                a
+            },
             map_layout: self.map_layout.into(),
         }
     }

@@ -42,6 +42,11 @@ pub struct Args {
     /// (maps scaled by S·S, GELU, a final LayerNorm; see BENCHMARKS.md for both measured)
     #[arg(long, value_enum, default_value = "authors")]
     architecture: ArchitectureArg,
+    /// Multiply the maps by S·S on entry (a map summing to 1 then has mean 1): the published
+    /// architecture's one departure that lets it learn from a few hundred samples (measured in
+    /// BENCHMARKS.md); `legacy` always scales
+    #[arg(long)]
+    scale_maps: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -64,6 +69,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     }
     cfg.augment = args.augment;
     cfg.architecture = args.architecture.into();
+    cfg.architecture.scale_maps |= args.scale_maps;
     cfg.seed = args.seed;
     let quiet = global.quiet;
     let out = OutFolder::open(&args.out, "--out")?;
