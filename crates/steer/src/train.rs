@@ -89,12 +89,12 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
-    /// Stable Diffusion settings: lr 1e-4.
+    /// Stable Diffusion settings, the published ones: lr 1e-4, 150 epochs at most.
     pub fn sd() -> Self {
         Self {
             preset: Preset::Sd,
             classifier: None,
-            max_epochs: 200,
+            max_epochs: 150,
             batch_size: 64,
             lr: 1e-4,
             weight_decay: 0.05,
@@ -110,11 +110,12 @@ impl TrainConfig {
         }
     }
 
-    /// FLUX settings: lr 5e-5.
+    /// FLUX settings, the published ones: lr 5e-5, 200 epochs at most.
     pub fn flux() -> Self {
         Self {
             preset: Preset::Flux,
             lr: 5e-5,
+            max_epochs: 200,
             ..Self::sd()
         }
     }
