@@ -1557,3 +1557,123 @@ mod tests {
         assert_eq!((kept.len(), issues.len()), (1, 0));
     }
 }
+
+/// Each GenEval task's judgement on hand-made detections.
+#[cfg(test)]
+mod task_tests {
+    use super::*;
+    use crate::tasks::TaskPrompt;
+
+    fn det(class: &str, score: f32, x: f32) -> Detection {
+        Detection {
+            class: class.into(),
+            bbox: BBox::new(x, 0.0, x + 10.0, 10.0),
+            score,
+        }
+    }
+
+    fn prompt(line: &str) -> TaskPrompt {
+        TaskPrompt::from_line(line).unwrap().unwrap()
+    }
+
+    fn judge(p: &TaskPrompt, ds: &[Detection], colors: &[(usize, &str)]) -> (bool, Vec<String>) {
+        let colors: Colors = colors.iter().map(|(i, c)| (*i, c.to_string())).collect();
+        let v = judge_prompt(p, ds, &colors, &ScoreOptions::default());
+        (v.correct, v.reason)
+    }
+
+    #[test]
+    fn single_and_two_objects() {
+        let one = prompt(
+            r#"{"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"}"#,
+        );
+        assert_eq!(judge(&one, &[det("dog", 0.31, 0.0)], &[]), (true, vec![]));
+        // 0.3 is not above the threshold; a cat is not a dog.
+        assert_eq!(
+            judge(&one, &[det("dog", 0.3, 0.0), det("cat", 0.9, 0.0)], &[]),
+            (false, vec!["expected dog>=1, found 0".to_string()])
+        );
+        let two = prompt(
+            r#"{"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}], "prompt": "a photo of a dog and a cat"}"#,
+        );
+        assert!(judge(&two, &[det("cat", 0.5, 0.0), det("dog", 0.5, 50.0)], &[]).0);
+        assert_eq!(
+            judge(&two, &[det("dog", 0.9, 0.0), det("dog", 0.8, 50.0)], &[]),
+            (false, vec!["expected cat>=1, found 0".to_string()])
+        );
+    }
+
+    #[test]
+    fn counting_uses_its_own_threshold_and_the_object_limit() {
+        let three = prompt(
+            r#"{"tag": "counting", "include": [{"class": "dog", "count": 3}], "exclude": [{"class": "dog", "count": 4}], "prompt": "a photo of three dogs"}"#,
+        );
+        let dogs = |scores: &[f32]| -> Vec<Detection> {
+            scores
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| det("dog", s, 20.0 * i as f32))
+                .collect()
+        };
+        assert!(judge(&three, &dogs(&[0.95, 0.92, 0.91, 0.5]), &[]).0);
+        // 0.85 clears GenEval's usual 0.3 but not the counting threshold 0.9.
+        assert_eq!(
+            judge(&three, &dogs(&[0.95, 0.92, 0.85]), &[]),
+            (false, vec!["expected dog>=3, found 2".to_string()])
+        );
+        assert_eq!(
+            judge(&three, &dogs(&[0.95, 0.94, 0.93, 0.92]), &[]),
+            (false, vec!["expected dog<4, found 4".to_string()])
+        );
+        // At most 16 detections of a class are kept, so 20 dogs read as 16.
+        assert_eq!(
+            judge(&three, &dogs(&[0.95; 20]), &[]).1,
+            ["expected dog<4, found 16"]
+        );
+    }
+
+    #[test]
+    fn colors_and_color_attribution() {
+        let red_car = prompt(
+            r#"{"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a photo of a red car"}"#,
+        );
+        let cars = [det("car", 0.6, 0.0), det("car", 0.9, 50.0)];
+        // Only the best car is looked at: detection 1.
+        assert_eq!(
+            color_requests(&red_car, &cars, &ScoreOptions::default()),
+            [("car".to_string(), vec![1])]
+        );
+        assert!(judge(&red_car, &cars, &[(1, "red")]).0);
+        assert_eq!(
+            judge(&red_car, &cars, &[(0, "red"), (1, "blue")]),
+            (
+                false,
+                vec!["expected red car>=1, found 0 red; and 1 blue".to_string()]
+            )
+        );
+        // No car: no colour is asked.
+        let none = [det("car", 0.2, 0.0)];
+        assert!(color_requests(&red_car, &none, &ScoreOptions::default()).is_empty());
+        assert_eq!(judge(&red_car, &none, &[]).1, ["expected car>=1, found 0"]);
+
+        let attr = prompt(
+            r#"{"tag": "color_attr", "include": [{"class": "car", "count": 1, "color": "red"}, {"class": "cup", "count": 1, "color": "blue"}], "prompt": "a photo of a red car and a blue cup"}"#,
+        );
+        let ds = [det("cup", 0.8, 0.0), det("car", 0.7, 50.0)];
+        assert_eq!(
+            color_requests(&attr, &ds, &ScoreOptions::default()),
+            [("car".to_string(), vec![1]), ("cup".to_string(), vec![0])]
+        );
+        assert!(judge(&attr, &ds, &[(1, "red"), (0, "blue")]).0);
+        // Swapped colours: both clauses fail.
+        assert_eq!(
+            judge(&attr, &ds, &[(1, "blue"), (0, "red")]).1,
+            [
+                "expected red car>=1, found 0 red; and 1 blue",
+                "expected blue cup>=1, found 0 blue; and 1 red"
+            ]
+        );
+        // A colour the classifier did not give counts as not the wanted one.
+        assert!(!judge(&attr, &ds, &[(1, "red")]).0);
+    }
+}
