@@ -1,5 +1,6 @@
-//! `l2s score`: judge a GenEval-layout image folder (with a detector) or an external detector's
-//! detections file by GenEval's rule; write per-image results and a summary with VISOR's metrics.
+//! `l2s score`: judge a GenEval-layout image folder (with a detector, and CLIP for colours) or an
+//! external detector's detections file by GenEval's rules; write per-image results and a summary
+//! with GenEval's table and VISOR's metrics.
 
 use std::path::{Path, PathBuf};
 
@@ -75,7 +76,9 @@ pub fn load_detector_on(
 #[command(
     after_help = "A detections file (--detections) has one JSON object per image: the prompt's GenEval \
 metadata fields (tag, include, prompt), \"width\", \"height\", \"detections\": [{\"class\", \"bbox\": [x1, y1, x2, y2] \
-in pixels, \"score\"}], and optionally \"filename\" (NNNNN/samples/SSSS.png). Results: one JSON line per image \
+in pixels, \"score\", optionally \"color\"}], and optionally \"filename\" (NNNNN/samples/SSSS.png). All six GenEval \
+tasks are scored (single_object, two_object, counting, colors, position, color_attr) and our multi_position; the \
+summary holds GenEval's table (per task, overall = mean over tasks). Results: one JSON line per image \
 with GenEval's fields (filename, tag, prompt, correct, reason, metadata, details) and ours (status, all_found, \
 relations, detections). Missing or unreadable images count as wrong; every problem is listed with its path or \
 line in the summary's \"errors\"."
@@ -115,7 +118,12 @@ pub struct Args {
     /// Images per detector call (images of one size share a forward pass)
     #[arg(long, default_value_t = 4, value_name = "N")]
     pub batch_size: usize,
-    /// Device of --detector mask2former: cpu, cuda or cuda:N (default: the first GPU when built
+    /// CLIP for GenEval's colour tasks (colors, color_attr): a transformers CLIPModel folder
+    /// (openai/clip-vit-large-patch14: config.json, model.safetensors, tokenizer files). Without
+    /// it colour prompts are listed as not scored
+    #[arg(long, value_name = "DIR")]
+    pub clip: Option<PathBuf>,
+    /// Device of --detector mask2former and --clip: cpu, cuda or cuda:N (default: the first GPU when built
     /// with CUDA and one is present, else the CPU)
     #[arg(long)]
     pub device: Option<String>,
@@ -202,9 +210,16 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     };
     let Scored { results, summary } = match (&args.dir, &args.detections) {
         (Some(dir), _) => {
-            let device = match args.detector {
-                DetectorArg::Shapes => Device::Cpu,
-                DetectorArg::Mask2former => detector_device(args.device.as_deref(), global.quiet)?,
+            let device = match (args.detector, &args.clip) {
+                (DetectorArg::Shapes, None) => Device::Cpu,
+                _ => detector_device(args.device.as_deref(), global.quiet)?,
+            };
+            let clip = match &args.clip {
+                Some(d) => Some(
+                    l2s_detect::ClipColorClassifier::load(d, &device)
+                        .with_context(|| format!("--clip {}", d.display()))?,
+                ),
+                None => None,
             };
             let detector =
                 load_detector_on(args.detector, args.detector_weights.as_deref(), &device)?;
@@ -227,7 +242,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             let how = FolderScoring {
                 detector: detector.as_ref(),
                 detector_name: name,
-                colors: None,
+                colors: clip.as_ref().map(|c| c as &dyn l2s_eval::ColorClassifier),
                 batch_size: args.batch_size,
                 images_per_prompt: args.images_per_prompt,
                 opts,
@@ -241,6 +256,9 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
             s
         }
         (None, Some(file)) => {
+            if args.clip.is_some() {
+                bail!("--clip reads images; a --detections file gives colours as each detection's \"color\"");
+            }
             score_detections(file, args.images_per_prompt, &opts).map_err(anyhow::Error::msg)?
         }
         (None, None) => bail!("give a folder DIR or --detections FILE"),
