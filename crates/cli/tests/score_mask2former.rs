@@ -127,7 +127,7 @@ fn geneval_folder(root: &std::path::Path) {
         for j in 0..1u32 {
             let k = i as u32 + j;
             let img = image::RgbImage::from_fn(75, 50, |x, y| {
-                let inside = (x / 15 + y / 10 + k) % 3 == 0;
+                let inside = (x / 15 + y / 10 + k).is_multiple_of(3);
                 let v = (x * 3 + y * 5 + k * 40) as u8;
                 image::Rgb(if inside {
                     [v, 200, 255 - v]
@@ -245,7 +245,7 @@ fn every_geneval_task_is_scored_in_batches_with_clip_colours() {
         let img = image::open(dir.join(r["filename"].as_str().unwrap()))
             .unwrap()
             .to_rgb8();
-        let found = l2s_eval::Detector::detect_batch(&detector, &[img.clone()], Some(0.01))
+        let found = l2s_eval::Detector::detect_batch(&detector, std::slice::from_ref(&img), Some(0.01))
             .pop()
             .unwrap()
             .unwrap();

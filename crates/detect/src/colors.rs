@@ -25,7 +25,7 @@ pub const BACKGROUND: [u8; 3] = [0x99, 0x99, 0x99];
 
 /// OpenAI CLIP's normalisation.
 const MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-const STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+const STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// GenEval's colour prompt templates; `{c}` is the colour, `{class}` the object.
 pub const TEMPLATES: [&str; 3] = [

@@ -300,24 +300,24 @@ pub fn score_folder_with(
             let path = folder
                 .and_then(|f| f.samples.get(&j).cloned())
                 .unwrap_or_else(|| sample_path(root, *index, j));
-            let src = ImageSource {
+            let mut src = ImageSource {
                 filename: sample_relpath(*index, j),
                 prompt_index: Some(*index),
                 sample: Some(j),
                 ..Default::default()
             };
             let loc = path.display().to_string();
-            match load_image(&path, src, &mut issues, || {
+            match load_image(&path, &mut src, &mut issues, || {
                 format!(
                     "image {} of {ipp} for {:?} is missing; counted as wrong",
                     j + 1,
                     prompt.prompt
                 )
             }) {
-                Err((src, status, why)) => {
+                Err((status, why)) => {
                     slots.push(Ok(ImageResult::unjudged(prompt, src, status, why)))
                 }
-                Ok((src, rgb)) => {
+                Ok(rgb) => {
                     decoded.push(rgb);
                     slots.push(Err((src, loc)));
                 }
@@ -404,14 +404,13 @@ pub fn score_folder_with(
 }
 
 /// Reads and decodes one image, taking the method, seed and steering loss from its PNG text.
-/// On failure: the source, the status and the reason to record (the issue is already listed).
-#[allow(clippy::type_complexity)]
+/// On failure: the status and the reason to record (the issue is already listed).
 fn load_image(
     path: &Path,
-    mut src: ImageSource,
+    src: &mut ImageSource,
     issues: &mut Vec<Issue>,
     missing: impl FnOnce() -> String,
-) -> Result<(ImageSource, image::RgbImage), (ImageSource, ImageStatus, &'static str)> {
+) -> Result<image::RgbImage, (ImageStatus, &'static str)> {
     let loc = path.display().to_string();
     let bytes = match l2s_files::read_capped(path, l2s_files::MAX_IMAGE_BYTES) {
         Ok(b) => b,
@@ -422,7 +421,7 @@ fn load_image(
                 format!("cannot read: {}; counted as wrong", e.reason())
             };
             issues.push(Issue::new(IssueKind::MissingImage, &loc, msg));
-            return Err((src, ImageStatus::Missing, "missing image"));
+            return Err((ImageStatus::Missing, "missing image"));
         }
     };
     for (k, v) in png_text_chunks(&bytes) {
@@ -440,13 +439,13 @@ fn load_image(
                 &loc,
                 format!("not a readable image: {e}; counted as wrong"),
             ));
-            Err((src, ImageStatus::Undecodable, "undecodable image"))
+            Err((ImageStatus::Undecodable, "undecodable image"))
         }
         Ok(img) => {
             let rgb = img.to_rgb8();
             src.width = Some(rgb.width());
             src.height = Some(rgb.height());
-            Ok((src, rgb))
+            Ok(rgb)
         }
     }
 }
