@@ -245,10 +245,11 @@ fn every_geneval_task_is_scored_in_batches_with_clip_colours() {
         let img = image::open(dir.join(r["filename"].as_str().unwrap()))
             .unwrap()
             .to_rgb8();
-        let found = l2s_eval::Detector::detect_batch(&detector, std::slice::from_ref(&img), Some(0.01))
-            .pop()
-            .unwrap()
-            .unwrap();
+        let found =
+            l2s_eval::Detector::detect_batch(&detector, std::slice::from_ref(&img), Some(0.01))
+                .pop()
+                .unwrap()
+                .unwrap();
         for b in r["detections"].as_array().unwrap() {
             let Some(color) = b["color"].as_str() else {
                 continue;

@@ -303,8 +303,10 @@ pub struct BoxRecord {
     pub color: Option<String>,
 }
 
-/// One line of a results file.
+/// One line of a results file. A field that is neither GenEval's nor ours is refused by name:
+/// a results file from some other tool is not read as if it were one of these.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ImageResult {
     /// Image path relative to the run folder ("00012/samples/0003.png"), or as the detections
     /// file named it.
@@ -1199,6 +1201,17 @@ mod geneval_results_tests {
         // A path outside the layout is still refused.
         std::fs::write(&path, lines[0].replace("00012", "x")).unwrap();
         assert!(read_results(&path).unwrap_err().contains("filename"));
+        // A field of neither schema, and a broken line: errors naming the line.
+        let extra = lines[1].replacen('{', r#"{"bbox_score":0.5,"#, 1);
+        std::fs::write(&path, format!("{}\n{extra}\n", lines[0])).unwrap();
+        let e = read_results(&path).unwrap_err();
+        assert!(
+            e.contains(":2:") && e.contains("unknown field `bbox_score`"),
+            "{e}"
+        );
+        std::fs::write(&path, format!("{}\n{}", lines[0], &lines[1][..40])).unwrap();
+        let e = read_results(&path).unwrap_err();
+        assert!(e.contains(":2: not a results line"), "{e}");
     }
 }
 
