@@ -514,6 +514,9 @@ pub enum IssueKind {
     UndecodableImage,
     /// The detector failed (counted as wrong).
     DetectorFailed,
+    /// An image that is not 8-bit RGB (grey, with alpha, 16-bit, …): converted to RGB as GenEval
+    /// converts it, and scored.
+    ConvertedImage,
     /// The run's settings file does not parse.
     BadRunFile,
     /// The same image appears twice (the later one is ignored).

@@ -442,6 +442,16 @@ fn load_image(
             Err((ImageStatus::Undecodable, "undecodable image"))
         }
         Ok(img) => {
+            if img.color() != image::ColorType::Rgb8 {
+                issues.push(Issue::new(
+                    IssueKind::ConvertedImage,
+                    &loc,
+                    format!(
+                        "a {:?} image, not 8-bit RGB: converted to RGB (alpha dropped) and scored",
+                        img.color()
+                    ),
+                ));
+            }
             let rgb = img.to_rgb8();
             src.width = Some(rgb.width());
             src.height = Some(rgb.height());
@@ -899,8 +909,11 @@ mod tests {
         let mut bad = img(2, 20);
         bad.put_pixel(0, 1, image::Rgb([0, 255, 0]));
         bad.save(sample_path(&dir, 0, 3)).unwrap();
-        // Prompt 1: one image of four; "cup" is unknown to the detector.
-        img(2, 20).save(sample_path(&dir, 1, 0)).unwrap();
+        // Prompt 1: one image of four, grey with alpha; "cup" is unknown to the detector.
+        image::DynamicImage::ImageRgb8(img(2, 20))
+            .to_luma_alpha8()
+            .save(sample_path(&dir, 1, 0))
+            .unwrap();
 
         let det = Fixed(vec!["dog".into(), "cat".into()]);
         let mut calls = 0;
@@ -924,6 +937,8 @@ mod tests {
         assert_eq!(c[&IssueKind::UndecodableImage], 1);
         assert_eq!(c[&IssueKind::DetectorFailed], 1);
         assert_eq!(c[&IssueKind::ClassUnknownToDetector], 1);
+        assert_eq!(c[&IssueKind::ConvertedImage], 1, "the grey image is listed");
+        assert_eq!(s.results[4].status, ImageStatus::Scored, "and scored");
         assert_eq!(c[&IssueKind::UnsupportedTag], 1);
         let missing: Vec<&str> = sum
             .errors
