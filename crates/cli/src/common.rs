@@ -74,7 +74,7 @@ pub struct ModelArgs {
     pub transformer: Option<PathBuf>,
 }
 
-fn device(arg: Option<&str>) -> Result<Device> {
+pub(crate) fn device(arg: Option<&str>) -> Result<Device> {
     Ok(match arg {
         None => Device::cuda_if_available(0).context("selecting the default device")?,
         Some("cpu") => Device::Cpu,

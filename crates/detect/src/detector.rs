@@ -111,6 +111,15 @@ impl InstanceDetector {
     /// Several images; those of one padded size share a forward pass. Each image gets the
     /// results it would get alone (no padding to a common size).
     pub fn detect_batch(&self, images: &[image::RgbImage]) -> Result<Vec<Vec<Instance>>> {
+        self.detect_batch_with(images, self.keep_masks)
+    }
+
+    /// [`InstanceDetector::detect_batch`], with or without each instance's mask.
+    pub fn detect_batch_with(
+        &self,
+        images: &[image::RgbImage],
+        keep_masks: bool,
+    ) -> Result<Vec<Vec<Instance>>> {
         let prepared = images
             .iter()
             .map(|im| prepare(im, &self.device))
@@ -143,7 +152,7 @@ impl InstanceDetector {
                     (dims[1], dims[2]),
                     p.resized,
                     p.original,
-                    self.keep_masks,
+                    keep_masks,
                 )?;
                 results[i] = Some(
                     inst.into_iter()
@@ -197,18 +206,58 @@ impl l2s_eval::Detector for InstanceDetector {
         &self,
         image: &image::RgbImage,
     ) -> std::result::Result<Vec<l2s_eval::Detection>, l2s_eval::DetectError> {
-        let found = InstanceDetector::detect(self, image).map_err(l2s_eval::DetectError::new)?;
+        let found = self
+            .detect_batch_with(std::slice::from_ref(image), false)
+            .map_err(l2s_eval::DetectError::new)?;
         Ok(found
             .into_iter()
-            .map(|d| l2s_eval::Detection {
-                class: d.class_name,
-                bbox: l2s_eval::BBox::new(d.bbox[0], d.bbox[1], d.bbox[2], d.bbox[3]),
-                score: d.score,
-            })
+            .flatten()
+            .map(|d| segment(d, None).detection)
             .collect())
     }
 
     fn classes(&self) -> &[String] {
         &self.class_names
+    }
+
+    /// One forward pass per padded size; when the batch fails, each image is retried alone so
+    /// that only the image at fault fails.
+    fn detect_batch(
+        &self,
+        images: &[image::RgbImage],
+        masks_above: Option<f32>,
+    ) -> Vec<std::result::Result<Vec<l2s_eval::Segment>, l2s_eval::DetectError>> {
+        let convert = |found: Vec<Instance>| -> Vec<l2s_eval::Segment> {
+            found.into_iter().map(|d| segment(d, masks_above)).collect()
+        };
+        match self.detect_batch_with(images, masks_above.is_some()) {
+            Ok(all) => all.into_iter().map(|f| Ok(convert(f))).collect(),
+            Err(_) if images.len() > 1 => images
+                .iter()
+                .map(|im| {
+                    self.detect_batch_with(std::slice::from_ref(im), masks_above.is_some())
+                        .map(|mut f| convert(f.pop().unwrap_or_default()))
+                        .map_err(l2s_eval::DetectError::new)
+                })
+                .collect(),
+            Err(e) => vec![Err(l2s_eval::DetectError::new(e))],
+        }
+    }
+}
+
+/// An instance as the scoring sees it; its mask is kept when it scores above `masks_above`.
+fn segment(d: Instance, masks_above: Option<f32>) -> l2s_eval::Segment {
+    let keep = masks_above.is_some_and(|t| d.score > t);
+    l2s_eval::Segment {
+        detection: l2s_eval::Detection {
+            class: d.class_name,
+            bbox: l2s_eval::BBox::new(d.bbox[0], d.bbox[1], d.bbox[2], d.bbox[3]),
+            score: d.score,
+        },
+        mask: d.mask.filter(|_| keep).map(|m| l2s_eval::ObjectMask {
+            width: m.width as u32,
+            height: m.height as u32,
+            data: m.data,
+        }),
     }
 }

@@ -20,8 +20,9 @@
 //! attention and the class / mask heads), [`model`] (the whole network and reading the
 //! architecture from a checkpoint), [`naming`] (our parameter paths → each checkpoint naming),
 //! [`weights`] (files, shape checks, dry runs), [`postprocess`] (mmdet's test pipeline and
-//! instance post-processing) and [`detector`].
+//! instance post-processing) and [`detector`]; [`colors`] is GenEval's CLIP colour classifier.
 
+pub mod colors;
 pub mod config;
 pub mod decoder;
 pub mod deformable;
@@ -36,6 +37,7 @@ pub mod postprocess;
 pub mod swin;
 pub mod weights;
 
+pub use colors::{ClipColorClassifier, ColorClassifierError};
 pub use config::{Mask2FormerConfig, SwinConfig};
 pub use detector::{Instance, InstanceDetector, COCO_CLASSES};
 pub use error::{Mask2FormerError, Result};

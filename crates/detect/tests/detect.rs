@@ -226,3 +226,53 @@ fn a_transformers_config_beside_the_weights_names_the_classes() {
     assert!(dets.iter().all(|d| d.class_name == names[d.label]));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Scoring's batches: images of one size stacked into one forward pass get the detections each
+/// gets alone, and masks come only with the detections scoring above the asked threshold.
+#[test]
+fn a_batch_detects_what_each_image_detects_alone() {
+    use l2s_eval::Detector;
+    let r = reference();
+    let det = InstanceDetector::load(fixture("hf.safetensors")).unwrap();
+    let first = image(&r);
+    let (w, h) = first.dimensions();
+    let images: Vec<image::RgbImage> = (0..3u32)
+        .map(|k| {
+            image::RgbImage::from_fn(w, h, |x, y| {
+                let p = first.get_pixel((x + 7 * k) % w, (y + 3 * k) % h).0;
+                image::Rgb([p[0], p[1].wrapping_add(40 * k as u8), p[2]])
+            })
+        })
+        .collect();
+    let batch = Detector::detect_batch(&det, &images, Some(0.05));
+    assert_eq!(batch.len(), images.len());
+    let mut compared = 0;
+    for (im, got) in images.iter().zip(batch) {
+        let got = got.unwrap();
+        let alone = Detector::detect(&det, im).unwrap();
+        assert_eq!(got.len(), alone.len());
+        for (g, a) in got.iter().zip(&alone) {
+            assert_eq!(g.detection.class, a.class);
+            assert_eq!(g.detection.bbox, a.bbox);
+            let rel = (g.detection.score - a.score).abs() / a.score.abs().max(1e-6);
+            assert!(
+                rel <= 1e-5,
+                "score {} alone vs {} in a batch",
+                a.score,
+                g.detection.score
+            );
+            assert_eq!(g.mask.is_some(), g.detection.score > 0.05);
+            if let Some(m) = &g.mask {
+                assert_eq!((m.width, m.height), (w, h));
+            }
+            compared += 1;
+        }
+    }
+    assert!(compared >= 3 * 10, "{compared} detections compared");
+    // Without a mask threshold no masks are made.
+    assert!(Detector::detect_batch(&det, &images[..1], None)[0]
+        .as_ref()
+        .unwrap()
+        .iter()
+        .all(|s| s.mask.is_none()));
+}

@@ -29,6 +29,30 @@ impl DetectError {
     }
 }
 
+/// The pixels one detection covers, row-major at the image's size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMask {
+    pub width: u32,
+    pub height: u32,
+    pub data: Vec<bool>,
+}
+
+/// A detection with its mask, when the detector segments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Segment {
+    pub detection: Detection,
+    pub mask: Option<ObjectMask>,
+}
+
+impl From<Detection> for Segment {
+    fn from(detection: Detection) -> Self {
+        Self {
+            detection,
+            mask: None,
+        }
+    }
+}
+
 /// Anything that finds objects in an RGB image.
 pub trait Detector {
     /// All detections, in any order; callers apply their own score threshold.
@@ -36,6 +60,42 @@ pub trait Detector {
 
     /// The class names this detector can report.
     fn classes(&self) -> &[String];
+
+    /// Several images at once, one result per image, each as [`Detector::detect`] would give it.
+    /// With `masks_above`, detections scoring above it carry their masks (detectors that do not
+    /// segment give none). The default runs one image at a time.
+    fn detect_batch(
+        &self,
+        images: &[image::RgbImage],
+        masks_above: Option<f32>,
+    ) -> Vec<Result<Vec<Segment>, DetectError>> {
+        let _ = masks_above;
+        images
+            .iter()
+            .map(|im| {
+                self.detect(im)
+                    .map(|ds| ds.into_iter().map(Segment::from).collect())
+            })
+            .collect()
+    }
+}
+
+/// One object whose colour is asked for: its box and, when the detector segments, its mask.
+#[derive(Debug, Clone, Copy)]
+pub struct ColorQuery<'a> {
+    pub bbox: BBox,
+    pub mask: Option<&'a ObjectMask>,
+}
+
+/// Names the colours of objects, for GenEval's colour tasks.
+pub trait ColorClassifier {
+    /// One of [`crate::tasks::COLORS`] per object, in order; `class` is the objects' class name.
+    fn colors(
+        &self,
+        image: &image::RgbImage,
+        class: &str,
+        objects: &[ColorQuery<'_>],
+    ) -> Result<Vec<String>, DetectError>;
 }
 
 /// GenEval's selection: drop detections with `score <= min_score`, then keep

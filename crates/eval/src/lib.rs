@@ -12,6 +12,7 @@
 //! - [`layout`]: GenEval's image folder layout (`NNNNN/metadata.jsonl`, `NNNNN/samples/SSSS.png`);
 //! - [`score`] / [`sources`]: GenEval's check for spatial prompts, per-image results, summaries
 //!   with VISOR's metrics, and scoring a folder (through a [`Detector`]) or a detections file;
+//! - [`tasks`]: GenEval's six tasks (and our multi-relation one) as metadata lines to judge;
 //! - [`report`]: a self-contained HTML report of scored runs.
 
 mod bbox;
@@ -23,10 +24,14 @@ mod relation;
 pub mod report;
 pub mod score;
 pub mod sources;
+pub mod tasks;
 mod triplet;
 
 pub use bbox::BBox;
-pub use detect::{top1_per_class, DetectError, Detection, Detector};
+pub use detect::{
+    top1_per_class, ColorClassifier, ColorQuery, DetectError, Detection, Detector, ObjectMask,
+    Segment,
+};
 pub use geneval::{
     judge, judge_with_threshold, parse_position_line, read_position_prompts, Judgement,
     PositionPrompt, PromptFileError, Tally, SCORE_THRESHOLD,

@@ -134,6 +134,9 @@ pub struct Include {
     /// Where it must stand: the relation to the object at that earlier `include` index.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position: Option<(Relation, usize)>,
+    /// The colour it must have (GenEval's colour tasks): one of [`crate::tasks::COLORS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub color: Option<String>,
 }
 
 fn one() -> usize {
@@ -379,11 +382,13 @@ pub fn position_prompt(a: &str, relation: Relation, b: &str) -> SpatialPrompt {
                 class: b.to_string(),
                 count: 1,
                 position: None,
+                color: None,
             },
             Include {
                 class: a.to_string(),
                 count: 1,
                 position: Some((relation, 0)),
+                color: None,
             },
         ],
     )
@@ -604,6 +609,7 @@ fn draw_multi(
             class: members[len].to_string(),
             count: 1,
             position: None,
+            color: None,
         });
         for k in (0..len).rev() {
             // members[k] rel[k] members[k + 1]; members[k + 1] sits at base + (len − 1 − k).
@@ -611,6 +617,7 @@ fn draw_multi(
                 class: members[k].to_string(),
                 count: 1,
                 position: Some((rels[k], base + (len - 1 - k))),
+                color: None,
             });
         }
     }
@@ -620,6 +627,7 @@ fn draw_multi(
             class: extra.to_string(),
             count: 1,
             position: None,
+            color: None,
         });
     }
     // "A, B and C".

@@ -314,6 +314,61 @@ fn summary_table(runs: &[ReportRun], html: &mut String) {
 uncond = cond × OA; Vn: prompts with at least n correct images (VISOR); missing images count as wrong.</p>");
 }
 
+/// GenEval's table per run: each task's accuracy and the overall score (mean over tasks).
+fn geneval_table(runs: &[ReportRun], html: &mut String) {
+    let mut tags: Vec<&str> = Vec::new();
+    for t in runs
+        .iter()
+        .filter_map(|r| r.summary.as_ref())
+        .flat_map(|s| &s.geneval.tasks)
+    {
+        if !tags.contains(&t.tag.as_str()) {
+            tags.push(&t.tag);
+        }
+    }
+    if tags.is_empty() {
+        return;
+    }
+    html.push_str("<div class=\"tablewrap\"><table class=\"summary\" id=\"geneval\"><thead><tr><th>run</th><th>overall</th>");
+    for t in &tags {
+        let _ = write!(html, "<th>{}</th>", escape(t));
+    }
+    html.push_str("<th>correct images</th><th>correct prompts</th></tr></thead><tbody>");
+    for run in runs {
+        let Some(g) = run.summary.as_ref().map(|s| &s.geneval) else {
+            continue;
+        };
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td class=\"pct\">{:.4}</td>",
+            escape(&run.name),
+            g.overall
+        );
+        for t in &tags {
+            match g.tasks.iter().find(|x| x.tag == *t) {
+                Some(x) => {
+                    let _ = write!(
+                        html,
+                        "<td>{} <small>({}/{})</small></td>",
+                        pct(x.accuracy),
+                        x.correct,
+                        x.total
+                    );
+                }
+                None => html.push_str("<td>–</td>"),
+            }
+        }
+        let _ = write!(
+            html,
+            "<td>{}</td><td>{}</td></tr>",
+            pct(g.correct_images),
+            pct(g.correct_prompts)
+        );
+    }
+    html.push_str("</tbody></table></div><p class=\"note\">GenEval's summary: overall = mean of the task accuracies; \
+prompts are the distinct metadata lines.</p>");
+}
+
 fn boxes_svg(r: &ImageResult, w: u32, h: u32, html: &mut String) {
     let (w, h) = (
         r.width.unwrap_or(w).max(1) as f32,
@@ -376,6 +431,7 @@ pub fn render_html(runs: &[ReportRun], opts: &ReportOptions) -> (String, Vec<Str
     );
     let _ = write!(html, "<header><h1>{}</h1>", escape(&opts.title));
     summary_table(runs, &mut html);
+    geneval_table(runs, &mut html);
     let _ = write!(
         html,
         "</header><div class=\"bar\"><div class=\"controls\" id=\"controls\"><strong>show</strong>\

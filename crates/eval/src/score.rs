@@ -1,10 +1,13 @@
-//! Scoring spatial prompts the way GenEval does, with VISOR's metrics beside it.
+//! Scoring GenEval's tasks the way GenEval does, with VISOR's metrics beside it for the
+//! spatial ones.
 //!
-//! [`judge_prompt`] applies GenEval's check to one image: per object of the prompt (in
-//! `include` order) keep the detections of its class scoring above the threshold, best first,
-//! and take as many as the prompt asks for; an object placed relative to an earlier one must
-//! stand in the wanted relation (by [`relations_with_threshold`]) to every kept instance of it.
-//! For the usual two-object prompts this is exactly [`crate::judge`].
+//! [`judge_prompt`] applies GenEval's check to one image: keep the detections of each class
+//! scoring above the task's threshold, best first, at most [`ScoreOptions::max_objects`]; per
+//! object of the prompt (in `include` order) take as many as it asks for; when it asks for a
+//! colour, that many must have it; an object placed relative to an earlier one must stand in
+//! the wanted relation (by [`relations_with_threshold`]) to every kept instance of it; and no
+//! `exclude` class may be found as often as its count. For the usual two-object position
+//! prompts this is exactly [`crate::judge`].
 //!
 //! [`ImageResult`] is one line of a results file: GenEval's fields (`filename`, `tag`,
 //! `prompt`, `correct`, `reason`, `metadata`, `details`, so GenEval's own summary script reads
@@ -18,17 +21,28 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::prompts::{SpatialPrompt, Unsupported};
+use crate::prompts::Unsupported;
+use crate::tasks::{color_reason, TaskPrompt, COUNTING_TAG};
 use crate::{relations_with_threshold, BBox, Detection, Relation, RelationSet};
 
 /// Format name written into every summary.
 pub const SUMMARY_FORMAT: &str = "l2s-geneval-summary/1";
+
+/// GenEval's score threshold for counting prompts.
+pub const COUNTING_THRESHOLD: f32 = 0.9;
+
+/// GenEval's limit on detections kept per class.
+pub const MAX_OBJECTS: usize = 16;
 
 /// GenEval's thresholds.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ScoreOptions {
     /// Detections must score strictly above this (GenEval: 0.3).
     pub min_score: f32,
+    /// The same for counting prompts (GenEval: 0.9).
+    pub counting_min_score: f32,
+    /// At most this many detections of a class are kept, best first (GenEval: 16).
+    pub max_objects: usize,
     /// The relation rule's shrink factor (GenEval: 0.1).
     pub position_threshold: f32,
 }
@@ -37,10 +51,27 @@ impl Default for ScoreOptions {
     fn default() -> Self {
         Self {
             min_score: crate::SCORE_THRESHOLD,
+            counting_min_score: COUNTING_THRESHOLD,
+            max_objects: MAX_OBJECTS,
             position_threshold: crate::POSITION_THRESHOLD,
         }
     }
 }
+
+impl ScoreOptions {
+    /// The score a detection must beat for a prompt of `tag`.
+    pub fn threshold_for(&self, tag: &str) -> f32 {
+        if tag == COUNTING_TAG {
+            self.counting_min_score
+        } else {
+            self.min_score
+        }
+    }
+}
+
+/// Colours of detections (by index into the image's detections), as a colour classifier named
+/// them.
+pub type Colors = BTreeMap<usize, String>;
 
 /// One wanted relation, checked on its own.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,7 +91,7 @@ pub struct RelationCheck {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Verdict {
     pub correct: bool,
-    /// GenEval's reasons for a wrong image, one per failed object or relation.
+    /// GenEval's reasons for a wrong image, one per failed clause.
     pub reason: Vec<String>,
     /// Every object found as many times as asked for (VISOR's object accuracy).
     pub all_found: bool,
@@ -70,8 +101,13 @@ pub struct Verdict {
     pub used: Vec<usize>,
 }
 
-/// Detections of each class scoring above `min_score`, best first (ties keep input order).
-fn kept_by_class(detections: &[Detection], min_score: f32) -> HashMap<&str, Vec<usize>> {
+/// Detections of each class scoring above `min_score`, best first (ties keep input order), at
+/// most `max_objects` of each.
+fn kept_by_class(
+    detections: &[Detection],
+    min_score: f32,
+    max_objects: usize,
+) -> HashMap<&str, Vec<usize>> {
     let mut by: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, d) in detections.iter().enumerate() {
         if d.score.is_finite() && d.score > min_score {
@@ -80,17 +116,47 @@ fn kept_by_class(detections: &[Detection], min_score: f32) -> HashMap<&str, Vec<
     }
     for v in by.values_mut() {
         v.sort_by(|&a, &b| detections[b].score.total_cmp(&detections[a].score));
+        v.truncate(max_objects);
     }
     by
 }
 
-/// Judges one image for a spatial prompt (see the module documentation).
-pub fn judge_prompt(
-    prompt: &SpatialPrompt,
+/// The detections whose colours [`judge_prompt`] will look at: per include asking for a
+/// colour and found often enough, its class and the kept detections, in include order.
+pub fn color_requests(
+    prompt: &TaskPrompt,
     detections: &[Detection],
     opts: &ScoreOptions,
+) -> Vec<(String, Vec<usize>)> {
+    let by = kept_by_class(
+        detections,
+        opts.threshold_for(&prompt.tag),
+        opts.max_objects,
+    );
+    prompt
+        .include
+        .iter()
+        .filter(|inc| inc.color.is_some())
+        .filter_map(|inc| {
+            let all = by.get(inc.class.as_str())?;
+            (all.len() >= inc.count).then(|| (inc.class.clone(), all[..inc.count].to_vec()))
+        })
+        .collect()
+}
+
+/// Judges one image (see the module documentation). `colors` names the colours of the
+/// detections [`color_requests`] lists; one without a colour counts as not the wanted one.
+pub fn judge_prompt(
+    prompt: &TaskPrompt,
+    detections: &[Detection],
+    colors: &Colors,
+    opts: &ScoreOptions,
 ) -> Verdict {
-    let by = kept_by_class(detections, opts.min_score);
+    let by = kept_by_class(
+        detections,
+        opts.threshold_for(&prompt.tag),
+        opts.max_objects,
+    );
     let found: Vec<&[usize]> = prompt
         .include
         .iter()
@@ -123,26 +189,39 @@ pub fn judge_prompt(
                 inc.count,
                 objs.len()
             ));
-        } else if let Some((wanted, target)) = inc.position {
-            match groups.get(target).copied().flatten() {
-                None => {
+        } else {
+            if let Some(wanted) = &inc.color {
+                let seen: Vec<&str> = objs
+                    .iter()
+                    .map(|o| colors.get(o).map_or("", String::as_str))
+                    .collect();
+                if seen.iter().filter(|c| **c == wanted.as_str()).count() < inc.count {
                     correct = false;
                     matched = false;
-                    reason.push(format!("no target for {} to be {wanted}", inc.class));
+                    reason.push(color_reason(&inc.class, inc.count, wanted, &seen));
                 }
-                Some(targets) => {
-                    'pairs: for &o in objs {
-                        for &t in targets {
-                            let holds = rel(o, t);
-                            if !holds.contains(wanted) {
-                                correct = false;
-                                matched = false;
-                                let names = holds.names().join(" and ");
-                                reason.push(format!(
-                                    "expected {} {wanted} target, found {names} target",
-                                    inc.class
-                                ));
-                                break 'pairs;
+            }
+            if let (Some((wanted, target)), true) = (inc.position, matched) {
+                match groups.get(target).copied().flatten() {
+                    None => {
+                        correct = false;
+                        matched = false;
+                        reason.push(format!("no target for {} to be {wanted}", inc.class));
+                    }
+                    Some(targets) => {
+                        'pairs: for &o in objs {
+                            for &t in targets {
+                                let holds = rel(o, t);
+                                if !holds.contains(wanted) {
+                                    correct = false;
+                                    matched = false;
+                                    let names = holds.names().join(" and ");
+                                    reason.push(format!(
+                                        "expected {} {wanted} target, found {names} target",
+                                        inc.class
+                                    ));
+                                    break 'pairs;
+                                }
                             }
                         }
                     }
@@ -150,6 +229,13 @@ pub fn judge_prompt(
             }
         }
         groups.push(matched.then_some(objs));
+    }
+    for ex in &prompt.exclude {
+        let n = by.get(ex.class.as_str()).map_or(0, Vec::len);
+        if n >= ex.count {
+            correct = false;
+            reason.push(format!("expected {}<{}, found {n}", ex.class, ex.count));
+        }
     }
     let complete = |i: usize| found[i].len() >= prompt.include[i].count;
     let relations = prompt
@@ -212,10 +298,15 @@ pub struct BoxRecord {
     /// The decision used this box.
     #[serde(default)]
     pub used: bool,
+    /// Its colour, when the prompt asked for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub color: Option<String>,
 }
 
-/// One line of a results file.
+/// One line of a results file. A field that is neither GenEval's nor ours is refused by name:
+/// a results file from some other tool is not read as if it were one of these.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ImageResult {
     /// Image path relative to the run folder ("00012/samples/0003.png"), or as the detections
     /// file named it.
@@ -275,15 +366,20 @@ pub struct ImageSource {
 }
 
 impl ImageResult {
-    /// Judges `detections` (already checked) for `prompt`.
+    /// Judges `detections` (already checked) and their `colors` for `prompt`.
     pub fn scored(
-        prompt: &SpatialPrompt,
+        prompt: &TaskPrompt,
         source: ImageSource,
         detections: &[Detection],
+        colors: &Colors,
         opts: &ScoreOptions,
     ) -> Self {
-        let v = judge_prompt(prompt, detections, opts);
-        let kept = kept_by_class(detections, opts.min_score);
+        let v = judge_prompt(prompt, detections, colors, opts);
+        let kept = kept_by_class(
+            detections,
+            opts.threshold_for(&prompt.tag),
+            opts.max_objects,
+        );
         let mut boxes = Vec::new();
         let mut details: BTreeMap<&str, Vec<[f32; 5]>> = BTreeMap::new();
         for (i, d) in detections.iter().enumerate() {
@@ -295,6 +391,7 @@ impl ImageResult {
                 bbox: d.bbox.xyxy(),
                 score: d.score,
                 used: v.used.contains(&i),
+                color: colors.get(&i).cloned(),
             });
         }
         for (class, idx) in &kept {
@@ -332,7 +429,7 @@ impl ImageResult {
 
     /// An image that could not be judged: wrong, nothing found, `why` as the reason.
     pub fn unjudged(
-        prompt: &SpatialPrompt,
+        prompt: &TaskPrompt,
         source: ImageSource,
         status: ImageStatus,
         why: &str,
@@ -417,6 +514,9 @@ pub enum IssueKind {
     UndecodableImage,
     /// The detector failed (counted as wrong).
     DetectorFailed,
+    /// An image that is not 8-bit RGB (grey, with alpha, 16-bit, …): converted to RGB as GenEval
+    /// converts it, and scored.
+    ConvertedImage,
     /// The run's settings file does not parse.
     BadRunFile,
     /// The same image appears twice (the later one is ignored).
@@ -482,6 +582,99 @@ pub struct UnsupportedTag {
     pub locations: Vec<String>,
 }
 
+/// One task's images, as GenEval's summary lists them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskRate {
+    pub tag: String,
+    pub total: usize,
+    pub correct: usize,
+    pub accuracy: f64,
+}
+
+/// GenEval's own summary of a results file (what its `summary_scores.py` prints): prompts are
+/// the distinct metadata lines, tasks listed in order of first appearance, and the overall
+/// score is the mean of the task accuracies.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GenevalTable {
+    pub images: usize,
+    pub prompts: usize,
+    /// Fraction of images judged correct.
+    pub correct_images: f64,
+    /// Fraction of prompts with at least one correct image.
+    pub correct_prompts: f64,
+    pub tasks: Vec<TaskRate>,
+    /// Mean over tasks of their accuracy (GenEval's "Overall score").
+    pub overall: f64,
+}
+
+impl GenevalTable {
+    /// GenEval's summary of `results`.
+    pub fn of(results: &[ImageResult]) -> Self {
+        let mut tasks: Vec<TaskRate> = Vec::new();
+        for r in results {
+            let i = match tasks.iter().position(|t| t.tag == r.tag) {
+                Some(i) => i,
+                None => {
+                    tasks.push(TaskRate {
+                        tag: r.tag.clone(),
+                        ..Default::default()
+                    });
+                    tasks.len() - 1
+                }
+            };
+            tasks[i].total += 1;
+            tasks[i].correct += r.correct as usize;
+        }
+        for t in &mut tasks {
+            t.accuracy = ratio(t.correct, t.total);
+        }
+        let by_metadata = tallies_by(results, |r| r.metadata.clone());
+        let overall = if tasks.is_empty() {
+            0.0
+        } else {
+            tasks.iter().map(|t| t.accuracy).sum::<f64>() / tasks.len() as f64
+        };
+        Self {
+            images: results.len(),
+            prompts: by_metadata.len(),
+            correct_images: ratio(results.iter().filter(|r| r.correct).count(), results.len()),
+            correct_prompts: ratio(
+                by_metadata.iter().filter(|t| t.correct > 0).count(),
+                by_metadata.len(),
+            ),
+            tasks,
+            overall,
+        }
+    }
+
+    /// GenEval's table for a terminal.
+    pub fn text(&self) -> String {
+        let mut s = format!(
+            "GenEval: {} images, {} prompts, {:.2}% correct images, {:.2}% correct prompts
+",
+            self.images,
+            self.prompts,
+            100.0 * self.correct_images,
+            100.0 * self.correct_prompts
+        );
+        for t in &self.tasks {
+            s.push_str(&format!(
+                "  {:<16} = {:.2}% ({} / {})
+",
+                t.tag,
+                100.0 * t.accuracy,
+                t.correct,
+                t.total
+            ));
+        }
+        s.push_str(&format!(
+            "  overall score (mean over tasks): {:.5}\n",
+            self.overall
+        ));
+        s
+    }
+}
+
 /// Everything a run's images add up to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
@@ -497,15 +690,19 @@ pub struct Summary {
     pub correct_images: usize,
     pub prompts: usize,
     pub images_per_prompt: Option<usize>,
-    /// GenEval's score: correct images / images.
+    /// GenEval's position score: correct images / images of the spatial tasks.
     pub position_accuracy: f64,
     /// Per wanted relation ("left of", …): each relation of each image checked on its own.
     pub per_relation: BTreeMap<String, Rate>,
     /// Per metadata tag ("position", "multi_position").
     pub per_tag: BTreeMap<String, Rate>,
-    /// Prompts with at least one correct image (GenEval's "% correct prompts").
+    /// Spatial prompts with at least one correct image.
     pub correct_prompts: f64,
+    /// VISOR's metrics over the spatial tasks' images.
     pub visor: Visor,
+    /// GenEval's whole table, every task.
+    #[serde(default)]
+    pub geneval: GenevalTable,
     pub missing_images: usize,
     pub unreadable_images: usize,
     /// Mean final steering loss over steered images, when recorded.
@@ -552,7 +749,10 @@ pub fn prompt_tallies(results: &[ImageResult]) -> Vec<PromptTally> {
     tallies_by(results, ImageResult::prompt_key)
 }
 
-fn tallies_by(results: &[ImageResult], key: impl Fn(&ImageResult) -> String) -> Vec<PromptTally> {
+fn tallies_by<'a>(
+    results: impl IntoIterator<Item = &'a ImageResult>,
+    key: impl Fn(&ImageResult) -> String,
+) -> Vec<PromptTally> {
     let mut order: Vec<PromptTally> = Vec::new();
     let mut at: HashMap<String, usize> = HashMap::new();
     for r in results {
@@ -576,8 +776,6 @@ fn tallies_by(results: &[ImageResult], key: impl Fn(&ImageResult) -> String) -> 
 pub fn summarize(results: &[ImageResult], ctx: SummaryContext) -> Summary {
     let images = results.len();
     let correct = results.iter().filter(|r| r.correct).count();
-    let found = results.iter().filter(|r| r.all_found).count();
-    let found_correct = results.iter().filter(|r| r.all_found && r.correct).count();
     let mut per_relation: BTreeMap<String, Rate> = BTreeMap::new();
     let mut per_tag: BTreeMap<String, Rate> = BTreeMap::new();
     for r in results {
@@ -589,14 +787,22 @@ pub fn summarize(results: &[ImageResult], ctx: SummaryContext) -> Summary {
                 .add(c.correct);
         }
     }
-    let tallies = prompt_tallies(results);
+    // The position score and VISOR's metrics read the spatial tasks only.
+    let spatial: Vec<&ImageResult> = results
+        .iter()
+        .filter(|r| crate::tasks::is_spatial_tag(&r.tag))
+        .collect();
+    let spatial_correct = spatial.iter().filter(|r| r.correct).count();
+    let found = spatial.iter().filter(|r| r.all_found).count();
+    let found_correct = spatial.iter().filter(|r| r.all_found && r.correct).count();
+    let tallies = tallies_by(spatial.iter().copied(), ImageResult::prompt_key);
     let at_least = |n: usize| {
         ratio(
             tallies.iter().filter(|t| t.correct >= n).count(),
             tallies.len(),
         )
     };
-    let oa = ratio(found, images);
+    let oa = ratio(found, spatial.len());
     let cond = ratio(found_correct, found);
     let losses: Vec<f64> = results
         .iter()
@@ -620,9 +826,9 @@ pub fn summarize(results: &[ImageResult], ctx: SummaryContext) -> Summary {
         method: ctx.method,
         images,
         correct_images: correct,
-        prompts: tallies.len(),
+        prompts: prompt_tallies(results).len(),
         images_per_prompt: ctx.images_per_prompt,
-        position_accuracy: ratio(correct, images),
+        position_accuracy: ratio(spatial_correct, spatial.len()),
         per_relation,
         per_tag,
         correct_prompts: at_least(1),
@@ -635,6 +841,7 @@ pub fn summarize(results: &[ImageResult], ctx: SummaryContext) -> Summary {
             visor_3: at_least(3),
             visor_4: at_least(4),
         },
+        geneval: GenevalTable::of(results),
         missing_images: results
             .iter()
             .filter(|r| r.status == ImageStatus::Missing)
@@ -670,32 +877,40 @@ impl Summary {
             "{}{method}: {} images, {} prompts\n",
             self.source, self.images, self.prompts
         ));
-        s.push_str(&format!(
-            "position accuracy {} ({}/{}); prompts with a correct image {}\n",
-            pct(self.position_accuracy),
-            self.correct_images,
-            self.images,
-            pct(self.correct_prompts)
-        ));
-        let rels: Vec<String> = self
-            .per_relation
+        let (spatial, spatial_correct) = self
+            .per_tag
             .iter()
-            .map(|(k, r)| format!("{k} {} ({}/{})", pct(r.accuracy), r.correct, r.total))
-            .collect();
-        if !rels.is_empty() {
-            s.push_str(&format!("per relation: {}\n", rels.join(", ")));
+            .filter(|(tag, _)| crate::tasks::is_spatial_tag(tag))
+            .fold((0, 0), |(n, c), (_, r)| (n + r.total, c + r.correct));
+        if spatial > 0 {
+            s.push_str(&format!(
+                "position accuracy {} ({spatial_correct}/{spatial}); prompts with a correct image {}\n",
+                pct(self.position_accuracy),
+                pct(self.correct_prompts)
+            ));
+            let rels: Vec<String> = self
+                .per_relation
+                .iter()
+                .map(|(k, r)| format!("{k} {} ({}/{})", pct(r.accuracy), r.correct, r.total))
+                .collect();
+            if !rels.is_empty() {
+                s.push_str(&format!("per relation: {}\n", rels.join(", ")));
+            }
+            let v = &self.visor;
+            s.push_str(&format!(
+                "VISOR: OA {} cond {} uncond {} | VISOR_1 {} _2 {} _3 {} _4 {}\n",
+                pct(v.oa),
+                pct(v.cond),
+                pct(v.uncond),
+                pct(v.visor_1),
+                pct(v.visor_2),
+                pct(v.visor_3),
+                pct(v.visor_4)
+            ));
         }
-        let v = &self.visor;
-        s.push_str(&format!(
-            "VISOR: OA {} cond {} uncond {} | VISOR_1 {} _2 {} _3 {} _4 {}\n",
-            pct(v.oa),
-            pct(v.cond),
-            pct(v.uncond),
-            pct(v.visor_1),
-            pct(v.visor_2),
-            pct(v.visor_3),
-            pct(v.visor_4)
-        ));
+        if self.images > 0 {
+            s.push_str(&self.geneval.text());
+        }
         if let Some(l) = self.mean_steer_loss {
             s.push_str(&format!("mean final steering loss {l:.4}\n"));
         }
@@ -989,6 +1204,17 @@ mod geneval_results_tests {
         // A path outside the layout is still refused.
         std::fs::write(&path, lines[0].replace("00012", "x")).unwrap();
         assert!(read_results(&path).unwrap_err().contains("filename"));
+        // A field of neither schema, and a broken line: errors naming the line.
+        let extra = lines[1].replacen('{', r#"{"bbox_score":0.5,"#, 1);
+        std::fs::write(&path, format!("{}\n{extra}\n", lines[0])).unwrap();
+        let e = read_results(&path).unwrap_err();
+        assert!(
+            e.contains(":2:") && e.contains("unknown field `bbox_score`"),
+            "{e}"
+        );
+        std::fs::write(&path, format!("{}\n{}", lines[0], &lines[1][..40])).unwrap();
+        let e = read_results(&path).unwrap_err();
+        assert!(e.contains(":2: not a results line"), "{e}");
     }
 }
 
@@ -996,6 +1222,21 @@ mod geneval_results_tests {
 mod tests {
     use super::*;
     use crate::prompts::{position_prompt, SpatialPrompt};
+    use crate::tasks::TaskPrompt;
+
+    /// The judgement of a spatial prompt (no colours involved).
+    fn judge_prompt(p: &SpatialPrompt, ds: &[Detection], opts: &ScoreOptions) -> Verdict {
+        super::judge_prompt(&TaskPrompt::from(p), ds, &Colors::new(), opts)
+    }
+
+    fn scored(
+        p: &SpatialPrompt,
+        src: ImageSource,
+        ds: &[Detection],
+        opts: &ScoreOptions,
+    ) -> ImageResult {
+        ImageResult::scored(&p.into(), src, ds, &Colors::new(), opts)
+    }
     use crate::{judge, Triplet};
     use Relation::*;
 
@@ -1142,7 +1383,7 @@ mod tests {
             sample: Some(1),
             ..Default::default()
         };
-        let r = ImageResult::scored(&p, src, &ds, &ScoreOptions::default());
+        let r = scored(&p, src, &ds, &ScoreOptions::default());
         assert!(r.correct && r.reason.is_empty());
         assert_eq!(r.detections.len(), 3, "the cup is below the threshold");
         assert_eq!(
@@ -1181,19 +1422,29 @@ mod tests {
         };
         let mut rs = vec![
             // prompt 0: 3 correct, 1 both-found-but-wrong
-            ImageResult::scored(&p1, src(0, 0), &[left.clone(), cat.clone()], &opts),
-            ImageResult::scored(&p1, src(0, 1), &[left.clone(), cat.clone()], &opts),
-            ImageResult::scored(&p1, src(0, 2), &[left.clone(), cat.clone()], &opts),
-            ImageResult::scored(&p1, src(0, 3), &[dog_right, cat.clone()], &opts),
+            scored(&p1, src(0, 0), &[left.clone(), cat.clone()], &opts),
+            scored(&p1, src(0, 1), &[left.clone(), cat.clone()], &opts),
+            scored(&p1, src(0, 2), &[left.clone(), cat.clone()], &opts),
+            scored(&p1, src(0, 3), &[dog_right, cat.clone()], &opts),
         ];
         let cup = det("cup", 0.9, [0., 0., 10., 10.]);
         let kite = det("kite", 0.9, [0., 50., 10., 60.]);
         rs.extend([
             // prompt 1: 1 correct, 1 kite missing, 1 missing image, 1 undecodable
-            ImageResult::scored(&p2, src(1, 0), &[cup.clone(), kite], &opts),
-            ImageResult::scored(&p2, src(1, 1), &[cup], &opts),
-            ImageResult::unjudged(&p2, src(1, 2), ImageStatus::Missing, "missing image"),
-            ImageResult::unjudged(&p2, src(1, 3), ImageStatus::Undecodable, "undecodable"),
+            scored(&p2, src(1, 0), &[cup.clone(), kite], &opts),
+            scored(&p2, src(1, 1), &[cup], &opts),
+            ImageResult::unjudged(
+                &(&p2).into(),
+                src(1, 2),
+                ImageStatus::Missing,
+                "missing image",
+            ),
+            ImageResult::unjudged(
+                &(&p2).into(),
+                src(1, 3),
+                ImageStatus::Undecodable,
+                "undecodable",
+            ),
         ]);
         let s = summarize(
             &rs,
@@ -1256,8 +1507,12 @@ mod tests {
         let mk = |p: &SpatialPrompt, ok: &[bool]| -> Vec<ImageResult> {
             ok.iter()
                 .map(|&c| {
-                    let mut r =
-                        ImageResult::unjudged(p, ImageSource::default(), ImageStatus::Scored, "");
+                    let mut r = ImageResult::unjudged(
+                        &p.into(),
+                        ImageSource::default(),
+                        ImageStatus::Scored,
+                        "",
+                    );
                     r.correct = c;
                     r
                 })
@@ -1316,5 +1571,125 @@ mod tests {
             &mut issues,
         );
         assert_eq!((kept.len(), issues.len()), (1, 0));
+    }
+}
+
+/// Each GenEval task's judgement on hand-made detections.
+#[cfg(test)]
+mod task_tests {
+    use super::*;
+    use crate::tasks::TaskPrompt;
+
+    fn det(class: &str, score: f32, x: f32) -> Detection {
+        Detection {
+            class: class.into(),
+            bbox: BBox::new(x, 0.0, x + 10.0, 10.0),
+            score,
+        }
+    }
+
+    fn prompt(line: &str) -> TaskPrompt {
+        TaskPrompt::from_line(line).unwrap().unwrap()
+    }
+
+    fn judge(p: &TaskPrompt, ds: &[Detection], colors: &[(usize, &str)]) -> (bool, Vec<String>) {
+        let colors: Colors = colors.iter().map(|(i, c)| (*i, c.to_string())).collect();
+        let v = judge_prompt(p, ds, &colors, &ScoreOptions::default());
+        (v.correct, v.reason)
+    }
+
+    #[test]
+    fn single_and_two_objects() {
+        let one = prompt(
+            r#"{"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"}"#,
+        );
+        assert_eq!(judge(&one, &[det("dog", 0.31, 0.0)], &[]), (true, vec![]));
+        // 0.3 is not above the threshold; a cat is not a dog.
+        assert_eq!(
+            judge(&one, &[det("dog", 0.3, 0.0), det("cat", 0.9, 0.0)], &[]),
+            (false, vec!["expected dog>=1, found 0".to_string()])
+        );
+        let two = prompt(
+            r#"{"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}], "prompt": "a photo of a dog and a cat"}"#,
+        );
+        assert!(judge(&two, &[det("cat", 0.5, 0.0), det("dog", 0.5, 50.0)], &[]).0);
+        assert_eq!(
+            judge(&two, &[det("dog", 0.9, 0.0), det("dog", 0.8, 50.0)], &[]),
+            (false, vec!["expected cat>=1, found 0".to_string()])
+        );
+    }
+
+    #[test]
+    fn counting_uses_its_own_threshold_and_the_object_limit() {
+        let three = prompt(
+            r#"{"tag": "counting", "include": [{"class": "dog", "count": 3}], "exclude": [{"class": "dog", "count": 4}], "prompt": "a photo of three dogs"}"#,
+        );
+        let dogs = |scores: &[f32]| -> Vec<Detection> {
+            scores
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| det("dog", s, 20.0 * i as f32))
+                .collect()
+        };
+        assert!(judge(&three, &dogs(&[0.95, 0.92, 0.91, 0.5]), &[]).0);
+        // 0.85 clears GenEval's usual 0.3 but not the counting threshold 0.9.
+        assert_eq!(
+            judge(&three, &dogs(&[0.95, 0.92, 0.85]), &[]),
+            (false, vec!["expected dog>=3, found 2".to_string()])
+        );
+        assert_eq!(
+            judge(&three, &dogs(&[0.95, 0.94, 0.93, 0.92]), &[]),
+            (false, vec!["expected dog<4, found 4".to_string()])
+        );
+        // At most 16 detections of a class are kept, so 20 dogs read as 16.
+        assert_eq!(
+            judge(&three, &dogs(&[0.95; 20]), &[]).1,
+            ["expected dog<4, found 16"]
+        );
+    }
+
+    #[test]
+    fn colors_and_color_attribution() {
+        let red_car = prompt(
+            r#"{"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a photo of a red car"}"#,
+        );
+        let cars = [det("car", 0.6, 0.0), det("car", 0.9, 50.0)];
+        // Only the best car is looked at: detection 1.
+        assert_eq!(
+            color_requests(&red_car, &cars, &ScoreOptions::default()),
+            [("car".to_string(), vec![1])]
+        );
+        assert!(judge(&red_car, &cars, &[(1, "red")]).0);
+        assert_eq!(
+            judge(&red_car, &cars, &[(0, "red"), (1, "blue")]),
+            (
+                false,
+                vec!["expected red car>=1, found 0 red; and 1 blue".to_string()]
+            )
+        );
+        // No car: no colour is asked.
+        let none = [det("car", 0.2, 0.0)];
+        assert!(color_requests(&red_car, &none, &ScoreOptions::default()).is_empty());
+        assert_eq!(judge(&red_car, &none, &[]).1, ["expected car>=1, found 0"]);
+
+        let attr = prompt(
+            r#"{"tag": "color_attr", "include": [{"class": "car", "count": 1, "color": "red"}, {"class": "cup", "count": 1, "color": "blue"}], "prompt": "a photo of a red car and a blue cup"}"#,
+        );
+        let ds = [det("cup", 0.8, 0.0), det("car", 0.7, 50.0)];
+        assert_eq!(
+            color_requests(&attr, &ds, &ScoreOptions::default()),
+            [("car".to_string(), vec![1]), ("cup".to_string(), vec![0])]
+        );
+        assert!(judge(&attr, &ds, &[(1, "red"), (0, "blue")]).0);
+        // Swapped colours: both clauses fail.
+        assert_eq!(
+            judge(&attr, &ds, &[(1, "blue"), (0, "red")]).1,
+            [
+                "expected red car>=1, found 0 red; and 1 blue",
+                "expected blue cup>=1, found 0 blue; and 1 red"
+            ]
+        );
+        // A colour the classifier did not give counts as not the wanted one.
+        assert!(!judge(&attr, &ds, &[(1, "red")]).0);
     }
 }

@@ -21,12 +21,13 @@ use crate::layout::{
     parse_relpath, read_run_info, sample_path, sample_relpath, scan_folder, KEY_METHOD, KEY_SEED,
     KEY_STEER_LOSS, METADATA_FILE, PROMPTS_FILE,
 };
-use crate::prompts::{SpatialPrompt, Unsupported};
+use crate::prompts::Unsupported;
 use crate::score::{
-    check_detections, metadata_key, summarize, ImageResult, ImageSource, ImageStatus, Issue,
-    IssueKind, ScoreOptions, Summary, SummaryContext,
+    check_detections, color_requests, metadata_key, summarize, Colors, ImageResult, ImageSource,
+    ImageStatus, Issue, IssueKind, ScoreOptions, Summary, SummaryContext,
 };
-use crate::{BBox, Detection, Detector};
+use crate::tasks::TaskPrompt;
+use crate::{BBox, ColorClassifier, ColorQuery, Detection, Detector, ObjectMask};
 
 /// Results and their summary.
 #[derive(Debug, Clone)]
@@ -37,15 +38,15 @@ pub struct Scored {
 
 /// How a prompt's metadata was resolved.
 enum PromptState {
-    Spatial(SpatialPrompt),
+    Scored(TaskPrompt),
     Unsupported(String),
     Unusable,
 }
 
 fn classify(value: Value, location: &str, issues: &mut Vec<Issue>) -> PromptState {
     let tag = value.get("tag").and_then(Value::as_str).map(String::from);
-    match SpatialPrompt::from_metadata(value) {
-        Ok(Some(p)) => PromptState::Spatial(p),
+    match TaskPrompt::from_metadata(value) {
+        Ok(Some(p)) => PromptState::Scored(p),
         Ok(None) => PromptState::Unsupported(tag.unwrap_or_default()),
         Err(msg) => {
             issues.push(Issue::new(IssueKind::BadLine, location, msg));
@@ -66,11 +67,22 @@ fn check_images_per_prompt(n: Option<usize>, what: &str) -> Result<(), String> {
     }
 }
 
-/// Scores a GenEval-layout folder with `detector`.
-///
-/// The expected images per prompt come from `images_per_prompt`, else from `run.json`, else
-/// the largest number found in any prompt folder. Prompts listed in `prompts.jsonl` but without
-/// a folder count as all-missing. `progress(done, total)` is called after every image.
+/// How to score a folder: the detector, an optional colour classifier, and batching.
+pub struct FolderScoring<'a> {
+    pub detector: &'a dyn Detector,
+    /// The detector's name, for messages and the summary.
+    pub detector_name: &'a str,
+    /// Names object colours for GenEval's colour tasks; without one, colour prompts are listed
+    /// as not scored.
+    pub colors: Option<&'a dyn ColorClassifier>,
+    /// Images per call of [`Detector::detect_batch`] (at least 1).
+    pub batch_size: usize,
+    pub images_per_prompt: Option<usize>,
+    pub opts: ScoreOptions,
+}
+
+/// Scores a GenEval-layout folder with `detector`, one image at a time and without colours
+/// (see [`score_folder_with`]).
 pub fn score_folder(
     root: &Path,
     detector: &dyn Detector,
@@ -79,6 +91,33 @@ pub fn score_folder(
     opts: &ScoreOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Scored, String> {
+    let how = FolderScoring {
+        detector,
+        detector_name,
+        colors: None,
+        batch_size: 1,
+        images_per_prompt,
+        opts: *opts,
+    };
+    score_folder_with(root, &how, progress)
+}
+
+/// Scores a GenEval-layout folder.
+///
+/// The expected images per prompt come from `images_per_prompt`, else from `run.json`, else
+/// the largest number found in any prompt folder. Prompts listed in `prompts.jsonl` but without
+/// a folder count as all-missing. Images go to the detector `batch_size` at a time; results do
+/// not depend on the batch size. `progress(done, total)` is called after every batch.
+pub fn score_folder_with(
+    root: &Path,
+    how: &FolderScoring<'_>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Scored, String> {
+    let (detector, detector_name, opts) = (how.detector, how.detector_name, &how.opts);
+    let images_per_prompt = how.images_per_prompt;
+    if how.batch_size == 0 {
+        return Err("batch size 0: expected at least 1".into());
+    }
     if !root.is_dir() {
         return Err(format!("{}: not a folder", root.display()));
     }
@@ -192,7 +231,24 @@ pub fn score_folder(
             continue;
         };
         match classify(value, &meta_loc, &mut issues) {
-            PromptState::Spatial(p) => {
+            PromptState::Scored(p) if p.needs_colors() && how.colors.is_none() => {
+                issues.push(Issue::new(
+                    IssueKind::UnsupportedTag,
+                    &meta_loc,
+                    format!(
+                        "tag {:?} needs a colour classifier (CLIP weights); its {present} image(s) are left out",
+                        p.tag
+                    ),
+                ));
+                unsupported.push((
+                    meta_loc,
+                    Unsupported {
+                        line: 1,
+                        tag: p.tag.clone(),
+                    },
+                ));
+            }
+            PromptState::Scored(p) => {
                 let unknown: Vec<&str> = p
                     .include
                     .iter()
@@ -228,95 +284,106 @@ pub fn score_folder(
     }
 
     let total: usize = plan.iter().map(|(_, _, s)| s.len()).sum();
+    let jobs: Vec<(usize, usize)> = plan
+        .iter()
+        .enumerate()
+        .flat_map(|(k, (_, _, samples))| samples.iter().map(move |&j| (k, j)))
+        .collect();
     let mut results = Vec::with_capacity(total);
-    let mut done = 0;
-    for (index, prompt, samples) in &plan {
-        let folder = by_index.get(index).copied();
-        for &j in samples {
-            let rel = sample_relpath(*index, j);
+    for batch in jobs.chunks(how.batch_size) {
+        // Read and decode the batch; images that fail here are judged at once.
+        let mut slots: Vec<Result<ImageResult, (ImageSource, String)>> = Vec::new();
+        let mut decoded: Vec<image::RgbImage> = Vec::new();
+        for &(k, j) in batch {
+            let (index, prompt, _) = &plan[k];
+            let folder = by_index.get(index).copied();
             let path = folder
                 .and_then(|f| f.samples.get(&j).cloned())
                 .unwrap_or_else(|| sample_path(root, *index, j));
             let mut src = ImageSource {
-                filename: rel,
+                filename: sample_relpath(*index, j),
                 prompt_index: Some(*index),
                 sample: Some(j),
                 ..Default::default()
             };
             let loc = path.display().to_string();
-            let result = match l2s_files::read_capped(&path, l2s_files::MAX_IMAGE_BYTES) {
-                Err(e) => {
-                    let msg = if e.is_not_found() {
-                        format!(
-                            "image {} of {ipp} for {:?} is missing; counted as wrong",
-                            j + 1,
-                            prompt.prompt
-                        )
-                    } else {
-                        format!("cannot read: {}; counted as wrong", e.reason())
-                    };
-                    issues.push(Issue::new(IssueKind::MissingImage, &loc, msg));
-                    ImageResult::unjudged(prompt, src, ImageStatus::Missing, "missing image")
+            match load_image(&path, &mut src, &mut issues, || {
+                format!(
+                    "image {} of {ipp} for {:?} is missing; counted as wrong",
+                    j + 1,
+                    prompt.prompt
+                )
+            }) {
+                Err((status, why)) => {
+                    slots.push(Ok(ImageResult::unjudged(prompt, src, status, why)))
                 }
-                Ok(bytes) => {
-                    for (k, v) in png_text_chunks(&bytes) {
-                        match k.as_str() {
-                            KEY_METHOD => src.method = Some(v),
-                            KEY_SEED => src.seed = v.parse().ok(),
-                            KEY_STEER_LOSS => src.steer_loss = v.parse().ok(),
-                            _ => {}
-                        }
-                    }
-                    match image::load_from_memory(&bytes) {
-                        Err(e) => {
-                            issues.push(Issue::new(
-                                IssueKind::UndecodableImage,
-                                &loc,
-                                format!("not a readable image: {e}; counted as wrong"),
-                            ));
-                            ImageResult::unjudged(
-                                prompt,
-                                src,
-                                ImageStatus::Undecodable,
-                                "undecodable image",
-                            )
-                        }
-                        Ok(img) => {
-                            let rgb = img.to_rgb8();
-                            src.width = Some(rgb.width());
-                            src.height = Some(rgb.height());
-                            match detector.detect(&rgb) {
-                                Err(e) => {
-                                    issues.push(Issue::new(
-                                        IssueKind::DetectorFailed,
-                                        &loc,
-                                        format!("{e:#}; counted as wrong"),
-                                    ));
-                                    ImageResult::unjudged(
-                                        prompt,
-                                        src,
-                                        ImageStatus::DetectorFailed,
-                                        "detector failed",
-                                    )
-                                }
-                                Ok(ds) => {
-                                    let ds = check_detections(
-                                        ds,
-                                        Some((rgb.width(), rgb.height())),
-                                        &loc,
-                                        &mut issues,
-                                    );
-                                    ImageResult::scored(prompt, src, &ds, opts)
-                                }
-                            }
-                        }
-                    }
+                Ok(rgb) => {
+                    decoded.push(rgb);
+                    slots.push(Err((src, loc)));
+                }
+            }
+        }
+        let wants_masks =
+            how.colors.is_some() && batch.iter().any(|&(k, _)| plan[k].1.needs_colors());
+        let masks_above = wants_masks.then_some(opts.min_score);
+        let mut found = if decoded.is_empty() {
+            Vec::new()
+        } else {
+            detector.detect_batch(&decoded, masks_above)
+        }
+        .into_iter();
+        let mut images = decoded.iter();
+        for (&(k, _), slot) in batch.iter().zip(slots) {
+            let prompt = &plan[k].1;
+            let (src, loc) = match slot {
+                Ok(done) => {
+                    results.push(done);
+                    continue;
+                }
+                Err(pending) => pending,
+            };
+            let rgb = images.next().expect("one decoded image per pending slot");
+            let result = match found.next() {
+                Some(Ok(segments)) => judge_segments(
+                    prompt,
+                    src,
+                    rgb,
+                    segments,
+                    how.colors,
+                    opts,
+                    &loc,
+                    &mut issues,
+                ),
+                Some(Err(e)) => {
+                    issues.push(Issue::new(
+                        IssueKind::DetectorFailed,
+                        &loc,
+                        format!("{e:#}; counted as wrong"),
+                    ));
+                    ImageResult::unjudged(
+                        prompt,
+                        src,
+                        ImageStatus::DetectorFailed,
+                        "detector failed",
+                    )
+                }
+                None => {
+                    issues.push(Issue::new(
+                        IssueKind::DetectorFailed,
+                        &loc,
+                        "the detector returned fewer results than images; counted as wrong",
+                    ));
+                    ImageResult::unjudged(
+                        prompt,
+                        src,
+                        ImageStatus::DetectorFailed,
+                        "detector failed",
+                    )
                 }
             };
             results.push(result);
-            done += 1;
-            progress(done, total);
         }
+        progress(results.len(), total);
     }
     let method = run
         .as_ref()
@@ -336,6 +403,130 @@ pub fn score_folder(
     Ok(Scored { results, summary })
 }
 
+/// Reads and decodes one image, taking the method, seed and steering loss from its PNG text.
+/// On failure: the status and the reason to record (the issue is already listed).
+fn load_image(
+    path: &Path,
+    src: &mut ImageSource,
+    issues: &mut Vec<Issue>,
+    missing: impl FnOnce() -> String,
+) -> Result<image::RgbImage, (ImageStatus, &'static str)> {
+    let loc = path.display().to_string();
+    let bytes = match l2s_files::read_capped(path, l2s_files::MAX_IMAGE_BYTES) {
+        Ok(b) => b,
+        Err(e) => {
+            let msg = if e.is_not_found() {
+                missing()
+            } else {
+                format!("cannot read: {}; counted as wrong", e.reason())
+            };
+            issues.push(Issue::new(IssueKind::MissingImage, &loc, msg));
+            return Err((ImageStatus::Missing, "missing image"));
+        }
+    };
+    for (k, v) in png_text_chunks(&bytes) {
+        match k.as_str() {
+            KEY_METHOD => src.method = Some(v),
+            KEY_SEED => src.seed = v.parse().ok(),
+            KEY_STEER_LOSS => src.steer_loss = v.parse().ok(),
+            _ => {}
+        }
+    }
+    match image::load_from_memory(&bytes) {
+        Err(e) => {
+            issues.push(Issue::new(
+                IssueKind::UndecodableImage,
+                &loc,
+                format!("not a readable image: {e}; counted as wrong"),
+            ));
+            Err((ImageStatus::Undecodable, "undecodable image"))
+        }
+        Ok(img) => {
+            if img.color() != image::ColorType::Rgb8 {
+                issues.push(Issue::new(
+                    IssueKind::ConvertedImage,
+                    &loc,
+                    format!(
+                        "a {:?} image, not 8-bit RGB: converted to RGB (alpha dropped) and scored",
+                        img.color()
+                    ),
+                ));
+            }
+            let rgb = img.to_rgb8();
+            src.width = Some(rgb.width());
+            src.height = Some(rgb.height());
+            Ok(rgb)
+        }
+    }
+}
+
+/// Checks one image's detections against it, names the colours the prompt asks about, and
+/// judges it.
+#[allow(clippy::too_many_arguments)]
+fn judge_segments(
+    prompt: &TaskPrompt,
+    src: ImageSource,
+    rgb: &image::RgbImage,
+    segments: Vec<crate::Segment>,
+    colors: Option<&dyn ColorClassifier>,
+    opts: &ScoreOptions,
+    loc: &str,
+    issues: &mut Vec<Issue>,
+) -> ImageResult {
+    let size = Some((rgb.width(), rgb.height()));
+    let mut detections = Vec::with_capacity(segments.len());
+    let mut masks: Vec<Option<ObjectMask>> = Vec::with_capacity(segments.len());
+    for seg in segments {
+        // Checked one by one so each mask stays with its detection.
+        if let Some(d) = check_detections(vec![seg.detection], size, loc, issues).pop() {
+            detections.push(d);
+            masks.push(seg.mask);
+        }
+    }
+    let mut named = Colors::new();
+    if let Some(classifier) = colors {
+        for (class, idx) in color_requests(prompt, &detections, opts) {
+            let queries: Vec<ColorQuery<'_>> = idx
+                .iter()
+                .map(|&i| ColorQuery {
+                    bbox: detections[i].bbox,
+                    mask: masks[i].as_ref(),
+                })
+                .collect();
+            match classifier.colors(rgb, &class, &queries) {
+                Ok(cs) if cs.len() == idx.len() => named.extend(idx.into_iter().zip(cs)),
+                Ok(cs) => {
+                    issues.push(Issue::new(
+                        IssueKind::DetectorFailed,
+                        loc,
+                        format!("the colour classifier named {} colours for {} objects; counted as wrong", cs.len(), idx.len()),
+                    ));
+                    return ImageResult::unjudged(
+                        prompt,
+                        src,
+                        ImageStatus::DetectorFailed,
+                        "colour classifier failed",
+                    );
+                }
+                Err(e) => {
+                    issues.push(Issue::new(
+                        IssueKind::DetectorFailed,
+                        loc,
+                        format!("colour classifier: {e:#}; counted as wrong"),
+                    ));
+                    return ImageResult::unjudged(
+                        prompt,
+                        src,
+                        ImageStatus::DetectorFailed,
+                        "colour classifier failed",
+                    );
+                }
+            }
+        }
+    }
+    ImageResult::scored(prompt, src, &detections, &named, opts)
+}
+
 /// Fields of a detections line that are not prompt metadata.
 const IMAGE_FIELDS: [&str; 6] = [
     "filename",
@@ -346,7 +537,8 @@ const IMAGE_FIELDS: [&str; 6] = [
     "sample",
 ];
 
-fn parse_detection(v: &Value) -> Result<Detection, String> {
+/// A detection entry and its optional `"color"` (one of GenEval's colours).
+fn parse_detection(v: &Value) -> Result<(Detection, Option<String>), String> {
     let class = v
         .get("class")
         .and_then(Value::as_str)
@@ -366,7 +558,17 @@ fn parse_detection(v: &Value) -> Result<Detection, String> {
         .get("score")
         .and_then(Value::as_f64)
         .ok_or("no \"score\" number")?;
-    Ok(Detection {
+    let color = match v.get("color") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(c)) if crate::tasks::COLORS.contains(&c.as_str()) => Some(c.clone()),
+        Some(other) => {
+            return Err(format!(
+                "color {other}: expected one of {}",
+                crate::tasks::COLORS.join(", ")
+            ))
+        }
+    };
+    let detection = Detection {
         class: class.to_string(),
         bbox: BBox::new(
             nums[0] as f32,
@@ -375,7 +577,8 @@ fn parse_detection(v: &Value) -> Result<Detection, String> {
             nums[3] as f32,
         ),
         score: score as f32,
-    })
+    };
+    Ok((detection, color))
 }
 
 /// Scores a detections JSONL file (see the module documentation). With `images_per_prompt`,
@@ -393,7 +596,7 @@ pub fn score_detections(
     let mut unsupported = Vec::new();
     let mut results: Vec<ImageResult> = Vec::new();
     let mut seen_files = HashSet::new();
-    let mut prompts: Vec<(String, SpatialPrompt, Option<usize>)> = Vec::new();
+    let mut prompts: Vec<(String, TaskPrompt, Option<usize>)> = Vec::new();
     let mut prompt_at: HashMap<String, usize> = HashMap::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -424,7 +627,7 @@ pub fn score_detections(
             .filter_map(|k| obj.remove(*k).map(|v| (*k, v)))
             .collect();
         let prompt = match classify(Value::Object(obj), &loc, &mut issues) {
-            PromptState::Spatial(p) => p,
+            PromptState::Scored(p) => p,
             PromptState::Unsupported(tag) => {
                 issues.push(Issue::new(
                     IssueKind::UnsupportedTag,
@@ -484,9 +687,13 @@ pub fn score_detections(
         let result = match image.get("detections") {
             Some(Value::Array(list)) => {
                 let mut ds = Vec::new();
+                let mut given_colors = Vec::new();
                 for (k, d) in list.iter().enumerate() {
                     match parse_detection(d) {
-                        Ok(d) => ds.push(d),
+                        Ok((d, color)) => {
+                            ds.push(d);
+                            given_colors.push(color);
+                        }
                         Err(e) => issues.push(Issue::new(
                             IssueKind::BadDetection,
                             &loc,
@@ -494,8 +701,12 @@ pub fn score_detections(
                         )),
                     }
                 }
-                let wanted: HashSet<&str> =
-                    prompt.include.iter().map(|i| i.class.as_str()).collect();
+                let wanted: HashSet<&str> = prompt
+                    .include
+                    .iter()
+                    .map(|i| i.class.as_str())
+                    .chain(prompt.exclude.iter().map(|e| e.class.as_str()))
+                    .collect();
                 let stray: BTreeSet<&str> = ds
                     .iter()
                     .map(|d| d.class.as_str())
@@ -511,8 +722,27 @@ pub fn score_detections(
                         ),
                     ));
                 }
-                let ds = check_detections(ds, size, &loc, &mut issues);
-                ImageResult::scored(&prompt, src, &ds, opts)
+                let mut kept = Vec::with_capacity(ds.len());
+                let mut colors = Colors::new();
+                for (d, color) in ds.into_iter().zip(given_colors) {
+                    if let Some(d) = check_detections(vec![d], size, &loc, &mut issues).pop() {
+                        if let Some(c) = color {
+                            colors.insert(kept.len(), c);
+                        }
+                        kept.push(d);
+                    }
+                }
+                for (class, idx) in color_requests(&prompt, &kept, opts) {
+                    let unnamed = idx.iter().filter(|i| !colors.contains_key(i)).count();
+                    if unnamed > 0 {
+                        issues.push(Issue::new(
+                            IssueKind::BadDetection,
+                            &loc,
+                            format!("{unnamed} {class} detection(s) the prompt asks the colour of have no \"color\"; they count as not the wanted colour"),
+                        ));
+                    }
+                }
+                ImageResult::scored(&prompt, src, &kept, &colors, opts)
             }
             _ => {
                 issues.push(Issue::new(
@@ -595,7 +825,7 @@ pub fn score_detections(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::prompts::position_prompt;
+    use crate::prompts::{position_prompt, SpatialPrompt};
     use crate::Relation::*;
 
     struct Fixed(Vec<String>);
@@ -646,7 +876,7 @@ mod tests {
         let p1 = position_prompt("cup", Above, "dog");
         let p2 = position_prompt("cat", RightOf, "dog");
         let counting =
-            r#"{"tag":"counting","prompt":"two dogs","include":[{"class":"dog","count":2}]}"#;
+            r#"{"tag":"texture","prompt":"a furry dog","include":[{"class":"dog","count":1}]}"#;
         // prompts.jsonl lists four prompts; folder 00002 is absent.
         std::fs::create_dir_all(&dir).unwrap();
         let list = [
@@ -679,8 +909,11 @@ mod tests {
         let mut bad = img(2, 20);
         bad.put_pixel(0, 1, image::Rgb([0, 255, 0]));
         bad.save(sample_path(&dir, 0, 3)).unwrap();
-        // Prompt 1: one image of four; "cup" is unknown to the detector.
-        img(2, 20).save(sample_path(&dir, 1, 0)).unwrap();
+        // Prompt 1: one image of four, grey with alpha; "cup" is unknown to the detector.
+        image::DynamicImage::ImageRgb8(img(2, 20))
+            .to_luma_alpha8()
+            .save(sample_path(&dir, 1, 0))
+            .unwrap();
 
         let det = Fixed(vec!["dog".into(), "cat".into()]);
         let mut calls = 0;
@@ -698,12 +931,14 @@ mod tests {
         assert_eq!((sum.images, sum.correct_images, sum.prompts), (12, 1, 3));
         assert_eq!(sum.missing_images, 7, "three of prompt 1, four of prompt 2");
         assert_eq!(sum.unreadable_images, 2);
-        assert_eq!(sum.unsupported["counting"].count, 1);
+        assert_eq!(sum.unsupported["texture"].count, 1);
         let c = &sum.error_counts;
         assert_eq!(c[&IssueKind::MissingImage], 7);
         assert_eq!(c[&IssueKind::UndecodableImage], 1);
         assert_eq!(c[&IssueKind::DetectorFailed], 1);
         assert_eq!(c[&IssueKind::ClassUnknownToDetector], 1);
+        assert_eq!(c[&IssueKind::ConvertedImage], 1, "the grey image is listed");
+        assert_eq!(s.results[4].status, ImageStatus::Scored, "and scored");
         assert_eq!(c[&IssueKind::UnsupportedTag], 1);
         let missing: Vec<&str> = sum
             .errors
@@ -767,7 +1002,7 @@ mod tests {
             ok.to_string(),
             "{broken".to_string(),
             dup.to_string(),
-            r#"{"tag":"colors","prompt":"a red car","include":[{"class":"car","count":1,"color":"red"}],"detections":[]}"#.to_string(),
+            r#"{"tag":"texture","prompt":"a furry car","include":[{"class":"car","count":1}],"detections":[]}"#.to_string(),
             no_dets.to_string(),
         ];
         std::fs::write(&path, lines.join("\n")).unwrap();
@@ -787,7 +1022,7 @@ mod tests {
         assert_eq!(c[&IssueKind::UnsupportedTag], 1);
         assert_eq!(c[&IssueKind::MissingImage], 3);
         assert_eq!(
-            sum.unsupported["colors"].locations,
+            sum.unsupported["texture"].locations,
             [format!("{}:4", path.display())]
         );
         let loc = |k: IssueKind| {

@@ -124,7 +124,8 @@ impl SelfAttention {
     }
 }
 
-struct EncoderLayer {
+/// One pre-norm transformer block; CLIP's vision tower uses the same blocks.
+pub(crate) struct EncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: SelfAttention,
     layer_norm2: LayerNorm,
@@ -134,7 +135,7 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
         let act = Activation::parse(&cfg.hidden_act).ok_or_else(|| {
             candle_core::Error::Msg(format!("unsupported hidden_act {}", cfg.hidden_act))
         })?;
@@ -156,7 +157,7 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let h = (xs
             + self
                 .self_attn

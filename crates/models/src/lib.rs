@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod clip;
+pub mod clip_vision;
 pub mod config;
 pub mod conv;
 pub mod error;

@@ -1,13 +1,15 @@
-//! `l2s score`: judge a GenEval-layout image folder (with a detector) or an external detector's
-//! detections file by GenEval's rule; write per-image results and a summary with VISOR's metrics.
+//! `l2s score`: judge a GenEval-layout image folder (with a detector, and CLIP for colours) or an
+//! external detector's detections file by GenEval's rules; write per-image results and a summary
+//! with GenEval's table and VISOR's metrics.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use l2s_eval::report::{RESULTS_FILE, SUMMARY_FILE};
 use l2s_eval::score::{compare, read_results, results_jsonl, ScoreOptions};
-use l2s_eval::sources::{score_detections, score_folder, Scored};
+use l2s_eval::sources::{score_detections, score_folder_with, FolderScoring, Scored};
 use l2s_generate::write_atomic;
 
 use crate::common::{say, Global};
@@ -22,10 +24,39 @@ pub enum DetectorArg {
     Mask2former,
 }
 
-/// The detector a flag names, loaded.
+/// The detector a flag names, loaded on the CPU.
 pub fn load_detector(
     arg: DetectorArg,
     weights: Option<&std::path::Path>,
+) -> Result<Box<dyn l2s_eval::Detector + Sync>> {
+    load_detector_on(arg, weights, &Device::Cpu)
+}
+
+/// The device `--device` names; without it the first GPU when this binary is built with CUDA
+/// and one answers, else the CPU with a note (never an error for a missing GPU).
+pub fn detector_device(arg: Option<&str>, quiet: bool) -> Result<Device> {
+    if arg.is_some() {
+        return crate::common::device(arg);
+    }
+    let why = if !candle_core::utils::cuda_is_available() {
+        "this binary is built without the cuda feature".to_string()
+    } else {
+        match Device::new_cuda(0) {
+            Ok(d) => return Ok(d),
+            Err(e) => format!("no CUDA device answers ({e})"),
+        }
+    };
+    if !quiet {
+        eprintln!("note: the detector runs on the CPU: {why}");
+    }
+    Ok(Device::Cpu)
+}
+
+/// The detector a flag names, loaded on `device`.
+pub fn load_detector_on(
+    arg: DetectorArg,
+    weights: Option<&std::path::Path>,
+    device: &Device,
 ) -> Result<Box<dyn l2s_eval::Detector + Sync>> {
     Ok(match arg {
         DetectorArg::Shapes => Box::new(l2s_shapes::ShapeDetector::default()),
@@ -34,7 +65,7 @@ pub fn load_detector(
                 bail!("--detector mask2former needs --detector-weights FILE (the checkpoint)")
             };
             Box::new(
-                l2s_detect::InstanceDetector::load(w)
+                l2s_detect::InstanceDetector::load_on(w, device)
                     .with_context(|| format!("--detector-weights {}", w.display()))?,
             )
         }
@@ -45,7 +76,9 @@ pub fn load_detector(
 #[command(
     after_help = "A detections file (--detections) has one JSON object per image: the prompt's GenEval \
 metadata fields (tag, include, prompt), \"width\", \"height\", \"detections\": [{\"class\", \"bbox\": [x1, y1, x2, y2] \
-in pixels, \"score\"}], and optionally \"filename\" (NNNNN/samples/SSSS.png). Results: one JSON line per image \
+in pixels, \"score\", optionally \"color\"}], and optionally \"filename\" (NNNNN/samples/SSSS.png). All six GenEval \
+tasks are scored (single_object, two_object, counting, colors, position, color_attr) and our multi_position; the \
+summary holds GenEval's table (per task, overall = mean over tasks). Results: one JSON line per image \
 with GenEval's fields (filename, tag, prompt, correct, reason, metadata, details) and ours (status, all_found, \
 relations, detections). Missing or unreadable images count as wrong; every problem is listed with its path or \
 line in the summary's \"errors\"."
@@ -79,6 +112,22 @@ pub struct Args {
     /// Detections must score above this (GenEval: 0.3)
     #[arg(long, default_value_t = l2s_eval::SCORE_THRESHOLD)]
     pub min_score: f32,
+    /// The same for GenEval's counting prompts (GenEval: 0.9)
+    #[arg(long, default_value_t = l2s_eval::score::COUNTING_THRESHOLD)]
+    pub counting_min_score: f32,
+    /// Images per detector call; images of one size share a forward pass (default: 1 on the CPU,
+    /// where batches are no faster, 8 on a GPU)
+    #[arg(long, value_name = "N")]
+    pub batch_size: Option<usize>,
+    /// CLIP for GenEval's colour tasks (colors, color_attr): a transformers CLIPModel folder
+    /// (openai/clip-vit-large-patch14: config.json, model.safetensors, tokenizer files). Without
+    /// it colour prompts are listed as not scored
+    #[arg(long, value_name = "DIR")]
+    pub clip: Option<PathBuf>,
+    /// Device of --detector mask2former and --clip: cpu, cuda or cuda:N (default: the first GPU when built
+    /// with CUDA and one is present, else the CPU)
+    #[arg(long)]
+    pub device: Option<String>,
     /// Afterwards, list prompt by prompt what changed from this earlier results file
     #[arg(long, value_name = "OTHER_results.jsonl")]
     pub compare: Option<PathBuf>,
@@ -114,11 +163,16 @@ fn output(
 }
 
 pub fn run(args: Args, global: &Global) -> Result<()> {
-    if !(args.min_score.is_finite() && (0.0..1.0).contains(&args.min_score)) {
-        bail!(
-            "--min-score {}: expected a number in [0, 1)",
-            args.min_score
-        );
+    for (flag, v) in [
+        ("--min-score", args.min_score),
+        ("--counting-min-score", args.counting_min_score),
+    ] {
+        if !(v.is_finite() && (0.0..1.0).contains(&v)) {
+            bail!("{flag} {v}: expected a number in [0, 1)");
+        }
+    }
+    if let Some(n) = args.batch_size.filter(|n| !(1..=256).contains(n)) {
+        bail!("--batch-size {n}: expected 1 to 256");
     }
     if args.images_per_prompt == Some(0) {
         bail!("--images-per-prompt 0: expected at least 1");
@@ -152,11 +206,24 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     };
     let opts = ScoreOptions {
         min_score: args.min_score,
+        counting_min_score: args.counting_min_score,
         ..ScoreOptions::default()
     };
     let Scored { results, summary } = match (&args.dir, &args.detections) {
         (Some(dir), _) => {
-            let detector = load_detector(args.detector, args.detector_weights.as_deref())?;
+            let device = match (args.detector, &args.clip) {
+                (DetectorArg::Shapes, None) => Device::Cpu,
+                _ => detector_device(args.device.as_deref(), global.quiet)?,
+            };
+            let clip = match &args.clip {
+                Some(d) => Some(
+                    l2s_detect::ClipColorClassifier::load(d, &device)
+                        .with_context(|| format!("--clip {}", d.display()))?,
+                ),
+                None => None,
+            };
+            let detector =
+                load_detector_on(args.detector, args.detector_weights.as_deref(), &device)?;
             let name = match args.detector {
                 DetectorArg::Shapes => "shapes",
                 DetectorArg::Mask2former => "mask2former",
@@ -173,22 +240,28 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
             );
-            let s = score_folder(
-                dir,
-                detector.as_ref(),
-                name,
-                args.images_per_prompt,
-                &opts,
-                &mut |done, total| {
-                    bar.set_length(total as u64);
-                    bar.set_position(done as u64);
-                },
-            )
+            let how = FolderScoring {
+                detector: detector.as_ref(),
+                detector_name: name,
+                colors: clip.as_ref().map(|c| c as &dyn l2s_eval::ColorClassifier),
+                batch_size: args
+                    .batch_size
+                    .unwrap_or(if device.is_cpu() { 1 } else { 8 }),
+                images_per_prompt: args.images_per_prompt,
+                opts,
+            };
+            let s = score_folder_with(dir, &how, &mut |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            })
             .map_err(anyhow::Error::msg)?;
             bar.finish_and_clear();
             s
         }
         (None, Some(file)) => {
+            if args.clip.is_some() {
+                bail!("--clip reads images; a --detections file gives colours as each detection's \"color\"");
+            }
             score_detections(file, args.images_per_prompt, &opts).map_err(anyhow::Error::msg)?
         }
         (None, None) => bail!("give a folder DIR or --detections FILE"),
