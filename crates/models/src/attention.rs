@@ -1,10 +1,12 @@
 //! Multi-head attention with diffusers' parameter names (`to_q`, `to_k`, `to_v`, `to_out.0`).
 
+use crate::nn::Linear;
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::nn::softmax_last_dim;
 use crate::observer::{AttentionObserver, AttentionSite};
+use crate::ops::matmul::matmul;
 
 #[derive(Clone, Debug)]
 pub struct AttentionConfig {
@@ -37,9 +39,9 @@ pub struct Attention {
 
 fn linear(i: usize, o: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     if bias {
-        candle_nn::linear(i, o, vb)
+        crate::nn::linear(i, o, vb)
     } else {
-        candle_nn::linear_no_bias(i, o, vb)
+        crate::nn::linear_no_bias(i, o, vb)
     }
 }
 
@@ -51,7 +53,7 @@ impl Attention {
             to_q: linear(cfg.query_dim, inner, cfg.qkv_bias, vb.pp("to_q"))?,
             to_k: linear(kv_in, inner, cfg.qkv_bias, vb.pp("to_k"))?,
             to_v: linear(kv_in, inner, cfg.qkv_bias, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, cfg.query_dim, vb.pp("to_out").pp("0"))?,
+            to_out: crate::nn::linear(inner, cfg.query_dim, vb.pp("to_out").pp("0"))?,
             heads: cfg.heads,
             head_dim: cfg.head_dim,
             scale: 1.0 / (cfg.head_dim as f64).sqrt(),
@@ -88,7 +90,7 @@ impl Attention {
         } else {
             (q, k)
         };
-        let scores = (q.matmul(&k.t()?)? * self.scale)?;
+        let scores = (matmul(&q, &k.t()?)? * self.scale)?;
         let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
         if self.observed {
             let site = AttentionSite {
@@ -102,7 +104,7 @@ impl Attention {
                 observer.observe(&site, &probs)?;
             }
         }
-        let out = probs.matmul(&v)?; // (b, heads, n, head_dim)
+        let out = matmul(&probs, &v)?; // (b, heads, n, head_dim)
         let out = out
             .transpose(1, 2)?
             .reshape((b, n, self.heads * self.head_dim))?;
