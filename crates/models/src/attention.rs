@@ -6,6 +6,7 @@ use candle_nn::VarBuilder;
 
 use crate::nn::softmax_last_dim;
 use crate::observer::{AttentionObserver, AttentionSite};
+use crate::ops::attention::attention;
 use crate::ops::matmul::matmul;
 
 #[derive(Clone, Debug)]
@@ -90,21 +91,25 @@ impl Attention {
         } else {
             (q, k)
         };
-        let scores = (matmul(&q, &k.t()?)? * self.scale)?;
-        let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        if self.observed {
-            let site = AttentionSite {
-                layer: self.name.clone(),
-                height: grid.0,
-                width: grid.1,
-                heads: self.heads,
-                tokens: k.dim(2)?,
-            };
-            if observer.wants(&site) {
-                observer.observe(&site, &probs)?;
-            }
-        }
-        let out = matmul(&probs, &v)?; // (b, heads, n, head_dim)
+        let site = AttentionSite {
+            layer: self.name.clone(),
+            height: grid.0,
+            width: grid.1,
+            heads: self.heads,
+            tokens: k.dim(2)?,
+        };
+        let out = if self.observed && observer.wants(&site) {
+            // The observer gets the probabilities as a tensor of their own.
+            let scores = (matmul(&q, &k.t()?)? * self.scale)?;
+            let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
+            observer.observe(&site, &probs)?;
+            matmul(&probs, &v)?
+        } else if q.dtype() == dtype {
+            attention(&q, &k, &v, self.scale)?
+        } else {
+            let scores = (matmul(&q, &k.t()?)? * self.scale)?;
+            matmul(&softmax_last_dim(&scores)?.to_dtype(dtype)?, &v)?
+        }; // (b, heads, n, head_dim)
         let out = out
             .transpose(1, 2)?
             .reshape((b, n, self.heads * self.head_dim))?;

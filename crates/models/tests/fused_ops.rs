@@ -3,7 +3,7 @@
 //! that frozen (untracked) weights get no gradient while the input's stays the same.
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
-use l2s_models::ops::{matmul, norm, softmax};
+use l2s_models::ops::{attention, matmul, norm, softmax};
 
 /// Deterministic values in (-1, 1), different for each `seed`.
 fn values(n: usize, seed: u64) -> Vec<f64> {
@@ -198,6 +198,54 @@ fn matmul_and_linear_match_candle_and_finite_differences() {
             |a| candle_nn::Linear::new(a[1].clone(), Some(a[2].clone())).forward(&a[0]),
         );
     }
+}
+
+#[test]
+fn attention_matches_composed_and_finite_differences() {
+    for dtype in DTYPES {
+        // batch 2, 3 heads, 5 queries, 4 keys, head size 6, value size 3.
+        let inputs = [
+            tensor(&[2, 3, 5, 6], 15, dtype),
+            tensor(&[2, 3, 4, 6], 16, dtype),
+            tensor(&[2, 3, 4, 3], 17, dtype),
+        ];
+        check(
+            "attention",
+            &inputs,
+            |a| attention::attention(&a[0], &a[1], &a[2], 0.7),
+            |a| attention::attention_composed(&a[0], &a[1], &a[2], 0.7),
+        );
+    }
+}
+
+/// Cross-attention to a frozen text context: keys and values get no gradient, the queries the
+/// same one as when everything is tracked.
+#[test]
+fn attention_to_a_frozen_context_differentiates_only_the_queries() {
+    let dtype = DType::F64;
+    let q = Var::from_tensor(&tensor(&[1, 2, 6, 4], 40, dtype)).unwrap();
+    let (k, v) = (
+        tensor(&[1, 2, 3, 4], 41, dtype),
+        tensor(&[1, 2, 3, 4], 42, dtype),
+    );
+    let (kv, vv) = (Var::from_tensor(&k).unwrap(), Var::from_tensor(&v).unwrap());
+    let loss = |k: &Tensor, v: &Tensor| {
+        let out = attention::attention(q.as_tensor(), k, v, 0.5).unwrap();
+        out.sqr().unwrap().sum_all().unwrap().backward().unwrap()
+    };
+    let frozen = loss(&k, &v);
+    let tracked = loss(kv.as_tensor(), vv.as_tensor());
+    assert_eq!(
+        frozen.get_ids().count(),
+        1,
+        "only the queries keep a gradient"
+    );
+    assert!(tracked.get(kv.as_tensor()).is_some() && tracked.get(vv.as_tensor()).is_some());
+    let (g1, g2) = (
+        frozen.get(q.as_tensor()).unwrap(),
+        tracked.get(q.as_tensor()).unwrap(),
+    );
+    assert!(rel_err(g1, g2) < 1e-14);
 }
 
 /// With the weights plain tensors (a frozen model) the input gets the same gradient, and the

@@ -10,6 +10,7 @@ use super::norm::RmsNorm;
 use super::rope::Rope;
 use crate::nn::softmax_last_dim;
 use crate::observer::{AttentionObserver, AttentionSite};
+use crate::ops::attention::attention;
 use crate::ops::matmul::matmul;
 
 /// The text stream's projections of a double-stream block.
@@ -150,13 +151,15 @@ impl FluxAttention {
             observer.observe(&site, &probs)?;
         }
 
-        let scores = (upcast(&q)?.matmul(&upcast(&k)?.t()?)? * scale)?;
-        let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        let out =
-            probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b, seq, self.heads * self.head_dim))?;
+        let out = if matches!(dtype, DType::F16 | DType::BF16) {
+            let scores = (upcast(&q)?.matmul(&upcast(&k)?.t()?)? * scale)?;
+            softmax_last_dim(&scores)?.to_dtype(dtype)?.matmul(&v)?
+        } else {
+            attention(&q, &k, &v, scale)?
+        };
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, seq, self.heads * self.head_dim))?;
         match (&self.added, &self.to_out) {
             (Some(a), Some(to_out)) => {
                 let text = a.to_add_out.forward(&out.narrow(1, 0, t)?)?;

@@ -10,7 +10,9 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{contiguous_slice, cpu_kernel, Real};
+use super::{
+    contiguous_slice, cpu_kernel, rows_per_task, sum1, sum2, sum3, Real, PARALLEL_MIN_ELEMENTS,
+};
 
 /// How elements are grouped into normalised rows and which affine channel each one uses.
 #[derive(Clone, Copy, Debug)]
@@ -40,107 +42,160 @@ impl Rows {
     fn stats<T: Real>(&self, row: &[T]) -> (f64, f64) {
         let n = row.len() as f64;
         let mean = if self.centre {
-            row.iter().map(|v| v.f64()).sum::<f64>() / n
+            sum1(row, |v| v.f64()) / n
         } else {
             0.0
         };
-        let var = row
-            .iter()
-            .map(|v| {
-                let d = v.f64() - mean;
-                d * d
-            })
-            .sum::<f64>()
-            / n;
+        let var = sum1(row, |v| {
+            let d = v.f64() - mean;
+            d * d
+        }) / n;
         (mean, 1.0 / (var + self.eps).sqrt())
     }
 
-    /// Rows per parallel task, so that each task has some thousands of elements.
-    fn rows_per_task(&self) -> usize {
-        (16_384 / self.len().max(1)).max(1)
+    /// Normalises, scales and shifts one row (`r` is its index).
+    fn forward_row<T: Real>(&self, r: usize, out: &mut [T], row: &[T], w: &[T], b: &[T]) {
+        let (mean, rstd) = self.stats(row);
+        let mean_t = T::of(mean);
+        let c0 = self.first_channel(r);
+        if self.spatial == 1 {
+            // One element per channel (LayerNorm, RMSNorm): a single vectorisable loop.
+            let (w, b) = (&w[c0..c0 + self.channels], &b[c0..c0 + self.channels]);
+            let rstd = T::of(rstd);
+            for ((o, &v), (&wc, &bc)) in out.iter_mut().zip(row).zip(w.iter().zip(b)) {
+                *o = (v - mean_t) * (wc * rstd) + bc;
+            }
+            return;
+        }
+        for (c, (o, xs)) in out
+            .chunks_mut(self.spatial)
+            .zip(row.chunks(self.spatial))
+            .enumerate()
+        {
+            let scale = T::of(w[c0 + c].f64() * rstd);
+            let shift = b[c0 + c];
+            for (o, &v) in o.iter_mut().zip(xs) {
+                *o = (v - mean_t) * scale + shift;
+            }
+        }
     }
 
     fn forward<T: Real>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
         let len = self.len();
-        let mut out = vec![T::of(0.0); x.len()];
-        out.par_chunks_mut(len)
-            .zip(x.par_chunks(len))
-            .enumerate()
-            .with_min_len(self.rows_per_task())
-            .for_each(|(r, (out, row))| {
-                let (mean, rstd) = self.stats(row);
-                let c0 = self.first_channel(r);
-                for (c, (o, xs)) in out
-                    .chunks_mut(self.spatial)
-                    .zip(row.chunks(self.spatial))
-                    .enumerate()
-                {
-                    let (scale, shift) = (w[c0 + c].f64() * rstd, b[c0 + c].f64());
-                    for (o, &v) in o.iter_mut().zip(xs) {
-                        *o = T::of((v.f64() - mean) * scale + shift);
-                    }
-                }
-            });
+        let mut out = vec![T::zero(); x.len()];
+        let row_fn =
+            |(r, (out, row)): (usize, (&mut [T], &[T]))| self.forward_row(r, out, row, w, b);
+        if x.len() >= PARALLEL_MIN_ELEMENTS {
+            out.par_chunks_mut(len)
+                .zip(x.par_chunks(len))
+                .enumerate()
+                .with_min_len(rows_per_task(len))
+                .for_each(row_fn);
+        } else {
+            out.chunks_mut(len)
+                .zip(x.chunks(len))
+                .enumerate()
+                .for_each(row_fn);
+        }
         out
+    }
+
+    /// The input gradient of one row, adding its weight and bias gradients to `dw` and `db`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_row<T: Real>(
+        &self,
+        r: usize,
+        dx: &mut [T],
+        row: &[T],
+        grad: &[T],
+        w: &[T],
+        dw: &mut [f64],
+        db: &mut [f64],
+    ) {
+        let (mean, rstd) = self.stats(row);
+        let c0 = self.first_channel(r);
+        let n = self.len() as f64;
+        if self.spatial == 1 {
+            // One element per channel (LayerNorm, RMSNorm): vectorisable loops over the row.
+            let wr = &w[c0..c0 + self.channels];
+            let sum_gy = sum2(grad, wr, |gv, wc| gv.f64() * wc.f64());
+            let sum_gy_xc = sum3(row, grad, wr, |v, gv, wc| {
+                gv.f64() * wc.f64() * (v.f64() - mean)
+            });
+            let mean_t = T::of(mean);
+            let rstd_t = T::of(rstd);
+            for (j, (&v, &gv)) in row.iter().zip(grad).enumerate() {
+                dw[c0 + j] += gv.f64() * (v.f64() - mean) * rstd;
+                db[c0 + j] += gv.f64();
+            }
+            let mean_gy = T::of(if self.centre { sum_gy / n } else { 0.0 });
+            let k = T::of(sum_gy_xc * rstd / n * rstd);
+            for ((d, &v), (&gv, &wc)) in dx.iter_mut().zip(row).zip(grad.iter().zip(wr)) {
+                *d = rstd_t * (gv * wc - mean_gy - (v - mean_t) * k);
+            }
+            return;
+        }
+        // Σ gy and Σ gy·x̂ over the row, gy = g·w being the gradient of x̂.
+        let (mut sum_gy, mut sum_gy_xhat) = (0f64, 0f64);
+        for c in 0..self.channels {
+            let span = c * self.spatial..(c + 1) * self.spatial;
+            let (row, grad) = (&row[span.clone()], &grad[span]);
+            let sg = sum1(grad, |gv| gv.f64());
+            let sgx = sum2(row, grad, |v, gv| gv.f64() * (v.f64() - mean)) * rstd;
+            let wc = w[c0 + c].f64();
+            dw[c0 + c] += sgx;
+            db[c0 + c] += sg;
+            sum_gy += sg * wc;
+            sum_gy_xhat += sgx * wc;
+        }
+        let mean_gy = if self.centre { sum_gy / n } else { 0.0 };
+        // ∂x = rstd·(gy − mean(gy) − x̂·mean(gy·x̂)), with x̂ = (x − mean)·rstd.
+        let k = T::of(sum_gy_xhat / n * rstd);
+        let (mean_t, rstd_t, mean_gy_t) = (T::of(mean), T::of(rstd), T::of(mean_gy));
+        for c in 0..self.channels {
+            let span = c * self.spatial..(c + 1) * self.spatial;
+            let wc = w[c0 + c];
+            for ((d, &v), &gv) in dx[span.clone()]
+                .iter_mut()
+                .zip(&row[span.clone()])
+                .zip(&grad[span])
+            {
+                *d = rstd_t * (gv * wc - mean_gy_t - (v - mean_t) * k);
+            }
+        }
     }
 
     /// Gradients of the input, the weight and the bias, concatenated in that order.
     fn backward<T: Real>(&self, x: &[T], w: &[T], g: &[T]) -> Vec<T> {
         let len = self.len();
         let n_channels = self.groups * self.channels;
-        let mut dx = vec![T::of(0.0); x.len()];
-        let (dw, db) = dx
-            .par_chunks_mut(len)
-            .zip(x.par_chunks(len).zip(g.par_chunks(len)))
-            .enumerate()
-            .with_min_len(self.rows_per_task())
-            .fold(
-                || (vec![0f64; n_channels], vec![0f64; n_channels]),
-                |(mut dw, mut db), (r, (dx, (row, grad)))| {
-                    let (mean, rstd) = self.stats(row);
-                    let c0 = self.first_channel(r);
-                    // Σ gy and Σ gy·x̂ over the row, gy = g·w being the gradient of x̂.
-                    let (mut sum_gy, mut sum_gy_xhat) = (0f64, 0f64);
-                    for c in 0..self.channels {
-                        let span = c * self.spatial..(c + 1) * self.spatial;
-                        let wc = w[c0 + c].f64();
-                        let (mut sg, mut sgx) = (0f64, 0f64);
-                        for (&v, &gv) in row[span.clone()].iter().zip(&grad[span]) {
-                            let xhat = (v.f64() - mean) * rstd;
-                            sg += gv.f64();
-                            sgx += gv.f64() * xhat;
-                        }
-                        dw[c0 + c] += sgx;
-                        db[c0 + c] += sg;
-                        sum_gy += sg * wc;
-                        sum_gy_xhat += sgx * wc;
-                    }
-                    let n = len as f64;
-                    let mean_gy = if self.centre { sum_gy / n } else { 0.0 };
-                    let mean_gy_xhat = sum_gy_xhat / n;
-                    for c in 0..self.channels {
-                        let span = c * self.spatial..(c + 1) * self.spatial;
-                        let wc = w[c0 + c].f64();
-                        for ((d, &v), &gv) in dx[span.clone()]
-                            .iter_mut()
-                            .zip(&row[span.clone()])
-                            .zip(&grad[span])
-                        {
-                            let xhat = (v.f64() - mean) * rstd;
-                            *d = T::of(rstd * (gv.f64() * wc - mean_gy - xhat * mean_gy_xhat));
-                        }
-                    }
+        let mut dx = vec![T::zero(); x.len()];
+        let zeros = || (vec![0f64; n_channels], vec![0f64; n_channels]);
+        let (dw, db) = if x.len() >= PARALLEL_MIN_ELEMENTS {
+            dx.par_chunks_mut(len)
+                .zip(x.par_chunks(len).zip(g.par_chunks(len)))
+                .enumerate()
+                .with_min_len(rows_per_task(len))
+                .fold(zeros, |(mut dw, mut db), (r, (dx, (row, grad)))| {
+                    self.backward_row(r, dx, row, grad, w, &mut dw, &mut db);
                     (dw, db)
-                },
-            )
-            .reduce(
-                || (vec![0f64; n_channels], vec![0f64; n_channels]),
-                |(mut dw, mut db), (dw2, db2)| {
+                })
+                .reduce(zeros, |(mut dw, mut db), (dw2, db2)| {
                     dw.iter_mut().zip(dw2).for_each(|(a, b)| *a += b);
                     db.iter_mut().zip(db2).for_each(|(a, b)| *a += b);
                     (dw, db)
-                },
-            );
+                })
+        } else {
+            let (mut dw, mut db) = zeros();
+            for (r, (dx, (row, grad))) in dx
+                .chunks_mut(len)
+                .zip(x.chunks(len).zip(g.chunks(len)))
+                .enumerate()
+            {
+                self.backward_row(r, dx, row, grad, w, &mut dw, &mut db);
+            }
+            (dw, db)
+        };
         dx.extend(dw.into_iter().map(T::of));
         dx.extend(db.into_iter().map(T::of));
         dx

@@ -8,63 +8,58 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{contiguous_slice, cpu_kernel, Real};
+use super::{contiguous_slice, cpu_kernel, rows_per_task, sum1, sum2, Real, PARALLEL_MIN_ELEMENTS};
 
-/// exp for the kernel's element type (f32's own, so f32 rows stay fast).
-trait Exp: Real {
-    fn exp(self) -> Self;
-}
-
-impl Exp for f32 {
-    #[inline(always)]
-    fn exp(self) -> Self {
-        f32::exp(self)
+/// softmax(scale · row) of every row of `len` elements, in place; `scale` > 0.
+pub(crate) fn softmax_rows_in_place<T: Real>(data: &mut [T], len: usize, scale: f64) {
+    let scale = T::of(scale);
+    let row_fn = |row: &mut [T]| {
+        let max = row
+            .iter()
+            .fold(T::neg_infinity(), |m, &v| if v > m { v } else { m });
+        for v in row.iter_mut() {
+            *v = ((*v - max) * scale).exp();
+        }
+        let sum = T::of(sum1(row, |v| v.f64()));
+        for v in row.iter_mut() {
+            *v /= sum;
+        }
+    };
+    if data.len() >= PARALLEL_MIN_ELEMENTS {
+        data.par_chunks_mut(len)
+            .with_min_len(rows_per_task(len))
+            .for_each(row_fn);
+    } else {
+        data.chunks_mut(len).for_each(row_fn);
     }
 }
 
-impl Exp for f64 {
-    #[inline(always)]
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-}
-
-fn rows_per_task(len: usize) -> usize {
-    (16_384 / len.max(1)).max(1)
-}
-
-fn forward<T: Exp>(x: &[T], len: usize) -> Vec<T> {
-    let mut out = vec![T::of(0.0); x.len()];
-    out.par_chunks_mut(len)
-        .zip(x.par_chunks(len))
-        .with_min_len(rows_per_task(len))
-        .for_each(|(out, row)| {
-            let max = row.iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.f64()));
-            let max = T::of(max);
-            let mut sum = 0f64;
-            for (o, &v) in out.iter_mut().zip(row) {
-                *o = T::of(v.f64() - max.f64()).exp();
-                sum += o.f64();
-            }
-            let inv = 1.0 / sum;
-            for o in out.iter_mut() {
-                *o = T::of(o.f64() * inv);
-            }
-        });
+fn forward<T: Real>(x: &[T], len: usize) -> Vec<T> {
+    let mut out = x.to_vec();
+    softmax_rows_in_place(&mut out, len, 1.0);
     out
 }
 
-fn backward<T: Real>(y: &[T], g: &[T], len: usize) -> Vec<T> {
-    let mut out = vec![T::of(0.0); y.len()];
-    out.par_chunks_mut(len)
-        .zip(y.par_chunks(len).zip(g.par_chunks(len)))
-        .with_min_len(rows_per_task(len))
-        .for_each(|(out, (y, g))| {
-            let dot: f64 = y.iter().zip(g).map(|(a, b)| a.f64() * b.f64()).sum();
-            for ((o, &yv), &gv) in out.iter_mut().zip(y).zip(g) {
-                *o = T::of(yv.f64() * (gv.f64() - dot));
-            }
-        });
+/// scale · y·(g − Σ g·y) row by row.
+fn backward<T: Real>(y: &[T], g: &[T], len: usize, scale: f64) -> Vec<T> {
+    let mut out = vec![T::zero(); y.len()];
+    let scale = T::of(scale);
+    let row_fn = |(out, (y, g)): (&mut [T], (&[T], &[T]))| {
+        let dot = T::of(sum2(y, g, |a, b| a.f64() * b.f64()));
+        for ((o, &yv), &gv) in out.iter_mut().zip(y).zip(g) {
+            *o = scale * yv * (gv - dot);
+        }
+    };
+    if y.len() >= PARALLEL_MIN_ELEMENTS {
+        out.par_chunks_mut(len)
+            .zip(y.par_chunks(len).zip(g.par_chunks(len)))
+            .with_min_len(rows_per_task(len))
+            .for_each(row_fn);
+    } else {
+        out.chunks_mut(len)
+            .zip(y.chunks(len).zip(g.chunks(len)))
+            .for_each(row_fn);
+    }
     out
 }
 
@@ -97,12 +92,17 @@ impl CustomOp1 for Softmax {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?))
+        Ok(Some(y.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &SoftmaxGrad { scale: 1.0 },
+        )?))
     }
 }
 
-/// (softmax output, output gradient) → input gradient.
-struct SoftmaxGrad;
+/// (softmax output, output gradient) → input gradient, for the softmax of `scale` · input.
+pub(crate) struct SoftmaxGrad {
+    pub scale: f64,
+}
 
 impl CustomOp2 for SoftmaxGrad {
     fn name(&self) -> &'static str {
@@ -123,11 +123,13 @@ impl CustomOp2 for SoftmaxGrad {
                 contiguous_slice(name, s1, l1)?,
                 contiguous_slice(name, s2, l2)?,
                 len,
+                self.scale,
             )),
             CpuStorage::F64(_) => CpuStorage::F64(backward::<f64>(
                 contiguous_slice(name, s1, l1)?,
                 contiguous_slice(name, s2, l2)?,
                 len,
+                self.scale,
             )),
             _ => candle_core::bail!("softmax-last-dim-grad: only f32 and f64"),
         };
