@@ -74,9 +74,31 @@ pub struct ModelArgs {
     pub transformer: Option<PathBuf>,
 }
 
+/// The device used without `--device`: the first GPU if the binary has CUDA and it opens, else
+/// the CPU. A CUDA build on a machine without a usable GPU (no driver, the stub library, no
+/// device) gets an error from the driver here; that means "no GPU", so the CPU is used with a note
+/// naming the reason instead of failing.
+fn default_device(
+    open_gpu: impl FnOnce() -> candle_core::Result<Device>,
+) -> (Device, Option<String>) {
+    match open_gpu() {
+        Ok(device) => (device, None),
+        Err(e) => (
+            Device::Cpu,
+            Some(format!("no usable GPU ({e}); running on the CPU")),
+        ),
+    }
+}
+
 pub(crate) fn device(arg: Option<&str>) -> Result<Device> {
     Ok(match arg {
-        None => Device::cuda_if_available(0).context("selecting the default device")?,
+        None => {
+            let (device, note) = default_device(|| Device::cuda_if_available(0));
+            if let Some(note) = note {
+                eprintln!("note: {note}");
+            }
+            device
+        }
         Some("cpu") => Device::Cpu,
         Some("cuda") => Device::new_cuda(0).context("--device cuda")?,
         Some(other) => match other
@@ -770,5 +792,41 @@ impl From<ArchitectureArg> for l2s_steer::classifier::Architecture {
             ArchitectureArg::Authors => Self::authors(),
             ArchitectureArg::Legacy => Self::legacy(),
         }
+    }
+}
+
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+
+    #[test]
+    fn a_gpu_that_fails_to_open_means_the_cpu_with_a_note() {
+        let stub = || {
+            Err(candle_core::Error::Msg(
+                "DriverError(CUDA_ERROR_STUB_LIBRARY, \"CUDA driver is a stub library\")".into(),
+            ))
+        };
+        let (device, note) = default_device(stub);
+        assert!(matches!(device, Device::Cpu));
+        let note = note.expect("a note saying why");
+        assert!(
+            note.contains("CUDA_ERROR_STUB_LIBRARY") && note.contains("CPU"),
+            "{note}"
+        );
+    }
+
+    #[test]
+    fn the_default_without_cuda_is_the_cpu_without_a_note() {
+        let (device, note) = default_device(|| Ok(Device::Cpu));
+        assert!(matches!(device, Device::Cpu));
+        assert!(note.is_none());
+        // Built without CUDA, candle's own probe says so too.
+        #[cfg(not(feature = "cuda"))]
+        assert!(matches!(device_or_cpu(), Device::Cpu));
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn device_or_cpu() -> Device {
+        device(None).expect("the default device")
     }
 }

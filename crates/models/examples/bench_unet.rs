@@ -27,17 +27,39 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-fn timed(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, Vec<f64>)> {
+/// CPU time of this process so far, all threads, user + system (from /proc/self/stat, in clock
+/// ticks of 1/100 s). Under a loaded machine it measures the work done where wall time does not.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th overall.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    fields.iter().sum::<f64>() / 100.0
+}
+
+/// Median wall time, every run's wall time, and the median CPU time.
+fn timed(
+    warmup: usize,
+    runs: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<(f64, Vec<f64>, f64)> {
     for _ in 0..warmup {
         f()?;
     }
     let mut times = Vec::with_capacity(runs);
+    let mut cpu = Vec::with_capacity(runs);
     for _ in 0..runs {
-        let t = Instant::now();
+        let (t, c) = (Instant::now(), cpu_seconds());
         f()?;
         times.push(t.elapsed().as_secs_f64());
+        cpu.push(cpu_seconds() - c);
     }
-    Ok((median(times.clone()), times))
+    Ok((median(times.clone()), times, median(cpu)))
 }
 
 /// Peak resident set size of this process (VmHWM), in MiB.
@@ -66,13 +88,13 @@ fn main() -> Result<()> {
 
     let out = unet.forward(&io["cfg.sample"], t, &io["cfg.encoder_hidden_states"])?;
     let fwd_err = common::rel_err(&out, &io["cfg.out"]);
-    let (t_fwd, fwd_runs) = timed(warmup, runs, || {
+    let (t_fwd, fwd_runs, cpu_fwd) = timed(warmup, runs, || {
         unet.forward(&io["cfg.sample"], t, &io["cfg.encoder_hidden_states"])?;
         Ok(())
     })?;
 
     let mut grad_err = f64::NAN;
-    let (t_bwd, bwd_runs) = timed(warmup, runs, || {
+    let (t_bwd, bwd_runs, cpu_bwd) = timed(warmup, runs, || {
         let latent = Var::from_tensor(&io["steer.sample"])?;
         let mut store = AttentionStore::new();
         let out = unet.forward_observed(
@@ -93,11 +115,13 @@ fn main() -> Result<()> {
     let report = serde_json::json!({
         "impl": "candle",
         "candle": "0.11.1",
-        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "threads": candle_core::utils::get_num_threads(),
         "runs": runs,
         "warmup": warmup,
         "cfg_forward_batch2_s": t_fwd,
         "steer_fwd_bwd_batch1_s": t_bwd,
+        "cfg_forward_batch2_cpu_s": cpu_fwd,
+        "steer_fwd_bwd_batch1_cpu_s": cpu_bwd,
         "cfg_forward_runs_s": fwd_runs,
         "steer_fwd_bwd_runs_s": bwd_runs,
         "peak_rss_mib": peak_rss_mib(),

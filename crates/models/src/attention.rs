@@ -1,10 +1,13 @@
 //! Multi-head attention with diffusers' parameter names (`to_q`, `to_k`, `to_v`, `to_out.0`).
 
+use crate::nn::Linear;
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::nn::softmax_last_dim;
 use crate::observer::{AttentionObserver, AttentionSite};
+use crate::ops::attention::attention;
+use crate::ops::matmul::matmul;
 
 #[derive(Clone, Debug)]
 pub struct AttentionConfig {
@@ -37,9 +40,9 @@ pub struct Attention {
 
 fn linear(i: usize, o: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     if bias {
-        candle_nn::linear(i, o, vb)
+        crate::nn::linear(i, o, vb)
     } else {
-        candle_nn::linear_no_bias(i, o, vb)
+        crate::nn::linear_no_bias(i, o, vb)
     }
 }
 
@@ -51,7 +54,7 @@ impl Attention {
             to_q: linear(cfg.query_dim, inner, cfg.qkv_bias, vb.pp("to_q"))?,
             to_k: linear(kv_in, inner, cfg.qkv_bias, vb.pp("to_k"))?,
             to_v: linear(kv_in, inner, cfg.qkv_bias, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, cfg.query_dim, vb.pp("to_out").pp("0"))?,
+            to_out: crate::nn::linear(inner, cfg.query_dim, vb.pp("to_out").pp("0"))?,
             heads: cfg.heads,
             head_dim: cfg.head_dim,
             scale: 1.0 / (cfg.head_dim as f64).sqrt(),
@@ -88,21 +91,25 @@ impl Attention {
         } else {
             (q, k)
         };
-        let scores = (q.matmul(&k.t()?)? * self.scale)?;
-        let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        if self.observed {
-            let site = AttentionSite {
-                layer: self.name.clone(),
-                height: grid.0,
-                width: grid.1,
-                heads: self.heads,
-                tokens: k.dim(2)?,
-            };
-            if observer.wants(&site) {
-                observer.observe(&site, &probs)?;
-            }
-        }
-        let out = probs.matmul(&v)?; // (b, heads, n, head_dim)
+        let site = AttentionSite {
+            layer: self.name.clone(),
+            height: grid.0,
+            width: grid.1,
+            heads: self.heads,
+            tokens: k.dim(2)?,
+        };
+        let out = if self.observed && observer.wants(&site) {
+            // The observer gets the probabilities as a tensor of their own.
+            let scores = (matmul(&q, &k.t()?)? * self.scale)?;
+            let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
+            observer.observe(&site, &probs)?;
+            matmul(&probs, &v)?
+        } else if q.dtype() == dtype {
+            attention(&q, &k, &v, self.scale)?
+        } else {
+            let scores = (matmul(&q, &k.t()?)? * self.scale)?;
+            matmul(&softmax_last_dim(&scores)?.to_dtype(dtype)?, &v)?
+        }; // (b, heads, n, head_dim)
         let out = out
             .transpose(1, 2)?
             .reshape((b, n, self.heads * self.head_dim))?;

@@ -3,8 +3,9 @@
 
 use std::path::Path;
 
+use crate::nn::Linear;
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
 use crate::config::read_config;
@@ -97,10 +98,10 @@ impl SelfAttention {
     fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
-            q_proj: candle_nn::linear(h, h, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(h, h, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(h, h, vb.pp("v_proj"))?,
-            out_proj: candle_nn::linear(h, h, vb.pp("out_proj"))?,
+            q_proj: crate::nn::linear(h, h, vb.pp("q_proj"))?,
+            k_proj: crate::nn::linear(h, h, vb.pp("k_proj"))?,
+            v_proj: crate::nn::linear(h, h, vb.pp("v_proj"))?,
+            out_proj: crate::nn::linear(h, h, vb.pp("out_proj"))?,
             heads: cfg.num_attention_heads,
             head_dim: h / cfg.num_attention_heads,
         })
@@ -143,12 +144,12 @@ impl EncoderLayer {
             layer_norm1: LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
             self_attn: SelfAttention::new(cfg, vb.pp("self_attn"))?,
             layer_norm2: LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(
+            fc1: crate::nn::linear(
                 cfg.hidden_size,
                 cfg.intermediate_size,
                 vb.pp("mlp").pp("fc1"),
             )?,
-            fc2: candle_nn::linear(
+            fc2: crate::nn::linear(
                 cfg.intermediate_size,
                 cfg.hidden_size,
                 vb.pp("mlp").pp("fc2"),

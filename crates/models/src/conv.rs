@@ -1,13 +1,19 @@
-//! 2-D convolution with bias whose backward pass is fast on the CPU.
+//! 2-D convolution with bias whose backward pass is fast and skips frozen weights.
 //!
 //! candle differentiates `conv2d` through `conv_transpose2d`, which on the CPU is a direct loop,
-//! and sums the bias gradient with a strided reduction over three axes; together they made up
-//! about a quarter of a training step of the shapes model. Here the forward pass is candle's
-//! (im2col + gemm), and for stride 1 the input gradient is an ordinary convolution with the
-//! flipped, transposed kernel, so it takes the same fast path. Other devices and untracked inputs
-//! use candle's ops unchanged, so results are the same everywhere.
+//! sums the bias gradient with a strided reduction over three axes, and computes the kernel and
+//! bias gradients even for frozen weights; together they made up about a quarter of a training
+//! step of the shapes model. Here the forward pass is candle's (im2col + gemm on the CPU), and for
+//! stride 1 the input gradient is an ordinary convolution with the flipped, transposed kernel, so
+//! it takes the same fast path; kernel and bias get gradients only when autograd tracks them. The
+//! backward pass is made of candle's own ops, so it is the same on every device. Untracked inputs
+//! use candle's ops unchanged.
 
-use candle_core::{CpuStorage, DType, Device, Layout, Module, Result, Shape, Tensor, D};
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::op::Add;
+use candle_core::{CpuStorage, CudaStorage, Layout, Module, Result, Shape, Storage, Tensor, D};
 use candle_nn::VarBuilder;
 
 /// A convolution layer with diffusers' weight names (`weight`, `bias`).
@@ -65,72 +71,63 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let cpu_float =
-            matches!(xs.device(), Device::Cpu) && matches!(xs.dtype(), DType::F32 | DType::F64);
-        if cpu_float && crate::nn::tracked(&[xs, &self.weight, &self.bias]) {
-            xs.apply_op3(
-                &self.weight,
-                &self.bias,
-                ConvWithBias {
-                    stride: self.stride,
-                    padding: self.padding,
-                },
-            )
-        } else {
-            self.forward_plain(xs)
+        if !crate::nn::tracked(&[xs, &self.weight, &self.bias]) {
+            return self.forward_plain(xs);
         }
+        // candle's convolution on untracked views of the same storage; the op adds the bias while
+        // writing its output and owns the backward pass.
+        let conv = xs
+            .detach()
+            .conv2d(&self.weight.detach(), self.padding, self.stride, 1, 1)?;
+        xs.apply_op3(
+            &self.weight,
+            &self.bias,
+            ConvWithBias {
+                stride: self.stride,
+                padding: self.padding,
+                conv: Mutex::new(Some(conv)),
+            },
+        )
     }
 }
 
-/// The op behind [`Conv2d`] on tracked CPU tensors: (input, kernel, bias) → output.
+/// The op behind [`Conv2d`] on tracked tensors: (input, kernel, bias) → output.
 struct ConvWithBias {
     stride: usize,
     padding: usize,
+    /// The bias-free convolution, computed before the op runs and dropped once it has.
+    conv: Mutex<Option<Tensor>>,
 }
 
-/// A CPU storage viewed through its layout, as an untracked tensor (copied).
-fn cpu_tensor(storage: &CpuStorage, layout: &Layout) -> Result<Tensor> {
-    fn gather<T: candle_core::WithDType>(data: &[T], layout: &Layout) -> Result<Tensor> {
-        match layout.contiguous_offsets() {
-            Some((start, end)) => {
-                Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)
-            }
-            None => {
-                // Walk the logical elements in row-major order, following the strides.
-                let (dims, strides) = (layout.dims(), layout.stride());
-                let mut index = vec![0usize; dims.len()];
-                let mut values = Vec::with_capacity(layout.shape().elem_count());
-                for _ in 0..layout.shape().elem_count() {
-                    values.push(
-                        data[layout.start_offset()
-                            + index.iter().zip(strides).map(|(i, s)| i * s).sum::<usize>()],
-                    );
-                    for d in (0..dims.len()).rev() {
-                        index[d] += 1;
-                        if index[d] < dims[d] {
-                            break;
-                        }
-                        index[d] = 0;
-                    }
-                }
-                Tensor::from_vec(values, layout.shape(), &Device::Cpu)
-            }
-        }
-    }
-    match storage {
-        CpuStorage::F32(data) => gather(data, layout),
-        CpuStorage::F64(data) => gather(data, layout),
-        _ => candle_core::bail!("conv2d fast path: only f32 and f64"),
+impl ConvWithBias {
+    fn take_conv(&self) -> Result<Tensor> {
+        let taken = self.conv.lock().ok().and_then(|mut c| c.take());
+        taken.ok_or_else(|| candle_core::Error::Msg("conv2d-with-bias: run twice".into()))
     }
 }
 
-fn into_cpu_storage(t: &Tensor) -> Result<CpuStorage> {
-    let flat = t.flatten_all()?;
-    Ok(match t.dtype() {
-        DType::F32 => CpuStorage::F32(flat.to_vec1()?),
-        DType::F64 => CpuStorage::F64(flat.to_vec1()?),
-        other => candle_core::bail!("conv2d fast path: unsupported dtype {other:?}"),
-    })
+/// `conv + bias`, the bias broadcast over batch and pixels.
+fn add_channel_bias<S: BackendStorage>(
+    conv: &S,
+    l_conv: &Layout,
+    bias: &S,
+    l_bias: &Layout,
+) -> Result<(S, Shape)> {
+    let channels = l_conv.dim(1)?;
+    if l_bias.dims() != [channels] {
+        candle_core::bail!(
+            "conv2d: bias of shape {:?} for {channels} output channels",
+            l_bias.dims()
+        );
+    }
+    let per_channel = Layout::new(
+        Shape::from((1, channels, 1, 1)),
+        vec![0, l_bias.stride()[0], 0, 0],
+        l_bias.start_offset(),
+    )
+    .broadcast_as(l_conv.shape().clone())?;
+    let out = conv.binary_impl::<Add>(bias, l_conv, &per_channel)?;
+    Ok((out, l_conv.shape().clone()))
 }
 
 /// Reverses a tensor along `dim`.
@@ -148,22 +145,36 @@ impl candle_core::CustomOp3 for ConvWithBias {
 
     fn cpu_fwd(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        bias: &CpuStorage,
+        l_bias: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (xs, weight, bias) = (
-            cpu_tensor(s1, l1)?,
-            cpu_tensor(s2, l2)?,
-            cpu_tensor(s3, l3)?,
-        );
-        let out = xs
-            .conv2d(&weight, self.padding, self.stride, 1, 1)?
-            .broadcast_add(&bias.reshape((1, (), 1, 1))?)?;
-        Ok((into_cpu_storage(&out)?, out.shape().clone()))
+        let conv = self.take_conv()?;
+        let (storage, layout) = conv.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => add_channel_bias(s, layout, bias, l_bias),
+            _ => candle_core::bail!("conv2d-with-bias: convolution on another device"),
+        }
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        bias: &CudaStorage,
+        l_bias: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let conv = self.take_conv()?;
+        let (storage, layout) = conv.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => add_channel_bias(s, layout, bias, l_bias),
+            _ => candle_core::bail!("conv2d-with-bias: convolution on another device"),
+        }
     }
 
     fn bwd(
@@ -212,7 +223,7 @@ impl candle_core::CustomOp3 for ConvWithBias {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
     /// Gradients of the fast path equal candle's for every conv shape the models use.
     #[test]

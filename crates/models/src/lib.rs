@@ -12,6 +12,7 @@ pub mod error;
 pub mod flux;
 pub mod model;
 pub mod nn;
+pub mod ops;
 pub mod pipeline;
 pub mod resnet;
 pub mod space_to_depth;

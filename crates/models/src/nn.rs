@@ -2,23 +2,69 @@
 //!
 //! candle's fused `softmax_last_dim`, `layer_norm` and `rms_norm` kernels have no backward pass and
 //! silently stop gradients. We use them only when no tensor involved is tracked for autograd, and
-//! compose the operation from differentiable primitives otherwise.
+//! otherwise our own kernels with backward passes ([`crate::ops`]), which also skip the gradients
+//! of frozen weights.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+
+use crate::ops;
 
 /// True when autograd tracks any of the tensors (a `Var`, or something computed from one).
 pub fn tracked(tensors: &[&Tensor]) -> bool {
     tensors.iter().any(|t| t.track_op())
 }
 
-/// Softmax over the last dimension, fused when no gradient is needed.
+/// Softmax over the last dimension: candle's fused kernel when no gradient is needed.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     if tracked(&[xs]) || xs.dtype() == DType::F64 {
-        candle_nn::ops::softmax(xs, D::Minus1)
+        ops::softmax::softmax_last_dim(xs)
     } else {
         candle_nn::ops::softmax_last_dim(xs)
     }
+}
+
+/// A fully connected layer with `candle_nn::Linear`'s parameters and initialisation, whose
+/// backward pass differentiates only what autograd tracks (see [`ops::matmul`]).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+impl From<candle_nn::Linear> for Linear {
+    fn from(l: candle_nn::Linear) -> Self {
+        Self {
+            weight: l.weight().clone(),
+            bias: l.bias().cloned(),
+        }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        ops::matmul::linear(xs, &self.weight, self.bias.as_ref())
+    }
+}
+
+/// A linear layer with bias, weights `weight` and `bias` (initialised as candle_nn's).
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    candle_nn::linear(in_dim, out_dim, vb).map(Linear::from)
+}
+
+/// A linear layer without bias.
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    candle_nn::linear_no_bias(in_dim, out_dim, vb).map(Linear::from)
 }
 
 /// LayerNorm over the last dimension with affine weight and bias.
@@ -43,20 +89,7 @@ impl Module for LayerNorm {
         if fused_dtype && !tracked(&[xs, &self.weight, &self.bias]) && xs.is_contiguous() {
             return candle_nn::ops::layer_norm(xs, &self.weight, &self.bias, self.eps as f32);
         }
-        let dtype = xs.dtype();
-        let internal = match dtype {
-            DType::F16 | DType::BF16 => DType::F32,
-            d => d,
-        };
-        let x = xs.to_dtype(internal)?;
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        ops::norm::layer_norm(xs, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -91,14 +124,34 @@ impl Module for Activation {
     }
 }
 
-/// GroupNorm as in PyTorch (statistics in f32 for half-precision inputs).
-pub fn group_norm(
+/// GroupNorm as in PyTorch (statistics in f32 for half-precision inputs), weights `weight` and
+/// `bias`.
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
     groups: usize,
-    channels: usize,
     eps: f64,
-    vb: VarBuilder,
-) -> Result<candle_nn::GroupNorm> {
-    candle_nn::group_norm(groups, channels, eps, vb)
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        ops::norm::group_norm(xs, self.groups, &self.weight, &self.bias, self.eps)
+    }
+}
+
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    if groups == 0 || !channels.is_multiple_of(groups) {
+        candle_core::bail!("GroupNorm: {groups} groups do not divide {channels} channels");
+    }
+    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?;
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?;
+    Ok(GroupNorm {
+        weight,
+        bias,
+        groups,
+        eps,
+    })
 }
 
 /// A 2-D convolution with the given kernel, stride and padding, with bias.

@@ -1,7 +1,8 @@
 //! Convolutional pieces shared by the UNet and the VAE: residual blocks and 2× resampling.
 
+use crate::nn::{GroupNorm, Linear};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::conv::Conv2d;
 
@@ -35,7 +36,7 @@ impl ResnetBlock {
             conv1: conv2d(i, o, 3, 1, 1, vb.pp("conv1"))?,
             time_emb_proj: cfg
                 .temb_channels
-                .map(|t| candle_nn::linear(t, o, vb.pp("time_emb_proj")))
+                .map(|t| crate::nn::linear(t, o, vb.pp("time_emb_proj")))
                 .transpose()?,
             norm2: group_norm(cfg.groups, o, cfg.eps, vb.pp("norm2"))?,
             conv2: conv2d(o, o, 3, 1, 1, vb.pp("conv2"))?,

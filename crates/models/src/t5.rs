@@ -4,8 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::nn::Linear;
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
@@ -137,10 +138,10 @@ impl SelfAttention {
             None
         };
         Ok(Self {
-            q: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("q"))?,
-            k: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("k"))?,
-            v: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("v"))?,
-            o: candle_nn::linear_no_bias(inner, cfg.d_model, vb.pp("o"))?,
+            q: crate::nn::linear_no_bias(cfg.d_model, inner, vb.pp("q"))?,
+            k: crate::nn::linear_no_bias(cfg.d_model, inner, vb.pp("k"))?,
+            v: crate::nn::linear_no_bias(cfg.d_model, inner, vb.pp("v"))?,
+            o: crate::nn::linear_no_bias(inner, cfg.d_model, vb.pp("o"))?,
             relative_attention_bias,
             heads: cfg.num_heads,
             d_kv: cfg.d_kv,
@@ -218,9 +219,9 @@ impl Block {
             attn_norm: RmsNorm::new(cfg.d_model, cfg.layer_norm_epsilon, l0.pp("layer_norm"))?,
             attn: SelfAttention::new(cfg, index == 0, l0.pp("SelfAttention"))?,
             ff_norm: RmsNorm::new(cfg.d_model, cfg.layer_norm_epsilon, l1.pp("layer_norm"))?,
-            wi_0: candle_nn::linear_no_bias(cfg.d_model, cfg.d_ff, ff.pp("wi_0"))?,
-            wi_1: candle_nn::linear_no_bias(cfg.d_model, cfg.d_ff, ff.pp("wi_1"))?,
-            wo: candle_nn::linear_no_bias(cfg.d_ff, cfg.d_model, ff.pp("wo"))?,
+            wi_0: crate::nn::linear_no_bias(cfg.d_model, cfg.d_ff, ff.pp("wi_0"))?,
+            wi_1: crate::nn::linear_no_bias(cfg.d_model, cfg.d_ff, ff.pp("wi_1"))?,
+            wo: crate::nn::linear_no_bias(cfg.d_ff, cfg.d_model, ff.pp("wo"))?,
         })
     }
 

@@ -3,8 +3,9 @@
 
 use std::path::Path;
 
+use crate::nn::GroupNorm;
 use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::conv::Conv2d;
 use rand::SeedableRng;

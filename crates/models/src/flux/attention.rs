@@ -2,13 +2,16 @@
 //! for the observer, the image-query × text-key probabilities with the softmax over the text
 //! tokens only (what Learn-to-Steer reads for FLUX), from the same normalised, rotated q and k.
 
+use crate::nn::Linear;
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::norm::RmsNorm;
 use super::rope::Rope;
 use crate::nn::softmax_last_dim;
 use crate::observer::{AttentionObserver, AttentionSite};
+use crate::ops::attention::attention;
+use crate::ops::matmul::matmul;
 
 /// The text stream's projections of a double-stream block.
 #[derive(Clone, Debug)]
@@ -55,24 +58,24 @@ impl FluxAttention {
         let inner = heads * head_dim;
         let added = if double {
             Some(Added {
-                add_q_proj: candle_nn::linear(dim, inner, vb.pp("add_q_proj"))?,
-                add_k_proj: candle_nn::linear(dim, inner, vb.pp("add_k_proj"))?,
-                add_v_proj: candle_nn::linear(dim, inner, vb.pp("add_v_proj"))?,
+                add_q_proj: crate::nn::linear(dim, inner, vb.pp("add_q_proj"))?,
+                add_k_proj: crate::nn::linear(dim, inner, vb.pp("add_k_proj"))?,
+                add_v_proj: crate::nn::linear(dim, inner, vb.pp("add_v_proj"))?,
                 norm_added_q: RmsNorm::new(head_dim, 1e-6, vb.pp("norm_added_q"))?,
                 norm_added_k: RmsNorm::new(head_dim, 1e-6, vb.pp("norm_added_k"))?,
-                to_add_out: candle_nn::linear(inner, dim, vb.pp("to_add_out"))?,
+                to_add_out: crate::nn::linear(inner, dim, vb.pp("to_add_out"))?,
             })
         } else {
             None
         };
         Ok(Self {
-            to_q: candle_nn::linear(dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear(dim, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear(dim, inner, vb.pp("to_v"))?,
+            to_q: crate::nn::linear(dim, inner, vb.pp("to_q"))?,
+            to_k: crate::nn::linear(dim, inner, vb.pp("to_k"))?,
+            to_v: crate::nn::linear(dim, inner, vb.pp("to_v"))?,
             norm_q: RmsNorm::new(head_dim, 1e-6, vb.pp("norm_q"))?,
             norm_k: RmsNorm::new(head_dim, 1e-6, vb.pp("norm_k"))?,
             to_out: if double {
-                Some(candle_nn::linear(inner, dim, vb.pp("to_out").pp("0"))?)
+                Some(crate::nn::linear(inner, dim, vb.pp("to_out").pp("0"))?)
             } else {
                 None
             },
@@ -143,18 +146,20 @@ impl FluxAttention {
         if observer.wants(&site) {
             let qi = upcast(&q.narrow(2, t, seq - t)?)?;
             let kt = upcast(&k.narrow(2, 0, t)?)?;
-            let scores = (qi.matmul(&kt.t()?)? * scale)?;
+            let scores = (matmul(&qi, &kt.t()?)? * scale)?;
             let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
             observer.observe(&site, &probs)?;
         }
 
-        let scores = (upcast(&q)?.matmul(&upcast(&k)?.t()?)? * scale)?;
-        let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        let out =
-            probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b, seq, self.heads * self.head_dim))?;
+        let out = if matches!(dtype, DType::F16 | DType::BF16) {
+            let scores = (upcast(&q)?.matmul(&upcast(&k)?.t()?)? * scale)?;
+            softmax_last_dim(&scores)?.to_dtype(dtype)?.matmul(&v)?
+        } else {
+            attention(&q, &k, &v, scale)?
+        };
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, seq, self.heads * self.head_dim))?;
         match (&self.added, &self.to_out) {
             (Some(a), Some(to_out)) => {
                 let text = a.to_add_out.forward(&out.narrow(1, 0, t)?)?;

@@ -2,8 +2,9 @@
 //! weights and meet in the attention) and single-stream (`single_transformer_blocks.{i}`: one
 //! sequence, attention and MLP in parallel).
 
+use crate::nn::Linear;
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::attention::{FluxAttention, JointLayout};
 use super::norm::{AdaLayerNormZero, AdaLayerNormZeroSingle};
@@ -30,8 +31,8 @@ impl FeedForward {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let net = vb.pp("net");
         Ok(Self {
-            proj: candle_nn::linear(dim, 4 * dim, net.pp("0").pp("proj"))?,
-            out: candle_nn::linear(4 * dim, dim, net.pp("2"))?,
+            proj: crate::nn::linear(dim, 4 * dim, net.pp("0").pp("proj"))?,
+            out: crate::nn::linear(4 * dim, dim, net.pp("2"))?,
         })
     }
 }
@@ -114,8 +115,8 @@ impl SingleStreamBlock {
         let mlp = 4 * dim;
         Ok(Self {
             norm: AdaLayerNormZeroSingle::new(dim, vb.pp("norm"))?,
-            proj_mlp: candle_nn::linear(dim, mlp, vb.pp("proj_mlp"))?,
-            proj_out: candle_nn::linear(dim + mlp, dim, vb.pp("proj_out"))?,
+            proj_mlp: crate::nn::linear(dim, mlp, vb.pp("proj_mlp"))?,
+            proj_out: crate::nn::linear(dim + mlp, dim, vb.pp("proj_out"))?,
             attn: FluxAttention::new(dim, heads, head_dim, false, vb.pp("attn"))?,
         })
     }

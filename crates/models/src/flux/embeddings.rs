@@ -1,8 +1,9 @@
 //! The conditioning vector of FLUX: sinusoidal timestep (and guidance) embeddings through small
 //! MLPs, plus the projected CLIP pooled text embedding (`time_text_embed`).
 
+use crate::nn::Linear;
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// Width of the sinusoidal embedding fed to the timestep and guidance MLPs.
 const SINUSOID_DIM: usize = 256;
@@ -35,8 +36,8 @@ pub struct MlpEmbedder {
 impl MlpEmbedder {
     pub fn new(in_dim: usize, dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            linear_1: candle_nn::linear(in_dim, dim, vb.pp("linear_1"))?,
-            linear_2: candle_nn::linear(dim, dim, vb.pp("linear_2"))?,
+            linear_1: crate::nn::linear(in_dim, dim, vb.pp("linear_1"))?,
+            linear_2: crate::nn::linear(dim, dim, vb.pp("linear_2"))?,
         })
     }
 }

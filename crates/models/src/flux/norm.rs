@@ -1,18 +1,11 @@
 //! The normalisations of the FLUX transformer (and T5's RMS norm), in forms that keep gradients
 //! flowing: candle's fused kernels are used only when no tensor involved is tracked by autograd.
 
-use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use crate::nn::Linear;
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
 
 use crate::nn::tracked;
-
-/// Statistics of half-precision inputs are taken in f32, as PyTorch does.
-fn internal_dtype(dtype: DType) -> DType {
-    match dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        d => d,
-    }
-}
 
 /// x / sqrt(mean(x²) + eps) · weight over the last dimension: `torch.nn.RMSNorm` (FLUX's q/k
 /// norms, weight `weight`) and T5's layer norm (no mean subtraction, no bias).
@@ -36,10 +29,7 @@ impl Module for RmsNorm {
         if fused && !tracked(&[xs, &self.weight]) && xs.is_contiguous() {
             return candle_nn::ops::rms_norm(xs, &self.weight, self.eps as f32);
         }
-        let x = xs.to_dtype(internal_dtype(dtype))?;
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
-        normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+        crate::ops::norm::rms_norm(xs, &self.weight, self.eps)
     }
 }
 
@@ -69,12 +59,7 @@ impl Module for PlainLayerNorm {
         if fused && !tracked(&[xs]) && xs.is_contiguous() {
             return candle_nn::ops::layer_norm(xs, &self.ones, &self.zeros, self.eps as f32);
         }
-        let x = xs.to_dtype(internal_dtype(dtype))?;
-        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        centred
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .to_dtype(dtype)
+        crate::ops::norm::layer_norm(xs, &self.ones, &self.zeros, self.eps)
     }
 }
 
@@ -112,7 +97,7 @@ impl AdaLayerNormZero {
     pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             norm: PlainLayerNorm::new(dim, 1e-6, &vb)?,
-            linear: candle_nn::linear(dim, 6 * dim, vb.pp("linear"))?,
+            linear: crate::nn::linear(dim, 6 * dim, vb.pp("linear"))?,
         })
     }
 
@@ -145,7 +130,7 @@ impl AdaLayerNormZeroSingle {
     pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             norm: PlainLayerNorm::new(dim, 1e-6, &vb)?,
-            linear: candle_nn::linear(dim, 3 * dim, vb.pp("linear"))?,
+            linear: crate::nn::linear(dim, 3 * dim, vb.pp("linear"))?,
         })
     }
 
@@ -171,7 +156,7 @@ impl AdaLayerNormContinuous {
     pub fn new(dim: usize, cond_dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             norm: PlainLayerNorm::new(dim, 1e-6, &vb)?,
-            linear: candle_nn::linear(cond_dim, 2 * dim, vb.pp("linear"))?,
+            linear: crate::nn::linear(cond_dim, 2 * dim, vb.pp("linear"))?,
         })
     }
 

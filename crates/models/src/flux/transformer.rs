@@ -3,8 +3,9 @@
 
 use std::path::Path;
 
+use crate::nn::Linear;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::attention::JointLayout;
@@ -187,8 +188,8 @@ impl FluxTransformer2DModel {
         let dim = cfg.inner_dim();
         let (heads, hd) = (cfg.num_attention_heads, cfg.attention_head_dim);
         Ok(Self {
-            x_embedder: candle_nn::linear(cfg.in_channels, dim, vb.pp("x_embedder"))?,
-            context_embedder: candle_nn::linear(
+            x_embedder: crate::nn::linear(cfg.in_channels, dim, vb.pp("x_embedder"))?,
+            context_embedder: crate::nn::linear(
                 cfg.joint_attention_dim,
                 dim,
                 vb.pp("context_embedder"),
@@ -208,7 +209,7 @@ impl FluxTransformer2DModel {
                 })
                 .collect::<Result<_>>()?,
             norm_out: AdaLayerNormContinuous::new(dim, dim, vb.pp("norm_out"))?,
-            proj_out: candle_nn::linear(
+            proj_out: crate::nn::linear(
                 dim,
                 cfg.patch_size * cfg.patch_size * cfg.out_channels(),
                 vb.pp("proj_out"),

@@ -6,8 +6,9 @@ mod transformer;
 
 use std::path::Path;
 
+use crate::nn::{GroupNorm, Linear};
 use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::conv::Conv2d;
 use serde::Deserialize;
@@ -425,8 +426,8 @@ impl UNet2DConditionModel {
         };
 
         let conv_in = conv2d(config.in_channels, ch[0], 3, 1, 1, vb.pp("conv_in"))?;
-        let time_linear_1 = candle_nn::linear(ch[0], temb, vb.pp("time_embedding").pp("linear_1"))?;
-        let time_linear_2 = candle_nn::linear(temb, temb, vb.pp("time_embedding").pp("linear_2"))?;
+        let time_linear_1 = crate::nn::linear(ch[0], temb, vb.pp("time_embedding").pp("linear_1"))?;
+        let time_linear_2 = crate::nn::linear(temb, temb, vb.pp("time_embedding").pp("linear_2"))?;
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut prev = ch[0];

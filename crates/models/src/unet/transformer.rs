@@ -1,8 +1,9 @@
 //! Spatial transformer (diffusers' `Transformer2DModel` with `BasicTransformerBlock`s): where the
 //! image attends to the text.
 
+use crate::nn::{GroupNorm, Linear};
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::conv::Conv2d;
 
@@ -31,8 +32,8 @@ impl FeedForward {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            proj: candle_nn::linear(dim, inner * 2, vb.pp("net").pp("0").pp("proj"))?,
-            out: candle_nn::linear(inner, dim, vb.pp("net").pp("2"))?,
+            proj: crate::nn::linear(dim, inner * 2, vb.pp("net").pp("0").pp("proj"))?,
+            out: crate::nn::linear(inner, dim, vb.pp("net").pp("2"))?,
         })
     }
 
@@ -113,7 +114,7 @@ impl SpatialTransformer {
         let c = cfg.channels;
         let proj = |name: &str| -> Result<Projection> {
             if cfg.linear_projection {
-                Ok(Projection::Linear(candle_nn::linear(c, c, vb.pp(name))?))
+                Ok(Projection::Linear(crate::nn::linear(c, c, vb.pp(name))?))
             } else {
                 Ok(Projection::Conv(crate::nn::conv2d(
                     c,

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Type-checks the CUDA build (`cargo check --features cuda -p l2s-cli`) on a machine without a GPU,
+# so that code behind the `cuda` feature cannot rot unnoticed.
+#
+#   tools/gpu/check-cuda.sh [extra cargo check arguments…]
+#
+# Environment: CUDA_TOOLKIT_DIR (default target/cuda-toolkit) holds a Python venv with NVIDIA's
+# CUDA 13.0 packages from PyPI and a folder of links to their libraries; CARGO_TARGET_DIR defaults
+# to target/cuda-check, apart from the CPU build, so neither invalidates the other.
+#
+# What the recipe rests on:
+#  - candle's CUDA kernels are compiled by `nvcc` found on PATH (headers next to it), for the compute
+#    capability in CUDA_COMPUTE_CAP (90: H100/H200).
+#  - cudarc takes the CUDA version from `nvcc --version` and links cuda, cublas, cublasLt, curand,
+#    nvrtc and cudart from $CUDA_HOME/lib. The PyPI wheels ship only versioned libraries (libX.so.13)
+#    and no driver, so unversioned links are made here, and libcuda.so is a stub in which every
+#    cu* entry point of cuda.h returns 34 (CUDA_ERROR_STUB_LIBRARY).
+#  - The toolkit is pinned to 13.0.x: a newer nvcc writes PTX that a CUDA 13.0 driver refuses.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$ROOT"
+KIT=${CUDA_TOOLKIT_DIR:-$ROOT/target/cuda-toolkit}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target/cuda-check}
+mkdir -p "$KIT"
+
+if [ ! -x "$KIT/venv/bin/python" ]; then
+    python3 -m venv "$KIT/venv"
+fi
+"$KIT/venv/bin/pip" install -q --disable-pip-version-check \
+    nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 \
+    nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cublas==13.0.2.14 \
+    nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88
+
+# The wheels put everything under site-packages/nvidia/cu13.
+CU=$("$KIT/venv/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')
+LINKS=$KIT/links/lib
+mkdir -p "$LINKS"
+for name in cudart cublas cublasLt nvrtc; do
+    ln -sf "$CU/lib/lib$name.so.13" "$LINKS/lib$name.so"
+done
+ln -sf "$CU/lib/libcurand.so.10" "$LINKS/libcurand.so"
+
+if [ ! -f "$LINKS/libcuda.so" ]; then
+    # One stub function per driver entry point named in cuda.h, each failing with code 34.
+    gcc -E -P -I"$CU/include" "$CU/include/cuda.h" \
+        | grep -oE '\bcu[A-Z][A-Za-z0-9_]*[[:space:]]*\(' \
+        | sed 's/[[:space:]]*($//' | sort -u \
+        | awk '{ print "int " $1 "(void) { return 34; }" }' >"$KIT/libcuda_stub.c"
+    gcc -shared -fPIC -O2 -Wl,-soname,libcuda.so.1 -o "$LINKS/libcuda.so" "$KIT/libcuda_stub.c"
+fi
+
+export PATH="$CU/bin:$PATH" CUDA_HOME="$KIT/links" CUDA_COMPUTE_CAP=90
+echo "nvcc: $(nvcc --version | tail -1); CUDA_HOME=$CUDA_HOME; target: $CARGO_TARGET_DIR" >&2
+start=$(date +%s)
+cargo check --release --features cuda -p l2s-cli --all-targets "$@"
+echo "cargo check --features cuda passed in $(($(date +%s) - start)) s" >&2
