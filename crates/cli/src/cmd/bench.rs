@@ -106,14 +106,15 @@ pub struct ShapesArgs {
     /// (the shapes world has no preferred up, so all 16 apply)
     #[arg(long, default_value = "dihedral")]
     augment: Augment,
-    /// Classifier architecture: authors (the published one) or legacy
-    #[arg(long, value_enum, default_value = "authors")]
+    /// Classifier architecture: legacy (learns from this experiment's few hundred samples) or
+    /// authors (the published one; see BENCHMARKS.md for both on this data)
+    #[arg(long, value_enum, default_value = "legacy")]
     architecture: ArchitectureArg,
     /// Multiply the classifiers' maps by S·S on entry (see `l2s train --scale-maps`)
     #[arg(long)]
     scale_maps: bool,
-    /// How training and steering maps become classifier channels: published or ours
-    #[arg(long, value_enum, default_value = "published")]
+    /// How training and steering maps become classifier channels: ours or published
+    #[arg(long, value_enum, default_value = "ours")]
     map_layout: MapLayoutArg,
 }
 
