@@ -334,9 +334,14 @@ pub fn parse_shard_name(name: &str) -> Option<usize> {
 fn read_info(dir: &Path) -> Result<DatasetInfo> {
     let path = dir.join(INFO_FILE);
     let text = fs::read_to_string(&path).map_err(io_err(&path))?;
+    parse_info(&text, &path)
+}
+
+/// Parses and checks `info.json`'s text; `path` names it in errors.
+pub fn parse_info(text: &str, path: &Path) -> Result<DatasetInfo> {
     let info: DatasetInfo =
-        serde_json::from_str(&text).map_err(|e| invalid(&path, Some(e.line()), e.to_string()))?;
-    info.validate().map_err(|m| invalid(&path, None, m))?;
+        serde_json::from_str(text).map_err(|e| invalid(path, Some(e.line()), e.to_string()))?;
+    info.validate().map_err(|m| invalid(path, None, m))?;
     Ok(info)
 }
 
@@ -405,6 +410,40 @@ fn read_manifest(
     File::open(&path)
         .and_then(|mut f| f.read_to_string(&mut text))
         .map_err(io_err(&path))?;
+    let (entries, cut_at) = parse_manifest_lines(&text, &path, info, repair)?;
+    if let Some((start, line_no)) = cut_at {
+        tracing::warn!(
+            "{}: dropping the unfinished last line {line_no}",
+            path.display()
+        );
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        f.set_len(start as u64).map_err(io_err(&path))?;
+        f.sync_all().map_err(io_err(&path))?;
+    }
+    Ok(entries)
+}
+
+/// Parses and checks `manifest.jsonl`'s text against the dataset's info; `path` names it in
+/// errors. Each entry comes with its line number.
+pub fn parse_manifest(
+    text: &str,
+    path: &Path,
+    info: &DatasetInfo,
+) -> Result<Vec<(usize, ManifestEntry)>> {
+    parse_manifest_lines(text, path, info, false).map(|(entries, _)| entries)
+}
+
+/// The entries, and with `allow_cut` the byte offset and line number of an unterminated,
+/// unparsable last line (a write cut short) that was left out.
+fn parse_manifest_lines(
+    text: &str,
+    path: &Path,
+    info: &DatasetInfo,
+    allow_cut: bool,
+) -> Result<(Vec<(usize, ManifestEntry)>, Option<(usize, usize)>)> {
     let mut out = Vec::new();
     let mut seen: HashMap<u64, usize> = HashMap::new();
     let mut offset = 0usize;
@@ -420,31 +459,21 @@ fn read_manifest(
             Ok(e) => e,
             Err(err) => {
                 let last = !raw.ends_with('\n') && offset == text.len();
-                if last && repair {
-                    tracing::warn!(
-                        "{}: dropping the unfinished last line {line_no}",
-                        path.display()
-                    );
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .map_err(io_err(&path))?;
-                    f.set_len(start as u64).map_err(io_err(&path))?;
-                    f.sync_all().map_err(io_err(&path))?;
-                    break;
+                if last && allow_cut {
+                    return Ok((out, Some((start, line_no))));
                 }
                 let hint = if last {
                     " (an unfinished write? reopening the folder with the writer repairs it)"
                 } else {
                     ""
                 };
-                return Err(invalid(&path, Some(line_no), format!("{err}{hint}")));
+                return Err(invalid(path, Some(line_no), format!("{err}{hint}")));
             }
         };
-        check_entry(info, &entry).map_err(|m| invalid(&path, Some(line_no), m))?;
+        check_entry(info, &entry).map_err(|m| invalid(path, Some(line_no), m))?;
         if let Some(prev) = seen.insert(entry.meta.sample, line_no) {
             return Err(invalid(
-                &path,
+                path,
                 Some(line_no),
                 format!(
                     "sample {} already appears on line {prev}",
@@ -454,7 +483,7 @@ fn read_manifest(
         }
         out.push((line_no, entry));
     }
-    Ok(out)
+    Ok((out, None))
 }
 
 /// Appends samples to a dataset folder, one shard at a time. See the module documentation.
@@ -1122,9 +1151,23 @@ impl Dataset {
 /// The sample ids of a shard's rows, read from its header and its `sample` tensor only; checks
 /// that the file is whole and that `maps` has the shape `info` gives each row.
 fn shard_ids(path: &Path, info: &DatasetInfo) -> Result<Vec<u64>> {
-    let bad = |message: String| invalid(path, None, message);
-    let mut f = File::open(path).map_err(io_err(path))?;
+    let f = File::open(path).map_err(io_err(path))?;
     let file_len = f.metadata().map_err(io_err(path))?.len();
+    shard_ids_from(f, file_len, path, info)
+}
+
+/// [`shard_ids`] of a shard's bytes in memory; `path` names it in errors.
+pub fn shard_sample_ids(bytes: &[u8], path: &Path, info: &DatasetInfo) -> Result<Vec<u64>> {
+    shard_ids_from(std::io::Cursor::new(bytes), bytes.len() as u64, path, info)
+}
+
+fn shard_ids_from(
+    mut f: impl Read + Seek,
+    file_len: u64,
+    path: &Path,
+    info: &DatasetInfo,
+) -> Result<Vec<u64>> {
+    let bad = |message: String| invalid(path, None, message);
     let mut n = [0u8; 8];
     f.read_exact(&mut n)
         .map_err(|_| bad("is too short to be a safetensors file".into()))?;
