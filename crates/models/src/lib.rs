@@ -13,6 +13,7 @@ pub mod model;
 pub mod nn;
 pub mod pipeline;
 pub mod resnet;
+pub mod seeded;
 pub mod space_to_depth;
 pub mod t5;
 pub mod tokenizer;
