@@ -501,6 +501,8 @@ pub struct DatasetWriter {
     pending_maps: Vec<Tensor>,
     pending_ids: HashSet<u64>,
     done: HashSet<u64>,
+    /// The PSNR of each sample on disk, as its manifest line gives it.
+    done_psnr: HashMap<u64, f64>,
     next_shard: usize,
     shards_written: usize,
 }
@@ -578,6 +580,7 @@ impl DatasetWriter {
 
         let entries = read_manifest(&dir, &info, true)?;
         let mut done = HashSet::new();
+        let mut done_psnr = HashMap::new();
         let mut referenced = HashSet::new();
         let mut next_shard = 0;
         for (line, e) in &entries {
@@ -589,6 +592,7 @@ impl DatasetWriter {
                 ));
             }
             done.insert(e.meta.sample);
+            done_psnr.insert(e.meta.sample, e.meta.psnr);
             next_shard = next_shard.max(parse_shard_name(&e.shard).unwrap_or(0) + 1);
         }
         for item in fs::read_dir(&dir).map_err(io_err(&dir))? {
@@ -613,6 +617,7 @@ impl DatasetWriter {
             pending_maps: Vec::new(),
             pending_ids: HashSet::new(),
             done,
+            done_psnr,
             next_shard,
             shards_written: 0,
         })
@@ -629,6 +634,11 @@ impl DatasetWriter {
     /// Samples whose maps and manifest lines are on disk.
     pub fn completed_samples(&self) -> &HashSet<u64> {
         &self.done
+    }
+
+    /// The PSNR recorded for a sample on disk.
+    pub fn completed_psnr(&self, sample: u64) -> Option<f64> {
+        self.done_psnr.get(&sample).copied()
     }
 
     /// True when a sample is on disk or buffered: a build skips it.
@@ -740,11 +750,18 @@ impl DatasetWriter {
             .append(true)
             .open(&manifest)
             .map_err(io_err(&manifest))?;
-        f.write_all(lines.as_bytes()).map_err(io_err(&manifest))?;
-        f.sync_data().map_err(io_err(&manifest))?;
+        let before = f.metadata().map_err(io_err(&manifest))?.len();
+        if let Err(e) = f.write_all(lines.as_bytes()).and_then(|()| f.sync_data()) {
+            // A full disk may take part of the lines: cut them off again, so the manifest ends
+            // at its last whole batch and the shard just written is an orphan a resumed build
+            // deletes (a partly listed shard would be kept with rows the manifest never names).
+            let _ = f.set_len(before).and_then(|()| f.sync_data());
+            return Err(io_err(&manifest)(e));
+        }
 
         for meta in self.pending_meta.drain(..) {
             self.done.insert(meta.sample);
+            self.done_psnr.insert(meta.sample, meta.psnr);
         }
         self.pending_maps.clear();
         self.pending_ids.clear();
