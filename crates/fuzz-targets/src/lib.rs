@@ -23,9 +23,12 @@ pub use weights::{safetensors_file, torch_pickle};
 /// What a refused input's loader said.
 pub type Outcome = Result<(), String>;
 
+/// One loader's entry point.
+pub type Target = fn(&[u8]) -> Outcome;
+
 /// The fuzz targets, by name: the corpus folder `fuzz/corpus/NAME` of each is replayed through
 /// its function.
-pub const TARGETS: [(&str, fn(&[u8]) -> Outcome); 8] = [
+pub const TARGETS: [(&str, Target); 8] = [
     ("safetensors", safetensors_file),
     ("torch_pickle", torch_pickle),
     ("diffusers_config", diffusers_config),

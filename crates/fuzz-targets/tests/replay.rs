@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use l2s_fuzz_targets::{Outcome, TARGETS};
+use l2s_fuzz_targets::{Outcome, Target, TARGETS};
 
 fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz")
@@ -20,7 +20,7 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn run(f: fn(&[u8]) -> Outcome, path: &Path) -> Outcome {
+fn run(f: Target, path: &Path) -> Outcome {
     let data = std::fs::read(path).unwrap();
     std::panic::catch_unwind(|| f(&data))
         .unwrap_or_else(|_| panic!("{}: the loader panicked", path.display()))

@@ -436,6 +436,12 @@ pub fn parse_manifest(
     parse_manifest_lines(text, path, info, false).map(|(entries, _)| entries)
 }
 
+/// Byte offset and line number of a manifest line cut short by an interrupted write.
+type CutLine = (usize, usize);
+
+/// Manifest entries with their line numbers.
+type NumberedEntries = Vec<(usize, ManifestEntry)>;
+
 /// The entries, and with `allow_cut` the byte offset and line number of an unterminated,
 /// unparsable last line (a write cut short) that was left out.
 fn parse_manifest_lines(
@@ -443,7 +449,7 @@ fn parse_manifest_lines(
     path: &Path,
     info: &DatasetInfo,
     allow_cut: bool,
-) -> Result<(Vec<(usize, ManifestEntry)>, Option<(usize, usize)>)> {
+) -> Result<(NumberedEntries, Option<CutLine>)> {
     let mut out = Vec::new();
     let mut seen: HashMap<u64, usize> = HashMap::new();
     let mut offset = 0usize;

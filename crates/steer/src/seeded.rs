@@ -69,7 +69,9 @@ impl Dropout {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
     use candle_nn::VarBuilder;
+    use candle_nn::VarMap;
 
     fn linear_weights(seed: u64) -> Vec<f32> {
         let map = SeededVarMap::new(&VarMap::new(), seed);
