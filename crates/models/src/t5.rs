@@ -341,7 +341,8 @@ impl T5Tokenizer {
             path: dir.to_path_buf(),
             reason,
         };
-        let inner = Tokenizer::from_bytes(json).map_err(|e| err(format!("tokenizer.json: {e}")))?;
+        let inner = crate::tokenizer::tokenizer_from_json(json)
+            .map_err(|e| err(format!("tokenizer.json: {e}")))?;
         let id = |t: &str| {
             inner
                 .token_to_id(t)

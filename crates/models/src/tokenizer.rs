@@ -39,6 +39,14 @@ fn token_string(v: &Value) -> Option<String> {
     }
 }
 
+/// Parses a `tokenizer.json`. Its JSON syntax is checked first: the tokenizers library panics
+/// (an `expect` in its decoder deserializer) instead of returning an error on some malformed
+/// text, which a syntax check ahead of it rules out.
+pub(crate) fn tokenizer_from_json(json: &str) -> std::result::Result<Tokenizer, String> {
+    serde_json::from_str::<serde::de::IgnoredAny>(json).map_err(|e| format!("not JSON: {e}"))?;
+    Tokenizer::from_bytes(json).map_err(|e| e.to_string())
+}
+
 /// The texts of a `tokenizer/` folder's files (`None`: the file is absent).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TokenizerTexts<'a> {
@@ -89,7 +97,7 @@ impl ClipTokenizer {
             reason,
         };
         let inner = if let Some(json) = files.tokenizer_json {
-            Tokenizer::from_bytes(json).map_err(|e| err(format!("tokenizer.json: {e}")))?
+            tokenizer_from_json(json).map_err(|e| err(format!("tokenizer.json: {e}")))?
         } else if let (Some(vocab), Some(merges)) = (files.vocab_json, files.merges_txt) {
             Self::from_vocab_merges_text(vocab, merges, dir)?
         } else {
