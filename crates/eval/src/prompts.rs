@@ -327,6 +327,11 @@ pub fn read_prompt_file(path: &Path) -> Result<PromptFile, PromptSetError> {
         path: path.to_path_buf(),
         source,
     })?;
+    parse_prompt_file(&text, path)
+}
+
+/// [`read_prompt_file`] on the file's text; `path` names it in errors.
+pub fn parse_prompt_file(text: &str, path: &Path) -> Result<PromptFile, PromptSetError> {
     let mut prompts = Vec::new();
     let mut unsupported = Vec::new();
     for (i, line) in text.lines().enumerate() {

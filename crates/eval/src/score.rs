@@ -958,6 +958,11 @@ pub const MAX_IMAGES_PER_PROMPT: usize = 10_000;
 pub fn read_results(path: &Path) -> Result<Vec<ImageResult>, String> {
     let text = l2s_files::read_text_capped(path, MAX_RESULTS_BYTES)
         .map_err(|e| format!("cannot read results file: {e}"))?;
+    parse_results(&text, path)
+}
+
+/// [`read_results`] on the file's text; `path` names it in errors.
+pub fn parse_results(text: &str, path: &Path) -> Result<Vec<ImageResult>, String> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

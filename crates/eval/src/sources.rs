@@ -591,6 +591,17 @@ pub fn score_detections(
     check_images_per_prompt(images_per_prompt, "--images-per-prompt")?;
     let text = l2s_files::read_text_capped(path, crate::score::MAX_RESULTS_BYTES)
         .map_err(|e| format!("cannot read detections file: {e}"))?;
+    score_detections_text(&text, path, images_per_prompt, opts)
+}
+
+/// [`score_detections`] on the file's text; `path` names it in errors.
+pub fn score_detections_text(
+    text: &str,
+    path: &Path,
+    images_per_prompt: Option<usize>,
+    opts: &ScoreOptions,
+) -> Result<Scored, String> {
+    check_images_per_prompt(images_per_prompt, "--images-per-prompt")?;
     let name = path.display().to_string();
     let mut issues = Vec::new();
     let mut unsupported = Vec::new();

@@ -1,9 +1,11 @@
 //! Atomic, durable file writes.
 //!
-//! The new content goes to a temporary file in the target's folder (`.NAME.XXXXXX.tmp`), which is
-//! synced to disk, renamed over the target, and then the folder itself is synced so the rename
-//! survives a crash. On any error the temporary file is removed and the target keeps its old
-//! content (or stays absent): it is never left half written.
+//! The new content goes to a temporary file in the target's folder
+//! (`.NAME.l2s-HOST-PID.XXXXXX.tmp`), which is synced to disk, renamed over the target, and then
+//! the folder itself is synced so the rename survives a crash. On any error the temporary file
+//! is removed and the target keeps its old content (or stays absent): it is never left half
+//! written. A process killed mid-write leaves its temporary file behind; the host and process id
+//! in its name let [`remove_stale_temp_files`] tell it from one a live writer is filling.
 
 use std::error::Error as StdError;
 use std::fs::File;
@@ -97,6 +99,50 @@ pub fn copy_atomic(src: &Path, dst: &Path) -> Result<(), WriteError> {
     commit(dst, tmp, None)
 }
 
+/// Marks our temporary files' names, before the writer's host and process id.
+const TEMP_MARK: &str = "l2s-";
+
+/// The (host, process id) in one of our temporary files' names.
+fn temp_file_writer(name: &str) -> Option<(&str, u32)> {
+    let stem = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let (left, _random) = stem.rsplit_once('.')?;
+    let (_, writer) = left.rsplit_once(&format!(".{TEMP_MARK}"))?;
+    let (host, pid) = writer.rsplit_once('-')?;
+    Some((host, pid.parse().ok()?))
+}
+
+/// Removes the temporary files that writers on this host which no longer run left in `folder`
+/// and its subfolders down to `depth` levels (a process killed mid-write leaves one). Files of
+/// live writers, of other hosts, and all other files are kept. Returns how many were removed.
+pub fn remove_stale_temp_files(folder: &Path, depth: usize) -> usize {
+    let host = crate::lock::host_name();
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if kind.is_dir() && depth > 0 {
+            removed += remove_stale_temp_files(&path, depth - 1);
+        } else if kind.is_file() {
+            let name = entry.file_name();
+            let stale = name
+                .to_str()
+                .and_then(temp_file_writer)
+                .is_some_and(|(h, pid)| {
+                    h == host
+                        && crate::lock::process_gone(pid)
+                        && std::fs::remove_file(&path).is_ok()
+                });
+            removed += usize::from(stale);
+        }
+    }
+    removed
+}
+
 /// The folder a path's file lives in (`.` for a bare file name).
 fn folder_of(path: &Path) -> &Path {
     match path.parent() {
@@ -121,7 +167,11 @@ fn begin(path: &Path) -> Result<NamedTempFile, WriteError> {
             folder: folder.to_path_buf(),
         });
     }
-    let prefix = format!(".{name}.");
+    let prefix = format!(
+        ".{name}.{TEMP_MARK}{}-{}.",
+        crate::lock::host_name(),
+        std::process::id()
+    );
     let mut builder = tempfile::Builder::new();
     builder.prefix(&prefix).suffix(".tmp");
     // Temporary files are private by default; the result gets the usual mode (umask applies).

@@ -20,6 +20,6 @@ mod shard;
 
 pub use atomic::{copy_atomic, write_atomic, write_atomic_with, WriteError};
 pub use lock::{host_name, FolderLock, LockError, LockHolder, LOCK_FILE};
-pub use pngtext::{png_text_chunks, read_png_text, PngTextError};
+pub use pngtext::{parse_png_text, png_text_chunks, read_png_text, PngTextError};
 pub use read::{check_relative, read_capped, read_text_capped, ReadError, MAX_IMAGE_BYTES};
 pub use shard::{ParseShardError, ShardSpec};

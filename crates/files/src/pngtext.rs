@@ -42,7 +42,12 @@ pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>, PngTextError>
             other => std::io::Error::other(other.reason()),
         },
     })?;
-    match walk(&bytes) {
+    parse_png_text(&bytes, path)
+}
+
+/// [`read_png_text`] on a file's bytes; `path` names it in errors.
+pub fn parse_png_text(bytes: &[u8], path: &Path) -> Result<Vec<(String, String)>, PngTextError> {
+    match walk(bytes) {
         (chunks, None) => Ok(chunks),
         (_, Some(reason)) => Err(PngTextError::Invalid {
             path: path.to_path_buf(),

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
-use crate::config::read_config;
+use crate::config::{parse_config, read_text};
 use crate::error::{ModelError, Result as ModelResult};
 use crate::nn::{softmax_last_dim, Activation, LayerNorm};
 
@@ -39,7 +39,12 @@ fn default_eps() -> f64 {
 
 impl ClipTextConfig {
     pub fn from_file(path: &Path) -> ModelResult<Self> {
-        let cfg: Self = read_config(path, "a CLIPTextConfig")?;
+        Self::from_json(&read_text(path)?, path)
+    }
+
+    /// Parses and checks the config's text; `path` names it in errors.
+    pub fn from_json(text: &str, path: &Path) -> ModelResult<Self> {
+        let cfg: Self = parse_config(text, path, "a CLIPTextConfig")?;
         if Activation::parse(&cfg.hidden_act).is_none() {
             return Err(ModelError::Unsupported {
                 path: path.to_path_buf(),

@@ -7,8 +7,17 @@ use serde::de::DeserializeOwned;
 use crate::error::{ModelError, Result};
 
 pub fn read_config<T: DeserializeOwned>(path: &Path, expected: &str) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| ModelError::Config {
+    parse_config(&read_text(path)?, path, expected)
+}
+
+/// A config file's text, with an error naming the file.
+pub fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))
+}
+
+/// Parses a config's JSON text; `path` is where it came from, for errors.
+pub fn parse_config<T: DeserializeOwned>(text: &str, path: &Path, expected: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| ModelError::Config {
         path: path.to_path_buf(),
         expected: expected.to_string(),
         reason: e.to_string(),

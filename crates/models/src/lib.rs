@@ -15,6 +15,7 @@ pub mod nn;
 pub mod ops;
 pub mod pipeline;
 pub mod resnet;
+pub mod seeded;
 pub mod space_to_depth;
 pub mod t5;
 pub mod tokenizer;

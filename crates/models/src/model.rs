@@ -89,6 +89,30 @@ pub const MAX_IMAGE_SIDE: usize = 8192;
 /// pixel count, and beyond this they need tens of GB.
 pub const MAX_IMAGE_PIXELS: usize = 4096 * 4096;
 
+/// The pipeline class a parsed `model_index.json` names (`StableDiffusionPipeline` when it names
+/// none), refused by name unless this code runs it.
+pub fn pipeline_class<'a>(index: &'a serde_json::Value, index_path: &Path) -> Result<&'a str> {
+    let class = index
+        .get("_class_name")
+        .and_then(|c| c.as_str())
+        .unwrap_or("StableDiffusionPipeline");
+    let known = crate::pipeline::SD_PIPELINE_CLASSES
+        .iter()
+        .chain(&crate::flux::pipeline::FLUX_PIPELINE_CLASSES);
+    if !known.clone().any(|c| *c == class) {
+        return Err(ModelError::Unsupported {
+            path: index_path.to_path_buf(),
+            field: "_class_name".into(),
+            value: class.into(),
+            supported: format!(
+                "{} (SD1.x, SD2.x and FLUX.1; SDXL, SD3 and other pipelines are not supported)",
+                known.copied().collect::<Vec<_>>().join(", ")
+            ),
+        });
+    }
+    Ok(class)
+}
+
 impl Pipeline {
     /// Loads the pipeline a diffusers folder holds, by its `model_index.json`'s `_class_name`:
     /// `FluxPipeline…` → FLUX.1, `StableDiffusionPipeline…` → SD1.x/2.x. `transformer` replaces a
@@ -103,24 +127,7 @@ impl Pipeline {
             });
         }
         let index: serde_json::Value = read_config(&index_path, "a diffusers model_index.json")?;
-        let class = index
-            .get("_class_name")
-            .and_then(|c| c.as_str())
-            .unwrap_or("StableDiffusionPipeline");
-        let known = crate::pipeline::SD_PIPELINE_CLASSES
-            .iter()
-            .chain(&crate::flux::pipeline::FLUX_PIPELINE_CLASSES);
-        if !known.clone().any(|c| *c == class) {
-            return Err(ModelError::Unsupported {
-                path: index_path,
-                field: "_class_name".into(),
-                value: class.into(),
-                supported: format!(
-                    "{} (SD1.x, SD2.x and FLUX.1; SDXL, SD3 and other pipelines are not supported)",
-                    known.copied().collect::<Vec<_>>().join(", ")
-                ),
-            });
-        }
+        let class = pipeline_class(&index, &index_path)?;
         let family = if class.starts_with("Flux") {
             if let Some(f) = transformer.filter(|f| !f.is_file()) {
                 return Err(ModelError::io(

@@ -10,7 +10,7 @@ use std::path::Path;
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
-use crate::config::read_config;
+use crate::config::{parse_config, read_text};
 use crate::error::{ModelError, Result as ModelResult};
 
 fn d_factor() -> usize {
@@ -35,7 +35,12 @@ pub struct SpaceToDepthConfig {
 
 impl SpaceToDepthConfig {
     pub fn from_file(path: &Path) -> ModelResult<Self> {
-        let cfg: Self = read_config(path, "a SpaceToDepthAutoencoder config")?;
+        Self::from_json(&read_text(path)?, path)
+    }
+
+    /// Parses and checks the config's text; `path` names it in errors.
+    pub fn from_json(text: &str, path: &Path) -> ModelResult<Self> {
+        let cfg: Self = parse_config(text, path, "a SpaceToDepthAutoencoder config")?;
         if cfg.factor == 0 || cfg.in_channels == 0 || cfg.scaling_factor == 0.0 {
             return Err(ModelError::Unsupported {
                 path: path.to_path_buf(),

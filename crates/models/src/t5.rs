@@ -10,7 +10,7 @@ use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
-use crate::config::read_config;
+use crate::config::{parse_config, read_text};
 use crate::error::{ModelError, Result as ModelResult};
 use crate::flux::norm::RmsNorm;
 use crate::nn::softmax_last_dim;
@@ -49,7 +49,12 @@ pub struct T5Config {
 
 impl T5Config {
     pub fn from_file(path: &Path) -> ModelResult<Self> {
-        let cfg: Self = read_config(path, "a T5Config")?;
+        Self::from_json(&read_text(path)?, path)
+    }
+
+    /// Parses and checks the config's text; `path` names it in errors.
+    pub fn from_json(text: &str, path: &Path) -> ModelResult<Self> {
+        let cfg: Self = parse_config(text, path, "a T5Config")?;
         let unsupported = |field: &str, value: String, supported: &str| ModelError::Unsupported {
             path: path.to_path_buf(),
             field: field.into(),
@@ -327,7 +332,18 @@ impl T5Tokenizer {
         if !json.exists() {
             return Err(err("expected tokenizer.json (a sentencepiece-only folder with spiece.model is not supported: convert it with transformers)".into()));
         }
-        let inner = Tokenizer::from_file(&json).map_err(|e| err(format!("tokenizer.json: {e}")))?;
+        let text = std::fs::read_to_string(&json).map_err(|e| ModelError::io(&json, e))?;
+        Self::from_json_text(dir, &text, max_len)
+    }
+
+    /// Builds the tokenizer from the text of `tokenizer.json`; `dir` names its folder in errors.
+    pub fn from_json_text(dir: &Path, json: &str, max_len: usize) -> ModelResult<Self> {
+        let err = |reason: String| ModelError::Tokenizer {
+            path: dir.to_path_buf(),
+            reason,
+        };
+        let inner = crate::tokenizer::tokenizer_from_json(json)
+            .map_err(|e| err(format!("tokenizer.json: {e}")))?;
         let id = |t: &str| {
             inner
                 .token_to_id(t)

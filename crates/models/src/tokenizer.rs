@@ -39,18 +39,22 @@ fn token_string(v: &Value) -> Option<String> {
     }
 }
 
-fn read_json(path: &Path) -> Result<Option<Value>> {
-    if !path.exists() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| ModelError::Config {
-            path: path.to_path_buf(),
-            expected: "a tokenizer configuration".into(),
-            reason: e.to_string(),
-        })
+/// Parses a `tokenizer.json`. Its JSON syntax is checked first: the tokenizers library panics
+/// (an `expect` in its decoder deserializer) instead of returning an error on some malformed
+/// text, which a syntax check ahead of it rules out.
+pub(crate) fn tokenizer_from_json(json: &str) -> std::result::Result<Tokenizer, String> {
+    serde_json::from_str::<serde::de::IgnoredAny>(json).map_err(|e| format!("not JSON: {e}"))?;
+    Tokenizer::from_bytes(json).map_err(|e| e.to_string())
+}
+
+/// The texts of a `tokenizer/` folder's files (`None`: the file is absent).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TokenizerTexts<'a> {
+    pub tokenizer_json: Option<&'a str>,
+    pub vocab_json: Option<&'a str>,
+    pub merges_txt: Option<&'a str>,
+    pub tokenizer_config_json: Option<&'a str>,
+    pub special_tokens_map_json: Option<&'a str>,
 }
 
 impl ClipTokenizer {
@@ -58,24 +62,61 @@ impl ClipTokenizer {
     /// `merges.txt`; the padding token and length come from `tokenizer_config.json` /
     /// `special_tokens_map.json`.
     pub fn from_folder(dir: &Path) -> Result<Self> {
+        let read = |name: &str| -> Result<Option<String>> {
+            let path = dir.join(name);
+            if !path.exists() {
+                return Ok(None);
+            }
+            std::fs::read_to_string(&path)
+                .map(Some)
+                .map_err(|e| ModelError::io(&path, e))
+        };
+        let json = read("tokenizer.json")?;
+        let (vocab, merges) = if json.is_some() {
+            (None, None)
+        } else {
+            (read("vocab.json")?, read("merges.txt")?)
+        };
+        Self::from_texts(
+            dir,
+            &TokenizerTexts {
+                tokenizer_json: json.as_deref(),
+                vocab_json: vocab.as_deref(),
+                merges_txt: merges.as_deref(),
+                tokenizer_config_json: read("tokenizer_config.json")?.as_deref(),
+                special_tokens_map_json: read("special_tokens_map.json")?.as_deref(),
+            },
+        )
+    }
+
+    /// Builds the tokenizer from the texts of a `tokenizer/` folder's files; `dir` names the
+    /// folder in errors.
+    pub fn from_texts(dir: &Path, files: &TokenizerTexts) -> Result<Self> {
         let err = |reason: String| ModelError::Tokenizer {
             path: dir.to_path_buf(),
             reason,
         };
-        let json = dir.join("tokenizer.json");
-        let vocab = dir.join("vocab.json");
-        let merges = dir.join("merges.txt");
-        let inner = if json.exists() {
-            Tokenizer::from_file(&json).map_err(|e| err(format!("tokenizer.json: {e}")))?
-        } else if vocab.exists() && merges.exists() {
-            Self::from_vocab_merges(&vocab, &merges)?
+        let inner = if let Some(json) = files.tokenizer_json {
+            tokenizer_from_json(json).map_err(|e| err(format!("tokenizer.json: {e}")))?
+        } else if let (Some(vocab), Some(merges)) = (files.vocab_json, files.merges_txt) {
+            Self::from_vocab_merges_text(vocab, merges, dir)?
         } else {
             return Err(err(
                 "expected tokenizer.json, or vocab.json and merges.txt".into()
             ));
         };
-        let config = read_json(&dir.join("tokenizer_config.json"))?;
-        let special = read_json(&dir.join("special_tokens_map.json"))?;
+        let parse_json = |text: Option<&str>, name: &str| -> Result<Option<Value>> {
+            text.map(|t| {
+                serde_json::from_str(t).map_err(|e| ModelError::Config {
+                    path: dir.join(name),
+                    expected: "a tokenizer configuration".into(),
+                    reason: e.to_string(),
+                })
+            })
+            .transpose()
+        };
+        let config = parse_json(files.tokenizer_config_json, "tokenizer_config.json")?;
+        let special = parse_json(files.special_tokens_map_json, "special_tokens_map.json")?;
         let lookup = |key: &str| -> Option<String> {
             config
                 .as_ref()
@@ -127,26 +168,65 @@ impl ClipTokenizer {
 
     /// Builds CLIP's pipeline around a BPE vocabulary in Hugging Face's file format.
     pub fn from_vocab_merges(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
+        let vocab_text = std::fs::read_to_string(vocab).map_err(|e| ModelError::io(vocab, e))?;
+        let merges_text = std::fs::read_to_string(merges).map_err(|e| ModelError::io(merges, e))?;
+        let dir = vocab.parent().unwrap_or(Path::new(""));
+        Self::from_vocab_merges_text(&vocab_text, &merges_text, dir)
+    }
+
+    /// [`from_vocab_merges`](Self::from_vocab_merges) on the files' texts; `dir` is their folder.
+    /// The files are parsed here, as tokenizers' `BPE::read_file` does, so that text in memory
+    /// and files on disk go through one parser.
+    pub fn from_vocab_merges_text(vocab: &str, merges: &str, dir: &Path) -> Result<Tokenizer> {
+        let vocab_path = dir.join("vocab.json");
+        let merges_path = dir.join("merges.txt");
         let err = |reason: String| ModelError::Tokenizer {
-            path: vocab.to_path_buf(),
+            path: vocab_path.clone(),
             reason,
         };
         // An empty merge list tokenizes every word into single characters: the text encoder
         // then sees ids it was never trained on, silently.
-        let text = std::fs::read_to_string(merges).map_err(|e| ModelError::io(merges, e))?;
-        let has_merge = text
+        let merge_lines: Vec<&str> = merges
             .lines()
-            .map(str::trim)
-            .any(|l| !l.is_empty() && !l.starts_with("#version"));
-        if !has_merge {
+            .filter(|l| !l.starts_with("#version"))
+            .collect();
+        if !merge_lines.iter().any(|l| !l.trim().is_empty()) {
             return Err(ModelError::Tokenizer {
-                path: merges.to_path_buf(),
+                path: merges_path,
                 reason: "no merges: expected lines of two symbols (\"t h\") after an optional \
                          #version line"
                     .into(),
             });
         }
-        let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+        let mut merge_pairs = Vec::with_capacity(merge_lines.len());
+        for (i, line) in merge_lines.iter().enumerate() {
+            match line.split(' ').collect::<Vec<_>>()[..] {
+                [a, b] => merge_pairs.push((a.to_string(), b.to_string())),
+                _ => {
+                    return Err(ModelError::Tokenizer {
+                        path: merges_path,
+                        reason: format!(
+                            "merge {}: {line:?} is not two symbols separated by one space",
+                            i + 1
+                        ),
+                    })
+                }
+            }
+        }
+        let ids: std::collections::HashMap<String, Value> = serde_json::from_str(vocab)
+            .map_err(|e| err(format!("expected a JSON object of token → id: {e}")))?;
+        let mut table = tokenizers::models::bpe::Vocab::default();
+        for (token, id) in ids {
+            // Like tokenizers, entries whose value is not a number are skipped.
+            let Value::Number(n) = id else { continue };
+            let id = n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| err(format!("token {token:?}: id {n} is not a 32-bit id")))?;
+            table.insert(token, id);
+        }
+        let bpe = BPE::builder()
+            .vocab_and_merges(table, merge_pairs)
             .unk_token(EOS.into())
             .end_of_word_suffix("</w>".into())
             .build()

@@ -13,7 +13,7 @@ use rand_distr::Distribution;
 use serde::Deserialize;
 
 use crate::attention::{Attention, AttentionConfig};
-use crate::config::read_config;
+use crate::config::{parse_config, read_text};
 use crate::error::{ModelError, Result as ModelResult};
 use crate::nn::{conv2d, group_norm};
 use crate::observer::NoObserver;
@@ -78,7 +78,12 @@ pub struct VaeConfig {
 
 impl VaeConfig {
     pub fn from_file(path: &Path) -> ModelResult<Self> {
-        let cfg: Self = read_config(path, "an AutoencoderKL config")?;
+        Self::from_json(&read_text(path)?, path)
+    }
+
+    /// Parses and checks the config's text; `path` names it in errors.
+    pub fn from_json(text: &str, path: &Path) -> ModelResult<Self> {
+        let cfg: Self = parse_config(text, path, "an AutoencoderKL config")?;
         let unsupported = |field: &str, value: String, supported: &str| ModelError::Unsupported {
             path: path.to_path_buf(),
             field: field.into(),

@@ -91,9 +91,26 @@ struct TensorEntry {
     end: usize,
 }
 
+/// A weights file's bytes: mapped from disk, or already in memory.
+enum WeightBytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for WeightBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Mapped(m) => m,
+            Self::Owned(v) => v,
+        }
+    }
+}
+
 /// Memory-mapped safetensors files, indexed by tensor name.
 pub struct SafetensorsWeights {
-    files: Vec<(PathBuf, memmap2::Mmap)>,
+    files: Vec<(PathBuf, WeightBytes)>,
     index: HashMap<String, TensorEntry>,
     /// Old diffusers names still found in some checkpoints, tried when the current name is absent.
     aliases: Vec<(&'static str, &'static str)>,
@@ -103,14 +120,31 @@ impl SafetensorsWeights {
     /// Maps and indexes the files; a corrupt header or overlapping tensors is reported with the path.
     pub fn open(paths: &[PathBuf]) -> Result<Self> {
         let mut files = Vec::with_capacity(paths.len());
-        let mut index = HashMap::new();
-        for (file_idx, path) in paths.iter().enumerate() {
+        for path in paths {
             let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
             // SAFETY: the file is opened read-only; like every mmap-based loader we assume it is not
             // truncated by another process while we hold it.
             let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+            files.push((path.clone(), WeightBytes::Mapped(mmap)));
+        }
+        Self::index(files)
+    }
+
+    /// Indexes safetensors files already in memory, each with the path its errors name.
+    pub fn from_bytes(files: Vec<(PathBuf, Vec<u8>)>) -> Result<Self> {
+        Self::index(
+            files
+                .into_iter()
+                .map(|(path, bytes)| (path, WeightBytes::Owned(bytes)))
+                .collect(),
+        )
+    }
+
+    fn index(files: Vec<(PathBuf, WeightBytes)>) -> Result<Self> {
+        let mut index = HashMap::new();
+        for (file_idx, (path, bytes)) in files.iter().enumerate() {
             let (header_len, metadata) =
-                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+                safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
                     ModelError::CorruptWeights {
                         path: path.clone(),
                         reason: e.to_string(),
@@ -119,7 +153,7 @@ impl SafetensorsWeights {
             let data_start = 8 + header_len;
             for (name, info) in metadata.tensors() {
                 let (start, end) = info.data_offsets;
-                if data_start + end > mmap.len() {
+                if data_start + end > bytes.len() {
                     return Err(ModelError::CorruptWeights {
                         path: path.clone(),
                         reason: format!("tensor `{name}` extends past the end of the file"),
@@ -139,12 +173,11 @@ impl SafetensorsWeights {
                         path: path.clone(),
                         reason: format!(
                             "tensor `{name}` also appears in {}",
-                            paths[prev.file].display()
+                            files[prev.file].0.display()
                         ),
                     });
                 }
             }
-            files.push((path.clone(), mmap));
         }
         Ok(Self {
             files,

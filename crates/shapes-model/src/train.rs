@@ -133,15 +133,26 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// Sets up a run folder (`run_dir/model` is the exported model, `run_dir/checkpoints` the state).
+    /// Sets up a run folder (`run_dir/model` is the exported model, `run_dir/checkpoints` the
+    /// state), its parameters initialised from seed 0.
     pub fn new(run_dir: &Path, device: &Device) -> Result<Self> {
+        Self::with_seed(run_dir, device, 0)
+    }
+
+    /// [`new`](Self::new) with the parameters initialised from `seed`: a run restarted before its
+    /// first checkpoint starts from the same weights.
+    pub fn with_seed(run_dir: &Path, device: &Device, seed: u64) -> Result<Self> {
         std::fs::create_dir_all(run_dir).map_err(ShapesModelError::io(run_dir))?;
         let model_dir = run_dir.join("model");
         write_model_folder(&model_dir, None)?;
         let tokenizer = ClipTokenizer::from_folder(&model_dir.join("tokenizer"))?;
         let vocab = crate::folder::vocab_size();
         let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let vb = VarBuilder::from_backend(
+            Box::new(l2s_models::seeded::SeededVarMap::new(&varmap, seed)),
+            DType::F32,
+            device.clone(),
+        );
         let te_cfg: ClipTextConfig =
             serde_json::from_value(architecture::text_encoder_config(vocab))
                 .map_err(ShapesModelError::json("built-in text encoder config"))?;
@@ -304,7 +315,13 @@ impl Trainer {
         let ts: Vec<usize> = (0..opts.batch)
             .map(|_| rng.gen_range(0..self.alphas_cumprod.len()))
             .collect();
-        let noise = Tensor::randn(0f32, 1f32, x0.shape(), &self.device)?;
+        // From the step's own generator (candle's CPU randn cannot be seeded): a resumed run
+        // sees the same noise as an uninterrupted one.
+        let normal = rand_distr::StandardNormal;
+        let noise: Vec<f32> = (0..x0.elem_count())
+            .map(|_| rng.sample::<f32, _>(normal))
+            .collect();
+        let noise = Tensor::from_vec(noise, x0.shape(), &self.device)?;
         let a: Vec<f32> = ts
             .iter()
             .map(|&t| self.alphas_cumprod[t].sqrt() as f32)

@@ -285,7 +285,11 @@ pub fn layer_infos(sites: &[AttentionSite]) -> Vec<LayerInfo> {
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct BuildSummary {
     pub images: usize,
+    /// Samples the dataset holds from this build, those an interrupted earlier run of it wrote
+    /// included: the summary of a resumed build equals an uninterrupted one's.
     pub written: usize,
+    /// Of `written`, the samples found on disk from an earlier run (not in the summary file).
+    #[serde(skip)]
     pub skipped_existing: usize,
     pub dropped_low_psnr: usize,
     /// Dropped by the [`ReconstructionCheck`]: the reconstruction lost an object or the relation.
@@ -316,6 +320,8 @@ struct ImageJob {
     object: String,
     relation: Relation,
     samples: Vec<SampleJob>,
+    /// PSNRs of this image's samples already on disk, in sample order.
+    existing_psnr: Vec<f64>,
 }
 
 /// What became of one sample of an [`ImageJob`].
@@ -438,6 +444,7 @@ pub fn build<'m>(
             kinds.push((SampleKind::Negative, negative));
         }
         let mut samples = Vec::new();
+        let mut existing_psnr = Vec::new();
         for (k, (kind, prompt_relation)) in kinds.into_iter().enumerate() {
             let sample = index as u64 * 2 + k as u64;
             let single_done = positives_only
@@ -445,6 +452,7 @@ pub fn build<'m>(
                 .is_none_or(|w| kind == SampleKind::Negative || w.contains(sample));
             if writer.contains(sample) && single_done {
                 summary.skipped_existing += 1;
+                existing_psnr.extend(writer.completed_psnr(sample));
                 continue;
             }
             samples.push(SampleJob {
@@ -454,13 +462,14 @@ pub fn build<'m>(
                 prompt: triplet_prompt(&subject, prompt_relation, &object),
             });
         }
-        if !samples.is_empty() {
+        if !samples.is_empty() || !existing_psnr.is_empty() {
             jobs.push(ImageJob {
                 image: index,
                 subject,
                 object,
                 relation,
                 samples,
+                existing_psnr,
             });
         }
     }
@@ -539,6 +548,13 @@ pub fn build<'m>(
     let total = images.len();
     crate::workers::run_ordered(&jobs, workers, run, |k, outcomes| {
         let job = &jobs[k];
+        // Samples an earlier run wrote count as an uninterrupted build counts them, in the same
+        // order (an image's samples on disk precede those still to write).
+        for psnr in &job.existing_psnr {
+            psnr_sum += psnr;
+            summary.written += 1;
+            summary.mean_psnr = psnr_sum / summary.written as f64;
+        }
         for (s, outcome) in job.samples.iter().zip(outcomes) {
             let recorded = match outcome {
                 SampleOutcome::TwinDropped => {

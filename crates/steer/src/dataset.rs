@@ -359,9 +359,14 @@ pub fn parse_shard_name(name: &str) -> Option<usize> {
 fn read_info(dir: &Path) -> Result<DatasetInfo> {
     let path = dir.join(INFO_FILE);
     let text = fs::read_to_string(&path).map_err(io_err(&path))?;
+    parse_info(&text, &path)
+}
+
+/// Parses and checks `info.json`'s text; `path` names it in errors.
+pub fn parse_info(text: &str, path: &Path) -> Result<DatasetInfo> {
     let info: DatasetInfo =
-        serde_json::from_str(&text).map_err(|e| invalid(&path, Some(e.line()), e.to_string()))?;
-    info.validate().map_err(|m| invalid(&path, None, m))?;
+        serde_json::from_str(text).map_err(|e| invalid(path, Some(e.line()), e.to_string()))?;
+    info.validate().map_err(|m| invalid(path, None, m))?;
     Ok(info)
 }
 
@@ -430,6 +435,46 @@ fn read_manifest(
     File::open(&path)
         .and_then(|mut f| f.read_to_string(&mut text))
         .map_err(io_err(&path))?;
+    let (entries, cut_at) = parse_manifest_lines(&text, &path, info, repair)?;
+    if let Some((start, line_no)) = cut_at {
+        tracing::warn!(
+            "{}: dropping the unfinished last line {line_no}",
+            path.display()
+        );
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        f.set_len(start as u64).map_err(io_err(&path))?;
+        f.sync_all().map_err(io_err(&path))?;
+    }
+    Ok(entries)
+}
+
+/// Parses and checks `manifest.jsonl`'s text against the dataset's info; `path` names it in
+/// errors. Each entry comes with its line number.
+pub fn parse_manifest(
+    text: &str,
+    path: &Path,
+    info: &DatasetInfo,
+) -> Result<Vec<(usize, ManifestEntry)>> {
+    parse_manifest_lines(text, path, info, false).map(|(entries, _)| entries)
+}
+
+/// Byte offset and line number of a manifest line cut short by an interrupted write.
+type CutLine = (usize, usize);
+
+/// Manifest entries with their line numbers.
+type NumberedEntries = Vec<(usize, ManifestEntry)>;
+
+/// The entries, and with `allow_cut` the byte offset and line number of an unterminated,
+/// unparsable last line (a write cut short) that was left out.
+fn parse_manifest_lines(
+    text: &str,
+    path: &Path,
+    info: &DatasetInfo,
+    allow_cut: bool,
+) -> Result<(NumberedEntries, Option<CutLine>)> {
     let mut out = Vec::new();
     let mut seen: HashMap<u64, usize> = HashMap::new();
     let mut offset = 0usize;
@@ -445,31 +490,21 @@ fn read_manifest(
             Ok(e) => e,
             Err(err) => {
                 let last = !raw.ends_with('\n') && offset == text.len();
-                if last && repair {
-                    tracing::warn!(
-                        "{}: dropping the unfinished last line {line_no}",
-                        path.display()
-                    );
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .map_err(io_err(&path))?;
-                    f.set_len(start as u64).map_err(io_err(&path))?;
-                    f.sync_all().map_err(io_err(&path))?;
-                    break;
+                if last && allow_cut {
+                    return Ok((out, Some((start, line_no))));
                 }
                 let hint = if last {
                     " (an unfinished write? reopening the folder with the writer repairs it)"
                 } else {
                     ""
                 };
-                return Err(invalid(&path, Some(line_no), format!("{err}{hint}")));
+                return Err(invalid(path, Some(line_no), format!("{err}{hint}")));
             }
         };
-        check_entry(info, &entry).map_err(|m| invalid(&path, Some(line_no), m))?;
+        check_entry(info, &entry).map_err(|m| invalid(path, Some(line_no), m))?;
         if let Some(prev) = seen.insert(entry.meta.sample, line_no) {
             return Err(invalid(
-                &path,
+                path,
                 Some(line_no),
                 format!(
                     "sample {} already appears on line {prev}",
@@ -479,7 +514,7 @@ fn read_manifest(
         }
         out.push((line_no, entry));
     }
-    Ok(out)
+    Ok((out, None))
 }
 
 /// Appends samples to a dataset folder, one shard at a time. See the module documentation.
@@ -497,6 +532,8 @@ pub struct DatasetWriter {
     pending_maps: Vec<Tensor>,
     pending_ids: HashSet<u64>,
     done: HashSet<u64>,
+    /// The PSNR of each sample on disk, as its manifest line gives it.
+    done_psnr: HashMap<u64, f64>,
     next_shard: usize,
     shards_written: usize,
 }
@@ -574,6 +611,7 @@ impl DatasetWriter {
 
         let entries = read_manifest(&dir, &info, true)?;
         let mut done = HashSet::new();
+        let mut done_psnr = HashMap::new();
         let mut referenced = HashSet::new();
         let mut next_shard = 0;
         for (line, e) in &entries {
@@ -585,6 +623,7 @@ impl DatasetWriter {
                 ));
             }
             done.insert(e.meta.sample);
+            done_psnr.insert(e.meta.sample, e.meta.psnr);
             next_shard = next_shard.max(parse_shard_name(&e.shard).unwrap_or(0) + 1);
         }
         for item in fs::read_dir(&dir).map_err(io_err(&dir))? {
@@ -609,6 +648,7 @@ impl DatasetWriter {
             pending_maps: Vec::new(),
             pending_ids: HashSet::new(),
             done,
+            done_psnr,
             next_shard,
             shards_written: 0,
         })
@@ -625,6 +665,11 @@ impl DatasetWriter {
     /// Samples whose maps and manifest lines are on disk.
     pub fn completed_samples(&self) -> &HashSet<u64> {
         &self.done
+    }
+
+    /// The PSNR recorded for a sample on disk.
+    pub fn completed_psnr(&self, sample: u64) -> Option<f64> {
+        self.done_psnr.get(&sample).copied()
     }
 
     /// True when a sample is on disk or buffered: a build skips it.
@@ -736,11 +781,18 @@ impl DatasetWriter {
             .append(true)
             .open(&manifest)
             .map_err(io_err(&manifest))?;
-        f.write_all(lines.as_bytes()).map_err(io_err(&manifest))?;
-        f.sync_data().map_err(io_err(&manifest))?;
+        let before = f.metadata().map_err(io_err(&manifest))?.len();
+        if let Err(e) = f.write_all(lines.as_bytes()).and_then(|()| f.sync_data()) {
+            // A full disk may take part of the lines: cut them off again, so the manifest ends
+            // at its last whole batch and the shard just written is an orphan a resumed build
+            // deletes (a partly listed shard would be kept with rows the manifest never names).
+            let _ = f.set_len(before).and_then(|()| f.sync_data());
+            return Err(io_err(&manifest)(e));
+        }
 
         for meta in self.pending_meta.drain(..) {
             self.done.insert(meta.sample);
+            self.done_psnr.insert(meta.sample, meta.psnr);
         }
         self.pending_maps.clear();
         self.pending_ids.clear();
@@ -1174,9 +1226,23 @@ impl Dataset {
 /// The sample ids of a shard's rows, read from its header and its `sample` tensor only; checks
 /// that the file is whole and that `maps` has the shape `info` gives each row.
 fn shard_ids(path: &Path, info: &DatasetInfo) -> Result<Vec<u64>> {
-    let bad = |message: String| invalid(path, None, message);
-    let mut f = File::open(path).map_err(io_err(path))?;
+    let f = File::open(path).map_err(io_err(path))?;
     let file_len = f.metadata().map_err(io_err(path))?.len();
+    shard_ids_from(f, file_len, path, info)
+}
+
+/// [`shard_ids`] of a shard's bytes in memory; `path` names it in errors.
+pub fn shard_sample_ids(bytes: &[u8], path: &Path, info: &DatasetInfo) -> Result<Vec<u64>> {
+    shard_ids_from(std::io::Cursor::new(bytes), bytes.len() as u64, path, info)
+}
+
+fn shard_ids_from(
+    mut f: impl Read + Seek,
+    file_len: u64,
+    path: &Path,
+    info: &DatasetInfo,
+) -> Result<Vec<u64>> {
+    let bad = |message: String| invalid(path, None, message);
     let mut n = [0u8; 8];
     f.read_exact(&mut n)
         .map_err(|_| bad("is too short to be a safetensors file".into()))?;

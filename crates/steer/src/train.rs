@@ -906,20 +906,29 @@ struct RecordedConfig {
 /// PyTorch `.pth` of the published training code.
 pub fn read_checkpoint(path: &Path) -> Result<(CheckpointMeta, Architecture), CheckpointError> {
     if is_torch_checkpoint(path) {
-        let ck = TorchClassifier::open(path)?;
-        return Ok((ck.meta, ck.arch));
+        let file = l2s_torch_pickle::TorchFile::open(path)?;
+        return describe(path, file.root());
     }
     let (_, meta_path) = checkpoint_paths(path);
     let text = std::fs::read_to_string(&meta_path).map_err(|source| CheckpointError::Io {
         path: meta_path.clone(),
         source,
     })?;
+    parse_checkpoint_meta(&text, &meta_path)
+}
+
+/// Parses and checks a `classifier.json`'s text; `meta_path` names it in errors.
+pub fn parse_checkpoint_meta(
+    text: &str,
+    meta_path: &Path,
+) -> Result<(CheckpointMeta, Architecture), CheckpointError> {
+    let meta_path = meta_path.to_path_buf();
     let json_err = |e: serde_json::Error| CheckpointError::Json {
         path: meta_path.clone(),
         message: e.to_string(),
     };
-    let meta: CheckpointMeta = serde_json::from_str(&text).map_err(json_err)?;
-    let arch = serde_json::from_str::<RecordedArchitecture>(&text)
+    let meta: CheckpointMeta = serde_json::from_str(text).map_err(json_err)?;
+    let arch = serde_json::from_str::<RecordedArchitecture>(text)
         .map_err(json_err)?
         .config
         .architecture
@@ -998,18 +1007,35 @@ pub fn load_classifier(
             ),
         });
     }
-    let wrap = |source| CheckpointError::Weights {
+    let weights = std::fs::read(&weights_path).map_err(|source| CheckpointError::Io {
         path: weights_path.clone(),
         source,
+    })?;
+    let model = classifier_from_weights(&meta, &arch, &weights, &weights_path, device, dtype)?;
+    Ok((model, meta))
+}
+
+/// Builds the classifier a checked `classifier.json` describes from the bytes of its
+/// `classifier.safetensors`; `weights_path` names them in errors.
+pub fn classifier_from_weights(
+    meta: &CheckpointMeta,
+    arch: &Architecture,
+    weights: &[u8],
+    weights_path: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<RelationClassifier, CheckpointError> {
+    let wrap = |source| CheckpointError::Weights {
+        path: weights_path.to_path_buf(),
+        source,
     };
-    let tensors = candle_core::safetensors::load(&weights_path, device).map_err(wrap)?;
-    let model = RelationClassifier::with_architecture(
+    let tensors = candle_core::safetensors::load_buffer(weights, device).map_err(wrap)?;
+    RelationClassifier::with_architecture(
         &meta.config,
-        &arch,
+        arch,
         VarBuilder::from_tensors(tensors, dtype, device),
     )
-    .map_err(wrap)?;
-    Ok((model, meta))
+    .map_err(wrap)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1022,13 +1048,6 @@ const DEFAULT_INPUT_CHANNELS: usize = 57 * 24;
 
 /// Widths of the published head's MLP (fixed in its code, not in its config).
 const PUBLISHED_MLP: [usize; 2] = [256, 128];
-
-/// A `.pth` relation classifier, its pickle read and described.
-struct TorchClassifier {
-    file: l2s_torch_pickle::TorchFile,
-    meta: CheckpointMeta,
-    arch: Architecture,
-}
 
 /// Reads the published config dicts, naming the key path in every complaint.
 struct ConfigReader<'a> {
@@ -1129,14 +1148,6 @@ fn canonical_relation(name: &str) -> String {
     l2s_eval::Relation::parse(name)
         .map(|r| r.name().to_string())
         .unwrap_or_else(|_| name.to_string())
-}
-
-impl TorchClassifier {
-    fn open(path: &Path) -> Result<Self, CheckpointError> {
-        let file = l2s_torch_pickle::TorchFile::open(path)?;
-        let (meta, arch) = describe(path, file.root())?;
-        Ok(Self { file, meta, arch })
-    }
 }
 
 fn describe(
@@ -1399,11 +1410,30 @@ fn load_torch_classifier(
     device: &Device,
     dtype: DType,
 ) -> Result<(RelationClassifier, CheckpointMeta), CheckpointError> {
-    let TorchClassifier {
-        mut file,
-        meta,
-        arch,
-    } = TorchClassifier::open(path)?;
+    let file = l2s_torch_pickle::TorchFile::open(path)?;
+    torch_classifier_from(file, expected_num_maps, device, dtype)
+}
+
+/// Loads a published training code's classifier from a `.pth` file's bytes; `path` names them
+/// in errors.
+pub fn torch_classifier_from_bytes(
+    path: &Path,
+    bytes: Vec<u8>,
+    device: &Device,
+    dtype: DType,
+) -> Result<(RelationClassifier, CheckpointMeta), CheckpointError> {
+    let file = l2s_torch_pickle::TorchFile::from_bytes(path, bytes, Default::default())?;
+    torch_classifier_from(file, None, device, dtype)
+}
+
+fn torch_classifier_from(
+    mut file: l2s_torch_pickle::TorchFile,
+    expected_num_maps: Option<usize>,
+    device: &Device,
+    dtype: DType,
+) -> Result<(RelationClassifier, CheckpointMeta), CheckpointError> {
+    let path = &file.path().to_path_buf();
+    let (meta, arch) = describe(path, file.root())?;
     if let Some(expected) = expected_num_maps {
         if expected > meta.num_maps {
             return Err(CheckpointError::WrongLayout {

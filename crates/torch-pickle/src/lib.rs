@@ -25,7 +25,7 @@ pub mod pickle;
 pub mod value;
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -57,10 +57,15 @@ impl Default for Limits {
     }
 }
 
+/// What an archive is read from: a file, or bytes in memory.
+trait Source: Read + Seek + Send + Sync {}
+
+impl<T: Read + Seek + Send + Sync> Source for T {}
+
 /// An opened `torch.save` archive: its pickled value, and access to its storages.
 pub struct TorchFile {
     path: PathBuf,
-    archive: zip::ZipArchive<File>,
+    archive: zip::ZipArchive<Box<dyn Source>>,
     /// `<name>/`, the folder every record sits in.
     prefix: String,
     file_len: u64,
@@ -88,10 +93,36 @@ impl TorchFile {
     pub fn open_with_limits(path: impl AsRef<Path>, limits: Limits) -> Result<Self, Error> {
         let path = path.as_ref().to_path_buf();
         let err = |kind: ErrorKind| Error::new(&path, kind);
-        let mut file = File::open(&path).map_err(|e| err(e.into()))?;
+        let file = File::open(&path).map_err(|e| err(e.into()))?;
         let file_len = file.metadata().map_err(|e| err(e.into()))?.len();
+        Self::from_source(path, Box::new(file), file_len, limits)
+    }
+
+    /// Reads a checkpoint already in memory; `path` names it in errors.
+    pub fn from_bytes(
+        path: impl AsRef<Path>,
+        bytes: Vec<u8>,
+        limits: Limits,
+    ) -> Result<Self, Error> {
+        let len = bytes.len() as u64;
+        Self::from_source(
+            path.as_ref().to_path_buf(),
+            Box::new(std::io::Cursor::new(bytes)),
+            len,
+            limits,
+        )
+    }
+
+    fn from_source(
+        path: PathBuf,
+        mut file: Box<dyn Source>,
+        file_len: u64,
+        limits: Limits,
+    ) -> Result<Self, Error> {
+        let err = |kind: ErrorKind| Error::new(&path, kind);
         let mut head = [0u8; 4];
-        let n = file.read(&mut head).map_err(|e| err(e.into()))?;
+        let n = read_up_to(&mut file, &mut head).map_err(|e| err(e.into()))?;
+        file.rewind().map_err(|e| err(e.into()))?;
         if n < 4 || head != ZIP_MAGIC {
             // Legacy torch.save files are bare pickles: they open with PROTO (0x80).
             if n >= 1 && head[0] == 0x80 {
@@ -404,4 +435,18 @@ fn decode(
         ),
         StorageType::I8 => candle_core::bail!("int8 tensors are not supported"),
     }
+}
+
+/// Reads until `buf` is full or the input ends (a plain `read` may return fewer bytes early).
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }

@@ -100,7 +100,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         } => {
             let device = candle_core::Device::Cpu;
             let folder = OutFolder::open(&out, "--out")?;
-            let trainer = Trainer::new(&out, &device)?;
+            let trainer = Trainer::with_seed(&out, &device, seed)?;
             if let Some(from) = init_from {
                 let dir = if from == l2s_shapes_model::embedded::NAME {
                     l2s_shapes_model::embedded::model_dir()?

@@ -14,7 +14,7 @@ use super::checkpoint::{self, Block};
 use super::embeddings::TimeTextEmbed;
 use super::norm::AdaLayerNormContinuous;
 use super::rope::{image_ids, text_ids, Rope};
-use crate::config::read_config;
+use crate::config::{parse_config, read_text};
 use crate::error::{ModelError, Result as ModelResult};
 use crate::observer::AttentionObserver;
 
@@ -100,7 +100,12 @@ impl FluxConfig {
     }
 
     pub fn from_file(path: &Path) -> ModelResult<Self> {
-        let cfg: Self = read_config(path, "a FluxTransformer2DModel config")?;
+        Self::from_json(&read_text(path)?, path)
+    }
+
+    /// Parses and checks the config's text; `path` names it in errors.
+    pub fn from_json(text: &str, path: &Path) -> ModelResult<Self> {
+        let cfg: Self = parse_config(text, path, "a FluxTransformer2DModel config")?;
         cfg.validate()
             .map_err(|(field, value, supported)| ModelError::Unsupported {
                 path: path.to_path_buf(),

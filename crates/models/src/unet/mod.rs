@@ -16,7 +16,7 @@ use serde::Deserialize;
 pub use blocks::CrossAttention;
 use blocks::{BlockContext, DownBlock, MidBlock, UpBlock, UpChannels};
 
-use crate::config::{read_config, OneOrMany};
+use crate::config::{parse_config, read_text, OneOrMany};
 use crate::error::{ModelError, Result as ModelResult};
 use crate::nn::{conv2d, group_norm};
 use crate::observer::{AttentionObserver, NoObserver};
@@ -168,7 +168,12 @@ struct Layout {
 
 impl UNetConfig {
     pub fn from_file(path: &Path) -> ModelResult<Self> {
-        let cfg: Self = read_config(path, "a UNet2DConditionModel config")?;
+        Self::from_json(&read_text(path)?, path)
+    }
+
+    /// Parses and checks the config's text; `path` names it in errors.
+    pub fn from_json(text: &str, path: &Path) -> ModelResult<Self> {
+        let cfg: Self = parse_config(text, path, "a UNet2DConditionModel config")?;
         cfg.layout()
             .map_err(|(field, value, supported)| ModelError::Unsupported {
                 path: path.to_path_buf(),
