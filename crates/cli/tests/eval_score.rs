@@ -65,7 +65,7 @@ fn hand_made_detections_give_hand_computed_summary() {
         line(&p1, 2, json!([d("cup", [40., 5., 60., 25.], 0.9), d("kite", [40., 70., 60., 90.], 0.9), d("person", [0., 0., 5., 5.], 0.99)])),
         // s3: no line at all → missing ✗
         // An unsupported tag and a malformed line: reported, not scored.
-        r#"{"tag": "counting", "include": [{"class": "cat", "count": 2}], "prompt": "a photo of two cats", "detections": []}"#.to_string(),
+        r#"{"tag": "texture", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a furry cat", "detections": []}"#.to_string(),
         "{not json".to_string(),
         // P2 "bus below car"
         // s0: the bus box reaches y = 130 on a 100-px image: clipped to 100 (reported);
@@ -153,7 +153,7 @@ fn hand_made_detections_give_hand_computed_summary() {
     assert_eq!(at("class_not_in_prompt"), format!("{}:7", dets.display()));
     assert_eq!(at("box_outside_image"), format!("{}:10", dets.display()));
     assert_eq!(at("missing_image"), "00001/samples/0003.png");
-    assert_eq!(v["unsupported"]["counting"]["count"], 1);
+    assert_eq!(v["unsupported"]["texture"]["count"], 1);
 
     // Results: one line per image, GenEval's fields included.
     let rs = read_results(&out).unwrap();
