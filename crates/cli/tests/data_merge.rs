@@ -34,6 +34,24 @@ fn build(images: &Path, out: &Path, extra: &[&str]) {
     ok(&args);
 }
 
+/// Renders `count` two-object shapes scenes into `out`.
+fn render(out: &Path, count: &str, seed: &str) {
+    ok(&[
+        "shapes",
+        "render",
+        "--out",
+        s(out),
+        "--count",
+        count,
+        "--min-objects",
+        "2",
+        "--max-objects",
+        "2",
+        "--seed",
+        seed,
+    ]);
+}
+
 /// Sample id → (its manifest entry's meta, its maps as f32 values).
 fn samples(dir: &Path) -> BTreeMap<u64, (SampleMeta, Vec<f32>)> {
     let ds = Dataset::open(dir).unwrap();
@@ -68,18 +86,7 @@ fn shards_merge_into_what_one_build_writes() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = |name: &str| tmp.path().join(name);
     let images = dir("images");
-    ok(&[
-        "shapes",
-        "render",
-        "--out",
-        s(&images),
-        "--count",
-        "4",
-        "--min-objects",
-        "2",
-        "--max-objects",
-        "2",
-    ]);
+    render(&images, "4", "0");
     build(&images, &dir("one"), &[]);
     build(&images, &dir("part1"), &["--shard", "1/2"]);
     build(&images, &dir("part2"), &["--shard", "2/2"]);
@@ -178,20 +185,7 @@ fn a_copy_of_the_model_per_device_builds_what_one_device_builds() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = |name: &str| tmp.path().join(name);
     let images = dir("images");
-    ok(&[
-        "shapes",
-        "render",
-        "--out",
-        s(&images),
-        "--count",
-        "3",
-        "--min-objects",
-        "2",
-        "--max-objects",
-        "2",
-        "--seed",
-        "5",
-    ]);
+    render(&images, "3", "5");
     build(&images, &dir("one"), &["--device", "cpu", "--workers", "1"]);
     build(&images, &dir("two"), &["--device", "cpu,cpu"]);
     let one = samples(&dir("one"));
