@@ -786,12 +786,16 @@ pub enum ArchitectureArg {
     Legacy,
 }
 
-impl From<ArchitectureArg> for l2s_steer::classifier::Architecture {
-    fn from(a: ArchitectureArg) -> Self {
-        match a {
-            ArchitectureArg::Authors => Self::authors(),
-            ArchitectureArg::Legacy => Self::legacy(),
-        }
+impl ArchitectureArg {
+    /// The architecture, with its maps scaled on entry when `scale_maps` (`--scale-maps`;
+    /// legacy always scales).
+    pub fn with_scaling(self, scale_maps: bool) -> l2s_steer::classifier::Architecture {
+        let mut arch = match self {
+            ArchitectureArg::Authors => l2s_steer::classifier::Architecture::authors(),
+            ArchitectureArg::Legacy => l2s_steer::classifier::Architecture::legacy(),
+        };
+        arch.scale_maps |= scale_maps;
+        arch
     }
 }
 

@@ -5,8 +5,6 @@
 
 mod run;
 
-use std::collections::BTreeMap;
-use std::fs;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -23,24 +21,6 @@ fn l2s_limited(kib: u64, args: &[&str]) -> Output {
         .env_remove("RUST_LOG")
         .output()
         .expect("running l2s under bash")
-}
-
-/// Every file under `root` with its bytes, by relative path.
-fn contents(root: &Path) -> BTreeMap<String, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
-        for e in fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                let rel = p.strip_prefix(root).unwrap().display().to_string();
-                out.insert(rel, fs::read(&p).unwrap());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
 }
 
 /// Runs `args(out)` under the limit: it must fail naming a file under `out` whose name ends in

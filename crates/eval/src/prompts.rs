@@ -234,13 +234,17 @@ impl SpatialPrompt {
 
     /// [`SpatialPrompt::from_metadata`] on one line of text.
     pub fn from_line(line: &str) -> Result<Option<Self>, String> {
-        let value: Value =
-            serde_json::from_str(line).map_err(|e| format!("not a JSON object: {e}"))?;
-        if !value.is_object() {
-            return Err("not a JSON object".into());
-        }
-        Self::from_metadata(value)
+        Self::from_metadata(metadata_object(line)?)
     }
+}
+
+/// One metadata line as a JSON object (the one reader of both prompt kinds' lines).
+pub(crate) fn metadata_object(line: &str) -> Result<Value, String> {
+    let value: Value = serde_json::from_str(line).map_err(|e| format!("not a JSON object: {e}"))?;
+    if !value.is_object() {
+        return Err("not a JSON object".into());
+    }
+    Ok(value)
 }
 
 /// A line whose tag this crate does not score.

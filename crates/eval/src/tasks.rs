@@ -147,12 +147,7 @@ impl TaskPrompt {
 
     /// [`TaskPrompt::from_metadata`] on one line of text.
     pub fn from_line(line: &str) -> Result<Option<Self>, String> {
-        let value: Value =
-            serde_json::from_str(line).map_err(|e| format!("not a JSON object: {e}"))?;
-        if !value.is_object() {
-            return Err("not a JSON object".into());
-        }
-        Self::from_metadata(value)
+        Self::from_metadata(crate::prompts::metadata_object(line)?)
     }
 
     /// The relations asked for, as (subject class, relation, reference class), in `include` order.

@@ -94,6 +94,15 @@ impl DatasetInfo {
         }
     }
 
+    /// Steps of the sampling runs the maps were recorded in (`num_inference_steps`), when the
+    /// build says.
+    pub fn num_inference_steps(&self) -> Option<usize> {
+        self.extra
+            .get("num_inference_steps")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+    }
+
     /// Records the maps' layout in the extra fields.
     pub fn set_map_layout(&mut self, layout: MapLayout) {
         let value = serde_json::to_value(layout).expect("a map layout serialises");

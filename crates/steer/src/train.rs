@@ -141,11 +141,7 @@ impl TrainConfig {
         c.num_steps = match self.architecture.step_input {
             StepInput::Slot => info.step_indices.len(),
             StepInput::Raw => {
-                let schedule = info
-                    .extra
-                    .get("num_inference_steps")
-                    .and_then(|v| v.as_u64())
-                    .unwrap_or(0) as usize;
+                let schedule = info.num_inference_steps().unwrap_or(0);
                 let last = info.step_indices.last().map_or(0, |&s| s + 1);
                 schedule.max(last)
             }
@@ -789,11 +785,7 @@ pub fn train_on(
         layers: info.layers.clone(),
         model: info.model.clone(),
         dual_inversion: info.dual_inversion,
-        num_inference_steps: info
-            .extra
-            .get("num_inference_steps")
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize),
+        num_inference_steps: info.num_inference_steps(),
         // Imported published data names no model; its attention resolution ties it to one.
         orig_map_size: info
             .extra

@@ -141,11 +141,7 @@ impl ShapesArgs {
             classifier_lr: self.classifier_lr,
             patience: self.patience,
             augment: self.augment,
-            architecture: {
-                let mut a: l2s_steer::classifier::Architecture = self.architecture.into();
-                a.scale_maps |= self.scale_maps;
-                a
-            },
+            architecture: self.architecture.with_scaling(self.scale_maps),
             map_layout: self.map_layout.into(),
         }
     }

@@ -68,8 +68,7 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
         cfg.early_stop_patience = p;
     }
     cfg.augment = args.augment;
-    cfg.architecture = args.architecture.into();
-    cfg.architecture.scale_maps |= args.scale_maps;
+    cfg.architecture = args.architecture.with_scaling(args.scale_maps);
     cfg.seed = args.seed;
     let quiet = global.quiet;
     let out = OutFolder::open(&args.out, "--out")?;
