@@ -66,30 +66,29 @@ fn run_to_end(args: &[String]) -> Duration {
     start.elapsed()
 }
 
-/// What a kill run did.
-struct Killed {
+/// What one round of kills did.
+struct Round {
     kills: usize,
     starts: usize,
 }
 
-/// Starts `args` again and again, killing it with SIGKILL at a seeded moment within `window`
-/// of each start, until `kills` kills have landed on a running process; then lets it finish.
-fn kill_and_restart(args: &[String], kills: usize, window: Duration, seed: u64) -> Killed {
-    let mut clock = KillClock(seed);
-    let mut done = Killed {
+/// Starts `args` again and again, killing it with SIGKILL at a moment drawn from `clock` within
+/// `window` of each start, until `kills` kills have landed on a running process or a start ran to
+/// the end before its moment; then lets it finish. The output folder is complete afterwards.
+fn kill_and_restart(
+    args: &[String],
+    kills: usize,
+    window: Duration,
+    clock: &mut KillClock,
+) -> Round {
+    let mut round = Round {
         kills: 0,
         starts: 0,
     };
-    while done.kills < kills {
-        assert!(
-            done.starts < 10 * kills + 10,
-            "l2s {args:?}: {} kills in {} starts",
-            done.kills,
-            done.starts
-        );
+    while round.kills < kills {
         let at = clock.moment(window);
         let mut child = command(args).spawn().expect("starting l2s");
-        done.starts += 1;
+        round.starts += 1;
         let start = Instant::now();
         let mut finished = None;
         while start.elapsed() < at {
@@ -100,24 +99,26 @@ fn kill_and_restart(args: &[String], kills: usize, window: Duration, seed: u64) 
             std::thread::sleep(Duration::from_millis(5));
         }
         match finished {
-            // It finished before the kill: a failure is a bug, a success just one more start.
+            // It finished before the kill: a failure is a bug, a success ends the round (a
+            // finished folder has no moments left to kill).
             Some(status) => {
                 let mut err = String::new();
                 if let Some(mut e) = child.stderr.take() {
                     std::io::Read::read_to_string(&mut e, &mut err).ok();
                 }
                 assert!(status.success(), "l2s {args:?} after a kill: {err}");
+                return round;
             }
             None => {
                 child.kill().unwrap();
                 // Reaped before the next start, as a scheduler's restart would find it.
                 child.wait().unwrap();
-                done.kills += 1;
+                round.kills += 1;
             }
         }
     }
     run_to_end(args);
-    done
+    round
 }
 
 /// A JSON file without its wall-clock fields (`seconds`: how long training took, which no two
@@ -160,19 +161,35 @@ fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
-/// One command: a reference run into `ref`, then the killed runs into `killed`, compared.
+/// One command: a reference run into `ref`, then rounds of killed runs, each into a fresh folder
+/// and compared with the reference once it finishes, until the kills per command have landed.
 fn check(dir: &Path, what: &str, args: impl Fn(&Path) -> Vec<String>, seed: u64) {
     let reference = dir.join(format!("{what}-ref"));
-    let killed = dir.join(format!("{what}-killed"));
     let took = run_to_end(&args(&reference));
     let kills = kills_per_command();
-    let done = kill_and_restart(&args(&killed), kills, took.mul_f64(0.7), seed);
-    assert_eq!(done.kills, kills);
-    assert_same_folder(&reference, &killed, what);
+    let mut clock = KillClock(seed);
+    let (mut landed, mut starts, mut rounds) = (0, 0, 0);
+    while landed < kills {
+        assert!(
+            starts < 10 * kills + 10,
+            "{what}: {landed} kills in {starts} starts"
+        );
+        let killed = dir.join(format!("{what}-killed-{rounds}"));
+        let round = kill_and_restart(
+            &args(&killed),
+            kills - landed,
+            took.mul_f64(0.7),
+            &mut clock,
+        );
+        assert_same_folder(&reference, &killed, what);
+        std::fs::remove_dir_all(&killed).unwrap();
+        landed += round.kills;
+        starts += round.starts;
+        rounds += 1;
+    }
     eprintln!(
-        "{what}: {} kills over {} starts (uninterrupted run {:.1} s), output identical",
-        done.kills,
-        done.starts,
+        "{what}: {landed} kills over {starts} starts in {rounds} rounds (uninterrupted run {:.1} s), \
+         output identical after each",
         took.as_secs_f64()
     );
 }

@@ -15,6 +15,15 @@ use safetensors::tensor::Dtype as StDtype;
 
 use crate::error::{ModelError, Result};
 
+/// The bytes of a safetensors file holding `tensors`, for an atomic writer to put in place.
+///
+/// candle's `safetensors::save` writes through a temporary file of the safetensors crate's own
+/// (`.tmpXXXXXX` beside the target), which a process killed mid-write leaves behind under a name
+/// that cannot be traced to its writer; serialising in memory leaves the writing to ours.
+pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> candle_core::Result<Vec<u8>> {
+    Ok(safetensors::serialize(tensors, None)?)
+}
+
 /// Which files of a component folder hold its weights.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Variant {
@@ -368,5 +377,35 @@ impl SimpleBackend for ParameterRecorder {
 
     fn contains_tensor(&self, _: &str) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safetensors_bytes_read_back_as_the_same_tensors() {
+        let dev = Device::Cpu;
+        let tensors: HashMap<String, Tensor> = [
+            (
+                "w".to_string(),
+                Tensor::new(&[[1.5f32, -2.0], [0.25, 3.0]], &dev).unwrap(),
+            ),
+            (
+                "ids".to_string(),
+                Tensor::new(&[7u32, 0, 42], &dev).unwrap(),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let bytes = safetensors_bytes(&tensors).unwrap();
+        let back = candle_core::safetensors::load_buffer(&bytes, &dev).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!(
+            back["w"].to_vec2::<f32>().unwrap(),
+            vec![vec![1.5, -2.0], vec![0.25, 3.0]]
+        );
+        assert_eq!(back["ids"].to_vec1::<u32>().unwrap(), vec![7, 0, 42]);
     }
 }

@@ -48,12 +48,9 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     write_file(path, text.as_bytes())
 }
 
-/// Writes a safetensors file with [`l2s_files::write_atomic_with`], creating its folder first.
+/// Writes a safetensors file atomically, creating its folder first.
 pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    create_parent(path)?;
-    Ok(l2s_files::write_atomic_with(path, |tmp| {
-        candle_core::safetensors::save(tensors, tmp)
-    })?)
+    write_file(path, &l2s_models::weights::safetensors_bytes(tensors)?)
 }
 
 /// Writes configs and tokenizer; with `weights` (names prefixed `text_encoder.` / `unet.`) also

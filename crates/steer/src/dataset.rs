@@ -28,7 +28,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 pub use l2s_files::ShardSpec;
-use l2s_files::{copy_atomic, write_atomic, write_atomic_with, WriteError};
+use l2s_files::{copy_atomic, write_atomic, WriteError};
+use l2s_models::weights::safetensors_bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::classifier::StepInput;
@@ -772,7 +773,10 @@ impl DatasetWriter {
             [("maps".to_string(), maps), ("sample".to_string(), ids)]
                 .into_iter()
                 .collect();
-        write_atomic_with(&path, |tmp| candle_core::safetensors::save(&tensors, tmp))?;
+        write_atomic(
+            &path,
+            &safetensors_bytes(&tensors).map_err(tensor_err(&path))?,
+        )?;
 
         let mut lines = String::new();
         for (row, meta) in self.pending_meta.iter().enumerate() {
@@ -1448,7 +1452,7 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<MergeSummary> {
                     Ok((k.to_string(), t))
                 })
                 .collect::<Result<_>>()?;
-            write_atomic_with(&dst, |tmp| candle_core::safetensors::save(&picked, tmp))?;
+            write_atomic(&dst, &safetensors_bytes(&picked).map_err(tensor_err(&dst))?)?;
             for (row, &i) in kept.iter().enumerate() {
                 placed[i] = (name.clone(), row);
             }

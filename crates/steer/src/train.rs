@@ -19,7 +19,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use l2s_files::{write_atomic, write_atomic_with};
+use l2s_files::write_atomic;
+use l2s_models::weights::safetensors_bytes;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -842,9 +843,11 @@ pub fn save_checkpoint_with_architecture(
         path: weights_path.clone(),
         source,
     })?;
-    write_atomic_with(&weights_path, |tmp| {
-        candle_core::safetensors::save(&tensors, tmp)
+    let bytes = safetensors_bytes(&tensors).map_err(|source| CheckpointError::Weights {
+        path: weights_path.clone(),
+        source,
     })?;
+    write_atomic(&weights_path, &bytes)?;
     let mut json = serde_json::to_value(meta).expect("checkpoint metadata serialises");
     json["config"]["architecture"] = serde_json::to_value(arch).expect("architecture serialises");
     let text = serde_json::to_string_pretty(&json).expect("checkpoint metadata serialises");
