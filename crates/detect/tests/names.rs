@@ -1,11 +1,14 @@
 //! The full-size model asks for exactly the tensors of the published checkpoints: a dry run
 //! records every name and shape requested, compared with the lists written by
-//! tools/fixtures/make_mask2former_names.py.
+//! tools/fixtures/make_mask2former_names.py; the same for the colour classifier's CLIP ViT-L/14
+//! (tools/fixtures/make_clip_names.py).
 
 use std::collections::BTreeMap;
 
 use candle_core::Device;
 use l2s_detect::{CheckpointNaming, Mask2Former, Mask2FormerConfig, Weights};
+use l2s_models::clip_vision::{ClipModel, ClipModelConfig};
+use l2s_models::weights::ParameterRecorder;
 
 fn list(file: &str) -> BTreeMap<String, Vec<usize>> {
     let path = format!("{}/names/{file}", env!("CARGO_MANIFEST_DIR"));
@@ -14,7 +17,12 @@ fn list(file: &str) -> BTreeMap<String, Vec<usize>> {
         .lines()
         .map(|l| {
             let (name, shape) = l.split_once(' ').unwrap();
-            let shape = shape.split(',').map(|d| d.parse().unwrap()).collect();
+            // A scalar (CLIP's logit_scale) has an empty shape.
+            let shape = shape
+                .split(',')
+                .filter(|d| !d.is_empty())
+                .map(|d| d.parse().unwrap())
+                .collect();
             (name.to_string(), shape)
         })
         .collect()
@@ -110,4 +118,35 @@ fn mmdet_list_counts_follow_the_architecture() {
         .map(|(_, s)| s.iter().product::<usize>())
         .sum();
     assert_eq!(values, 68_739_547);
+}
+
+/// GenEval's colour classifier at full size (openai/clip-vit-large-patch14 under transformers'
+/// names): our CLIPModel asks for every tensor of the list, at its shape, and nothing else, but
+/// `logit_scale`: colours are picked by the largest cosine (GenEval scales by a fixed 100).
+#[test]
+fn hugging_face_clip_vit_large_patch14() {
+    let dir = format!("{}/names", env!("CARGO_MANIFEST_DIR"));
+    let cfg = ClipModelConfig::from_file(
+        std::path::Path::new(&dir)
+            .join("clip-vit-large-patch14.config.json")
+            .as_path(),
+    )
+    .unwrap();
+    assert_eq!((cfg.vision.image_size, cfg.vision.patch_size), (224, 14));
+    let rec = ParameterRecorder::new();
+    ClipModel::new(&cfg, rec.var_builder(&Device::Cpu)).unwrap();
+    let got = rec.parameters();
+    let want = list("hf-clip-vit-large-patch14.txt");
+    let missing: Vec<_> = want
+        .keys()
+        .filter(|k| !got.contains_key(*k) && *k != "logit_scale")
+        .collect();
+    let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+    assert!(missing.is_empty(), "never requested: {missing:?}");
+    assert!(extra.is_empty(), "requested but not in the list: {extra:?}");
+    for (k, shape) in &got {
+        assert_eq!(&want[k], shape, "shape of {k}");
+    }
+    let values: usize = want.values().map(|s| s.iter().product::<usize>()).sum();
+    assert_eq!(values, 427_616_513, "ViT-L/14's parameter count");
 }
