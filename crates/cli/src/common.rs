@@ -91,6 +91,12 @@ fn default_device(
 }
 
 pub(crate) fn device(arg: Option<&str>) -> Result<Device> {
+    device_for("--device", arg)
+}
+
+/// The device a flag such as `--detector-device` names (`cpu`, `cuda`, `cuda:N`); without it the
+/// default device.
+pub(crate) fn device_for(flag: &str, arg: Option<&str>) -> Result<Device> {
     Ok(match arg {
         None => {
             let (device, note) = default_device(|| Device::cuda_if_available(0));
@@ -100,13 +106,13 @@ pub(crate) fn device(arg: Option<&str>) -> Result<Device> {
             device
         }
         Some("cpu") => Device::Cpu,
-        Some("cuda") => Device::new_cuda(0).context("--device cuda")?,
+        Some("cuda") => Device::new_cuda(0).with_context(|| format!("{flag} cuda"))?,
         Some(other) => match other
             .strip_prefix("cuda:")
             .and_then(|n| n.parse::<usize>().ok())
         {
-            Some(n) => Device::new_cuda(n).with_context(|| format!("--device {other}"))?,
-            None => bail!("--device {other:?}: expected cpu, cuda or cuda:N"),
+            Some(n) => Device::new_cuda(n).with_context(|| format!("{flag} {other}"))?,
+            None => bail!("{flag} {other:?}: expected cpu, cuda or cuda:N"),
         },
     })
 }

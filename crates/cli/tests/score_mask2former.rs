@@ -283,3 +283,70 @@ fn every_geneval_task_is_scored_in_batches_with_clip_colours() {
     assert_eq!(summary["unsupported"]["colors"]["count"], 1);
     assert_eq!(summary["unsupported"]["color_attr"]["count"], 1);
 }
+
+/// The detector's own device for data building and generation: a device that is no device is
+/// refused by its flag before any work; `cpu` judges as the default does.
+#[test]
+fn the_detector_takes_its_own_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("gen");
+    let w = weights();
+    let generate = |device| {
+        vec![
+            "data",
+            "generate",
+            "--generate-prompts",
+            "1",
+            "--images-per-prompt",
+            "1",
+            "--steps",
+            "3",
+            "--detector",
+            "mask2former",
+            "--detector-weights",
+            s(&w),
+            "--detector-device",
+            device,
+            "--out",
+            s(&out),
+            "-q",
+        ]
+    };
+    let e = fails(&generate("gpu0"));
+    assert!(
+        e.contains("--detector-device \"gpu0\": expected cpu, cuda or cuda:N"),
+        "{e}"
+    );
+    assert!(!out.join("results.jsonl").exists());
+    ok(&generate("cpu"));
+    assert!(out.join("verified.jsonl").exists());
+
+    let images = tmp.path().join("scenes");
+    ok(&[
+        "shapes",
+        "render",
+        "--count",
+        "2",
+        "--out",
+        s(&images),
+        "-q",
+    ]);
+    let e = fails(&[
+        "data",
+        "build",
+        "--images",
+        s(&images),
+        "--out",
+        s(&tmp.path().join("data")),
+        "--steps",
+        "3",
+        "--check-relation",
+        "mask2former",
+        "--detector-weights",
+        s(&weights()),
+        "--detector-device",
+        "tpu",
+        "-q",
+    ]);
+    assert!(e.contains("--detector-device \"tpu\""), "{e}");
+}

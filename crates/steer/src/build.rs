@@ -677,6 +677,8 @@ pub struct BuildJob {
     pub limit: Option<usize>,
     pub config: BuildConfig,
     pub relation_check: Option<RelationCheckKind>,
+    /// Where the relation check's Mask2Former runs (default: the first model's device).
+    pub detector_device: Option<candle_core::Device>,
     /// The dataset folder (resumed if it holds this build).
     pub out: PathBuf,
     /// Samples per shard file.
@@ -727,8 +729,11 @@ pub fn run_build<'m>(
     let detector: Option<Box<dyn Detector + Sync>> = match &job.relation_check {
         Some(RelationCheckKind::Shapes) => Some(Box::new(shapes_relation_detector(&read.images)?)),
         Some(RelationCheckKind::Mask2Former(weights)) => Some(Box::new(
-            l2s_detect::InstanceDetector::load_on(weights, model.device())
-                .with_context(|| format!("the relation check's detector {}", weights.display()))?,
+            l2s_detect::InstanceDetector::load_on(
+                weights,
+                job.detector_device.as_ref().unwrap_or(model.device()),
+            )
+            .with_context(|| format!("the relation check's detector {}", weights.display()))?,
         )),
         None => None,
     };

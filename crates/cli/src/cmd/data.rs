@@ -11,11 +11,12 @@ use l2s_steer::build::{
     Replicas,
 };
 
-use crate::cmd::score::{load_detector, DetectorArg};
+use crate::cmd::score::{load_detector_on, DetectorArg};
 use l2s_steer::dataset::{merge, ShardSpec};
 
 use crate::common::{
-    default_workers, image_bar, load_replicas, EvalArgs, Global, MapLayoutArg, ModelArgs,
+    default_workers, device_for, image_bar, load_replicas, EvalArgs, Global, MapLayoutArg,
+    ModelArgs,
 };
 
 #[derive(clap::Args)]
@@ -55,6 +56,9 @@ pub struct GenerateArgs {
     /// The checkpoint of --detector mask2former
     #[arg(long, value_name = "FILE")]
     detector_weights: Option<PathBuf>,
+    /// Device of --detector mask2former: cpu, cuda or cuda:N (default: the model's)
+    #[arg(long, value_name = "DEVICE")]
+    detector_device: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -151,6 +155,10 @@ pub struct BuildArgs {
     /// The checkpoint of --check-relation mask2former
     #[arg(long, value_name = "FILE")]
     detector_weights: Option<PathBuf>,
+    /// Device of --check-relation mask2former: cpu, cuda or cuda:N (default: the model's, the
+    /// first one with --device LIST)
+    #[arg(long, value_name = "DEVICE")]
+    detector_device: Option<String>,
     /// Invert with the true prompt only (the ablation of dual inversion)
     #[arg(long)]
     single_inversion: bool,
@@ -212,7 +220,14 @@ fn run_generate(a: GenerateArgs, global: &Global) -> Result<()> {
             "shapes",
         ),
         DetectorArg::Mask2former => (
-            load_detector(a.detector, a.detector_weights.as_deref())?,
+            load_detector_on(
+                a.detector,
+                a.detector_weights.as_deref(),
+                &match &a.detector_device {
+                    Some(d) => device_for("--detector-device", Some(d))?,
+                    None => prepared.model.device().clone(),
+                },
+            )?,
             "mask2former",
         ),
     };
@@ -355,6 +370,11 @@ fn build(a: BuildArgs, global: &Global) -> Result<()> {
                 })?,
             )),
         },
+        detector_device: a
+            .detector_device
+            .as_deref()
+            .map(|d| device_for("--detector-device", Some(d)))
+            .transpose()?,
         out: a.out.clone(),
         shard_size: a.shard_size,
         // Several devices: one worker each unless told otherwise.

@@ -24,14 +24,6 @@ pub enum DetectorArg {
     Mask2former,
 }
 
-/// The detector a flag names, loaded on the CPU.
-pub fn load_detector(
-    arg: DetectorArg,
-    weights: Option<&std::path::Path>,
-) -> Result<Box<dyn l2s_eval::Detector + Sync>> {
-    load_detector_on(arg, weights, &Device::Cpu)
-}
-
 /// The device `--device` names; without it the first GPU when this binary is built with CUDA
 /// and one answers, else the CPU with a note (never an error for a missing GPU).
 pub fn detector_device(arg: Option<&str>, quiet: bool) -> Result<Device> {
