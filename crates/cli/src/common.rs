@@ -6,9 +6,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use l2s_eval::prompts::{
-    describe_unsupported, multi_relation_prompts, position_prompts, read_prompt_file,
-    MultiRelationSpec, SpatialPrompt, COCO_CLASSES, SHAPES_CLASSES,
+    multi_relation_prompts, position_prompts, read_prompt_file, MultiRelationSpec, COCO_CLASSES,
+    SHAPES_CLASSES,
 };
+use l2s_eval::tasks::TaskPrompt;
 use l2s_generate::{Phase, Progress};
 use l2s_models::weights::Variant;
 use l2s_models::{resolve_model, LoadOptions, Pipeline};
@@ -508,10 +509,11 @@ pub enum ClassesArg {
     Shapes,
 }
 
-/// The spatial prompts of `eval` and `data generate`: a GenEval metadata file, or generated.
+/// The prompts of `eval` and `data generate`: a GenEval metadata file, or generated.
 #[derive(clap::Args)]
 pub struct PromptArgs {
-    /// GenEval metadata JSONL: spatial lines are used; lines of other tags are listed and skipped
+    /// GenEval metadata JSONL (e.g. GenEval's evaluation_metadata.jsonl): every task's lines are
+    /// used (`data generate`: the spatial ones); lines of other tags are listed and skipped
     #[arg(
         long,
         value_name = "FILE",
@@ -535,16 +537,16 @@ pub struct PromptArgs {
 
 impl PromptArgs {
     /// The prompts and a description of where they came from.
-    pub fn resolve(&self, model_name: &str) -> Result<(Vec<SpatialPrompt>, String)> {
+    pub fn resolve(&self, model_name: &str) -> Result<(Vec<TaskPrompt>, String)> {
         let args = self;
         if let Some(path) = &args.prompts {
             let file = read_prompt_file(path)?;
-            for line in describe_unsupported(&path.display().to_string(), &file.unsupported) {
+            for line in file.unsupported_report() {
                 eprintln!("note: {line}");
             }
             if file.prompts.is_empty() {
                 bail!(
-                    "--prompts {}: no spatial (\"position\" or \"multi_position\") lines",
+                    "--prompts {}: no line of a GenEval task (or \"multi_position\")",
                     path.display()
                 );
             }
@@ -574,7 +576,7 @@ impl PromptArgs {
             (position_prompts(n, classes, args.prompt_seed)?, "position")
         };
         Ok((
-            prompts,
+            prompts.iter().map(TaskPrompt::from).collect(),
             format!(
                 "generated: {n} {kind} prompts over the {cname} classes, prompt seed {}",
                 args.prompt_seed
@@ -620,7 +622,7 @@ pub struct PreparedEval {
     pub method: Option<l2s_steer::method::Method>,
     pub steps: usize,
     pub guidance: f64,
-    pub prompts: Vec<SpatialPrompt>,
+    pub prompts: Vec<TaskPrompt>,
     /// Where the prompts came from.
     pub source: String,
 }

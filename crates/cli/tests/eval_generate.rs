@@ -207,7 +207,8 @@ fn steered_run_records_the_loss_and_resumes() {
     std::fs::remove_file(sample_path(&out, 1, 1)).unwrap();
     assert!(ok(&args).contains("2 images generated, 2 already present"));
     assert_eq!(snapshot(&out), full);
-    // A GenEval prompt file: position lines used, other tags listed with their lines.
+    // A GenEval prompt file: every task's lines used, the spatial one steered, the others
+    // sampled plainly; a tag of no task listed with its line.
     let file = dir.path().join("meta.jsonl");
     std::fs::write(
         &file,
@@ -215,6 +216,7 @@ fn steered_run_records_the_loss_and_resumes() {
             r#"{"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"}"#,
             r#"{"tag": "position", "include": [{"class": "teddy bear", "count": 1}, {"class": "dog", "count": 1, "position": ["right of", 0]}], "prompt": "a photo of a dog right of a teddy bear"}"#,
             r#"{"tag": "counting", "include": [{"class": "cat", "count": 2}], "prompt": "a photo of two cats"}"#,
+            r#"{"tag": "texture", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a glass cat"}"#,
         ]
         .join("\n"),
     )
@@ -239,15 +241,23 @@ fn steered_run_records_the_loss_and_resumes() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
-        stderr.contains("1 line tagged \"counting\"") && stderr.contains("line 3"),
+        stderr.contains("1 line tagged \"texture\" left out") && stderr.contains("line 4"),
         "{stderr}"
     );
     assert!(
-        stderr.contains("1 line tagged \"single_object\"") && stderr.contains("line 1"),
+        stderr.contains("2 of 3 prompts name no relation"),
         "{stderr}"
     );
-    assert!(from_file.join("00000/samples/0000.png").exists());
-    assert!(!from_file.join("00001").exists());
+    for (i, steered) in [(0, false), (1, true), (2, false)] {
+        let t = text_chunks(&sample_path(&from_file, i, 0));
+        assert_eq!(t.contains_key("steer_final_loss"), steered, "prompt {i}");
+        assert_eq!(
+            t.get("steer_skipped").map(String::as_str),
+            (!steered).then_some("no relation in the prompt"),
+            "prompt {i}"
+        );
+    }
+    assert!(!from_file.join("00003").exists());
 }
 
 #[test]
@@ -307,7 +317,7 @@ fn bad_input_fails_clearly() {
     ]);
     assert!(e.contains("absent.jsonl"), "{e}");
     let only_other = dir.path().join("other.jsonl");
-    std::fs::write(&only_other, r#"{"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a photo of a red car"}"#).unwrap();
+    std::fs::write(&only_other, r#"{"tag": "texture", "include": [{"class": "car", "count": 1}], "prompt": "a photo of a furry car"}"#).unwrap();
     let e = fails(&[
         "eval",
         "--model",
@@ -317,7 +327,7 @@ fn bad_input_fails_clearly() {
         "--out",
         o,
     ]);
-    assert!(e.contains("no spatial") && e.contains("colors"), "{e}");
+    assert!(e.contains("no line of a GenEval task"), "{e}");
     let broken = dir.path().join("broken.jsonl");
     std::fs::write(&broken, "{\"tag\": \"position\", \"prompt\": \"x\", \"include\": [{\"class\": \"a\"}, {\"class\": \"b\", \"position\": [\"near\", 0]}]}\n").unwrap();
     let e = fails(&["eval", "--model", &m, "--prompts", s(&broken), "--out", o]);

@@ -43,9 +43,15 @@ fn d(class: &str, bbox: [f64; 4], score: f64) -> Value {
 #[test]
 fn hand_made_detections_give_hand_computed_summary() {
     let dir = tempfile::tempdir().unwrap();
-    let p0 = l2s_eval::prompts::position_prompt("dog", LeftOf, "cat").metadata;
-    let p1 = l2s_eval::prompts::position_prompt("cup", Above, "kite").metadata;
-    let p2 = l2s_eval::prompts::position_prompt("bus", Below, "car").metadata;
+    let p0 = l2s_eval::prompts::position_prompt("dog", LeftOf, "cat")
+        .metadata
+        .clone();
+    let p1 = l2s_eval::prompts::position_prompt("cup", Above, "kite")
+        .metadata
+        .clone();
+    let p2 = l2s_eval::prompts::position_prompt("bus", Below, "car")
+        .metadata
+        .clone();
     let lines = [
         // P0 "dog left of cat"
         // s0: centres 20 vs 70: offset −50, shrink 0.1·40 = 4 → −46/50 = −0.92: left of ✓

@@ -22,7 +22,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::{Relation, Triplet};
+use crate::tasks::TaskPrompt;
+use crate::Relation;
 
 /// GenEval's tag of the two-object spatial task.
 pub const POSITION_TAG: &str = "position";
@@ -143,98 +144,54 @@ fn one() -> usize {
     1
 }
 
-/// A spatial prompt: its text, the objects it asks for and the relations between them.
+/// A spatial prompt: a [`TaskPrompt`] of a spatial tag, whose objects stand in at least one
+/// relation (what steering and training data need). Its fields are the task prompt's.
 #[derive(Debug, Clone, PartialEq)]
-pub struct SpatialPrompt {
-    pub tag: String,
-    pub prompt: String,
-    pub include: Vec<Include>,
-    /// The metadata line as read (other fields kept), or as built by the generators.
-    pub metadata: Value,
+pub struct SpatialPrompt(TaskPrompt);
+
+impl std::ops::Deref for SpatialPrompt {
+    type Target = TaskPrompt;
+
+    fn deref(&self) -> &TaskPrompt {
+        &self.0
+    }
 }
 
 impl SpatialPrompt {
     /// Builds a prompt and its metadata line. `include` must already be valid
-    /// (see [`SpatialPrompt::from_metadata`] for the rules).
+    /// (see [`TaskPrompt::from_metadata`] for the rules).
     fn build(tag: &str, prompt: String, include: Vec<Include>) -> Self {
         let metadata = json!({ "tag": tag, "include": include, "prompt": prompt });
-        Self {
+        Self(TaskPrompt {
             tag: tag.to_string(),
             prompt,
             include,
+            exclude: Vec::new(),
             metadata,
-        }
+        })
     }
 
-    /// The relations asked for, as (subject class, relation, reference class), in `include` order.
-    pub fn triplets(&self) -> Vec<Triplet> {
-        self.include
-            .iter()
-            .filter_map(|inc| {
-                inc.position
-                    .map(|(r, t)| Triplet::new(inc.class.clone(), r, self.include[t].class.clone()))
-            })
-            .collect()
-    }
-
-    /// The metadata as one JSON line (what GenEval writes to `metadata.jsonl`).
-    pub fn metadata_line(&self) -> String {
-        self.metadata.to_string()
-    }
-
-    /// Reads a metadata value. `Ok(None)` for tags other than the spatial ones. Checks that
-    /// every `position` names a known relation and an *earlier* include index (GenEval
-    /// resolves targets in order), that counts are at least 1, and that a spatial line has at
-    /// least one relation.
+    /// Reads a metadata value: `Ok(None)` for tags other than the spatial ones, otherwise the
+    /// checks of [`TaskPrompt::from_metadata`] (a spatial line needs a relation).
     pub fn from_metadata(value: Value) -> Result<Option<Self>, String> {
-        let tag = value
-            .get("tag")
-            .and_then(Value::as_str)
-            .ok_or("no \"tag\" string")?
-            .to_string();
-        if !is_supported_tag(&tag) {
-            return Ok(None);
-        }
-        let prompt = value
-            .get("prompt")
-            .and_then(Value::as_str)
-            .ok_or("no \"prompt\" string")?
-            .to_string();
-        let raw = value.get("include").ok_or("no \"include\" list")?;
-        let include: Vec<Include> = serde_json::from_value(raw.clone())
-            .map_err(|e| format!("\"include\" is not a list of {{class, count, position}}: {e}"))?;
-        for (i, inc) in include.iter().enumerate() {
-            if inc.count == 0 {
-                return Err(format!(
-                    "include {i} ({}): count must be at least 1",
-                    inc.class
-                ));
-            }
-            if let Some((rel, t)) = inc.position {
-                if t >= i {
-                    return Err(format!(
-                        "include {i} ({}): position [\"{rel}\", {t}] must refer to an earlier include (0..{i})",
-                        inc.class
-                    ));
-                }
-            }
-        }
-        if include.iter().all(|inc| inc.position.is_none()) {
-            return Err(format!(
-                "a {tag:?} line needs at least one \"position\" entry"
-            ));
-        }
-        Ok(Some(Self {
-            tag,
-            prompt,
-            include,
-            metadata: value,
-        }))
+        Ok(TaskPrompt::from_metadata(value)?
+            .filter(TaskPrompt::is_spatial)
+            .map(Self))
     }
 
     /// [`SpatialPrompt::from_metadata`] on one line of text.
     pub fn from_line(line: &str) -> Result<Option<Self>, String> {
         Self::from_metadata(metadata_object(line)?)
+    }
+
+    /// `p` when its task is a spatial one (its relations were checked when it was read).
+    pub fn from_task(p: TaskPrompt) -> Option<Self> {
+        p.is_spatial().then_some(Self(p))
+    }
+
+    /// The task prompt it is.
+    pub fn task(&self) -> &TaskPrompt {
+        &self.0
     }
 }
 
@@ -247,7 +204,7 @@ pub(crate) fn metadata_object(line: &str) -> Result<Value, String> {
     Ok(value)
 }
 
-/// A line whose tag this crate does not score.
+/// A line left out: its tag is not scored, or (for uses that need a relation) not spatial.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Unsupported {
     /// 1-based line number.
@@ -259,11 +216,17 @@ pub struct Unsupported {
 #[derive(Debug, Clone)]
 pub struct PromptFile {
     pub path: PathBuf,
-    /// Spatial prompts with their 1-based line numbers.
-    pub prompts: Vec<(usize, SpatialPrompt)>,
-    /// Lines of other tags, in file order.
+    /// Lines of the scored tasks (GenEval's six and [`MULTI_TAG`]) with their 1-based line
+    /// numbers.
+    pub prompts: Vec<(usize, TaskPrompt)>,
+    /// Lines of tags no task scores, in file order.
     pub unsupported: Vec<Unsupported>,
 }
+
+/// Why a line of an unscored tag is left out.
+pub const NOT_A_TASK: &str = "not one of GenEval's tasks nor \"multi_position\"";
+/// Why a scored line is left out where a relation is needed.
+pub const NO_RELATION: &str = "only \"position\" and \"multi_position\" lines have a relation";
 
 impl PromptFile {
     /// Unsupported line numbers grouped by tag.
@@ -271,9 +234,30 @@ impl PromptFile {
         group_unsupported(&self.unsupported)
     }
 
-    /// One sentence per unsupported tag: "{path}: 80 lines tagged \"counting\" not scored (lines 5, 9, …)".
+    /// One sentence per unsupported tag: "{path}: 2 lines tagged \"texture\" left out (…): lines 5, 9".
     pub fn unsupported_report(&self) -> Vec<String> {
-        describe_unsupported(&self.path.display().to_string(), &self.unsupported)
+        describe_unsupported(
+            &self.path.display().to_string(),
+            &self.unsupported,
+            NOT_A_TASK,
+        )
+    }
+
+    /// The spatial prompts, and every other scored line as left out for want of a relation.
+    pub fn spatial(&self) -> (Vec<(usize, SpatialPrompt)>, Vec<Unsupported>) {
+        let mut spatial = Vec::new();
+        let mut others = Vec::new();
+        for (line, p) in &self.prompts {
+            if p.is_spatial() {
+                spatial.push((*line, SpatialPrompt(p.clone())));
+            } else {
+                others.push(Unsupported {
+                    line: *line,
+                    tag: p.tag.clone(),
+                });
+            }
+        }
+        (spatial, others)
     }
 }
 
@@ -286,16 +270,16 @@ pub fn group_unsupported(list: &[Unsupported]) -> BTreeMap<String, Vec<usize>> {
     by
 }
 
-/// Human-readable lines about unsupported tags, each with a count and the line numbers
-/// (the first 20, then "…").
-pub fn describe_unsupported(source: &str, list: &[Unsupported]) -> Vec<String> {
+/// Human-readable lines about left-out lines, one per tag, with a count, `why` and the line
+/// numbers (the first 20, then "…").
+pub fn describe_unsupported(source: &str, list: &[Unsupported], why: &str) -> Vec<String> {
     group_unsupported(list)
         .into_iter()
         .map(|(tag, lines)| {
             let shown: Vec<String> = lines.iter().take(20).map(|l| l.to_string()).collect();
             let more = if lines.len() > 20 { ", …" } else { "" };
             format!(
-                "{source}: {} line{} tagged {tag:?} not supported (only \"{POSITION_TAG}\" and \"{MULTI_TAG}\" are scored): line{} {}{more}",
+                "{source}: {} line{} tagged {tag:?} left out ({why}): line{} {}{more}",
                 lines.len(),
                 if lines.len() == 1 { "" } else { "s" },
                 if lines.len() == 1 { "" } else { "s" },
@@ -323,9 +307,9 @@ pub enum PromptSetError {
     Invalid(String),
 }
 
-/// Reads a GenEval metadata JSONL file: spatial lines become prompts; lines of other tags are
-/// listed in [`PromptFile::unsupported`]; blank lines are skipped; a malformed line is an
-/// error naming its line number.
+/// Reads a GenEval metadata JSONL file: lines of the scored tasks become prompts; lines of other
+/// tags are listed in [`PromptFile::unsupported`]; blank lines are skipped; a malformed line is
+/// an error naming its line number.
 pub fn read_prompt_file(path: &Path) -> Result<PromptFile, PromptSetError> {
     let text = std::fs::read_to_string(path).map_err(|source| PromptSetError::Io {
         path: path.to_path_buf(),
@@ -349,7 +333,7 @@ pub fn parse_prompt_file(text: &str, path: &Path) -> Result<PromptFile, PromptSe
         };
         let value: Value = serde_json::from_str(line)
             .map_err(|e| err(format!("not a GenEval metadata line: {e}")))?;
-        match SpatialPrompt::from_metadata(value.clone()).map_err(err)? {
+        match TaskPrompt::from_metadata(value.clone()).map_err(err)? {
             Some(p) => prompts.push((i + 1, p)),
             None => unsupported.push(Unsupported {
                 line: i + 1,
@@ -650,7 +634,7 @@ fn draw_multi(
 }
 
 /// Writes prompts as GenEval metadata JSONL text (one line each, trailing newline).
-pub fn to_jsonl(prompts: &[SpatialPrompt]) -> String {
+pub fn to_jsonl<'a>(prompts: impl IntoIterator<Item = &'a TaskPrompt>) -> String {
     let mut s = String::new();
     for p in prompts {
         s.push_str(&p.metadata_line());
@@ -662,6 +646,7 @@ pub fn to_jsonl(prompts: &[SpatialPrompt]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Triplet;
     use Relation::*;
 
     #[test]
@@ -738,7 +723,7 @@ mod tests {
     }
 
     #[test]
-    fn reads_file_and_lists_unsupported_tags() {
+    fn reads_file_and_lists_unsupported_and_unspatial_lines() {
         let dir = std::env::temp_dir().join(format!("l2s-eval-prompts-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("meta.jsonl");
@@ -749,25 +734,31 @@ mod tests {
             r#"{"tag": "counting", "include": [{"class": "cat", "count": 3}], "prompt": "a photo of three cats"}"#,
             r#"{"tag": "counting", "include": [{"class": "cup", "count": 2}], "prompt": "a photo of two cups"}"#,
             &position_prompt("dog", LeftOf, "kite").metadata_line(),
+            r#"{"tag": "texture", "include": [{"class": "cup", "count": 1}], "prompt": "a photo of a furry cup"}"#,
+            r#"{"tag": "texture", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a glass dog"}"#,
         ];
         std::fs::write(&path, lines.join("\n")).unwrap();
         let f = read_prompt_file(&path).unwrap();
-        assert_eq!(
-            f.prompts.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
-            [2, 6]
-        );
-        assert_eq!(f.prompts[1].1.prompt, "a photo of a dog left of a kite");
-        let by = f.unsupported_by_tag();
-        assert_eq!(by["counting"], [4, 5]);
-        assert_eq!(by["single_object"], [1]);
+        let numbers = |v: &[(usize, TaskPrompt)]| v.iter().map(|(l, _)| *l).collect::<Vec<_>>();
+        assert_eq!(numbers(&f.prompts), [1, 2, 4, 5, 6]);
+        assert_eq!(f.prompts[4].1.prompt, "a photo of a dog left of a kite");
         let report = f.unsupported_report();
-        assert_eq!(report.len(), 2);
+        assert_eq!(report.len(), 1);
         assert!(
-            report[0].contains("2 lines tagged \"counting\"") && report[0].contains("lines 4, 5"),
+            report[0].contains("2 lines tagged \"texture\" left out")
+                && report[0].contains("lines 7, 8"),
             "{report:?}"
         );
+        // Where a relation is needed, the other tasks' lines are left out and listed.
+        let (spatial, others) = f.spatial();
+        assert_eq!(spatial.iter().map(|(l, _)| *l).collect::<Vec<_>>(), [2, 6]);
+        let by = group_unsupported(&others);
+        assert_eq!(by["counting"], [4, 5]);
+        assert_eq!(by["single_object"], [1]);
+        let report = describe_unsupported("meta.jsonl", &others, NO_RELATION);
         assert!(
-            report[1].contains("1 line tagged \"single_object\"") && report[1].contains("line 1"),
+            report[0].contains("2 lines tagged \"counting\" left out (only \"position\"")
+                && report[0].contains("lines 4, 5"),
             "{report:?}"
         );
 

@@ -60,13 +60,7 @@ pub struct TaskPrompt {
 
 impl From<&SpatialPrompt> for TaskPrompt {
     fn from(p: &SpatialPrompt) -> Self {
-        Self {
-            tag: p.tag.clone(),
-            prompt: p.prompt.clone(),
-            include: p.include.clone(),
-            exclude: Vec::new(),
-            metadata: p.metadata.clone(),
-        }
+        p.task().clone()
     }
 }
 
@@ -159,6 +153,11 @@ impl TaskPrompt {
                     .map(|(r, t)| Triplet::new(inc.class.clone(), r, self.include[t].class.clone()))
             })
             .collect()
+    }
+
+    /// The metadata as one JSON line (what GenEval writes to `metadata.jsonl`).
+    pub fn metadata_line(&self) -> String {
+        self.metadata.to_string()
     }
 
     /// Some object must have a colour.

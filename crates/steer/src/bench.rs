@@ -14,6 +14,7 @@ use l2s_eval::prompts::SpatialPrompt;
 use l2s_eval::report::{RESULTS_FILE, SUMMARY_FILE};
 use l2s_eval::score::{results_jsonl, ScoreOptions};
 use l2s_eval::sources::score_folder;
+use l2s_eval::tasks::TaskPrompt;
 use l2s_models::Pipeline;
 use l2s_shapes::{DetectorConfig, RenderConfig, ShapeDetector};
 
@@ -308,7 +309,7 @@ fn classifier_accuracies(sd: &Pipeline, a: &ShapesBench) -> Result<serde_json::V
 
 /// The held-out prompts: every shapes prompt shuffled with seed 7, the first `n`, in GenEval's
 /// metadata form (the bench's wording, without "a photo of").
-fn prompts(n: usize) -> Result<Vec<SpatialPrompt>> {
+fn prompts(n: usize) -> Result<Vec<TaskPrompt>> {
     let mut all = l2s_shapes::all_prompts();
     use rand::seq::SliceRandom;
     use rand::SeedableRng;
@@ -326,6 +327,7 @@ fn prompts(n: usize) -> Result<Vec<SpatialPrompt>> {
             });
             SpatialPrompt::from_metadata(meta)
                 .map_err(crate::SteerError::Invalid)?
+                .map(|p| p.task().clone())
                 .context("a shapes prompt that is not a position prompt")
         })
         .collect()

@@ -13,7 +13,8 @@ use l2s_eval::layout::{
     prompt_dir, read_run_info, sample_path, RunInfo, Seeding, KEY_METHOD, KEY_STEER_LOSS,
     METADATA_FILE, PROMPTS_FILE, RUN_FILE, RUN_FORMAT, SAMPLES_DIR,
 };
-use l2s_eval::prompts::{to_jsonl, SpatialPrompt};
+use l2s_eval::prompts::to_jsonl;
+use l2s_eval::tasks::TaskPrompt;
 use l2s_generate::{generate, generation_metadata, write_atomic, write_png, GenerateRequest};
 use l2s_models::Pipeline;
 
@@ -91,6 +92,9 @@ pub struct EvalOutcome {
     pub seconds: f64,
     /// The model's notes on the prompts (truncation), once each.
     pub warnings: Vec<String>,
+    /// Prompts of this shard a steered run sampled plainly: their task names no relation
+    /// (GenEval's single_object, two_object, counting, colors and color_attr).
+    pub unsteered: usize,
 }
 
 /// Writes `path` with `text`, or checks that it already holds exactly that.
@@ -116,11 +120,12 @@ struct Job {
 }
 
 /// Generates the run's missing images into `out`. `source` says where the prompts came from
-/// (recorded). `progress(done, total, prompt)` after each image; `done` counts the images
-/// already present.
+/// (recorded). A steered run steers the prompts that name a relation and samples the others
+/// (GenEval's other tasks) as the plain model does, so one run covers a whole GenEval file.
+/// `progress(done, total, prompt)` after each image; `done` counts the images already present.
 pub fn run_eval(
     run: &EvalRun,
-    prompts: &[SpatialPrompt],
+    prompts: &[TaskPrompt],
     source: &str,
     out: &Path,
     progress: &mut dyn FnMut(usize, usize, &str),
@@ -145,23 +150,17 @@ pub fn run_eval(
     let mut triplets: Vec<Option<Vec<SteerGoal>>> = Vec::with_capacity(mine.len());
     for &i in &mine {
         let p = &prompts[i];
+        let rts: Vec<Triplet> = p.triplets();
         triplets.push(match run.method {
-            None => None,
-            Some(m) => {
-                let rts: Vec<Triplet> = p
-                    .triplets()
-                    .into_iter()
-                    .map(|t| Triplet::new(t.subject, t.relation, t.object))
-                    .collect();
-                Some(
-                    SteerGoal::for_prompt(
-                        &rts,
-                        &|word| Ok(model.word_positions(&p.prompt, word)?),
-                        &|r| m.label(r),
-                    )
-                    .with_context(|| format!("prompt {i} {:?}: cannot steer", p.prompt))?,
+            Some(m) if !rts.is_empty() => Some(
+                SteerGoal::for_prompt(
+                    &rts,
+                    &|word| Ok(model.word_positions(&p.prompt, word)?),
+                    &|r| m.label(r),
                 )
-            }
+                .with_context(|| format!("prompt {i} {:?}: cannot steer", p.prompt))?,
+            ),
+            _ => None,
         });
     }
 
@@ -265,7 +264,15 @@ pub fn run_eval(
                 ));
                 s.generated
             }
-            _ => generate(model, &req, &mut NoHook, &mut |_| {})?,
+            (method, _) => {
+                if method.is_some() {
+                    extra.push((
+                        "steer_skipped".to_string(),
+                        "no relation in the prompt".to_string(),
+                    ));
+                }
+                generate(model, &req, &mut NoHook, &mut |_| {})?
+            }
         };
         let seconds = start.elapsed().as_secs_f64();
         let meta = generation_metadata(
@@ -284,6 +291,11 @@ pub fn run_eval(
         prompts: mine.len(),
         present,
         warnings: damaged,
+        unsteered: if run.method.is_some() {
+            triplets.iter().filter(|t| t.is_none()).count()
+        } else {
+            0
+        },
         ..EvalOutcome::default()
     };
     run_ordered(

@@ -10,6 +10,7 @@ use l2s_eval::prompts::SpatialPrompt;
 use l2s_eval::report::{RESULTS_FILE, SUMMARY_FILE};
 use l2s_eval::score::{results_jsonl, ImageResult, ScoreOptions};
 use l2s_eval::sources::score_folder;
+use l2s_eval::tasks::TaskPrompt;
 use l2s_eval::Detector;
 use serde_json::json;
 
@@ -76,7 +77,8 @@ pub fn generate_verified(
     detector_name: &str,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<VerifiedReport> {
-    let outcome = run_eval(run, prompts, source, out, progress)?;
+    let tasks: Vec<TaskPrompt> = prompts.iter().map(TaskPrompt::from).collect();
+    let outcome = run_eval(run, &tasks, source, out, progress)?;
     let scored = score_folder(
         out,
         detector,

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
+use l2s_eval::prompts::{SpatialPrompt, NO_RELATION};
 use l2s_sources::Fit;
 use l2s_steer::build::{
     progress_message, run_build, BuildConfig, BuildJob, BuildSource, DropRule, RelationCheckKind,
@@ -231,10 +232,25 @@ fn run_generate(a: GenerateArgs, global: &Global) -> Result<()> {
             "mask2former",
         ),
     };
+    // Verification judges relations: the other tasks' prompts are left out, and said so.
+    let mut spatial = Vec::new();
+    let mut left_out: std::collections::BTreeMap<&str, usize> = Default::default();
+    for p in &prepared.prompts {
+        match SpatialPrompt::from_task(p.clone()) {
+            Some(s) => spatial.push(s),
+            None => *left_out.entry(p.tag.as_str()).or_default() += 1,
+        }
+    }
+    for (tag, n) in &left_out {
+        eprintln!("note: {n} prompts tagged {tag:?} left out ({NO_RELATION})");
+    }
+    if spatial.is_empty() {
+        bail!("no prompt with a relation to verify");
+    }
     let bar = image_bar(global, &run.label());
     let report = l2s_steer::verified::generate_verified(
         &run,
-        &prepared.prompts,
+        &spatial,
         &prepared.source,
         &args.out,
         detector.as_ref(),

@@ -43,6 +43,12 @@ pub fn run(args: Args, global: &Global) -> Result<()> {
     )?;
     bar.finish_and_clear();
     warn_all(&outcome.warnings);
+    if outcome.unsteered > 0 {
+        eprintln!(
+            "note: {} of {} prompts name no relation (GenEval's other tasks): sampled without steering",
+            outcome.unsteered, outcome.prompts
+        );
+    }
     let (made, present, ipp) = (outcome.made, outcome.present, args.images_per_prompt);
     let mine_len = outcome.prompts;
     let shard_note = if !shard.is_all() {

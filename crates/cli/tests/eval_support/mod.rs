@@ -89,7 +89,11 @@ pub enum Sample {
 pub fn write_folder(root: &Path, size: u32, prompts: &[(SpatialPrompt, Vec<Sample>)]) {
     std::fs::create_dir_all(root).unwrap();
     let all: Vec<SpatialPrompt> = prompts.iter().map(|(p, _)| p.clone()).collect();
-    std::fs::write(root.join(PROMPTS_FILE), to_jsonl(&all)).unwrap();
+    std::fs::write(
+        root.join(PROMPTS_FILE),
+        to_jsonl(all.iter().map(|p| p.task())),
+    )
+    .unwrap();
     for (i, (p, samples)) in prompts.iter().enumerate() {
         std::fs::create_dir_all(prompt_dir(root, i).join("samples")).unwrap();
         std::fs::write(
