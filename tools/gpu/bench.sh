@@ -71,8 +71,12 @@ mkdir -p "$OUT" "$LOGS" || { echo "tools/gpu/bench.sh: cannot create $OUT" >&2; 
 # --- what the run needs, each named when missing ----------------------------------------------
 command -v timeout >/dev/null || fail "no 'timeout' command (coreutils): it keeps every step bounded"
 command -v "$PY" >/dev/null || fail "no Python at '$PY': set PYTHON to one with torch and diffusers"
-timeout 120 "$PY" -c 'import torch, diffusers, safetensors, numpy' 2>"$LOGS/preflight-python.err" ||
-    fail "$PY cannot import torch, diffusers, safetensors and numpy (see $LOGS/preflight-python.err)"
+timeout 180 "$PY" -c 'import torch, diffusers, safetensors, numpy' 2>"$LOGS/preflight-python.err"
+case $? in
+0) ;;
+124) fail "$PY took over 180 s to import torch and diffusers" ;;
+*) fail "$PY cannot import torch, diffusers, safetensors and numpy: $(tail -1 "$LOGS/preflight-python.err")" ;;
+esac
 for ex in bench_unet bench_flux; do
     [ -x "$EXAMPLES/$ex" ] || fail "no executable $EXAMPLES/$ex: build it elsewhere with" \
         "'cargo build --release --features cuda -p l2s-models --examples' and set BENCH_EXAMPLES to its folder"
