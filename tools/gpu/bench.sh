@@ -81,6 +81,16 @@ for ex in bench_unet bench_flux; do
     [ -x "$EXAMPLES/$ex" ] || fail "no executable $EXAMPLES/$ex: build it elsewhere with" \
         "'cargo build --release --features cuda -p l2s-models --examples' and set BENCH_EXAMPLES to its folder"
 done
+if [ "$DEVICE" = cuda ]; then
+    # Our CUDA build links cuBLAS, cuRAND, NVRTC and the CUDA runtime; PyTorch's wheels carry them,
+    # after any the machine has on its own library path.
+    NV_LIBS=$(timeout 60 "$PY" -c 'import glob, os, nvidia
+print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__
+                       for p in glob.glob(os.path.join(d, "*", "lib", "lib*.so*"))})))' 2>/dev/null || true)
+    [ -z "$NV_LIBS" ] || export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$NV_LIBS"
+fi
+MISSING_LIBS=$(ldd "$EXAMPLES/bench_flux" 2>/dev/null | awk '/not found/ {print $1}' | tr '\n' ' ')
+[ -z "$MISSING_LIBS" ] || fail "$EXAMPLES/bench_flux needs shared libraries not found here: $MISSING_LIBS(set LD_LIBRARY_PATH)"
 timeout 120 "$EXAMPLES/bench_flux" --probe "$DEVICE" >"$LOGS/preflight-probe.out" 2>"$LOGS/preflight-probe.err" ||
     fail "$EXAMPLES/bench_flux cannot use device $DEVICE (a build without --features cuda, or no GPU or driver): $(head -c 300 "$LOGS/preflight-probe.err")"
 SMI=""
