@@ -7,7 +7,9 @@
 #
 #   cargo build --release --features cuda -p l2s-models --examples
 #
-# then target/release/examples (or BENCH_EXAMPLES) copied along with this checkout.
+# then its target/release/examples/bench_unet and bench_flux copied along with this checkout (only
+# those two: the folder holds every example and its build files), into the folder BENCH_EXAMPLES
+# names.
 #
 #   tools/gpu/bench.sh                              # the real sizes, cuda, bf16
 #   BENCH_SIZE=tiny DEVICE=cpu tools/gpu/bench.sh   # the plumbing, on any machine, in seconds
