@@ -378,10 +378,10 @@ impl Trainer {
             &context,
             &mut NoObserver,
         )?;
-        let loss = (pred - &batch.target)?
-            .sqr()?
-            .broadcast_mul(&batch.weights)?
-            .mean_all()?;
+        let sq = (pred - &batch.target)?.sqr()?;
+        // Only the weights broadcast: a broadcast of the full-shaped side would copy the whole
+        // gradient element by element on the way back.
+        let loss = (&sq * batch.weights.broadcast_as(sq.shape())?)?.mean_all()?;
         let loss_value = loss.to_scalar::<f32>()?;
         if !loss_value.is_finite() {
             return Err(ShapesModelError::Diverged {

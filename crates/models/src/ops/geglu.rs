@@ -4,7 +4,10 @@
 //! Composed, it is a narrow, an erf-GELU and a product forward, and about a dozen passes back
 //! (candle differentiates the exact GELU through exp, erf and five scalar ops). The forward pass
 //! here computes each element exactly as candle's ops do, so outputs are bit-identical; the
-//! backward pass writes d value = grad · gelu(gate) and d gate = grad · value · gelu′(gate) at once.
+//! backward pass writes d value = grad · gelu(gate) and d gate = grad · value · gelu′(gate) at once,
+//! from the Φ(gate) the forward pass kept.
+
+use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 
@@ -34,38 +37,39 @@ impl Erf for f64 {
     const FRAC_1_SQRT_2PI: Self = 0.398_942_280_401_432_7;
 }
 
-/// candle's `gelu_erf`, term for term.
-#[inline(always)]
-fn gelu<T: Erf>(g: T) -> T {
-    let half = T::of(0.5);
-    ((g * T::FRAC_1_SQRT_2).erf() + T::one()) * half * g
-}
-
-fn forward<T: Erf>(h: &[T], half: usize) -> Vec<T> {
+/// The output, and the normal CDF `Φ(gate)` of every gate for the backward pass (computed as
+/// candle's `gelu_erf` computes it, so `Φ(g) · g` is candle's GELU bit for bit).
+fn forward<T: Erf>(h: &[T], half: usize) -> (Vec<T>, Vec<T>) {
+    let point_five = T::of(0.5);
     let mut out = Vec::with_capacity(h.len() / 2);
+    let mut cdf = Vec::with_capacity(h.len() / 2);
     for row in h.chunks_exact(2 * half) {
         let (value, gate) = row.split_at(half);
-        out.extend(value.iter().zip(gate).map(|(&v, &g)| v * gelu(g)));
+        for (&v, &g) in value.iter().zip(gate) {
+            let c = ((g * T::FRAC_1_SQRT_2).erf() + T::one()) * point_five;
+            out.push(v * (c * g));
+            cdf.push(c);
+        }
     }
-    out
+    (out, cdf)
 }
 
-fn backward<T: Erf>(h: &[T], grad: &[T], half: usize) -> Vec<T> {
+fn backward<T: Erf>(h: &[T], cdf: &[T], grad: &[T], half: usize) -> Vec<T> {
     let mut out = vec![T::zero(); h.len()];
     let point_five = T::of(0.5);
-    for ((row, g_row), o_row) in h
+    for (((row, c_row), g_row), o_row) in h
         .chunks_exact(2 * half)
+        .zip(cdf.chunks_exact(half))
         .zip(grad.chunks_exact(half))
         .zip(out.chunks_exact_mut(2 * half))
     {
         let (value, gate) = row.split_at(half);
         let (d_value, d_gate) = o_row.split_at_mut(half);
         for j in 0..half {
-            let (v, g, dy) = (value[j], gate[j], g_row[j]);
-            let cdf = ((g * T::FRAC_1_SQRT_2).erf() + T::one()) * point_five;
+            let (v, g, c, dy) = (value[j], gate[j], c_row[j], g_row[j]);
             let pdf = (-(g * g) * point_five).exp() * T::FRAC_1_SQRT_2PI;
-            d_value[j] = dy * cdf * g;
-            d_gate[j] = dy * v * (cdf + g * pdf);
+            d_value[j] = dy * c * g;
+            d_gate[j] = dy * v * (c + g * pdf);
         }
     }
     out
@@ -78,7 +82,18 @@ fn last_half(layout: &Layout) -> Result<usize> {
     }
 }
 
-struct Geglu;
+/// Keeps the forward pass's Φ(gate) for the backward pass (one erf per element, not two).
+struct Geglu {
+    cdf: Mutex<Option<Tensor>>,
+}
+
+impl Geglu {
+    fn new() -> Self {
+        Self {
+            cdf: Mutex::new(None),
+        }
+    }
+}
 
 impl CustomOp1 for Geglu {
     fn name(&self) -> &'static str {
@@ -87,29 +102,44 @@ impl CustomOp1 for Geglu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let half = last_half(l)?;
-        let out = match s {
+        let mut dims = l.dims().to_vec();
+        *dims.last_mut().expect("checked by last_half") = half;
+        let shape = Shape::from(dims);
+        let (out, cdf) = match s {
             CpuStorage::F32(_) => {
-                CpuStorage::F32(forward(contiguous_slice(self.name(), s, l)?, half))
+                let (o, c) = forward::<f32>(contiguous_slice(self.name(), s, l)?, half);
+                let c = Tensor::from_vec(c, &shape, &candle_core::Device::Cpu)?;
+                (CpuStorage::F32(o), c)
             }
             CpuStorage::F64(_) => {
-                CpuStorage::F64(forward(contiguous_slice(self.name(), s, l)?, half))
+                let (o, c) = forward::<f64>(contiguous_slice(self.name(), s, l)?, half);
+                let c = Tensor::from_vec(c, &shape, &candle_core::Device::Cpu)?;
+                (CpuStorage::F64(o), c)
             }
             _ => candle_core::bail!("geglu: only f32 and f64"),
         };
-        let mut dims = l.dims().to_vec();
-        *dims.last_mut().expect("checked by last_half") = half;
-        Ok((out, Shape::from(dims)))
+        if let Ok(mut slot) = self.cdf.lock() {
+            *slot = Some(cdf);
+        }
+        Ok((out, shape))
     }
 
     fn bwd(&self, h: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(h.apply_op2_no_bwd(&grad.contiguous()?, &GegluGrad)?))
+        let cdf = self.cdf.lock().ok().and_then(|c| c.clone());
+        let cdf =
+            cdf.ok_or_else(|| candle_core::Error::Msg("geglu: backward before forward".into()))?;
+        Ok(Some(h.apply_op3_no_bwd(
+            &cdf,
+            &grad.contiguous()?,
+            &GegluGrad,
+        )?))
     }
 }
 
-/// (input, output gradient) → input gradient.
+/// (input, Φ(gate), output gradient) → input gradient.
 struct GegluGrad;
 
-impl candle_core::CustomOp2 for GegluGrad {
+impl candle_core::CustomOp3 for GegluGrad {
     fn name(&self) -> &'static str {
         "geglu-grad"
     }
@@ -120,26 +150,33 @@ impl candle_core::CustomOp2 for GegluGrad {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let half = last_half(l1)?;
-        if l2.dims().last() != Some(&half) || l2.shape().elem_count() * 2 != l1.shape().elem_count()
-        {
-            candle_core::bail!(
-                "geglu-grad: gradient of shape {:?} for input {:?}",
-                l2.dims(),
-                l1.dims()
-            );
+        for l in [l2, l3] {
+            if l.dims().last() != Some(&half)
+                || l.shape().elem_count() * 2 != l1.shape().elem_count()
+            {
+                candle_core::bail!(
+                    "geglu-grad: operand of shape {:?} for input {:?}",
+                    l.dims(),
+                    l1.dims()
+                );
+            }
         }
         let name = self.name();
         let out = match s1 {
             CpuStorage::F32(_) => CpuStorage::F32(backward::<f32>(
                 contiguous_slice(name, s1, l1)?,
                 contiguous_slice(name, s2, l2)?,
+                contiguous_slice(name, s3, l3)?,
                 half,
             )),
             CpuStorage::F64(_) => CpuStorage::F64(backward::<f64>(
                 contiguous_slice(name, s1, l1)?,
                 contiguous_slice(name, s2, l2)?,
+                contiguous_slice(name, s3, l3)?,
                 half,
             )),
             _ => candle_core::bail!("geglu-grad: only f32 and f64"),
@@ -153,9 +190,9 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
     if super::cpu_kernel(h) {
         let h = h.contiguous()?;
         return if h.track_op() {
-            h.apply_op1(Geglu)
+            h.apply_op1(Geglu::new())
         } else {
-            h.apply_op1_no_bwd(&Geglu)
+            h.apply_op1_no_bwd(&Geglu::new())
         };
     }
     composed(h)
