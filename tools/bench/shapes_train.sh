@@ -4,6 +4,7 @@
 # run. Needs Python with torch + diffusers + transformers (see tools/fixtures/README.md).
 # Prints JSON lines: batch preparation (ours), the PyTorch step, our step (with its losses
 # compared with PyTorch's), and, unless CLI_STEPS=0, the whole `l2s shapes train` command.
+# BUILD=0 uses the binaries already in target/release.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
@@ -13,13 +14,18 @@ WARMUP=${WARMUP:-3}
 BATCHES=${BATCHES:-4}
 CLI_STEPS=${CLI_STEPS:-20}
 export CANDLE_NUM_THREADS=1 RAYON_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-cargo build --release -q -p l2s-shapes-model --example bench_train
+BUILD=${BUILD:-1}
+if [ "$BUILD" = 1 ]; then
+    cargo build --release -q -p l2s-shapes-model --example bench_train
+fi
 mkdir -p "$DIR"
 target/release/examples/bench_train "$DIR" --write-batches "$BATCHES"
 "$PY" tools/fixtures/bench_shapes_train_torch.py "$DIR" --threads 1 --runs "$RUNS" --warmup "$WARMUP" 2>/dev/null
 target/release/examples/bench_train "$DIR" "$RUNS" "$WARMUP"
 if [ "$CLI_STEPS" -gt 0 ]; then
-    cargo build --release -q -p l2s-cli
+    if [ "$BUILD" = 1 ]; then
+        cargo build --release -q -p l2s-cli
+    fi
     # The whole command (rendering, checkpoint and export included) at two lengths: the
     # difference is the cost of the extra steps alone.
     for n in 2 "$CLI_STEPS"; do
