@@ -123,7 +123,7 @@ impl SelfAttention {
         let q = split((self.q_proj.forward(xs)? * scale)?)?;
         let k = split(self.k_proj.forward(xs)?)?;
         let v = split(self.v_proj.forward(xs)?)?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(causal_mask)?;
+        let scores = crate::nn::add_broadcast(&q.matmul(&k.t()?)?, causal_mask)?;
         let probs = softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         self.out_proj.forward(&out)
@@ -248,10 +248,7 @@ impl ClipTextModel {
             );
         }
         let positions = self.position_embedding.i(..n)?;
-        let mut xs = self
-            .token_embedding
-            .forward(ids)?
-            .broadcast_add(&positions)?;
+        let mut xs = crate::nn::add_broadcast(&self.token_embedding.forward(ids)?, &positions)?;
         let mask = Self::causal_mask(n, xs.dtype(), xs.device())?;
         for layer in &self.layers {
             xs = layer.forward(&xs, &mask)?;

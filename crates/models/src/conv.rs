@@ -8,12 +8,19 @@
 //! it takes the same fast path; kernel and bias get gradients only when autograd tracks them. The
 //! backward pass is made of candle's own ops, so it is the same on every device. Untracked inputs
 //! use candle's ops unchanged.
+//!
+//! When the kernel itself is trained (on the CPU), the convolution is an explicit im2col matrix
+//! times the kernel, one product for the whole batch, and the matrix is kept for the backward
+//! pass: candle's tiled im2col is a scalar loop per 16×16 tile that, with the kernel gradient's
+//! swapped roles, cost about 40 % of a training step of the shapes model.
 
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
-use candle_core::{CpuStorage, CudaStorage, Layout, Module, Result, Shape, Storage, Tensor, D};
+use candle_core::{
+    CpuStorage, CudaStorage, DType, Layout, Module, Result, Shape, Storage, Tensor, WithDType, D,
+};
 use candle_nn::VarBuilder;
 
 /// A convolution layer with diffusers' weight names (`weight`, `bias`).
@@ -62,6 +69,46 @@ impl Conv2d {
         &self.weight
     }
 
+    /// Training: `kernel (c_out, K) · im2col (K, B·pixels)`, the bias added by the op that owns
+    /// the backward pass.
+    fn forward_im2col(&self, xs: &Tensor) -> Result<Tensor> {
+        let (batch, channels, height, width) = xs.dims4()?;
+        let (c_out, c_in, k_h, k_w) = self.weight.dims4()?;
+        if c_in != channels || k_h != k_w {
+            candle_core::bail!(
+                "conv2d: input of shape {:?} for a kernel of shape {:?}",
+                xs.dims(),
+                self.weight.dims()
+            );
+        }
+        let g = Geometry::new(
+            batch,
+            channels,
+            height,
+            width,
+            k_h,
+            self.stride,
+            self.padding,
+        )?;
+        let col = xs.detach().contiguous()?.apply_op1_no_bwd(&Im2Col(g))?;
+        let conv = self
+            .weight
+            .detach()
+            .reshape((c_out, g.rows()))?
+            .matmul(&col)?
+            .reshape((c_out, batch, g.out_h, g.out_w))?
+            .transpose(0, 1)?;
+        xs.apply_op3(
+            &self.weight,
+            &self.bias,
+            ConvIm2Col {
+                g,
+                col,
+                conv: Mutex::new(Some(conv)),
+            },
+        )
+    }
+
     /// candle's convolution plus a broadcast bias: the reference the fast path must equal.
     fn forward_plain(&self, xs: &Tensor) -> Result<Tensor> {
         let out = xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
@@ -73,6 +120,12 @@ impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if !crate::nn::tracked(&[xs, &self.weight, &self.bias]) {
             return self.forward_plain(xs);
+        }
+        if self.weight.track_op()
+            && xs.device().is_cpu()
+            && matches!(xs.dtype(), DType::F32 | DType::F64)
+        {
+            return self.forward_im2col(xs);
         }
         // candle's convolution on untracked views of the same storage; the op adds the bias while
         // writing its output and owns the backward pass.
@@ -220,12 +273,265 @@ impl candle_core::CustomOp3 for ConvWithBias {
     }
 }
 
+/// Shape of one convolution: input (batch, channels, height, width), square kernel.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    batch: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    out_h: usize,
+    out_w: usize,
+}
+
+impl Geometry {
+    fn new(
+        batch: usize,
+        channels: usize,
+        height: usize,
+        width: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let out = |n: usize| {
+            (n + 2 * padding)
+                .checked_sub(kernel)
+                .map(|d| d / stride + 1)
+        };
+        match (out(height), out(width)) {
+            (Some(out_h), Some(out_w)) if stride > 0 => Ok(Self {
+                batch,
+                channels,
+                height,
+                width,
+                kernel,
+                stride,
+                padding,
+                out_h,
+                out_w,
+            }),
+            _ => candle_core::bail!(
+                "conv2d: kernel {kernel} stride {stride} padding {padding} on {height}×{width}"
+            ),
+        }
+    }
+
+    /// Rows of the im2col matrix: (channel, kernel row, kernel column).
+    fn rows(&self) -> usize {
+        self.channels * self.kernel * self.kernel
+    }
+
+    /// Columns: (batch, output row, output column).
+    fn cols(&self) -> usize {
+        self.batch * self.out_h * self.out_w
+    }
+
+    /// The output columns `ox` whose input column `ox·stride + kx − padding` is inside the image.
+    fn valid_cols(&self, kx: usize) -> std::ops::Range<usize> {
+        let (s, p) = (self.stride, self.padding);
+        let lo = p.saturating_sub(kx).div_ceil(s);
+        let hi = (self.width + p)
+            .saturating_sub(kx)
+            .div_ceil(s)
+            .min(self.out_w);
+        lo..hi.max(lo)
+    }
+
+    /// Calls `f(im2col row segment, input row, ox range)` for every in-image piece: row
+    /// `(c, ky, kx)`, batch `b`, output row `oy` reads input row `oy·stride + ky − padding`.
+    fn for_each_segment(&self, mut f: impl FnMut(usize, usize, std::ops::Range<usize>, usize)) {
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        let pixels = self.out_h * self.out_w;
+        for c in 0..self.channels {
+            for ky in 0..k {
+                for kx in 0..k {
+                    let row = (c * k + ky) * k + kx;
+                    let cols = self.valid_cols(kx);
+                    for b in 0..self.batch {
+                        let plane = (b * self.channels + c) * self.height;
+                        for oy in 0..self.out_h {
+                            let iy = oy * s + ky;
+                            if iy < p || iy - p >= self.height {
+                                continue;
+                            }
+                            let start = (row * self.batch + b) * pixels + oy * self.out_w;
+                            f(start, (plane + iy - p) * self.width, cols.clone(), kx);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn im2col<T: WithDType>(&self, x: &[T]) -> Vec<T> {
+        let mut col = vec![T::zero(); self.rows() * self.cols()];
+        let (s, p) = (self.stride, self.padding);
+        self.for_each_segment(|start, src, cols, kx| {
+            if cols.is_empty() {
+                return;
+            }
+            let dst = &mut col[start + cols.start..start + cols.end];
+            let first = src + cols.start * s + kx - p;
+            if s == 1 {
+                dst.copy_from_slice(&x[first..first + dst.len()]);
+            } else {
+                for (i, d) in dst.iter_mut().enumerate() {
+                    *d = x[first + i * s];
+                }
+            }
+        });
+        col
+    }
+
+    /// The adjoint of [`im2col`](Self::im2col): every matrix entry added back to its pixel.
+    fn col2im<T: WithDType>(&self, col: &[T]) -> Vec<T> {
+        let mut x = vec![T::zero(); self.batch * self.channels * self.height * self.width];
+        let (s, p) = (self.stride, self.padding);
+        self.for_each_segment(|start, src, cols, kx| {
+            if cols.is_empty() {
+                return;
+            }
+            let first = src + cols.start * s + kx - p;
+            let seg = &col[start + cols.start..start + cols.end];
+            if s == 1 {
+                let dst = &mut x[first..first + seg.len()];
+                dst.iter_mut().zip(seg).for_each(|(d, &v)| *d += v);
+            } else {
+                for (i, &v) in seg.iter().enumerate() {
+                    x[first + i * s] += v;
+                }
+            }
+        });
+        x
+    }
+}
+
+/// (B, C, H, W) → im2col matrix (C·k·k, B·out_h·out_w).
+struct Im2Col(Geometry);
+
+/// im2col matrix → (B, C, H, W), summing overlaps.
+struct Col2Im(Geometry);
+
+impl candle_core::CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let out = match s {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(g.im2col(crate::ops::contiguous_slice(self.name(), s, l)?))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(g.im2col(crate::ops::contiguous_slice(self.name(), s, l)?))
+            }
+            _ => candle_core::bail!("im2col: only f32 and f64"),
+        };
+        Ok((out, Shape::from((g.rows(), g.cols()))))
+    }
+}
+
+impl candle_core::CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "col2im"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let out = match s {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(g.col2im(crate::ops::contiguous_slice(self.name(), s, l)?))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(g.col2im(crate::ops::contiguous_slice(self.name(), s, l)?))
+            }
+            _ => candle_core::bail!("col2im: only f32 and f64"),
+        };
+        Ok((out, Shape::from((g.batch, g.channels, g.height, g.width))))
+    }
+}
+
+/// The op behind [`Conv2d`] while its kernel trains: (input, kernel, bias) → output, with the
+/// input's im2col matrix kept for the kernel gradient.
+struct ConvIm2Col {
+    g: Geometry,
+    col: Tensor,
+    /// The bias-free convolution (B, C_out, H', W'), dropped once the op has run.
+    conv: Mutex<Option<Tensor>>,
+}
+
+impl candle_core::CustomOp3 for ConvIm2Col {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        bias: &CpuStorage,
+        l_bias: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let taken = self.conv.lock().ok().and_then(|mut c| c.take());
+        let conv =
+            taken.ok_or_else(|| candle_core::Error::Msg("conv2d-im2col: run twice".into()))?;
+        let (storage, layout) = conv.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => add_channel_bias(s, layout, bias, l_bias),
+            _ => candle_core::bail!("conv2d-im2col: convolution on another device"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = self.g;
+        let c_out = weight.dim(0)?;
+        // (C_out, B·pixels), the column order of the im2col matrix.
+        let grad = grad
+            .detach()
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((c_out, g.cols()))?;
+        let grad_bias = if bias.track_op() {
+            Some(grad.sum(D::Minus1)?)
+        } else {
+            None
+        };
+        let grad_weight = if weight.track_op() {
+            Some(grad.matmul(&self.col.t()?)?.reshape(weight.shape())?)
+        } else {
+            None
+        };
+        let grad_xs = if xs.track_op() {
+            let w = weight.detach().reshape((c_out, g.rows()))?;
+            Some(w.t()?.matmul(&grad)?.apply_op1_no_bwd(&Col2Im(g))?)
+        } else {
+            None
+        };
+        Ok((grad_xs, grad_weight, grad_bias))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    /// Gradients of the fast path equal candle's for every conv shape the models use.
+    /// Gradients of both fast paths (kernel trained: im2col; kernel frozen: candle's convolution
+    /// with hand-made gradients) equal candle's for every conv shape the models use and more.
     #[test]
     fn gradients_match_candle() -> Result<()> {
         let dev = Device::Cpu;
@@ -235,36 +541,64 @@ mod tests {
             (5, 5, 3, 2, 1, 8),
             (5, 5, 3, 2, 0, 9),
             (2, 3, 3, 1, 0, 6),
+            (3, 4, 3, 2, 1, 7),
+            (2, 2, 5, 1, 2, 4),
+            (2, 3, 3, 3, 1, 10),
         ] {
-            let xs = Var::from_tensor(&Tensor::randn(0f64, 1., (2, cin, size, size), &dev)?)?;
-            let weight = Var::from_tensor(&Tensor::randn(0f64, 1., (cout, cin, k, k), &dev)?)?;
-            let bias = Var::from_tensor(&Tensor::randn(0f64, 1., cout, &dev)?)?;
-            let conv = Conv2d {
-                weight: weight.as_tensor().clone(),
-                bias: bias.as_tensor().clone(),
-                stride,
-                padding,
-            };
-            let probe = Tensor::randn(0f64, 1., conv.forward_plain(xs.as_tensor())?.shape(), &dev)?;
-            let fast = conv.forward(xs.as_tensor())?;
-            let plain = conv.forward_plain(xs.as_tensor())?;
-            let diff = (&fast - &plain)?.abs()?.max_all()?.to_scalar::<f64>()?;
-            assert!(
-                diff < 1e-12,
-                "forward differs by {diff} for k={k} s={stride} p={padding}"
-            );
-            let g_fast = (fast * &probe)?.sum_all()?.backward()?;
-            let g_plain = (plain * &probe)?.sum_all()?.backward()?;
-            for (name, v) in [("input", &xs), ("weight", &weight), ("bias", &bias)] {
-                let a = g_fast.get(v).expect("fast gradient");
-                let b = g_plain.get(v).expect("candle gradient");
-                let err = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            for frozen in [false, true] {
+                let xs = Var::from_tensor(&Tensor::randn(0f64, 1., (2, cin, size, size), &dev)?)?;
+                let weight = Var::from_tensor(&Tensor::randn(0f64, 1., (cout, cin, k, k), &dev)?)?;
+                let bias = Var::from_tensor(&Tensor::randn(0f64, 1., cout, &dev)?)?;
+                let (w, b) = if frozen {
+                    (weight.as_tensor().detach(), bias.as_tensor().detach())
+                } else {
+                    (weight.as_tensor().clone(), bias.as_tensor().clone())
+                };
+                let conv = Conv2d {
+                    weight: w,
+                    bias: b,
+                    stride,
+                    padding,
+                };
+                let probe =
+                    Tensor::randn(0f64, 1., conv.forward_plain(xs.as_tensor())?.shape(), &dev)?;
+                let fast = conv.forward(xs.as_tensor())?;
+                let plain = conv.forward_plain(xs.as_tensor())?;
+                let diff = (&fast - &plain)?.abs()?.max_all()?.to_scalar::<f64>()?;
                 assert!(
-                    err < 1e-10,
-                    "{name} gradient differs by {err} for k={k} s={stride} p={padding}"
+                    diff < 1e-12,
+                    "forward differs by {diff} for k={k} s={stride} p={padding} frozen={frozen}"
                 );
+                let g_fast = (fast * &probe)?.sum_all()?.backward()?;
+                let g_plain = (plain * &probe)?.sum_all()?.backward()?;
+                for (name, v) in [("input", &xs), ("weight", &weight), ("bias", &bias)] {
+                    let (Some(a), Some(b)) = (g_fast.get(v), g_plain.get(v)) else {
+                        assert!(frozen && name != "input", "no {name} gradient");
+                        continue;
+                    };
+                    let err = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                    assert!(
+                        err < 1e-10,
+                        "{name} gradient differs by {err} for k={k} s={stride} p={padding} frozen={frozen}"
+                    );
+                }
             }
         }
         Ok(())
+    }
+
+    /// im2col and col2im are adjoint: ⟨im2col(x), c⟩ = ⟨x, col2im(c)⟩.
+    #[test]
+    fn col2im_is_the_adjoint_of_im2col() {
+        let g = Geometry::new(2, 3, 5, 6, 3, 2, 1).unwrap();
+        let x: Vec<f64> = (0..2 * 3 * 5 * 6)
+            .map(|i| (i as f64 * 0.37).sin())
+            .collect();
+        let c: Vec<f64> = (0..g.rows() * g.cols())
+            .map(|i| (i as f64 * 0.11).cos())
+            .collect();
+        let lhs: f64 = g.im2col(&x).iter().zip(&c).map(|(a, b)| a * b).sum();
+        let rhs: f64 = x.iter().zip(&g.col2im(&c)).map(|(a, b)| a * b).sum();
+        assert!((lhs - rhs).abs() < 1e-12, "{lhs} vs {rhs}");
     }
 }

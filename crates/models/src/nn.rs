@@ -15,6 +15,13 @@ pub fn tracked(tensors: &[&Tensor]) -> bool {
     tensors.iter().any(|t| t.track_op())
 }
 
+/// `full + small`, `small` broadcast to `full`'s shape. candle's `broadcast_add` wraps the side
+/// that already has the full shape in a broadcast too, and the backward pass of that no-op
+/// broadcast is a "sum over no axes": a copy of the whole gradient, one element at a time.
+pub fn add_broadcast(full: &Tensor, small: &Tensor) -> Result<Tensor> {
+    full + small.broadcast_as(full.shape())?
+}
+
 /// Softmax over the last dimension: candle's fused kernel when no gradient is needed.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     if tracked(&[xs]) || xs.dtype() == DType::F64 {

@@ -52,7 +52,7 @@ impl ResnetBlock {
         let mut h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
-            h = h.broadcast_add(&t)?;
+            h = crate::nn::add_broadcast(&h, &t)?;
         }
         let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
         match &self.conv_shortcut {

@@ -11,4 +11,4 @@ pub mod plot;
 pub mod train;
 
 pub use error::ShapesModelError;
-pub use train::{TrainOptions, TrainProgress, TrainSummary, Trainer};
+pub use train::{Batch, TrainOptions, TrainProgress, TrainSummary, Trainer};

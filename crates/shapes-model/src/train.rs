@@ -110,12 +110,16 @@ fn images_tensor(images: &[&image::RgbImage], device: &Device) -> Result<Tensor>
 
 /// One training batch: noisy latents, token ids, timesteps, the regression target (v) and the
 /// per-sample loss weights.
-struct Batch {
-    noisy: Tensor,
-    ids: Tensor,
-    timesteps: Vec<f64>,
-    target: Tensor,
-    weights: Tensor,
+pub struct Batch {
+    /// (B, 12, 16, 16) noisy latents x_t.
+    pub noisy: Tensor,
+    /// (B, tokens) u32 token ids.
+    pub ids: Tensor,
+    pub timesteps: Vec<f64>,
+    /// (B, 12, 16, 16) v = α·ε − σ·x₀.
+    pub target: Tensor,
+    /// (B, 1, 1, 1) loss weight of each sample.
+    pub weights: Tensor,
 }
 
 pub struct Trainer {
@@ -253,9 +257,9 @@ impl Trainer {
             .iter()
             .map(|(n, v)| (format!("param.{n}"), v.as_tensor().clone()))
             .collect();
-        tensors.extend(opt.state_tensors());
+        tensors.extend(opt.state_tensors()?);
         tensors.extend(
-            ema.tensors()
+            ema.tensors()?
                 .into_iter()
                 .map(|(n, t)| (format!("ema.{n}"), t)),
         );
@@ -283,11 +287,13 @@ impl Trainer {
     /// Exports the averaged weights as a diffusers-layout model folder in `run_dir/model`.
     pub fn export(&self, ema: &Ema) -> Result<PathBuf> {
         let model_dir = self.run_dir.join("model");
-        write_model_folder(&model_dir, Some(&ema.tensors()))?;
+        write_model_folder(&model_dir, Some(&ema.tensors()?))?;
         Ok(model_dir)
     }
 
-    fn batch(&self, opts: &TrainOptions, step: usize) -> Result<Batch> {
+    /// The batch of training step `step`: rendered scenes, captions, timesteps and noise, all
+    /// drawn from generators seeded by `opts.seed` and `step`.
+    pub fn batch(&self, opts: &TrainOptions, step: usize) -> Result<Batch> {
         let cfg = RenderConfig::with_size(IMAGE_SIZE as u32);
         let mut rng = ChaCha8Rng::seed_from_u64(
             opts.seed
@@ -353,6 +359,41 @@ impl Trainer {
         })
     }
 
+    /// The optimiser and the weight average a run starts with (before any checkpoint is loaded).
+    pub fn optimizer(&self, opts: &TrainOptions) -> Result<(AdamW, Ema)> {
+        Ok((
+            AdamW::new(&self.named_vars, opts.lr, opts.weight_decay)?,
+            Ema::new(&self.named_vars, opts.ema_decay)?,
+        ))
+    }
+
+    /// One training step on `batch`: text encoder and UNet forward, the weighted v-loss, backward,
+    /// AdamW (at `opt.lr`) and the EMA update. Returns the loss; a non-finite loss is an error and
+    /// leaves the weights untouched. `step` only labels that error.
+    pub fn step(&self, batch: &Batch, opt: &mut AdamW, ema: &mut Ema, step: usize) -> Result<f32> {
+        let context = self.text_encoder.forward(&batch.ids)?.last_hidden_state;
+        let pred = self.unet.forward_timesteps(
+            &batch.noisy,
+            &batch.timesteps,
+            &context,
+            &mut NoObserver,
+        )?;
+        let sq = (pred - &batch.target)?.sqr()?;
+        // Only the weights broadcast: a broadcast of the full-shaped side would copy the whole
+        // gradient element by element on the way back.
+        let loss = (&sq * batch.weights.broadcast_as(sq.shape())?)?.mean_all()?;
+        let loss_value = loss.to_scalar::<f32>()?;
+        if !loss_value.is_finite() {
+            return Err(ShapesModelError::Diverged {
+                step,
+                loss: loss_value,
+            });
+        }
+        opt.backward_step(&loss)?;
+        ema.update()?;
+        Ok(loss_value)
+    }
+
     /// Trains until `opts.steps` (resuming from the latest checkpoint if there is one) or until
     /// `deadline_secs` of training time in this call have passed. Returns after saving.
     pub fn run(
@@ -361,8 +402,7 @@ impl Trainer {
         deadline_secs: Option<f64>,
         mut on_progress: impl FnMut(&TrainProgress),
     ) -> Result<TrainSummary> {
-        let mut opt = AdamW::new(&self.named_vars, opts.lr, opts.weight_decay)?;
-        let mut ema = Ema::new(&self.named_vars, opts.ema_decay)?;
+        let (mut opt, mut ema) = self.optimizer(opts)?;
         let arch = architecture_fingerprint(self.vocab);
         let mut state = CheckpointState {
             step: 0,
@@ -421,26 +461,7 @@ impl Trainer {
             let step = state.step;
             opt.lr = opts.lr * ((step + 1) as f64 / opts.warmup.max(1) as f64).min(1.0);
             let batch = self.batch(opts, step)?;
-            let context = self.text_encoder.forward(&batch.ids)?.last_hidden_state;
-            let pred = self.unet.forward_timesteps(
-                &batch.noisy,
-                &batch.timesteps,
-                &context,
-                &mut NoObserver,
-            )?;
-            let loss = (pred - &batch.target)?
-                .sqr()?
-                .broadcast_mul(&batch.weights)?
-                .mean_all()?;
-            let loss_value = loss.to_scalar::<f32>()?;
-            if !loss_value.is_finite() {
-                return Err(ShapesModelError::Diverged {
-                    step,
-                    loss: loss_value,
-                });
-            }
-            opt.backward_step(&loss)?;
-            ema.update()?;
+            let loss_value = self.step(&batch, &mut opt, &mut ema, step)?;
             state.step += 1;
             state.losses.push(loss_value);
             state.seconds = base_seconds + start.elapsed().as_secs_f64();

@@ -137,9 +137,15 @@ impl CustomOp3 for ProductPlusBias {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The column sums of the (rows, features) gradient as a product with a row of ones: one
+        // pass, where candle's sum over the leading axis divides every index.
         let grad_bias = bias
             .track_op()
-            .then(|| grad.flatten_to(grad.rank().saturating_sub(2))?.sum(0))
+            .then(|| {
+                let g = grad.flatten_to(grad.rank().saturating_sub(2))?;
+                let ones = Tensor::ones((1, g.dim(0)?), g.dtype(), g.device())?;
+                ones.matmul(&g.contiguous()?)?.squeeze(0)
+            })
             .transpose()?;
         Ok((grad_lhs(a, b, grad)?, grad_rhs(a, b, grad)?, grad_bias))
     }
@@ -174,7 +180,9 @@ pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Ten
     let rows = xs.contiguous()?.reshape(((), in_features))?;
     let w = weight.t()?;
     let out = match bias {
-        Some(bias) if rows.elem_count() > 0 && !nothing_to_skip(&[&rows, weight, bias]) => {
+        // Also when everything trains: candle's `broadcast_add` would take the backward pass
+        // through an element-by-element copy of the gradient and a strided sum for the bias.
+        Some(bias) if rows.elem_count() > 0 && crate::nn::tracked(&[&rows, weight, bias]) => {
             rows.apply_op3(&w, bias, ProductPlusBias)?
         }
         Some(bias) => matmul(&rows, &w)?.broadcast_add(bias)?,

@@ -14,6 +14,7 @@
 //!   is correct by construction there because no kernel of ours is involved.
 
 pub mod attention;
+pub mod geglu;
 pub mod matmul;
 pub mod norm;
 pub mod softmax;

@@ -2,7 +2,7 @@
 //! image attends to the text.
 
 use crate::nn::{GroupNorm, Linear};
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::conv::Conv2d;
@@ -39,10 +39,7 @@ impl FeedForward {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(xs)?;
-        let half = h.dim(D::Minus1)? / 2;
-        let value = h.narrow(D::Minus1, 0, half)?;
-        let gate = h.narrow(D::Minus1, half, half)?;
-        self.out.forward(&(value * gate.gelu_erf()?)?)
+        self.out.forward(&crate::ops::geglu::geglu(&h)?)
     }
 }
 
