@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for FUZZ_SECONDS (default 600) from its seeds and committed corpus, then
 # minimises each corpus. JOBS targets run at once (default 1). Needs the nightly toolchain and
-# cargo-fuzz (`cargo install cargo-fuzz`). Findings land in fuzz/artifacts/TARGET/.
+# cargo-fuzz (`cargo install cargo-fuzz`). Findings land in fuzz/artifacts/TARGET/. FUZZ_TARGETS
+# (space-separated) runs only those; CMIN_ONLY=1 skips fuzzing and only minimises the corpora.
 set -euo pipefail
 cd "$(dirname "$0")/../../fuzz"
 SECONDS_EACH="${FUZZ_SECONDS:-600}"
 JOBS="${JOBS:-1}"
-TARGETS=(safetensors torch_pickle diffusers_config tokenizer png_text geneval_jsonl dataset classifier)
+ALL="safetensors torch_pickle diffusers_config tokenizer png_text geneval_jsonl dataset classifier"
+read -r -a TARGETS <<< "${FUZZ_TARGETS:-$ALL}"
 mkdir -p logs
 cargo +nightly fuzz build -s none
 run() {
@@ -19,6 +21,10 @@ run() {
   grep -E "^Done [0-9]+ runs" "logs/$t.log" | sed "s/^/$t: /"
 }
 for t in "${TARGETS[@]}"; do
+  if [ -n "${CMIN_ONLY:-}" ]; then
+    mkdir -p "work/$t" && cp seeds/"$t"/* corpus/"$t"/* "work/$t"/ 2>/dev/null || true
+    continue
+  fi
   while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
   run "$t" &
 done
