@@ -517,13 +517,16 @@ pub struct PromptArgs {
     #[arg(
         long,
         value_name = "FILE",
-        conflicts_with = "generate_prompts",
-        required_unless_present = "generate_prompts"
+        conflicts_with_all = ["generate_prompts", "geneval"],
+        required_unless_present_any = ["generate_prompts", "geneval"]
     )]
     pub prompts: Option<PathBuf>,
     /// Generate N GenEval-style prompts "a photo of {a/an A} {rel} {a/an B}" instead
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", conflicts_with = "geneval")]
     pub generate_prompts: Option<usize>,
+    /// GenEval's own 553 evaluation prompts (its evaluation_metadata.jsonl, built in) instead
+    #[arg(long)]
+    pub geneval: bool,
     /// Class list of generated prompts
     #[arg(long, value_enum, default_value = "auto")]
     pub classes: ClassesArg,
@@ -552,6 +555,14 @@ impl PromptArgs {
             }
             let source = format!("file {}", path.display());
             return Ok((file.prompts.into_iter().map(|(_, p)| p).collect(), source));
+        }
+        if args.geneval {
+            let prompts = l2s_eval::prompts::geneval_prompts();
+            let source = format!(
+                "GenEval's evaluation prompts (built in, {} lines)",
+                prompts.len()
+            );
+            return Ok((prompts, source));
         }
         let n = args.generate_prompts.unwrap_or(0);
         if n == 0 {

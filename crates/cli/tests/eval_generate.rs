@@ -445,3 +445,54 @@ fn several_workers_write_the_same_files_as_one() {
         assert!(b.get(path) == Some(bytes), "{} differs", path.display());
     }
 }
+
+/// `--geneval`: GenEval's 553 prompts in its order and folder numbering (here one shard of 100:
+/// prompts 0, 100, …, 500: one of each task), every metadata line as GenEval's file has it.
+#[test]
+fn genevals_own_prompts_are_built_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("geneval");
+    let printed = ok(&[
+        "eval",
+        "--geneval",
+        "--shard",
+        "1/100",
+        "--images-per-prompt",
+        "1",
+        "--steps",
+        "1",
+        "--out",
+        s(&out),
+        "-q",
+    ]);
+    assert!(printed.contains("6 of 553 prompts"), "{printed}");
+    let all = l2s_eval::prompts::geneval_prompts();
+    let mut tags = Vec::new();
+    for i in (0..553).step_by(100) {
+        let line = std::fs::read_to_string(out.join(format!("{i:05}/metadata.jsonl"))).unwrap();
+        assert_eq!(line, all[i].metadata_line() + "\n");
+        assert!(sample_path(&out, i, 0).exists());
+        tags.push(all[i].tag.clone());
+    }
+    assert!(!out.join("00001").exists());
+    assert_eq!(
+        tags,
+        [
+            "single_object",
+            "two_object",
+            "counting",
+            "colors",
+            "position",
+            "color_attr",
+        ]
+    );
+    let e = fails(&[
+        "eval",
+        "--geneval",
+        "--generate-prompts",
+        "2",
+        "--out",
+        s(&out),
+    ]);
+    assert!(e.contains("cannot be used with"), "{e}");
+}

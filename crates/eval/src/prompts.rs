@@ -387,6 +387,72 @@ pub fn position_prompt(a: &str, relation: Relation, b: &str) -> SpatialPrompt {
     )
 }
 
+/// GenEval's evaluation prompts (`prompts/evaluation_metadata.jsonl`: 553 lines over its six
+/// tasks), rebuilt from their facts (task, classes, counts, colours, relation; one line each in
+/// `geneval_prompts.tsv`) with GenEval's wording and metadata, in its order.
+pub fn geneval_prompts() -> Vec<TaskPrompt> {
+    const FACTS: &str = include_str!("geneval_prompts.tsv");
+    FACTS
+        .lines()
+        .map(|line| {
+            let f: Vec<&str> = line.split('\t').collect();
+            let obj = |class: &str| json!({"class": class, "count": 1});
+            let colored =
+                |class: &str, color: &str| json!({"class": class, "count": 1, "color": color});
+            let (include, exclude, prompt) = match f.as_slice() {
+                ["single_object", c] => (vec![obj(c)], None, format!("a photo of {}", noun(c))),
+                ["two_object", a, b] => (
+                    vec![obj(a), obj(b)],
+                    None,
+                    format!("a photo of {} and {}", noun(a), noun(b)),
+                ),
+                ["counting", c, n] => {
+                    let n: usize = n.parse().expect("a count in the built-in table");
+                    let word = ["two", "three", "four"][n - 2];
+                    // GenEval's plural: "es" after a final "s", else "s" ("toothbrushs").
+                    let plural = if c.ends_with('s') {
+                        format!("{c}es")
+                    } else {
+                        format!("{c}s")
+                    };
+                    (
+                        vec![json!({"class": c, "count": n})],
+                        Some(json!([{"class": c, "count": n + 1}])),
+                        format!("a photo of {word} {plural}"),
+                    )
+                }
+                ["colors", c, color] => (
+                    vec![colored(c, color)],
+                    None,
+                    format!("a photo of {}", noun(&format!("{color} {c}"))),
+                ),
+                ["position", a, rel, b] => {
+                    let relation: Relation = rel.parse().expect("a relation in the built-in table");
+                    let p = position_prompt(a, relation, b);
+                    return p.task().clone();
+                }
+                ["color_attr", a, ca, b, cb] => (
+                    vec![colored(a, ca), colored(b, cb)],
+                    None,
+                    format!(
+                        "a photo of {} and {}",
+                        noun(&format!("{ca} {a}")),
+                        noun(&format!("{cb} {b}"))
+                    ),
+                ),
+                other => unreachable!("built-in GenEval table line {other:?}"),
+            };
+            let mut meta = json!({"tag": f[0], "include": include, "prompt": prompt});
+            if let Some(e) = exclude {
+                meta["exclude"] = e;
+            }
+            TaskPrompt::from_metadata(meta)
+                .expect("the built-in GenEval lines are valid")
+                .expect("the built-in GenEval lines are scored")
+        })
+        .collect()
+}
+
 /// A small seeded generator (SplitMix64): the same seed gives the same prompts on every
 /// platform and in every version of this crate.
 #[derive(Debug, Clone)]
@@ -892,51 +958,80 @@ mod tests {
         .is_err());
     }
 
-    /// GenEval's 100 official position prompts, rebuilt from their (A, relation, B) triplets
-    /// (`fixtures/geneval/position_triplets.tsv`) in GenEval's own JSON formatting: the bytes hash
-    /// to the SHA-256 of the published file, so our wording and metadata reproduce it exactly; then
-    /// every line reads back as the prompt it was built from.
+    /// GenEval's evaluation prompts rebuilt from their facts and written in GenEval's own JSON
+    /// formatting (Python's json.dumps): the bytes hash to the SHA-256 of the published
+    /// evaluation_metadata.jsonl, so wording, order and metadata reproduce it exactly; then the
+    /// file reads back as the same prompts.
     #[test]
-    fn the_official_position_prompts_are_reproduced_exactly() {
+    fn genevals_evaluation_prompts_are_reproduced_exactly() {
         use sha2::Digest;
         const OFFICIAL_SHA256: &str =
-            "8f83afac1e5d0cb97438558ff6140e13a6ee3dd605cdafe1f1bc08aade3e9779";
-        let tsv = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../fixtures/geneval/position_triplets.tsv"),
-        )
-        .unwrap();
-        let mut text = String::new();
-        let mut want = Vec::new();
-        for line in tsv.lines() {
-            let [a, rel, b]: [&str; 3] = line.split('\t').collect::<Vec<_>>().try_into().unwrap();
-            let relation: Relation = rel.parse().unwrap();
-            assert!(
-                COCO_CLASSES.contains(&a) && COCO_CLASSES.contains(&b),
-                "{line}"
+            "5c48e0813e812e3c373fa5c8ed07a8f0a483be30272b4427b0559c8048e67c13";
+        let prompts = geneval_prompts();
+        let python_line = |p: &TaskPrompt| {
+            let object =
+                |class: &str, count: usize| format!("{{\"class\": \"{class}\", \"count\": {count}");
+            let include: Vec<String> = p
+                .include
+                .iter()
+                .map(|i| {
+                    let mut s = object(&i.class, i.count);
+                    if let Some(c) = &i.color {
+                        s.push_str(&format!(", \"color\": \"{c}\""));
+                    }
+                    if let Some((r, t)) = i.position {
+                        s.push_str(&format!(", \"position\": [\"{}\", {t}]", r.name()));
+                    }
+                    s + "}"
+                })
+                .collect();
+            let mut s = format!(
+                "{{\"tag\": \"{}\", \"include\": [{}]",
+                p.tag,
+                include.join(", ")
             );
-            // Python's json.dumps spacing, as GenEval writes its metadata.
-            text.push_str(&format!(
-                "{{\"tag\": \"position\", \"include\": [{{\"class\": \"{b}\", \"count\": 1}}, {{\"class\": \"{a}\", \"count\": 1, \"position\": [\"{}\", 0]}}], \"prompt\": \"{}\"}}\n",
-                relation.name(),
-                position_text(a, relation, b)
-            ));
-            want.push(position_prompt(a, relation, b));
-        }
-        assert_eq!(want.len(), 100);
+            if !p.exclude.is_empty() {
+                let ex: Vec<String> = p
+                    .exclude
+                    .iter()
+                    .map(|e| object(&e.class, e.count) + "}")
+                    .collect();
+                s.push_str(&format!(", \"exclude\": [{}]", ex.join(", ")));
+            }
+            s + &format!(", \"prompt\": \"{}\"}}\n", p.prompt)
+        };
+        let text: String = prompts.iter().map(python_line).collect();
         let digest = sha2::Sha256::digest(text.as_bytes());
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(hex, OFFICIAL_SHA256);
+        let mut by_tag = BTreeMap::new();
+        for p in &prompts {
+            *by_tag.entry(p.tag.as_str()).or_insert(0) += 1;
+        }
+        assert_eq!(
+            by_tag.into_iter().collect::<Vec<_>>(),
+            [
+                ("color_attr", 100),
+                ("colors", 94),
+                ("counting", 80),
+                ("position", 100),
+                ("single_object", 80),
+                ("two_object", 99)
+            ]
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("evaluation_metadata.jsonl");
         std::fs::write(&path, &text).unwrap();
         let f = read_prompt_file(&path).unwrap();
         assert!(f.unsupported.is_empty());
-        assert_eq!(f.prompts.len(), 100);
-        for ((_, got), want) in f.prompts.iter().zip(&want) {
-            assert_eq!(got.prompt, want.prompt);
-            assert_eq!(got.include, want.include);
+        let read: Vec<TaskPrompt> = f.prompts.into_iter().map(|(_, p)| p).collect();
+        assert_eq!(read.len(), 553);
+        for (got, want) in read.iter().zip(&prompts) {
+            assert_eq!(
+                (&got.tag, &got.prompt, &got.include, &got.exclude),
+                (&want.tag, &want.prompt, &want.include, &want.exclude)
+            );
         }
     }
 }
