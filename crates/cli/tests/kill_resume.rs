@@ -107,6 +107,8 @@ fn kill_and_restart(
                     std::io::Read::read_to_string(&mut e, &mut err).ok();
                 }
                 assert!(status.success(), "l2s {args:?} after a kill: {err}");
+                // Already reaped by `try_wait`; this returns its status again.
+                child.wait().unwrap();
                 return round;
             }
             None => {
