@@ -5,9 +5,10 @@
 //! bias gradients even for frozen weights; together they made up about a quarter of a training
 //! step of the shapes model. Here the forward pass is candle's (im2col + gemm on the CPU), and for
 //! stride 1 the input gradient is an ordinary convolution with the flipped, transposed kernel, so
-//! it takes the same fast path; kernel and bias get gradients only when autograd tracks them. The
-//! backward pass is made of candle's own ops, so it is the same on every device. Untracked inputs
-//! use candle's ops unchanged.
+//! it takes the same fast path; kernel and bias get gradients only when autograd tracks them. On
+//! the CPU in f32/f64 the forward convolutions (and that input gradient) run the im2col kernel of
+//! [`crate::ops::conv`], which writes the bias and the product straight into the output; elsewhere
+//! they are candle's.
 
 use std::sync::Mutex;
 
@@ -15,6 +16,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
 use candle_core::{CpuStorage, CudaStorage, Layout, Module, Result, Shape, Storage, Tensor, D};
 use candle_nn::VarBuilder;
+
+use crate::ops;
+use crate::ops::conv::conv2d_no_grad;
 
 /// A convolution layer with diffusers' weight names (`weight`, `bias`).
 #[derive(Clone, Debug)]
@@ -63,6 +67,7 @@ impl Conv2d {
     }
 
     /// candle's convolution plus a broadcast bias: the reference the fast path must equal.
+    #[cfg(test)]
     fn forward_plain(&self, xs: &Tensor) -> Result<Tensor> {
         let out = xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
         out.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
@@ -71,20 +76,31 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (p, s) = (self.padding, self.stride);
         if !crate::nn::tracked(&[xs, &self.weight, &self.bias]) {
-            return self.forward_plain(xs);
+            return conv2d_no_grad(xs, &self.weight, Some(&self.bias), p, s);
+        }
+        let bias = self.bias.contiguous()?;
+        if ops::conv::fits(xs, &self.weight, Some(&bias)) {
+            // The op runs the CPU kernel on the storages and owns the backward pass.
+            let op = ConvWithBias {
+                stride: s,
+                padding: p,
+                conv: Mutex::new(None),
+            };
+            return xs
+                .contiguous()?
+                .apply_op3(&self.weight.contiguous()?, &bias, op);
         }
         // candle's convolution on untracked views of the same storage; the op adds the bias while
         // writing its output and owns the backward pass.
-        let conv = xs
-            .detach()
-            .conv2d(&self.weight.detach(), self.padding, self.stride, 1, 1)?;
+        let conv = xs.detach().conv2d(&self.weight.detach(), p, s, 1, 1)?;
         xs.apply_op3(
             &self.weight,
             &self.bias,
             ConvWithBias {
-                stride: self.stride,
-                padding: self.padding,
+                stride: s,
+                padding: p,
                 conv: Mutex::new(Some(conv)),
             },
         )
@@ -145,13 +161,22 @@ impl candle_core::CustomOp3 for ConvWithBias {
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        xs: &CpuStorage,
+        l_xs: &Layout,
+        weight: &CpuStorage,
+        l_weight: &Layout,
         bias: &CpuStorage,
         l_bias: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if self.conv.lock().map(|c| c.is_none()).unwrap_or(false) {
+            return ops::conv::conv2d_storage(
+                self.stride,
+                self.padding,
+                (xs, l_xs),
+                (weight, l_weight),
+                Some((bias, l_bias)),
+            );
+        }
         let conv = self.take_conv()?;
         let (storage, layout) = conv.storage_and_layout();
         match &*storage {
@@ -211,10 +236,16 @@ impl candle_core::CustomOp3 for ConvWithBias {
             // Stride 1: the input gradient is the correlation of the output gradient with the
             // kernel flipped in space and transposed in channels, padded by k − 1 − p.
             let kernel = flip(&flip(&weight.transpose(0, 1)?, 2)?, 3)?.contiguous()?;
-            grad.conv2d(&kernel, k_h - 1 - p, 1, 1, 1)?
+            conv2d_no_grad(grad, &kernel, None, k_h - 1 - p, 1)?
         } else {
-            let out_size = (grad.dim(2)? - 1) * s + k_h - 2 * p;
-            grad.conv_transpose2d(weight, p, xs.dim(2)? - out_size, s, 1)?
+            // candle takes one output padding for both axes: use the larger, crop the other.
+            let (_, _, h, w) = xs.dims4()?;
+            let (_, _, g_h, g_w) = grad.dims4()?;
+            let extra_h = h - ((g_h - 1) * s + k_h - 2 * p);
+            let extra_w = w - ((g_w - 1) * s + k_w - 2 * p);
+            grad.conv_transpose2d(weight, p, extra_h.max(extra_w), s, 1)?
+                .narrow(2, 0, h)?
+                .narrow(3, 0, w)?
         };
         Ok((Some(grad_xs), grad_weight, grad_bias))
     }
