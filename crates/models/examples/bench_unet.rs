@@ -78,6 +78,12 @@ fn main() -> Result<()> {
     );
     let runs: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(5);
     let warmup: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(2);
+    // As the `l2s` binary does: keep freed memory mapped, or the kernel zeroes fresh pages for
+    // the large buffers of every pass. `MIMALLOC_PURGE_DELAY` in the environment still wins.
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets a plain integer option (15 = mi_option_purge_delay in mimalloc.h).
+        unsafe { libmimalloc_sys::mi_option_set(15, -1) };
+    }
     let dev = Device::Cpu;
 
     let cfg = UNetConfig::from_file(&dir.join("config.json"))?;
