@@ -10,7 +10,7 @@
 //! [`crate::ops::conv`], which writes the bias and the product straight into the output; elsewhere
 //! they are candle's.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
@@ -27,6 +27,9 @@ pub struct Conv2d {
     bias: Tensor,
     stride: usize,
     padding: usize,
+    /// The flipped, transposed kernel of the input gradient, made once for a frozen kernel: a
+    /// steering run differentiates through the same weights at every iteration.
+    flipped: Arc<OnceLock<Tensor>>,
 }
 
 impl Conv2d {
@@ -59,6 +62,7 @@ impl Conv2d {
             bias,
             stride,
             padding,
+            flipped: Arc::default(),
         })
     }
 
@@ -87,6 +91,7 @@ impl Module for Conv2d {
                 stride: s,
                 padding: p,
                 conv: Mutex::new(None),
+                flipped: self.flipped.clone(),
             };
             return xs
                 .contiguous()?
@@ -102,6 +107,7 @@ impl Module for Conv2d {
                 stride: s,
                 padding: p,
                 conv: Mutex::new(Some(conv)),
+                flipped: self.flipped.clone(),
             },
         )
     }
@@ -113,6 +119,7 @@ struct ConvWithBias {
     padding: usize,
     /// The bias-free convolution, computed before the op runs and dropped once it has.
     conv: Mutex<Option<Tensor>>,
+    flipped: Arc<OnceLock<Tensor>>,
 }
 
 impl ConvWithBias {
@@ -235,7 +242,16 @@ impl candle_core::CustomOp3 for ConvWithBias {
         let grad_xs = if s == 1 && k_h == k_w && p < k_h {
             // Stride 1: the input gradient is the correlation of the output gradient with the
             // kernel flipped in space and transposed in channels, padded by k − 1 − p.
-            let kernel = flip(&flip(&weight.transpose(0, 1)?, 2)?, 3)?.contiguous()?;
+            let make =
+                || -> Result<Tensor> { flip(&flip(&weight.transpose(0, 1)?, 2)?, 3)?.contiguous() };
+            let kernel = if weight.track_op() {
+                make()?
+            } else if let Some(k) = self.flipped.get() {
+                k.clone()
+            } else {
+                let k = make()?;
+                self.flipped.get_or_init(|| k).clone()
+            };
             conv2d_no_grad(grad, &kernel, None, k_h - 1 - p, 1)?
         } else {
             // candle takes one output padding for both axes: use the larger, crop the other.
@@ -275,6 +291,7 @@ mod tests {
                 bias: bias.as_tensor().clone(),
                 stride,
                 padding,
+                flipped: Arc::default(),
             };
             let probe = Tensor::randn(0f64, 1., conv.forward_plain(xs.as_tensor())?.shape(), &dev)?;
             let fast = conv.forward(xs.as_tensor())?;
@@ -286,6 +303,23 @@ mod tests {
             );
             let g_fast = (fast * &probe)?.sum_all()?.backward()?;
             let g_plain = (plain * &probe)?.sum_all()?.backward()?;
+            // A frozen kernel: the flipped kernel is made once and reused by later passes.
+            let frozen = Conv2d {
+                weight: weight.as_tensor().detach(),
+                bias: bias.as_tensor().detach(),
+                stride,
+                padding,
+                flipped: Arc::default(),
+            };
+            for _ in 0..2 {
+                let g = (frozen.forward(xs.as_tensor())? * &probe)?
+                    .sum_all()?
+                    .backward()?;
+                let a = g.get(&xs).expect("frozen-kernel gradient");
+                let b = g_plain.get(&xs).expect("candle gradient");
+                let err = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert!(err < 1e-10, "frozen-kernel input gradient differs by {err}");
+            }
             for (name, v) in [("input", &xs), ("weight", &weight), ("bias", &bias)] {
                 let a = g_fast.get(v).expect("fast gradient");
                 let b = g_plain.get(v).expect("candle gradient");
