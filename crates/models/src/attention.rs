@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use crate::nn::softmax_last_dim;
 use crate::observer::{AttentionObserver, AttentionSite};
 use crate::ops::attention::attention;
-use crate::ops::heads::attention_heads;
+use crate::ops::heads::{attention_heads, attention_heads_observed};
 use crate::ops::matmul::matmul;
 
 #[derive(Clone, Debug)]
@@ -102,6 +102,15 @@ impl Attention {
             // Heads stay side by side in the projections' layout: no split or merge copies.
             let out = attention_heads(&q, &k, &v, self.heads, self.scale)?;
             return self.to_out.forward(&out);
+        }
+        if observed && !upcast {
+            // Observed without gradients: the same kernel, so the output equals an unobserved pass.
+            if let Some((out, probs)) =
+                attention_heads_observed(&q, &k, &v, self.heads, self.scale)?
+            {
+                observer.observe(&site, &probs)?;
+                return self.to_out.forward(&out);
+            }
         }
         let (q, k, v) = (
             self.split_heads(&q)?,

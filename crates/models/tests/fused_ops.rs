@@ -266,6 +266,19 @@ fn packed_heads_attention_without_gradients_matches_composed() {
         let tol = if dtype == DType::F64 { 1e-12 } else { 2e-6 };
         let err = rel_err(&out, &reference);
         assert!(err < tol, "{dtype:?}: differs by {err:e}");
+        // Observed: bit for bit the same output, and the probabilities of the composed form.
+        let (observed, probs) = heads::attention_heads_observed(&q, &k, &v, 2, 0.7)
+            .unwrap()
+            .expect("the kernel runs on the CPU");
+        assert_eq!(rel_err(&observed, &out), 0.0);
+        let split = |t: &Tensor| {
+            let t = t.reshape((2, (), 2, 8)).unwrap().transpose(1, 2).unwrap();
+            t.contiguous().unwrap()
+        };
+        let scores = (split(&q).matmul(&split(&k).t().unwrap()).unwrap() * 0.7).unwrap();
+        let reference = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+        let err = rel_err(&probs, &reference);
+        assert!(err < tol, "{dtype:?}: probabilities differ by {err:e}");
     }
 }
 

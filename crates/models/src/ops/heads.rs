@@ -446,6 +446,44 @@ impl CustomOp3 for HeadsAttention {
     }
 }
 
+/// [`attention_heads`] without gradients that also returns the probabilities (b, H, n, m), for an
+/// observer: the same kernel as the unobserved layers, so observing does not change the output.
+/// `None` where that kernel does not run (tracked inputs, other devices and dtypes).
+pub fn attention_heads_observed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let g = dims(heads, q.dims(), k.dims(), v.dims())?;
+    let same_dtype = q.dtype() == k.dtype() && q.dtype() == v.dtype();
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    let fits = cpu_kernel(q) && same_dtype && scale > 0.0 && q.elem_count() > 0;
+    if tracked || !fits || k.elem_count() == 0 {
+        return Ok(None);
+    }
+    let op = HeadsAttention {
+        heads,
+        scale,
+        keep: true,
+        probs: Mutex::new(None),
+    };
+    let out = q
+        .contiguous()?
+        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+    let probs = op.probs.lock().ok().and_then(|mut p| p.take());
+    let probs =
+        probs.ok_or_else(|| candle_core::Error::Msg("attention: no probabilities".into()))?;
+    let probs = Tensor::from_storage(
+        Storage::Cpu(probs),
+        (g.b, g.h, g.n, g.m),
+        candle_core::op::BackpropOp::none(),
+        false,
+    );
+    Ok(Some((out, probs)))
+}
+
 /// softmax(q·kᵀ·scale)·v per head, for q (b, n, H·d), k (b, m, H·d), v (b, m, H·e) with heads
 /// side by side in the last dimension; returns (b, n, H·e). `scale` > 0.
 pub fn attention_heads(

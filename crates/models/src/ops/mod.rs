@@ -12,6 +12,9 @@
 //!   [`norm`] and [`softmax`] are single kernels with hand-written backward passes on the CPU
 //!   in f32 and f64. Elsewhere (CUDA, half precision) they fall back to the composed form, which
 //!   is correct by construction there because no kernel of ours is involved.
+//! - layout copies and fresh buffers around the big products: [`conv`] builds its patch matrix
+//!   and writes bias and product straight into the output, and [`heads`] runs attention on the
+//!   projections' own layout, never materialising the probabilities when nothing differentiates.
 
 pub mod attention;
 pub mod conv;
