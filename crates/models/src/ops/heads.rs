@@ -99,8 +99,8 @@ fn dims(heads: usize, q: &[usize], k: &[usize], v: &[usize]) -> Result<Dims> {
         && q[0] == v[0]
         && k[1] == v[1]
         && q[2] == k[2]
-        && q[2] % heads == 0
-        && v[2] % heads == 0;
+        && q[2].is_multiple_of(heads)
+        && v[2].is_multiple_of(heads);
     if !ok {
         candle_core::bail!("attention: q {q:?}, k {k:?}, v {v:?} for {heads} heads do not fit");
     }

@@ -74,7 +74,7 @@ fn softmax_row_generic<T: Real>(row: &mut [T], scale: T) {
     T::exp_scaled_shifted(row, scale, max);
     let sum = T::of(sum1(row, |v| v.f64()));
     for v in row.iter_mut() {
-        *v = *v / sum;
+        *v /= sum;
     }
 }
 
