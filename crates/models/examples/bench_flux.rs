@@ -49,6 +49,7 @@ fn attention_loss(records: &[(AttentionSite, Tensor)], out: &Tensor) -> Result<T
 fn main() -> Result<()> {
     let args = Args::parse()?;
     args.only_flags(&["device", "dtype", "checkpointing", "probe"])?;
+    bench_common::keep_freed_memory_mapped();
     if let Some(probe) = args.flag("probe") {
         let dev = match probe {
             "cpu" => candle_core::Device::Cpu,

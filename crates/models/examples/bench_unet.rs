@@ -35,6 +35,7 @@ fn main() -> Result<()> {
     let warmup = args.positional_usize(2, 2)?;
     let dev = args.device()?;
     let dtype = args.dtype()?;
+    bench_common::keep_freed_memory_mapped();
 
     let load_start = std::time::Instant::now();
     let cfg = UNetConfig::from_file(&dir.join("config.json"))?;

@@ -7,6 +7,7 @@ use candle_nn::VarBuilder;
 use crate::nn::softmax_last_dim;
 use crate::observer::{AttentionObserver, AttentionSite};
 use crate::ops::attention::attention;
+use crate::ops::heads::{attention_heads, attention_heads_observed};
 use crate::ops::matmul::matmul;
 
 #[derive(Clone, Debug)]
@@ -82,23 +83,46 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, n, _) = xs.dims3()?;
         let ctx = context.unwrap_or(xs);
-        let q = self.split_heads(&self.to_q.forward(xs)?)?;
-        let k = self.split_heads(&self.to_k.forward(ctx)?)?;
-        let v = self.split_heads(&self.to_v.forward(ctx)?)?;
-        let dtype = q.dtype();
-        let (q, k) = if self.upcast && matches!(dtype, DType::F16 | DType::BF16) {
-            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
-        } else {
-            (q, k)
-        };
+        let (q, k, v) = (
+            self.to_q.forward(xs)?,
+            self.to_k.forward(ctx)?,
+            self.to_v.forward(ctx)?,
+        );
         let site = AttentionSite {
             layer: self.name.clone(),
             height: grid.0,
             width: grid.1,
             heads: self.heads,
-            tokens: k.dim(2)?,
+            tokens: k.dim(1)?,
         };
-        let out = if self.observed && observer.wants(&site) {
+        let dtype = q.dtype();
+        let upcast = self.upcast && matches!(dtype, DType::F16 | DType::BF16);
+        let observed = self.observed && observer.wants(&site);
+        if !observed && !upcast {
+            // Heads stay side by side in the projections' layout: no split or merge copies.
+            let out = attention_heads(&q, &k, &v, self.heads, self.scale)?;
+            return self.to_out.forward(&out);
+        }
+        if observed && !upcast {
+            // Observed without gradients: the same kernel, so the output equals an unobserved pass.
+            if let Some((out, probs)) =
+                attention_heads_observed(&q, &k, &v, self.heads, self.scale)?
+            {
+                observer.observe(&site, &probs)?;
+                return self.to_out.forward(&out);
+            }
+        }
+        let (q, k, v) = (
+            self.split_heads(&q)?,
+            self.split_heads(&k)?,
+            self.split_heads(&v)?,
+        );
+        let (q, k) = if upcast {
+            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+        } else {
+            (q, k)
+        };
+        let out = if observed {
             // The observer gets the probabilities as a tensor of their own.
             let scores = (matmul(&q, &k.t()?)? * self.scale)?;
             let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;

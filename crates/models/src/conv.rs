@@ -5,16 +5,17 @@
 //! bias gradients even for frozen weights; together they made up about a quarter of a training
 //! step of the shapes model. Here the forward pass is candle's (im2col + gemm on the CPU), and for
 //! stride 1 the input gradient is an ordinary convolution with the flipped, transposed kernel, so
-//! it takes the same fast path; kernel and bias get gradients only when autograd tracks them. The
-//! backward pass is made of candle's own ops, so it is the same on every device. Untracked inputs
-//! use candle's ops unchanged.
+//! it takes the same fast path; kernel and bias get gradients only when autograd tracks them. On
+//! the CPU in f32/f64 the forward convolutions of a frozen kernel (and that input gradient) run
+//! the im2col kernel of [`crate::ops::conv`], which writes the bias and the product straight into
+//! the output; elsewhere they are candle's.
 //!
 //! When the kernel itself is trained (on the CPU), the convolution is an explicit im2col matrix
 //! times the kernel, one product for the whole batch, and the matrix is kept for the backward
 //! pass: candle's tiled im2col is a scalar loop per 16×16 tile that, with the kernel gradient's
 //! swapped roles, cost about 40 % of a training step of the shapes model.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
@@ -23,6 +24,9 @@ use candle_core::{
 };
 use candle_nn::VarBuilder;
 
+use crate::ops;
+use crate::ops::conv::conv2d_no_grad;
+
 /// A convolution layer with diffusers' weight names (`weight`, `bias`).
 #[derive(Clone, Debug)]
 pub struct Conv2d {
@@ -30,6 +34,9 @@ pub struct Conv2d {
     bias: Tensor,
     stride: usize,
     padding: usize,
+    /// The flipped, transposed kernel of the input gradient, made once for a frozen kernel: a
+    /// steering run differentiates through the same weights at every iteration.
+    flipped: Arc<OnceLock<Tensor>>,
 }
 
 impl Conv2d {
@@ -62,6 +69,7 @@ impl Conv2d {
             bias,
             stride,
             padding,
+            flipped: Arc::default(),
         })
     }
 
@@ -110,6 +118,7 @@ impl Conv2d {
     }
 
     /// candle's convolution plus a broadcast bias: the reference the fast path must equal.
+    #[cfg(test)]
     fn forward_plain(&self, xs: &Tensor) -> Result<Tensor> {
         let out = xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
         out.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
@@ -118,27 +127,41 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (p, s) = (self.padding, self.stride);
         if !crate::nn::tracked(&[xs, &self.weight, &self.bias]) {
-            return self.forward_plain(xs);
+            return conv2d_no_grad(xs, &self.weight, Some(&self.bias), p, s);
         }
+        // A trained kernel: one product for the batch, the patch matrix kept for its gradient.
         if self.weight.track_op()
             && xs.device().is_cpu()
             && matches!(xs.dtype(), DType::F32 | DType::F64)
         {
             return self.forward_im2col(xs);
         }
+        let bias = self.bias.contiguous()?;
+        if ops::conv::fits(xs, &self.weight, Some(&bias)) {
+            // The op runs the CPU kernel on the storages and owns the backward pass.
+            let op = ConvWithBias {
+                stride: s,
+                padding: p,
+                conv: Mutex::new(None),
+                flipped: self.flipped.clone(),
+            };
+            return xs
+                .contiguous()?
+                .apply_op3(&self.weight.contiguous()?, &bias, op);
+        }
         // candle's convolution on untracked views of the same storage; the op adds the bias while
         // writing its output and owns the backward pass.
-        let conv = xs
-            .detach()
-            .conv2d(&self.weight.detach(), self.padding, self.stride, 1, 1)?;
+        let conv = xs.detach().conv2d(&self.weight.detach(), p, s, 1, 1)?;
         xs.apply_op3(
             &self.weight,
             &self.bias,
             ConvWithBias {
-                stride: self.stride,
-                padding: self.padding,
+                stride: s,
+                padding: p,
                 conv: Mutex::new(Some(conv)),
+                flipped: self.flipped.clone(),
             },
         )
     }
@@ -150,6 +173,7 @@ struct ConvWithBias {
     padding: usize,
     /// The bias-free convolution, computed before the op runs and dropped once it has.
     conv: Mutex<Option<Tensor>>,
+    flipped: Arc<OnceLock<Tensor>>,
 }
 
 impl ConvWithBias {
@@ -198,13 +222,22 @@ impl candle_core::CustomOp3 for ConvWithBias {
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        xs: &CpuStorage,
+        l_xs: &Layout,
+        weight: &CpuStorage,
+        l_weight: &Layout,
         bias: &CpuStorage,
         l_bias: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if self.conv.lock().map(|c| c.is_none()).unwrap_or(false) {
+            return ops::conv::conv2d_storage(
+                self.stride,
+                self.padding,
+                (xs, l_xs),
+                (weight, l_weight),
+                Some((bias, l_bias)),
+            );
+        }
         let conv = self.take_conv()?;
         let (storage, layout) = conv.storage_and_layout();
         match &*storage {
@@ -263,11 +296,26 @@ impl candle_core::CustomOp3 for ConvWithBias {
         let grad_xs = if s == 1 && k_h == k_w && p < k_h {
             // Stride 1: the input gradient is the correlation of the output gradient with the
             // kernel flipped in space and transposed in channels, padded by k − 1 − p.
-            let kernel = flip(&flip(&weight.transpose(0, 1)?, 2)?, 3)?.contiguous()?;
-            grad.conv2d(&kernel, k_h - 1 - p, 1, 1, 1)?
+            let make =
+                || -> Result<Tensor> { flip(&flip(&weight.transpose(0, 1)?, 2)?, 3)?.contiguous() };
+            let kernel = if weight.track_op() {
+                make()?
+            } else if let Some(k) = self.flipped.get() {
+                k.clone()
+            } else {
+                let k = make()?;
+                self.flipped.get_or_init(|| k).clone()
+            };
+            conv2d_no_grad(grad, &kernel, None, k_h - 1 - p, 1)?
         } else {
-            let out_size = (grad.dim(2)? - 1) * s + k_h - 2 * p;
-            grad.conv_transpose2d(weight, p, xs.dim(2)? - out_size, s, 1)?
+            // candle takes one output padding for both axes: use the larger, crop the other.
+            let (_, _, h, w) = xs.dims4()?;
+            let (_, _, g_h, g_w) = grad.dims4()?;
+            let extra_h = h - ((g_h - 1) * s + k_h - 2 * p);
+            let extra_w = w - ((g_w - 1) * s + k_w - 2 * p);
+            grad.conv_transpose2d(weight, p, extra_h.max(extra_w), s, 1)?
+                .narrow(2, 0, h)?
+                .narrow(3, 0, w)?
         };
         Ok((Some(grad_xs), grad_weight, grad_bias))
     }
@@ -559,6 +607,7 @@ mod tests {
                     bias: b,
                     stride,
                     padding,
+                    flipped: Arc::default(),
                 };
                 let probe =
                     Tensor::randn(0f64, 1., conv.forward_plain(xs.as_tensor())?.shape(), &dev)?;
@@ -580,6 +629,18 @@ mod tests {
                     assert!(
                         err < 1e-10,
                         "{name} gradient differs by {err} for k={k} s={stride} p={padding} frozen={frozen}"
+                    );
+                }
+                if frozen {
+                    // The flipped kernel made by the first pass serves the second.
+                    let again = (conv.forward(xs.as_tensor())? * &probe)?
+                        .sum_all()?
+                        .backward()?;
+                    let (a, b) = (again.get(&xs).unwrap(), g_plain.get(&xs).unwrap());
+                    let err = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                    assert!(
+                        err < 1e-10,
+                        "reused flipped kernel: input gradient off by {err}"
                     );
                 }
             }

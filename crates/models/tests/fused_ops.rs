@@ -3,7 +3,7 @@
 //! that frozen (untracked) weights get no gradient while the input's stays the same.
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
-use l2s_models::ops::{attention, matmul, norm, softmax};
+use l2s_models::ops::{attention, conv, heads, matmul, norm, softmax};
 
 /// Deterministic values in (-1, 1), different for each `seed`.
 fn values(n: usize, seed: u64) -> Vec<f64> {
@@ -36,11 +36,14 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     diff / max_abs(b).max(1e-3)
 }
 
-type Op = fn(&[Tensor]) -> Result<Tensor>;
-
 /// Runs `fused` and `composed` on Vars made from `inputs` and compares the outputs and the
 /// gradients of Σ out·probe; in f64 also against central differences of that loss.
-fn check(name: &str, inputs: &[Tensor], fused: Op, composed: Op) {
+fn check(
+    name: &str,
+    inputs: &[Tensor],
+    fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+    composed: impl Fn(&[Tensor]) -> Result<Tensor>,
+) {
     let dtype = inputs[0].dtype();
     let (fwd_tol, grad_tol) = match dtype {
         DType::F64 => (1e-12, 1e-10),
@@ -215,6 +218,112 @@ fn attention_matches_composed_and_finite_differences() {
             |a| attention::attention(&a[0], &a[1], &a[2], 0.7),
             |a| attention::attention_composed(&a[0], &a[1], &a[2], 0.7),
         );
+    }
+}
+
+/// Split into heads, composed attention, heads merged again: the reference of the packed op.
+fn attention_split_composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let split = |t: &Tensor| -> Result<Tensor> {
+        let (b, n, c) = t.dims3()?;
+        t.reshape((b, n, heads, c / heads))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let out = attention::attention_composed(&split(q)?, &split(k)?, &split(v)?, 0.7)?;
+    let (b, _, n, e) = out.dims4()?;
+    out.transpose(1, 2)?.reshape((b, n, heads * e))
+}
+
+#[test]
+fn packed_heads_attention_matches_composed_and_finite_differences() {
+    for dtype in DTYPES {
+        // batch 2, 3 heads, 5 queries, 4 keys, head size 6, value size 3, heads side by side.
+        let inputs = [
+            tensor(&[2, 5, 18], 18, dtype),
+            tensor(&[2, 4, 18], 19, dtype),
+            tensor(&[2, 4, 9], 20, dtype),
+        ];
+        check(
+            "attention_heads",
+            &inputs,
+            |a| heads::attention_heads(&a[0], &a[1], &a[2], 3, 0.7),
+            |a| attention_split_composed(&a[0], &a[1], &a[2], 3),
+        );
+    }
+}
+
+/// Without gradients the packed op works through blocks of query rows (the last one partial).
+#[test]
+fn packed_heads_attention_without_gradients_matches_composed() {
+    for dtype in DTYPES {
+        let (q, k, v) = (
+            tensor(&[2, 150, 16], 21, dtype),
+            tensor(&[2, 77, 16], 22, dtype),
+            tensor(&[2, 77, 8], 23, dtype),
+        );
+        let out = heads::attention_heads(&q, &k, &v, 2, 0.7).unwrap();
+        let reference = attention_split_composed(&q, &k, &v, 2).unwrap();
+        let tol = if dtype == DType::F64 { 1e-12 } else { 2e-6 };
+        let err = rel_err(&out, &reference);
+        assert!(err < tol, "{dtype:?}: differs by {err:e}");
+        // Observed: bit for bit the same output, and the probabilities of the composed form.
+        let (observed, probs) = heads::attention_heads_observed(&q, &k, &v, 2, 0.7)
+            .unwrap()
+            .expect("the kernel runs on the CPU");
+        assert_eq!(rel_err(&observed, &out), 0.0);
+        let split = |t: &Tensor| {
+            let t = t.reshape((2, (), 2, 8)).unwrap().transpose(1, 2).unwrap();
+            t.contiguous().unwrap()
+        };
+        let scores = (split(&q).matmul(&split(&k).t().unwrap()).unwrap() * 0.7).unwrap();
+        let reference = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+        let err = rel_err(&probs, &reference);
+        assert!(err < tol, "{dtype:?}: probabilities differ by {err:e}");
+    }
+}
+
+/// The im2col convolution against candle's, for the shapes the models use (3×3 with padding 1,
+/// stride 1 and 2; 1×1; unpadded), without and with bias, and with gradients through the layer.
+#[test]
+fn convolution_matches_candle_and_finite_differences() {
+    for dtype in DTYPES {
+        for (cin, cout, k, stride, padding, h, w) in [
+            (3, 4, 3, 1, 1, 5, 6),
+            (3, 4, 3, 2, 1, 8, 6),
+            (4, 2, 1, 1, 0, 3, 5),
+            (2, 3, 3, 1, 0, 5, 4),
+            (2, 3, 3, 2, 0, 7, 5),
+        ] {
+            let inputs = [
+                tensor(&[2, cin, h, w], 30, dtype),
+                tensor(&[cout, cin, k, k], 31, dtype),
+                tensor(&[cout], 32, dtype),
+            ];
+            let candle_conv = |a: &[Tensor]| -> Result<Tensor> {
+                a[0].conv2d(&a[1], padding, stride, 1, 1)?
+                    .broadcast_add(&a[2].reshape((1, (), 1, 1))?)
+            };
+            let tol = if dtype == DType::F64 { 1e-12 } else { 2e-6 };
+            let plain =
+                conv::conv2d_no_grad(&inputs[0], &inputs[1], None, padding, stride).unwrap();
+            let err = rel_err(
+                &plain,
+                &inputs[0].conv2d(&inputs[1], padding, stride, 1, 1).unwrap(),
+            );
+            assert!(
+                err < tol,
+                "conv2d without bias {dtype:?}: differs by {err:e}"
+            );
+            let layer = move |a: &[Tensor]| -> Result<Tensor> {
+                let map = [("weight", &a[1]), ("bias", &a[2])]
+                    .into_iter()
+                    .map(|(n, t)| (n.to_string(), t.clone()))
+                    .collect();
+                let vb = candle_nn::VarBuilder::from_tensors(map, a[0].dtype(), a[0].device());
+                l2s_models::nn::conv2d(cin, cout, k, stride, padding, vb)?.forward(&a[0])
+            };
+            check("conv2d", &inputs, layer, candle_conv);
+        }
     }
 }
 

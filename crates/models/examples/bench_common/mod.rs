@@ -93,6 +93,15 @@ pub fn device_name(dev: &Device) -> &'static str {
     }
 }
 
+/// As the `l2s` binary does: keep freed memory mapped, or the kernel zeroes fresh pages for the
+/// large buffers of every pass. `MIMALLOC_PURGE_DELAY` in the environment still wins.
+pub fn keep_freed_memory_mapped() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets a plain integer option (15 = mi_option_purge_delay in mimalloc.h).
+        unsafe { libmimalloc_sys::mi_option_set(15, -1) };
+    }
+}
+
 pub fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]

@@ -8,23 +8,12 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{contiguous_slice, cpu_kernel, rows_per_task, sum1, sum2, Real, PARALLEL_MIN_ELEMENTS};
+use super::{contiguous_slice, cpu_kernel, rows_per_task, sum2, Real, PARALLEL_MIN_ELEMENTS};
 
 /// softmax(scale · row) of every row of `len` elements, in place; `scale` > 0.
 pub(crate) fn softmax_rows_in_place<T: Real>(data: &mut [T], len: usize, scale: f64) {
     let scale = T::of(scale);
-    let row_fn = |row: &mut [T]| {
-        let max = row
-            .iter()
-            .fold(T::neg_infinity(), |m, &v| if v > m { v } else { m });
-        for v in row.iter_mut() {
-            *v = ((*v - max) * scale).exp();
-        }
-        let sum = T::of(sum1(row, |v| v.f64()));
-        for v in row.iter_mut() {
-            *v /= sum;
-        }
-    };
+    let row_fn = |row: &mut [T]| T::softmax_row(row, scale);
     if data.len() >= PARALLEL_MIN_ELEMENTS {
         data.par_chunks_mut(len)
             .with_min_len(rows_per_task(len))

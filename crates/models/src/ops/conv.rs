@@ -1,0 +1,302 @@
+//! 2-D convolution on the CPU as one matrix product per image, written straight into the output.
+//!
+//! candle's CPU convolution copies the input to NHWC, gathers each tile of patches with strided
+//! writes, multiplies into a fresh buffer and scatters that into the output, and adds the bias in
+//! another pass. Here the patch matrix (input channels × kernel rows × kernel columns, output
+//! pixels) is built from NCHW with contiguous row copies, the output starts as the bias, and the
+//! product accumulates onto it in place; a 1×1 convolution multiplies the input buffer itself.
+//! Other devices and dtypes use candle's convolution.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{contiguous_slice, cpu_kernel, Real};
+
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    batch: usize,
+    c_in: usize,
+    h: usize,
+    w: usize,
+    c_out: usize,
+    k_h: usize,
+    k_w: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl Geometry {
+    fn out_h(&self) -> usize {
+        (self.h + 2 * self.padding - self.k_h) / self.stride + 1
+    }
+
+    fn out_w(&self) -> usize {
+        (self.w + 2 * self.padding - self.k_w) / self.stride + 1
+    }
+}
+
+fn geometry(lx: &Layout, lk: &Layout, stride: usize, padding: usize) -> Result<Geometry> {
+    let (batch, c_in, h, w) = lx.shape().dims4()?;
+    let (c_out, kc, k_h, k_w) = lk.shape().dims4()?;
+    if kc != c_in || stride == 0 || h + 2 * padding < k_h || w + 2 * padding < k_w {
+        candle_core::bail!(
+            "conv2d: input {:?}, kernel {:?}, stride {stride}, padding {padding}",
+            lx.dims(),
+            lk.dims()
+        );
+    }
+    Ok(Geometry {
+        batch,
+        c_in,
+        h,
+        w,
+        c_out,
+        k_h,
+        k_w,
+        stride,
+        padding,
+    })
+}
+
+/// The patch matrix of one image: row (c, i, j), column (y, x) holds input (c, y·s + i − p,
+/// x·s + j − p), zero outside the image. Row order matches the kernel's (c_in, k_h, k_w) layout.
+fn im2col<T: Real>(g: &Geometry, x: &[T], col: &mut [T]) {
+    let (oh, ow) = (g.out_h(), g.out_w());
+    let (s, p) = (g.stride as isize, g.padding as isize);
+    let fill_row = |r: usize, row: &mut [T]| {
+        let (c, i, j) = (r / (g.k_h * g.k_w), (r / g.k_w) % g.k_h, r % g.k_w);
+        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        let shift = j as isize - p;
+        // Output columns whose input column x·s + shift lies inside the image.
+        let lo = if shift < 0 {
+            ((-shift + s - 1) / s) as usize
+        } else {
+            0
+        };
+        let hi = (((g.w as isize - shift + s - 1) / s).max(0) as usize).min(ow);
+        for (y, seg) in row.chunks_exact_mut(ow).enumerate() {
+            let iy = y as isize * s + i as isize - p;
+            if iy < 0 || iy >= g.h as isize || lo >= hi {
+                seg.fill(T::zero());
+                continue;
+            }
+            let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+            seg[..lo].fill(T::zero());
+            seg[hi..].fill(T::zero());
+            let start = (lo as isize * s + shift) as usize;
+            if s == 1 {
+                seg[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
+            } else {
+                for (k, v) in seg[lo..hi].iter_mut().enumerate() {
+                    *v = src[start + k * g.stride];
+                }
+            }
+        }
+    };
+    let rows = g.c_in * g.k_h * g.k_w;
+    if rows * oh * ow >= super::PARALLEL_MIN_ELEMENTS && candle_core::utils::get_num_threads() > 1 {
+        col.par_chunks_exact_mut(oh * ow)
+            .enumerate()
+            .for_each(|(r, row)| fill_row(r, row));
+    } else {
+        for (r, row) in col.chunks_exact_mut(oh * ow).enumerate() {
+            fill_row(r, row);
+        }
+    }
+}
+
+/// `dst (m × n) = read·dst + lhs (m × k) · rhs (k × n)`, all row-major and contiguous.
+fn gemm_into<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    read: bool,
+    lhs: &[T],
+    rhs: &[T],
+) {
+    assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= k * n);
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the slices hold the m×n, m×k and k×n row-major matrices the strides describe
+    // (checked above), and `dst` is borrowed mutably so nothing else aliases it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            read,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            1,
+            n as isize,
+            if read { T::one() } else { T::zero() },
+            T::one(),
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// NCHW convolution of contiguous `x` with contiguous `kernel` (c_out, c_in, k_h, k_w), plus
+/// `bias` per output channel.
+fn conv2d_kernel<T: Real>(g: &Geometry, x: &[T], kernel: &[T], bias: Option<&[T]>) -> Vec<T> {
+    let (oh, ow) = (g.out_h(), g.out_w());
+    let pixels = oh * ow;
+    let k_size = g.c_in * g.k_h * g.k_w;
+    let mut out = vec![T::zero(); g.batch * g.c_out * pixels];
+    if let Some(bias) = bias {
+        for (plane, &b) in out.chunks_exact_mut(pixels).zip(bias.iter().cycle()) {
+            plane.fill(b);
+        }
+    }
+    let direct = g.k_h == 1 && g.k_w == 1 && g.stride == 1 && g.padding == 0;
+    let mut col = if direct {
+        Vec::new()
+    } else {
+        vec![T::zero(); k_size * pixels]
+    };
+    let image = g.c_in * g.h * g.w;
+    for (n, dst) in out.chunks_exact_mut(g.c_out * pixels).enumerate() {
+        let xs = &x[n * image..(n + 1) * image];
+        let rhs = if direct {
+            xs
+        } else {
+            im2col(g, xs, &mut col);
+            &col
+        };
+        gemm_into(g.c_out, pixels, k_size, dst, bias.is_some(), kernel, rhs);
+    }
+    out
+}
+
+fn cpu_conv(
+    stride: usize,
+    padding: usize,
+    x: (&CpuStorage, &Layout),
+    k: (&CpuStorage, &Layout),
+    bias: Option<(&CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    let g = geometry(x.1, k.1, stride, padding)?;
+    if let Some((_, lb)) = bias {
+        if lb.dims() != [g.c_out] {
+            candle_core::bail!("conv2d: bias {:?} for {} channels", lb.dims(), g.c_out);
+        }
+    }
+    let shape = Shape::from((g.batch, g.c_out, g.out_h(), g.out_w()));
+    fn run<T: Real>(
+        g: &Geometry,
+        x: (&CpuStorage, &Layout),
+        k: (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<Vec<T>> {
+        let xs = contiguous_slice::<T>("conv2d", x.0, x.1)?;
+        let ks = contiguous_slice::<T>("conv2d", k.0, k.1)?;
+        let bs = bias
+            .map(|(s, l)| contiguous_slice::<T>("conv2d", s, l))
+            .transpose()?;
+        Ok(conv2d_kernel(g, xs, ks, bs))
+    }
+    let out = match x.0 {
+        CpuStorage::F32(_) => CpuStorage::F32(run::<f32>(&g, x, k, bias)?),
+        CpuStorage::F64(_) => CpuStorage::F64(run::<f64>(&g, x, k, bias)?),
+        _ => candle_core::bail!("conv2d: only f32 and f64"),
+    };
+    Ok((out, shape))
+}
+
+struct Conv {
+    stride: usize,
+    padding: usize,
+}
+
+impl CustomOp2 for Conv {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        k: &CpuStorage,
+        lk: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_conv(self.stride, self.padding, (x, lx), (k, lk), None)
+    }
+}
+
+impl CustomOp3 for Conv {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        k: &CpuStorage,
+        lk: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_conv(self.stride, self.padding, (x, lx), (k, lk), Some((b, lb)))
+    }
+}
+
+/// True when [`conv2d_no_grad`] runs the kernel here rather than candle's convolution.
+pub(crate) fn fits(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
+    cpu_kernel(xs)
+        && weight.dtype() == xs.dtype()
+        && bias.is_none_or(|b| b.dtype() == xs.dtype())
+        && xs.rank() == 4
+        && weight.rank() == 4
+}
+
+/// `conv2d(xs, weight) + bias` (square padding and stride, no dilation) with no backward pass:
+/// the value only. On the CPU in f32/f64 the kernel above; elsewhere candle's convolution.
+pub fn conv2d_no_grad(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let (xs, weight) = (xs.detach(), weight.detach());
+    if fits(&xs, &weight, bias) {
+        let op = Conv { stride, padding };
+        let (xs, weight) = (xs.contiguous()?, weight.contiguous()?);
+        return match bias {
+            Some(b) => xs.apply_op3_no_bwd(&weight, &b.detach().contiguous()?, &op),
+            None => xs.apply_op2_no_bwd(&weight, &op),
+        };
+    }
+    let out = xs.conv2d(&weight, padding, stride, 1, 1)?;
+    match bias {
+        Some(b) => out.broadcast_add(&b.detach().reshape((1, (), 1, 1))?),
+        None => Ok(out),
+    }
+}
+
+/// The kernel on storages, for ops that own their backward pass: `x`, `k` and `bias` must be
+/// contiguous f32 or f64.
+pub(crate) fn conv2d_storage(
+    stride: usize,
+    padding: usize,
+    x: (&CpuStorage, &Layout),
+    k: (&CpuStorage, &Layout),
+    bias: Option<(&CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    cpu_conv(stride, padding, x, k, bias)
+}
