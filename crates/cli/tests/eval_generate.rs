@@ -475,17 +475,7 @@ fn genevals_own_prompts_are_built_in() {
         tags.push(all[i].tag.clone());
     }
     assert!(!out.join("00001").exists());
-    assert_eq!(
-        tags,
-        [
-            "single_object",
-            "two_object",
-            "counting",
-            "colors",
-            "position",
-            "color_attr",
-        ]
-    );
+    assert_eq!(tags, l2s_eval::tasks::GENEVAL_TAGS);
     let e = fails(&[
         "eval",
         "--geneval",
