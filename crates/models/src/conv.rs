@@ -98,7 +98,10 @@ impl Conv2d {
             self.stride,
             self.padding,
         )?;
-        let col = xs.detach().contiguous()?.apply_op1_no_bwd(&Im2Col(g))?;
+        let col = xs
+            .detach()
+            .contiguous()?
+            .apply_op1_no_bwd(&Patches::Gather(g))?;
         let conv = self
             .weight
             .detach()
@@ -458,49 +461,47 @@ impl Geometry {
     }
 }
 
-/// (B, C, H, W) → im2col matrix (C·k·k, B·out_h·out_w).
-struct Im2Col(Geometry);
+/// Moves values between an image batch (B, C, H, W) and its im2col matrix (C·k·k, B·out_h·out_w).
+#[derive(Clone, Copy)]
+enum Patches {
+    /// Image → matrix.
+    Gather(Geometry),
+    /// Matrix → image, summing overlaps (the adjoint).
+    Scatter(Geometry),
+}
 
-/// im2col matrix → (B, C, H, W), summing overlaps.
-struct Col2Im(Geometry);
-
-impl candle_core::CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "im2col"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let out = match s {
-            CpuStorage::F32(_) => {
-                CpuStorage::F32(g.im2col(crate::ops::contiguous_slice(self.name(), s, l)?))
-            }
-            CpuStorage::F64(_) => {
-                CpuStorage::F64(g.im2col(crate::ops::contiguous_slice(self.name(), s, l)?))
-            }
-            _ => candle_core::bail!("im2col: only f32 and f64"),
-        };
-        Ok((out, Shape::from((g.rows(), g.cols()))))
+impl Patches {
+    fn run<T: WithDType>(self, x: &[T]) -> Vec<T> {
+        match self {
+            Patches::Gather(g) => g.im2col(x),
+            Patches::Scatter(g) => g.col2im(x),
+        }
     }
 }
 
-impl candle_core::CustomOp1 for Col2Im {
+impl candle_core::CustomOp1 for Patches {
     fn name(&self) -> &'static str {
-        "col2im"
+        match self {
+            Patches::Gather(_) => "im2col",
+            Patches::Scatter(_) => "col2im",
+        }
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.0;
         let out = match s {
             CpuStorage::F32(_) => {
-                CpuStorage::F32(g.col2im(crate::ops::contiguous_slice(self.name(), s, l)?))
+                CpuStorage::F32(self.run(crate::ops::contiguous_slice(self.name(), s, l)?))
             }
             CpuStorage::F64(_) => {
-                CpuStorage::F64(g.col2im(crate::ops::contiguous_slice(self.name(), s, l)?))
+                CpuStorage::F64(self.run(crate::ops::contiguous_slice(self.name(), s, l)?))
             }
-            _ => candle_core::bail!("col2im: only f32 and f64"),
+            _ => candle_core::bail!("{}: only f32 and f64", self.name()),
         };
-        Ok((out, Shape::from((g.batch, g.channels, g.height, g.width))))
+        let shape = match self {
+            Patches::Gather(g) => Shape::from((g.rows(), g.cols())),
+            Patches::Scatter(g) => Shape::from((g.batch, g.channels, g.height, g.width)),
+        };
+        Ok((out, shape))
     }
 }
 
@@ -565,7 +566,11 @@ impl candle_core::CustomOp3 for ConvIm2Col {
         };
         let grad_xs = if xs.track_op() {
             let w = weight.detach().reshape((c_out, g.rows()))?;
-            Some(w.t()?.matmul(&grad)?.apply_op1_no_bwd(&Col2Im(g))?)
+            Some(
+                w.t()?
+                    .matmul(&grad)?
+                    .apply_op1_no_bwd(&Patches::Scatter(g))?,
+            )
         } else {
             None
         };
