@@ -184,11 +184,6 @@ impl SpatialPrompt {
         Self::from_metadata(metadata_object(line)?)
     }
 
-    /// `p` when its task is a spatial one (its relations were checked when it was read).
-    pub fn from_task(p: TaskPrompt) -> Option<Self> {
-        p.is_spatial().then_some(Self(p))
-    }
-
     /// The task prompt it is.
     pub fn task(&self) -> &TaskPrompt {
         &self.0
@@ -245,20 +240,25 @@ impl PromptFile {
 
     /// The spatial prompts, and every other scored line as left out for want of a relation.
     pub fn spatial(&self) -> (Vec<(usize, SpatialPrompt)>, Vec<Unsupported>) {
-        let mut spatial = Vec::new();
-        let mut others = Vec::new();
-        for (line, p) in &self.prompts {
-            if p.is_spatial() {
-                spatial.push((*line, SpatialPrompt(p.clone())));
-            } else {
-                others.push(Unsupported {
-                    line: *line,
-                    tag: p.tag.clone(),
-                });
-            }
-        }
-        (spatial, others)
+        split_spatial(self.prompts.iter().cloned())
     }
+}
+
+/// Splits numbered prompts into the spatial ones and the others, listed as left out for want of a
+/// relation (what uses that need one report).
+pub fn split_spatial(
+    prompts: impl IntoIterator<Item = (usize, TaskPrompt)>,
+) -> (Vec<(usize, SpatialPrompt)>, Vec<Unsupported>) {
+    let mut spatial = Vec::new();
+    let mut others = Vec::new();
+    for (line, p) in prompts {
+        if p.is_spatial() {
+            spatial.push((line, SpatialPrompt(p)));
+        } else {
+            others.push(Unsupported { line, tag: p.tag });
+        }
+    }
+    (spatial, others)
 }
 
 /// Unsupported line numbers grouped by tag.

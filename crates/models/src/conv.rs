@@ -179,10 +179,15 @@ struct ConvWithBias {
     flipped: Arc<OnceLock<Tensor>>,
 }
 
+/// The convolution an op computed before it ran, taken once.
+fn take_once(slot: &Mutex<Option<Tensor>>, op: &str) -> Result<Tensor> {
+    let taken = slot.lock().ok().and_then(|mut c| c.take());
+    taken.ok_or_else(|| candle_core::Error::Msg(format!("{op}: run twice")))
+}
+
 impl ConvWithBias {
     fn take_conv(&self) -> Result<Tensor> {
-        let taken = self.conv.lock().ok().and_then(|mut c| c.take());
-        taken.ok_or_else(|| candle_core::Error::Msg("conv2d-with-bias: run twice".into()))
+        take_once(&self.conv, "conv2d-with-bias")
     }
 }
 
@@ -528,9 +533,7 @@ impl candle_core::CustomOp3 for ConvIm2Col {
         bias: &CpuStorage,
         l_bias: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let taken = self.conv.lock().ok().and_then(|mut c| c.take());
-        let conv =
-            taken.ok_or_else(|| candle_core::Error::Msg("conv2d-im2col: run twice".into()))?;
+        let conv = take_once(&self.conv, "conv2d-im2col")?;
         let (storage, layout) = conv.storage_and_layout();
         match &*storage {
             Storage::Cpu(s) => add_channel_bias(s, layout, bias, l_bias),

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use l2s_eval::prompts::{SpatialPrompt, NO_RELATION};
+use l2s_eval::prompts::{group_unsupported, split_spatial, NO_RELATION};
 use l2s_sources::Fit;
 use l2s_steer::build::{
     progress_message, run_build, BuildConfig, BuildJob, BuildSource, DropRule, RelationCheckKind,
@@ -233,17 +233,13 @@ fn run_generate(a: GenerateArgs, global: &Global) -> Result<()> {
         ),
     };
     // Verification judges relations: the other tasks' prompts are left out, and said so.
-    let mut spatial = Vec::new();
-    let mut left_out: std::collections::BTreeMap<&str, usize> = Default::default();
-    for p in &prepared.prompts {
-        match SpatialPrompt::from_task(p.clone()) {
-            Some(s) => spatial.push(s),
-            None => *left_out.entry(p.tag.as_str()).or_default() += 1,
-        }
-    }
-    for (tag, n) in &left_out {
+    let numbered = prepared.prompts.iter().cloned().enumerate();
+    let (spatial, left_out) = split_spatial(numbered.map(|(i, p)| (i + 1, p)));
+    for (tag, prompts) in group_unsupported(&left_out) {
+        let n = prompts.len();
         eprintln!("note: {n} prompts tagged {tag:?} left out ({NO_RELATION})");
     }
+    let spatial: Vec<_> = spatial.into_iter().map(|(_, p)| p).collect();
     if spatial.is_empty() {
         bail!("no prompt with a relation to verify");
     }
