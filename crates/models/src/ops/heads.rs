@@ -118,12 +118,21 @@ fn tasks_in_parallel() -> bool {
     candle_core::utils::get_num_threads() > 1
 }
 
-/// Runs `f` for every index below `count`, on the thread pool when it has more than one thread.
-fn for_each_task(count: usize, f: impl Fn(usize) + Sync + Send) {
+/// Runs `f` for every index below `count` (on the thread pool when it has more than one thread),
+/// handing each task a scratch buffer of `len` elements that is made once per worker thread and reused by its later tasks (a fresh buffer per task was zeroed each time,
+/// and a large one came as new pages from the OS).
+fn for_each_task_with_scratch<T: Real>(
+    count: usize,
+    len: usize,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
     if tasks_in_parallel() && count > 1 {
-        (0..count).into_par_iter().for_each(f);
+        (0..count)
+            .into_par_iter()
+            .for_each_init(|| vec![T::zero(); len], |scratch, task| f(task, scratch));
     } else {
-        (0..count).for_each(f);
+        let mut scratch = vec![T::zero(); len];
+        (0..count).for_each(|task| f(task, &mut scratch));
     }
 }
 
@@ -160,19 +169,21 @@ fn forward<T: Real>(
         Shared(k.as_ptr() as *mut T),
         Shared(v.as_ptr() as *mut T),
     );
-    for_each_task(b * h * blocks, |task| {
+    // The kept probabilities are the scores' buffer; otherwise each worker has its own block.
+    let scratch_len = if probs_ptr.is_some() {
+        0
+    } else {
+        rows_per_block * m
+    };
+    for_each_task_with_scratch(b * h * blocks, scratch_len, |task, scratch: &mut [T]| {
         let (bh, blk) = (task / blocks, task % blocks);
         let (bi, hi) = (bh / h, bh % h);
         let r0 = blk * rows_per_block;
         let rows = rows_per_block.min(n - r0);
-        let mut scratch;
         let scores: &mut [T] = match probs_ptr {
             // SAFETY: head (bi, hi) owns its n × m slice of the probabilities.
             Some(p) => unsafe { std::slice::from_raw_parts_mut(p.get().add(bh * n * m), n * m) },
-            None => {
-                scratch = vec![T::zero(); rows * m];
-                &mut scratch
-            }
+            None => &mut scratch[..rows * m],
         };
         // SAFETY: the offsets and strides stay inside q (b, n, H·d), k (b, m, H·d),
         // v (b, m, H·e) and out (b, n, H·e); this task alone writes its rows of head hi.
@@ -238,7 +249,9 @@ fn backward<T: Real>(
     let scale = T::of(scale);
     let c = |s: &[T]| Shared(s.as_ptr() as *mut T);
     let (qp, kp, vp, pp, gp) = (c(q), c(k), c(v), c(probs), c(grad));
-    for_each_task(b * h, |bh| {
+    // ∂scores of one head, per worker thread; not needed when only ∂v is.
+    let ds_len = if want_q || want_k { n * m } else { 0 };
+    for_each_task_with_scratch(b * h, ds_len, |bh, ds: &mut [T]| {
         let (bi, hi) = (bh / h, bh % h);
         // SAFETY: as in the forward pass; head (bi, hi) alone writes its columns of each gradient.
         unsafe {
@@ -270,7 +283,6 @@ fn backward<T: Real>(
                 return;
             }
             // ∂scores = scale · p ⊙ (∂p − Σ ∂p ⊙ p), with ∂p = ∂out · vᵀ.
-            let mut ds = vec![T::zero(); n * m];
             let v_t = Mat {
                 ptr: vp.get().add(bi * m * h * e + hi * e),
                 rs: 1,
