@@ -124,9 +124,9 @@ impl Activation {
 impl Module for Activation {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Silu => xs.silu(),
+            Self::Silu => crate::ops::silu::silu(xs),
             Self::Gelu => xs.gelu_erf(),
-            Self::QuickGelu => xs.mul(&candle_nn::ops::sigmoid(&(xs * 1.702)?)?),
+            Self::QuickGelu => crate::ops::silu::quick_gelu(xs),
         }
     }
 }

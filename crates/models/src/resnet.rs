@@ -5,6 +5,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::conv::Conv2d;
+use crate::ops::silu::silu;
 
 use crate::nn::{conv2d, group_norm};
 
@@ -49,12 +50,12 @@ impl ResnetBlock {
     }
 
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        let mut h = self.conv1.forward(&silu(&self.norm1.forward(xs)?)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+            let t = proj.forward(&silu(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
             h = crate::nn::add_broadcast(&h, &t)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
         match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)? + h,
             None => xs + h,

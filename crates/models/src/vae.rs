@@ -319,7 +319,8 @@ impl Encoder {
             h = s.forward(&h)?;
         }
         let h = self.mid.forward(&h)?;
-        self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+        self.conv_out
+            .forward(&crate::ops::silu::silu(&self.norm_out.forward(&h)?)?)
     }
 }
 
@@ -366,7 +367,8 @@ impl Decoder {
         for s in &self.stages {
             h = s.forward(&h)?;
         }
-        self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+        self.conv_out
+            .forward(&crate::ops::silu::silu(&self.norm_out.forward(&h)?)?)
     }
 }
 

@@ -44,7 +44,8 @@ impl MlpEmbedder {
 
 impl Module for MlpEmbedder {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&self.linear_1.forward(xs)?.silu()?)
+        self.linear_2
+            .forward(&crate::ops::silu::silu(&self.linear_1.forward(xs)?)?)
     }
 }
 

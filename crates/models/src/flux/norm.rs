@@ -72,7 +72,7 @@ fn modulate(normed: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
 
 /// `linear(silu(emb))` cut into `n` equal chunks along the feature dimension.
 fn chunks(linear: &Linear, emb: &Tensor, n: usize) -> Result<Vec<Tensor>> {
-    let e = linear.forward(&emb.silu()?)?;
+    let e = linear.forward(&crate::ops::silu::silu(emb)?)?;
     let width = e.dim(1)? / n;
     (0..n).map(|i| e.narrow(1, i * width, width)).collect()
 }

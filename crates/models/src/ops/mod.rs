@@ -12,6 +12,8 @@
 //!   [`norm`] and [`softmax`] are single kernels with hand-written backward passes on the CPU
 //!   in f32 and f64. Elsewhere (CUDA, half precision) they fall back to the composed form, which
 //!   is correct by construction there because no kernel of ours is involved.
+//! - candle's element-wise activations call libm per element; [`silu`] and [`geglu`] use
+//!   branch-free exp and erf that vectorise, with one-pass backward passes.
 //! - layout copies and fresh buffers around the big products: [`conv`] builds its patch matrix
 //!   and writes bias and product straight into the output, and [`heads`] runs attention on the
 //!   projections' own layout, never materialising the probabilities when nothing differentiates.
@@ -22,6 +24,7 @@ pub mod geglu;
 pub mod heads;
 pub mod matmul;
 pub mod norm;
+pub mod silu;
 pub mod softmax;
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor};

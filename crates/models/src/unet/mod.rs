@@ -557,9 +557,9 @@ impl UNet2DConditionModel {
             sample.device(),
         )?
         .to_dtype(dtype)?;
-        let temb = self
-            .time_linear_2
-            .forward(&self.time_linear_1.forward(&feats)?.silu()?)?;
+        let temb = self.time_linear_2.forward(&crate::ops::silu::silu(
+            &self.time_linear_1.forward(&feats)?,
+        )?)?;
 
         let sample = if self.config.center_input_sample {
             ((sample * 2.0)? - 1.0)?
@@ -586,7 +586,7 @@ impl UNet2DConditionModel {
             };
             h = block.forward(&h, &mut skips, &temb, context, upsample_size, observer)?;
         }
-        let h = self.conv_norm_out.forward(&h)?.silu()?;
+        let h = crate::ops::silu::silu(&self.conv_norm_out.forward(&h)?)?;
         let out = self.conv_out.forward(&h)?;
         Ok(out)
     }
