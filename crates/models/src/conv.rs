@@ -26,6 +26,7 @@ use candle_nn::VarBuilder;
 
 use crate::ops;
 use crate::ops::conv::conv2d_no_grad;
+use crate::ops::im2col::Geometry;
 
 /// A convolution layer with diffusers' weight names (`weight`, `bias`).
 #[derive(Clone, Debug)]
@@ -80,24 +81,8 @@ impl Conv2d {
     /// Training: `kernel (c_out, K) · im2col (K, B·pixels)`, the bias added by the op that owns
     /// the backward pass.
     fn forward_im2col(&self, xs: &Tensor) -> Result<Tensor> {
-        let (batch, channels, height, width) = xs.dims4()?;
-        let (c_out, c_in, k_h, k_w) = self.weight.dims4()?;
-        if c_in != channels || k_h != k_w {
-            candle_core::bail!(
-                "conv2d: input of shape {:?} for a kernel of shape {:?}",
-                xs.dims(),
-                self.weight.dims()
-            );
-        }
-        let g = Geometry::new(
-            batch,
-            channels,
-            height,
-            width,
-            k_h,
-            self.stride,
-            self.padding,
-        )?;
+        let g = Geometry::new(xs.dims(), self.weight.dims(), self.stride, self.padding)?;
+        let (batch, c_out) = (g.batch, g.c_out);
         let col = xs
             .detach()
             .contiguous()?
@@ -107,7 +92,7 @@ impl Conv2d {
             .detach()
             .reshape((c_out, g.rows()))?
             .matmul(&col)?
-            .reshape((c_out, batch, g.out_h, g.out_w))?
+            .reshape((c_out, batch, g.out_h(), g.out_w()))?
             .transpose(0, 1)?;
         xs.apply_op3(
             &self.weight,
@@ -329,143 +314,6 @@ impl candle_core::CustomOp3 for ConvWithBias {
     }
 }
 
-/// Shape of one convolution: input (batch, channels, height, width), square kernel.
-#[derive(Clone, Copy, Debug)]
-struct Geometry {
-    batch: usize,
-    channels: usize,
-    height: usize,
-    width: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-    out_h: usize,
-    out_w: usize,
-}
-
-impl Geometry {
-    fn new(
-        batch: usize,
-        channels: usize,
-        height: usize,
-        width: usize,
-        kernel: usize,
-        stride: usize,
-        padding: usize,
-    ) -> Result<Self> {
-        let out = |n: usize| {
-            (n + 2 * padding)
-                .checked_sub(kernel)
-                .map(|d| d / stride + 1)
-        };
-        match (out(height), out(width)) {
-            (Some(out_h), Some(out_w)) if stride > 0 => Ok(Self {
-                batch,
-                channels,
-                height,
-                width,
-                kernel,
-                stride,
-                padding,
-                out_h,
-                out_w,
-            }),
-            _ => candle_core::bail!(
-                "conv2d: kernel {kernel} stride {stride} padding {padding} on {height}×{width}"
-            ),
-        }
-    }
-
-    /// Rows of the im2col matrix: (channel, kernel row, kernel column).
-    fn rows(&self) -> usize {
-        self.channels * self.kernel * self.kernel
-    }
-
-    /// Columns: (batch, output row, output column).
-    fn cols(&self) -> usize {
-        self.batch * self.out_h * self.out_w
-    }
-
-    /// The output columns `ox` whose input column `ox·stride + kx − padding` is inside the image.
-    fn valid_cols(&self, kx: usize) -> std::ops::Range<usize> {
-        let (s, p) = (self.stride, self.padding);
-        let lo = p.saturating_sub(kx).div_ceil(s);
-        let hi = (self.width + p)
-            .saturating_sub(kx)
-            .div_ceil(s)
-            .min(self.out_w);
-        lo..hi.max(lo)
-    }
-
-    /// Calls `f(im2col row segment, input row, ox range)` for every in-image piece: row
-    /// `(c, ky, kx)`, batch `b`, output row `oy` reads input row `oy·stride + ky − padding`.
-    fn for_each_segment(&self, mut f: impl FnMut(usize, usize, std::ops::Range<usize>, usize)) {
-        let (k, s, p) = (self.kernel, self.stride, self.padding);
-        let pixels = self.out_h * self.out_w;
-        for c in 0..self.channels {
-            for ky in 0..k {
-                for kx in 0..k {
-                    let row = (c * k + ky) * k + kx;
-                    let cols = self.valid_cols(kx);
-                    for b in 0..self.batch {
-                        let plane = (b * self.channels + c) * self.height;
-                        for oy in 0..self.out_h {
-                            let iy = oy * s + ky;
-                            if iy < p || iy - p >= self.height {
-                                continue;
-                            }
-                            let start = (row * self.batch + b) * pixels + oy * self.out_w;
-                            f(start, (plane + iy - p) * self.width, cols.clone(), kx);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn im2col<T: WithDType>(&self, x: &[T]) -> Vec<T> {
-        let mut col = vec![T::zero(); self.rows() * self.cols()];
-        let (s, p) = (self.stride, self.padding);
-        self.for_each_segment(|start, src, cols, kx| {
-            if cols.is_empty() {
-                return;
-            }
-            let dst = &mut col[start + cols.start..start + cols.end];
-            let first = src + cols.start * s + kx - p;
-            if s == 1 {
-                dst.copy_from_slice(&x[first..first + dst.len()]);
-            } else {
-                for (i, d) in dst.iter_mut().enumerate() {
-                    *d = x[first + i * s];
-                }
-            }
-        });
-        col
-    }
-
-    /// The adjoint of [`im2col`](Self::im2col): every matrix entry added back to its pixel.
-    fn col2im<T: WithDType>(&self, col: &[T]) -> Vec<T> {
-        let mut x = vec![T::zero(); self.batch * self.channels * self.height * self.width];
-        let (s, p) = (self.stride, self.padding);
-        self.for_each_segment(|start, src, cols, kx| {
-            if cols.is_empty() {
-                return;
-            }
-            let first = src + cols.start * s + kx - p;
-            let seg = &col[start + cols.start..start + cols.end];
-            if s == 1 {
-                let dst = &mut x[first..first + seg.len()];
-                dst.iter_mut().zip(seg).for_each(|(d, &v)| *d += v);
-            } else {
-                for (i, &v) in seg.iter().enumerate() {
-                    x[first + i * s] += v;
-                }
-            }
-        });
-        x
-    }
-}
-
 /// Moves values between an image batch (B, C, H, W) and its im2col matrix (C·k·k, B·out_h·out_w).
 #[derive(Clone, Copy)]
 enum Patches {
@@ -504,7 +352,7 @@ impl candle_core::CustomOp1 for Patches {
         };
         let shape = match self {
             Patches::Gather(g) => Shape::from((g.rows(), g.cols())),
-            Patches::Scatter(g) => Shape::from((g.batch, g.channels, g.height, g.width)),
+            Patches::Scatter(g) => Shape::from((g.batch, g.c_in, g.h, g.w)),
         };
         Ok((out, shape))
     }
@@ -654,20 +502,5 @@ mod tests {
             }
         }
         Ok(())
-    }
-
-    /// im2col and col2im are adjoint: ⟨im2col(x), c⟩ = ⟨x, col2im(c)⟩.
-    #[test]
-    fn col2im_is_the_adjoint_of_im2col() {
-        let g = Geometry::new(2, 3, 5, 6, 3, 2, 1).unwrap();
-        let x: Vec<f64> = (0..2 * 3 * 5 * 6)
-            .map(|i| (i as f64 * 0.37).sin())
-            .collect();
-        let c: Vec<f64> = (0..g.rows() * g.cols())
-            .map(|i| (i as f64 * 0.11).cos())
-            .collect();
-        let lhs: f64 = g.im2col(&x).iter().zip(&c).map(|(a, b)| a * b).sum();
-        let rhs: f64 = x.iter().zip(&g.col2im(&c)).map(|(a, b)| a * b).sum();
-        assert!((lhs - rhs).abs() < 1e-12, "{lhs} vs {rhs}");
     }
 }

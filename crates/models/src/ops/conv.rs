@@ -8,102 +8,9 @@
 //! Other devices and dtypes use candle's convolution.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
+use super::im2col::Geometry;
 use super::{contiguous_slice, cpu_kernel, Real};
-
-#[derive(Clone, Copy, Debug)]
-struct Geometry {
-    batch: usize,
-    c_in: usize,
-    h: usize,
-    w: usize,
-    c_out: usize,
-    k_h: usize,
-    k_w: usize,
-    stride: usize,
-    padding: usize,
-}
-
-impl Geometry {
-    fn out_h(&self) -> usize {
-        (self.h + 2 * self.padding - self.k_h) / self.stride + 1
-    }
-
-    fn out_w(&self) -> usize {
-        (self.w + 2 * self.padding - self.k_w) / self.stride + 1
-    }
-}
-
-fn geometry(lx: &Layout, lk: &Layout, stride: usize, padding: usize) -> Result<Geometry> {
-    let (batch, c_in, h, w) = lx.shape().dims4()?;
-    let (c_out, kc, k_h, k_w) = lk.shape().dims4()?;
-    if kc != c_in || stride == 0 || h + 2 * padding < k_h || w + 2 * padding < k_w {
-        candle_core::bail!(
-            "conv2d: input {:?}, kernel {:?}, stride {stride}, padding {padding}",
-            lx.dims(),
-            lk.dims()
-        );
-    }
-    Ok(Geometry {
-        batch,
-        c_in,
-        h,
-        w,
-        c_out,
-        k_h,
-        k_w,
-        stride,
-        padding,
-    })
-}
-
-/// The patch matrix of one image: row (c, i, j), column (y, x) holds input (c, y·s + i − p,
-/// x·s + j − p), zero outside the image. Row order matches the kernel's (c_in, k_h, k_w) layout.
-fn im2col<T: Real>(g: &Geometry, x: &[T], col: &mut [T]) {
-    let (oh, ow) = (g.out_h(), g.out_w());
-    let (s, p) = (g.stride as isize, g.padding as isize);
-    let fill_row = |r: usize, row: &mut [T]| {
-        let (c, i, j) = (r / (g.k_h * g.k_w), (r / g.k_w) % g.k_h, r % g.k_w);
-        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
-        let shift = j as isize - p;
-        // Output columns whose input column x·s + shift lies inside the image.
-        let lo = if shift < 0 {
-            ((-shift + s - 1) / s) as usize
-        } else {
-            0
-        };
-        let hi = (((g.w as isize - shift + s - 1) / s).max(0) as usize).min(ow);
-        for (y, seg) in row.chunks_exact_mut(ow).enumerate() {
-            let iy = y as isize * s + i as isize - p;
-            if iy < 0 || iy >= g.h as isize || lo >= hi {
-                seg.fill(T::zero());
-                continue;
-            }
-            let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-            seg[..lo].fill(T::zero());
-            seg[hi..].fill(T::zero());
-            let start = (lo as isize * s + shift) as usize;
-            if s == 1 {
-                seg[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
-            } else {
-                for (k, v) in seg[lo..hi].iter_mut().enumerate() {
-                    *v = src[start + k * g.stride];
-                }
-            }
-        }
-    };
-    let rows = g.c_in * g.k_h * g.k_w;
-    if rows * oh * ow >= super::PARALLEL_MIN_ELEMENTS && candle_core::utils::get_num_threads() > 1 {
-        col.par_chunks_exact_mut(oh * ow)
-            .enumerate()
-            .for_each(|(r, row)| fill_row(r, row));
-    } else {
-        for (r, row) in col.chunks_exact_mut(oh * ow).enumerate() {
-            fill_row(r, row);
-        }
-    }
-}
 
 /// `dst (m × n) = read·dst + lhs (m × k) · rhs (k × n)`, all row-major and contiguous.
 fn gemm_into<T: Real>(
@@ -173,7 +80,7 @@ fn conv2d_kernel<T: Real>(g: &Geometry, x: &[T], kernel: &[T], bias: Option<&[T]
         let rhs = if direct {
             xs
         } else {
-            im2col(g, xs, &mut col);
+            g.one_image().im2col_into(xs, &mut col);
             &col
         };
         gemm_into(g.c_out, pixels, k_size, dst, bias.is_some(), kernel, rhs);
@@ -188,7 +95,7 @@ fn cpu_conv(
     k: (&CpuStorage, &Layout),
     bias: Option<(&CpuStorage, &Layout)>,
 ) -> Result<(CpuStorage, Shape)> {
-    let g = geometry(x.1, k.1, stride, padding)?;
+    let g = Geometry::new(x.1.dims(), k.1.dims(), stride, padding)?;
     if let Some((_, lb)) = bias {
         if lb.dims() != [g.c_out] {
             candle_core::bail!("conv2d: bias {:?} for {} channels", lb.dims(), g.c_out);

@@ -22,6 +22,7 @@ pub mod attention;
 pub mod conv;
 pub mod geglu;
 pub mod heads;
+pub(crate) mod im2col;
 pub mod matmul;
 pub mod norm;
 pub mod silu;
