@@ -143,10 +143,12 @@ pair() {
         D=$OUT/$which/$name
         mkdir -p "$D"
         eval "set -- $args"
-        if ! "$bin" "$@" >"$D/stdout.txt" 2>"$OUT/$which/$name.stderr"; then
+        # stdout goes into the case's folder only afterwards: some commands want an empty one.
+        if ! "$bin" "$@" >"$OUT/$which/$name.stdout" 2>"$OUT/$which/$name.stderr"; then
             ROWS+=("| $name | FAILED ($which: see $OUT/$which/$name.stderr) | | |")
             return
         fi
+        mv "$OUT/$which/$name.stdout" "$D/stdout.txt"
         sed -i "s|$D|CASE|g" "$D/stdout.txt"  # the printed paths name the case's own folder
     done
     local bytes=yes content=yes f rel files=0 verdict

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Shapes-model training benchmark: PyTorch (diffusers + transformers) and ours on the same model,
-# the same shipped starting weights and the same fixed batches, one thread each, measured in one
-# run. Needs Python with torch + diffusers + transformers (see tools/fixtures/README.md).
+# the same shipped starting weights and the same fixed batches, one thread each (THREADS=N for
+# more), measured in one run. Needs Python with torch + diffusers + transformers (see
+# tools/fixtures/README.md).
 # Prints JSON lines: batch preparation (ours), the PyTorch step, our step (with its losses
 # compared with PyTorch's), and, unless CLI_STEPS=0, the whole `l2s shapes train` command.
 # BUILD=0 uses the binaries already in target/release.
@@ -13,14 +14,17 @@ RUNS=${RUNS:-10}
 WARMUP=${WARMUP:-3}
 BATCHES=${BATCHES:-4}
 CLI_STEPS=${CLI_STEPS:-20}
-export CANDLE_NUM_THREADS=1 RAYON_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+# Threads for both sides (default one each).
+THREADS=${THREADS:-1}
+export CANDLE_NUM_THREADS=$THREADS RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS \
+    MKL_NUM_THREADS=$THREADS
 BUILD=${BUILD:-1}
 if [ "$BUILD" = 1 ]; then
     cargo build --release -q -p l2s-shapes-model --example bench_train
 fi
 mkdir -p "$DIR"
 target/release/examples/bench_train "$DIR" --write-batches "$BATCHES"
-"$PY" tools/fixtures/bench_shapes_train_torch.py "$DIR" --threads 1 --runs "$RUNS" --warmup "$WARMUP" 2>/dev/null
+"$PY" tools/fixtures/bench_shapes_train_torch.py "$DIR" --threads "$THREADS" --runs "$RUNS" --warmup "$WARMUP" 2>/dev/null
 target/release/examples/bench_train "$DIR" "$RUNS" "$WARMUP"
 if [ "$CLI_STEPS" -gt 0 ]; then
     if [ "$BUILD" = 1 ]; then
