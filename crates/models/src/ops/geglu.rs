@@ -61,9 +61,11 @@ pub(crate) fn erf_f32(x: f32) -> f32 {
 }
 
 impl Erf for f32 {
+    #[inline(always)]
     fn erf(self) -> Self {
         erf_f32(self)
     }
+    #[inline(always)]
     fn gauss(self) -> Self {
         super::exp_f32(-(self * self) * 0.5) * Self::FRAC_1_SQRT_2PI
     }
@@ -80,6 +82,7 @@ impl Erf for f64 {
 }
 
 /// The output, and when `keep_cdf` the normal CDF `Φ(gate)` of every gate for the backward pass.
+#[inline(always)]
 fn forward<T: Erf>(h: &[T], half: usize, keep_cdf: bool) -> (Vec<T>, Vec<T>) {
     let mut out = vec![T::zero(); h.len() / 2];
     let mut cdf = if keep_cdf {
@@ -120,20 +123,10 @@ fn forward_row<T: Erf>(value: &[T], gate: &[T], out: &mut [T], cdf: Option<&mut 
     }
 }
 
-/// [`forward`] with 8-wide vectors where the CPU has AVX2 (no FMA: the same roundings as the
-/// plain build).
-fn forward_f32(h: &[f32], half: usize, keep_cdf: bool) -> (Vec<f32>, Vec<f32>) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        #[target_feature(enable = "avx2")]
-        unsafe fn wide(h: &[f32], half: usize, keep_cdf: bool) -> (Vec<f32>, Vec<f32>) {
-            forward(h, half, keep_cdf)
-        }
-        // SAFETY: the CPU has AVX2 (checked just above).
-        return unsafe { wide(h, half, keep_cdf) };
-    }
-    forward(h, half, keep_cdf)
-}
+super::avx2_or_plain!(
+    /// [`forward`] with 8-wide vectors where the CPU has AVX2.
+    fn forward_f32(h: &[f32], half: usize, keep_cdf: bool) -> (Vec<f32>, Vec<f32>) => forward
+);
 
 fn backward<T: Erf>(h: &[T], cdf: &[T], grad: &[T], half: usize) -> Vec<T> {
     let mut out = vec![T::zero(); h.len()];

@@ -83,6 +83,28 @@ fn softmax_row_generic<T: Real>(row: &mut [T], scale: T) {
     }
 }
 
+/// `fn name(args) -> R` that calls `kernel(args)` compiled with AVX2 enabled where the CPU has it,
+/// otherwise as built: the kernel (`#[inline(always)]`) is inlined into a `#[target_feature]`
+/// copy, so that its loops vectorise 8 lanes wide. No FMA, so both give the same roundings.
+macro_rules! avx2_or_plain {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $kernel:path) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                #[target_feature(enable = "avx2")]
+                unsafe fn wide($($arg: $ty),*) $(-> $ret)? {
+                    $kernel($($arg),*)
+                }
+                // SAFETY: the CPU has AVX2 (checked just above).
+                return unsafe { wide($($arg),*) };
+            }
+            $kernel($($arg),*)
+        }
+    };
+}
+pub(crate) use avx2_or_plain;
+
 impl Real for f32 {
     #[inline(always)]
     fn exp_scaled_shifted(xs: &mut [Self], scale: Self, shift: Self) {
@@ -90,19 +112,7 @@ impl Real for f32 {
             *x = exp_f32((*x - shift) * scale);
         }
     }
-    fn softmax_row(row: &mut [Self], scale: Self) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            /// The same code with 8-wide vectors (no FMA: results equal the SSE2 build's).
-            #[target_feature(enable = "avx2")]
-            unsafe fn wide(row: &mut [f32], scale: f32) {
-                softmax_row_generic(row, scale)
-            }
-            // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe { wide(row, scale) };
-        }
-        softmax_row_generic(row, scale)
-    }
+    avx2_or_plain!(fn softmax_row(row: &mut [f32], scale: f32) => softmax_row_generic);
 }
 impl Real for f64 {}
 

@@ -11,11 +11,35 @@ use rayon::prelude::*;
 
 use super::{contiguous_slice, cpu_kernel, Real, PARALLEL_MIN_ELEMENTS};
 
-/// Element types with a fast e⁻ˣ for the logistic function.
+/// The element-wise loops, per chunk; f32 runs them with 8-wide vectors where the CPU has AVX2.
 trait Sigmoid: Real {
     #[inline(always)]
     fn sigmoid(self) -> Self {
         Self::one() / (Self::one() + (-self).exp())
+    }
+    /// `out = x · σ(alpha · x)`.
+    fn gate_chunk(out: &mut [Self], x: &[Self], alpha: Self) {
+        gate_chunk(out, x, alpha)
+    }
+    /// `out = grad · s · (1 + alpha·x · (1 − s))` with `s = σ(alpha · x)`.
+    fn gate_grad_chunk(out: &mut [Self], x: &[Self], grad: &[Self], alpha: Self) {
+        gate_grad_chunk(out, x, grad, alpha)
+    }
+}
+
+#[inline(always)]
+fn gate_chunk<T: Sigmoid>(out: &mut [T], x: &[T], alpha: T) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = v * (v * alpha).sigmoid();
+    }
+}
+
+#[inline(always)]
+fn gate_grad_chunk<T: Sigmoid>(out: &mut [T], x: &[T], grad: &[T], alpha: T) {
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(grad) {
+        let ax = v * alpha;
+        let s = ax.sigmoid();
+        *o = g * s * (T::one() + ax * (T::one() - s));
     }
 }
 
@@ -24,6 +48,10 @@ impl Sigmoid for f32 {
     fn sigmoid(self) -> Self {
         1.0 / (1.0 + super::exp_f32(-self))
     }
+    super::avx2_or_plain!(fn gate_chunk(out: &mut [f32], x: &[f32], alpha: f32) => gate_chunk);
+    super::avx2_or_plain!(
+        fn gate_grad_chunk(out: &mut [f32], x: &[f32], grad: &[f32], alpha: f32) => gate_grad_chunk
+    );
 }
 
 impl Sigmoid for f64 {}
@@ -31,64 +59,33 @@ impl Sigmoid for f64 {}
 /// Elements per parallel task of the element-wise loops.
 const CHUNK: usize = 1 << 14;
 
-/// `out[i] = f(a[i], b[i])` over equal-length slices, on the thread pool when large.
-fn map2<T: Real>(out: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync + Send) {
-    let run = |(o, (a, b)): (&mut [T], (&[T], &[T]))| {
-        for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-            *o = f(a, b);
-        }
-    };
-    if out.len() >= PARALLEL_MIN_ELEMENTS && candle_core::utils::get_num_threads() > 1 {
-        out.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(run);
-    } else {
-        run((out, (a, b)));
-    }
+/// Whether element-wise work of `len` elements goes to the thread pool.
+fn in_parallel(len: usize) -> bool {
+    len >= PARALLEL_MIN_ELEMENTS && candle_core::utils::get_num_threads() > 1
 }
 
 fn forward<T: Sigmoid>(x: &[T], alpha: T) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
-    map2(&mut out, x, x, |v, _| v * (v * alpha).sigmoid());
+    if in_parallel(x.len()) {
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(o, x)| T::gate_chunk(o, x, alpha));
+    } else {
+        T::gate_chunk(&mut out, x, alpha);
+    }
     out
 }
 
 fn backward<T: Sigmoid>(x: &[T], grad: &[T], alpha: T) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
-    map2(&mut out, x, grad, |v, g| {
-        let ax = v * alpha;
-        let s = ax.sigmoid();
-        g * s * (T::one() + ax * (T::one() - s))
-    });
+    if in_parallel(x.len()) {
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(grad.par_chunks(CHUNK)))
+            .for_each(|(o, (x, g))| T::gate_grad_chunk(o, x, g, alpha));
+    } else {
+        T::gate_grad_chunk(&mut out, x, grad, alpha);
+    }
     out
-}
-
-/// [`forward`] and [`backward`] in f32 with 8-wide vectors where the CPU has AVX2 (no FMA: the
-/// same roundings as the plain build).
-fn forward_f32(x: &[f32], alpha: f32) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        #[target_feature(enable = "avx2")]
-        unsafe fn wide(x: &[f32], alpha: f32) -> Vec<f32> {
-            forward(x, alpha)
-        }
-        // SAFETY: the CPU has AVX2 (checked just above).
-        return unsafe { wide(x, alpha) };
-    }
-    forward(x, alpha)
-}
-
-fn backward_f32(x: &[f32], grad: &[f32], alpha: f32) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        #[target_feature(enable = "avx2")]
-        unsafe fn wide(x: &[f32], grad: &[f32], alpha: f32) -> Vec<f32> {
-            backward(x, grad, alpha)
-        }
-        // SAFETY: the CPU has AVX2 (checked just above).
-        return unsafe { wide(x, grad, alpha) };
-    }
-    backward(x, grad, alpha)
 }
 
 /// `x · σ(alpha · x)`.
@@ -104,10 +101,9 @@ impl CustomOp1 for SigmoidGated {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
         let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(forward_f32(
-                contiguous_slice(name, s, l)?,
-                self.alpha as f32,
-            )),
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(forward(contiguous_slice(name, s, l)?, self.alpha as f32))
+            }
             CpuStorage::F64(_) => {
                 CpuStorage::F64(forward(contiguous_slice(name, s, l)?, self.alpha))
             }
@@ -148,7 +144,7 @@ impl CustomOp2 for SigmoidGatedGrad {
         }
         let name = self.name();
         let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(backward_f32(
+            CpuStorage::F32(_) => CpuStorage::F32(backward(
                 contiguous_slice(name, s1, l1)?,
                 contiguous_slice(name, s2, l2)?,
                 self.alpha as f32,
