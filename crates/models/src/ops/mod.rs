@@ -87,7 +87,10 @@ fn softmax_row_generic<T: Real>(row: &mut [T], scale: T) {
 /// otherwise as built: the kernel (`#[inline(always)]`) is inlined into a `#[target_feature]`
 /// copy, so that its loops vectorise 8 lanes wide. No FMA, so both give the same roundings.
 macro_rules! avx2_or_plain {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $kernel:path) => {
+    (
+        $(#[$meta:meta])*
+        $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $kernel:path
+    ) => {
         $(#[$meta])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
