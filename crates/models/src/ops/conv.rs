@@ -88,7 +88,9 @@ fn conv2d_kernel<T: Real>(g: &Geometry, x: &[T], kernel: &[T], bias: Option<&[T]
     out
 }
 
-fn cpu_conv(
+/// The kernel on storages, for ops that own their backward pass: `x`, `k` and `bias` must be
+/// contiguous f32 or f64.
+pub(crate) fn conv2d_storage(
     stride: usize,
     padding: usize,
     x: (&CpuStorage, &Layout),
@@ -140,7 +142,7 @@ impl CustomOp2 for Conv {
         k: &CpuStorage,
         lk: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        cpu_conv(self.stride, self.padding, (x, lx), (k, lk), None)
+        conv2d_storage(self.stride, self.padding, (x, lx), (k, lk), None)
     }
 }
 
@@ -158,7 +160,7 @@ impl CustomOp3 for Conv {
         b: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        cpu_conv(self.stride, self.padding, (x, lx), (k, lk), Some((b, lb)))
+        conv2d_storage(self.stride, self.padding, (x, lx), (k, lk), Some((b, lb)))
     }
 }
 
@@ -194,16 +196,4 @@ pub fn conv2d_no_grad(
         Some(b) => out.broadcast_add(&b.detach().reshape((1, (), 1, 1))?),
         None => Ok(out),
     }
-}
-
-/// The kernel on storages, for ops that own their backward pass: `x`, `k` and `bias` must be
-/// contiguous f32 or f64.
-pub(crate) fn conv2d_storage(
-    stride: usize,
-    padding: usize,
-    x: (&CpuStorage, &Layout),
-    k: (&CpuStorage, &Layout),
-    bias: Option<(&CpuStorage, &Layout)>,
-) -> Result<(CpuStorage, Shape)> {
-    cpu_conv(stride, padding, x, k, bias)
 }
