@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 
 use super::contiguous_slice;
 
-/// Element types with candle's erf.
+/// Element types of the kernels, each with the erf and normal density they compute with.
 trait Erf: super::Real {
     fn erf(self) -> Self;
     /// The standard normal density exp(−x²/2)/√(2π).
@@ -90,17 +90,11 @@ fn forward<T: Erf>(h: &[T], half: usize, keep_cdf: bool) -> (Vec<T>, Vec<T>) {
     } else {
         Vec::new()
     };
-    let rows = h.chunks_exact(2 * half).zip(out.chunks_exact_mut(half));
-    if keep_cdf {
-        for ((row, o), c) in rows.zip(cdf.chunks_exact_mut(half)) {
-            let (value, gate) = row.split_at(half);
-            forward_row(value, gate, o, Some(c));
-        }
-    } else {
-        for (row, o) in rows {
-            let (value, gate) = row.split_at(half);
-            forward_row(value, gate, o, None);
-        }
+    // Without `keep_cdf` the CDF buffer is empty and yields no rows.
+    let mut cdf_rows = cdf.chunks_exact_mut(half);
+    for (row, o) in h.chunks_exact(2 * half).zip(out.chunks_exact_mut(half)) {
+        let (value, gate) = row.split_at(half);
+        forward_row(value, gate, o, cdf_rows.next());
     }
     (out, cdf)
 }

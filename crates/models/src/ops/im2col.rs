@@ -126,9 +126,12 @@ impl Geometry {
 
     /// Patch row `r` of the batch `x` into `row` (`cols()` elements).
     fn fill_row<T: WithDType>(&self, r: usize, x: &[T], row: &mut [T]) {
-        row.fill(T::zero());
         let s = self.stride;
+        // The pieces come in increasing order: zero the gaps between them, each element once.
+        let mut filled = 0;
         self.for_each_piece(r, |dst, src, len| {
+            row[filled..dst].fill(T::zero());
+            filled = dst + len;
             let dst = &mut row[dst..dst + len];
             if s == 1 {
                 dst.copy_from_slice(&x[src..src + len]);
@@ -138,6 +141,7 @@ impl Geometry {
                 }
             }
         });
+        row[filled..].fill(T::zero());
     }
 
     /// The patch matrix of the batch `x` into `col` (`rows() × cols()`), rows on the thread
