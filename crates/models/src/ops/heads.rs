@@ -119,8 +119,9 @@ fn tasks_in_parallel() -> bool {
 }
 
 /// Runs `f` for every index below `count` (on the thread pool when it has more than one thread),
-/// handing each task a scratch buffer of `len` elements that is made once per worker thread and reused by its later tasks (a fresh buffer per task was zeroed each time,
-/// and a large one came as new pages from the OS).
+/// handing each task a scratch buffer of `len` elements that is made once per worker thread and
+/// reused by its later tasks (a fresh buffer per task was zeroed each time, and a large one came
+/// as new pages from the OS).
 fn for_each_task_with_scratch<T: Real>(
     count: usize,
     len: usize,
