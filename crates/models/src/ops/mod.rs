@@ -9,9 +9,9 @@
 //!   forward and return a gradient only for the arguments autograd tracks, so a frozen model costs
 //!   only what reaches the latent, and training only its trainable parameters.
 //! - composed normalisations and softmax take six to ten passes (and buffers) each way. The ops in
-//!   [`norm`] and [`softmax`] are single kernels with hand-written backward passes on the CPU
-//!   in f32 and f64. Elsewhere (CUDA, half precision) they fall back to the composed form, which
-//!   is correct by construction there because no kernel of ours is involved.
+//!   [`norm`] and [`softmax`] are single kernels with hand-written backward passes: on the CPU in
+//!   f32 and f64, and on CUDA (`kernels.cu`, compiled by NVRTC at first use) in f32, f64, bf16 and
+//!   f16. Other devices and CPU half precision use the composed form.
 //! - candle's element-wise activations call libm per element; [`silu`] and [`geglu`] use
 //!   branch-free exp and erf that vectorise, with one-pass backward passes.
 //! - layout copies and fresh buffers around the big products: [`conv`] builds its patch matrix
@@ -20,9 +20,15 @@
 
 pub mod attention;
 pub mod conv;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod geglu;
 pub mod heads;
+#[cfg(test)]
+mod host_tests;
 pub(crate) mod im2col;
+#[cfg(any(feature = "cuda", test))]
+pub(crate) mod launch;
 pub mod matmul;
 pub mod norm;
 pub mod silu;
@@ -33,6 +39,16 @@ use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor};
 /// True when the tensor lives on the CPU in a dtype the hand-written kernels cover.
 pub(crate) fn cpu_kernel(xs: &Tensor) -> bool {
     matches!(xs.device(), Device::Cpu) && matches!(xs.dtype(), DType::F32 | DType::F64)
+}
+
+/// True when a fused normalisation or softmax kernel covers the tensor: [`cpu_kernel`], or (built
+/// with `cuda`) a CUDA tensor in f32, f64, bf16 or f16 (`kernels.cu`).
+pub(crate) fn fused_kernel(xs: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    if xs.device().is_cuda() {
+        return launch::suffix(xs.dtype()).is_some();
+    }
+    cpu_kernel(xs)
 }
 
 /// Element type of the hand-written kernels: element-wise arithmetic in the type itself (as the

@@ -5,31 +5,35 @@
 //! f32/f64 the forward pass is one read for the statistics and one write, and the backward pass
 //! two reads and one write, instead of the seven to ten buffers of the composed form (whose
 //! backward also differentiates the frozen weight and bias). Statistics are accumulated in f64.
-//! Other devices and dtypes use the composed form.
+//! CUDA tensors (f32, f64, bf16, f16) run the same passes in `kernels.cu`; other devices and CPU
+//! half precision use the composed form.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+
 use super::{
-    contiguous_slice, cpu_kernel, rows_per_task, sum1, sum2, sum3, Real, PARALLEL_MIN_ELEMENTS,
+    contiguous_slice, fused_kernel, rows_per_task, sum1, sum2, sum3, Real, PARALLEL_MIN_ELEMENTS,
 };
 
 /// How elements are grouped into normalised rows and which affine channel each one uses.
 #[derive(Clone, Copy, Debug)]
-struct Rows {
+pub(crate) struct Rows {
     /// Consecutive rows cycle through this many groups (GroupNorm's groups; 1 otherwise).
-    groups: usize,
+    pub groups: usize,
     /// Channels per row.
-    channels: usize,
+    pub channels: usize,
     /// Consecutive elements sharing one channel (pixels per channel for GroupNorm; 1 otherwise).
-    spatial: usize,
-    eps: f64,
+    pub spatial: usize,
+    pub eps: f64,
     /// Subtract the mean (LayerNorm, GroupNorm) or not (RMSNorm).
-    centre: bool,
+    pub centre: bool,
 }
 
 impl Rows {
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.channels * self.spatial
     }
 
@@ -262,6 +266,21 @@ impl CustomOp3 for Normalise {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        check(&self.0, l1, l2, l3)?;
+        let out = super::cuda::normalise_forward(&self.0, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -328,6 +347,22 @@ impl CustomOp3 for NormaliseGrad {
         let len = l1.shape().elem_count() + 2 * l2.shape().elem_count();
         Ok((out, Shape::from(len)))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        check(&self.0, l1, l2, l2)?;
+        let out = super::cuda::normalise_backward(&self.0, (s1, l1), (s2, l2), (s3, l3))?;
+        let len = l1.shape().elem_count() + 2 * l2.shape().elem_count();
+        Ok((out, Shape::from(len)))
+    }
 }
 
 /// Statistics of half-precision inputs are taken in f32, as PyTorch does.
@@ -355,7 +390,7 @@ pub fn group_norm(
     if dims.len() < 3 || groups == 0 || !dims[1].is_multiple_of(groups) {
         candle_core::bail!("group_norm: input of shape {dims:?} for {groups} groups");
     }
-    if cpu_kernel(xs) {
+    if fused_kernel(xs) && xs.elem_count() > 0 {
         let rows = Rows {
             groups,
             channels: dims[1] / groups,
@@ -396,7 +431,7 @@ pub fn group_norm_composed(
 /// LayerNorm over the last dimension with weight and bias.
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let dim = xs.dim(D::Minus1)?;
-    if cpu_kernel(xs) {
+    if fused_kernel(xs) && xs.elem_count() > 0 {
         let rows = Rows {
             groups: 1,
             channels: dim,
@@ -430,7 +465,7 @@ pub fn layer_norm_composed(
 /// x / √(mean(x²) + eps) · weight over the last dimension.
 pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dim = xs.dim(D::Minus1)?;
-    if cpu_kernel(xs) {
+    if fused_kernel(xs) && xs.elem_count() > 0 {
         let rows = Rows {
             groups: 1,
             channels: dim,
