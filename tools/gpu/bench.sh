@@ -9,7 +9,9 @@
 #
 # then its target/release/examples/bench_unet and bench_flux copied along with this checkout (only
 # those two: the folder holds every example and its build files), into the folder BENCH_EXAMPLES
-# names.
+# names. Where that folder also holds `cuda_ops`, the test binary of the fused ops' CUDA kernels
+# (`cargo test --release --features cuda -p l2s-models --test cuda_ops --no-run` prints its path),
+# it runs first, as the step cuda-ops-tests.
 #
 #   tools/gpu/bench.sh                              # the real sizes, cuda, bf16
 #   BENCH_SIZE=tiny DEVICE=cpu tools/gpu/bench.sh   # the plumbing, on any machine, in seconds
@@ -169,6 +171,12 @@ record_error() {
     echo "== $1: $2" >&2
 }
 
+# --- the fused ops' CUDA kernels against the CPU, forward and backward, four dtypes ------------
+if [ "$DEVICE" = cuda ] && [ -x "$EXAMPLES/cuda_ops" ]; then
+    step cuda-ops-tests 120 bash -c '"$0" --test-threads=1 >&2 &&
+        echo "{\"impl\": \"ours\", \"tests\": \"tests/cuda_ops.rs passed\"}"' "$EXAMPLES/cuda_ops"
+fi
+
 # --- SD2.1-base-size UNet: steering iteration at batch 1 ----------------------------------------
 rm -rf "$WORK/unet"
 if step unet-torch 150 "$PY" tools/fixtures/bench_unet_torch.py --size "$UNET_SIZE" --only steer \
@@ -201,6 +209,9 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     if "error" in r:
         print(f"{r['step']:<28} ERROR {r['error']}")
+        continue
+    if "tests" in r:
+        print(f"{r['step']:<28} {r['tests']}")
         continue
     t = r.get("steer_fwd_bwd_batch1_s", r.get("steer_fwd_bwd_s"))
     mem = r.get("gpu_peak_allocated_mib")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Type-checks the CUDA build (`cargo check --features cuda -p l2s-cli`) on a machine without a GPU,
+# Type-checks the CUDA build (`cargo check --features cuda`) on a machine without a GPU,
 # so that code behind the `cuda` feature cannot rot unnoticed.
 #
 #   tools/gpu/check-cuda.sh [extra cargo check arguments…]
@@ -9,7 +9,9 @@
 # 2 hours on two cores, most of it candle's quantised-matmul kernels. CUDA_CHECK=rust checks the
 # Rust side only, with tools/gpu/nvcc-standin in nvcc's place (no device code is compiled, no
 # toolkit is installed): every crate and all targets still type-check against candle's CUDA API,
-# in minutes. CARGO_TARGET_DIR defaults to target/cuda-check (full) or target/cuda-rust-check.
+# in minutes, and our own kernels (crates/models/src/ops/kernels.cu) are compiled by NVIDIA's NVRTC
+# from PyPI, as the CUDA build compiles them at run time. CARGO_TARGET_DIR defaults to
+# target/cuda-check (full) or target/cuda-rust-check.
 #
 # Environment: CUDA_TOOLKIT_DIR (default target/cuda-toolkit) holds a Python venv with NVIDIA's
 # CUDA 13.0 packages from PyPI and a folder of links to their libraries; CARGO_TARGET_DIR defaults
@@ -37,8 +39,18 @@ if [ "$MODE" = rust ]; then
     ln -sf "$NVCC" "$STANDIN_BIN/nvcc"
     export PATH="$STANDIN_BIN:$PATH"
     echo "nvcc: stand-in (no device code); target: $CARGO_TARGET_DIR" >&2
-    cargo check --release --features cuda -p l2s-cli --all-targets "$@"
+    cargo check --release --features cuda -p l2s-cli -p l2s-models --all-targets "$@"
     echo "cargo check --features cuda (Rust side) passed in $(($(date +%s) - start)) s" >&2
+    # Our own kernels are compiled by NVRTC when a CUDA run first needs them: compile them here
+    # with the same NVRTC (one wheel, ~90 MB) for the oldest and newest targets we support.
+    KIT=${CUDA_TOOLKIT_DIR:-$ROOT/target/cuda-toolkit}
+    [ -x "$KIT/venv/bin/python" ] || python3 -m venv "$KIT/venv"
+    "$KIT/venv/bin/pip" install -q --disable-pip-version-check nvidia-cuda-nvrtc==13.0.88
+    CU=$("$KIT/venv/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')
+    for arch in compute_75 compute_90; do
+        LD_LIBRARY_PATH="$CU/lib" "$KIT/venv/bin/python" tools/gpu/nvrtc-compile.py \
+            "$CU/lib/libnvrtc.so.13" crates/models/src/ops/kernels.cu --gpu-architecture=$arch
+    done
     exit 0
 elif [ "$MODE" != full ]; then
     echo "CUDA_CHECK must be full or rust, not '$MODE'" >&2
@@ -77,5 +89,5 @@ fi
 
 export PATH="$CU/bin:$PATH" CUDA_HOME="$KIT/links" CUDA_COMPUTE_CAP=90
 echo "nvcc: $(nvcc --version | tail -1); CUDA_HOME=$CUDA_HOME; target: $CARGO_TARGET_DIR" >&2
-cargo check --release --features cuda -p l2s-cli --all-targets "$@"
+cargo check --release --features cuda -p l2s-cli -p l2s-models --all-targets "$@"
 echo "cargo check --features cuda passed in $(($(date +%s) - start)) s" >&2

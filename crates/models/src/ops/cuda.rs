@@ -22,12 +22,27 @@ const MODULE: &str = "l2s-fused-ops";
 fn ptx() -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
     PTX.get_or_init(|| {
-        nvrtc::compile_ptx(SOURCE)
-            .map(|ptx| ptx.to_src())
-            .map_err(|e| format!("compiling the fused ops' CUDA kernels with NVRTC: {e:?}"))
+        // NVRTC is loaded here, on first use; a missing library is an error, not a crash.
+        let compiled = std::panic::catch_unwind(|| nvrtc::compile_ptx(SOURCE))
+            .map_err(|_| "NVRTC (libnvrtc.so) could not be loaded".to_string())
+            .and_then(|r| r.map_err(|e| format!("{e:?}")));
+        match compiled {
+            Ok(ptx) => Ok(ptx.to_src()),
+            Err(e) => {
+                let e = format!("compiling the fused ops' CUDA kernels with NVRTC: {e}");
+                tracing::warn!("{e}; normalisations and softmax use candle's composed ops");
+                Err(e)
+            }
+        }
     })
     .as_deref()
     .map_err(|e| candle_core::Error::Msg(e.clone()))
+}
+
+/// Whether the kernels compiled (once per process; a failure is logged once and the fused ops
+/// fall back to the composed form on CUDA).
+pub(crate) fn available() -> bool {
+    ptx().is_ok()
 }
 
 /// Launches `$call` (a [`KernelCall`]) on `$dev` with its scalars, then the buffers listed. A

@@ -42,11 +42,11 @@ pub(crate) fn cpu_kernel(xs: &Tensor) -> bool {
 }
 
 /// True when a fused normalisation or softmax kernel covers the tensor: [`cpu_kernel`], or (built
-/// with `cuda`) a CUDA tensor in f32, f64, bf16 or f16 (`kernels.cu`).
+/// with `cuda`) a CUDA tensor in f32, f64, bf16 or f16 once `kernels.cu` has compiled.
 pub(crate) fn fused_kernel(xs: &Tensor) -> bool {
     #[cfg(feature = "cuda")]
     if xs.device().is_cuda() {
-        return launch::suffix(xs.dtype()).is_some();
+        return launch::suffix(xs.dtype()).is_some() && cuda::available();
     }
     cpu_kernel(xs)
 }
