@@ -3,12 +3,13 @@
 //! candle differentiates `conv2d` through `conv_transpose2d`, which on the CPU is a direct loop,
 //! sums the bias gradient with a strided reduction over three axes, and computes the kernel and
 //! bias gradients even for frozen weights; together they made up about a quarter of a training
-//! step of the shapes model. Here the forward pass is candle's (im2col + gemm on the CPU), and for
-//! stride 1 the input gradient is an ordinary convolution with the flipped, transposed kernel, so
-//! it takes the same fast path; kernel and bias get gradients only when autograd tracks them. On
-//! the CPU in f32/f64 the forward convolutions of a frozen kernel (and that input gradient) run
-//! the im2col kernel of [`crate::ops::conv`], which writes the bias and the product straight into
-//! the output; elsewhere they are candle's.
+//! step of the shapes model. Here kernel and bias get gradients only when autograd tracks them. On
+//! the CPU in f32/f64 the forward convolution of a frozen kernel runs the im2col kernel of
+//! [`crate::ops::conv`], which writes the bias and the product straight into the output, and the
+//! input gradient is the transposed product of the same kernel read in place, scattered back by
+//! col2im (any stride). Elsewhere the forward pass is candle's, and for stride 1 the input
+//! gradient an ordinary convolution with the flipped, transposed kernel (made once for a frozen
+//! kernel), which takes the same fast path.
 //!
 //! When the kernel itself is trained (on the CPU), the convolution is an explicit im2col matrix
 //! times the kernel, one product for the whole batch, and the matrix is kept for the backward
@@ -35,8 +36,9 @@ pub struct Conv2d {
     bias: Tensor,
     stride: usize,
     padding: usize,
-    /// The flipped, transposed kernel of the input gradient, made once for a frozen kernel: a
-    /// steering run differentiates through the same weights at every iteration.
+    /// The flipped, transposed kernel of the input gradient off the CPU, made once for a frozen
+    /// kernel: a steering run differentiates through the same weights at every iteration. (On
+    /// the CPU the input gradient reads the kernel in place, so no copy doubles its memory.)
     flipped: Arc<OnceLock<Tensor>>,
 }
 
@@ -286,7 +288,11 @@ impl candle_core::CustomOp3 for ConvWithBias {
         if !xs.track_op() {
             return Ok((None, grad_weight, grad_bias));
         }
-        let grad_xs = if s == 1 && k_h == k_w && p < k_h {
+        let grad_xs = if let Some(g) = ops::conv::conv2d_input_grad(grad, weight, xs.dims(), p, s)?
+        {
+            // On the CPU: the transposed product and col2im, the kernel read in place.
+            g
+        } else if s == 1 && k_h == k_w && p < k_h {
             // Stride 1: the input gradient is the correlation of the output gradient with the
             // kernel flipped in space and transposed in channels, padded by k − 1 − p.
             let make =
@@ -488,16 +494,14 @@ mod tests {
                     );
                 }
                 if frozen {
-                    // The flipped kernel made by the first pass serves the second.
+                    // A second pass (off the CPU: with the flipped kernel the first one made)
+                    // gives the same gradient.
                     let again = (conv.forward(xs.as_tensor())? * &probe)?
                         .sum_all()?
                         .backward()?;
                     let (a, b) = (again.get(&xs).unwrap(), g_plain.get(&xs).unwrap());
                     let err = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
-                    assert!(
-                        err < 1e-10,
-                        "reused flipped kernel: input gradient off by {err}"
-                    );
+                    assert!(err < 1e-10, "second pass: input gradient off by {err}");
                 }
             }
         }

@@ -409,6 +409,33 @@ fn frozen_weights_get_no_gradient() {
     );
     assert!(rel_err(g1, g2) < 1e-14);
 
+    // LayerNorm and RMSNorm (one element per channel, their own backward loops) likewise.
+    let (nw, nb) = (
+        (tensor(&[4], 27, dtype) + 1.0).unwrap(),
+        tensor(&[4], 28, dtype),
+    );
+    let (nwv, nbv) = (
+        Var::from_tensor(&nw).unwrap(),
+        Var::from_tensor(&nb).unwrap(),
+    );
+    let g = |w: &Tensor, b: &Tensor| {
+        let h = norm::layer_norm(x.as_tensor(), w, b, 1e-5).unwrap();
+        let h = norm::rms_norm(&h, w, 1e-6).unwrap();
+        h.sqr().unwrap().sum_all().unwrap().backward().unwrap()
+    };
+    let (frozen, trained) = (g(&nw, &nb), g(nwv.as_tensor(), nbv.as_tensor()));
+    assert_eq!(
+        frozen.get_ids().count(),
+        1,
+        "only the input keeps a gradient"
+    );
+    assert!(trained.get(nwv.as_tensor()).is_some() && trained.get(nbv.as_tensor()).is_some());
+    let (g1, g2) = (
+        frozen.get(x.as_tensor()).unwrap(),
+        trained.get(x.as_tensor()).unwrap(),
+    );
+    assert!(rel_err(g1, g2) < 1e-14);
+
     // candle's own ops differentiate the frozen weight too (what the ops above avoid).
     let plain = (x
         .as_tensor()

@@ -5,14 +5,25 @@
 //! another pass. Here the patch matrix (input channels × kernel rows × kernel columns, output
 //! pixels) is built from NCHW with contiguous row copies, the output starts as the bias, and the
 //! product accumulates onto it in place; a 1×1 convolution multiplies the input buffer itself.
-//! Other devices and dtypes use candle's convolution.
+//! The input gradient is the transposed product, read from the kernel in place, scattered back by
+//! col2im. Other devices and dtypes use candle's convolution.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::im2col::Geometry;
 use super::{contiguous_slice, cpu_kernel, Real};
 
-/// `dst (m × n) = read·dst + lhs (m × k) · rhs (k × n)`, all row-major and contiguous.
+/// How the left operand of [`gemm_into`] is stored.
+#[derive(Clone, Copy, PartialEq)]
+enum Lhs {
+    /// m × k, row-major.
+    RowMajor,
+    /// Its transpose is stored: k × m, row-major (read in place, not copied).
+    Transposed,
+}
+
+/// `dst (m × n) = read·dst + lhs (m × k) · rhs (k × n)`, `dst` and `rhs` row-major and contiguous.
+#[allow(clippy::too_many_arguments)]
 fn gemm_into<T: Real>(
     m: usize,
     n: usize,
@@ -20,8 +31,14 @@ fn gemm_into<T: Real>(
     dst: &mut [T],
     read: bool,
     lhs: &[T],
+    lhs_layout: Lhs,
     rhs: &[T],
 ) {
+    // Element (i, j) of lhs sits at i·row_stride + j·col_stride.
+    let (lhs_cs, lhs_rs) = match lhs_layout {
+        Lhs::RowMajor => (1, k as isize),
+        Lhs::Transposed => (m as isize, 1),
+    };
     assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= k * n);
     let threads = candle_core::utils::get_num_threads();
     let parallelism = if threads > 1 {
@@ -41,8 +58,8 @@ fn gemm_into<T: Real>(
             n as isize,
             read,
             lhs.as_ptr(),
-            1,
-            k as isize,
+            lhs_cs,
+            lhs_rs,
             rhs.as_ptr(),
             1,
             n as isize,
@@ -83,9 +100,62 @@ fn conv2d_kernel<T: Real>(g: &Geometry, x: &[T], kernel: &[T], bias: Option<&[T]
             g.one_image().im2col_into(xs, &mut col);
             &col
         };
-        gemm_into(g.c_out, pixels, k_size, dst, bias.is_some(), kernel, rhs);
+        gemm_into(
+            g.c_out,
+            pixels,
+            k_size,
+            dst,
+            bias.is_some(),
+            kernel,
+            Lhs::RowMajor,
+            rhs,
+        );
     }
     out
+}
+
+/// The input gradient of `conv2d(x, kernel)` from the output gradient `grad`, image by image:
+/// kernelᵀ · grad (the kernel read in place) gives the gradient of the patch matrix, and col2im
+/// adds it back to the pixels. Any stride and padding; no flipped copy of the kernel.
+fn conv2d_input_grad_kernel<T: Real>(g: &Geometry, grad: &[T], kernel: &[T]) -> Vec<T> {
+    let pixels = g.pixels();
+    let image = g.c_in * g.h * g.w;
+    let mut dx = vec![T::zero(); g.batch * image];
+    let direct = g.k_h == 1 && g.k_w == 1 && g.stride == 1 && g.padding == 0;
+    let mut col = if direct {
+        Vec::new()
+    } else {
+        vec![T::zero(); g.rows() * pixels]
+    };
+    let one = g.one_image();
+    for (n, dx) in dx.chunks_exact_mut(image).enumerate() {
+        let grad = &grad[n * g.c_out * pixels..(n + 1) * g.c_out * pixels];
+        if direct {
+            gemm_into(
+                g.c_in,
+                pixels,
+                g.c_out,
+                dx,
+                false,
+                kernel,
+                Lhs::Transposed,
+                grad,
+            );
+        } else {
+            gemm_into(
+                g.rows(),
+                pixels,
+                g.c_out,
+                &mut col,
+                false,
+                kernel,
+                Lhs::Transposed,
+                grad,
+            );
+            one.col2im_add(&col, dx);
+        }
+    }
+    dx
 }
 
 /// The kernel on storages, for ops that own their backward pass: `x`, `k` and `bias` must be
@@ -128,6 +198,70 @@ pub(crate) fn conv2d_storage(
 struct Conv {
     stride: usize,
     padding: usize,
+}
+
+/// (output gradient, kernel) → input gradient of the convolution `geometry` describes.
+struct ConvInputGrad(Geometry);
+
+impl CustomOp2 for ConvInputGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        grad: &CpuStorage,
+        lg: &Layout,
+        k: &CpuStorage,
+        lk: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        let expected = [g.batch, g.c_out, g.out_h(), g.out_w()];
+        if lg.dims() != expected || lk.dims() != [g.c_out, g.c_in, g.k_h, g.k_w] {
+            candle_core::bail!(
+                "conv2d-input-grad: gradient {:?} and kernel {:?} for {g:?}",
+                lg.dims(),
+                lk.dims()
+            );
+        }
+        fn run<T: Real>(
+            g: &Geometry,
+            grad: (&CpuStorage, &Layout),
+            k: (&CpuStorage, &Layout),
+        ) -> Result<Vec<T>> {
+            let name = "conv2d-input-grad";
+            let grad = contiguous_slice::<T>(name, grad.0, grad.1)?;
+            Ok(conv2d_input_grad_kernel(
+                g,
+                grad,
+                contiguous_slice::<T>(name, k.0, k.1)?,
+            ))
+        }
+        let out = match grad {
+            CpuStorage::F32(_) => CpuStorage::F32(run::<f32>(g, (grad, lg), (k, lk))?),
+            CpuStorage::F64(_) => CpuStorage::F64(run::<f64>(g, (grad, lg), (k, lk))?),
+            _ => candle_core::bail!("conv2d-input-grad: only f32 and f64"),
+        };
+        Ok((out, Shape::from((g.batch, g.c_in, g.h, g.w))))
+    }
+}
+
+/// The gradient, with respect to an input of shape `input_dims`, of `conv2d(input, weight)`
+/// (square padding and stride, no dilation) given the output gradient `grad`; no backward pass.
+/// `None` where the kernel above does not run (see [`fits`]): the caller uses candle's ops.
+pub fn conv2d_input_grad(
+    grad: &Tensor,
+    weight: &Tensor,
+    input_dims: &[usize],
+    padding: usize,
+    stride: usize,
+) -> Result<Option<Tensor>> {
+    if !fits(grad, weight, None) {
+        return Ok(None);
+    }
+    let g = Geometry::new(input_dims, weight.dims(), stride, padding)?;
+    let (grad, weight) = (grad.detach().contiguous()?, weight.detach().contiguous()?);
+    grad.apply_op2_no_bwd(&weight, &ConvInputGrad(g)).map(Some)
 }
 
 impl CustomOp2 for Conv {

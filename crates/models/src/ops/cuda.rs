@@ -137,9 +137,10 @@ pub(crate) fn normalise_forward(
     })
 }
 
-/// [∂x, ∂weight, ∂bias] flattened, as the CPU kernel returns them.
+/// [∂x, ∂weight, ∂bias] flattened, as the CPU kernel returns them; ∂x alone unless `affine`.
 pub(crate) fn normalise_backward(
     rows: &Rows,
+    affine: bool,
     (x, lx): (&CudaStorage, &Layout),
     (w, lw): (&CudaStorage, &Layout),
     (g, lg): (&CudaStorage, &Layout),
@@ -147,7 +148,11 @@ pub(crate) fn normalise_backward(
     const OP: &str = "normalise-rows-grad";
     let n = lx.shape().elem_count();
     let n_rows = n / rows.len();
-    let channels = rows.groups * rows.channels;
+    let channels = if affine {
+        rows.groups * rows.channels
+    } else {
+        0
+    };
     let dev = x.device().clone();
     let sfx = suffix(OP, x.dtype())?;
     if lg.shape().elem_count() != n {
@@ -163,7 +168,7 @@ pub(crate) fn normalise_backward(
             let mut dx = out.slice_mut(0..n);
             launch!(dev, &input_call, [&xv, &wv, &gv, &mut dx, &mut stats]);
         }
-        {
+        if affine {
             let (_, mut affine) = out.split_at_mut(n);
             let (mut dw, mut db) = affine.split_at_mut(channels);
             launch!(dev, &affine_call, [&xv, &gv, &stats, &mut dw, &mut db]);

@@ -170,23 +170,53 @@ impl Geometry {
 
     /// The adjoint of [`im2col`](Self::im2col): every matrix entry added back to its pixel.
     pub fn col2im<T: WithDType>(&self, col: &[T]) -> Vec<T> {
-        let n = self.cols();
         let mut x = vec![T::zero(); self.input_len()];
-        let s = self.stride;
-        for (r, row) in col.chunks_exact(n).take(self.rows()).enumerate() {
-            self.for_each_piece(r, |dst, src, len| {
-                let seg = &row[dst..dst + len];
-                if s == 1 {
-                    let out = &mut x[src..src + len];
-                    out.iter_mut().zip(seg).for_each(|(o, &v)| *o += v);
-                } else {
-                    for (k, &v) in seg.iter().enumerate() {
-                        x[src + k * s] += v;
-                    }
-                }
-            });
-        }
+        self.col2im_add(col, &mut x);
         x
+    }
+
+    /// Adds every entry of `col` (`rows() × cols()`) to its pixel of `x`; for one image, input
+    /// channels on the thread pool when the matrix is large (each channel's rows land in its
+    /// own plane only).
+    pub fn col2im_add<T: WithDType>(&self, col: &[T], x: &mut [T]) {
+        let n = self.cols();
+        assert!(x.len() >= self.input_len() && col.len() >= self.rows() * n);
+        let (col, x) = (&col[..self.rows() * n], &mut x[..self.input_len()]);
+        let taps = self.k_h * self.k_w;
+        let plane = self.h * self.w;
+        let parallel = self.batch == 1
+            && col.len() >= super::PARALLEL_MIN_ELEMENTS
+            && candle_core::utils::get_num_threads() > 1;
+        if parallel {
+            x.par_chunks_exact_mut(plane)
+                .zip(col.par_chunks_exact(taps * n))
+                .enumerate()
+                .for_each(|(c, (x, rows))| {
+                    for (t, row) in rows.chunks_exact(n).enumerate() {
+                        self.add_row(c * taps + t, row, x, c * plane);
+                    }
+                });
+        } else {
+            for (r, row) in col.chunks_exact(n).enumerate() {
+                self.add_row(r, row, x, 0);
+            }
+        }
+    }
+
+    /// Adds patch row `r` to `x`, which starts at element `origin` of the input.
+    fn add_row<T: WithDType>(&self, r: usize, row: &[T], x: &mut [T], origin: usize) {
+        let s = self.stride;
+        self.for_each_piece(r, |dst, src, len| {
+            let (seg, src) = (&row[dst..dst + len], src - origin);
+            if s == 1 {
+                let out = &mut x[src..src + len];
+                out.iter_mut().zip(seg).for_each(|(o, &v)| *o += v);
+            } else {
+                for (k, &v) in seg.iter().enumerate() {
+                    x[src + k * s] += v;
+                }
+            }
+        });
     }
 }
 

@@ -104,7 +104,8 @@ impl Rows {
         out
     }
 
-    /// The input gradient of one row, adding its weight and bias gradients to `dw` and `db`.
+    /// The input gradient of one row, adding its weight and bias gradients to `dw` and `db`
+    /// unless those are empty (frozen weight and bias).
     #[allow(clippy::too_many_arguments)]
     fn backward_row<T: Real>(
         &self,
@@ -128,9 +129,11 @@ impl Rows {
             });
             let mean_t = T::of(mean);
             let rstd_t = T::of(rstd);
-            for (j, (&v, &gv)) in row.iter().zip(grad).enumerate() {
-                dw[c0 + j] += gv.f64() * (v.f64() - mean) * rstd;
-                db[c0 + j] += gv.f64();
+            if !dw.is_empty() {
+                for (j, (&v, &gv)) in row.iter().zip(grad).enumerate() {
+                    dw[c0 + j] += gv.f64() * (v.f64() - mean) * rstd;
+                    db[c0 + j] += gv.f64();
+                }
             }
             let mean_gy = T::of(if self.centre { sum_gy / n } else { 0.0 });
             let k = T::of(sum_gy_xc * rstd / n * rstd);
@@ -147,8 +150,10 @@ impl Rows {
             let sg = sum1(grad, |gv| gv.f64());
             let sgx = sum2(row, grad, |v, gv| gv.f64() * (v.f64() - mean)) * rstd;
             let wc = w[c0 + c].f64();
-            dw[c0 + c] += sgx;
-            db[c0 + c] += sg;
+            if !dw.is_empty() {
+                dw[c0 + c] += sgx;
+                db[c0 + c] += sg;
+            }
             sum_gy += sg * wc;
             sum_gy_xhat += sgx * wc;
         }
@@ -169,10 +174,15 @@ impl Rows {
         }
     }
 
-    /// Gradients of the input, the weight and the bias, concatenated in that order.
-    fn backward<T: Real>(&self, x: &[T], w: &[T], g: &[T]) -> Vec<T> {
+    /// Gradients of the input, the weight and the bias, concatenated in that order; the input's
+    /// alone unless `affine`.
+    fn backward<T: Real>(&self, x: &[T], w: &[T], g: &[T], affine: bool) -> Vec<T> {
         let len = self.len();
-        let n_channels = self.groups * self.channels;
+        let n_channels = if affine {
+            self.groups * self.channels
+        } else {
+            0
+        };
         let mut dx = vec![T::zero(); x.len()];
         let zeros = || (vec![0f64; n_channels], vec![0f64; n_channels]);
         let (dw, db) = if x.len() >= PARALLEL_MIN_ELEMENTS {
@@ -289,7 +299,12 @@ impl CustomOp3 for Normalise {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let all = x.apply_op3_no_bwd(weight, &grad.contiguous()?, &NormaliseGrad(self.0))?;
+        let affine = weight.track_op() || bias.track_op();
+        let op = NormaliseGrad {
+            rows: self.0,
+            affine,
+        };
+        let all = x.apply_op3_no_bwd(weight, &grad.contiguous()?, &op)?;
         let (n, c) = (x.elem_count(), weight.elem_count());
         let grad_x = x
             .track_op()
@@ -308,8 +323,12 @@ impl CustomOp3 for Normalise {
     }
 }
 
-/// Backward op: (input, weight, output gradient) → [∂input, ∂weight, ∂bias] flattened.
-struct NormaliseGrad(Rows);
+/// Backward op: (input, weight, output gradient) → [∂input, ∂weight, ∂bias] flattened, or
+/// ∂input alone when the weight and bias are frozen (`affine` false): steering's case.
+struct NormaliseGrad {
+    rows: Rows,
+    affine: bool,
+}
 
 impl CustomOp3 for NormaliseGrad {
     fn name(&self) -> &'static str {
@@ -326,26 +345,26 @@ impl CustomOp3 for NormaliseGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         fn run<T: Real>(
-            rows: &Rows,
+            op: &NormaliseGrad,
             (s1, l1): (&CpuStorage, &Layout),
             (s2, l2): (&CpuStorage, &Layout),
             (s3, l3): (&CpuStorage, &Layout),
         ) -> Result<Vec<T>> {
             let name = "normalise-rows-grad";
-            Ok(rows.backward(
+            Ok(op.rows.backward(
                 contiguous_slice::<T>(name, s1, l1)?,
                 contiguous_slice::<T>(name, s2, l2)?,
                 contiguous_slice::<T>(name, s3, l3)?,
+                op.affine,
             ))
         }
         let args = ((s1, l1), (s2, l2), (s3, l3));
         let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(run::<f32>(&self.0, args.0, args.1, args.2)?),
-            CpuStorage::F64(_) => CpuStorage::F64(run::<f64>(&self.0, args.0, args.1, args.2)?),
+            CpuStorage::F32(_) => CpuStorage::F32(run::<f32>(self, args.0, args.1, args.2)?),
+            CpuStorage::F64(_) => CpuStorage::F64(run::<f64>(self, args.0, args.1, args.2)?),
             _ => candle_core::bail!("normalise-rows-grad: only f32 and f64"),
         };
-        let len = l1.shape().elem_count() + 2 * l2.shape().elem_count();
-        Ok((out, Shape::from(len)))
+        Ok((out, self.out_shape(l1, l2)))
     }
 
     #[cfg(feature = "cuda")]
@@ -358,10 +377,21 @@ impl CustomOp3 for NormaliseGrad {
         s3: &CudaStorage,
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        check(&self.0, l1, l2, l2)?;
-        let out = super::cuda::normalise_backward(&self.0, (s1, l1), (s2, l2), (s3, l3))?;
-        let len = l1.shape().elem_count() + 2 * l2.shape().elem_count();
-        Ok((out, Shape::from(len)))
+        check(&self.rows, l1, l2, l2)?;
+        let out =
+            super::cuda::normalise_backward(&self.rows, self.affine, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, self.out_shape(l1, l2)))
+    }
+}
+
+impl NormaliseGrad {
+    fn out_shape(&self, x: &Layout, w: &Layout) -> Shape {
+        let affine = if self.affine {
+            2 * w.shape().elem_count()
+        } else {
+            0
+        };
+        Shape::from(x.shape().elem_count() + affine)
     }
 }
 
