@@ -252,6 +252,25 @@ fn packed_heads_attention_matches_composed_and_finite_differences() {
     }
 }
 
+/// The backward pass recomputes blocks of 128 query rows and adds each block's share into ∂k and
+/// ∂v: 300 queries make three blocks, the last one partial.
+#[test]
+fn packed_heads_attention_over_several_row_blocks_matches_composed() {
+    for dtype in DTYPES {
+        let inputs = [
+            tensor(&[1, 300, 8], 30, dtype),
+            tensor(&[1, 40, 8], 31, dtype),
+            tensor(&[1, 40, 6], 32, dtype),
+        ];
+        check(
+            "attention_heads, 3 row blocks",
+            &inputs,
+            |a| heads::attention_heads(&a[0], &a[1], &a[2], 2, 0.7),
+            |a| attention_split_composed(&a[0], &a[1], &a[2], 2),
+        );
+    }
+}
+
 /// Without gradients the packed op works through blocks of query rows (the last one partial).
 #[test]
 fn packed_heads_attention_without_gradients_matches_composed() {

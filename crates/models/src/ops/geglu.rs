@@ -117,8 +117,8 @@ fn forward_row<T: Erf>(value: &[T], gate: &[T], out: &mut [T], cdf: Option<&mut 
     }
 }
 
-super::avx2_or_plain!(
-    /// [`forward`] with 8-wide vectors where the CPU has AVX2.
+super::simd_dispatch!(
+    /// [`forward`] with the CPU's widest vectors.
     fn forward_f32(h: &[f32], half: usize, keep_cdf: bool) -> (Vec<f32>, Vec<f32>) => forward
 );
 

@@ -3,10 +3,11 @@
 //!
 //! Split into heads, attention reads (b, H, n, d) copies of q, k and v, and its output needs a
 //! copy back to (b, n, H·e). Here each head's products address its columns of the packed buffers
-//! through the matrix kernel's strides, so no copy is made. Without gradients, the scores of
-//! each block of query rows live in a small scratch buffer that stays in cache and the full
-//! probabilities never exist; with gradients they are kept for the backward pass. CPU, f32/f64;
-//! elsewhere the split form ([`super::attention::attention`]).
+//! through the matrix kernel's strides, so no copy is made. The scores of each block of query
+//! rows live in a small scratch buffer that stays in cache, and the full probabilities exist
+//! only for an observer: the backward pass recomputes each block's (as flash attention does),
+//! trading one more product per block for memory that holds no n × m matrix per head. CPU,
+//! f32/f64; elsewhere the split form ([`super::attention::attention`]).
 
 use std::sync::Mutex;
 
@@ -227,7 +228,13 @@ fn forward<T: Real>(
     out
 }
 
-/// Gradients of q, k and v (each only when wanted) from the probabilities and ∂out.
+/// Query rows per block of the backward pass: 128 rows of 4096 keys is 2 MiB in f32 per buffer.
+const BACKWARD_BLOCK_ROWS: usize = 128;
+
+/// Gradients of q, k and v (each only when wanted) from ∂out. The probabilities are not kept by
+/// the forward pass: each block of query rows recomputes its scores and softmax (the same
+/// products and kernel, so the same values), so memory holds two blocks per worker instead of
+/// every head's n × m matrix, and the blocks stay in cache between the products that use them.
 #[allow(clippy::too_many_arguments)]
 fn backward<T: Real>(
     g: Dims,
@@ -235,7 +242,6 @@ fn backward<T: Real>(
     q: &[T],
     k: &[T],
     v: &[T],
-    probs: &[T],
     grad: &[T],
     want: [bool; 3],
 ) -> [Option<Vec<T>>; 3] {
@@ -247,101 +253,91 @@ fn backward<T: Real>(
     let mut gv = want_v.then(|| vec![T::zero(); b * m * h * e]);
     let ptr = |o: &mut Option<Vec<T>>| o.as_mut().map(|v| Shared(v.as_mut_ptr()));
     let (pq, pk, pv) = (ptr(&mut gq), ptr(&mut gk), ptr(&mut gv));
-    let scale = T::of(scale);
+    let scale_t = T::of(scale);
     let c = |s: &[T]| Shared(s.as_ptr() as *mut T);
-    let (qp, kp, vp, pp, gp) = (c(q), c(k), c(v), c(probs), c(grad));
-    // ∂scores of one head, per worker thread; not needed when only ∂v is.
-    let ds_len = if want_q || want_k { n * m } else { 0 };
-    for_each_task_with_scratch(b * h, ds_len, |bh, ds: &mut [T]| {
+    let (qp, kp, vp, gp) = (c(q), c(k), c(v), c(grad));
+    let block = BACKWARD_BLOCK_ROWS.min(n);
+    // Per worker: the probabilities of a block and, when q or k want a gradient, its ∂scores.
+    let ds_len = if want_q || want_k { block * m } else { 0 };
+    // One task per head: its row blocks add into the head's ∂k and ∂v in turn.
+    for_each_task_with_scratch(b * h, block * m + ds_len, |bh, scratch: &mut [T]| {
         let (bi, hi) = (bh / h, bh % h);
-        // SAFETY: as in the forward pass; head (bi, hi) alone writes its columns of each gradient.
-        unsafe {
-            let p = pp.get().add(bh * n * m) as *const T;
-            let g_h = Mat {
-                ptr: gp.get().add(bi * n * h * e + hi * e),
-                rs: he,
-                cs: 1,
-            };
-            if let Some(dv) = pv {
-                // ∂v = pᵀ · ∂out
-                let p_t = Mat {
-                    ptr: p,
-                    rs: 1,
-                    cs: m as isize,
+        let (probs, ds) = scratch.split_at_mut(block * m);
+        for (blk, r0) in (0..n).step_by(block).enumerate() {
+            let rows = block.min(n - r0);
+            let (p, ds) = (&mut probs[..rows * m], &mut ds[..ds_len.min(rows * m)]);
+            let first = blk == 0;
+            // SAFETY: the offsets and strides stay inside q, k (b, ·, H·d), v, ∂out (b, ·, H·e)
+            // and the gradients; head (bi, hi) alone writes its columns of each gradient.
+            unsafe {
+                let q_blk = Mat {
+                    ptr: qp.get().add(bi * n * h * d + r0 * h * d + hi * d),
+                    rs: hd,
+                    cs: 1,
                 };
-                gemm_strided(
-                    m,
-                    e,
-                    n,
-                    dv.get().add(bi * m * h * e + hi * e),
-                    he,
-                    false,
-                    p_t,
-                    g_h,
-                );
-            }
-            if pq.is_none() && pk.is_none() {
-                return;
-            }
-            // ∂scores = scale · p ⊙ (∂p − Σ ∂p ⊙ p), with ∂p = ∂out · vᵀ.
-            let v_t = Mat {
-                ptr: vp.get().add(bi * m * h * e + hi * e),
-                rs: 1,
-                cs: he,
-            };
-            gemm_strided(n, m, e, ds.as_mut_ptr(), m as isize, false, g_h, v_t);
-            let p_rows = std::slice::from_raw_parts(p, n * m);
-            for (row, p_row) in ds.chunks_exact_mut(m).zip(p_rows.chunks_exact(m)) {
-                let dot = T::of(sum2(row, p_row, |a, b| a.f64() * b.f64()));
-                for (x, &pv) in row.iter_mut().zip(p_row) {
-                    *x = scale * pv * (*x - dot);
-                }
-            }
-            let ds_m = Mat {
-                ptr: ds.as_ptr(),
-                rs: m as isize,
-                cs: 1,
-            };
-            if let Some(dq) = pq {
-                // ∂q = ∂scores · k
-                let k_h = Mat {
+                let k_t = Mat {
                     ptr: kp.get().add(bi * m * h * d + hi * d),
-                    rs: hd,
-                    cs: 1,
-                };
-                gemm_strided(
-                    n,
-                    d,
-                    m,
-                    dq.get().add(bi * n * h * d + hi * d),
-                    hd,
-                    false,
-                    ds_m,
-                    k_h,
-                );
-            }
-            if let Some(dk) = pk {
-                // ∂k = ∂scoresᵀ · q
-                let ds_t = Mat {
-                    ptr: ds.as_ptr(),
                     rs: 1,
-                    cs: m as isize,
+                    cs: hd,
                 };
-                let q_h = Mat {
-                    ptr: qp.get().add(bi * n * h * d + hi * d),
-                    rs: hd,
+                gemm_strided(rows, m, d, p.as_mut_ptr(), m as isize, false, q_blk, k_t);
+                softmax_rows(p, m, scale_t);
+                let g_blk = Mat {
+                    ptr: gp.get().add(bi * n * h * e + r0 * h * e + hi * e),
+                    rs: he,
                     cs: 1,
                 };
-                gemm_strided(
-                    m,
-                    d,
-                    n,
-                    dk.get().add(bi * m * h * d + hi * d),
-                    hd,
-                    false,
-                    ds_t,
-                    q_h,
-                );
+                if let Some(dv) = pv {
+                    // ∂v += pᵀ · ∂out over this block's rows.
+                    let p_t = Mat {
+                        ptr: p.as_ptr(),
+                        rs: 1,
+                        cs: m as isize,
+                    };
+                    let dst = dv.get().add(bi * m * h * e + hi * e);
+                    gemm_strided(m, e, rows, dst, he, !first, p_t, g_blk);
+                }
+                if pq.is_none() && pk.is_none() {
+                    continue;
+                }
+                // ∂scores = scale · p ⊙ (∂p − Σ ∂p ⊙ p), with ∂p = ∂out · vᵀ.
+                let v_t = Mat {
+                    ptr: vp.get().add(bi * m * h * e + hi * e),
+                    rs: 1,
+                    cs: he,
+                };
+                gemm_strided(rows, m, e, ds.as_mut_ptr(), m as isize, false, g_blk, v_t);
+                for (row, p_row) in ds.chunks_exact_mut(m).zip(p.chunks_exact(m)) {
+                    let dot = T::of(sum2(row, p_row, |a, b| a.f64() * b.f64()));
+                    for (x, &pv) in row.iter_mut().zip(p_row) {
+                        *x = scale_t * pv * (*x - dot);
+                    }
+                }
+                if let Some(dq) = pq {
+                    // ∂q = ∂scores · k for this block's rows.
+                    let ds_m = Mat {
+                        ptr: ds.as_ptr(),
+                        rs: m as isize,
+                        cs: 1,
+                    };
+                    let k_h = Mat {
+                        ptr: kp.get().add(bi * m * h * d + hi * d),
+                        rs: hd,
+                        cs: 1,
+                    };
+                    let dst = dq.get().add(bi * n * h * d + r0 * h * d + hi * d);
+                    gemm_strided(rows, d, m, dst, hd, false, ds_m, k_h);
+                }
+                if let Some(dk) = pk {
+                    // ∂k += ∂scoresᵀ · q over this block's rows.
+                    let ds_t = Mat {
+                        ptr: ds.as_ptr(),
+                        rs: 1,
+                        cs: m as isize,
+                    };
+                    let dst = dk.get().add(bi * m * h * d + hi * d);
+                    gemm_strided(m, d, rows, dst, hd, !first, ds_t, q_blk);
+                }
             }
         }
     });
@@ -351,7 +347,7 @@ fn backward<T: Real>(
 struct HeadsAttention {
     heads: usize,
     scale: f64,
-    /// Keep the probabilities for a backward pass.
+    /// Keep the probabilities, for an observer (the backward pass recomputes its own).
     keep: bool,
     probs: Mutex<Option<CpuStorage>>,
 }
@@ -413,9 +409,6 @@ impl CustomOp3 for HeadsAttention {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let want = [q.track_op(), k.track_op(), v.track_op()];
-        let probs = self.probs.lock().ok().and_then(|mut p| p.take());
-        let probs =
-            probs.ok_or_else(|| candle_core::Error::Msg("attention: no forward pass".into()))?;
         let g = dims(self.heads, q.dims(), k.dims(), v.dims())?;
         let grad = grad.contiguous()?;
         let (sq, lq) = q.storage_and_layout();
@@ -430,14 +423,13 @@ impl CustomOp3 for HeadsAttention {
         let dev = q.device();
         let shapes = [q.shape().clone(), k.shape().clone(), v.shape().clone()];
         macro_rules! run {
-            ($t:ty, $p:expr) => {{
+            ($t:ty) => {{
                 let grads = backward::<$t>(
                     g,
                     self.scale,
                     slice(sq, lq)?,
                     slice(sk, lk)?,
                     slice(sv, lv)?,
-                    $p,
                     slice(sg, lg)?,
                     want,
                 );
@@ -450,9 +442,9 @@ impl CustomOp3 for HeadsAttention {
                 out
             }};
         }
-        let [gq, gk, gv] = match &probs {
-            CpuStorage::F32(p) => run!(f32, p),
-            CpuStorage::F64(p) => run!(f64, p),
+        let [gq, gk, gv] = match sq {
+            CpuStorage::F32(_) => run!(f32),
+            CpuStorage::F64(_) => run!(f64),
             _ => candle_core::bail!("attention: only f32 and f64"),
         };
         Ok((gq, gk, gv))
@@ -512,7 +504,7 @@ pub fn attention_heads(
         let op = HeadsAttention {
             heads,
             scale,
-            keep: q.track_op() || k.track_op() || v.track_op(),
+            keep: false,
             probs: Mutex::new(None),
         };
         return q

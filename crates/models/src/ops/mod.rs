@@ -99,10 +99,12 @@ fn softmax_row_generic<T: Real>(row: &mut [T], scale: T) {
     }
 }
 
-/// `fn name(args) -> R` that calls `kernel(args)` compiled with AVX2 enabled where the CPU has it,
-/// otherwise as built: the kernel (`#[inline(always)]`) is inlined into a `#[target_feature]`
-/// copy, so that its loops vectorise 8 lanes wide. No FMA, so both give the same roundings.
-macro_rules! avx2_or_plain {
+/// `fn name(args) -> R` that calls `kernel(args)` compiled with the widest vectors the CPU has:
+/// AVX-512 (16 f32 lanes), else AVX2 (8), else as built. The kernel (`#[inline(always)]`) is
+/// inlined into a `#[target_feature]` copy per width, so that its loops vectorise that wide.
+/// Rust never fuses a multiply and an add on its own, and the kernels' sums keep their own
+/// lane order, so every copy gives the same bits.
+macro_rules! simd_dispatch {
     (
         $(#[$meta:meta])*
         $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $kernel:path
@@ -110,19 +112,29 @@ macro_rules! avx2_or_plain {
         $(#[$meta])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
-                #[target_feature(enable = "avx2")]
-                unsafe fn wide($($arg: $ty),*) $(-> $ret)? {
-                    $kernel($($arg),*)
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    #[target_feature(enable = "avx512f")]
+                    unsafe fn wide16($($arg: $ty),*) $(-> $ret)? {
+                        $kernel($($arg),*)
+                    }
+                    // SAFETY: the CPU has AVX-512F (checked just above).
+                    return unsafe { wide16($($arg),*) };
                 }
-                // SAFETY: the CPU has AVX2 (checked just above).
-                return unsafe { wide($($arg),*) };
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    #[target_feature(enable = "avx2")]
+                    unsafe fn wide8($($arg: $ty),*) $(-> $ret)? {
+                        $kernel($($arg),*)
+                    }
+                    // SAFETY: the CPU has AVX2 (checked just above).
+                    return unsafe { wide8($($arg),*) };
+                }
             }
             $kernel($($arg),*)
         }
     };
 }
-pub(crate) use avx2_or_plain;
+pub(crate) use simd_dispatch;
 
 impl Real for f32 {
     #[inline(always)]
@@ -131,7 +143,7 @@ impl Real for f32 {
             *x = exp_f32((*x - shift) * scale);
         }
     }
-    avx2_or_plain!(fn softmax_row(row: &mut [f32], scale: f32) => softmax_row_generic);
+    simd_dispatch!(fn softmax_row(row: &mut [f32], scale: f32) => softmax_row_generic);
 }
 impl Real for f64 {}
 

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::{contiguous_slice, cpu_kernel, Real, PARALLEL_MIN_ELEMENTS};
 
-/// The element-wise loops, per chunk; f32 runs them with 8-wide vectors where the CPU has AVX2.
+/// The element-wise loops, per chunk; f32 runs them with the CPU's widest vectors.
 trait Sigmoid: Real {
     #[inline(always)]
     fn sigmoid(self) -> Self {
@@ -48,8 +48,8 @@ impl Sigmoid for f32 {
     fn sigmoid(self) -> Self {
         1.0 / (1.0 + super::exp_f32(-self))
     }
-    super::avx2_or_plain!(fn gate_chunk(out: &mut [f32], x: &[f32], alpha: f32) => gate_chunk);
-    super::avx2_or_plain!(
+    super::simd_dispatch!(fn gate_chunk(out: &mut [f32], x: &[f32], alpha: f32) => gate_chunk);
+    super::simd_dispatch!(
         fn gate_grad_chunk(out: &mut [f32], x: &[f32], grad: &[f32], alpha: f32) => gate_grad_chunk
     );
 }
