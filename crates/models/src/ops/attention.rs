@@ -129,8 +129,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
 /// The same from matrix products and a softmax (the reference, and the path off the CPU).
 pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let scores = matmul(q, &k.t()?)?;
-    // Tracked on CUDA, the fused softmax takes the scale inside its exponent: a pass less each way.
-    let probs = if scores.track_op() && scores.device().is_cuda() {
+    // Tracked, the differentiable softmax takes the scale inside its exponent: a pass less each way.
+    let probs = if scores.track_op() {
         super::softmax::softmax_scaled_last_dim(&scores, scale)?
     } else {
         crate::nn::softmax_last_dim(&(scores * scale)?)?

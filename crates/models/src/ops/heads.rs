@@ -145,6 +145,39 @@ fn softmax_rows<T: Real>(rows: &mut [T], len: usize, scale: T) {
     }
 }
 
+/// softmax(scale · q·kᵀ) of query rows `r0..` of head `hi` in image `bi` (as many rows as `p`
+/// holds, m keys each) into `p`, for the forward pass and the backward pass's recomputation
+/// alike, so both see the same values. Returns the block of q it read.
+///
+/// # Safety
+/// `q` and `k` must point at the (b, n, H·d) and (b, m, H·d) buffers `g` describes, and the rows
+/// must lie inside n.
+unsafe fn block_probabilities<T: Real>(
+    g: Dims,
+    scale: T,
+    q: *const T,
+    k: *const T,
+    (bi, hi, r0): (usize, usize, usize),
+    p: &mut [T],
+) -> Mat<T> {
+    let Dims { n, m, h, d, .. } = g;
+    let hd = (h * d) as isize;
+    let q_blk = Mat {
+        ptr: q.add(bi * n * h * d + r0 * h * d + hi * d),
+        rs: hd,
+        cs: 1,
+    };
+    let k_t = Mat {
+        ptr: k.add(bi * m * h * d + hi * d),
+        rs: 1,
+        cs: hd,
+    };
+    let rows = p.len() / m;
+    gemm_strided(rows, m, d, p.as_mut_ptr(), m as isize, false, q_blk, k_t);
+    softmax_rows(p, m, scale);
+    q_blk
+}
+
 /// Forward pass; writes the probabilities into `probs` (b, H, n, m) when given.
 fn forward<T: Real>(
     g: Dims,
@@ -154,8 +187,8 @@ fn forward<T: Real>(
     v: &[T],
     probs: Option<&mut [T]>,
 ) -> Vec<T> {
-    let Dims { b, h, n, m, d, e } = g;
-    let (hd, he) = ((h * d) as isize, (h * e) as isize);
+    let Dims { b, h, n, m, e, .. } = g;
+    let he = (h * e) as isize;
     let mut out = vec![T::zero(); b * n * h * e];
     let scale = T::of(scale);
     let out_ptr = Shared(out.as_mut_ptr());
@@ -190,27 +223,7 @@ fn forward<T: Real>(
         // SAFETY: the offsets and strides stay inside q (b, n, H·d), k (b, m, H·d),
         // v (b, m, H·e) and out (b, n, H·e); this task alone writes its rows of head hi.
         unsafe {
-            let q_blk = Mat {
-                ptr: qp.get().add(bi * n * h * d + r0 * h * d + hi * d),
-                rs: hd,
-                cs: 1,
-            };
-            let k_t = Mat {
-                ptr: kp.get().add(bi * m * h * d + hi * d),
-                rs: 1,
-                cs: hd,
-            };
-            gemm_strided(
-                rows,
-                m,
-                d,
-                scores.as_mut_ptr(),
-                m as isize,
-                false,
-                q_blk,
-                k_t,
-            );
-            softmax_rows(scores, m, scale);
+            block_probabilities(g, scale, qp.get(), kp.get(), (bi, hi, r0), scores);
             let p = Mat {
                 ptr: scores.as_ptr(),
                 rs: m as isize,
@@ -270,18 +283,7 @@ fn backward<T: Real>(
             // SAFETY: the offsets and strides stay inside q, k (b, ·, H·d), v, ∂out (b, ·, H·e)
             // and the gradients; head (bi, hi) alone writes its columns of each gradient.
             unsafe {
-                let q_blk = Mat {
-                    ptr: qp.get().add(bi * n * h * d + r0 * h * d + hi * d),
-                    rs: hd,
-                    cs: 1,
-                };
-                let k_t = Mat {
-                    ptr: kp.get().add(bi * m * h * d + hi * d),
-                    rs: 1,
-                    cs: hd,
-                };
-                gemm_strided(rows, m, d, p.as_mut_ptr(), m as isize, false, q_blk, k_t);
-                softmax_rows(p, m, scale_t);
+                let q_blk = block_probabilities(g, scale_t, qp.get(), kp.get(), (bi, hi, r0), p);
                 let g_blk = Mat {
                     ptr: gp.get().add(bi * n * h * e + r0 * h * e + hi * e),
                     rs: he,
