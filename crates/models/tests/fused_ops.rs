@@ -271,6 +271,25 @@ fn packed_heads_attention_over_several_row_blocks_matches_composed() {
     }
 }
 
+/// Heads eight wide take the narrow product kernel in f32 (forward, ∂q, ∂k and ∂v), over
+/// several row blocks and a key count that leaves a partial group of rows.
+#[test]
+fn packed_heads_attention_with_heads_eight_wide_matches_composed() {
+    for dtype in DTYPES {
+        let inputs = [
+            tensor(&[2, 140, 16], 33, dtype),
+            tensor(&[2, 45, 16], 34, dtype),
+            tensor(&[2, 45, 16], 35, dtype),
+        ];
+        check(
+            "attention_heads, heads of 8",
+            &inputs,
+            |a| heads::attention_heads(&a[0], &a[1], &a[2], 2, 0.7),
+            |a| attention_split_composed(&a[0], &a[1], &a[2], 2),
+        );
+    }
+}
+
 /// Without gradients the packed op works through blocks of query rows (the last one partial).
 #[test]
 fn packed_heads_attention_without_gradients_matches_composed() {

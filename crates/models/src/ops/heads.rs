@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::{cpu_kernel, sum2, Real};
+use super::{cpu_kernel, narrow, sum2, Real};
 
 /// Query rows per block of the no-gradient forward pass: 64 rows of 1024 keys is 256 KiB in f32.
 const BLOCK_ROWS: usize = 64;
@@ -57,6 +57,27 @@ unsafe fn gemm_strided<T: Real>(
     lhs: Mat<T>,
     rhs: Mat<T>,
 ) {
+    let positive = |s: isize| usize::try_from(s).ok();
+    if let (true, Some(dst_rs), Some(a_rs), Some(a_cs), Some(b_rs)) = (
+        T::DTYPE == candle_core::DType::F32 && n == narrow::WIDTH && rhs.cs == 1,
+        positive(dst_rs),
+        positive(lhs.rs),
+        positive(lhs.cs),
+        positive(rhs.rs),
+    ) {
+        if narrow::available() {
+            // T is f32 (checked above), so the casts only rename the type.
+            return narrow::product(
+                m,
+                k,
+                dst as *mut f32,
+                dst_rs,
+                accumulate,
+                (lhs.ptr as *const f32, a_rs, a_cs),
+                (rhs.ptr as *const f32, b_rs),
+            );
+        }
+    }
     gemm::gemm(
         m,
         n,
@@ -138,23 +159,45 @@ fn for_each_task_with_scratch<T: Real>(
     }
 }
 
-/// softmax(scale · row) in place for every row of `len` elements of `rows`.
-fn softmax_rows<T: Real>(rows: &mut [T], len: usize, scale: T) {
-    for row in rows.chunks_exact_mut(len) {
-        T::softmax_row(row, scale);
-    }
+/// Where each head's query rows find their softmax statistics in a buffer of `2·b·H·n`
+/// elements: the largest score of each row (before the scale), then 1 / Σ exp.
+#[derive(Clone, Copy)]
+struct RowStats<T> {
+    ptr: *mut T,
+    half: usize,
 }
 
-/// softmax(scale · q·kᵀ) of query rows `r0..` of head `hi` in image `bi` (as many rows as `p`
-/// holds, m keys each) into `p`, for the forward pass and the backward pass's recomputation
-/// alike, so both see the same values. Returns the block of q it read.
+impl<T: Real> RowStats<T> {
+    fn new(stats: &mut [T]) -> Self {
+        Self {
+            ptr: stats.as_mut_ptr(),
+            half: stats.len() / 2,
+        }
+    }
+    /// # Safety
+    /// `row` below `half`; no other task writes it meanwhile.
+    unsafe fn set(self, row: usize, max: T, inv_sum: T) {
+        *self.ptr.add(row) = max;
+        *self.ptr.add(self.half + row) = inv_sum;
+    }
+    /// # Safety
+    /// `row` below `half`.
+    unsafe fn get(self, row: usize) -> (T, T) {
+        (*self.ptr.add(row), *self.ptr.add(self.half + row))
+    }
+}
+// SAFETY: tasks touch disjoint rows (forward) or only read (backward).
+unsafe impl<T> Send for RowStats<T> {}
+unsafe impl<T> Sync for RowStats<T> {}
+
+/// q·kᵀ of query rows `r0..` of head `hi` in image `bi` (as many rows as `p` holds, m keys each)
+/// into `p`. Returns the block of q it read.
 ///
 /// # Safety
 /// `q` and `k` must point at the (b, n, H·d) and (b, m, H·d) buffers `g` describes, and the rows
 /// must lie inside n.
-unsafe fn block_probabilities<T: Real>(
+unsafe fn block_scores<T: Real>(
     g: Dims,
-    scale: T,
     q: *const T,
     k: *const T,
     (bi, hi, r0): (usize, usize, usize),
@@ -174,11 +217,13 @@ unsafe fn block_probabilities<T: Real>(
     };
     let rows = p.len() / m;
     gemm_strided(rows, m, d, p.as_mut_ptr(), m as isize, false, q_blk, k_t);
-    softmax_rows(p, m, scale);
     q_blk
 }
 
-/// Forward pass; writes the probabilities into `probs` (b, H, n, m) when given.
+/// Forward pass. Each block of query rows gets its scores, then exp(scale·(s − max)) and the
+/// row sums in one pass; the output is (exp · v) / sum, so the n × m probabilities are never
+/// divided unless `probs` (b, H, n, m) asks for them. The rows' max and 1 / sum go to `stats`
+/// when given, for the backward pass.
 fn forward<T: Real>(
     g: Dims,
     scale: f64,
@@ -186,6 +231,7 @@ fn forward<T: Real>(
     k: &[T],
     v: &[T],
     probs: Option<&mut [T]>,
+    stats: Option<&mut [T]>,
 ) -> Vec<T> {
     let Dims { b, h, n, m, e, .. } = g;
     let he = (h * e) as isize;
@@ -193,6 +239,7 @@ fn forward<T: Real>(
     let scale = T::of(scale);
     let out_ptr = Shared(out.as_mut_ptr());
     let probs_ptr = probs.map(|p| Shared(p.as_mut_ptr()));
+    let stats = stats.map(RowStats::new);
     let rows_per_block = if probs_ptr.is_some() {
         n
     } else {
@@ -205,25 +252,37 @@ fn forward<T: Real>(
         Shared(v.as_ptr() as *mut T),
     );
     // The kept probabilities are the scores' buffer; otherwise each worker has its own block.
-    let scratch_len = if probs_ptr.is_some() {
+    // Either way the scratch ends with the block's 1 / sum per row.
+    let scores_len = if probs_ptr.is_some() {
         0
     } else {
         rows_per_block * m
     };
+    let scratch_len = scores_len + rows_per_block;
     for_each_task_with_scratch(b * h * blocks, scratch_len, |task, scratch: &mut [T]| {
         let (bh, blk) = (task / blocks, task % blocks);
         let (bi, hi) = (bh / h, bh % h);
         let r0 = blk * rows_per_block;
         let rows = rows_per_block.min(n - r0);
+        let (scores, inv_sums) = scratch.split_at_mut(scores_len);
+        let inv_sums = &mut inv_sums[..rows];
         let scores: &mut [T] = match probs_ptr {
             // SAFETY: head (bi, hi) owns its n × m slice of the probabilities.
             Some(p) => unsafe { std::slice::from_raw_parts_mut(p.get().add(bh * n * m), n * m) },
-            None => &mut scratch[..rows * m],
+            None => &mut scores[..rows * m],
         };
         // SAFETY: the offsets and strides stay inside q (b, n, H·d), k (b, m, H·d),
-        // v (b, m, H·e) and out (b, n, H·e); this task alone writes its rows of head hi.
+        // v (b, m, H·e), out (b, n, H·e) and the statistics (2·b·H·n); this task alone writes
+        // its rows of head hi.
         unsafe {
-            block_probabilities(g, scale, qp.get(), kp.get(), (bi, hi, r0), scores);
+            block_scores(g, qp.get(), kp.get(), (bi, hi, r0), scores);
+            for (i, (row, inv_sum)) in scores.chunks_exact_mut(m).zip(&mut *inv_sums).enumerate() {
+                let max = T::row_max(row);
+                *inv_sum = T::of(1.0 / T::exp_shifted_sum(row, scale, max));
+                if let Some(stats) = stats {
+                    stats.set(bh * n + r0 + i, max, *inv_sum);
+                }
+            }
             let p = Mat {
                 ptr: scores.as_ptr(),
                 rs: m as isize,
@@ -236,6 +295,16 @@ fn forward<T: Real>(
             };
             let dst = out_ptr.get().add(bi * n * h * e + r0 * h * e + hi * e);
             gemm_strided(rows, e, m, dst, he, false, p, v_h);
+            for (i, &inv_sum) in inv_sums.iter().enumerate() {
+                for c in 0..e {
+                    *dst.add(i * he as usize + c) *= inv_sum;
+                }
+            }
+            if probs_ptr.is_some() {
+                for (row, &inv_sum) in scores.chunks_exact_mut(m).zip(&*inv_sums) {
+                    row.iter_mut().for_each(|x| *x *= inv_sum);
+                }
+            }
         }
     });
     out
@@ -252,10 +321,9 @@ const BACKWARD_BLOCK_ROWS: usize = 128;
 fn backward<T: Real>(
     g: Dims,
     scale: f64,
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    grad: &[T],
+    (q, k, v): (&[T], &[T], &[T]),
+    (out, grad): (&[T], &[T]),
+    stats: &[T],
     want: [bool; 3],
 ) -> [Option<Vec<T>>; 3] {
     let Dims { b, h, n, m, d, e } = g;
@@ -269,6 +337,10 @@ fn backward<T: Real>(
     let scale_t = T::of(scale);
     let c = |s: &[T]| Shared(s.as_ptr() as *mut T);
     let (qp, kp, vp, gp) = (c(q), c(k), c(v), c(grad));
+    let stats = RowStats {
+        ptr: stats.as_ptr() as *mut T,
+        half: stats.len() / 2,
+    };
     let block = BACKWARD_BLOCK_ROWS.min(n);
     // Per worker: the probabilities of a block and, when q or k want a gradient, its ∂scores.
     let ds_len = if want_q || want_k { block * m } else { 0 };
@@ -283,7 +355,13 @@ fn backward<T: Real>(
             // SAFETY: the offsets and strides stay inside q, k (b, ·, H·d), v, ∂out (b, ·, H·e)
             // and the gradients; head (bi, hi) alone writes its columns of each gradient.
             unsafe {
-                let q_blk = block_probabilities(g, scale_t, qp.get(), kp.get(), (bi, hi, r0), p);
+                // The forward pass's probabilities again: the same scores, exponentials and
+                // row statistics, so the same values.
+                let q_blk = block_scores(g, qp.get(), kp.get(), (bi, hi, r0), p);
+                for (i, row) in p.chunks_exact_mut(m).enumerate() {
+                    let (max, inv_sum) = stats.get(bh * n + r0 + i);
+                    T::exp_shifted_times(row, scale_t, max, inv_sum);
+                }
                 let g_blk = Mat {
                     ptr: gp.get().add(bi * n * h * e + r0 * h * e + hi * e),
                     rs: he,
@@ -302,15 +380,19 @@ fn backward<T: Real>(
                 if pq.is_none() && pk.is_none() {
                     continue;
                 }
-                // ∂scores = scale · p ⊙ (∂p − Σ ∂p ⊙ p), with ∂p = ∂out · vᵀ.
+                // ∂scores = scale · p ⊙ (∂p − Σ ∂p ⊙ p), with ∂p = ∂out · vᵀ; the sum over keys
+                // is ∂out · out per row (out = p · v), e products instead of m.
                 let v_t = Mat {
                     ptr: vp.get().add(bi * m * h * e + hi * e),
                     rs: 1,
                     cs: he,
                 };
                 gemm_strided(rows, m, e, ds.as_mut_ptr(), m as isize, false, g_blk, v_t);
-                for (row, p_row) in ds.chunks_exact_mut(m).zip(p.chunks_exact(m)) {
-                    let dot = T::of(sum2(row, p_row, |a, b| a.f64() * b.f64()));
+                for (i, (row, p_row)) in ds.chunks_exact_mut(m).zip(p.chunks_exact(m)).enumerate() {
+                    let at = bi * n * h * e + (r0 + i) * h * e + hi * e;
+                    let dot = T::of(sum2(&grad[at..at + e], &out[at..at + e], |a, b| {
+                        a.f64() * b.f64()
+                    }));
                     for (x, &pv) in row.iter_mut().zip(p_row) {
                         *x = scale_t * pv * (*x - dot);
                     }
@@ -352,6 +434,22 @@ struct HeadsAttention {
     /// Keep the probabilities, for an observer (the backward pass recomputes its own).
     keep: bool,
     probs: Mutex<Option<CpuStorage>>,
+    /// Keep each query row's softmax max and 1 / sum (2·b·H·n elements), for the backward pass.
+    keep_stats: bool,
+    stats: Mutex<Option<CpuStorage>>,
+}
+
+impl HeadsAttention {
+    fn new(heads: usize, scale: f64, keep: bool, keep_stats: bool) -> Self {
+        Self {
+            heads,
+            scale,
+            keep,
+            probs: Mutex::new(None),
+            keep_stats,
+            stats: Mutex::new(None),
+        }
+    }
 }
 
 fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
@@ -382,16 +480,25 @@ impl CustomOp3 for HeadsAttention {
                     slice::<$t>(k, lk)?,
                     slice::<$t>(v, lv)?,
                 );
-                if self.keep {
-                    let mut probs = vec![<$t>::default(); probs_len];
-                    let out = forward(g, self.scale, q, k, v, Some(&mut probs));
-                    if let Ok(mut slot) = self.probs.lock() {
-                        *slot = Some(CpuStorage::$variant(probs));
+                let mut probs = self.keep.then(|| vec![<$t>::default(); probs_len]);
+                let mut stats = self
+                    .keep_stats
+                    .then(|| vec![<$t>::default(); 2 * g.b * g.h * g.n]);
+                let out = forward(
+                    g,
+                    self.scale,
+                    q,
+                    k,
+                    v,
+                    probs.as_deref_mut(),
+                    stats.as_deref_mut(),
+                );
+                for (slot, kept) in [(&self.probs, probs), (&self.stats, stats)] {
+                    if let (Ok(mut slot), Some(kept)) = (slot.lock(), kept) {
+                        *slot = Some(CpuStorage::$variant(kept));
                     }
-                    CpuStorage::$variant(out)
-                } else {
-                    CpuStorage::$variant(forward(g, self.scale, q, k, v, None))
                 }
+                CpuStorage::$variant(out)
             }};
         }
         let out = match q {
@@ -407,18 +514,32 @@ impl CustomOp3 for HeadsAttention {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _out: &Tensor,
+        out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let want = [q.track_op(), k.track_op(), v.track_op()];
         let g = dims(self.heads, q.dims(), k.dims(), v.dims())?;
         let grad = grad.contiguous()?;
+        let stats = self
+            .stats
+            .lock()
+            .ok()
+            .and_then(|s| s.clone())
+            .ok_or_else(|| {
+                candle_core::Error::Msg("attention: the forward pass kept no row statistics".into())
+            })?;
         let (sq, lq) = q.storage_and_layout();
         let (sk, lk) = k.storage_and_layout();
         let (sv, lv) = v.storage_and_layout();
         let (sg, lg) = grad.storage_and_layout();
-        let (Storage::Cpu(sq), Storage::Cpu(sk), Storage::Cpu(sv), Storage::Cpu(sg)) =
-            (&*sq, &*sk, &*sv, &*sg)
+        let (so, lo) = out.storage_and_layout();
+        let (
+            Storage::Cpu(sq),
+            Storage::Cpu(sk),
+            Storage::Cpu(sv),
+            Storage::Cpu(sg),
+            Storage::Cpu(so),
+        ) = (&*sq, &*sk, &*sv, &*sg, &*so)
         else {
             candle_core::bail!("attention: backward pass off the CPU");
         };
@@ -429,10 +550,9 @@ impl CustomOp3 for HeadsAttention {
                 let grads = backward::<$t>(
                     g,
                     self.scale,
-                    slice(sq, lq)?,
-                    slice(sk, lk)?,
-                    slice(sv, lv)?,
-                    slice(sg, lg)?,
+                    (slice(sq, lq)?, slice(sk, lk)?, slice(sv, lv)?),
+                    (slice(so, lo)?, slice(sg, lg)?),
+                    stats.as_slice::<$t>()?,
                     want,
                 );
                 let mut out = [None, None, None];
@@ -470,12 +590,7 @@ pub fn attention_heads_observed(
     if tracked || !fits || k.elem_count() == 0 {
         return Ok(None);
     }
-    let op = HeadsAttention {
-        heads,
-        scale,
-        keep: true,
-        probs: Mutex::new(None),
-    };
+    let op = HeadsAttention::new(heads, scale, true, false);
     let out = q
         .contiguous()?
         .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
@@ -503,12 +618,8 @@ pub fn attention_heads(
     let g = dims(heads, q.dims(), k.dims(), v.dims())?;
     let same_dtype = q.dtype() == k.dtype() && q.dtype() == v.dtype();
     if cpu_kernel(q) && same_dtype && scale > 0.0 && q.elem_count() > 0 && k.elem_count() > 0 {
-        let op = HeadsAttention {
-            heads,
-            scale,
-            keep: false,
-            probs: Mutex::new(None),
-        };
+        let tracked = q.track_op() || k.track_op() || v.track_op();
+        let op = HeadsAttention::new(heads, scale, false, tracked);
         return q
             .contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op);

@@ -30,6 +30,7 @@ pub(crate) mod im2col;
 #[cfg(any(feature = "cuda", test))]
 pub(crate) mod launch;
 pub mod matmul;
+mod narrow;
 pub mod norm;
 pub mod silu;
 pub mod softmax;
@@ -73,25 +74,66 @@ pub(crate) trait Real: candle_core::WithDType + num_traits::Float + Send + Sync 
     fn softmax_row(row: &mut [Self], scale: Self) {
         softmax_row_generic(row, scale)
     }
+    /// eˣ as the kernels compute it (f32: [`exp_f32`], which vectorises).
+    #[inline(always)]
+    fn exp_kernel(self) -> Self {
+        self.exp()
+    }
+    /// The largest element of a non-empty row.
+    fn row_max(row: &[Self]) -> Self {
+        row_max_generic(row)
+    }
+    /// `x ← exp((x − max) · scale)` for every element; returns their sum, accumulated in f64.
+    fn exp_shifted_sum(row: &mut [Self], scale: Self, max: Self) -> f64 {
+        exp_shifted_sum_generic(row, scale, max)
+    }
+    /// `x ← exp((x − max) · scale) · factor` for every element.
+    fn exp_shifted_times(row: &mut [Self], scale: Self, max: Self, factor: Self) {
+        exp_shifted_times_generic(row, scale, max, factor)
+    }
 }
 
+/// Lanes of the running maxima and sums below: one AVX-512 vector of f32.
+const ROW_LANES: usize = 16;
+
 #[inline(always)]
-fn softmax_row_generic<T: Real>(row: &mut [T], scale: T) {
-    // Eight running maxima, so that the loop vectorises.
-    let mut lanes = [T::neg_infinity(); 8];
-    let chunks = row.chunks_exact(8);
+fn row_max_generic<T: Real>(row: &[T]) -> T {
+    // Running maxima per lane, so that the loop vectorises.
+    let mut lanes = [T::neg_infinity(); ROW_LANES];
+    let chunks = row.chunks_exact(ROW_LANES);
     let mut max = chunks
         .remainder()
         .iter()
         .fold(T::neg_infinity(), |m, &v| if v > m { v } else { m });
     for c in chunks {
-        for l in 0..8 {
+        for l in 0..ROW_LANES {
             lanes[l] = if c[l] > lanes[l] { c[l] } else { lanes[l] };
         }
     }
     for l in lanes {
         max = if l > max { l } else { max };
     }
+    max
+}
+
+#[inline(always)]
+fn exp_shifted_sum_generic<T: Real>(row: &mut [T], scale: T, max: T) -> f64 {
+    // Two passes over a row that stays in L1: one loop that widens each value to f64 as it goes
+    // does not vectorise as well as the exponentials and the f64 sum apart.
+    T::exp_scaled_shifted(row, scale, max);
+    sum1(row, |v| v.f64())
+}
+
+#[inline(always)]
+fn exp_shifted_times_generic<T: Real>(row: &mut [T], scale: T, max: T, factor: T) {
+    for x in row.iter_mut() {
+        *x = ((*x - max) * scale).exp_kernel() * factor;
+    }
+}
+
+#[inline(always)]
+fn softmax_row_generic<T: Real>(row: &mut [T], scale: T) {
+    let max = row_max_generic(row);
     T::exp_scaled_shifted(row, scale, max);
     let sum = T::of(sum1(row, |v| v.f64()));
     for v in row.iter_mut() {
@@ -144,6 +186,18 @@ impl Real for f32 {
         }
     }
     simd_dispatch!(fn softmax_row(row: &mut [f32], scale: f32) => softmax_row_generic);
+    #[inline(always)]
+    fn exp_kernel(self) -> Self {
+        exp_f32(self)
+    }
+    simd_dispatch!(fn row_max(row: &[f32]) -> f32 => row_max_generic);
+    simd_dispatch!(
+        fn exp_shifted_sum(row: &mut [f32], scale: f32, max: f32) -> f64 => exp_shifted_sum_generic
+    );
+    simd_dispatch!(
+        fn exp_shifted_times(row: &mut [f32], scale: f32, max: f32, factor: f32)
+            => exp_shifted_times_generic
+    );
 }
 impl Real for f64 {}
 
